@@ -1,0 +1,95 @@
+"""Typed, frozen configs: defaults < `--config file.toml` < flags; unknown keys are errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cxrdiff.errors import InputError
+
+C = TypeVar("C")
+
+
+def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    try:
+        if hint is Path:
+            return Path(value)
+        if hint is bool:
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if hint in (int, float, str):
+            if hint is int and isinstance(value, float) and not value.is_integer():
+                raise TypeError
+            if hint in (int, float) and isinstance(value, bool):
+                raise TypeError
+            return hint(value)
+        if origin is tuple:
+            return tuple(_coerce(name, v, args[0], source) for v in value)
+        if origin is typing.Literal:
+            if value not in args:
+                raise TypeError
+            return value
+    except (TypeError, ValueError):
+        raise InputError(f"{source}: '{name}' = {value!r} is not a valid {getattr(hint, '__name__', hint)}") from None
+    return value
+
+
+def load_config(cls: type[C], file: str | os.PathLike | None = None, **flags: Any) -> C:
+    """Build `cls` from its defaults, then a TOML file, then the flags that were given (not None)."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    values: dict[str, Any] = {}
+    if file is not None:
+        path = Path(file)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise InputError(f"{path}: config file not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise InputError(f"{path}: not valid TOML ({exc})") from None
+        data = {k.replace("-", "_"): v for k, v in data.items()}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise InputError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        values.update({k: _coerce(k, v, hints[k], str(path)) for k, v in data.items()})
+    for key, value in flags.items():
+        if key not in names:
+            raise InputError(f"unknown option '{key}'")
+        if value is not None:
+            values[key] = _coerce(key, value, hints[key], f"--{key.replace('_', '-')}")
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise InputError(f"incomplete configuration: {exc}") from None
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A config as plain JSON-ready values, for the manifest."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, Path):
+            value = os.fspath(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+def from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
+    """Rebuild a config saved by `to_dict` (e.g. to resume with the same settings)."""
+    return load_config(cls, None, **{k: v for k, v in data.items() if k in {f.name for f in dataclasses.fields(cls)}})  # type: ignore[arg-type]

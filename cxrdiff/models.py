@@ -1,0 +1,334 @@
+"""Base-model folders: load a local diffusers Stable Diffusion folder offline, save one back, and
+build tiny SD2-shaped models (with the real CLIP vocabulary) for tests and the demo.
+
+Everything here reads shapes from the folder's configs, so SD 1.x, SD2-base (epsilon) and SD2-768
+(v-prediction) folders load through the same code as the tiny model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from cxrdiff.artifacts import atomic_dir
+from cxrdiff.errors import InputError
+
+PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+_PART_FILES = {
+    "unet": ("config.json",),
+    "vae": ("config.json",),
+    "text_encoder": ("config.json",),
+    "tokenizer": ("tokenizer_config.json",),
+    "scheduler": ("scheduler_config.json",),
+}
+_WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin", "pytorch_model.bin")
+
+
+@dataclasses.dataclass
+class Components:
+    """The five parts of a Stable Diffusion folder, loaded."""
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler: Any
+    path: Path | None = None
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell (8 for SD)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def resolution(self) -> int:
+        """The image size the UNet was built for: latent size × VAE factor."""
+        size = self.unet.config.sample_size
+        return int(size if isinstance(size, int) else size[0]) * self.vae_scale_factor
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        size = self.resolution // self.vae_scale_factor
+        return (int(self.unet.config.in_channels), size, size)
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def prediction_type(self) -> str:
+        return str(self.scheduler.config.get("prediction_type", "epsilon"))
+
+
+def check_model_folder(path: str | os.PathLike) -> Path:
+    """Refuse, before any weight is read, a folder that is not a complete diffusers SD folder."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: model folder not found (give a local diffusers Stable Diffusion folder)")
+    if not path.is_dir():
+        raise InputError(f"{path}: not a folder (expected a diffusers Stable Diffusion folder)")
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise InputError(f"{path}: no model_index.json; not a diffusers pipeline folder")
+    try:
+        json.loads(index.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{index}: not valid JSON ({exc})") from None
+    for part in PARTS:
+        folder = path / part
+        if not folder.is_dir():
+            raise InputError(f"{path}: missing the {part}/ folder")
+        for name in _PART_FILES[part]:
+            if not (folder / name).is_file():
+                raise InputError(f"{folder}: missing {name}")
+        if part in ("unet", "vae", "text_encoder") and not any(
+            p.name in _WEIGHT_NAMES or p.name.endswith(".safetensors") for p in folder.iterdir()
+        ):
+            raise InputError(f"{folder}: no weight file ({' or '.join(_WEIGHT_NAMES[:2])})")
+    return path
+
+
+def load_components(path: str | os.PathLike, device: Any = None, dtype: Any = None) -> Components:
+    """Load a local SD folder offline; malformed parts are one-line errors naming the part."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = check_model_folder(path)
+    kwargs = {"local_files_only": True}
+    loaded: dict[str, Any] = {}
+    for part, loader in (
+        ("unet", UNet2DConditionModel),
+        ("vae", AutoencoderKL),
+        ("text_encoder", CLIPTextModel),
+        ("tokenizer", CLIPTokenizer),
+        ("scheduler", DDPMScheduler),
+    ):
+        try:
+            loaded[part] = loader.from_pretrained(path / part, **kwargs)
+        except (OSError, ValueError, json.JSONDecodeError, RuntimeError) as exc:
+            raise InputError(f"{path / part}: cannot load {part} ({str(exc).splitlines()[0]})") from None
+    comps = Components(**loaded, path=path)
+    for module in (comps.unet, comps.vae, comps.text_encoder):
+        module.eval().requires_grad_(False)
+        if device is not None or dtype is not None:
+            module.to(device=device, dtype=dtype)
+    if comps.text_encoder.config.hidden_size != comps.unet.config.cross_attention_dim:
+        raise InputError(
+            f"{path}: text encoder width {comps.text_encoder.config.hidden_size} does not match the UNet's "
+            f"cross_attention_dim {comps.unet.config.cross_attention_dim}"
+        )
+    torch.set_grad_enabled(True)
+    return comps
+
+
+def load_pipeline(path: str | os.PathLike, scheduler: Any = None, device: Any = None, dtype: Any = None) -> Any:
+    """A `StableDiffusionPipeline` over a local folder, offline, safety checker off."""
+    from diffusers import StableDiffusionPipeline
+
+    comps = load_components(path, device=device, dtype=dtype)
+    return StableDiffusionPipeline(
+        vae=comps.vae,
+        text_encoder=comps.text_encoder,
+        tokenizer=comps.tokenizer,
+        unet=comps.unet,
+        scheduler=scheduler or _pipeline_scheduler(path),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _pipeline_scheduler(path: str | os.PathLike) -> Any:
+    """The scheduler class the folder names (PNDM for SD2-base)."""
+    import diffusers
+
+    index = json.loads((Path(path) / "model_index.json").read_text())
+    name = index.get("scheduler", [None, "PNDMScheduler"])[1]
+    cls = getattr(diffusers, name, diffusers.PNDMScheduler)
+    return cls.from_pretrained(Path(path) / "scheduler", local_files_only=True)
+
+
+def save_components(comps: Components, out: str | os.PathLike, scheduler: Any = None) -> Path:
+    """Write a diffusers SD folder that `StableDiffusionPipeline.from_pretrained(out)` loads.
+
+    Written to a temporary folder and renamed, so a killed save never leaves a half model.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    out = Path(out)
+    pipe = StableDiffusionPipeline(
+        vae=comps.vae,
+        text_encoder=comps.text_encoder,
+        tokenizer=comps.tokenizer,
+        unet=comps.unet,
+        scheduler=scheduler or comps.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    with atomic_dir(out) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        keep = [p for p in out.iterdir()] if out.is_dir() else []
+        for extra in keep:  # files beside the model (manifest, logs) survive a re-save
+            if not (tmp / extra.name).exists() and extra.is_file():
+                (tmp / extra.name).write_bytes(extra.read_bytes())
+    return out
+
+
+# --- the tiny model -------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TinySpec:
+    """Sizes of a tiny SD2-shaped model: small enough for a training step well under a second on CPU."""
+
+    resolution: int = 64
+    latent_channels: int = 4
+    vae_channels: tuple[int, ...] = (32, 32, 64)  # 3 blocks: 4 pixels per latent cell
+    unet_channels: tuple[int, ...] = (32, 64)
+    heads: tuple[int, ...] = (2, 4)
+    text_width: int = 32
+    text_layers: int = 2
+    text_heads: int = 2
+    prediction_type: str = "epsilon"
+
+    @property
+    def latent_size(self) -> int:
+        return self.resolution // 2 ** (len(self.vae_channels) - 1)
+
+
+def clip_vocabulary_files(folder: str | os.PathLike) -> tuple[Path, Path]:
+    """Write CLIP's BPE vocabulary (49,408 tokens) as vocab.json + merges.txt from open_clip's copy.
+
+    open_clip ships the exact vocabulary SD2's tokenizer uses; the transformers tokenizer needs it in
+    its own two-file form, so we derive that here instead of downloading it.
+    """
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]
+    units = list(bytes_to_unicode().values())
+    vocab = units + [u + "</w>" for u in units] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return folder / "vocab.json", folder / "merges.txt"
+
+
+def clip_tokenizer(max_length: int = 77) -> Any:
+    """The SD2 tokenizer (CLIP BPE, pad "!" = id 0), built offline."""
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        clip_vocabulary_files(tmp)
+        return CLIPTokenizer.from_pretrained(tmp, pad_token="!", model_max_length=max_length)
+
+
+def tiny_components(spec: TinySpec = TinySpec(), seed: int = 0) -> Components:
+    """Randomly initialised, SD2-shaped components (same seed → same weights)."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if spec.resolution % 2 ** (len(spec.vae_channels) - 1):
+        raise InputError(f"--resolution {spec.resolution} is not a multiple of {2 ** (len(spec.vae_channels) - 1)}")
+    tokenizer = clip_tokenizer()
+    torch.manual_seed(seed)
+    n = len(spec.unet_channels)
+    unet = UNet2DConditionModel(
+        sample_size=spec.latent_size,
+        in_channels=spec.latent_channels,
+        out_channels=spec.latent_channels,
+        block_out_channels=spec.unet_channels,
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        cross_attention_dim=spec.text_width,
+        attention_head_dim=spec.heads,
+        use_linear_projection=True,  # as SD2
+        norm_num_groups=min(32, spec.unet_channels[0]),
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=spec.latent_channels,
+        block_out_channels=spec.vae_channels,
+        down_block_types=("DownEncoderBlock2D",) * len(spec.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(spec.vae_channels),
+        layers_per_block=1,
+        norm_num_groups=min(32, spec.vae_channels[0]),
+        sample_size=spec.resolution,
+        scaling_factor=0.18215,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=spec.text_width,
+            intermediate_size=spec.text_width * 4,
+            num_hidden_layers=spec.text_layers,
+            num_attention_heads=spec.text_heads,
+            max_position_embeddings=tokenizer.model_max_length,
+            hidden_act="gelu",
+            projection_dim=spec.text_width,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = PNDMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=spec.prediction_type,
+    )
+    return Components(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+
+def write_tiny_model(out: str | os.PathLike, spec: TinySpec = TinySpec(), seed: int = 0) -> Path:
+    """`cxrdiff model tiny OUT`: a tiny random SD2-shaped diffusers folder."""
+    return save_components(tiny_components(spec, seed), out)
+
+
+def write_tiny_model_cli(
+    out: Path, resolution: int, unet_channels: str, text_width: int, prediction_type: str, seed: int
+) -> dict[str, Any]:
+    """The `cxrdiff model tiny` command body."""
+    try:
+        channels = tuple(int(c) for c in unet_channels.split(","))
+    except ValueError:
+        raise InputError(f"--unet-channels {unet_channels!r}: expected comma-separated integers") from None
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise InputError(f"--prediction-type {prediction_type!r}: expected epsilon or v_prediction")
+    heads = tuple(max(1, c // 16) for c in channels)
+    spec = TinySpec(resolution=resolution, unet_channels=channels, heads=heads, text_width=text_width,
+                    prediction_type=prediction_type)
+    write_tiny_model(out, spec, seed)
+    return {"model": str(out), **describe(out)}
+
+
+def describe(path: str | os.PathLike) -> dict[str, Any]:
+    """Resolution, latent shape and sizes of a model folder (`cxrdiff model info`)."""
+    comps = load_components(path)
+    return {
+        "resolution": comps.resolution,
+        "latent_shape": list(comps.latent_shape),
+        "prediction_type": comps.prediction_type,
+        "scaling_factor": comps.scaling_factor,
+        "context_length": int(comps.tokenizer.model_max_length),
+        "vocab_size": len(comps.tokenizer),
+        "unet_parameters": sum(p.numel() for p in comps.unet.parameters()),
+        "text_encoder_parameters": sum(p.numel() for p in comps.text_encoder.parameters()),
+    }
