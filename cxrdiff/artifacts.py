@@ -117,15 +117,19 @@ def write_manifest(
 ) -> dict[str, Any]:
     """Write `folder/manifest.json` last, once every file it lists is complete."""
     folder = Path(folder)
-    listed = sorted(files) if files is not None else sorted(
-        p.relative_to(folder).as_posix()
-        for p in folder.rglob("*")
-        if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
+    listed = (
+        sorted(files)
+        if files is not None
+        else sorted(
+            p.relative_to(folder).as_posix()
+            for p in folder.rglob("*")
+            if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
+        )
     )
     manifest = {
         "step": step,
         "cxrdiff_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "config": dict(config or {}),
         "inputs": {
             name: {"path": os.fspath(Path(p).resolve()), "manifest_sha256": manifest_hash(p)}

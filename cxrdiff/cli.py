@@ -11,7 +11,7 @@ import json
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -33,7 +33,7 @@ app.add_typer(model_app, name="model")
 _state = {"json": False}
 
 ConfigOpt = Annotated[
-    Optional[Path], typer.Option("--config", help="TOML file of options (flags given here win over it).")
+    Path | None, typer.Option("--config", help="TOML file of options (flags given here win over it).")
 ]
 
 
@@ -101,34 +101,56 @@ def phantom(
     seed: Annotated[int, typer.Option(help="Same seed, byte-identical tree.")] = 0,
     size: Annotated[int, typer.Option(help="Image size in pixels (short side).")] = 512,
     dicom_fraction: Annotated[float, typer.Option(help="Fraction of images also written as DICOM.")] = 0.1,
-    preview: Annotated[bool, typer.Option(help="Also write preview.png: one example per finding, boxes drawn.")] = False,
+    preview: Annotated[bool, typer.Option(help="Also write preview.png: one example per finding, with boxes.")] = False,
 ) -> None:
     """Write a synthetic, MIMIC-CXR-shaped data set with reports and MS-CXR-style boxes."""
-    _call("phantom", "make_phantom", out=out, patients=patients, seed=seed, size=size,
-          dicom_fraction=dicom_fraction, preview=preview)
+    _call(
+        "phantom",
+        "make_phantom",
+        out=out,
+        patients=patients,
+        seed=seed,
+        size=size,
+        dicom_fraction=dicom_fraction,
+        preview=preview,
+    )
 
 
 @app.command()
 def prepare(
-    mimic: Annotated[Optional[Path], typer.Option(help="MIMIC-CXR-JPG (or DICOM) root with files/ and CSVs.")] = None,
-    reports: Annotated[Optional[Path], typer.Option(help="Report root (files/pXX/...); default: --mimic.")] = None,
-    ms_cxr: Annotated[Optional[Path], typer.Option("--ms-cxr", help="MS_CXR_Local_Alignment CSV.")] = None,
-    base_model: Annotated[Optional[Path], typer.Option(help="Local diffusers SD folder whose VAE encodes.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Output folder.")] = None,
-    resolution: Annotated[Optional[int], typer.Option(help="Image size; default: the model's.")] = None,
-    test_size: Annotated[Optional[int], typer.Option(help="Studies in the p19 test prompt set.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed for the test sample.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Images per VAE batch.")] = None,
-    shard_size: Annotated[Optional[int], typer.Option(help="Rows per train shard.")] = None,
+    mimic: Annotated[Path | None, typer.Option(help="MIMIC-CXR-JPG (or DICOM) root with files/ and CSVs.")] = None,
+    reports: Annotated[Path | None, typer.Option(help="Report root (files/pXX/...); default: --mimic.")] = None,
+    ms_cxr: Annotated[Path | None, typer.Option("--ms-cxr", help="MS_CXR_Local_Alignment CSV.")] = None,
+    base_model: Annotated[Path | None, typer.Option(help="Local diffusers SD folder whose VAE encodes.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder.")] = None,
+    resolution: Annotated[int | None, typer.Option(help="Image size; default: the model's.")] = None,
+    test_size: Annotated[int | None, typer.Option(help="Studies in the p19 test prompt set.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for the test sample.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per VAE batch.")] = None,
+    shard_size: Annotated[int | None, typer.Option(help="Rows per train shard.")] = None,
     exclude_ms_cxr_patients: Annotated[
-        Optional[bool], typer.Option("--exclude-ms-cxr-patients", help="Drop every patient with an MS-CXR image.")
+        bool | None, typer.Option("--exclude-ms-cxr-patients", help="Drop every patient with an MS-CXR image.")
     ] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Turn MIMIC-CXR + reports + MS-CXR into latent Parquet shards (train, test prompts, MS-CXR)."""
-    _call("prepare", "prepare", "PrepareConfig", config, mimic=mimic, reports=reports, ms_cxr=ms_cxr,
-          base_model=base_model, out=out, resolution=resolution, test_size=test_size, seed=seed,
-          batch_size=batch_size, shard_size=shard_size, exclude_ms_cxr_patients=exclude_ms_cxr_patients)
+    _call(
+        "prepare",
+        "prepare",
+        "PrepareConfig",
+        config,
+        mimic=mimic,
+        reports=reports,
+        ms_cxr=ms_cxr,
+        base_model=base_model,
+        out=out,
+        resolution=resolution,
+        test_size=test_size,
+        seed=seed,
+        batch_size=batch_size,
+        shard_size=shard_size,
+        exclude_ms_cxr_patients=exclude_ms_cxr_patients,
+    )
 
 
 class Precision(str, Enum):
@@ -139,37 +161,58 @@ class Precision(str, Enum):
 
 @app.command()
 def finetune(
-    data: Annotated[Optional[Path], typer.Option(help="A `cxrdiff prepare` output folder.")] = None,
-    base_model: Annotated[Optional[Path], typer.Option(help="Local diffusers SD folder to start from.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Run folder (re-run the same command to resume).")] = None,
+    data: Annotated[Path | None, typer.Option(help="A `cxrdiff prepare` output folder.")] = None,
+    base_model: Annotated[Path | None, typer.Option(help="Local diffusers SD folder to start from.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder (re-run the same command to resume).")] = None,
     frozen_text: Annotated[
-        Optional[bool],
+        bool | None,
         typer.Option("--frozen-text/--learnable-text", help="Freeze the text encoder (Finetune_F) or train it (_L)."),
     ] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps; default 30,000 frozen / 60,000 learnable.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Global batch (per device × processes × accumulation).")] = None,
-    per_device_batch_size: Annotated[Optional[int], typer.Option(help="Batch per device per micro-step.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate (constant).")] = None,
-    text_lr: Annotated[Optional[float], typer.Option(help="Text encoder learning rate; default: --lr.")] = None,
-    ucg_no_finding: Annotated[
-        Optional[float], typer.Option(help="P(empty prompt) for samples whose only label is No Finding.")
+    steps: Annotated[
+        int | None, typer.Option(help="Optimizer steps; default 30,000 frozen / 60,000 learnable.")
     ] = None,
-    prompt_source: Annotated[Optional[str], typer.Option(help="impression | labels | file:PATH")] = None,
-    mixed_precision: Annotated[Optional[Precision], typer.Option(help="no | fp16 | bf16")] = None,
-    gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing")] = None,
-    checkpoint_every: Annotated[Optional[int], typer.Option(help="Save a resumable checkpoint every N steps.")] = None,
-    keep_checkpoints: Annotated[Optional[int], typer.Option(help="Keep the last K checkpoints.")] = None,
-    ema: Annotated[Optional[bool], typer.Option("--ema", help="Keep an EMA of the UNet.")] = None,
-    seed: Annotated[Optional[int], typer.Option()] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Global batch (per device × processes × accumulation).")
+    ] = None,
+    per_device_batch_size: Annotated[int | None, typer.Option(help="Batch per device per micro-step.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate (constant).")] = None,
+    text_lr: Annotated[float | None, typer.Option(help="Text encoder learning rate; default: --lr.")] = None,
+    ucg_no_finding: Annotated[
+        float | None, typer.Option(help="P(empty prompt) for samples whose only label is No Finding.")
+    ] = None,
+    prompt_source: Annotated[str | None, typer.Option(help="impression | labels | file:PATH")] = None,
+    mixed_precision: Annotated[Precision | None, typer.Option(help="no | fp16 | bf16")] = None,
+    gradient_checkpointing: Annotated[bool | None, typer.Option("--gradient-checkpointing")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="Save a resumable checkpoint every N steps.")] = None,
+    keep_checkpoints: Annotated[int | None, typer.Option(help="Keep the last K checkpoints.")] = None,
+    ema: Annotated[bool | None, typer.Option("--ema", help="Keep an EMA of the UNet.")] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Fine-tune the UNet (and, with --learnable-text, the text encoder) on prepared latents."""
-    _call("finetune", "finetune", "FinetuneConfig", config, data=data, base_model=base_model, out=out,
-          frozen_text=frozen_text, steps=steps, batch_size=batch_size, per_device_batch_size=per_device_batch_size,
-          lr=lr, text_lr=text_lr, ucg_no_finding=ucg_no_finding, prompt_source=prompt_source,
-          mixed_precision=mixed_precision.value if mixed_precision else None,
-          gradient_checkpointing=gradient_checkpointing, checkpoint_every=checkpoint_every,
-          keep_checkpoints=keep_checkpoints, ema=ema, seed=seed)
+    _call(
+        "finetune",
+        "finetune",
+        "FinetuneConfig",
+        config,
+        data=data,
+        base_model=base_model,
+        out=out,
+        frozen_text=frozen_text,
+        steps=steps,
+        batch_size=batch_size,
+        per_device_batch_size=per_device_batch_size,
+        lr=lr,
+        text_lr=text_lr,
+        ucg_no_finding=ucg_no_finding,
+        prompt_source=prompt_source,
+        mixed_precision=mixed_precision.value if mixed_precision else None,
+        gradient_checkpointing=gradient_checkpointing,
+        checkpoint_every=checkpoint_every,
+        keep_checkpoints=keep_checkpoints,
+        ema=ema,
+        seed=seed,
+    )
 
 
 class SchedulerName(str, Enum):
@@ -180,24 +223,39 @@ class SchedulerName(str, Enum):
 
 @app.command()
 def sample(
-    model: Annotated[Optional[Path], typer.Option(help="Model folder (finetune output or base model).")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Output folder (re-run to complete).")] = None,
-    prompts: Annotated[Optional[Path], typer.Option(help="test.parquet from `cxrdiff prepare`.")] = None,
-    prompts_file: Annotated[Optional[Path], typer.Option(help="Text file, one prompt per line.")] = None,
-    prompt: Annotated[Optional[str], typer.Option(help="A single prompt.")] = None,
-    n_per_prompt: Annotated[Optional[int], typer.Option(help="Images per prompt (4 for MS-SSIM diversity).")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Denoising steps.")] = None,
-    guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale.")] = None,
-    scheduler: Annotated[Optional[SchedulerName], typer.Option(help="pndm (PLMS) | ddim | dpm")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Base seed; each image's seed derives from it.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Images per batch.")] = None,
-    limit: Annotated[Optional[int], typer.Option(help="Only the first N prompts.")] = None,
+    model: Annotated[Path | None, typer.Option(help="Model folder (finetune output or base model).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (re-run to complete).")] = None,
+    prompts: Annotated[Path | None, typer.Option(help="test.parquet from `cxrdiff prepare`.")] = None,
+    prompts_file: Annotated[Path | None, typer.Option(help="Text file, one prompt per line.")] = None,
+    prompt: Annotated[str | None, typer.Option(help="A single prompt.")] = None,
+    n_per_prompt: Annotated[int | None, typer.Option(help="Images per prompt (4 for MS-SSIM diversity).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps.")] = None,
+    guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale.")] = None,
+    scheduler: Annotated[SchedulerName | None, typer.Option(help="pndm (PLMS) | ddim | dpm")] = None,
+    seed: Annotated[int | None, typer.Option(help="Base seed; each image's seed derives from it.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per batch.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N prompts.")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Generate images with classifier-free guidance, reproducible per prompt."""
-    _call("sample", "sample", "SampleConfig", config, model=model, out=out, prompts=prompts,
-          prompts_file=prompts_file, prompt=prompt, n_per_prompt=n_per_prompt, steps=steps, guidance=guidance,
-          scheduler=scheduler.value if scheduler else None, seed=seed, batch_size=batch_size, limit=limit)
+    _call(
+        "sample",
+        "sample",
+        "SampleConfig",
+        config,
+        model=model,
+        out=out,
+        prompts=prompts,
+        prompts_file=prompts_file,
+        prompt=prompt,
+        n_per_prompt=n_per_prompt,
+        steps=steps,
+        guidance=guidance,
+        scheduler=scheduler.value if scheduler else None,
+        seed=seed,
+        batch_size=batch_size,
+        limit=limit,
+    )
 
 
 class GroundMode(str, Enum):
@@ -222,49 +280,78 @@ class Frame(str, Enum):
 
 @app.command()
 def ground(
-    model: Annotated[Optional[Path], typer.Option(help="Model folder.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Output folder.")] = None,
-    data: Annotated[Optional[Path], typer.Option(help="ms_cxr.parquet from `cxrdiff prepare`.")] = None,
-    image: Annotated[Optional[Path], typer.Option(help="A single image (PNG/JPG).")] = None,
-    prompt: Annotated[Optional[str], typer.Option(help="The phrase for --image.")] = None,
-    word: Annotated[Optional[list[str]], typer.Option(help="Word(s) to ground; repeat for several.")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="DDIM steps.")] = None,
-    window: Annotated[Optional[int], typer.Option(help="Average the last N steps.")] = None,
-    mode: Annotated[Optional[GroundMode], typer.Option(help="noise (paper) | invert (DDIM inversion)")] = None,
-    guidance: Annotated[Optional[float], typer.Option(help="Guidance scale (1 = conditional only).")] = None,
-    seed: Annotated[Optional[int], typer.Option()] = None,
-    runs: Annotated[Optional[int], typer.Option(help="Repeat with this many seeds; mean ± std.")] = None,
-    cnr: Annotated[Optional[CnrKind], typer.Option(help="signed (paper) | abs (BioViL)")] = None,
-    boxes: Annotated[Optional[BoxMode], typer.Option(help="union (paper) | per-box")] = None,
-    frame: Annotated[Optional[Frame], typer.Option(help="prepared (paper, 512 crop) | original image frame")] = None,
-    limit: Annotated[Optional[int], typer.Option(help="Only the first N samples.")] = None,
+    model: Annotated[Path | None, typer.Option(help="Model folder.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder.")] = None,
+    data: Annotated[Path | None, typer.Option(help="ms_cxr.parquet from `cxrdiff prepare`.")] = None,
+    image: Annotated[Path | None, typer.Option(help="A single image (PNG/JPG).")] = None,
+    prompt: Annotated[str | None, typer.Option(help="The phrase for --image.")] = None,
+    word: Annotated[list[str] | None, typer.Option(help="Word(s) to ground; repeat for several.")] = None,
+    steps: Annotated[int | None, typer.Option(help="DDIM steps.")] = None,
+    window: Annotated[int | None, typer.Option(help="Average the last N steps.")] = None,
+    mode: Annotated[GroundMode | None, typer.Option(help="noise (paper) | invert (DDIM inversion)")] = None,
+    guidance: Annotated[float | None, typer.Option(help="Guidance scale (1 = conditional only).")] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    runs: Annotated[int | None, typer.Option(help="Repeat with this many seeds; mean ± std.")] = None,
+    cnr: Annotated[CnrKind | None, typer.Option(help="signed (paper) | abs (BioViL)")] = None,
+    boxes: Annotated[BoxMode | None, typer.Option(help="union (paper) | per-box")] = None,
+    frame: Annotated[Frame | None, typer.Option(help="prepared (paper, 512 crop) | original image frame")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N samples.")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Ground words of a phrase in an image from the UNet's cross-attention; score against boxes."""
-    _call("ground", "ground", "GroundConfig", config, model=model, out=out, data=data, image=image, prompt=prompt,
-          word=tuple(word) if word else None, steps=steps, window=window, mode=mode.value if mode else None,
-          guidance=guidance, seed=seed, runs=runs, cnr=cnr.value if cnr else None,
-          boxes=boxes.value if boxes else None, frame=frame.value if frame else None, limit=limit)
+    _call(
+        "ground",
+        "ground",
+        "GroundConfig",
+        config,
+        model=model,
+        out=out,
+        data=data,
+        image=image,
+        prompt=prompt,
+        word=tuple(word) if word else None,
+        steps=steps,
+        window=window,
+        mode=mode.value if mode else None,
+        guidance=guidance,
+        seed=seed,
+        runs=runs,
+        cnr=cnr.value if cnr else None,
+        boxes=boxes.value if boxes else None,
+        frame=frame.value if frame else None,
+        limit=limit,
+    )
 
 
 @app.command()
 def report(
-    runs: Annotated[Optional[list[Path]], typer.Argument(help="Run folders (finetune outputs or base models).")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Report folder.")] = None,
-    real: Annotated[Optional[Path], typer.Option(help="Prepared folder with the real p19 test images.")] = None,
-    inception_weights: Annotated[Optional[Path], typer.Option(help="InceptionV3 FID weights file.")] = None,
-    xrv_weights: Annotated[Optional[Path], typer.Option(help="torchxrayvision densenet121-res224-all file.")] = None,
-    n_fid: Annotated[Optional[int], typer.Option(help="Images per side for FID.")] = None,
-    diversity_prompts: Annotated[Optional[int], typer.Option(help="Prompts × 4 images for MS-SSIM.")] = None,
+    runs: Annotated[list[Path] | None, typer.Argument(help="Run folders (finetune outputs or base models).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Report folder.")] = None,
+    real: Annotated[Path | None, typer.Option(help="Prepared folder with the real p19 test images.")] = None,
+    inception_weights: Annotated[Path | None, typer.Option(help="InceptionV3 FID weights file.")] = None,
+    xrv_weights: Annotated[Path | None, typer.Option(help="torchxrayvision densenet121-res224-all file.")] = None,
+    n_fid: Annotated[int | None, typer.Option(help="Images per side for FID.")] = None,
+    diversity_prompts: Annotated[int | None, typer.Option(help="Prompts × 4 images for MS-SSIM.")] = None,
     random_features: Annotated[
-        Optional[bool], typer.Option("--random-features", help="Allow untrained feature nets (labelled, not FID).")
+        bool | None, typer.Option("--random-features", help="Allow untrained feature nets (labelled, not FID).")
     ] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Measure both sides of the trade-off and write report.md / report.html / metrics.json."""
-    _call("report", "report", "ReportConfig", config, runs=tuple(runs) if runs else None, out=out, real=real,
-          inception_weights=inception_weights, xrv_weights=xrv_weights, n_fid=n_fid,
-          diversity_prompts=diversity_prompts, random_features=random_features)
+    _call(
+        "report",
+        "report",
+        "ReportConfig",
+        config,
+        runs=tuple(runs) if runs else None,
+        out=out,
+        real=real,
+        inception_weights=inception_weights,
+        xrv_weights=xrv_weights,
+        n_fid=n_fid,
+        diversity_prompts=diversity_prompts,
+        random_features=random_features,
+    )
 
 
 @app.command()
@@ -278,9 +365,9 @@ def demo(
 
 @app.command()
 def doctor(
-    base_model: Annotated[Optional[Path], typer.Option(help="Base model folder to check.")] = None,
-    inception_weights: Annotated[Optional[Path], typer.Option(help="InceptionV3 FID weights file.")] = None,
-    xrv_weights: Annotated[Optional[Path], typer.Option(help="torchxrayvision weights file.")] = None,
+    base_model: Annotated[Path | None, typer.Option(help="Base model folder to check.")] = None,
+    inception_weights: Annotated[Path | None, typer.Option(help="InceptionV3 FID weights file.")] = None,
+    xrv_weights: Annotated[Path | None, typer.Option(help="torchxrayvision weights file.")] = None,
 ) -> None:
     """Check offline what each step needs and say what is missing and where it goes."""
     _call("doctor", "doctor", base_model=base_model, inception_weights=inception_weights, xrv_weights=xrv_weights)
@@ -296,8 +383,16 @@ def model_tiny(
     seed: Annotated[int, typer.Option(help="Weight initialisation seed.")] = 0,
 ) -> None:
     """Write a tiny, randomly initialised SD2-shaped model (real CLIP vocabulary) for tests and the demo."""
-    _call("models", "write_tiny_model_cli", out=out, resolution=resolution, unet_channels=unet_channels,
-          text_width=text_width, prediction_type=prediction_type, seed=seed)
+    _call(
+        "models",
+        "write_tiny_model_cli",
+        out=out,
+        resolution=resolution,
+        unet_channels=unet_channels,
+        text_width=text_width,
+        prediction_type=prediction_type,
+        seed=seed,
+    )
 
 
 @model_app.command("info")

@@ -25,7 +25,12 @@ _PART_FILES = {
     "tokenizer": ("tokenizer_config.json",),
     "scheduler": ("scheduler_config.json",),
 }
-_WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin", "pytorch_model.bin")
+_WEIGHT_NAMES = (
+    "diffusion_pytorch_model.safetensors",
+    "model.safetensors",
+    "diffusion_pytorch_model.bin",
+    "pytorch_model.bin",
+)
 
 
 @dataclasses.dataclass
@@ -212,7 +217,8 @@ def clip_vocabulary_files(folder: str | os.PathLike) -> tuple[Path, Path]:
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
+    with gzip.open(default_bpe()) as handle:
+        lines = handle.read().decode("utf-8").split("\n")
     merges = lines[1 : 49152 - 256 - 2 + 1]
     units = list(bytes_to_unicode().values())
     vocab = units + [u + "</w>" for u in units] + ["".join(m.split()) for m in merges]
@@ -313,8 +319,13 @@ def write_tiny_model_cli(
     if prediction_type not in ("epsilon", "v_prediction"):
         raise InputError(f"--prediction-type {prediction_type!r}: expected epsilon or v_prediction")
     heads = tuple(max(1, c // 16) for c in channels)
-    spec = TinySpec(resolution=resolution, unet_channels=channels, heads=heads, text_width=text_width,
-                    prediction_type=prediction_type)
+    spec = TinySpec(
+        resolution=resolution,
+        unet_channels=channels,
+        heads=heads,
+        text_width=text_width,
+        prediction_type=prediction_type,
+    )
     write_tiny_model(out, spec, seed)
     return {"model": str(out), **describe(out)}
 
