@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import json
 import sys
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -153,7 +153,7 @@ def prepare(
     )
 
 
-class Precision(str, Enum):
+class Precision(StrEnum):
     no = "no"
     fp16 = "fp16"
     bf16 = "bf16"
@@ -215,7 +215,7 @@ def finetune(
     )
 
 
-class SchedulerName(str, Enum):
+class SchedulerName(StrEnum):
     pndm = "pndm"
     ddim = "ddim"
     dpm = "dpm"
@@ -258,22 +258,22 @@ def sample(
     )
 
 
-class GroundMode(str, Enum):
+class GroundMode(StrEnum):
     noise = "noise"
     invert = "invert"
 
 
-class CnrKind(str, Enum):
+class CnrKind(StrEnum):
     signed = "signed"
     abs = "abs"
 
 
-class BoxMode(str, Enum):
+class BoxMode(StrEnum):
     union = "union"
     per_box = "per-box"
 
 
-class Frame(str, Enum):
+class Frame(StrEnum):
     prepared = "prepared"
     original = "original"
 
