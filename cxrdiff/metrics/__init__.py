@@ -1,0 +1,1 @@
+"""Metric families, one module each: `localization` (grounding vs boxes), `fid` (fidelity), and so on."""
