@@ -23,7 +23,7 @@ app = typer.Typer(
     help="Fine-tune Stable Diffusion on chest X-rays and measure both accuracy (fidelity) and interpretability "
     "(phrase grounding from cross-attention).",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -403,20 +403,22 @@ def model_info(path: Annotated[Path, typer.Argument(help="Model folder.")]) -> N
 
 def completion_script(shell: str) -> str:
     """The shell completion script for bash, zsh or fish (what `completions/` holds)."""
-    from click.shell_completion import get_completion_class
+    # Typer's own generator (what `--show-completion` prints), called with an explicit shell
+    # instead of detecting the one this process runs under.
+    from typer._completion_shared import get_completion_script
 
-    cls = get_completion_class(shell)
-    if cls is None:
-        raise ValueError(f"no completion for shell {shell!r}")
-    return cls(typer.main.get_command(app), {}, "cxrdiff", "_CXRDIFF_COMPLETE").source()
+    return get_completion_script(prog_name="cxrdiff", complete_var="_CXRDIFF_COMPLETE", shell=shell)
 
 
 def main() -> None:
-    """Entry point: expected errors become one line on stderr and an exit code; -v shows the traceback."""
+    """Entry point: expected errors become one line on stderr and an exit code; -v shows the traceback.
+
+    Click handles usage errors (exit 2) and Ctrl-C (exit 1) itself; a killed step resumes when re-run.
+    """
     from cxrdiff.console import verbosity
 
     try:
-        app(standalone_mode=False)
+        app(prog_name="cxrdiff")
     except CxrdiffError as exc:
         if verbosity() > 0:
             import traceback
@@ -424,29 +426,8 @@ def main() -> None:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        print("interrupted; re-run the same command to resume", file=sys.stderr)
-        sys.exit(130)
-    except SystemExit:
-        raise
     except Exception as exc:
-        _click_exit(exc)
-
-
-def _click_exit(exc: Exception) -> None:
-    import click
-
-    if isinstance(exc, click.exceptions.Exit):
-        sys.exit(exc.exit_code)
-    if isinstance(exc, click.ClickException):
-        exc.show()
-        sys.exit(exc.exit_code)
-    if isinstance(exc, click.exceptions.Abort):
-        print("aborted", file=sys.stderr)
+        if verbosity() > 0:
+            raise
+        print(f"error: {type(exc).__name__}: {exc} (run with -v for the traceback)", file=sys.stderr)
         sys.exit(1)
-    from cxrdiff.console import verbosity
-
-    if verbosity() > 0:
-        raise exc
-    print(f"error: {type(exc).__name__}: {exc} (run with -v for the traceback)", file=sys.stderr)
-    sys.exit(1)

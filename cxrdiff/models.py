@@ -100,7 +100,7 @@ def check_model_folder(path: str | os.PathLike) -> Path:
 def load_components(path: str | os.PathLike, device: Any = None, dtype: Any = None) -> Components:
     """Load a local SD folder offline; malformed parts are one-line errors naming the part."""
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     path = check_model_folder(path)
@@ -111,7 +111,7 @@ def load_components(path: str | os.PathLike, device: Any = None, dtype: Any = No
         ("vae", AutoencoderKL),
         ("text_encoder", CLIPTextModel),
         ("tokenizer", CLIPTokenizer),
-        ("scheduler", DDPMScheduler),
+        ("scheduler", _scheduler_class(path)),
     ):
         try:
             loaded[part] = loader.from_pretrained(path / part, **kwargs)
@@ -141,21 +141,23 @@ def load_pipeline(path: str | os.PathLike, scheduler: Any = None, device: Any = 
         text_encoder=comps.text_encoder,
         tokenizer=comps.tokenizer,
         unet=comps.unet,
-        scheduler=scheduler or _pipeline_scheduler(path),
+        scheduler=scheduler or comps.scheduler,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
 
 
-def _pipeline_scheduler(path: str | os.PathLike) -> Any:
-    """The scheduler class the folder names (PNDM for SD2-base)."""
+def _scheduler_class(path: str | os.PathLike) -> Any:
+    """The scheduler class the folder's model_index.json names (PNDM for SD2-base)."""
     import diffusers
 
     index = json.loads((Path(path) / "model_index.json").read_text())
-    name = index.get("scheduler", [None, "PNDMScheduler"])[1]
-    cls = getattr(diffusers, name, diffusers.PNDMScheduler)
-    return cls.from_pretrained(Path(path) / "scheduler", local_files_only=True)
+    name = (index.get("scheduler") or [None, "PNDMScheduler"])[1]
+    cls = getattr(diffusers, str(name), None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise InputError(f"{Path(path) / 'model_index.json'}: unknown scheduler class {name!r}")
+    return cls
 
 
 def save_components(comps: Components, out: str | os.PathLike, scheduler: Any = None) -> Path:

@@ -48,7 +48,7 @@ def prompt_words(tokenizer: Any, prompt: str) -> list[WordTokens]:
         prefix, bare, suffix = _EDGE.match(text.lower()).groups()  # type: ignore[union-attr]
         n_prefix, n_bare, n_suffix = (len(_ids(tokenizer, part)) for part in (prefix, bare, suffix))
         n_word = len(_ids(tokenizer, text))
-        if n_prefix + n_bare + n_suffix != n_word:  # the pieces did not tokenise independently
+        if not bare or n_prefix + n_bare + n_suffix != n_word:  # punctuation only, or pieces interact
             n_prefix, n_bare = 0, n_word
         words.append(WordTokens(text, bare or text.lower(), offset + n_prefix, offset + n_prefix + n_bare))
         offset += n_word

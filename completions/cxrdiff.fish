@@ -1,0 +1,1 @@
+complete --command cxrdiff --no-files --arguments "(env _CXRDIFF_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) cxrdiff)" --condition "env _CXRDIFF_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) cxrdiff"
