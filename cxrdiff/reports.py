@@ -106,7 +106,7 @@ def extract_impression(text: str) -> tuple[str, str]:
 
 
 def report_path(files: str | os.PathLike, subject_id: int, study_id: int) -> Path:
-    """Where MIMIC-CXR keeps a study's report, under its `files/` folder: p{first two digits}/p{subject}/s{study}.txt."""
+    """A study's report under MIMIC-CXR's `files/` folder: p{first two digits}/p{subject}/s{study}.txt."""
     subject = str(int(subject_id))
     return Path(files) / f"p{subject[:2]}" / f"p{subject}" / f"s{int(study_id)}.txt"
 
