@@ -1,0 +1,425 @@
+"""Fréchet distances between real and generated X-rays: FID (InceptionV3), FID_XRV (torchxrayvision
+DenseNet121 `features2`), and a Fréchet distance on any other feature network, named as such.
+
+Weights are only ever read from local files: a missing file is an `InputError` that names the file and
+where to put it; nothing is downloaded. Feature extraction and caching go through torch-fidelity; the
+X-ray DenseNet is registered with it as a feature extractor, and every cache entry is keyed by a hash of
+the input images, the preprocessing and the weights, so a changed input is never served from cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from cxrdiff.artifacts import file_sha256
+from cxrdiff.errors import InputError
+from cxrdiff.metrics.score import UNTRAINED_LABEL, Score
+
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's converted TF InceptionV3
+XRV_WEIGHTS_NAME = "densenet121-res224-all"
+XRV_FILE = "nih-pc-chex-mimic_ch-google-openi-kaggle-densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt"
+XRV_RESOLUTION = 224
+XRV_RANGE = 1024.0
+XRV_EXTRACTOR = "cxrdiff-xrv-densenet121"
+RANDOM_INCEPTION_EXTRACTOR = "cxrdiff-inception-v3-random"
+RANDOM_SEED = 0
+
+ImageSet = Sequence[str | os.PathLike] | np.ndarray  # image files, or uint8 (N, H, W)
+
+
+# --- where the weights live ------------------------------------------------------------------
+
+
+def default_inception_path() -> Path:
+    """Where torch-fidelity's own download would have put the InceptionV3 weights (torch hub cache)."""
+    import torch
+
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+
+
+def default_xrv_path() -> Path:
+    """Where torchxrayvision's own download would have put `densenet121-res224-all`."""
+    return Path(os.path.expanduser("~")) / ".torchxrayvision" / "models_data" / XRV_FILE
+
+
+def resolve_weights(given: str | os.PathLike | None, kind: str) -> Path:
+    """The local weights file for `kind` ("inception" or "xrv"), or an InputError saying where it goes."""
+    default, flag, what = (
+        (default_inception_path(), "--inception-weights", f"InceptionV3 FID weights ({INCEPTION_FILE})")
+        if kind == "inception"
+        else (default_xrv_path(), "--xrv-weights", f"torchxrayvision {XRV_WEIGHTS_NAME} weights ({XRV_FILE})")
+    )
+    if given is not None:
+        path = Path(given)
+        if not path.is_file():
+            raise InputError(f"{flag} {path}: file not found ({what}; nothing is downloaded)")
+        return path
+    if default.is_file():
+        return default
+    raise InputError(
+        f"{what} not found: put the file at {default} or pass {flag} PATH "
+        "(nothing is downloaded; or pass --random-features for labelled, untrained features)"
+    )
+
+
+# --- Fréchet distance ------------------------------------------------------------------------
+
+
+def feature_statistics(features: Any) -> dict[str, np.ndarray]:
+    """Mean and covariance of (N, D) features, as torch-fidelity computes them (float64)."""
+    import torch
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+
+    tensor = torch.as_tensor(np.asarray(features, dtype=np.float64))  # (n, dim)
+    if tensor.dim() != 2 or tensor.shape[0] < 2:
+        raise InputError(f"need at least 2 feature vectors of shape (N, D), got {tuple(tensor.shape)}")
+    return fid_features_to_statistics(tensor)
+
+
+def frechet_distance(stats_1: dict[str, np.ndarray], stats_2: dict[str, np.ndarray]) -> float:
+    """||mu1 - mu2||² + tr(S1 + S2 - 2 (S1 S2)^½), via torch-fidelity's eigenvalue form."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+
+    stats_1 = {"mu": np.atleast_1d(stats_1["mu"]), "sigma": np.atleast_2d(stats_1["sigma"])}
+    stats_2 = {"mu": np.atleast_1d(stats_2["mu"]), "sigma": np.atleast_2d(stats_2["sigma"])}
+    return float(fid_statistics_to_metric(stats_1, stats_2, verbose=False)[KEY_METRIC_FID])
+
+
+# --- images ----------------------------------------------------------------------------------
+
+
+class GreyImages(Dataset):
+    """A torch Dataset of grey images as uint8 (3, H, W) (grey repeated: what torch-fidelity expects).
+
+    Images whose size differs from `size` go through the prepared frame's resize + centre crop, so
+    real and generated images are compared in the same square frame.
+    """
+
+    def __init__(self, images: ImageSet, size: int | None = None):
+        self.images = images
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def grey(self, index: int) -> np.ndarray:
+        from cxrdiff.images import load_grayscale, resize_center_crop
+
+        item = self.images[index]
+        array = np.asarray(item, dtype=np.uint8) if isinstance(self.images, np.ndarray) else load_grayscale(item)
+        if self.size is not None and array.shape != (self.size, self.size):
+            array = resize_center_crop(array, self.size)
+        return array  # (height, width) uint8
+
+    def __getitem__(self, index: int):
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(self.grey(index)))[None].repeat(3, 1, 1)  # (3, height, width)
+
+
+def images_digest(images: ImageSet) -> str:
+    """A hash of the image contents in order (file bytes, or array bytes)."""
+    digest = hashlib.sha256()
+    if isinstance(images, np.ndarray):
+        digest.update(str(images.shape).encode())
+        digest.update(np.ascontiguousarray(images, dtype=np.uint8).tobytes())
+    else:
+        for path in images:
+            if not Path(path).is_file():
+                raise InputError(f"{path}: image not found")
+            digest.update(file_sha256(path).encode())
+    return digest.hexdigest()
+
+
+def _cache_name(images: ImageSet, preprocessing: dict[str, Any]) -> str:
+    key = images_digest(images) + json.dumps(preprocessing, sort_keys=True, default=str)
+    return "cxrdiff-" + hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+# --- the torchxrayvision DenseNet ------------------------------------------------------------
+
+
+def load_xrv_densenet(path: str | os.PathLike | None, random_features: bool = False) -> Any:
+    """torchxrayvision's DenseNet121 (`densenet121-res224-all`, 18 outputs) from a local file.
+
+    torchxrayvision ships this model as a pickled whole module, so loading it unpickles code: only the
+    file the user named (or the library's own cache file) is ever loaded, never a downloaded one. A
+    plain state dict is accepted too. `random_features=True` and no path: the same architecture,
+    randomly initialised with a fixed seed (for plumbing only; its numbers are labelled).
+    """
+    import torch
+    import torchxrayvision as xrv
+
+    labels = list(xrv.models.model_urls[XRV_WEIGHTS_NAME]["labels"])
+    torch.manual_seed(RANDOM_SEED)
+    model = xrv.models.DenseNet(num_classes=len(labels))  # weights=None: no download, no internal resize
+    model.pathologies = model.targets = labels
+    if path is not None:
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # unpickling raises many types for a wrong file
+            raise InputError(f"{path}: not a torchxrayvision weights file ({type(exc).__name__}: {exc})") from None
+        state = saved.state_dict() if isinstance(saved, torch.nn.Module) else saved
+        try:
+            model.load_state_dict(state)
+        except (RuntimeError, TypeError, AttributeError) as exc:
+            first = str(exc).splitlines()[0]
+            raise InputError(f"{path}: does not fit DenseNet121 {XRV_WEIGHTS_NAME} ({first})") from None
+    elif not random_features:
+        raise InputError("no torchxrayvision weights given (use --xrv-weights PATH)")
+    return model.eval().requires_grad_(False)
+
+
+def xrv_preprocess(images: Any) -> Any:
+    """uint8 (B, C, H, W) → float (B, 1, 224, 224) in [-1024, 1024], resized by us (bilinear, antialiased)
+    because torchxrayvision's own resize changed between versions."""
+    import torch.nn.functional as F
+
+    grey = images.float().mean(dim=1, keepdim=True)  # (batch, 1, height, width) in [0, 255]
+    grey = F.interpolate(grey, size=(XRV_RESOLUTION, XRV_RESOLUTION), mode="bilinear", antialias=True)
+    return (grey / 255.0 * 2.0 - 1.0) * XRV_RANGE  # (batch, 1, 224, 224)
+
+
+def _xrv_extractor_class():
+    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+
+    class XrvDenseNetFeatures(FeatureExtractorBase):
+        """torch-fidelity extractor: torchxrayvision DenseNet121 `features2` (1024-d) on our preprocessing."""
+
+        def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+            super().__init__(name, features_list)
+            self.model = load_xrv_densenet(
+                feature_extractor_weights_path, random_features=bool(kwargs.get("cxrdiff_random_features"))
+            )
+
+        @staticmethod
+        def get_provided_features_list():
+            return ("features2",)
+
+        @staticmethod
+        def get_default_feature_layer_for_metric(metric):
+            return "features2"
+
+        @staticmethod
+        def can_be_compiled():
+            return False
+
+        @staticmethod
+        def get_dummy_input_for_compile():
+            raise NotImplementedError
+
+        def forward(self, x):
+            return (self.model.features2(xrv_preprocess(x)),)  # ((batch, 1024),)
+
+    return XrvDenseNetFeatures
+
+
+def _random_inception_class():
+    import torch
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class RandomInception(FeatureExtractorInceptionV3):
+        """torch-fidelity's InceptionV3 with its default (seeded) initialisation instead of weights."""
+
+        def __init__(self, name, features_list, **kwargs):
+            torch.manual_seed(RANDOM_SEED)
+            with tempfile.TemporaryDirectory() as tmp:
+                empty = Path(tmp) / "empty.pth"
+                torch.save({}, empty)  # the parent always loads a file; an empty dict keeps the random init
+                super().__init__(name, features_list, feature_extractor_weights_path=str(empty))
+
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            if state_dict:
+                return super().load_state_dict(state_dict, strict=strict, assign=assign)
+            return None
+
+    return RandomInception
+
+
+def register_extractors() -> None:
+    """Register our feature extractors with torch-fidelity once per process."""
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+
+    if XRV_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
+        register_feature_extractor(XRV_EXTRACTOR, _xrv_extractor_class())
+    if RANDOM_INCEPTION_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
+        register_feature_extractor(RANDOM_INCEPTION_EXTRACTOR, _random_inception_class())
+
+
+# --- the metrics -----------------------------------------------------------------------------
+
+
+def _torch_fidelity_fd(
+    real: ImageSet,
+    fake: ImageSet,
+    extractor: str,
+    layer: str,
+    weights: Path | None,
+    preprocessing: dict[str, Any],
+    size: int | None,
+    cache_root: str | os.PathLike | None,
+    device: str,
+    batch_size: int,
+    **extra: Any,
+) -> float:
+    import torch_fidelity
+
+    register_extractors()
+    weights_hash = file_sha256(weights) if weights is not None else f"random-seed-{RANDOM_SEED}"
+    key = {**preprocessing, "extractor": extractor, "layer": layer, "weights_sha256": weights_hash, "size": size}
+    metrics = torch_fidelity.calculate_metrics(
+        input1=GreyImages(real, size),
+        input2=GreyImages(fake, size),
+        input1_cache_name=_cache_name(real, key),
+        input2_cache_name=_cache_name(fake, key),
+        cache_root=None if cache_root is None else os.fspath(cache_root),
+        cache=True,
+        fid=True,
+        feature_extractor=extractor,
+        feature_layer_fid=layer,
+        feature_extractor_weights_path=None if weights is None else os.fspath(weights),
+        cuda=device.startswith("cuda"),
+        batch_size=batch_size,
+        save_cpu_ram=True,  # no DataLoader worker processes
+        verbose=False,
+        **extra,
+    )
+    return float(metrics["frechet_inception_distance"])
+
+
+def _check_sets(real: ImageSet, fake: ImageSet) -> None:
+    for name, images in (("real", real), ("generated", fake)):
+        if len(images) < 2:
+            raise InputError(f"Fréchet distance needs at least 2 {name} images, got {len(images)}")
+
+
+def fid(
+    real: ImageSet,
+    fake: ImageSet,
+    weights: str | os.PathLike | None = None,
+    random_features: bool = False,
+    size: int | None = None,
+    cache_root: str | os.PathLike | None = None,
+    device: str = "cpu",
+    batch_size: int = 32,
+) -> Score:
+    """FID on torch-fidelity's InceptionV3 (2048-d pool features; it resizes to 299 itself).
+
+    Grey images are repeated to 3 channels and normalised once, inside torch-fidelity (the reference
+    code normalised twice; we do not). Without weights and with `random_features`, the same network
+    randomly initialised: the result is named "FD (random InceptionV3)" and labelled untrained.
+    """
+    _check_sets(real, fake)
+    preprocessing = {"grey": "repeated to 3 channels", "inception": "torch-fidelity 299 px, (x-128)/128"}
+    if weights is None and random_features and not default_inception_path().is_file():
+        value = _torch_fidelity_fd(
+            real, fake, RANDOM_INCEPTION_EXTRACTOR, "2048", None, preprocessing, size, cache_root, device, batch_size
+        )
+        return Score(
+            "FD (random InceptionV3)",
+            value,
+            label=UNTRAINED_LABEL,
+            protocol={**preprocessing, "random_features": True, "seed": RANDOM_SEED, "n": [len(real), len(fake)]},
+        )
+    path = resolve_weights(weights, "inception")
+    value = _torch_fidelity_fd(
+        real, fake, "inception-v3-compat", "2048", path, preprocessing, size, cache_root, device, batch_size
+    )
+    return Score("FID", value, protocol={**preprocessing, "weights": str(path), "n": [len(real), len(fake)]})
+
+
+def fid_xrv(
+    real: ImageSet,
+    fake: ImageSet,
+    weights: str | os.PathLike | None = None,
+    random_features: bool = False,
+    size: int | None = None,
+    cache_root: str | os.PathLike | None = None,
+    device: str = "cpu",
+    batch_size: int = 32,
+) -> Score:
+    """FID_XRV: Fréchet distance on torchxrayvision DenseNet121 `features2` (1024-d), grey in
+    [-1024, 1024] at 224 px (resized by us)."""
+    _check_sets(real, fake)
+    preprocessing = {
+        "grey": "channel mean",
+        "xrv": f"bilinear antialiased resize to {XRV_RESOLUTION}, scaled to [-{XRV_RANGE:g}, {XRV_RANGE:g}]",
+        "layer": "features2",
+    }
+    if weights is None and random_features and not default_xrv_path().is_file():
+        value = _torch_fidelity_fd(
+            real,
+            fake,
+            XRV_EXTRACTOR,
+            "features2",
+            None,
+            preprocessing,
+            size,
+            cache_root,
+            device,
+            batch_size,
+            cxrdiff_random_features=True,
+        )
+        return Score(
+            "FD (random DenseNet121)",
+            value,
+            label=UNTRAINED_LABEL,
+            protocol={**preprocessing, "random_features": True, "seed": RANDOM_SEED, "n": [len(real), len(fake)]},
+        )
+    path = resolve_weights(weights, "xrv")
+    value = _torch_fidelity_fd(
+        real, fake, XRV_EXTRACTOR, "features2", path, preprocessing, size, cache_root, device, batch_size
+    )
+    return Score(
+        "FID_XRV",
+        value,
+        protocol={
+            **preprocessing,
+            "weights": str(path),
+            "note": "the 'all' weights saw MIMIC-CXR",
+            "n": [len(real), len(fake)],
+        },
+    )
+
+
+def fd_features(
+    real: ImageSet,
+    fake: ImageSet,
+    features: Callable[[Any], Any],
+    name: str,
+    size: int | None = None,
+    batch_size: int = 64,
+    label: str = "",
+) -> Score:
+    """A Fréchet distance on a custom feature network, e.g. "FD (phantom classifier features)".
+
+    `features` maps float images (B, 1, H, W) in [0, 1] to (B, D). Never call the result FID: the name
+    is the caller's and should say which features it used.
+    """
+    import torch
+
+    _check_sets(real, fake)
+    if name.upper().startswith("FID"):
+        raise ValueError(f"{name!r}: a custom feature network's distance must not be called FID")
+
+    def extract(images: ImageSet) -> np.ndarray:
+        dataset = GreyImages(images, size)
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(dataset), batch_size):
+                batch = np.stack([dataset.grey(i) for i in range(start, min(start + batch_size, len(dataset)))])
+                tensor = torch.from_numpy(batch).float()[:, None] / 255.0  # (batch, 1, height, width)
+                out.append(np.asarray(torch.as_tensor(features(tensor)).detach().cpu().double()))  # (batch, dim)
+        return np.concatenate(out)
+
+    value = frechet_distance(feature_statistics(extract(real)), feature_statistics(extract(fake)))
+    return Score(name, value, label=label, protocol={"features": name, "n": [len(real), len(fake)], "size": size})
