@@ -6,9 +6,13 @@ and readable with nothing but numpy (`latent_from_bytes`).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
+
+from cxrdiff.errors import InputError
 
 # CheXpert's 14 labels, in the column order of mimic-cxr-2.0.0-chexpert.csv.
 LABELS: tuple[str, ...] = (
@@ -69,3 +73,126 @@ def latent_from_bytes(data: bytes, shape: Sequence[int]) -> np.ndarray:
 def patient_folder(subject_id: int) -> str:
     """MIMIC's top folder: the first two digits of the subject id, e.g. 19012345 → 'p19'."""
     return f"p{str(int(subject_id))[:2]}"
+
+
+# --- the MIMIC-CXR and MS-CXR tables ----------------------------------------------------------
+
+METADATA_COLUMNS: tuple[str, ...] = ("dicom_id", "subject_id", "study_id", "ViewPosition")
+SPLIT_COLUMNS: tuple[str, ...] = ("dicom_id", "study_id", "subject_id", "split")
+CHEXPERT_COLUMNS: tuple[str, ...] = ("subject_id", "study_id", *LABELS)
+MS_CXR_COLUMNS: tuple[str, ...] = (
+    "dicom_id",
+    "category_name",
+    "label_text",
+    "x",
+    "y",
+    "w",
+    "h",
+    "image_width",
+    "image_height",
+)
+MIMIC_TABLES: dict[str, tuple[str, ...]] = {
+    "metadata": METADATA_COLUMNS,
+    "split": SPLIT_COLUMNS,
+    "chexpert": CHEXPERT_COLUMNS,
+}
+
+
+def find_table(root: str | os.PathLike, kind: str) -> Path:
+    """`mimic-cxr-2.0.0-<kind>.csv` (or .csv.gz, or another version's) in a MIMIC-CXR-JPG root."""
+    root = Path(root)
+    for name in (f"mimic-cxr-2.0.0-{kind}.csv.gz", f"mimic-cxr-2.0.0-{kind}.csv"):
+        if (root / name).is_file():
+            return root / name
+    found = sorted(root.glob(f"mimic-cxr-*-{kind}.csv*"))
+    if not found:
+        raise InputError(f"{root}: no mimic-cxr-2.0.0-{kind}.csv(.gz) (is --mimic the MIMIC-CXR-JPG root?)")
+    return found[-1]
+
+
+def files_root(root: str | os.PathLike) -> Path:
+    """The folder holding pXX/ patient groups: `root/files` when present, else `root` itself."""
+    root = Path(root).absolute()
+    return root / "files" if (root / "files").is_dir() else root
+
+
+def parse_id(value: object) -> int:
+    """A MIMIC id as an int; the 'p' / 's' prefixes that paths carry (p10000032, s50414267) are stripped."""
+    text = str(value).strip()
+    if text[:1] in ("p", "s"):
+        text = text[1:]
+    return int(float(text)) if "." in text else int(text)
+
+
+def check_columns(path: str | os.PathLike, required: Sequence[str]) -> list[str]:
+    """Read only a CSV's header and refuse it, naming file and column, if a required column is missing."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    try:
+        columns = list(pd.read_csv(path, nrows=0).columns)
+    except Exception as exc:  # pandas raises parser, unicode and gzip errors alike
+        raise InputError(f"{path}: not a readable CSV ({type(exc).__name__}: {exc})") from None
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {', '.join(repr(c) for c in missing)}")
+    return columns
+
+
+def read_table(path: str | os.PathLike, required: Sequence[str], optional: Sequence[str] = ()):
+    """A MIMIC / MS-CXR CSV (plain or .gz) as a DataFrame of the named columns; ids as int64."""
+    import pandas as pd
+
+    columns = check_columns(path, required)
+    usecols = [*required, *(c for c in optional if c in columns and c not in required)]
+    try:
+        frame = pd.read_csv(path, usecols=usecols, dtype={"dicom_id": str})
+    except Exception as exc:
+        raise InputError(f"{path}: not a readable CSV ({type(exc).__name__}: {exc})") from None
+    for column in ("subject_id", "study_id"):
+        if column in frame.columns:
+            try:
+                frame[column] = frame[column].map(parse_id).astype("int64")
+            except (TypeError, ValueError):
+                raise InputError(f"{path}: column '{column}' has a value that is not an id") from None
+    if "dicom_id" in frame.columns:
+        frame["dicom_id"] = frame["dicom_id"].astype(str).str.strip()
+    return frame
+
+
+def read_metadata(path: str | os.PathLike):
+    """mimic-cxr-2.0.0-metadata.csv: one row per image (dicom_id, subject_id, study_id, ViewPosition, Rows, Columns)."""
+    frame = read_table(path, METADATA_COLUMNS, optional=("Rows", "Columns"))
+    frame["ViewPosition"] = frame["ViewPosition"].fillna("").astype(str).str.strip()
+    return frame
+
+
+def read_split(path: str | os.PathLike):
+    """mimic-cxr-2.0.0-split.csv: the official train/validate/test split per image."""
+    return read_table(path, SPLIT_COLUMNS)
+
+
+def read_chexpert(path: str | os.PathLike):
+    """mimic-cxr-2.0.0-chexpert.csv: 14 labels per study as float32 (1, 0, -1 uncertain, NaN blank)."""
+    frame = read_table(path, CHEXPERT_COLUMNS)
+    for label in LABELS:
+        try:
+            frame[label] = frame[label].astype("float32")
+        except (TypeError, ValueError):
+            raise InputError(f"{path}: column '{label}' has a value that is not 1, 0, -1 or blank") from None
+    if frame.duplicated(["subject_id", "study_id"]).any():
+        raise InputError(f"{path}: more than one row for a study")
+    return frame
+
+
+def read_ms_cxr(path: str | os.PathLike):
+    """MS_CXR_Local_Alignment CSV: one row per box (x, y, w, h in original pixels); v1.1.0's `split` kept."""
+    frame = read_table(path, MS_CXR_COLUMNS, optional=("path", "split"))
+    for column in ("x", "y", "w", "h", "image_width", "image_height"):
+        try:
+            frame[column] = frame[column].astype("float64")
+        except (TypeError, ValueError):
+            raise InputError(f"{path}: column '{column}' has a value that is not a number") from None
+    return frame

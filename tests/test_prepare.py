@@ -1,0 +1,342 @@
+"""`cxrdiff prepare` on a small hand-made MIMIC-CXR-shaped tree whose every filter outcome is known:
+counts, held-out sets, boxes on the drawn finding, latents against a fresh encode, resume after a fault,
+and structural errors before any work."""
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from cxrdiff.data import LABELS, latent_from_bytes, patient_folder
+from cxrdiff.errors import InputError
+from cxrdiff.images import boxes_mask, load_grayscale, resize_center_crop, to_model_input
+from cxrdiff.prepare import PrepareConfig, prepare
+
+WIDTH, HEIGHT = 80, 96  # not square: the centre crop matters
+REPORT = """                                 FINAL REPORT
+ EXAMINATION:  CHEST (PA AND LAT)
+
+ INDICATION:  ___ with cough
+
+ FINDINGS:
+ {findings}
+
+ IMPRESSION:
+ {impression}
+"""
+# dicom_id: (subject, study, view, labels set to 1.0, what the report / image is)
+IMAGES = {
+    "a1": (10000001, 50000001, "PA", ["No Finding"], "ok"),
+    "a2": (10000001, 50000001, "LATERAL", ["No Finding"], "ok"),
+    "a3": (10000001, 50000002, "AP", ["Edema"], "empty report"),
+    "b1": (10000002, 50000003, "PA", ["Cardiomegaly"], "findings only"),
+    "c1": (11000003, 50000004, "PA", ["Edema"], "no report"),
+    "d1": (11000004, 50000005, "PA", ["No Finding"], "short impression"),
+    "e1": (11000005, 50000006, "PA", ["Atelectasis"], "truncated image"),
+    "f1": (11000006, 50000007, "PA", ["Atelectasis"], "no image"),
+    "g1": (11000007, 50000008, "AP", ["Pneumothorax"], "dicom"),
+    "h1": (12000008, 50000009, "PA", ["Pleural Effusion"], "ms-cxr"),
+    "h2": (12000008, 50000010, "PA", ["No Finding"], "ok"),
+    "t1": (19000009, 50000011, "PA", ["No Finding"], "ok"),
+    "t2": (19000009, 50000011, "AP", ["No Finding"], "ok"),
+    "t3": (19000009, 50000012, "AP", ["Cardiomegaly"], "ok"),
+    "t4": (19000010, 50000013, "PA", ["Edema"], "ok"),
+    "t5": (19000010, 50000014, "PA", ["No Finding"], "ok"),
+}
+EFFUSION_BOXES = [(8, 50, 20, 30), (50, 60, 16, 20)]  # drawn bright on h1
+MS_CXR = [
+    ("h1", "Pleural Effusion", "Small left   pleural effusion", EFFUSION_BOXES[0]),
+    ("h1", "Pleural Effusion", "Small left   pleural effusion", EFFUSION_BOXES[1]),
+    ("h1", "Cardiomegaly", "Enlarged heart", (20, 20, 40, 40)),
+    ("h1", "Edema", "Edema", (70, 80, 20, 30)),  # runs past the 80 px width: skipped
+]
+
+
+def _image(rng, boxes=()) -> np.ndarray:
+    image = rng.integers(20, 60, size=(HEIGHT, WIDTH), dtype=np.uint8)
+    for x, y, w, h in boxes:
+        image[y : y + h, x : x + w] = 240
+    return image
+
+
+def _write_dicom(path: Path, image: np.ndarray) -> None:
+    """A MONOCHROME1 12-bit DICOM whose inversion and scaling give back `image` (up to rounding)."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.Rows, ds.Columns = image.shape
+    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 1, 16, 12, 11, 0
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    values = (255 - image.astype(np.uint16)) * 16  # MONOCHROME1: high = dark
+    ds.PixelData = values.astype("<u2").tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def make_tree(root: Path, seed: int = 0) -> Path:
+    """The tree above, with gzipped metadata and CheXpert CSVs and a plain split CSV."""
+    rng = np.random.default_rng(seed)
+    files = root / "files"
+    meta, labels, split = [], {}, []
+    for dicom, (subject, study, view, positives, kind) in IMAGES.items():
+        folder = files / patient_folder(subject) / f"p{subject}"
+        (folder / f"s{study}").mkdir(parents=True, exist_ok=True)
+        meta.append({"dicom_id": dicom, "subject_id": subject, "study_id": study, "ViewPosition": view,
+                     "Rows": HEIGHT, "Columns": WIDTH})  # fmt: skip
+        split.append({"dicom_id": dicom, "study_id": study, "subject_id": subject, "split": "train"})
+        labels.setdefault((subject, study), {name: (1.0 if name in positives else np.nan) for name in LABELS})
+        image = _image(rng, EFFUSION_BOXES if kind == "ms-cxr" else ())
+        jpg = folder / f"s{study}" / f"{dicom}.jpg"
+        if kind == "dicom":
+            _write_dicom(jpg.with_suffix(".dcm"), image)
+        elif kind == "truncated image":
+            Image.fromarray(image).save(jpg, quality=95)
+            jpg.write_bytes(jpg.read_bytes()[: jpg.stat().st_size // 2])
+        elif kind != "no image":
+            Image.fromarray(image).save(jpg, quality=95)
+        report = folder / f"s{study}.txt"
+        if kind == "no report" or report.exists():
+            continue
+        if kind == "empty report":
+            report.write_text("   \n\n")
+        elif kind == "findings only":
+            report.write_text(" FINAL REPORT\n FINDINGS:  Heart size is enlarged.  No effusion.\n")
+        elif kind == "short impression":
+            report.write_text(REPORT.format(findings="Normal.", impression="None."))
+        else:
+            text = f"{', '.join(positives).lower()} seen on study {study}."
+            report.write_text(REPORT.format(findings="Lungs are clear.", impression=text))
+    with gzip.open(root / "mimic-cxr-2.0.0-metadata.csv.gz", "wt") as handle:
+        pd.DataFrame(meta).to_csv(handle, index=False)
+    chexpert = pd.DataFrame([{"subject_id": s, "study_id": t, **v} for (s, t), v in labels.items()])
+    with gzip.open(root / "mimic-cxr-2.0.0-chexpert.csv.gz", "wt") as handle:
+        chexpert.to_csv(handle, index=False)
+    pd.DataFrame(split).to_csv(root / "mimic-cxr-2.0.0-split.csv", index=False)
+    ms = [
+        {"dicom_id": d, "category_name": c, "label_text": t, "path": f"files/p12/p12000008/s50000009/{d}.jpg",
+         "x": b[0], "y": b[1], "w": b[2], "h": b[3], "image_width": WIDTH, "image_height": HEIGHT}
+        for d, c, t, b in MS_CXR
+    ]  # fmt: skip
+    pd.DataFrame(ms).to_csv(root / "MS_CXR_Local_Alignment_v1.0.0.csv", index=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    return make_tree(tmp_path_factory.mktemp("mimic"))
+
+
+def _config(tree, model, out, **overrides) -> PrepareConfig:
+    base = dict(mimic=tree, ms_cxr=tree / "MS_CXR_Local_Alignment_v1.0.0.csv", base_model=model, out=out,
+                test_size=3, test_no_finding_max=0.34, batch_size=2, shard_size=2, workers=0)  # fmt: skip
+    return PrepareConfig(**(base | overrides))
+
+
+@pytest.fixture(scope="module")
+def prepared(tree, tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared") / "out"
+    result = prepare(_config(tree, tiny_model, out))
+    return out, result
+
+
+def _train(out: Path) -> pd.DataFrame:
+    return pd.concat([pd.read_parquet(p) for p in sorted(out.glob("train-*.parquet"))], ignore_index=True)
+
+
+def test_counts_at_every_filter(prepared):
+    out, result = prepared
+    manifest = json.loads((out / "manifest.json").read_text())
+    counts = manifest["counts"]
+    assert counts["metadata"]["images"] == 16 and counts["metadata"]["frontal_images"] == 15
+    assert counts["metadata"]["views"] == {"AP": 4, "LATERAL": 1, "PA": 11}
+    assert counts["train"] == {
+        "frontal_images": 15, "held_out_test_folder": 5, "held_out_ms_cxr": 1, "candidates": 9,
+        "missing_report": 1, "no_usable_text": 1, "short_impression": 1, "image_not_found": 1, "planned": 5,
+        "unreadable_image": 1, "rows": 4,
+    }  # fmt: skip
+    assert counts["test"]["studies"] == 4 and counts["test"]["rows"] == 3
+    assert counts["ms_cxr"] == {"csv_rows": 4, "pairs": 3, "box_outside_image": 1, "not_in_metadata": 0,
+                                "image_not_found": 0, "planned": 2, "unreadable_image": 0, "rows": 2}  # fmt: skip
+    assert (result["train_rows"], result["test_rows"], result["ms_cxr_rows"]) == (4, 3, 2)
+    assert manifest["impression_sources"]["train"] == {"impression": 4, "findings": 1, "last_paragraph": 0, "none": 0}
+    assert manifest["prompts_over_context"] == {"train": 0, "test": 0, "context_length": 77}
+    assert manifest["resolution"] == 64 and manifest["latent_shape"] == [4, 16, 16]
+    assert manifest["latent_storage"] == "mean+logvar" and manifest["scaling_factor"] == pytest.approx(0.18215)
+    assert manifest["vae_fingerprint"].startswith("sha256:") and manifest["config"]["resolution"] == 64
+    shards = [f"train-{k:05d}.parquet" for k in range(3)]  # 5 planned rows in shards of 2
+    assert manifest["shards"] == shards and result["train_shards"] == 3
+    assert set(manifest["files"]) == {*shards, "test.parquet", "ms_cxr.parquet", "skipped.csv"}
+
+
+def test_skipped_csv_names_each_fault(prepared):
+    out, _ = prepared
+    skipped = pd.read_csv(out / "skipped.csv", dtype={"dicom_id": str})
+    reasons = dict(zip(skipped["dicom_id"], skipped["reason"], strict=True))
+    assert reasons == {"a3": "no usable text", "c1": "missing report", "f1": "image not found",
+                       "e1": "unreadable image", "h1": "box outside image"}  # fmt: skip
+    e1 = skipped[skipped["dicom_id"] == "e1"].iloc[0]
+    assert e1["path"].endswith("e1.jpg") and "e1.jpg" in e1["detail"]
+
+
+def test_train_holds_no_test_folder_or_ms_cxr_image(prepared):
+    out, _ = prepared
+    train = _train(out)
+    assert sorted(train["dicom_id"]) == ["a1", "b1", "g1", "h2"]
+    assert not train["subject_id"].map(patient_folder).eq("p19").any()
+    ms_ids = set(pd.read_parquet(out / "ms_cxr.parquet")["dicom_id"])
+    assert ms_ids == {"h1"} and not ms_ids & set(train["dicom_id"])
+    assert train.loc[train["dicom_id"] == "b1", "impression_source"].item() == "findings"
+    assert train.loc[train["dicom_id"] == "b1", "impression"].item() == "Heart size is enlarged. No effusion."
+    assert train.loc[train["dicom_id"] == "g1", "image_path"].item().endswith("g1.dcm")
+    assert train["Edema"].dtype == np.float32 and np.isnan(train.loc[train["dicom_id"] == "a1", "Edema"].item())
+    assert all(Path(p).is_absolute() and Path(p).is_file() for p in train["image_path"])
+
+
+def test_test_set_limits_no_finding_and_records_the_rule(prepared):
+    out, _ = prepared
+    test = pd.read_parquet(out / "test.parquet")
+    assert len(test) == 3 and set(test["subject_id"].map(patient_folder)) == {"p19"}
+    assert (test["No Finding"] == 1.0).sum() == 1
+    assert "t2" not in set(test["dicom_id"])  # one image per study, PA before AP
+    rule = json.loads((out / "manifest.json").read_text())["test_sampling"]
+    assert rule["before"]["No Finding"] == 2 and rule["before"]["studies"] == 4
+    assert rule["after"]["No Finding"] == 1 and rule["after"]["studies"] == 3
+
+
+def test_ms_cxr_boxes_land_on_the_drawn_finding(prepared, tree):
+    out, _ = prepared
+    ms = pd.read_parquet(out / "ms_cxr.parquet").set_index("category_name")
+    effusion = ms.loc["Pleural Effusion"]
+    assert effusion["label_text"] == "Small left pleural effusion"
+    assert [list(b) for b in effusion["boxes_original"]] == [list(map(float, b)) for b in EFFUSION_BOXES]
+    assert (effusion["image_width"], effusion["image_height"]) == (WIDTH, HEIGHT)
+    frame = resize_center_crop(load_grayscale(effusion["image_path"]), 64)
+    mask = boxes_mask([list(b) for b in effusion["boxes"]], 64)
+    assert frame[mask].mean() > 200 and frame[~mask].mean() < 90
+    # by hand: scale 64/80 = 0.8, height 96 → 77 (rounded), crop top (77 - 64) // 2 = 6
+    assert list(effusion["boxes"][0]) == pytest.approx([8 * 0.8, 50 * 0.8 - 6, 20 * 0.8, 30 * 0.8])
+
+
+def test_stored_latents_equal_a_fresh_encode(prepared, tiny_model):
+    import torch
+    from diffusers import AutoencoderKL
+
+    out, _ = prepared
+    vae = AutoencoderKL.from_pretrained(tiny_model / "vae").eval()
+    for table in (_train(out), pd.read_parquet(out / "ms_cxr.parquet")):
+        row = table.iloc[-1]
+        pixels = to_model_input(resize_center_crop(load_grayscale(row["image_path"]), 64))  # (1, 3, 64, 64)
+        with torch.no_grad():
+            posterior = vae.encode(pixels).latent_dist
+        shape = row["latent_shape"]
+        assert list(shape) == [4, 16, 16]
+        np.testing.assert_allclose(latent_from_bytes(row["latent_mean"], shape), posterior.mean[0].numpy(),
+                                   rtol=2e-3, atol=2e-3)  # fmt: skip
+        np.testing.assert_allclose(latent_from_bytes(row["latent_logvar"], shape), posterior.logvar[0].numpy(),
+                                   rtol=2e-3, atol=2e-3)  # fmt: skip
+
+
+def test_dicom_is_inverted_and_scaled_like_the_jpg(tmp_path):
+    image = _image(np.random.default_rng(1), EFFUSION_BOXES)
+    _write_dicom(tmp_path / "x.dcm", image)
+    loaded = load_grayscale(tmp_path / "x.dcm")
+    expected = (image.astype(float) - image.min()) / (image.max() - image.min()) * 255
+    assert np.abs(loaded.astype(float) - expected).max() <= 1.0
+
+
+def _tables(out: Path) -> dict[str, pd.DataFrame]:
+    names = sorted(p.name for p in out.glob("*.parquet")) + ["skipped.csv"]
+    return {n: pd.read_parquet(out / n) if n.endswith(".parquet") else pd.read_csv(out / n) for n in names}
+
+
+def test_killed_run_resumes_to_the_same_output(prepared, tree, tiny_model, tmp_path, monkeypatch):
+    import cxrdiff.prepare as module
+
+    real, calls = module._encode_batch, {"n": 0}
+
+    def failing(vae, pixels):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise RuntimeError("injected fault")
+        return real(vae, pixels)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(module, "_encode_batch", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        prepare(_config(tree, tiny_model, out))
+    assert not (out / "manifest.json").exists()
+    complete = sorted(p.name for p in out.glob("*.parquet"))
+    assert complete and len(complete) < 4  # some units done, not all
+    monkeypatch.setattr(module, "_encode_batch", real)
+    calls["n"] = 0
+    prepare(_config(tree, tiny_model, out))
+    expected, got = _tables(prepared[0]), _tables(out)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        pd.testing.assert_frame_equal(got[name], expected[name])
+    first = json.loads((prepared[0] / "manifest.json").read_text())
+    again = json.loads((out / "manifest.json").read_text())
+    assert first["counts"] == again["counts"] and first["files"] == again["files"]
+
+
+def test_stricter_exclusion_drops_the_whole_ms_cxr_patient(tree, tiny_model, tmp_path):
+    result = prepare(_config(tree, tiny_model, tmp_path / "out", exclude_ms_cxr_patients=True, test_size=1))
+    counts = json.loads((tmp_path / "out" / "manifest.json").read_text())["counts"]
+    assert counts["train"]["held_out_ms_cxr"] == 2 and result["train_rows"] == 3
+    assert "h2" not in set(_train(tmp_path / "out")["dicom_id"])
+
+
+def test_structural_faults_stop_before_any_work(tree, tiny_model, tmp_path):
+    broken = tmp_path / "mimic"
+    (broken / "files" / "p10").mkdir(parents=True)
+    for name in ("mimic-cxr-2.0.0-metadata.csv.gz", "mimic-cxr-2.0.0-chexpert.csv.gz"):
+        (broken / name).write_bytes((tree / name).read_bytes())
+    pd.read_csv(tree / "mimic-cxr-2.0.0-split.csv").drop(columns="split").to_csv(
+        broken / "mimic-cxr-2.0.0-split.csv", index=False
+    )
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=r"mimic-cxr-2.0.0-split.csv: missing column\(s\) 'split'"):
+        prepare(_config(broken, tiny_model, out))
+    assert not out.exists()
+    with pytest.raises(InputError, match="--ms-cxr is required"):
+        prepare(_config(tree, tiny_model, out, ms_cxr=None))
+    with pytest.raises(InputError, match="no mimic-cxr-2.0.0-chexpert"):
+        (broken / "mimic-cxr-2.0.0-chexpert.csv.gz").unlink()
+        prepare(_config(broken, tiny_model, out))
+    with pytest.raises(InputError, match="--resolution 30: must be a positive multiple"):
+        prepare(_config(tree, tiny_model, out, resolution=30))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "manifest.json").write_text(json.dumps({"step": "finetune"}))
+    with pytest.raises(InputError, match="this is a 'finetune' folder"):
+        prepare(_config(tree, tiny_model, other))
+
+
+def test_changed_settings_on_a_used_folder_are_refused(prepared, tree, tiny_model):
+    out, _ = prepared
+    with pytest.raises(InputError, match="other settings or inputs"):
+        prepare(_config(tree, tiny_model, out, test_size=2))
+
+
+def test_cli_exit_code_and_message_for_a_missing_column(tree, tiny_model, tmp_path):
+    bad = tmp_path / "ms.csv"
+    pd.read_csv(tree / "MS_CXR_Local_Alignment_v1.0.0.csv").drop(columns="image_width").to_csv(bad, index=False)
+    run = subprocess.run(
+        [sys.executable, "-m", "cxrdiff", "prepare", "--mimic", str(tree), "--ms-cxr", str(bad),
+         "--base-model", str(tiny_model), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2
+    assert f"{bad}: missing column(s) 'image_width'" in run.stderr
