@@ -131,6 +131,10 @@ def prepare(
     exclude_ms_cxr_patients: Annotated[
         bool | None, typer.Option("--exclude-ms-cxr-patients", help="Drop every patient with an MS-CXR image.")
     ] = None,
+    test_no_finding_max: Annotated[
+        float | None, typer.Option(help="At most this fraction of the test prompts are 'No Finding' (default 0.1).")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="Image-decoding processes per GPU (default: from CPUs).")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Turn MIMIC-CXR + reports + MS-CXR into latent Parquet shards (train, test prompts, MS-CXR)."""
@@ -150,6 +154,8 @@ def prepare(
         batch_size=batch_size,
         shard_size=shard_size,
         exclude_ms_cxr_patients=exclude_ms_cxr_patients,
+        test_no_finding_max=test_no_finding_max,
+        workers=workers,
     )
 
 
