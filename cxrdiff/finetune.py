@@ -1,0 +1,908 @@
+"""`cxrdiff finetune`: train SD's UNet (and, for Finetune_L, its text encoder) on prepared latents.
+
+One readable loop under accelerate, so the same code runs on one CPU, one GPU or many nodes:
+check inputs → plan the global batch → load the base model → resume from the newest complete
+checkpoint → train (noise, timestep, epsilon or v target, MSE) → export a diffusers pipeline folder.
+
+Exact resume is the design constraint: every random draw comes from generators whose states are saved
+per rank, and the data order is a seeded, epoch-based permutation over all rows, so the data position
+is just "samples consumed" and a resumed run continues at the exact step, not the start of an epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Literal
+
+import numpy as np
+
+from cxrdiff.artifacts import MANIFEST, atomic_dir, atomic_path, read_manifest, write_manifest
+from cxrdiff.config import to_dict
+from cxrdiff.console import interactive, log, progress
+from cxrdiff.data import LABELS
+from cxrdiff.errors import InputError, RunError
+from cxrdiff.models import Components, check_model_folder
+
+DEFAULT_STEPS = {True: 30_000, False: 60_000}  # frozen / learnable text encoder (REFERENCE.md)
+NO_FINDING = "No Finding"
+CHECKPOINTS = "checkpoints"
+TRAIN_LOG = "train_log.jsonl"
+_OWN_NAMES = {CHECKPOINTS, TRAIN_LOG, "logs", "validation", MANIFEST}
+# Config fields that change what is trained: a checkpoint is only resumed under the same values.
+_RESUME_KEYS = (
+    "data",
+    "base_model",
+    "frozen_text",
+    "batch_size",
+    "lr",
+    "text_lr",
+    "ucg_no_finding",
+    "prompt_source",
+    "ema",
+    "ema_decay",
+    "seed",
+    "max_grad_norm",
+    "snr_gamma",
+    "latent_sampling",
+    "weight_decay",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """Everything that defines a fine-tuning run; saved in the output manifest and every checkpoint."""
+
+    data: Path | None = None
+    base_model: Path | None = None
+    out: Path | None = None
+    frozen_text: bool | None = None
+    steps: int | None = None
+    batch_size: int = 256
+    per_device_batch_size: int | None = None
+    lr: float = 5e-5
+    text_lr: float | None = None
+    ucg_no_finding: float = 0.3
+    prompt_source: str = "impression"
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    ema: bool = False
+    ema_decay: float = 0.9999
+    export_weights: Literal["raw", "ema"] = "raw"
+    seed: int = 0
+    max_grad_norm: float = 1.0
+    snr_gamma: float | None = None
+    latent_sampling: Literal["sample", "mean"] = "sample"
+    weight_decay: float = 0.01
+    log_every: int = 10
+    validation_prompts: tuple[str, ...] = ()
+    validate_every: int = 0
+    validation_steps: int = 25
+    stop_after_step: int | None = None  # act as if preempted after this step (tests, SLURM drills)
+
+
+# --- input checks (no weights read) ----------------------------------------------------------
+
+
+def batch_plan(batch_size: int, per_device: int | None, processes: int) -> tuple[int, int]:
+    """Split the global batch: per_device × processes × accumulation = batch_size, or an InputError."""
+    if batch_size < 1:
+        raise InputError(f"--batch-size {batch_size}: must be at least 1")
+    if batch_size % processes:
+        raise InputError(f"--batch-size {batch_size} is not divisible by the {processes} processes")
+    if per_device is None:
+        per_device = min(16, batch_size // processes)
+        while (batch_size // processes) % per_device:
+            per_device -= 1
+    if per_device < 1:
+        raise InputError(f"--per-device-batch-size {per_device}: must be at least 1")
+    if (batch_size // processes) % per_device:
+        raise InputError(
+            f"--batch-size {batch_size} is not per-device {per_device} × {processes} processes × an integer "
+            "number of accumulation steps; choose --per-device-batch-size dividing "
+            f"{batch_size // processes}"
+        )
+    return per_device, batch_size // (processes * per_device)
+
+
+def _config_components(model: Path) -> Components:
+    """Components holding only the configs, so shape checks use the model's own arithmetic before any load."""
+
+    def cfg(part: str, name: str = "config.json") -> SimpleNamespace:
+        try:
+            return SimpleNamespace(config=SimpleNamespace(**json.loads((model / part / name).read_text())))
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{model / part / name}: not valid JSON ({exc})") from None
+
+    comps = Components(cfg("unet"), cfg("vae"), None, None, None, path=model)
+    if not hasattr(comps.vae.config, "scaling_factor"):
+        comps.vae.config.scaling_factor = 0.18215  # diffusers' default when the config omits it
+    return comps
+
+
+def _vae_fingerprint(model: Path) -> str | None:
+    """The fingerprint `prepare` records for a base model's VAE (None while prepare is not installed)."""
+    try:
+        from cxrdiff.prepare import vae_fingerprint
+    except ImportError:
+        return None
+    return vae_fingerprint(model)
+
+
+def check_prepared(data: Path, model: Path) -> dict[str, Any]:
+    """Refuse a prepared folder whose latents were not made by this base model's VAE at its resolution."""
+    manifest = read_manifest(data, "prepare")
+    known = {**manifest.get("config", {}), **manifest}  # prepare records these at the top level
+    comps = _config_components(model)
+    for key in ("latent_shape", "scaling_factor", "resolution"):
+        if key not in known:
+            raise InputError(f"{data / MANIFEST}: no '{key}'; re-run `cxrdiff prepare`")
+    if tuple(known["latent_shape"]) != comps.latent_shape or int(known["resolution"]) != comps.resolution:
+        raise InputError(
+            f"--data {data}: latents {list(known['latent_shape'])} at {known['resolution']} px do not fit "
+            f"--base-model {model} (latents {list(comps.latent_shape)} at {comps.resolution} px); "
+            "prepare the data with this base model"
+        )
+    if not math.isclose(float(known["scaling_factor"]), comps.scaling_factor, rel_tol=1e-6):
+        raise InputError(
+            f"--data {data}: VAE scaling factor {known['scaling_factor']} differs from --base-model {model}'s "
+            f"{comps.scaling_factor}; prepare the data with this base model"
+        )
+    stored, mine = known.get("vae_fingerprint"), _vae_fingerprint(model)
+    if stored is None or mine is None:
+        log.warning(f"{data / MANIFEST}: cannot verify that its latents came from {model}'s VAE (no fingerprint)")
+    elif stored != mine:
+        raise InputError(
+            f"--data {data}: latents were made by a different VAE than --base-model {model}'s "
+            "(vae_fingerprint differs); prepare the data with this base model"
+        )
+    return manifest
+
+
+def _check_config(config: FinetuneConfig) -> FinetuneConfig:
+    """Fill derived defaults and refuse bad values, before anything heavy happens."""
+    for name in ("data", "base_model", "out"):
+        if getattr(config, name) is None:
+            raise InputError(f"--{name.replace('_', '-')} is required")
+    if config.frozen_text is None:
+        raise InputError("choose --frozen-text (Finetune_F) or --learnable-text (Finetune_L)")
+    steps = config.steps if config.steps is not None else DEFAULT_STEPS[config.frozen_text]
+    for name, value, low in (
+        ("steps", steps, 1),
+        ("checkpoint-every", config.checkpoint_every, 1),
+        ("keep-checkpoints", config.keep_checkpoints, 1),
+        ("log-every", config.log_every, 1),
+        ("validate-every", config.validate_every, 0),
+    ):
+        if value < low:
+            raise InputError(f"--{name} {value}: must be at least {low}")
+    for name, value in (("lr", config.lr), ("text-lr", config.text_lr)):
+        if value is not None and not value > 0:
+            raise InputError(f"--{name} {value}: must be positive")
+    if not 0.0 <= config.ucg_no_finding <= 1.0:
+        raise InputError(f"--ucg-no-finding {config.ucg_no_finding}: must be a probability in [0, 1]")
+    if config.export_weights == "ema" and not config.ema:
+        raise InputError("--export-weights ema needs --ema")
+    if config.snr_gamma is not None and not config.snr_gamma > 0:
+        raise InputError(f"--snr-gamma {config.snr_gamma}: must be positive")
+    out = Path(config.out)
+    if out.exists():
+        if not out.is_dir():
+            raise InputError(f"--out {out}: exists and is not a folder")
+        if (out / MANIFEST).is_file():
+            read_manifest(out, "finetune")
+        else:
+            strangers = sorted(p.name for p in out.iterdir() if p.name not in _OWN_NAMES and not p.name.startswith("."))
+            if strangers:
+                raise InputError(
+                    f"--out {out}: not empty and not a finetune run folder (has {', '.join(strangers[:3])})"
+                )
+    return dataclasses.replace(config, steps=steps, text_lr=config.text_lr if config.text_lr is not None else config.lr)
+
+
+# --- prompts ----------------------------------------------------------------------------------
+
+
+class Prompts:
+    """The training text of each row (impression, class names, or a random alternative per class),
+    with the unconditional-guidance rule: samples whose only positive label is No Finding get ""."""
+
+    def __init__(self, source: str, impressions: Sequence[str], labels: np.ndarray, ucg: float):
+        self.source, self.impressions, self.ucg = source, impressions, ucg
+        self.positive = labels == 1.0  # (rows, 14); NaN, 0 and -1 (uncertain) are not positive
+        nf = LABELS.index(NO_FINDING)
+        self.no_finding_only = self.positive[:, nf] & (self.positive.sum(axis=1) == 1)  # (rows,)
+        self.alternatives = check_prompt_source(source)
+
+    def text(self, row: int, rng: np.random.Generator) -> str:
+        if self.source == "impression":
+            return str(self.impressions[row])
+        classes = np.flatnonzero(self.positive[row])
+        if self.source == "labels":
+            return ", ".join(LABELS[c] for c in classes)
+        picks = [c for c in classes if c in self.alternatives]
+        if not len(classes) and LABELS.index(NO_FINDING) in self.alternatives:
+            picks = [LABELS.index(NO_FINDING)]  # no positive label at all reads as a normal study
+        return " ".join(self.alternatives[c][rng.integers(len(self.alternatives[c]))] for c in picks)
+
+    def batch(self, rows: np.ndarray, rng: np.random.Generator) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """Prompts for `rows`, whether each was eligible for the empty prompt, and whether it got it."""
+        eligible = self.no_finding_only[rows]  # (batch,)
+        dropped = eligible & (rng.random(len(rows)) < self.ucg)  # (batch,)
+        texts = ["" if d else self.text(int(r), rng) for r, d in zip(rows, dropped, strict=True)]
+        return texts, eligible, dropped
+
+
+def check_prompt_source(source: str) -> dict[int, list[str]]:
+    """Validate `--prompt-source`; for `file:PATH` read its CSV (columns label, a CheXpert name, and text)."""
+    import pandas as pd
+
+    if not source.startswith("file:"):
+        if source not in ("impression", "labels"):
+            raise InputError(f"--prompt-source {source!r}: expected impression, labels or file:PATH")
+        return {}
+    path = Path(source[5:])
+    if not path.is_file():
+        raise InputError(f"--prompt-source file:{path}: file not found")
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise InputError(f"--prompt-source file:{path}: not a readable CSV ({exc})") from None
+    missing = {"label", "text"} - set(table.columns)
+    if missing:
+        raise InputError(f"--prompt-source file:{path}: missing column(s) {', '.join(sorted(missing))}")
+    unknown = sorted(set(table["label"]) - set(LABELS))
+    if unknown:
+        raise InputError(f"--prompt-source file:{path}: unknown label(s) {', '.join(unknown[:3])}")
+    out: dict[int, list[str]] = {}
+    for label, text in zip(table["label"], table["text"], strict=True):
+        out.setdefault(LABELS.index(label), []).append(text)
+    return out
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+def _fixed_size_binary(column: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """A pyarrow binary column of equal-length float16 blobs as one (rows, *shape) array, without copies."""
+    import pyarrow as pa
+
+    chunk = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    n, size = len(chunk), int(np.prod(shape)) * 2
+    offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int32)[chunk.offset : chunk.offset + n + 1]
+    if n and not (np.diff(offsets) == size).all():
+        raise InputError(f"latents of {size} bytes expected (shape {list(shape)}); a shard holds other sizes")
+    data = np.frombuffer(chunk.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[0] + n * size]
+    return data.view("<f2").reshape(n, *shape)
+
+
+class TrainData:
+    """Rows in a seeded permutation per epoch; sample g of the run is row perm[epoch(g)][g mod rows].
+
+    Global batch s is samples [s·B, (s+1)·B); within it, micro-step a of rank r takes every
+    `world`-th sample starting at a·P·W + r. Each rank loads only its own rows of an epoch (and the
+    next epoch in the background), so memory and reading are split over the ranks.
+    """
+
+    def __init__(self, folder: Path, shape: tuple[int, ...], seed: int, rank: int, world: int, with_logvar: bool):
+        import pyarrow.parquet as pq
+
+        self.shards = sorted(folder.glob("train-*.parquet"))
+        if not self.shards:
+            raise InputError(f"--data {folder}: no train-*.parquet shards")
+        self.shape, self.seed, self.rank, self.world = tuple(shape), seed, rank, world
+        self.columns = ["latent_mean", "latent_logvar"] if with_logvar else ["latent_mean"]
+        counts, impressions, labels = [], [], []
+        for shard in self.shards:
+            try:
+                table = pq.read_table(shard, columns=["impression", "latent_shape", *LABELS])
+            except Exception as exc:  # pyarrow raises several types for missing columns and bad files
+                raise InputError(f"{shard}: not a readable prepared shard ({str(exc).splitlines()[0]})") from None
+            if table.num_rows and tuple(table.column("latent_shape")[0].as_py()) != self.shape:
+                raise InputError(f"{shard}: latent_shape {table.column('latent_shape')[0]} != {list(self.shape)}")
+            counts.append(table.num_rows)
+            impressions += table.column("impression").to_pylist()
+            labels.append(np.stack([table.column(n).to_numpy(zero_copy_only=False) for n in LABELS], axis=1))
+        self.rows = sum(counts)
+        if not self.rows:
+            raise InputError(f"--data {folder}: the train shards hold no rows")
+        self.offsets = np.cumsum([0, *counts])
+        self.impressions = impressions
+        self.labels = np.concatenate(labels).astype(np.float32)  # (rows, 14)
+        self._epochs: dict[int, Future] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1)  # pyarrow reads release the GIL
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.rows)
+
+    def _mine(self, epoch: int) -> tuple[int, np.ndarray]:
+        """First in-epoch index this rank owns and the rows it will read for the epoch."""
+        first = (self.rank - epoch * self.rows) % self.world
+        return first, self.permutation(epoch)[first :: self.world]
+
+    def _load_epoch(self, epoch: int) -> tuple[int, np.ndarray, np.ndarray]:
+        import pyarrow.parquet as pq
+
+        first, rows = self._mine(epoch)
+        order = np.argsort(rows, kind="stable")
+        latents = np.empty((len(rows), len(self.columns), *self.shape), dtype=np.float16)
+        shard_of = np.searchsorted(self.offsets, rows[order], side="right") - 1
+        for s in np.unique(shard_of):
+            pick = order[shard_of == s]
+            table = pq.read_table(self.shards[s], columns=self.columns, memory_map=True)
+            local = rows[pick] - self.offsets[s]
+            for c, name in enumerate(self.columns):
+                latents[pick, c] = _fixed_size_binary(table.column(name).take(local), self.shape)
+        return first, rows, latents
+
+    def _epoch(self, epoch: int) -> tuple[int, np.ndarray, np.ndarray]:
+        if epoch not in self._epochs:
+            self._epochs[epoch] = self._pool.submit(self._load_epoch, epoch)
+        for old in [e for e in self._epochs if e < epoch]:
+            del self._epochs[old]
+        if epoch + 1 not in self._epochs:
+            self._epochs[epoch + 1] = self._pool.submit(self._load_epoch, epoch + 1)
+        return self._epochs[epoch].result()
+
+    def micro_batch(self, step: int, micro: int, per_device: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows and stored latents (per_device, 1|2, C, H, W) of this rank's part of one micro-step."""
+        start = step * batch_size + micro * per_device * self.world + self.rank
+        rows, latents = [], []
+        for g in range(start, start + per_device * self.world, self.world):
+            epoch, index = divmod(g, self.rows)
+            first, epoch_rows, epoch_latents = self._epoch(epoch)
+            slot = (index - first) // self.world
+            rows.append(epoch_rows[slot])
+            latents.append(epoch_latents[slot])
+        return np.asarray(rows), np.stack(latents)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+# --- the model --------------------------------------------------------------------------------
+
+
+def _module_class() -> type:
+    import torch
+
+    class TextToNoise(torch.nn.Module):
+        """UNet and text encoder in one module, so DDP, FSDP and DeepSpeed wrap, sync and save one model."""
+
+        def __init__(self, unet: Any, text_encoder: Any, train_text: bool):
+            super().__init__()
+            self.unet, self.text_encoder, self.train_text = unet, text_encoder, train_text
+
+        def forward(self, noisy: Any, timesteps: Any, input_ids: Any, attention_mask: Any = None) -> Any:
+            with contextlib.nullcontext() if self.train_text else torch.no_grad():
+                hidden = self.text_encoder(input_ids, attention_mask=attention_mask)[0]  # (batch, tokens, width)
+            return self.unet(noisy, timesteps, encoder_hidden_states=hidden).sample  # (batch, C, H, W)
+
+    return TextToNoise
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+
+def _step_dir(out: Path, step: int) -> Path:
+    return out / CHECKPOINTS / f"step-{step:07d}"
+
+
+def _checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first (a half-written one is still under a hidden temporary name)."""
+    folder = out / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := re.fullmatch(r"step-(\d{7})", p.name))]
+    return sorted(f for f in found if (f[1] / "state.json").is_file())
+
+
+def _rng_state(gen: Any, np_gen: np.random.Generator) -> dict[str, Any]:
+    import torch
+
+    state = {
+        "generator": gen.get_state(),
+        "numpy_generator": json.dumps(np_gen.bit_generator.state),
+        "python": json.dumps(random.getstate()),
+        "numpy": json.dumps([np.random.get_state()[0], np.random.get_state()[1].tolist(), *np.random.get_state()[2:]]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], gen: Any, np_gen: np.random.Generator) -> None:
+    import torch
+
+    gen.set_state(state["generator"])
+    np_gen.bit_generator.state = json.loads(state["numpy_generator"])
+    version, internal, gauss = json.loads(state["python"])
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, *rest = json.loads(state["numpy"])
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+class _StopFlag:
+    """SIGTERM / SIGUSR1 (SLURM preemption) only set a flag; ranks agree on it at a step boundary."""
+
+    def __init__(self) -> None:
+        self.raised: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.raised = signum
+
+    def __enter__(self) -> _StopFlag:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            with contextlib.suppress(ValueError):  # not the main thread: signals cannot be caught here
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _memory_mb(device: Any) -> float:
+    import resource
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _resume_view(config: FinetuneConfig) -> dict[str, Any]:
+    view = {k: v for k, v in to_dict(config).items() if k in _RESUME_KEYS}
+    for key in ("data", "base_model"):
+        view[key] = os.fspath(Path(view[key]).resolve())
+    return view
+
+
+def finetune(config: FinetuneConfig) -> dict[str, Any]:
+    """Train, checkpoint, resume and export; returns where the model is and what the run did."""
+    config = _check_config(config)
+    data, model_dir, out = Path(config.data), check_model_folder(config.base_model), Path(config.out)
+    prepared = check_prepared(data, model_dir)
+    check_prompt_source(config.prompt_source)
+
+    finished = _finished(out, config)
+    if finished is not None:
+        log.info(f"{out}: already trained to step {config.steps}; nothing to do")
+        return finished
+
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import broadcast_object_list
+
+    trackers = "tensorboard" if _has_tensorboard() else None
+    try:
+        accelerator = Accelerator(mixed_precision=config.mixed_precision, log_with=trackers, project_dir=out / "logs")
+    except (ValueError, RuntimeError) as exc:
+        raise InputError(f"--mixed-precision {config.mixed_precision}: {str(exc).splitlines()[0]}") from None
+    rank, world = accelerator.process_index, accelerator.num_processes
+    per_device, accum = batch_plan(config.batch_size, config.per_device_batch_size, world)
+    if accelerator.is_main_process:
+        log.info(
+            f"global batch {config.batch_size} = {per_device} per device × {world} processes × {accum} "
+            f"accumulation steps; {config.steps} steps; text encoder "
+            + ("frozen" if config.frozen_text else f"learnable (lr {config.text_lr})")
+        )
+
+    from cxrdiff.models import load_components
+
+    comps = load_components(model_dir)
+    shape = comps.latent_shape
+    train_data = TrainData(data, shape, config.seed, rank, world, with_logvar=config.latent_sampling == "sample")
+    prompts = Prompts(config.prompt_source, train_data.impressions, train_data.labels, config.ucg_no_finding)
+
+    device = accelerator.device
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    unet, text_encoder = comps.unet, comps.text_encoder
+    unet.train().requires_grad_(True)
+    text_encoder.train(not config.frozen_text).requires_grad_(not config.frozen_text)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if not config.frozen_text:
+            text_encoder.gradient_checkpointing_enable()
+    model = _module_class()(unet, text_encoder, train_text=not config.frozen_text)
+    groups = [{"params": list(unet.parameters()), "lr": config.lr}]
+    if not config.frozen_text:
+        groups.append({"params": list(text_encoder.parameters()), "lr": config.text_lr})
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=config.weight_decay, eps=1e-8)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # constant, as the paper
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    ema = None
+    if config.ema:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(accelerator.unwrap_model(model).unet.parameters(), decay=config.ema_decay)
+        ema.to(device)
+
+    from diffusers import DDPMScheduler
+
+    noise_scheduler = DDPMScheduler.from_config(comps.scheduler.config)
+    prediction = noise_scheduler.config.prediction_type
+    if prediction not in ("epsilon", "v_prediction"):
+        raise InputError(f"--base-model {model_dir}: prediction_type {prediction!r} is not epsilon or v_prediction")
+    n_train_t = int(noise_scheduler.config.num_train_timesteps)
+    scaling = comps.scaling_factor
+    tokenizer = comps.tokenizer
+    use_mask = bool(getattr(text_encoder.config, "use_attention_mask", False))
+
+    seeds = np.random.SeedSequence([config.seed, rank]).generate_state(2)
+    gen = torch.Generator(device=device).manual_seed(int(seeds[0]))
+    np_gen = np.random.default_rng(int(seeds[1]))
+    random.seed(int(seeds[0]))
+    np.random.seed(int(seeds[1]) % 2**32)
+    torch.manual_seed(int(seeds[0]))
+
+    view = _resume_view(config)
+    start = 0
+    saved = _checkpoints(out)
+    if saved:
+        start, path = saved[-1]
+        if start > config.steps:
+            raise InputError(f"--out {out}: holds a run already at step {start}, past --steps {config.steps}")
+        state = json.loads((path / "state.json").read_text())
+        if state["config"] != view:
+            changed = sorted(k for k in view if state["config"].get(k) != view[k])
+            raise InputError(
+                f"--out {out}: its checkpoints were trained with other --{', --'.join(changed)}; use a new --out"
+            )
+        if state["processes"] != world:
+            raise InputError(
+                f"--out {out}: checkpoints from {state['processes']} processes, now {world}; resume with as many"
+            )
+        accelerator.load_state(path)
+        own = torch.load(path / f"rng-{rank}.pt", weights_only=True)
+        if ema is not None:
+            from safetensors.torch import load_file
+
+            shadow = load_file(path / "ema.safetensors")
+            names = [n for n, _ in accelerator.unwrap_model(model).unet.named_parameters()]
+            ema.load_state_dict({**own["ema"], "shadow_params": [shadow[n] for n in names]})
+            ema.to(device)
+        _set_rng_state(own, gen, np_gen)
+        if accelerator.is_main_process:
+            log.info(f"resuming {out} at step {start} from {path.name}")
+            _truncate_log(out / TRAIN_LOG, start)
+            if (out / MANIFEST).exists():
+                (out / MANIFEST).unlink()  # an extended run is unfinished until its new manifest
+    elif accelerator.is_main_process and (out / TRAIN_LOG).exists():
+        _truncate_log(out / TRAIN_LOG, 0)
+
+    def save_checkpoint(step: int, rng: dict[str, Any]) -> Path:
+        """Every rank writes into one temporary folder that becomes step-NNNNNNN when all are done."""
+        final = _step_dir(out, step)
+        with contextlib.ExitStack() as stack:
+            holder = [stack.enter_context(atomic_dir(final)) if accelerator.is_main_process else None]
+            broadcast_object_list(holder)
+            tmp = Path(holder[0])
+            accelerator.wait_for_everyone()
+            accelerator.save_state(tmp, safe_serialization=True)
+            own = dict(rng)
+            if ema is not None:
+                from safetensors.torch import save_file
+
+                ema_state = ema.state_dict()
+                own["ema"] = {k: v for k, v in ema_state.items() if k != "shadow_params"}
+                if accelerator.is_main_process:
+                    names = [n for n, _ in accelerator.unwrap_model(model).unet.named_parameters()]
+                    shadow = {
+                        n: t.detach().cpu().contiguous() for n, t in zip(names, ema_state["shadow_params"], strict=True)
+                    }
+                    save_file(shadow, tmp / "ema.safetensors")
+            torch.save(own, tmp / f"rng-{rank}.pt")
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                state = {"step": step, "samples_seen": step * config.batch_size, "processes": world, "config": view}
+                (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            for _, old in _checkpoints(out)[: -config.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    if accelerator.is_main_process and trackers:
+        accelerator.init_trackers("finetune", config={k: v for k, v in _flat(config).items() if v is not None})
+
+    log_file = open(out / TRAIN_LOG, "a") if accelerator.is_main_process else None  # noqa: SIM115 (append-only log)
+    window_start, window_images = time.perf_counter(), 0
+    last_loss = float("nan")
+    steps_iter: Iterator[int] = iter(range(start, config.steps))
+    if accelerator.is_main_process:
+        steps_iter = progress(range(start, config.steps), total=config.steps - start, description="finetune")
+    try:
+        with _StopFlag() as stop:
+            for step in steps_iter:
+                rng_before = _rng_state(gen, np_gen)
+                loss_sum = torch.zeros((), device=device)
+                eligible = dropped = 0
+                for micro in range(accum):
+                    rows, stored = train_data.micro_batch(step, micro, per_device, config.batch_size)
+                    texts, elig, drop = prompts.batch(rows, np_gen)
+                    eligible, dropped = eligible + int(elig.sum()), dropped + int(drop.sum())
+                    tokens = tokenizer(
+                        texts,
+                        padding="max_length",
+                        max_length=tokenizer.model_max_length,
+                        truncation=True,
+                        return_tensors="pt",
+                    )
+                    stored = torch.from_numpy(stored).to(device, torch.float32)  # (batch, 1|2, C, H, W)
+                    latents = stored[:, 0]  # (batch, C, H, W)
+                    if config.latent_sampling == "sample":
+                        eps = torch.randn(latents.shape, generator=gen, device=device)  # (batch, C, H, W)
+                        latents = latents + torch.exp(0.5 * stored[:, 1]) * eps
+                    latents = latents * scaling
+                    noise = torch.randn(latents.shape, generator=gen, device=device)  # (batch, C, H, W)
+                    t = torch.randint(0, n_train_t, (len(rows),), generator=gen, device=device)  # (batch,)
+                    noisy = noise_scheduler.add_noise(latents, noise, t)
+                    target = noise if prediction == "epsilon" else noise_scheduler.get_velocity(latents, noise, t)
+                    sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
+                    with sync:
+                        with accelerator.autocast():
+                            ids = tokens.input_ids.to(device)  # (batch, tokens)
+                            pred = model(noisy, t, ids, tokens.attention_mask.to(device) if use_mask else None)
+                        loss = _loss(pred.float(), target.float(), t, noise_scheduler, config.snr_gamma, prediction)
+                        accelerator.backward(loss / accum)
+                    loss_sum += loss.detach()
+                stats = torch.tensor(
+                    [loss_sum.item() / accum, eligible, dropped, float(stop.raised is not None)],
+                    device=device,
+                    dtype=torch.float64,
+                )
+                stats = accelerator.reduce(stats, reduction="sum")
+                step_loss = stats[0].item() / world
+                if not math.isfinite(step_loss):
+                    optimizer.zero_grad(set_to_none=True)
+                    path = _step_dir(out, step)
+                    if not path.is_dir():
+                        path = save_checkpoint(step, rng_before)
+                    raise RunError(
+                        f"loss is {step_loss} at step {step + 1}; the last good state (step {step}) is in {path}"
+                    )
+                grad_norm = None
+                if config.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.step(accelerator.unwrap_model(model).unet.parameters())
+                done = step + 1
+                last_loss = step_loss
+                window_images += config.batch_size
+                if log_file is not None and (done % config.log_every == 0 or done == config.steps):
+                    elapsed = time.perf_counter() - window_start
+                    record = {
+                        "step": done,
+                        "loss": step_loss,
+                        "lr": optimizer.param_groups[0]["lr"],
+                        "text_lr": None if config.frozen_text else optimizer.param_groups[1]["lr"],
+                        "grad_norm": None if grad_norm is None else float(grad_norm),
+                        "images_per_s": window_images / elapsed if elapsed > 0 else None,
+                        "memory_mb": _memory_mb(device),
+                        "ucg_eligible": int(stats[1].item()),
+                        "ucg_dropped": int(stats[2].item()),
+                        "epoch": done * config.batch_size // train_data.rows,
+                    }
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
+                    accelerator.log({k: v for k, v in record.items() if isinstance(v, float)}, step=done)
+                    if not interactive():
+                        log.info(f"step {done}/{config.steps} loss {step_loss:.4f} {record['images_per_s']:.1f} img/s")
+                    window_start, window_images = time.perf_counter(), 0
+                if config.stop_after_step is not None and done == config.stop_after_step:
+                    os.kill(os.getpid(), signal.SIGUSR1)  # a drill: exactly what SLURM's preemption signal does
+                    time.sleep(0.01)  # let the handler run
+                    stats[3] += float(stop.raised is not None)
+                preempted = stats[3].item() > 0
+                if done % config.checkpoint_every == 0 or done == config.steps or preempted:
+                    save_checkpoint(done, _rng_state(gen, np_gen))
+                if config.validation_prompts and config.validate_every and done % config.validate_every == 0:
+                    _validate(accelerator, model, comps, config, out, done)
+                if preempted:
+                    raise RunError(f"stopped by a signal after step {done}; re-run the same command to resume")
+    finally:
+        if log_file is not None:
+            log_file.close()
+        train_data.close()
+        accelerator.end_training()
+
+    if config.validation_prompts and not (config.validate_every and config.steps % config.validate_every == 0):
+        _validate(accelerator, model, comps, config, out, config.steps)
+    result = _export(accelerator, model, ema, comps, config, out, prepared, per_device, accum, last_loss)
+    accelerator.wait_for_everyone()
+    return result
+
+
+def _loss(pred: Any, target: Any, t: Any, scheduler: Any, snr_gamma: float | None, prediction: str) -> Any:
+    """MSE on the target; with `snr_gamma`, Min-SNR weighting (Hang et al. 2023) per sample."""
+    import torch.nn.functional as F
+
+    if snr_gamma is None:
+        return F.mse_loss(pred, target)
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, t)  # (batch,)
+    weight = snr.clamp(max=snr_gamma) / (snr + 1 if prediction == "v_prediction" else snr)  # (batch,)
+    per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=tuple(range(1, pred.ndim)))  # (batch,)
+    return (per_sample * weight).mean()
+
+
+def _has_tensorboard() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
+
+
+def _flat(config: FinetuneConfig) -> dict[str, Any]:
+    return {k: (", ".join(v) if isinstance(v, list) else v) for k, v in to_dict(config).items()}
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines past the resumed step, so a resumed run's log reads like an uninterrupted one."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in keep))
+
+
+def _finished(out: Path, config: FinetuneConfig) -> dict[str, Any] | None:
+    """The result of a completed identical run in `out`, or None."""
+    if not (out / MANIFEST).is_file():
+        return None
+    manifest = read_manifest(out, "finetune")
+    saved = {k: manifest["config"].get(k) for k in _RESUME_KEYS}
+    mine = _resume_view(config)
+    for key in ("data", "base_model"):
+        saved[key] = os.fspath(Path(saved[key]).resolve()) if saved[key] else None
+    if saved != mine or manifest.get("steps") != config.steps:
+        return None
+    return {"out": str(out), **{k: manifest[k] for k in ("steps", "text_encoder", "weights", "final_loss")}}
+
+
+def _validate(accelerator: Any, model: Any, comps: Components, config: FinetuneConfig, out: Path, step: int) -> None:
+    """Render the validation prompts with the current weights (main process; others wait)."""
+    import torch
+
+    if accelerator.is_main_process:
+        from diffusers import StableDiffusionPipeline
+
+        inner = accelerator.unwrap_model(model)
+        pipe = StableDiffusionPipeline(
+            vae=comps.vae.to(accelerator.device),
+            text_encoder=inner.text_encoder,
+            tokenizer=comps.tokenizer,
+            unet=inner.unet,
+            scheduler=comps.scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        folder = out / "validation" / f"step-{step:07d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        inner.eval()
+        with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
+            for i, prompt in enumerate(config.validation_prompts):
+                generator = torch.Generator(accelerator.device).manual_seed(config.seed + i)
+                image = pipe(prompt, num_inference_steps=config.validation_steps, generator=generator).images[0]
+                with atomic_path(folder / f"{i:02d}.png") as tmp:
+                    image.save(tmp, format="PNG")
+        inner.unet.train()
+        inner.text_encoder.train(not config.frozen_text)
+        comps.vae.to("cpu")
+    accelerator.wait_for_everyone()
+
+
+def _export(
+    accelerator: Any,
+    model: Any,
+    ema: Any,
+    comps: Components,
+    config: FinetuneConfig,
+    out: Path,
+    prepared: dict[str, Any],
+    per_device: int,
+    accum: int,
+    last_loss: float,
+) -> dict[str, Any]:
+    """Write the pipeline folder (base parts + trained UNet, + text encoder if learnable), manifest last."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from cxrdiff.models import save_components
+
+    state = accelerator.get_state_dict(model)  # full weights on the main process under DDP/FSDP/DeepSpeed
+    weights = config.export_weights
+    text_encoder = "frozen" if config.frozen_text else "learnable"
+    if accelerator.is_main_process:
+        unet = UNet2DConditionModel.from_config(comps.unet.config)
+        unet.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("unet.")})
+        ema_unet = None
+        if ema is not None:
+            ema_unet = UNet2DConditionModel.from_config(comps.unet.config)
+            ema.copy_to(ema_unet.parameters())
+            if weights == "ema":
+                unet, ema_unet = ema_unet, unet
+        text = comps.text_encoder
+        if not config.frozen_text:
+            text = CLIPTextModel(comps.text_encoder.config)
+            text.load_state_dict({k[13:]: v for k, v in state.items() if k.startswith("text_encoder.")})
+        parts = Components(
+            unet=unet, vae=comps.vae.to("cpu"), text_encoder=text, tokenizer=comps.tokenizer, scheduler=None
+        )
+        tmp = out / ".pipeline"
+        save_components(parts, tmp, scheduler=comps.scheduler)
+        if ema_unet is not None:
+            other = "unet_raw" if weights == "ema" else "unet_ema"
+            ema_unet.save_pretrained(tmp / other, safe_serialization=True)
+        for item in sorted(tmp.iterdir()):  # each part lands whole (rename); the manifest, last, marks completion
+            target = out / item.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(item, target)
+        shutil.rmtree(tmp, ignore_errors=True)
+        extra = {
+            "steps": config.steps,
+            "text_encoder": text_encoder,
+            "weights": weights,
+            "ema": config.ema,
+            "global_batch_size": config.batch_size,
+            "per_device_batch_size": per_device,
+            "processes": accelerator.num_processes,
+            "gradient_accumulation_steps": accum,
+            "images_seen": config.steps * config.batch_size,
+            "prediction_type": comps.prediction_type,
+            "latent_sampling": config.latent_sampling,
+            "final_loss": last_loss,
+        }
+        files = [
+            p.relative_to(out).as_posix()
+            for p in out.rglob("*")
+            if p.is_file() and p.name != MANIFEST and CHECKPOINTS not in p.relative_to(out).parts[:1]
+        ]
+        write_manifest(
+            out,
+            "finetune",
+            config=to_dict(config),
+            inputs={"data": config.data, "base_model": config.base_model},
+            seed=config.seed,
+            files=files,
+            extra=extra,
+        )
+    return {
+        "out": str(out),
+        "steps": config.steps,
+        "text_encoder": text_encoder,
+        "weights": weights,
+        "final_loss": last_loss,
+    }

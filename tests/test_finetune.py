@@ -1,0 +1,281 @@
+"""`cxrdiff finetune` on the tiny model and a synthetic prepared folder: what trains, what stays frozen,
+exact resume after a preemption signal, the UCG rule, batch arithmetic, and refused inputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fixtures_prepared import build_prepared
+
+from cxrdiff.data import LABELS
+from cxrdiff.errors import InputError, RunError
+from cxrdiff.finetune import FinetuneConfig, Prompts, TrainData, batch_plan, finetune
+
+# Losses of the frozen run below (seed 0, batch 4 = 2 × 2 accumulation), computed once on CPU.
+PINNED_FROZEN_LOSSES = (1.1567013263702393, 1.142768383026123, 1.1265671253204346)
+
+
+def _fingerprint(model: Path) -> str | None:
+    try:
+        from cxrdiff.prepare import vae_fingerprint
+    except ImportError:
+        return None
+    return vae_fingerprint(model)
+
+
+def _weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    (file,) = [p for p in folder.iterdir() if p.suffix == ".safetensors"]
+    return load_file(file)
+
+
+def _config(prepared: Path, model: Path, out: Path, **kw) -> FinetuneConfig:
+    base = dict(
+        data=prepared,
+        base_model=model,
+        out=out,
+        frozen_text=True,
+        steps=3,
+        batch_size=4,
+        per_device_batch_size=2,
+        checkpoint_every=2,
+        log_every=1,
+    )
+    return FinetuneConfig(**{**base, **kw})
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, tiny_model):
+    return build_prepared(tmp_path_factory.mktemp("prep") / "prepared", vae_fingerprint=_fingerprint(tiny_model))
+
+
+@pytest.fixture(scope="module")
+def frozen_run(tmp_path_factory, prepared, tiny_model):
+    out = tmp_path_factory.mktemp("frozen") / "run"
+    return out, finetune(_config(prepared, tiny_model, out))
+
+
+@pytest.fixture(scope="module")
+def learnable_run(tmp_path_factory, prepared, tiny_model):
+    out = tmp_path_factory.mktemp("learnable") / "run"
+    return out, finetune(_config(prepared, tiny_model, out, frozen_text=False, steps=4, ema=True))
+
+
+# --- batch arithmetic and data order ---------------------------------------------------------
+
+
+def test_batch_plan_splits_the_global_batch():
+    assert batch_plan(256, None, 16) == (16, 1)  # the paper: 16 per GPU on 16 GPUs
+    assert batch_plan(256, None, 1) == (16, 16)
+    assert batch_plan(256, 8, 4) == (8, 8)
+    assert batch_plan(80, None, 2) == (10, 4)  # 16 does not divide 40: the largest divisor below it
+    with pytest.raises(InputError, match="not divisible by the 3 processes"):
+        batch_plan(256, None, 3)
+    with pytest.raises(InputError, match="per-device 5"):
+        batch_plan(12, 5, 1)
+
+
+def test_ranks_read_disjoint_parts_and_the_global_batch_does_not_depend_on_the_split(prepared):
+    one = TrainData(prepared, (4, 16, 16), seed=3, rank=0, world=1, with_logvar=True)
+    two = [TrainData(prepared, (4, 16, 16), seed=3, rank=r, world=2, with_logvar=True) for r in (0, 1)]
+    try:
+        for step in range(8):  # 8 × 4 samples crosses the 24-row epoch boundary
+            single = np.concatenate([one.micro_batch(step, a, 2, 4)[0] for a in (0, 1)])
+            split = [d.micro_batch(step, 0, 2, 4) for d in two]
+            assert sorted(single) == sorted(np.concatenate([s[0] for s in split]))
+            assert not set(split[0][0]) & set(split[1][0])
+        epoch0 = np.concatenate([one.micro_batch(s, a, 2, 4)[0] for s in range(6) for a in (0, 1)])
+        assert sorted(epoch0) == list(range(24))  # every row exactly once per epoch
+        rows, stored = one.micro_batch(0, 0, 2, 4)
+        assert stored.shape == (2, 2, 4, 16, 16)
+        import pyarrow.parquet as pq
+
+        from cxrdiff.data import latent_from_bytes
+
+        table = [r for shard in sorted(prepared.glob("train-*.parquet")) for r in pq.read_table(shard).to_pylist()]
+        for i, row in enumerate(rows):
+            for c, column in enumerate(("latent_mean", "latent_logvar")):
+                expected = latent_from_bytes(table[row][column], table[row]["latent_shape"])
+                assert np.array_equal(stored[i, c], expected)
+    finally:
+        one.close()
+        for d in two:
+            d.close()
+
+
+# --- prompts and unconditional guidance --------------------------------------------------------
+
+
+def test_ucg_drops_only_no_finding_only_samples_at_the_configured_rate(prepared):
+    data = TrainData(prepared, (4, 16, 16), seed=0, rank=0, world=1, with_logvar=False)
+    prompts = Prompts("impression", data.impressions, data.labels, 0.3)
+    rng = np.random.default_rng(0)
+    eligible = dropped = 0
+    try:
+        for step in range(1500):
+            rows, _ = data.micro_batch(step, 0, 4, 4)
+            texts, elig, drop = prompts.batch(rows, rng)
+            finding = data.labels[rows][:, [i for i, n in enumerate(LABELS) if n != "No Finding"]] == 1
+            assert not (drop & finding.any(axis=1)).any()  # never for a sample with a finding
+            assert all((t == "") == d for t, d in zip(texts, drop, strict=True))
+            eligible, dropped = eligible + elig.sum(), dropped + drop.sum()
+    finally:
+        data.close()
+    assert eligible == 1500 * 4 * 2 // 3  # two rows in three are No Finding only (some with uncertain devices)
+    assert 0.28 < dropped / eligible < 0.32  # 4000 draws: the std of the rate is 0.007
+
+
+def test_prompt_sources(tmp_path):
+    labels = np.full((3, len(LABELS)), np.nan, np.float32)
+    labels[0, LABELS.index("Cardiomegaly")] = labels[0, LABELS.index("Edema")] = 1.0
+    labels[1, LABELS.index("No Finding")] = 1.0
+    rng = np.random.default_rng(0)
+    assert Prompts("labels", ["a", "b", "c"], labels, 0.0).text(0, rng) == "Cardiomegaly, Edema"
+    csv = tmp_path / "alt.csv"
+    csv.write_text("label,text\nCardiomegaly,big heart\nCardiomegaly,enlarged heart\nNo Finding,normal chest\n")
+    source = Prompts(f"file:{csv}", ["a", "b", "c"], labels, 0.0)
+    assert {source.text(0, rng) for _ in range(50)} == {"big heart", "enlarged heart"}
+    assert source.text(1, rng) == "normal chest"
+    assert source.text(2, rng) == "normal chest"  # no positive label: read as normal
+    csv.write_text("label,text\nHeart,big heart\n")
+    with pytest.raises(InputError, match="unknown label"):
+        Prompts(f"file:{csv}", [], labels, 0.0)
+    with pytest.raises(InputError, match="expected impression, labels or file:PATH"):
+        Prompts("findings", [], labels, 0.0)
+
+
+# --- input checks ------------------------------------------------------------------------------
+
+
+def test_mismatched_or_incomplete_inputs_are_refused_before_training(tmp_path, tiny_model, prepared):
+    with pytest.raises(InputError, match="--frozen-text .* or --learnable-text"):
+        finetune(_config(prepared, tiny_model, tmp_path / "a", frozen_text=None))
+    small = build_prepared(tmp_path / "small", n=3, latent_shape=(4, 8, 8), resolution=32)
+    with pytest.raises(InputError, match=r"latents \[4, 8, 8\] at 32 px do not fit"):
+        finetune(_config(small, tiny_model, tmp_path / "b"))
+    other = build_prepared(tmp_path / "other", n=3, scaling_factor=0.13025)
+    with pytest.raises(InputError, match="scaling factor 0.13025 differs"):
+        finetune(_config(other, tiny_model, tmp_path / "c"))
+    if _fingerprint(tiny_model) is not None:
+        foreign = build_prepared(tmp_path / "foreign", n=3, vae_fingerprint="sha256:another-vae")
+        with pytest.raises(InputError, match="different VAE"):
+            finetune(_config(foreign, tiny_model, tmp_path / "d"))
+    with pytest.raises(InputError, match="this is a 'prepare' folder, expected 'finetune'"):
+        finetune(_config(prepared, tiny_model, prepared))
+    with pytest.raises(InputError, match="not per-device 2 × 1 processes × an integer"):
+        finetune(_config(prepared, tiny_model, tmp_path / "e", batch_size=3))
+    assert not any((tmp_path / n).exists() for n in "abcde")
+
+
+def test_cli_exit_code_and_message_for_a_missing_choice(tmp_path, tiny_model, prepared):
+    cmd = [sys.executable, "-m", "cxrdiff", "finetune", "--data", str(prepared), "--base-model", str(tiny_model)]
+    done = subprocess.run([*cmd, "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "choose --frozen-text (Finetune_F) or --learnable-text (Finetune_L)" in done.stderr
+
+
+# --- training ----------------------------------------------------------------------------------
+
+
+def test_frozen_keeps_the_text_encoder_bit_identical_and_trains_the_unet(frozen_run, tiny_model):
+    import torch
+
+    out, result = frozen_run
+    assert result["text_encoder"] == "frozen" and result["weights"] == "raw" and result["steps"] == 3
+    base_text, text = _weights(tiny_model / "text_encoder"), _weights(out / "text_encoder")
+    assert base_text.keys() == text.keys() and all(torch.equal(base_text[k], text[k]) for k in text)
+    base_unet, unet = _weights(tiny_model / "unet"), _weights(out / "unet")
+    assert any(not torch.equal(base_unet[k], unet[k]) for k in unet)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["step"] == "finetune" and manifest["text_encoder"] == "frozen" and manifest["weights"] == "raw"
+    assert manifest["global_batch_size"] == 4 and manifest["gradient_accumulation_steps"] == 2
+    assert set(manifest["inputs"]) == {"data", "base_model"}
+
+
+def test_losses_are_pinned_for_a_fixed_seed(frozen_run):
+    out, result = frozen_run
+    log = _log(out)
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert [r["loss"] for r in log] == pytest.approx(PINNED_FROZEN_LOSSES, rel=1e-4)
+    assert result["final_loss"] == pytest.approx(PINNED_FROZEN_LOSSES[-1], rel=1e-4)
+    assert all(r["lr"] == 5e-5 and r["text_lr"] is None and r["images_per_s"] > 0 for r in log)
+    seen = np.random.default_rng([0, 0]).permutation(24)[:12]  # epoch 0's order (seed 0), 3 steps × 4
+    assert sum(r["ucg_eligible"] for r in log) == sum(row % 3 != 2 for row in seen)  # fixture: No Finding only
+
+
+def test_output_loads_in_diffusers_and_checkpoints_are_pruned(frozen_run):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    out, _ = frozen_run
+    pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("small left pleural effusion", num_inference_steps=2, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images[0]  # fmt: skip
+    assert image.shape == (64, 64, 3) and np.isfinite(image).all()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002", "step-0000003"]
+
+
+def test_rerunning_a_finished_run_does_nothing(frozen_run, prepared, tiny_model):
+    out, result = frozen_run
+    before = (out / "train_log.jsonl").read_text()
+    assert finetune(_config(prepared, tiny_model, out)) == {
+        "out": str(out),
+        **{k: result[k] for k in result if k != "out"},
+    }
+    assert (out / "train_log.jsonl").read_text() == before
+
+
+def test_learnable_trains_both(learnable_run, tiny_model):
+    import torch
+
+    out, result = learnable_run
+    assert result["text_encoder"] == "learnable"
+    for part in ("unet", "text_encoder"):
+        base, new = _weights(tiny_model / part), _weights(out / part)
+        assert any(not torch.equal(base[k], new[k]) for k in new), part
+    assert (out / "unet_ema").is_dir()  # the EMA weights beside the raw ones the folder holds
+    assert json.loads((out / "manifest.json").read_text())["weights"] == "raw"
+
+
+@pytest.mark.slow
+def test_preempted_and_resumed_equals_uninterrupted(tmp_path, prepared, tiny_model, learnable_run):
+    import torch
+
+    reference, _ = learnable_run
+    out = tmp_path / "run"
+    config = _config(prepared, tiny_model, out, frozen_text=False, steps=4, ema=True, checkpoint_every=3)
+    with pytest.raises(RunError, match="stopped by a signal after step 2"):
+        finetune(FinetuneConfig(**{**config.__dict__, "stop_after_step": 2}))
+    assert [r["step"] for r in _log(out)] == [1, 2]
+    assert (out / "checkpoints" / "step-0000002" / "state.json").is_file()
+    assert not (out / "manifest.json").exists()
+    finetune(config)
+    for part in ("unet", "text_encoder", "unet_ema"):
+        a, b = _weights(reference / part), _weights(out / part)
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+    assert [r["loss"] for r in _log(out)] == [r["loss"] for r in _log(reference)]
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_state(tmp_path, tiny_model):
+    import signal
+
+    handler = signal.getsignal(signal.SIGTERM)
+    bad = build_prepared(tmp_path / "bad", n=4, fill=float("nan"), vae_fingerprint=_fingerprint(tiny_model))
+    out = tmp_path / "run"
+    with pytest.raises(RunError, match=r"loss is nan at step 1; the last good state \(step 0\)"):
+        finetune(_config(bad, tiny_model, out, steps=2, batch_size=2))
+    state = json.loads((out / "checkpoints" / "step-0000000" / "state.json").read_text())
+    assert state["step"] == 0 and state["samples_seen"] == 0
+    assert not (out / "manifest.json").exists()
+    assert signal.getsignal(signal.SIGTERM) is handler  # the run's SIGTERM/SIGUSR1 handlers are gone
