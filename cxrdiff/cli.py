@@ -192,6 +192,19 @@ def finetune(
     checkpoint_every: Annotated[int | None, typer.Option(help="Save a resumable checkpoint every N steps.")] = None,
     keep_checkpoints: Annotated[int | None, typer.Option(help="Keep the last K checkpoints.")] = None,
     ema: Annotated[bool | None, typer.Option("--ema", help="Keep an EMA of the UNet.")] = None,
+    export_weights: Annotated[
+        str | None, typer.Option(help="raw (paper) | ema: which UNet weights the output folder holds.")
+    ] = None,
+    max_grad_norm: Annotated[float | None, typer.Option(help="Clip gradients to this norm (0: off).")] = None,
+    snr_gamma: Annotated[float | None, typer.Option(help="Min-SNR loss weighting gamma (default off).")] = None,
+    latent_sampling: Annotated[
+        str | None, typer.Option(help="sample (paper: fresh latent from the posterior) | mean")
+    ] = None,
+    log_every: Annotated[int | None, typer.Option(help="Log loss, lr, images/s and memory every N steps.")] = None,
+    validation_prompt: Annotated[
+        list[str] | None, typer.Option(help="Prompt to render during training; repeat for several.")
+    ] = None,
+    validate_every: Annotated[int | None, typer.Option(help="Render the validation prompts every N steps.")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -217,6 +230,13 @@ def finetune(
         checkpoint_every=checkpoint_every,
         keep_checkpoints=keep_checkpoints,
         ema=ema,
+        export_weights=export_weights,
+        max_grad_norm=max_grad_norm,
+        snr_gamma=snr_gamma,
+        latent_sampling=latent_sampling,
+        log_every=log_every,
+        validation_prompts=tuple(validation_prompt) if validation_prompt else None,
+        validate_every=validate_every,
         seed=seed,
     )
 

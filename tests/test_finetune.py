@@ -4,6 +4,7 @@ exact resume after a preemption signal, the UCG rule, batch arithmetic, and refu
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -279,3 +280,39 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_state(tmp_path, ti
     assert state["step"] == 0 and state["samples_seen"] == 0
     assert not (out / "manifest.json").exists()
     assert signal.getsignal(signal.SIGTERM) is handler  # the run's SIGTERM/SIGUSR1 handlers are gone
+
+
+@pytest.mark.slow
+def test_cli_run_with_v_prediction_ema_export_min_snr_and_validation(tmp_path, prepared):
+    from cxrdiff.models import TinySpec, write_tiny_model
+
+    model = write_tiny_model(tmp_path / "vpred", TinySpec(prediction_type="v_prediction"))
+    data = build_prepared(tmp_path / "prep", n=8, vae_fingerprint=_fingerprint(model))
+    out = tmp_path / "run"
+    args = ["--data", str(data), "--base-model", str(model), "--out", str(out), "--learnable-text"]
+    args += ["--steps", "2", "--batch-size", "2", "--ema", "--export-weights", "ema", "--snr-gamma", "5"]
+    args += ["--latent-sampling", "mean", "--validation-prompt", "small left pleural effusion", "--validate-every", "1"]
+    env = {**os.environ, "CI": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "cxrdiff", "--json", "finetune", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    assert result["weights"] == "ema" and result["steps"] == 2 and np.isfinite(result["final_loss"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["prediction_type"] == "v_prediction" and manifest["weights"] == "ema"
+    assert manifest["config"]["snr_gamma"] == 5.0 and manifest["config"]["latent_sampling"] == "mean"
+    assert sorted(p.parent.name for p in (out / "validation").glob("*/00.png")) == ["step-0000001", "step-0000002"]
+    assert (out / "unet_raw").is_dir()  # the folder holds EMA weights; the raw ones stay beside them
+    assert "step 2/2 loss" in done.stderr  # plain lines in a batch job
+    bad = subprocess.run(
+        [sys.executable, "-m", "cxrdiff", "finetune", *args[:7], "--latent-sampling", "median"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 2 and "'latent_sampling' = 'median'" in bad.stderr
