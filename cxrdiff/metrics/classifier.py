@@ -1,0 +1,267 @@
+"""The classifier check: does a pathology classifier see class d in images generated from d-prompts?
+
+For each class d: AUC (scikit-learn) of the classifier's score for d on images of d against images of
+"No Finding"; the same on real images is the reference row. The classifier is torchxrayvision's
+DenseNet121 from a local file, or anything with `classes` and `scores(images)`: the demo trains the
+small CNN below on phantom images, since no X-ray classifier weights can ship with it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from cxrdiff.data import MS_CXR_CATEGORIES
+from cxrdiff.errors import InputError
+from cxrdiff.metrics.score import Score
+
+NO_FINDING = "No Finding"
+PHANTOM_CLASSES: tuple[str, ...] = (*MS_CXR_CATEGORIES, NO_FINDING)
+ALIASES = {"Pleural Effusion": ("Effusion",)}  # torchxrayvision's name for it
+
+
+class Classifier(Protocol):
+    """What the check needs: class names and per-class scores (any monotone scale) for uint8 (N, H, W)."""
+
+    name: str
+    classes: Sequence[str]
+
+    def scores(self, images: np.ndarray) -> np.ndarray:  # (N, len(classes))
+        ...
+
+
+def class_index(classes: Sequence[str], name: str) -> int | None:
+    """Where `name` (a CheXpert/MS-CXR class) sits among a classifier's classes, aliases included."""
+    for candidate in (name, *ALIASES.get(name, ())):
+        if candidate in classes:
+            return list(classes).index(candidate)
+    return None
+
+
+def _images(images: Any) -> np.ndarray:
+    if isinstance(images, np.ndarray):
+        return images.astype(np.uint8, copy=False)
+    from cxrdiff.images import load_grayscale
+
+    return np.stack([load_grayscale(p) for p in images]) if len(images) else np.zeros((0, 1, 1), np.uint8)
+
+
+def class_aucs(
+    scores_pos: Mapping[str, np.ndarray], scores_neg: Mapping[str, np.ndarray], name: str = "classifier AUC"
+) -> dict[str, Score]:
+    """Per class d: AUC (%) of score_d on d-images (positives) vs No-Finding images; plus "Average".
+
+    `scores_pos[d]` / `scores_neg[d]`: the classifier's score for d on the d-images / No-Finding images.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    out: dict[str, Score] = {}
+    for cls, pos in scores_pos.items():
+        pos, neg = np.asarray(pos, dtype=np.float64), np.asarray(scores_neg[cls], dtype=np.float64)
+        if len(pos) == 0 or len(neg) == 0:
+            out[cls] = Score(name, float("nan"), protocol={"positives": len(pos), "negatives": len(neg)})
+            continue
+        truth = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+        auc = roc_auc_score(truth, np.r_[pos, neg]) * 100.0
+        out[cls] = Score(name, float(auc), unit="%", protocol={"positives": len(pos), "negatives": len(neg)})
+    values = [s.value for s in out.values() if s.value == s.value]
+    if values:
+        out["Average"] = Score(name, float(np.mean(values)), unit="%", protocol={"classes": len(values)})
+    return out
+
+
+def classifier_check(
+    classifier: Classifier,
+    by_class: Mapping[str, Any],
+    no_finding: Any,
+    classes: Sequence[str] = MS_CXR_CATEGORIES,
+) -> dict[str, Score]:
+    """Run `classifier` on each class's images and the No-Finding images; AUC per class (see `class_aucs`).
+
+    `by_class[d]`: images (paths or uint8 (n, H, W)) made from (or labelled with) class d.
+    """
+    neg_images = _images(no_finding)
+    if len(neg_images) == 0:
+        raise InputError("classifier check: no 'No Finding' images to compare against")
+    neg_scores = classifier.scores(neg_images) if len(neg_images) else None  # (n_neg, n_classes)
+    pos, neg = {}, {}
+    for cls in classes:
+        idx = class_index(classifier.classes, cls)
+        if idx is None:
+            continue
+        imgs = _images(by_class.get(cls, []))
+        pos[cls] = classifier.scores(imgs)[:, idx] if len(imgs) else np.zeros(0)
+        neg[cls] = neg_scores[:, idx]
+    return class_aucs(pos, neg, name=f"AUC ({classifier.name})")
+
+
+# --- torchxrayvision's classifier ------------------------------------------------------------
+
+
+class XrvClassifier:
+    """torchxrayvision DenseNet121 `densenet121-res224-all` on our preprocessing (grey, 224 px, ±1024).
+
+    Scores are the raw logits: AUC only needs their order, and the library's operating-point
+    normalisation is monotone per class.
+    """
+
+    name = "torchxrayvision densenet121-res224-all"
+
+    def __init__(self, weights: str | os.PathLike | None, device: str = "cpu", batch_size: int = 32):
+        from cxrdiff.metrics.fid import load_xrv_densenet, resolve_weights
+
+        path = resolve_weights(weights, "xrv")
+        self.model = load_xrv_densenet(path).to(device)
+        self.classes = tuple(self.model.pathologies)
+        self.device, self.batch_size = device, batch_size
+
+    def scores(self, images: np.ndarray) -> np.ndarray:
+        import torch
+
+        from cxrdiff.metrics.fid import xrv_preprocess
+
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(images), self.batch_size):
+                batch = torch.from_numpy(np.ascontiguousarray(images[start : start + self.batch_size]))[:, None]
+                out.append(self.model(xrv_preprocess(batch).to(self.device)).float().cpu().numpy())  # (b, 18)
+        return np.concatenate(out)
+
+
+# --- a small classifier for phantom images -----------------------------------------------------
+
+
+def _phantom_net(n_classes: int, width: int):
+    import torch.nn as nn
+
+    def block(cin: int, cout: int) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.GroupNorm(4, cout), nn.SiLU())
+
+    body = nn.Sequential(
+        block(1, width), block(width, width * 2), block(width * 2, width * 4), block(width * 4, width * 4)
+    )
+    return body, nn.Linear(width * 4, n_classes)
+
+
+class PhantomClassifier:
+    """A small multi-label CNN (4 strided convs, global pool, linear) for phantom X-rays.
+
+    `features(x)` is the pooled penultimate layer: the demo's feature network for a Fréchet distance
+    that it names "FD (phantom classifier features)".
+    """
+
+    name = "phantom classifier"
+
+    def __init__(self, classes: Sequence[str] = PHANTOM_CLASSES, size: int = 64, width: int = 16):
+        import torch
+
+        self.classes, self.size, self.width = tuple(classes), int(size), int(width)
+        self.body, self.head = _phantom_net(len(self.classes), self.width)
+        self.modules = torch.nn.ModuleList([self.body, self.head])
+
+    def _input(self, x: Any):
+        import torch
+        import torch.nn.functional as F
+
+        x = torch.as_tensor(x)
+        if x.dtype == torch.uint8:
+            x = x.float() / 255.0
+        if x.dim() == 3:
+            x = x[:, None]  # (batch, 1, height, width)
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True)
+        return x * 2.0 - 1.0  # (batch, 1, size, size) in [-1, 1]
+
+    def features(self, x: Any):
+        """Float (B, 1, H, W) in [0, 1] or uint8 (B, H, W) → (B, 4 × width)."""
+        return self.body(self._input(x)).mean(dim=(2, 3))  # (batch, 4 * width)
+
+    def logits(self, x: Any):
+        return self.head(self.features(x))  # (batch, classes)
+
+    def scores(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        import torch
+
+        self.modules.eval()
+        with torch.no_grad():
+            out = [self.logits(images[s : s + batch_size]).numpy() for s in range(0, len(images), batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        import io
+
+        import torch
+
+        from cxrdiff.artifacts import write_bytes
+
+        buffer = io.BytesIO()
+        state = {"classes": list(self.classes), "size": self.size, "width": self.width}
+        torch.save({**state, "state_dict": self.modules.state_dict()}, buffer)
+        return write_bytes(path, buffer.getvalue())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> PhantomClassifier:
+        import torch
+
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            model = cls(saved["classes"], saved["size"], saved["width"])
+            model.modules.load_state_dict(saved["state_dict"])
+        except FileNotFoundError:
+            raise InputError(f"{path}: classifier file not found") from None
+        except (KeyError, RuntimeError, OSError) as exc:
+            raise InputError(f"{path}: not a phantom classifier file ({exc})") from None
+        model.modules.eval()
+        return model
+
+
+def train_phantom_classifier(
+    images: np.ndarray,
+    labels: np.ndarray,
+    classes: Sequence[str] = PHANTOM_CLASSES,
+    epochs: int = 15,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+    width: int = 8,
+    seed: int = 0,
+    size: int | None = None,
+) -> PhantomClassifier:
+    """Train `PhantomClassifier` on uint8 (N, H, W) images and (N, classes) labels (1 / 0; NaN or -1 ignored).
+
+    Seeded (same inputs, same weights); AdamW, BCE with logits. About 25 s for 500 64-px images
+    with 15 epochs on 2 CPU cores shared with other jobs.
+    """
+    import torch
+
+    from cxrdiff.console import progress
+
+    images = np.asarray(images, dtype=np.uint8)
+    labels = np.asarray(labels, dtype=np.float32)
+    if images.ndim != 3 or labels.shape != (len(images), len(classes)):
+        raise InputError(
+            f"train_phantom_classifier: images {images.shape} and labels {labels.shape} do not match "
+            f"(N, H, W) and (N, {len(classes)})"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = PhantomClassifier(classes, size or images.shape[-1], width)
+    x = torch.from_numpy(images)  # (n, height, width) uint8
+    known = torch.from_numpy(np.isin(labels, (0.0, 1.0)))  # (n, classes)
+    y = torch.from_numpy(np.where(labels == 1.0, 1.0, 0.0).astype(np.float32))  # (n, classes)
+    optimizer = torch.optim.AdamW(model.modules.parameters(), lr=lr, weight_decay=1e-4)
+    loss_fn = torch.nn.BCEWithLogitsLoss(reduction="none")
+    model.modules.train()
+    for _ in progress(range(epochs), total=epochs, description="phantom classifier"):
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(x), batch_size):
+            idx = order[start : start + batch_size]
+            loss = (loss_fn(model.logits(x[idx]), y[idx]) * known[idx]).sum() / known[idx].sum().clamp(min=1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    model.modules.eval()
+    return model
