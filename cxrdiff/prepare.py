@@ -416,7 +416,8 @@ def build_plan(config: PrepareConfig, inputs: _Inputs, tokenizer: Any = None) ->
     if tokenizer is not None:
         limit = int(tokenizer.model_max_length)
         for part, frame in (("train", train), ("test", test)):
-            lengths = [len(ids) for ids in tokenizer(list(frame["impression"]), truncation=False)["input_ids"]]
+            texts = list(frame["impression"])
+            lengths = [len(ids) for ids in tokenizer(texts, truncation=False)["input_ids"]] if texts else []
             over[part] = int(sum(n > limit for n in lengths))
         over["context_length"] = limit
 
@@ -656,6 +657,7 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     plan = json.loads((state / "plan.json").read_text())
     items = pd.read_parquet(state / "plan.parquet")
     todo = [unit for unit in plan["units"] if not (inputs.out / f"{unit}.parquet").is_file()]
+    encode_start = time.perf_counter()
     if todo:
         vae = _load_vae(inputs.base_model, acc.device)
         workers = _workers(config, acc.num_processes)
@@ -664,9 +666,13 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
                 log.info("unit %s (%d of %d to do)", unit, number, len(todo))
             rows = items[items["unit"] == unit]
             _encode_unit(acc, vae, rows, unit, inputs.out, inputs.resolution, config.batch_size, workers)
+            if acc.is_main_process:
+                elapsed = time.perf_counter() - encode_start
+                log.info("%s done; about %.0f s left", unit, elapsed / number * (len(todo) - number))
     if not acc.is_main_process:
         return {}
-    return _finish(config, inputs, plan, time.perf_counter() - start)
+    now = time.perf_counter()
+    return _finish(config, inputs, plan, now - start) | {"encode_seconds": round(now - encode_start, 2)}
 
 
 def _finish(config: PrepareConfig, inputs: _Inputs, plan: dict[str, Any], seconds: float) -> dict[str, Any]:
