@@ -395,8 +395,12 @@ def doctor(
     inception_weights: Annotated[Path | None, typer.Option(help="InceptionV3 FID weights file.")] = None,
     xrv_weights: Annotated[Path | None, typer.Option(help="torchxrayvision weights file.")] = None,
 ) -> None:
-    """Check offline what each step needs and say what is missing and where it goes."""
-    _call("doctor", "doctor", base_model=base_model, inception_weights=inception_weights, xrv_weights=xrv_weights)
+    """Check offline what each step needs and say what is missing and where it goes (exit 1 if so)."""
+    result = _call(
+        "doctor", "doctor", base_model=base_model, inception_weights=inception_weights, xrv_weights=xrv_weights
+    )
+    if not result["ok"]:
+        raise typer.Exit(1)
 
 
 @model_app.command("tiny")
