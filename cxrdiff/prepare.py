@@ -45,7 +45,7 @@ from cxrdiff.data import (
 from cxrdiff.errors import InputError
 from cxrdiff.images import box_to_frame, load_grayscale, resize_center_crop, to_model_input
 from cxrdiff.models import Components, check_model_folder
-from cxrdiff.reports import SOURCES, read_report
+from cxrdiff.reports import SOURCES, read_report, report_path
 
 STEP = "prepare"
 STATE = ".prepare"  # plan and per-unit skip lists; hidden, not part of the artifact
@@ -202,8 +202,6 @@ def _skip(part: str, row: Any, reason: str, detail: str = "", path: str = "") ->
 
 def _with_prompts(frame, inputs: _Inputs, part: str, counts: dict, skipped: list):
     """Attach each row's impression and image file; drop (and count) rows without either."""
-    from cxrdiff.reports import report_path
-
     studies = sorted(set(zip(frame["subject_id"], frame["study_id"], strict=True)))
     texts = _threads(lambda key: read_report(report_path(inputs.reports, *key)), studies, f"reports ({part})")
     by_study = dict(zip(studies, texts, strict=True))
@@ -228,9 +226,8 @@ def _with_prompts(frame, inputs: _Inputs, part: str, counts: dict, skipped: list
             counts["short_impression"] += 1  # a filter of the paper's, not a fault: counted, not listed
         elif image is None:
             counts["image_not_found"] += 1
-            skipped.append(
-                _skip(part, row, "image not found", path=str(Path(report).with_suffix("") / row["dicom_id"]))
-            )
+            expected = Path(report).with_suffix("") / f"{row['dicom_id']}.jpg"
+            skipped.append(_skip(part, row, "image not found", path=str(expected)))
         else:
             keep.append(True)
             impressions.append(text)

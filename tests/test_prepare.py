@@ -188,6 +188,8 @@ def test_skipped_csv_names_each_fault(prepared):
                        "e1": "unreadable image", "h1": "box outside image"}  # fmt: skip
     e1 = skipped[skipped["dicom_id"] == "e1"].iloc[0]
     assert e1["path"].endswith("e1.jpg") and "e1.jpg" in e1["detail"]
+    f1 = skipped[skipped["dicom_id"] == "f1"].iloc[0]
+    assert f1["path"].endswith("files/p11/p11000006/s50000007/f1.jpg") and f1["part"] == "train"
 
 
 def test_train_holds_no_test_folder_or_ms_cxr_image(prepared):
