@@ -1,0 +1,371 @@
+"""`cxrdiff sample`: classifier-free guided sampling at scale, every image reproducible on its own.
+
+The denoising loop is diffusers' own `StableDiffusionPipeline`, called on batches of prompts with one
+CPU `torch.Generator` per image, so each image equals what plain diffusers makes for that prompt alone:
+
+    pipe(prompt, negative_prompt="", generator=torch.Generator().manual_seed(seed),
+         num_inference_steps=steps, guidance_scale=guidance)
+
+with the same scheduler and dtype. Each image's `seed` is `image_seed(seed, prompt_index, repeat)`: it
+does not depend on the batch size, on `--limit`, or on how many processes share the work. The image with
+`index = prompt_index * n_per_prompt + repeat` is `NNNNNN.png`; `samples.parquet` lists every image with its
+prompt, seed and settings (and the test set's labels and ids when the prompts came from `test.parquet`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxrdiff.artifacts import MANIFEST, atomic_path, read_manifest, write_json, write_manifest
+from cxrdiff.config import to_dict
+from cxrdiff.console import log, progress
+from cxrdiff.data import LABELS
+from cxrdiff.errors import InputError, RunError
+from cxrdiff.models import check_model_folder
+
+# diffusers scheduler class and the overrides of the folder's scheduler config that make the named sampler
+# (the paper: PLMS). DDIM must not clip x0 in latent space: StableDiffusionPipeline.__init__ forces
+# clip_sample=False on any scheduler it is built with, but not on one assigned later, so we say it here.
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "ddim": ("DDIMScheduler", {"clip_sample": False}),
+    "dpm": ("DPMSolverMultistepScheduler", {}),
+}
+PRECISIONS = ("auto", "no", "fp16", "bf16")
+TABLE = "samples.parquet"
+SETTINGS = "settings.json"
+ID_COLUMNS = ("dicom_id", "subject_id", "study_id")
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+    """Paper defaults: PLMS 75 steps, guidance 4, the empty prompt as the unconditional one."""
+
+    model: Path | None = None
+    out: Path | None = None
+    prompts: Path | None = None
+    prompts_file: Path | None = None
+    prompt: str | None = None
+    prompt_column: str = "impression"
+    n_per_prompt: int = 1
+    steps: int = 75
+    guidance: float = 4.0
+    scheduler: str = "pndm"
+    seed: int = 0
+    batch_size: int = 8
+    limit: int | None = None
+    mixed_precision: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU
+    device: str | None = None  # default: accelerate's device for this process
+
+
+SEED_RULE = 'int.from_bytes(sha256(f"cxrdiff-sample:{seed}:{prompt_index}:{repeat}".encode()).digest()[:8], "big") >> 1'
+
+
+def image_seed(seed: int, prompt_index: int, repeat: int) -> int:
+    """The generator seed of one image (`SEED_RULE`): a 63-bit integer from sha256, so it is stable across
+    Python versions and platforms (unlike `hash`) and independent of batching and sharding."""
+    digest = hashlib.sha256(f"cxrdiff-sample:{seed}:{prompt_index}:{repeat}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def image_file(index: int) -> str:
+    return f"{index:06d}.png"
+
+
+def make_scheduler(model: str | os.PathLike, name: str) -> Any:
+    """The named sampler built from the model folder's own scheduler config (betas, offsets, prediction)."""
+    import diffusers
+
+    class_name, overrides = SCHEDULERS[name]
+    cls = getattr(diffusers, class_name)
+    return cls.from_config(cls.load_config(Path(model) / "scheduler"), **overrides)
+
+
+# --- inputs -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Prompts:
+    """The prompt list and, per prompt, the test set's extra columns (ids, labels) if known."""
+
+    texts: list[str]
+    extra: dict[str, list[Any]]
+    source: str
+
+
+def read_prompts(config: SampleConfig) -> Prompts:
+    """Exactly one of --prompts / --prompts-file / --prompt, read and checked (not yet limited)."""
+    given = [n for n in ("prompts", "prompts_file", "prompt") if getattr(config, n) is not None]
+    if len(given) != 1:
+        flags = " / ".join(f"--{n.replace('_', '-')}" for n in ("prompts", "prompts_file", "prompt"))
+        what = "none" if not given else ", ".join(f"--{n.replace('_', '-')}" for n in given)
+        raise InputError(f"give exactly one prompt source ({flags}); got {what}")
+    if config.prompt is not None:
+        return Prompts([config.prompt], {}, "--prompt")
+    if config.prompts_file is not None:
+        path = Path(config.prompts_file)
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            raise InputError(f"--prompts-file {path}: file not found") from None
+        except (UnicodeDecodeError, IsADirectoryError) as exc:
+            raise InputError(f"--prompts-file {path}: not a UTF-8 text file ({exc})") from None
+        texts = [line.strip() for line in lines if line.strip()]  # blank lines are not prompts
+        if not texts:
+            raise InputError(f"--prompts-file {path}: no prompts (one per line expected)")
+        return Prompts(texts, {}, os.fspath(path))
+    return _read_prompt_table(Path(config.prompts), config.prompt_column)
+
+
+def _read_prompt_table(path: Path, column: str) -> Prompts:
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise InputError(f"--prompts {path}: file not found (expected test.parquet from `cxrdiff prepare`)")
+    try:
+        names = pq.read_schema(path).names
+    except Exception as exc:  # pyarrow raises several types for non-Parquet files
+        raise InputError(f"--prompts {path}: not a Parquet file ({type(exc).__name__})") from None
+    if column not in names:
+        raise InputError(f"--prompts {path}: no '{column}' column (has: {', '.join(names)})")
+    keep = [column] + [c for c in (*ID_COLUMNS, *LABELS) if c in names]
+    table = pq.read_table(path, columns=keep)
+    texts = table.column(column).to_pylist()
+    missing = sum(t is None for t in texts)
+    if missing:
+        raise InputError(f"--prompts {path}: {missing} row(s) with an empty '{column}'")
+    if not texts:
+        raise InputError(f"--prompts {path}: no rows")
+    extra = {c: table.column(c).to_pylist() for c in keep[1:]}
+    return Prompts([str(t) for t in texts], extra, os.fspath(path))
+
+
+def _check(config: SampleConfig) -> None:
+    if config.model is None:
+        raise InputError("--model is required (a finetune output or a diffusers base-model folder)")
+    if config.out is None:
+        raise InputError("--out is required (the folder for the images)")
+    for name in ("n_per_prompt", "steps", "batch_size"):
+        if getattr(config, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} {getattr(config, name)}: must be at least 1")
+    if config.limit is not None and config.limit < 1:
+        raise InputError(f"--limit {config.limit}: must be at least 1")
+    if config.scheduler not in SCHEDULERS:
+        raise InputError(f"--scheduler {config.scheduler!r}: expected one of {', '.join(SCHEDULERS)}")
+    if config.mixed_precision not in PRECISIONS:
+        raise InputError(f"mixed_precision {config.mixed_precision!r}: expected one of {', '.join(PRECISIONS)}")
+    model = Path(config.model)
+    if (model / MANIFEST).is_file():
+        read_manifest(model, "finetune")  # a prepare/sample folder given as --model is refused here
+    check_model_folder(model)
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a folder")
+    if (out / MANIFEST).is_file():
+        read_manifest(out, "sample")
+
+
+def _settings(config: SampleConfig, prompts: Prompts, dtype: str) -> dict[str, Any]:
+    """What decides the pixels and the file names (not the batch size, the limit or the device)."""
+    return {
+        "model": os.fspath(Path(config.model).resolve()),
+        "prompts_sha256": hashlib.sha256(json.dumps(prompts.texts).encode()).hexdigest(),
+        "n_per_prompt": config.n_per_prompt,
+        "steps": config.steps,
+        "guidance": config.guidance,
+        "scheduler": config.scheduler,
+        "seed": config.seed,
+        "dtype": dtype,
+    }
+
+
+def _check_settings(out: Path, settings: dict[str, Any]) -> None:
+    """Refuse to complete a folder whose images were made with other settings."""
+    path = out / SETTINGS
+    if not path.is_file():
+        write_json(path, settings)
+        return
+    old = json.loads(path.read_text())
+    diff = [f"{k} {old.get(k)!r} → {v!r}" for k, v in settings.items() if old.get(k) != v]
+    if diff:
+        raise InputError(f"--out {out}: holds images made with other settings ({'; '.join(diff)}); use a new --out")
+
+
+def _resolve_dtype(precision: str, device: Any) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "no"
+    return precision
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+def sample(config: SampleConfig, shard: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Generate this process's share of the images, skip those already written, and (once all exist)
+    write `samples.parquet` and the manifest.
+
+    `shard=(index, count)` takes images index, index + count, ...; by default the share comes from
+    accelerate (process index / number of processes), so `accelerate launch` splits the work.
+    """
+    _check(config)
+    prompts = read_prompts(config)
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState()
+    if shard is None:
+        shard, distributed = (state.process_index, state.num_processes), state.num_processes > 1
+    else:
+        distributed = False
+        if not (len(shard) == 2 and 0 <= shard[0] < shard[1]):
+            raise InputError(f"shard {shard!r}: expected (index, count) with 0 <= index < count")
+    device = torch.device(config.device) if config.device else state.device
+    dtype_name = _resolve_dtype(config.mixed_precision, device)
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = _settings(config, prompts, dtype_name)
+    if state.is_main_process or not distributed:
+        _check_settings(out, settings)
+    if distributed:  # the other processes compare with what the main one wrote
+        state.wait_for_everyone()
+        _check_settings(out, settings)
+    n_prompts = len(prompts.texts) if config.limit is None else min(config.limit, len(prompts.texts))
+    total = n_prompts * config.n_per_prompt
+    mine = range(shard[0], total, shard[1])
+    todo = [i for i in mine if not (out / image_file(i)).is_file()]
+    log.info("sample: %d images in %s, %d of this share's %d to make", total, out, len(todo), len(mine))
+
+    start = time.perf_counter()
+    if todo:
+        _generate(config, prompts, todo, out, device, dtype)
+    seconds = time.perf_counter() - start
+    if distributed:
+        state.wait_for_everyone()
+    result: dict[str, Any] = {
+        "out": os.fspath(out),
+        "images": total,
+        "generated": len(todo),
+        "skipped": len(mine) - len(todo),
+        "seconds": round(seconds, 3),
+        "images_per_s": round(len(todo) / seconds, 3) if todo and seconds > 0 else None,
+    }
+    if distributed and not state.is_main_process:
+        return {**result, "complete": None}
+    missing = [i for i in range(total) if not (out / image_file(i)).is_file()]
+    result["missing"] = len(missing)
+    result["complete"] = not missing
+    if missing:
+        log.info("sample: %d images still missing (other shards); the table is written when all exist", len(missing))
+        return result
+    table = _write_table(config, prompts, n_prompts, out, dtype_name)
+    _cleanup_temporaries(out)
+    write_manifest(
+        out,
+        "sample",
+        config=to_dict(config),
+        inputs={"model": config.model, **({"prompts": Path(config.prompts).parent} if config.prompts else {})},
+        seed=config.seed,
+        files=[image_file(i) for i in range(total)] + [TABLE, SETTINGS],
+        extra={
+            "images": total,
+            "prompts": n_prompts,
+            "dtype": dtype_name,
+            "scheduler_class": SCHEDULERS[config.scheduler][0],
+            "scheduler_overrides": SCHEDULERS[config.scheduler][1],
+            "seed_rule": SEED_RULE,
+        },
+    )
+    return {**result, "table": os.fspath(table)}
+
+
+def _generate(config: SampleConfig, prompts: Prompts, todo: list[int], out: Path, device: Any, dtype: Any) -> None:
+    """Run the pipeline on batches of (prompt, generator) and write each image as it is done."""
+    import torch
+
+    from cxrdiff.models import load_pipeline
+
+    pipe = load_pipeline(
+        config.model, scheduler=make_scheduler(config.model, config.scheduler), device=device, dtype=dtype
+    )
+    pipe.set_progress_bar_config(disable=True)
+    batches = [todo[i : i + config.batch_size] for i in range(0, len(todo), config.batch_size)]
+    for batch in progress(batches, description="sample: batches"):
+        texts = [prompts.texts[i // config.n_per_prompt] for i in batch]
+        generators = [
+            torch.Generator().manual_seed(image_seed(config.seed, i // config.n_per_prompt, i % config.n_per_prompt))
+            for i in batch
+        ]
+        images = pipe(
+            texts,
+            negative_prompt=[""] * len(batch),
+            generator=generators,
+            num_inference_steps=config.steps,
+            guidance_scale=config.guidance,
+            output_type="pt",
+        ).images  # (batch, 3, height, width) in [0, 1]
+        if not torch.isfinite(images).all():
+            raise RunError(f"non-finite pixels in images {batch[0]}..{batch[-1]} (try --mixed-precision no)")
+        for index, grey in zip(batch, grey_uint8(images), strict=True):
+            write_png(out / image_file(index), grey)
+
+
+def grey_uint8(images: Any) -> np.ndarray:
+    """Pipeline output (B, 3, H, W) in [0, 1] → uint8 grey (B, H, W): the mean over RGB, rounded."""
+    array = images.detach().float().cpu().clamp(0, 1).mean(dim=1).numpy()  # (batch, height, width)
+    return np.round(array * 255.0).astype(np.uint8)
+
+
+def write_png(path: Path, grey: np.ndarray) -> None:
+    from PIL import Image
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(grey, mode="L").save(tmp, format="PNG")
+
+
+def _write_table(config: SampleConfig, prompts: Prompts, n_prompts: int, out: Path, dtype_name: str) -> Path:
+    """One row per image, recomputed from the prompt list (not from what each process did)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = config.n_per_prompt
+    total = n_prompts * n
+    prompt_index = [i // n for i in range(total)]
+    repeat = [i % n for i in range(total)]
+    columns: dict[str, Any] = {
+        "index": pa.array(range(total), pa.int64()),
+        "file": pa.array([image_file(i) for i in range(total)], pa.string()),
+        "prompt": pa.array([prompts.texts[p] for p in prompt_index], pa.string()),
+        "prompt_index": pa.array(prompt_index, pa.int64()),
+        "repeat": pa.array(repeat, pa.int32()),
+        "seed": pa.array(
+            [image_seed(config.seed, p, r) for p, r in zip(prompt_index, repeat, strict=True)], pa.int64()
+        ),
+        "scheduler": pa.array([config.scheduler] * total, pa.string()),
+        "steps": pa.array([config.steps] * total, pa.int32()),
+        "guidance": pa.array([config.guidance] * total, pa.float64()),
+        "dtype": pa.array([dtype_name] * total, pa.string()),
+        "model": pa.array([os.fspath(Path(config.model).resolve())] * total, pa.string()),
+    }
+    for name, values in prompts.extra.items():
+        kind = pa.float32() if name in LABELS else None
+        columns[name] = pa.array([values[p] for p in prompt_index], kind)
+    path = out / TABLE
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.table(columns), tmp)
+    return path
+
+
+def _cleanup_temporaries(out: Path) -> None:
+    """Half-written PNGs of a killed run (hidden temporaries); only called once every image exists."""
+    for tmp in out.glob(".*.png.tmp-*"):
+        tmp.unlink(missing_ok=True)
