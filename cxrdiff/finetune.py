@@ -733,12 +733,12 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
         if log_file is not None:
             log_file.close()
         train_data.close()
-        accelerator.end_training()
 
     if config.validation_prompts and not (config.validate_every and config.steps % config.validate_every == 0):
         _validate(accelerator, model, comps, config, out, config.steps)
     result = _export(accelerator, model, ema, comps, config, out, prepared, per_device, accum, last_loss)
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # also ends the process group: last
     return result
 
 

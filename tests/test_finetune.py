@@ -316,3 +316,27 @@ def test_cli_run_with_v_prediction_ema_export_min_snr_and_validation(tmp_path, p
         timeout=300,
     )
     assert bad.returncode == 2 and "'latent_sampling' = 'median'" in bad.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_split_the_batch_save_every_rank_and_resume(tmp_path, prepared, tiny_model, frozen_run):
+    """Two gloo processes on the CPU (DDP via accelerate): the drill signal stops both at step 2."""
+    (tmp_path / "drill.toml").write_text("stop_after_step = 2\n")
+    out = tmp_path / "run"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cxrdiff"]
+    args = ["finetune", "--data", str(prepared), "--base-model", str(tiny_model), "--out", str(out), "--frozen-text"]
+    args += ["--steps", "3", "--batch-size", "4", "--log-every", "1"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "CI": "1"}
+    first = subprocess.run(
+        [*launch, *args, "--config", str(tmp_path / "drill.toml")], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert first.returncode != 0 and "stopped by a signal after step 2" in first.stderr
+    assert sorted(p.name for p in (out / "checkpoints" / "step-0000002").glob("rng-*.pt")) == ["rng-0.pt", "rng-1.pt"]
+    second = subprocess.run([*launch, *args], capture_output=True, text=True, timeout=300, env=env)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "2 per device × 2 processes × 1 accumulation" in first.stderr
+    log = _log(out)
+    assert [r["step"] for r in log] == [1, 2, 3]
+    # the same global batches as the single-process run, split over the ranks
+    assert [r["ucg_eligible"] for r in log] == [r["ucg_eligible"] for r in _log(frozen_run[0])]
+    assert json.loads((out / "manifest.json").read_text())["processes"] == 2
