@@ -342,3 +342,28 @@ def test_cli_exit_code_and_message_for_a_missing_column(tree, tiny_model, tmp_pa
     )  # fmt: skip
     assert run.returncode == 2
     assert f"{bad}: missing column(s) 'image_width'" in run.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_under_accelerate_give_the_same_output(prepared, tree, tiny_model, tmp_path):
+    """Each process encodes its contiguous share of a unit; the joined units equal the one-process run
+    (latents up to float16 rounding: a different batch composition may move the last bit)."""
+    out = tmp_path / "out"
+    run = subprocess.run(
+        [str(Path(sys.executable).parent / "accelerate"), "launch", "--cpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "cxrdiff", "-q",
+         "prepare", "--mimic", str(tree), "--ms-cxr", str(tree / "MS_CXR_Local_Alignment_v1.0.0.csv"),
+         "--base-model", str(tiny_model), "--out", str(out), "--test-size", "3", "--test-no-finding-max", "0.34",
+         "--batch-size", "2", "--shard-size", "2", "--workers", "0"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    expected, got = _tables(prepared[0]), _tables(out)
+    assert expected.keys() == got.keys()
+    for name, table in expected.items():
+        latents = [c for c in ("latent_mean", "latent_logvar") if c in table.columns]
+        pd.testing.assert_frame_equal(got[name].drop(columns=latents), table.drop(columns=latents))
+        for column in latents:
+            for a, b, shape in zip(got[name][column], table[column], table["latent_shape"], strict=True):
+                np.testing.assert_allclose(latent_from_bytes(a, shape), latent_from_bytes(b, shape), atol=2e-3)
+    assert not list((out / ".prepare").glob("*.part-*"))  # parts joined and removed
