@@ -1,0 +1,694 @@
+"""`cxrdiff ground`: where does the model look when it reads "cardiomegaly"? Phrase grounding from the
+UNet's cross-attention, scored against MS-CXR boxes with the paper's localization metrics.
+
+The paper's procedure (docs: REFERENCE.md, "Grounding"): a real image's latent is freshly noised to
+every timestep of a DDIM schedule (new noise each step) and the UNet reads it with the phrase; the
+cross-attention maps of the last `window` steps are averaged (`cxrdiff.attention`). `--mode invert`
+instead inverts the latent with DDIM and captures during the reverse pass. The maps of the chosen
+tokens are min-max normalised, resized bilinearly to the image frame and scored against the boxes.
+
+Steps: check inputs → load samples → load the model → per run and batch: encode text, capture,
+score, save a part file (resume point) → rank 0 merges parts into the outputs → manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from cxrdiff.artifacts import atomic_path, read_manifest, write_json, write_manifest
+from cxrdiff.config import to_dict
+from cxrdiff.console import log, progress
+from cxrdiff.errors import InputError, RunError
+
+STEP = "ground"
+DATA_COLUMNS = (
+    "dicom_id",
+    "category_name",
+    "label_text",
+    "boxes",
+    "boxes_original",
+    "image_width",
+    "image_height",
+    "latent_mean",
+    "latent_shape",
+)
+SPECIAL = ("<SOS>", "<EOS>")
+
+
+@dataclasses.dataclass(frozen=True)
+class GroundConfig:
+    """Settings of `cxrdiff ground` (defaults follow the paper)."""
+
+    model: Path | None = None
+    out: Path | None = None
+    data: Path | None = None  # ms_cxr.parquet from `cxrdiff prepare`
+    image: Path | None = None  # single-image mode, with `prompt`
+    prompt: str | None = None
+    word: tuple[str, ...] | None = None
+    steps: int = 50
+    window: int = 40
+    mode: Literal["noise", "invert"] = "noise"
+    guidance: float = 1.0
+    seed: int = 0
+    runs: int = 1
+    cnr: Literal["signed", "abs"] = "signed"
+    boxes: Literal["union", "per-box"] = "union"
+    frame: Literal["prepared", "original"] = "prepared"
+    limit: int | None = None
+    batch_size: int = 8
+    min_word_count: int = 25  # Table 6: words occurring more than this many times in the phrases
+    overlays: bool = True
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+
+
+@dataclasses.dataclass
+class Sample:
+    """One image + phrase (+ boxes for one category) to ground."""
+
+    sample: str
+    phrase: str
+    latent: np.ndarray | None  # (C, H, W), unscaled VAE mean
+    dicom_id: str = ""
+    category: str = ""
+    boxes: list[list[float]] = dataclasses.field(default_factory=list)  # prepared frame, (x, y, w, h)
+    boxes_original: list[list[float]] = dataclasses.field(default_factory=list)
+    width: int = 0
+    height: int = 0
+    image_path: str = ""
+
+
+# --- inputs -----------------------------------------------------------------------------------
+
+
+def check_config(config: GroundConfig) -> None:
+    """Every usage error, before any weight is read."""
+    from cxrdiff.models import check_model_folder
+
+    if config.model is None:
+        raise InputError("--model: required (a diffusers Stable Diffusion folder)")
+    if config.out is None:
+        raise InputError("--out: required (the folder to write heatmaps and scores to)")
+    if (config.data is None) == (config.image is None):
+        raise InputError("give exactly one of --data (ms_cxr.parquet) or --image (with --prompt)")
+    if config.image is not None and not config.prompt:
+        raise InputError(f"--image {config.image}: --prompt is required with --image")
+    if config.data is not None and config.prompt:
+        raise InputError("--prompt: only with --image (the phrases come from --data)")
+    if config.steps < 1:
+        raise InputError(f"--steps {config.steps}: must be at least 1")
+    if not 1 <= config.window <= config.steps:
+        raise InputError(f"--window {config.window}: must be between 1 and --steps ({config.steps})")
+    if config.guidance < 1.0:
+        raise InputError(f"--guidance {config.guidance}: must be at least 1 (1 = conditional text only)")
+    if config.runs < 1:
+        raise InputError(f"--runs {config.runs}: must be at least 1")
+    if config.limit is not None and config.limit < 1:
+        raise InputError(f"--limit {config.limit}: must be at least 1")
+    if config.batch_size < 1:
+        raise InputError(f"--batch-size {config.batch_size}: must be at least 1")
+    if config.image is not None and (config.frame != "prepared" or config.boxes != "union"):
+        raise InputError("--frame/--boxes: only with --data (a single image has no boxes)")
+    check_model_folder(config.model)
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a folder")
+    if (out / "manifest.json").is_file():
+        read_manifest(out, STEP)  # refuses a folder written by another step
+
+
+def load_samples(config: GroundConfig) -> list[Sample]:
+    """The samples to ground: rows of ms_cxr.parquet (checked) or the single image."""
+    if config.image is not None:
+        from cxrdiff.images import load_grayscale
+
+        load_grayscale(config.image)  # unreadable → InputError now, not after loading weights
+        return [Sample(sample="000000", phrase=str(config.prompt), latent=None, image_path=str(config.image))]
+    import pyarrow.parquet as pq
+
+    path = Path(config.data)
+    if not path.is_file():
+        raise InputError(f"--data {path}: file not found (give ms_cxr.parquet from `cxrdiff prepare`)")
+    read_manifest(path.parent, "prepare")
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for a non-Parquet file
+        raise InputError(f"--data {path}: not a readable Parquet file ({exc})") from None
+    missing = [c for c in DATA_COLUMNS if c not in table.column_names]
+    if missing:
+        raise InputError(f"--data {path}: missing column(s) {', '.join(missing)}; expected an ms_cxr.parquet")
+    rows = table.to_pylist()[: config.limit]
+    if not rows:
+        raise InputError(f"--data {path}: no rows")
+    from cxrdiff.data import latent_from_bytes
+
+    samples = []
+    shapes = set()
+    for i, row in enumerate(rows):
+        shape = tuple(int(s) for s in row["latent_shape"])
+        shapes.add(shape)
+        samples.append(
+            Sample(
+                sample=f"{i:06d}",
+                phrase=str(row["label_text"]),
+                latent=latent_from_bytes(row["latent_mean"], shape),
+                dicom_id=str(row["dicom_id"]),
+                category=str(row["category_name"]),
+                boxes=[list(map(float, b)) for b in row["boxes"] or []],
+                boxes_original=[list(map(float, b)) for b in row["boxes_original"] or []],
+                width=int(row["image_width"]),
+                height=int(row["image_height"]),
+                image_path=str(row.get("image_path") or ""),
+            )
+        )
+    if len(shapes) != 1:
+        raise InputError(f"--data {path}: rows have different latent shapes {sorted(shapes)}")
+    return samples
+
+
+# --- tokens -----------------------------------------------------------------------------------
+
+
+def choose_tokens(tokenizer: Any, sample: Sample, words: tuple[str, ...] | None) -> tuple[list[int], str]:
+    """Token positions whose maps are averaged, and where they came from ("word", "class" or "all").
+
+    With `words`, every occurrence of each; otherwise the category's words matched by substring (the
+    paper's rule); with no match, every word token of the phrase (no start, end or padding).
+    """
+    from cxrdiff.data import CLASS_WORDS
+    from cxrdiff.tokens import content_positions, prompt_words, word_token_spans
+
+    limit = tokenizer.model_max_length - 1
+    if words:
+        positions = sorted(
+            {
+                p
+                for w in words
+                for span in word_token_spans(tokenizer, sample.phrase, w, missing="empty", truncation="drop")
+                for p in span
+            }
+        )
+        if positions:
+            return positions, "word"
+    elif sample.category in CLASS_WORDS:
+        keys = CLASS_WORDS[sample.category]
+        positions = sorted(
+            {
+                p
+                for w in prompt_words(tokenizer, sample.phrase)
+                if any(k in w.bare for k in keys)
+                for p in w.positions
+                if p < limit
+            }
+        )
+        if positions:
+            return positions, "class"
+    positions = content_positions(tokenizer, sample.phrase)
+    if not positions:
+        raise InputError(f"phrase {sample.phrase!r} (sample {sample.sample}) has no word tokens to ground")
+    return positions, "all"
+
+
+def word_positions(tokenizer: Any, phrase: str) -> dict[str, int]:
+    """Table 6 candidates: each distinct word's first token, plus the start and end tokens."""
+    from cxrdiff.tokens import prompt_token_count, prompt_words
+
+    limit = tokenizer.model_max_length - 1
+    found = {SPECIAL[0]: 0}
+    for w in prompt_words(tokenizer, phrase):
+        if w.bare not in found and w.start < min(w.stop, limit):
+            found[w.bare] = w.start
+    found[SPECIAL[1]] = min(1 + prompt_token_count(tokenizer, phrase), limit)
+    return found
+
+
+# --- maps -------------------------------------------------------------------------------------
+
+
+def _sample_seed(seed: int, sample: str) -> int:
+    return int(np.random.SeedSequence([seed, int(sample)]).generate_state(1)[0])
+
+
+def encode_text(comps: Any, prompts: list[str], device: Any) -> Any:
+    import torch
+
+    ids = comps.tokenizer(
+        prompts, padding="max_length", max_length=comps.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(device)  # (batch, tokens)
+    with torch.no_grad():
+        return comps.text_encoder(ids)[0]  # (batch, tokens, dim)
+
+
+def capture_maps(comps: Any, latents: Any, context: Any, config: GroundConfig, seeds: list[int], uncond: Any = None):
+    """Average cross-attention maps (batch, tokens, H, W) of one batch of scaled latents (batch, C, H, W)."""
+    import torch
+    from diffusers import DDIMInverseScheduler, DDIMScheduler
+
+    from cxrdiff.attention import AttentionCapture
+
+    unet = comps.unet
+    cfg = config.guidance > 1.0
+    scheduler = DDIMScheduler.from_config(comps.scheduler.config)
+    scheduler.set_timesteps(config.steps, device=latents.device)
+    emb = torch.cat([uncond.expand_as(context), context]) if cfg else context  # (batch×(1|2), tokens, dim)
+    first = config.steps - config.window
+    with torch.no_grad(), AttentionCapture(unet, latents.shape[-2:], drop_uncond=cfg) as capture:
+        if config.mode == "noise":
+            gens = [torch.Generator().manual_seed(s) for s in seeds]
+            for i, t in enumerate(scheduler.timesteps):
+                noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens])  # (batch, C, H, W)
+                if i < first:  # the UNet's output is never used: steps before the window change nothing
+                    continue
+                capture.active = True
+                noisy = scheduler.add_noise(latents, noise.to(latents), t)  # (batch, C, H, W)
+                unet(torch.cat([noisy, noisy]) if cfg else noisy, t, encoder_hidden_states=emb)
+        else:
+            inverse = DDIMInverseScheduler.from_config(comps.scheduler.config)
+            inverse.set_timesteps(config.steps, device=latents.device)
+            x = latents
+            for t in inverse.timesteps:  # conditional DDIM inversion, capture off
+                eps = unet(x, t, encoder_hidden_states=context).sample  # (batch, C, H, W)
+                x = inverse.step(eps, t, x).prev_sample
+            for i, t in enumerate(scheduler.timesteps):
+                capture.active = i >= first
+                out = unet(torch.cat([x, x]) if cfg else x, t, encoder_hidden_states=emb).sample
+                if cfg:
+                    out_u, out_c = out.chunk(2)
+                    out = out_u + config.guidance * (out_c - out_u)
+                x = scheduler.step(out, t, x).prev_sample
+        return capture.maps()  # (batch, tokens, H, W)
+
+
+def normalise(heat: np.ndarray) -> np.ndarray:
+    """Min-max to [0, 1]; a constant map becomes zeros."""
+    low, high = float(heat.min()), float(heat.max())
+    return (heat - low) / (high - low) if high > low else np.zeros_like(heat)
+
+
+def to_frame(heat: np.ndarray, size: int) -> np.ndarray:
+    """A latent-grid map (h, w) → bilinear to the square prepared frame (size, size)."""
+    import torch
+    import torch.nn.functional as F
+
+    tensor = torch.from_numpy(np.ascontiguousarray(heat, dtype=np.float32))[None, None]  # (1, 1, h, w)
+    return F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def to_original(frame_map: np.ndarray, width: int, height: int) -> np.ndarray:
+    """A prepared-frame map → the original image (height, width), undoing the resize + centre crop.
+
+    Pixels the crop cut away were never seen by the model: they get 0, the normalised minimum.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from cxrdiff.images import crop_geometry
+
+    size = frame_map.shape[0]
+    scale, left, top = crop_geometry(width, height, size)
+    u = (torch.arange(width, dtype=torch.float64) + 0.5) * scale - left  # prepared-frame x of each column
+    v = (torch.arange(height, dtype=torch.float64) + 0.5) * scale - top
+    grid = torch.stack(torch.meshgrid(2 * v / size - 1, 2 * u / size - 1, indexing="ij")[::-1], dim=-1)  # (H, W, 2)
+    tensor = torch.from_numpy(np.ascontiguousarray(frame_map, dtype=np.float32))[None, None]  # (1, 1, size, size)
+    out = F.grid_sample(tensor, grid[None].float(), mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out[0, 0].numpy()  # (height, width)
+
+
+def scoring_maps(sample: Sample, heat: np.ndarray, frame_size: int, frame: str) -> np.ndarray:
+    """Normalised latent map → the frame it is scored in."""
+    frame_map = to_frame(normalise(heat), frame_size)
+    return frame_map if frame == "prepared" else to_original(frame_map, sample.width, sample.height)
+
+
+def masks(sample: Sample, frame_size: int, config: GroundConfig) -> list[tuple[int | None, np.ndarray]]:
+    """(box index or None for the union, boolean mask) in the scoring frame."""
+    from cxrdiff.images import boxes_mask
+
+    boxes = sample.boxes if config.frame == "prepared" else sample.boxes_original
+    size = frame_size if config.frame == "prepared" else (sample.height, sample.width)
+    if config.boxes == "union":
+        return [(None, boxes_mask(boxes, size))]
+    return [(i, boxes_mask([b], size)) for i, b in enumerate(boxes)]
+
+
+def score(heat: np.ndarray, mask: np.ndarray, config: GroundConfig) -> dict[str, float] | str:
+    """The three metrics, or the reason the mask cannot be scored."""
+    from cxrdiff.metrics.localization import auc_roc, cnr, top1
+
+    if not mask.any():
+        return "box outside the frame (empty mask)"
+    if mask.all():
+        return "box covers the whole frame"
+    return {
+        "auc_roc": auc_roc(heat, mask),
+        "top1": top1(heat, mask),
+        "cnr": cnr(heat, mask, absolute=config.cnr == "abs"),
+    }
+
+
+# --- overlays ---------------------------------------------------------------------------------
+
+
+def overlay(grey: np.ndarray, heat: np.ndarray, boxes: list[list[float]], alpha: float = 0.45):
+    """The paper's Figure 2: the image in grey, the normalised heatmap in colour over it, boxes in red."""
+    from matplotlib import colormaps
+    from PIL import Image, ImageDraw
+
+    size = grey.shape[0]
+    colour = colormaps["jet"](to_frame(normalise(heat), size))[..., :3] * 255.0  # (size, size, 3)
+    base = np.repeat(grey[..., None].astype(np.float32), 3, axis=-1)  # (size, size, 3)
+    image = Image.fromarray(np.round((1 - alpha) * base + alpha * colour).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for x, y, w, h in boxes:
+        draw.rectangle([x, y, x + w, y + h], outline=(255, 0, 0), width=max(1, size // 256))
+    return image
+
+
+def _grey_image(sample: Sample, comps: Any, latent: Any, data_dir: Path | None, size: int) -> np.ndarray:
+    """The image in the prepared frame: from its file when it can be found, else decoded from the latent."""
+    import torch
+
+    from cxrdiff.images import load_grayscale, resize_center_crop, to_uint8
+
+    for candidate in (Path(sample.image_path), (data_dir or Path()) / sample.image_path):
+        if sample.image_path and candidate.is_file():
+            try:
+                return resize_center_crop(load_grayscale(candidate), size)
+            except InputError:
+                break
+    with torch.no_grad():
+        decoded = comps.vae.decode(latent[None] / comps.scaling_factor).sample  # (1, 3, size, size)
+    return to_uint8(decoded)[0]
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+def _config_hash(config: GroundConfig) -> str:
+    keep = {k: v for k, v in to_dict(config).items() if k not in ("out", "batch_size", "overlays")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _dtype(config: GroundConfig, device: Any) -> Any:
+    import torch
+
+    if config.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, config.dtype)
+
+
+def ground(config: GroundConfig) -> dict[str, Any]:
+    """Ground the phrases, score them, and write heatmaps, overlays, scores, summary and manifest."""
+    import torch
+    from accelerate import PartialState
+
+    from cxrdiff.models import load_components
+
+    check_config(config)
+    out = Path(config.out)
+    samples = load_samples(config)
+    if config.image is not None and config.word:
+        from transformers import CLIPTokenizer
+
+        from cxrdiff.tokens import word_token_spans
+
+        tokenizer = CLIPTokenizer.from_pretrained(Path(config.model) / "tokenizer", local_files_only=True)
+        for w in config.word:
+            word_token_spans(tokenizer, samples[0].phrase, w)  # not in the prompt: an input error, before weights
+    key = _config_hash(config)
+    if (out / "manifest.json").is_file():
+        done = read_manifest(out, STEP)
+        if done.get("config_hash") == key and (out / "summary.json").is_file():
+            log.info("%s: already complete; nothing to do", out)
+            return _result(out, json.loads((out / "summary.json").read_text()))
+    state = PartialState()
+    parts = out / ".parts"
+    if state.is_main_process:
+        if (out / "manifest.json").is_file():
+            (out / "manifest.json").unlink()  # the old outputs no longer match this config
+        if parts.is_dir() and not (parts / f"config-{key}").is_file():
+            shutil.rmtree(parts)
+        parts.mkdir(parents=True, exist_ok=True)
+        (parts / f"config-{key}").write_text(json.dumps(to_dict(config), default=str))
+    state.wait_for_everyone()
+
+    device = state.device
+    dtype = _dtype(config, device)
+    comps = load_components(config.model, device=device, dtype=None if dtype == torch.float32 else dtype)
+    tokenizer = comps.tokenizer
+    if config.image is not None:
+        samples[0].latent = _encode_image(comps, config.image, device, dtype)
+    channels = samples[0].latent.shape[0]
+    if channels != comps.unet.config.in_channels:
+        raise InputError(
+            f"--data {config.data}: latents have {channels} channels, the model's UNet takes "
+            f"{comps.unet.config.in_channels}; prepare with this model's VAE"
+        )
+    frame_size = int(samples[0].latent.shape[-1]) * comps.vae_scale_factor
+    scaling = _scaling_factor(config, comps)
+    uncond = encode_text(comps, [""], device) if config.guidance > 1.0 else None
+    data_dir = Path(config.data).parent if config.data is not None else None
+
+    chunks = [samples[i : i + config.batch_size] for i in range(0, len(samples), config.batch_size)]
+    todo = [
+        (run, c)
+        for run in range(config.runs)
+        for c in range(len(chunks))
+        if (run * len(chunks) + c) % state.num_processes == state.process_index
+        and not (parts / f"r{run:03d}-c{c:05d}.json").is_file()
+    ]
+    for run, c in progress(todo, description="grounding"):
+        chunk = chunks[c]
+        latents = torch.from_numpy(np.stack([s.latent for s in chunk])).to(device, dtype) * scaling  # (b, C, H, W)
+        context = encode_text(comps, [s.phrase for s in chunk], device)  # (b, tokens, dim)
+        seeds = [_sample_seed(config.seed + run, s.sample) for s in chunk]
+        maps = capture_maps(comps, latents, context, config, seeds, uncond).float().cpu().numpy()  # (b, T, H, W)
+        result = _score_chunk(chunk, maps, config, tokenizer, frame_size, run)
+        if run == 0 and config.overlays:
+            for s, heat, latent in zip(chunk, result["heatmaps"].values(), latents, strict=True):
+                grey = _grey_image(s, comps, latent, data_dir, frame_size)
+                with atomic_path(out / "overlays" / f"{s.sample}.png") as tmp:
+                    overlay(grey, heat, s.boxes).save(tmp, format="PNG")
+        _save_part(parts, run, c, result)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return {}
+    summary = _merge(out, parts, config, len(chunks), samples, frame_size, key)
+    return _result(out, summary)
+
+
+def _encode_image(comps: Any, path: Path, device: Any, dtype: Any) -> np.ndarray:
+    """Single-image mode: the image's latent (unscaled VAE mean, as `prepare` stores it)."""
+    import torch
+
+    from cxrdiff.images import load_grayscale, resize_center_crop, to_model_input
+
+    grey = resize_center_crop(load_grayscale(path), comps.resolution)
+    with torch.no_grad():
+        posterior = comps.vae.encode(to_model_input(grey).to(device, dtype)).latent_dist
+    return posterior.mean[0].float().cpu().numpy()  # (C, H, W)
+
+
+def _scaling_factor(config: GroundConfig, comps: Any) -> float:
+    """The prepare manifest's scaling factor when it records one (it made the latents), else the model's."""
+    if config.data is not None:
+        recorded = read_manifest(Path(config.data).parent, "prepare").get("scaling_factor")
+        if recorded is not None:
+            if not math.isclose(float(recorded), comps.scaling_factor):
+                log.warning(
+                    "latents were scaled by %s at prepare time; the model says %s", recorded, comps.scaling_factor
+                )
+            return float(recorded)
+    return comps.scaling_factor
+
+
+def _score_chunk(chunk, maps, config, tokenizer, frame_size, run) -> dict[str, Any]:
+    """Heatmaps, score rows, word-analysis rows and skip notes for one batch."""
+    heatmaps, rows, word_rows, skipped = {}, [], [], []
+    for s, token_maps in zip(chunk, maps, strict=True):
+        positions, source = choose_tokens(tokenizer, s, config.word)
+        heat = token_maps[positions].mean(axis=0)  # (H, W)
+        heatmaps[s.sample] = heat
+        if config.image is not None:
+            rows.append({"sample": s.sample, "phrase": s.phrase, "tokens": positions, "token_source": source})
+            continue
+        frame_map = scoring_maps(s, heat, frame_size, config.frame)
+        base = {
+            "run": run,
+            "sample": s.sample,
+            "dicom_id": s.dicom_id,
+            "category": s.category,
+            "phrase": s.phrase,
+            "tokens": positions,
+            "token_text": " ".join(tokenizer.convert_ids_to_tokens(_ids(tokenizer, s.phrase, positions))),
+            "token_source": source,
+        }
+        union = None
+        for box, mask in masks(s, frame_size, config):
+            result = score(frame_map, mask, config)
+            if isinstance(result, str):
+                skipped.append({"run": run, "sample": s.sample, "box": box, "reason": result})
+                continue
+            rows.append({**base, "box": box, **result})
+            union = mask if union is None else union | mask
+        if union is None or union.all():
+            continue
+        for word, position in word_positions(tokenizer, s.phrase).items():
+            word_map = scoring_maps(s, token_maps[position], frame_size, config.frame)
+            value = score(word_map, union, config)
+            word_rows.append(
+                {"run": run, "sample": s.sample, "category": s.category, "word": word, "cnr": value["cnr"]}
+            )
+    return {"heatmaps": heatmaps, "rows": rows, "words": word_rows, "skipped": skipped}
+
+
+def _ids(tokenizer: Any, phrase: str, positions: list[int]) -> list[int]:
+    ids = tokenizer(phrase, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
+    return [ids[p] for p in positions]
+
+
+def _save_part(parts: Path, run: int, c: int, result: dict[str, Any]) -> None:
+    """One batch's results: the npz first, the json last (its presence marks the batch done)."""
+    name = f"r{run:03d}-c{c:05d}"
+    with atomic_path(parts / f"{name}.npz") as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, **result["heatmaps"])
+    write_json(parts / f"{name}.json", {k: result[k] for k in ("rows", "words", "skipped")})
+
+
+def _merge(out, parts, config, n_chunks, samples, frame_size, key) -> dict[str, Any]:
+    """Rank 0: the part files → heatmaps.npz, scores.parquet, words.parquet, summary.json, manifest."""
+    import pandas as pd
+
+    heatmaps, rows, words, skipped = {}, [], [], []
+    for run in range(config.runs):
+        for c in range(n_chunks):
+            name = f"r{run:03d}-c{c:05d}"
+            if not (parts / f"{name}.json").is_file():
+                raise RunError(f"{parts / name}: a batch has no results; re-run the same command to finish it")
+            part = json.loads((parts / f"{name}.json").read_text())
+            rows += part["rows"]
+            words += part["words"]
+            skipped += part["skipped"]
+            with np.load(parts / f"{name}.npz") as maps:
+                heatmaps.update({f"{k}_r{run}" if config.runs > 1 else k: maps[k] for k in maps.files})
+    with atomic_path(out / "heatmaps.npz") as tmp, open(tmp, "wb") as handle:
+        np.savez_compressed(handle, **heatmaps)
+    files = ["heatmaps.npz"]
+    summary: dict[str, Any] = {
+        "samples": len(samples),
+        "conventions": {
+            "cnr": config.cnr,
+            "boxes": config.boxes,
+            "frame": config.frame,
+            "frame_size": frame_size if config.frame == "prepared" else "original image size",
+            "map": "softmax over tokens, mean over heads, nearest to the latent grid, mean over layers and the "
+            f"last {config.window} of {config.steps} DDIM steps; min-max normalised, bilinear to the frame",
+            "mode": config.mode,
+            "guidance": config.guidance,
+            "latent": "VAE posterior mean",
+            "seeds": [config.seed + r for r in range(config.runs)],
+        },
+        "skipped": skipped,
+    }
+    if config.image is not None:
+        summary["tokens"] = rows[0]["tokens"]
+        summary["token_source"] = rows[0]["token_source"]
+        summary["phrase"] = rows[0]["phrase"]
+    else:
+        scores = pd.DataFrame(rows, columns=_SCORE_COLUMNS)
+        _write_parquet(scores, out / "scores.parquet")
+        files.append("scores.parquet")
+        summary.update(_tables(scores, config.runs))
+        word_table = pd.DataFrame(words, columns=["run", "sample", "category", "word", "cnr"])
+        _write_parquet(word_table, out / "words.parquet")
+        files.append("words.parquet")
+        summary["word_analysis"] = word_analysis(word_table, config.min_word_count)
+    if config.overlays:
+        files += sorted(f"overlays/{p.name}" for p in (out / "overlays").glob("*.png"))
+    write_json(out / "summary.json", summary)
+    files.append("summary.json")
+    inputs = {"model": config.model}
+    if config.data is not None:
+        inputs["data"] = Path(config.data).parent
+    write_manifest(out, STEP, to_dict(config), inputs=inputs, seed=config.seed, files=files, extra={"config_hash": key})
+    shutil.rmtree(parts, ignore_errors=True)
+    return summary
+
+
+_SCORE_COLUMNS = [
+    "run",
+    "sample",
+    "dicom_id",
+    "category",
+    "phrase",
+    "tokens",
+    "token_text",
+    "token_source",
+    "box",
+    "auc_roc",
+    "top1",
+    "cnr",
+]
+METRICS = ("auc_roc", "top1", "cnr")
+
+
+def _write_parquet(frame: Any, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        frame.to_parquet(tmp, index=False)
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    array = np.asarray(values, dtype=np.float64)
+    return {"mean": float(array.mean()), "std": float(array.std(ddof=1)) if array.size > 1 else 0.0}
+
+
+def _tables(scores: Any, runs: int) -> dict[str, Any]:
+    """Per-class means and the average over samples, each as mean ± std over runs."""
+    if scores.empty:
+        return {"classes": {}, "average": None}
+    per_run = [scores[scores["run"] == r] for r in range(runs)]
+    classes = {}
+    for category in sorted(scores["category"].unique()):
+        runs_cat = [s[s["category"] == category] for s in per_run]
+        classes[category] = {
+            "n": int(len(runs_cat[0])),
+            **{m: _mean_std([float(s[m].mean()) for s in runs_cat]) for m in METRICS},
+        }
+    average = {"n": int(len(per_run[0])), **{m: _mean_std([float(s[m].mean()) for s in per_run]) for m in METRICS}}
+    return {"classes": classes, "average": average}
+
+
+def word_analysis(words: Any, min_count: int) -> dict[str, Any]:
+    """Table 6: words in more than `min_count` phrases (start and end tokens included, so they always
+    qualify with enough phrases), their mean CNR when their first token is the map; top 3 per class."""
+    first_run = words[words["run"] == words["run"].min()] if len(words) else words
+    counts = first_run.groupby("word")["sample"].nunique()
+    frequent = sorted(w for w, n in counts.items() if n > min_count)
+    table = words[words["word"].isin(frequent)]
+    result: dict[str, Any] = {"min_count": min_count, "counts": {w: int(counts[w]) for w in frequent}, "top3": {}}
+    for category, group in table.groupby("category"):
+        means = group.groupby("word")["cnr"].agg(["mean", "count"]).sort_values("mean", ascending=False).head(3)
+        result["top3"][category] = [
+            {"word": w, "cnr": float(r["mean"]), "n": int(r["count"])} for w, r in means.iterrows()
+        ]
+    return result
+
+
+def _result(out: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    result: dict[str, Any] = {"out": str(out), "samples": summary.get("samples")}
+    average = summary.get("average")
+    if average:
+        for m in METRICS:
+            result[m] = round(average[m]["mean"], 4)
+            result[f"{m}_std"] = round(average[m]["std"], 4)
+    result["heatmaps"] = str(out / "heatmaps.npz")
+    if (out / "scores.parquet").is_file():
+        result["scores"] = str(out / "scores.parquet")
+    return result

@@ -1,0 +1,306 @@
+"""`cxrdiff ground` on the tiny model and a small ms_cxr.parquet built to the prepare contract."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cxrdiff.artifacts import write_manifest
+from cxrdiff.errors import InputError
+from cxrdiff.ground import GroundConfig, capture_maps, choose_tokens, encode_text, ground
+from cxrdiff.metrics.localization import auc_roc, cnr
+
+# (category, phrase, boxes in the original 80×64 image as x, y, w, h)
+ROWS = [
+    ("Pleural Effusion", "Small left pleural effusion.", [[48, 36, 24, 24]]),
+    ("Cardiomegaly", "Moderate cardiomegaly", [[24, 20, 32, 30]]),
+    ("Pleural Effusion", "bilateral pleural effusions", [[10, 40, 20, 20], [50, 40, 20, 20]]),
+    ("Pneumonia", "right lower lobe airspace disease", [[14, 30, 22, 20]]),
+    ("Lung Opacity", "patchy opacity at the right base", [[0, 30, 12, 30]]),  # partly outside the crop
+]
+WIDTH, HEIGHT = 80, 64
+
+
+@pytest.fixture(scope="module")
+def comps(tiny_model):
+    from cxrdiff.models import load_components
+
+    return load_components(tiny_model)
+
+
+def _image(boxes, seed):
+    rng = np.random.default_rng(seed)
+    img = rng.integers(20, 60, size=(HEIGHT, WIDTH)).astype(np.uint8)
+    for x, y, w, h in boxes:
+        img[y : y + h, x : x + w] = 200
+    return img
+
+
+@pytest.fixture(scope="module")
+def ms_cxr(tmp_path_factory, comps):
+    """prepared/ms_cxr.parquet + a 'prepare' manifest, latents from the tiny model's VAE."""
+    from cxrdiff.data import latent_to_bytes
+    from cxrdiff.images import box_to_frame, resize_center_crop, to_model_input
+
+    folder = tmp_path_factory.mktemp("prepared")
+    records = []
+    for i, (category, phrase, boxes) in enumerate(ROWS):
+        grey = resize_center_crop(_image(boxes, i), comps.resolution)
+        with torch.no_grad():
+            posterior = comps.vae.encode(to_model_input(grey)).latent_dist
+        mean, logvar = posterior.mean[0].numpy(), posterior.logvar[0].numpy()
+        records.append(
+            {
+                "dicom_id": f"d{i}",
+                "subject_id": 10000000 + i,
+                "study_id": 50000000 + i,
+                "category_name": category,
+                "label_text": phrase,
+                "boxes": [box_to_frame(b, WIDTH, HEIGHT, comps.resolution) for b in boxes],
+                "boxes_original": [[float(v) for v in b] for b in boxes],
+                "image_width": WIDTH,
+                "image_height": HEIGHT,
+                "image_path": f"files/d{i}.jpg",  # not present: overlays decode the latent
+                "latent_mean": latent_to_bytes(mean),
+                "latent_logvar": latent_to_bytes(logvar),
+                "latent_shape": list(mean.shape),
+            }
+        )
+    pd.DataFrame(records).to_parquet(folder / "ms_cxr.parquet", index=False)
+    write_manifest(folder, "prepare", extra={"scaling_factor": comps.scaling_factor})
+    return folder / "ms_cxr.parquet"
+
+
+def _config(tiny_model, out, **kw):
+    return GroundConfig(model=tiny_model, out=out, **{"steps": 3, "window": 2, **kw})
+
+
+@pytest.mark.slow
+def test_end_to_end_writes_every_output(tiny_model, ms_cxr, tmp_path, tokenizer):
+    out = tmp_path / "ground"
+    config = _config(tiny_model, out, data=ms_cxr, runs=2, batch_size=3, min_word_count=1)
+    result = ground(config)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["step"] == "ground"
+    for name in ("heatmaps.npz", "scores.parquet", "words.parquet", "summary.json"):
+        assert name in manifest["files"]
+    assert not (out / ".parts").exists()
+
+    scores = pd.read_parquet(out / "scores.parquet")
+    assert sorted(scores["run"].unique()) == [0, 1]
+    assert len(scores) == 2 * len(ROWS)
+    assert scores[["auc_roc", "top1", "cnr"]].notna().all().all()
+    assert scores["auc_roc"].between(0, 1).all()
+    first = scores[(scores["run"] == 0) & (scores["sample"] == "000000")].iloc[0]
+    assert first["token_source"] == "class"
+    expected = [p for w in ("pleural", "effusion") for span in _spans(tokenizer, ROWS[0][1], w) for p in span]
+    assert list(first["tokens"]) == expected
+    assert first["token_text"] == " ".join(tokenizer.tokenize("pleural effusion"))
+    fallback = scores[scores["category"] == "Pneumonia"].iloc[0]
+    assert fallback["token_source"] == "all" and len(fallback["tokens"]) == len(ROWS[3][1].split())
+
+    with np.load(out / "heatmaps.npz") as maps:
+        assert sorted(maps.files) == sorted(f"{i:06d}_r{r}" for i in range(len(ROWS)) for r in range(2))
+        heat = maps["000000_r0"]
+    assert heat.shape == (16, 16)  # the tiny model's latent grid
+    # the stored score is the metric of the stored heatmap, normalised and resized, against the box mask
+    from cxrdiff.ground import normalise, to_frame
+    from cxrdiff.images import boxes_mask
+
+    frame = to_frame(normalise(heat), 64)
+    mask = boxes_mask(pd.read_parquet(ms_cxr)["boxes"][0], 64)
+    assert first["auc_roc"] == pytest.approx(auc_roc(frame, mask))
+    assert first["cnr"] == pytest.approx(cnr(frame, mask))
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["conventions"]["cnr"] == "signed" and summary["conventions"]["boxes"] == "union"
+    assert summary["conventions"]["frame_size"] == 64
+    assert set(summary["classes"]) == {r[0] for r in ROWS}
+    run_means = [scores[scores["run"] == r]["auc_roc"].mean() for r in (0, 1)]
+    assert summary["average"]["auc_roc"]["mean"] == pytest.approx(np.mean(run_means))
+    assert summary["average"]["auc_roc"]["std"] == pytest.approx(np.std(run_means, ddof=1))
+    assert result["auc_roc"] == pytest.approx(summary["average"]["auc_roc"]["mean"], abs=1e-4)
+    words = pd.read_parquet(out / "words.parquet")
+    assert {"<SOS>", "<EOS>", "pleural", "cardiomegaly"} <= set(words["word"])
+    top = summary["word_analysis"]["top3"]["Pleural Effusion"]
+    assert 1 <= len(top) <= 3 and top == sorted(top, key=lambda r: -r["cnr"])
+    assert sorted(p.name for p in (out / "overlays").glob("*.png")) == [f"{i:06d}.png" for i in range(len(ROWS))]
+
+    # a second run of the same command finds the work done and leaves the files alone
+    stamp = (out / "heatmaps.npz").stat().st_mtime_ns
+    assert ground(config) == result
+    assert (out / "heatmaps.npz").stat().st_mtime_ns == stamp
+
+
+def _spans(tokenizer, phrase, word):
+    from cxrdiff.tokens import word_token_spans
+
+    return word_token_spans(tokenizer, phrase, word)
+
+
+def test_other_conventions_per_box_original_frame_abs(tiny_model, ms_cxr, tmp_path):
+    out = tmp_path / "g"
+    ground(
+        _config(
+            tiny_model,
+            out,
+            data=ms_cxr,
+            steps=2,
+            window=1,
+            boxes="per-box",
+            frame="original",
+            cnr="abs",
+            limit=3,
+            overlays=False,
+            batch_size=3,
+        )
+    )
+    scores = pd.read_parquet(out / "scores.parquet")
+    assert list(scores["box"]) == [0, 0, 0, 1]  # the third sample has two boxes
+    assert (scores["cnr"] >= 0).all()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["conventions"] == {**summary["conventions"], "cnr": "abs", "boxes": "per-box", "frame": "original"}
+    assert not (out / "overlays").exists()
+
+
+def test_planted_attention_is_found(tiny_model, ms_cxr, tmp_path, tokenizer, monkeypatch):
+    """Cross-attention forced to put the word's mass in the lower right quarter: the heatmap peaks there."""
+    from diffusers.models.attention_processor import Attention
+
+    from cxrdiff.attention import layer_grid
+
+    phrase = ROWS[0][1]
+    (span,) = _spans(tokenizer, phrase, "effusion")
+    original = Attention.get_attention_scores
+
+    def planted(self, query, key, attention_mask=None):
+        probs = original(self, query, key, attention_mask).clone()  # (batch*heads, hw, tokens)
+        h, w = layer_grid(probs.shape[1], (16, 16))
+        region = torch.zeros(h, w, dtype=torch.bool)
+        region[h // 2 :, w // 2 :] = True
+        probs[:, region.flatten().nonzero()[:, 0][:, None], torch.tensor(span)[None]] += 5.0
+        return probs / probs.sum(-1, keepdim=True)
+
+    monkeypatch.setattr(Attention, "get_attention_scores", planted)
+    out = tmp_path / "planted"
+    ground(_config(tiny_model, out, data=ms_cxr, word=("effusion",), limit=1, overlays=False))
+    with np.load(out / "heatmaps.npz") as maps:
+        heat = maps["000000"]
+    peak = np.unravel_index(heat.argmax(), heat.shape)
+    assert peak[0] >= 8 and peak[1] >= 8
+    region = np.zeros((64, 64), dtype=bool)
+    region[32:, 32:] = True
+    from cxrdiff.ground import normalise, to_frame
+
+    assert cnr(to_frame(normalise(heat), 64), region) > 1.0
+    scores = pd.read_parquet(out / "scores.parquet")
+    assert list(scores["tokens"][0]) == span and scores["token_source"][0] == "word"
+    assert scores["cnr"][0] > 0  # the box lies in the lower right
+
+
+def test_capture_maps_guidance_and_invert_restore_the_unet(comps, ms_cxr, tmp_path):
+    from cxrdiff.data import latent_from_bytes
+
+    row = pd.read_parquet(ms_cxr).iloc[0]
+    latents = torch.from_numpy(latent_from_bytes(row["latent_mean"], row["latent_shape"]))[None] * comps.scaling_factor
+    context = encode_text(comps, [row["label_text"]], "cpu")
+    uncond = encode_text(comps, [""], "cpu")
+    probe = torch.randn(1, *comps.latent_shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = comps.unet(probe, 10, encoder_hidden_states=context).sample
+    config = GroundConfig(model=Path("m"), out=tmp_path, steps=3, window=2)
+    plain = capture_maps(comps, latents, context, config, seeds=[0])
+    again = capture_maps(comps, latents, context, config, seeds=[0])
+    torch.testing.assert_close(plain, again)  # same seed, same maps
+    guided = capture_maps(comps, latents, context, dataclasses.replace(config, guidance=3.0), seeds=[0], uncond=uncond)
+    # the conditional half of a guidance batch sees the same inputs as the unguided batch in noise mode
+    torch.testing.assert_close(guided, plain, atol=1e-5, rtol=1e-4)
+    inverted = capture_maps(
+        comps, latents, context, dataclasses.replace(config, mode="invert", guidance=2.0), seeds=[0], uncond=uncond
+    )
+    assert inverted.shape == plain.shape and torch.isfinite(inverted).all()
+    with torch.no_grad():
+        assert torch.equal(comps.unet(probe, 10, encoder_hidden_states=context).sample, before)
+
+
+def test_token_choice_rules(tokenizer):
+    from cxrdiff.ground import Sample
+
+    s = Sample(sample="000000", phrase="Mild cardiac enlargement", latent=None, category="Cardiomegaly")
+    assert choose_tokens(tokenizer, s, None) == (_spans(tokenizer, s.phrase, "cardiac")[0], "class")
+    assert choose_tokens(tokenizer, s, ("enlargement",)) == (_spans(tokenizer, s.phrase, "enlargement")[0], "word")
+    positions, source = choose_tokens(tokenizer, s, ("effusion",))  # absent word: all word tokens
+    assert source == "all" and positions[0] == 1
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"window": 5}, "--window 5"),
+        ({"guidance": 0.5}, "--guidance"),
+        ({"image": Path("x.png"), "prompt": "a"}, "exactly one of --data"),
+        ({"prompt": "a"}, "--prompt"),
+        ({"steps": 0}, "--steps"),
+    ],
+)
+def test_usage_errors(tiny_model, ms_cxr, tmp_path, change, message):
+    with pytest.raises(InputError, match=message):
+        ground(dataclasses.replace(_config(tiny_model, tmp_path / "o", data=ms_cxr), **change))
+
+
+def test_data_errors(tiny_model, ms_cxr, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    pd.read_parquet(ms_cxr).drop(columns=["boxes"]).to_parquet(bad / "ms_cxr.parquet")
+    with pytest.raises(InputError, match="no manifest.json"):
+        ground(_config(tiny_model, tmp_path / "o", data=bad / "ms_cxr.parquet"))
+    write_manifest(bad, "prepare")
+    with pytest.raises(InputError, match="missing column"):
+        ground(_config(tiny_model, tmp_path / "o", data=bad / "ms_cxr.parquet"))
+    other = tmp_path / "other"
+    write_manifest(other, "sample")
+    with pytest.raises(InputError, match="'sample' folder"):
+        ground(_config(tiny_model, other, data=ms_cxr))
+
+
+@pytest.mark.slow
+def test_single_image_cli(tiny_model, tmp_path, tokenizer):
+    from PIL import Image
+
+    image = tmp_path / "x.png"
+    Image.fromarray(_image([[40, 30, 30, 30]], 0)).save(image)
+    exe = Path(sys.executable).with_name("cxrdiff")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    base = [str(exe), "--json", "ground", "--model", str(tiny_model), "--image", str(image)]
+    prompt = "small left pleural effusion"
+    bad = subprocess.run(
+        [*base, "--out", str(tmp_path / "o"), "--prompt", prompt, "--word", "pneumothorax"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert bad.returncode == 2 and "pneumothorax" in bad.stderr and "Traceback" not in bad.stderr
+    out = tmp_path / "single"
+    run = subprocess.run(
+        [*base, "--out", str(out), "--prompt", prompt, "--word", "effusion", "--steps", "2", "--window", "2"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["heatmaps"] == str(out / "heatmaps.npz") and "scores" not in result
+    with np.load(out / "heatmaps.npz") as maps:
+        assert maps.files == ["000000"] and maps["000000"].shape == (16, 16)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["tokens"] == _spans(tokenizer, prompt, "effusion")[0]
+    with Image.open(out / "overlays" / "000000.png") as png:
+        assert png.size == (64, 64) and png.mode == "RGB"
+    assert json.loads((out / "manifest.json").read_text())["step"] == "ground"
