@@ -106,6 +106,8 @@ def check_inputs(config: PrepareConfig) -> _Inputs:
     reports = Path(config.reports) if config.reports is not None else mimic
     if not reports.is_dir():
         raise InputError(f"--reports {reports}: no such folder")
+    if not any(files_root(reports).glob("p1[0-9]/p*/s*.txt")):
+        raise InputError(f"--reports {reports}: no report files (files/pXX/pN/sN.txt); give the MIMIC-CXR reports root")
     tables = {kind: find_table(mimic, kind) for kind in MIMIC_TABLES}
     for kind, path in tables.items():
         check_columns(path, MIMIC_TABLES[kind])
@@ -385,6 +387,10 @@ def build_plan(config: PrepareConfig, inputs: _Inputs, tokenizer: Any = None) ->
     train_counts["candidates"] = len(train)
     train = _with_prompts(train, inputs, "train", train_counts, skipped)
     train_counts["planned"] = len(train)
+    for fault, flag in (("missing_report", "--reports"), ("image_not_found", "--mimic")):
+        if train_counts["candidates"] and train_counts[fault] > train_counts["candidates"] / 2:
+            log.warning("%d of %d training images: %s; is %s right?", train_counts[fault],
+                        train_counts["candidates"], fault.replace("_", " "), flag)  # fmt: skip
     counts["train"] = train_counts
 
     # test: one frontal image per p19 study, then the No-Finding-limited sample

@@ -310,13 +310,15 @@ def test_structural_faults_stop_before_any_work(tree, tiny_model, tmp_path):
     )
     out = tmp_path / "out"
     with pytest.raises(InputError, match=r"mimic-cxr-2.0.0-split.csv: missing column\(s\) 'split'"):
-        prepare(_config(broken, tiny_model, out))
+        prepare(_config(broken, tiny_model, out, reports=tree))
     assert not out.exists()
     with pytest.raises(InputError, match="--ms-cxr is required"):
         prepare(_config(tree, tiny_model, out, ms_cxr=None))
     with pytest.raises(InputError, match="no mimic-cxr-2.0.0-chexpert"):
         (broken / "mimic-cxr-2.0.0-chexpert.csv.gz").unlink()
-        prepare(_config(broken, tiny_model, out))
+        prepare(_config(broken, tiny_model, out, reports=tree))
+    with pytest.raises(InputError, match="--reports .*: no report files"):
+        prepare(_config(tree, tiny_model, out, reports=tmp_path))
     with pytest.raises(InputError, match="--resolution 30: must be a positive multiple"):
         prepare(_config(tree, tiny_model, out, resolution=30))
     other = tmp_path / "other"
