@@ -1,0 +1,297 @@
+"""`cxrdiff report`: the rendering from a metrics dict (labels, published numbers, a page Chromium renders)
+and the orchestration's reuse rule (nothing recomputed when nothing changed; what a change touches is)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxrdiff.artifacts import write_manifest
+from cxrdiff.data import LABELS, MS_CXR_CATEGORIES
+from cxrdiff.metrics.score import UNTRAINED_LABEL, Score
+from cxrdiff.report import ReportConfig, render, report
+
+
+def _grounding(shift: float) -> dict:
+    classes = {
+        c: {
+            "n": 3,
+            "auc_roc": {"mean": 0.6 + shift, "std": 0.0},
+            "top1": {"mean": 0.5, "std": 0.0},
+            "cnr": {"mean": 0.4 + shift, "std": 0.1},
+        }
+        for c in MS_CXR_CATEGORIES
+    }
+    average = {
+        "n": 24,
+        "auc_roc": {"mean": 0.61 + shift, "std": 0.0},
+        "top1": {"mean": 0.5, "std": 0.0},
+        "cnr": {"mean": 0.41 + shift, "std": 0.0},
+    }
+    words = {"top3": {"Edema": [{"word": "edema", "cnr": 1.23, "n": 30}]}}
+    return {"classes": classes, "average": average, "word_analysis": words, "conventions": {"cnr": "signed"}}
+
+
+def _metrics(tmp_path, untrained: bool) -> dict:
+    overlay = tmp_path / "ov.png"
+    Image.fromarray(np.tile(np.arange(64, dtype=np.uint8)[None] * 4, (64, 1))).convert("RGB").save(overlay)
+    fd = (
+        Score("FD (random DenseNet121)", 12.34, label=UNTRAINED_LABEL, protocol={"random_features": True})
+        if untrained
+        else Score("FID_XRV", 12.34)
+    )
+    div = Score(
+        "MS-SSIM",
+        11.5,
+        std=2.0,
+        unit="%",
+        protocol={"scales": 3, "kernel_size": 11, "sigma": 1.5, "data_range": 255.0, "prompts": 2},
+    )
+    runs = {}
+    for name, shift in (("frozen", 0.2), ("learnable", 0.0)):
+        runs[name] = {
+            "kind": "finetune",
+            "path": "/x",
+            "grounding": _grounding(shift),
+            "overlays": {c: [str(overlay)] for c in MS_CXR_CATEGORIES},
+            "fidelity": [fd.as_dict()],
+            "diversity": div.as_dict(),
+            "classifier": {"Edema": Score("AUC (hand)", 77.7, unit="%").as_dict()},
+        }
+    return {"runs": runs, "real": {"classifier": {"Edema": Score("AUC (hand)", 88.8).as_dict()}}, "classifier": "hand"}
+
+
+def test_render_writes_published_and_measured_numbers(tmp_path):
+    render(_metrics(tmp_path, untrained=False), tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    page = (tmp_path / "report.html").read_text()
+    for text in (md, page):
+        assert "237.6" in text and "Table 4" in text  # published FID of SDv2, with its source
+        assert "1.142" in text and "Table 3" in text  # BioViL-L average CNR
+        assert "12.3" in text and "77.7" in text and "88.8" in text  # this report's numbers
+        assert "81.0 / 50.0 / 0.61" in text  # frozen's average: AUC %, Top-1 %, CNR
+        assert "saw MIMIC-CXR" in text.replace("were trained on data that includes MIMIC-CXR", "saw MIMIC-CXR")
+        assert "Warning: some" not in text and f"({UNTRAINED_LABEL})" not in text
+    assert page.count("data:image/png;base64,") == 2 and 'src="http' not in page
+    assert json.loads((tmp_path / "metrics.json").read_text())["runs"]["frozen"]["fidelity"][0]["value"] == 12.34
+
+
+def test_untrained_label_is_in_every_output(tmp_path):
+    render(_metrics(tmp_path, untrained=True), tmp_path)
+    for name in ("metrics.json", "report.md", "report.html"):
+        text = (tmp_path / name).read_text()
+        assert UNTRAINED_LABEL in text, name
+        if name != "metrics.json":
+            assert "Warning: some" in text and f"12.3 ({UNTRAINED_LABEL})" in text, name
+    md = (tmp_path / "report.md").read_text()
+    # every cell holding the number carries the label, not only a footnote
+    assert all(UNTRAINED_LABEL in line for line in md.splitlines() if "12.3" in line)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["runs"]["frozen"]["fidelity"][0]["label"] == UNTRAINED_LABEL
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_report_html_renders_in_chromium(tmp_path):
+    browser = _chromium()
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed but CI is set (.ci/run installs Debian's chromium)")
+        pytest.skip("chromium not installed (apt-get install chromium)")
+    render(_metrics(tmp_path, untrained=True), tmp_path)
+    probe = tmp_path / "probe.html"
+    script = (
+        "<script>window.addEventListener('load',()=>{const b=document.body;"
+        "b.dataset.images=[...document.images].filter(i=>i.complete&&i.naturalWidth>100).length;"
+        "b.dataset.tables=document.querySelectorAll('table').length;"
+        "b.dataset.cells=document.querySelectorAll('td').length;});</script>"
+    )
+    probe.write_text((tmp_path / "report.html").read_text().replace("</body>", script + "</body>"))
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
+    dom = subprocess.run(
+        [browser, *flags, "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    body = re.search(r"<body([^>]*)>", dom).group(1)
+    assert 'data-images="2"' in body and 'data-tables="6"' in body, body
+    assert int(re.search(r'data-cells="(\d+)"', body).group(1)) > 100
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [browser, *flags, f"--screenshot={shot}", "--window-size=1200,2400", (tmp_path / "report.html").as_uri()],
+        capture_output=True,
+        timeout=120,
+    )
+    pixels = np.asarray(Image.open(shot).convert("L"))
+    assert pixels.shape == (2400, 1200) and pixels.std() > 10  # not a blank page
+    keep = os.environ.get("CXRDIFF_KEEP_SCREENSHOT")
+    if keep:
+        shutil.copy(shot, keep)
+
+
+# --- orchestration with stand-in steps ---------------------------------------------------------
+
+
+class Calls:
+    def __init__(self):
+        self.sample, self.ground = [], []
+
+
+def _stub_steps(calls: Calls):
+    """Stand-ins for cxrdiff.sample / cxrdiff.ground that write folders of the same shape."""
+    import dataclasses
+
+    import pandas as pd
+
+    @dataclasses.dataclass(frozen=True)
+    class SampleConfig:
+        model: object = None
+        out: object = None
+        prompts: object = None
+        n_per_prompt: int = 1
+        limit: int | None = None
+        steps: int = 75
+        guidance: float = 4.0
+        scheduler: str = "pndm"
+        seed: int = 0
+        batch_size: int = 8
+
+    @dataclasses.dataclass(frozen=True)
+    class GroundConfig:
+        model: object = None
+        out: object = None
+        data: object = None
+        steps: int = 50
+        window: int = 40
+        seed: int = 0
+        limit: int | None = None
+
+    def sample(cfg):
+        calls.sample.append(cfg.out.name)
+        test = pd.read_parquet(cfg.prompts).head(cfg.limit)
+        rng = np.random.default_rng(cfg.seed + cfg.n_per_prompt)
+        rows = []
+        cfg.out.mkdir(parents=True)
+        for p, (_, row) in enumerate(test.iterrows()):
+            for r in range(cfg.n_per_prompt):
+                i = p * cfg.n_per_prompt + r
+                img = np.clip(rng.normal(120 + 40 * row["Edema"], 30, (32, 32)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(cfg.out / f"{i:06d}.png")
+                rows.append(
+                    {"index": i, "file": f"{i:06d}.png", "prompt_index": p, "repeat": r, **{c: row[c] for c in LABELS}}
+                )
+        pd.DataFrame(rows).to_parquet(cfg.out / "samples.parquet")
+        write_manifest(cfg.out, "sample", config={"steps": cfg.steps})
+        return {}
+
+    def ground(cfg):
+        calls.ground.append(cfg.out.name)
+        cfg.out.mkdir(parents=True)
+        (cfg.out / "overlays").mkdir()
+        Image.fromarray(np.full((32, 32, 3), 99, np.uint8)).save(cfg.out / "overlays" / "s0.png")
+        pd.DataFrame([{"sample": "s0", "category": "Edema"}]).to_parquet(cfg.out / "scores.parquet")
+        (cfg.out / "summary.json").write_text(json.dumps(_grounding(0.1 * cfg.steps / 50)))
+        write_manifest(cfg.out, "ground", config={"steps": cfg.steps})
+        return {}
+
+    return {"sample": (sample, SampleConfig), "ground": (ground, GroundConfig)}
+
+
+class Brightness:
+    """A hand-made classifier and feature network: the mean grey value."""
+
+    name = "brightness"
+    classes = ("Edema",)
+    cache_key = "v1"
+
+    def scores(self, images):
+        return images.reshape(len(images), -1).mean(1, keepdims=True)
+
+    def features(self, x):
+        import torch
+
+        return torch.stack([x.mean(dim=(1, 2, 3)), x.std(dim=(1, 2, 3))], 1)
+
+
+def _prepared(folder, n: int = 12):
+    import pandas as pd
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(5)
+    rows = []
+    for i in range(n):
+        edema = float(i % 2)
+        img = np.clip(rng.normal(120 + 40 * edema, 30, (40, 48)), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(folder / f"real{i}.png")
+        labels = {c: float("nan") for c in LABELS}
+        labels.update({"Edema": edema, "No Finding": 1.0 - edema})
+        rows.append({"impression": f"prompt {i}", "image_path": str(folder / f"real{i}.png"), **labels})
+    pd.DataFrame(rows).to_parquet(folder / "test.parquet")
+    pd.DataFrame([{"dicom_id": "d"}]).to_parquet(folder / "ms_cxr.parquet")
+    write_manifest(folder, "prepare")
+    return folder
+
+
+def test_rerun_recomputes_nothing_then_what_changed(tmp_path, tiny_model):
+    real = _prepared(tmp_path / "prepared")
+    calls = Calls()
+    steps = _stub_steps(calls)
+    base = dict(
+        runs=(tiny_model,),
+        out=tmp_path / "report",
+        real=real,
+        fid=False,
+        fid_xrv=False,
+        n_fid=10,
+        diversity_prompts=3,
+        classifier=Brightness(),
+    )
+    first = report(ReportConfig(**base), steps=steps)
+    assert calls.sample == ["samples", "diversity"] and calls.ground == ["ground"]
+    assert first["recomputed"]["tiny"] == "samples,diversity,ground,metrics"
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    run = metrics["runs"]["tiny"]
+    assert run["n_generated"] == 10 and run["diversity"]["protocol"]["prompts"] == 3
+    assert run["fidelity"][0]["name"] == "FD (brightness features)"
+    assert run["classifier"]["Edema"]["value"] > 90  # bright Edema images vs darker No Finding ones
+    assert metrics["real"]["classifier"]["Edema"]["value"] > 90
+
+    again = report(ReportConfig(**base), steps=steps)
+    assert again["recomputed"]["tiny"] == "nothing"
+    assert calls.sample == ["samples", "diversity"] and calls.ground == ["ground"]
+
+    report(ReportConfig(**base, ground_steps=25), steps=steps)  # a grounding setting: only grounding reruns
+    assert calls.ground == ["ground", "ground"] and len(calls.sample) == 2
+    summary = json.loads((tmp_path / "report" / "metrics.json").read_text())["runs"]["tiny"]["grounding"]
+    assert summary["average"]["cnr"]["mean"] == pytest.approx(0.41 + 0.05)
+
+    import pandas as pd
+
+    test = pd.read_parquet(real / "test.parquet")
+    test.loc[0, "impression"] = "a changed prompt"
+    test.to_parquet(real / "test.parquet")
+    write_manifest(real, "prepare")  # a changed input folder: new manifest hash
+    changed = report(ReportConfig(**base, ground_steps=25), steps=steps)
+    assert changed["recomputed"]["tiny"] == "samples,diversity,ground,metrics"
+
+
+def test_report_refuses_bad_inputs_before_work(tmp_path, tiny_model):
+    from cxrdiff.errors import InputError
+
+    real = _prepared(tmp_path / "prepared", n=4)
+    with pytest.raises(InputError, match="at least one RUN"):
+        report(ReportConfig(out=tmp_path / "r", real=real))
+    with pytest.raises(InputError, match="--inception-weights"):
+        report(ReportConfig(runs=(tiny_model,), out=tmp_path / "r", real=real), steps=_stub_steps(Calls()))
+    with pytest.raises(InputError, match="expected a 'prepare' output folder"):
+        report(ReportConfig(runs=(tiny_model,), out=tmp_path / "r", real=tiny_model, fid=False, fid_xrv=False))
