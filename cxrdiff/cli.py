@@ -322,6 +322,10 @@ def ground(
     boxes: Annotated[BoxMode | None, typer.Option(help="union (paper) | per-box")] = None,
     frame: Annotated[Frame | None, typer.Option(help="prepared (paper, 512 crop) | original image frame")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N samples.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per UNet batch.")] = None,
+    min_word_count: Annotated[
+        int | None, typer.Option(help="Word analysis: words in more than N phrases (paper: 25).")
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Ground words of a phrase in an image from the UNet's cross-attention; score against boxes."""
@@ -346,6 +350,8 @@ def ground(
         boxes=boxes.value if boxes else None,
         frame=frame.value if frame else None,
         limit=limit,
+        batch_size=batch_size,
+        min_word_count=min_word_count,
     )
 
 
