@@ -392,7 +392,7 @@ def _grey_image(sample: Sample, comps: Any, latent: Any, data_dir: Path | None, 
 
 
 def _config_hash(config: GroundConfig) -> str:
-    keep = {k: v for k, v in to_dict(config).items() if k not in ("out", "batch_size", "overlays")}
+    keep = {k: v for k, v in to_dict(config).items() if k not in ("out", "overlays")}  # batches name the parts
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -304,3 +304,32 @@ def test_single_image_cli(tiny_model, tmp_path, tokenizer):
     with Image.open(out / "overlays" / "000000.png") as png:
         assert png.size == (64, 64) and png.mode == "RGB"
     assert json.loads((out / "manifest.json").read_text())["step"] == "ground"
+
+
+def test_killed_run_resumes_finished_batches(tiny_model, ms_cxr, tmp_path, monkeypatch):
+    import cxrdiff.ground as ground_module
+
+    calls = []
+    real = ground_module.capture_maps
+
+    def failing_after_first(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt  # the job is killed during the second batch
+        return real(*args, **kwargs)
+
+    out = tmp_path / "resume"
+    config = _config(tiny_model, out, data=ms_cxr, steps=2, window=1, limit=2, batch_size=1, overlays=False)
+    monkeypatch.setattr(ground_module, "capture_maps", failing_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        ground(config)
+    assert (out / ".parts" / "r000-c00000.json").is_file() and not (out / "manifest.json").exists()
+    calls.clear()
+    monkeypatch.setattr(ground_module, "capture_maps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ground(config)
+    assert len(calls) == 1  # only the unfinished batch ran again
+    assert sorted(pd.read_parquet(out / "scores.parquet")["sample"]) == ["000000", "000001"]
+    # a different setting starts over instead of mixing results
+    calls.clear()
+    ground(dataclasses.replace(config, window=2))
+    assert len(calls) == 2
