@@ -208,19 +208,24 @@ def _resolve_dtype(precision: str, device: Any) -> str:
 # --- the run ----------------------------------------------------------------------------------
 
 
-def sample(config: SampleConfig, shard: tuple[int, int] | None = None) -> dict[str, Any]:
+def sample(config: SampleConfig, shard: tuple[int, int] | None = None) -> dict[str, Any] | None:
     """Generate this process's share of the images, skip those already written, and (once all exist)
     write `samples.parquet` and the manifest.
 
     `shard=(index, count)` takes images index, index + count, ...; by default the share comes from
-    accelerate (process index / number of processes), so `accelerate launch` splits the work.
+    accelerate (process index / number of processes), so `accelerate launch` splits the work; then only
+    the main process returns the result (the others return None).
     """
     _check(config)
     prompts = read_prompts(config)
     import torch
     from accelerate import PartialState
 
-    state = PartialState()
+    # Without CUDA, accelerate only forms a (gloo) process group when told the run is on CPU.
+    on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or (
+        int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    )
+    state = PartialState(cpu=on_cpu)
     if shard is None:
         shard, distributed = (state.process_index, state.num_processes), state.num_processes > 1
     else:
@@ -260,7 +265,7 @@ def sample(config: SampleConfig, shard: tuple[int, int] | None = None) -> dict[s
         "images_per_s": round(len(todo) / seconds, 3) if todo and seconds > 0 else None,
     }
     if distributed and not state.is_main_process:
-        return {**result, "complete": None}
+        return None  # the main process reports (and the CLI prints one result, not one per process)
     missing = [i for i in range(total) if not (out / image_file(i)).is_file()]
     result["missing"] = len(missing)
     result["complete"] = not missing
@@ -294,9 +299,9 @@ def _generate(config: SampleConfig, prompts: Prompts, todo: list[int], out: Path
 
     from cxrdiff.models import load_pipeline
 
-    pipe = load_pipeline(
-        config.model, scheduler=make_scheduler(config.model, config.scheduler), device=device, dtype=dtype
-    )
+    pipe = load_pipeline(config.model, scheduler=make_scheduler(config.model, config.scheduler)).to(device)
+    if dtype != torch.float32:  # cast only when asked: diffusers warns on any `to(dtype=...)`
+        pipe.to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     batches = [todo[i : i + config.batch_size] for i in range(0, len(todo), config.batch_size)]
     for batch in progress(batches, description="sample: batches"):

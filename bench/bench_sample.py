@@ -1,0 +1,99 @@
+"""Does batching prompts make `cxrdiff sample` faster than diffusers called one prompt at a time? Images/s.
+
+    .venv/bin/python bench/bench_sample.py [--model DIR] [--prompts 16] [--steps 10] [--batch-size 8]
+
+Both sides run the same model, scheduler (PLMS), steps, guidance 4 and the same per-image seeds, load the
+model and write 8-bit grey PNGs, and are timed end to end (load + generate + write). Without --model a
+tiny random SD2-shaped model is built (64 px); on a GPU give a real SD2 folder for the paper's setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from cxrdiff.models import write_tiny_model
+from cxrdiff.sample import SampleConfig, grey_uint8, image_file, image_seed, make_scheduler, sample, write_png
+
+PROMPTS = [
+    "small left pleural effusion",
+    "cardiomegaly without edema",
+    "no acute cardiopulmonary process",
+    "right lower lobe consolidation concerning for pneumonia",
+    "mild pulmonary edema",
+    "small right apical pneumothorax",
+    "bibasilar atelectasis",
+    "stable support devices",
+]
+
+
+def diffusers_one_by_one(model: Path, prompts: list[str], out: Path, steps: int, guidance: float, device) -> None:
+    """The baseline: plain diffusers, one prompt per call, one PNG per image."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model, local_files_only=True, safety_checker=None)
+    pipe.scheduler = make_scheduler(model, "pndm")
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    for index, prompt in enumerate(prompts):
+        images = pipe(
+            prompt,
+            negative_prompt="",
+            generator=torch.Generator().manual_seed(image_seed(0, index, 0)),
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            output_type="pt",
+        ).images  # (1, 3, height, width)
+        write_png(out / image_file(index), grey_uint8(images)[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--batch-size", type=int, default=8)
+    args = parser.parse_args()
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = args.model or write_tiny_model(tmp / "tiny")
+        prompts = [PROMPTS[i % len(PROMPTS)] + f" ({i})" for i in range(args.prompts)]
+        (tmp / "prompts.txt").write_text("\n".join(prompts) + "\n")
+        # fp32 on both sides so that the comparison is about batching, not precision
+        config = SampleConfig(
+            model=model,
+            out=tmp / "ours",
+            prompts_file=tmp / "prompts.txt",
+            steps=args.steps,
+            guidance=args.guidance,
+            batch_size=args.batch_size,
+            mixed_precision="no",
+        )
+        diffusers_one_by_one(model, prompts[:1], tmp / "warm", 1, args.guidance, device)  # imports, CUDA init
+
+        start = time.perf_counter()
+        sample(config)
+        ours = args.prompts / (time.perf_counter() - start)
+        start = time.perf_counter()
+        diffusers_one_by_one(model, prompts, tmp / "theirs", args.steps, args.guidance, device)
+        theirs = args.prompts / (time.perf_counter() - start)
+
+    print(
+        f"device {device}, model {args.model or 'tiny'}, {args.prompts} prompts, "
+        f"{args.steps} steps, batch {args.batch_size}"
+    )
+    print(f"cxrdiff sample (batched):        {ours:8.3f} images/s")
+    print(f"diffusers, one prompt per call:  {theirs:8.3f} images/s")
+    print(f"ratio cxrdiff / diffusers:       {ours / theirs:8.2f}")
+
+
+if __name__ == "__main__":
+    main()
