@@ -191,6 +191,16 @@ class PhantomClassifier:
             out = [self.logits(images[s : s + batch_size]).numpy() for s in range(0, len(images), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
 
+    @property
+    def cache_key(self) -> str:
+        """A hash of the weights: the report reuses cached metrics only for the same classifier."""
+        import hashlib
+
+        digest = hashlib.sha256(repr(self.classes).encode())
+        for name, tensor in sorted(self.modules.state_dict().items()):
+            digest.update(name.encode() + tensor.detach().cpu().numpy().tobytes())
+        return digest.hexdigest()
+
     def save(self, path: str | os.PathLike) -> Path:
         import io
 
