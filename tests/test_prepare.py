@@ -369,3 +369,111 @@ def test_two_processes_under_accelerate_give_the_same_output(prepared, tree, tin
             for a, b, shape in zip(got[name][column], table[column], table["latent_shape"], strict=True):
                 np.testing.assert_allclose(latent_from_bytes(a, shape), latent_from_bytes(b, shape), atol=2e-3)
     assert not list((out / ".prepare").glob("*.part-*"))  # parts joined and removed
+
+
+# --- end to end on the phantom ------------------------------------------------------------------
+
+
+def _phantom_plan(tree: Path) -> tuple[dict, list[dict]]:
+    """What the generator put in: its manifest and, re-derived from the same seed, every study with its case."""
+    from cxrdiff import phantom
+
+    manifest = json.loads((tree / "manifest.json").read_text())
+    c = manifest["config"]
+    studies, _ = phantom._plan(c["patients"], c["seed"], c["size"], c["dicom_fraction"])
+    return manifest, studies
+
+
+@pytest.mark.slow
+def test_phantom_counts_match_what_the_generator_put_in(phantom_tree, phantom_prepared):
+    manifest, studies = _phantom_plan(phantom_tree)
+    put = manifest["counts"]
+    prepared = json.loads((phantom_prepared / "manifest.json").read_text())
+    got = prepared["counts"]
+    assert got["metadata"]["images"] == put["images_total"] and got["metadata"]["studies"] == put["studies"]
+    assert got["metadata"]["views"] == {v: n for v, n in put["images"].items() if n}
+    assert got["metadata"]["frontal_images"] == put["images"]["PA"] + put["images"]["AP"]
+    ms_ids = set(pd.read_csv(phantom_tree / "MS_CXR_Local_Alignment_v1.0.0.csv")["dicom_id"])
+    frontal = [(s, im) for s in studies for im in s["images"] if im["view"] != "LATERAL"]
+    in_p19 = [(s, im) for s, im in frontal if patient_folder(s["subject_id"]) == "p19"]
+    train = [(s, im) for s, im in frontal if patient_folder(s["subject_id"]) != "p19" and im["dicom_id"] not in ms_ids]
+    short = sum(s["case"] == "short_impression" for s, _ in train)
+    no_impression = sum(s["case"] == "no_impression" for s, _ in train)
+    assert (got["train"]["held_out_test_folder"], got["train"]["held_out_ms_cxr"]) == (
+        len(in_p19),
+        put["ms_cxr"]["images_total"],
+    )
+    assert got["train"]["candidates"] == len(train) and got["train"]["short_impression"] == short
+    for fault in ("missing_report", "no_usable_text", "image_not_found", "unreadable_image"):
+        assert got["train"][fault] == 0
+    assert got["train"]["rows"] == len(train) - short
+    assert prepared["impression_sources"]["train"] == {
+        "impression": len(train) - short - no_impression,
+        "findings": no_impression,
+        "last_paragraph": 0,
+        "none": 0,
+    }
+    p19_studies = [s for s in studies if patient_folder(s["subject_id"]) == "p19"]
+    assert got["test"]["studies"] == put["studies_p19"] == len(p19_studies)
+    usable = sum(s["case"] != "short_impression" for s in p19_studies)
+    assert got["test"]["usable_studies"] == usable and got["test"]["rows"] == min(8, usable)
+    pairs = {(d, c) for d, c in pd.read_csv(phantom_tree / "MS_CXR_Local_Alignment_v1.0.0.csv")[
+        ["dicom_id", "category_name"]].itertuples(index=False)}  # fmt: skip
+    assert got["ms_cxr"]["csv_rows"] == sum(put["ms_cxr"]["rows"].values())
+    assert got["ms_cxr"]["pairs"] == got["ms_cxr"]["rows"] == len(pairs) and got["ms_cxr"]["box_outside_image"] == 0
+
+
+@pytest.mark.slow
+def test_phantom_train_shards_hold_no_p19_or_ms_cxr_image_and_the_study_labels(phantom_tree, phantom_prepared):
+    train = _train(phantom_prepared)
+    ms_ids = set(pd.read_csv(phantom_tree / "MS_CXR_Local_Alignment_v1.0.0.csv")["dicom_id"])
+    assert len(train) > 0 and not train["subject_id"].map(patient_folder).eq("p19").any()
+    assert not set(train["dicom_id"]) & ms_ids and set(train["view"]) <= {"PA", "AP"}
+    chexpert = pd.read_csv(phantom_tree / "mimic-cxr-2.0.0-chexpert.csv.gz").set_index(["subject_id", "study_id"])
+    expected = chexpert.loc[list(zip(train["subject_id"], train["study_id"], strict=True)), list(LABELS)]
+    np.testing.assert_array_equal(train[list(LABELS)].to_numpy(), expected.to_numpy(np.float32))
+
+
+@pytest.mark.slow
+def test_phantom_boxes_cover_the_drawn_finding_in_the_prepared_frame(phantom_tree, phantom_prepared):
+    from cxrdiff import phantom
+
+    truth = json.loads((phantom_tree / "phantom_truth.json").read_text())["images"]
+    ms = pd.read_parquet(phantom_prepared / "ms_cxr.parquet")
+    assert len(ms) > 0
+    for _, row in ms.iterrows():
+        _, masks, _ = phantom.rerender(truth[row["dicom_id"]])
+        resized = resize_center_crop(masks[row["category_name"]].astype(np.uint8) * 255, 64)
+        drawn, touched = resized > 127, resized > 0
+        boxed = boxes_mask([list(b) for b in row["boxes"]], 64)
+        assert drawn.sum() > 0
+        assert (drawn & boxed).sum() / drawn.sum() >= 0.98, row["category_name"]
+        rows, cols = np.flatnonzero(touched.any(axis=1)), np.flatnonzero(touched.any(axis=0))
+        boxes = np.array([list(b) for b in row["boxes"]])  # (n, 4) x, y, w, h
+        union = [
+            boxes[:, 0].min(),
+            boxes[:, 1].min(),
+            (boxes[:, 0] + boxes[:, 2]).max(),
+            (boxes[:, 1] + boxes[:, 3]).max(),
+        ]
+        extent = [cols[0], rows[0], cols[-1] + 1, rows[-1] + 1]
+        np.testing.assert_allclose(union, extent, atol=2.0)  # tight: the boxes span the finding, no more
+
+
+@pytest.mark.slow
+def test_phantom_latents_equal_a_fresh_encode_and_dicoms_read_like_their_jpgs(phantom_tree, phantom_prepared,
+                                                                            tiny_model):  # fmt: skip
+    import torch
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(tiny_model / "vae").eval()
+    row = _train(phantom_prepared).iloc[0]
+    pixels = to_model_input(resize_center_crop(load_grayscale(row["image_path"]), 64))  # (1, 3, 64, 64)
+    with torch.no_grad():
+        mean = vae.encode(pixels).latent_dist.mean[0].numpy()  # (4, 16, 16)
+    np.testing.assert_allclose(latent_from_bytes(row["latent_mean"], row["latent_shape"]), mean, atol=2e-3)
+    dicoms = sorted(phantom_tree.rglob("*.dcm"))
+    assert dicoms
+    for path in dicoms:
+        grey, jpg = load_grayscale(path).astype(float), load_grayscale(path.with_suffix(".jpg")).astype(float)
+        assert grey.shape == jpg.shape and np.abs(grey - jpg).mean() < 3.0
