@@ -234,7 +234,7 @@ def _draw_finding(cv: _Canvas, state: dict, finding: Finding, rng: np.random.Gen
     return deltas
 
 
-def _mask_of(delta: np.ndarray, relative: float = 0.2) -> np.ndarray:
+def _mask_of(delta: np.ndarray, relative: float = 0.1) -> np.ndarray:
     """Where a finding changed the picture: |change| above a fraction of its own peak."""
     magnitude = np.abs(delta)
     return magnitude > max(relative * float(magnitude.max()), 0.01)
@@ -534,7 +534,7 @@ def write_report_text(
     body = []
     heart = "Cardiomegaly" in present
     body.append(
-        "The heart is enlarged."
+        next(s for f, s in zip(findings, sentences, strict=True) if f.category == "Cardiomegaly")
         if heart
         else ("Heart size is normal." if rng.random() < 0.5 else "The cardiomediastinal silhouette is normal.")
     )
@@ -959,9 +959,10 @@ def make_phantom(
 
 def _run_images(out: Path, tasks: list[dict], workers: int | None, progress) -> list:
     """Render and write every image, in worker processes when there are enough images to pay for them."""
-    workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
     jobs = [(os.fspath(out), task) for task in tasks]
-    if workers <= 1 or len(jobs) < 64:
+    if workers is None:  # a pool pays for its start-up from about a hundred images on
+        workers = min(os.cpu_count() or 1, 8) if len(jobs) >= 64 else 1
+    if workers <= 1:
         return [_image_worker(job) for job in progress(jobs, description="phantom images")]
     from concurrent.futures import ProcessPoolExecutor
 

@@ -1,0 +1,42 @@
+"""How long `cxrdiff phantom` takes for 1,000 patients at 512 px (target: under 2 minutes on 2 cores).
+
+Prints the wall time with all cores and with one, side by side, and the images per second.
+Usage: .venv/bin/python bench/bench_phantom.py [--patients 1000] [--size 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from cxrdiff.console import set_verbosity
+from cxrdiff.phantom import make_phantom
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--patients", type=int, default=1000)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--single", action="store_true", help="also time one worker (slow)")
+    args = parser.parse_args()
+    set_verbosity(-1)
+    runs = [("all cores", None)] + ([("1 worker", 1)] if args.single else [])
+    for name, workers in runs:
+        out = Path(tempfile.mkdtemp()) / "phantom"
+        start = time.perf_counter()
+        result = make_phantom(out, patients=args.patients, size=args.size, seed=0, workers=workers)
+        seconds = time.perf_counter() - start
+        print(
+            f"{name} ({os.cpu_count()} cpus): {args.patients} patients, {result['images']} images at {args.size} px: "
+            f"{seconds:.1f} s ({result['images'] / seconds:.1f} images/s; target < 120 s: "
+            f"{'ok' if seconds < 120 else 'MISSED'})"
+        )
+        shutil.rmtree(out.parent)
+
+
+if __name__ == "__main__":
+    main()
