@@ -261,6 +261,10 @@ def sample(
     seed: Annotated[int | None, typer.Option(help="Base seed; each image's seed derives from it.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per batch.")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N prompts.")] = None,
+    prompt_column: Annotated[str | None, typer.Option(help="Column of --prompts holding the text.")] = None,
+    mixed_precision: Annotated[
+        Precision | None, typer.Option(help="no | fp16 | bf16; default bf16 on CUDA, fp32 on CPU.")
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Generate images with classifier-free guidance, reproducible per prompt."""
@@ -281,6 +285,8 @@ def sample(
         seed=seed,
         batch_size=batch_size,
         limit=limit,
+        prompt_column=prompt_column,
+        mixed_precision=mixed_precision.value if mixed_precision else None,
     )
 
 

@@ -230,3 +230,14 @@ def test_cli_wires_options_and_prints_json(tiny_model, tmp_path):
     rows = pq.read_table(tmp_path / "o" / "samples.parquet").to_pylist()
     assert [(r["scheduler"], r["steps"], r["seed"]) for r in rows] == [("dpm", 1, image_seed(5, 0, r)) for r in (0, 1)]
     assert read_manifest(tmp_path / "o", "sample")["scheduler_class"] == "DPMSolverMultistepScheduler"
+
+
+def test_prompt_column_picks_the_text(tmp_path):
+    from cxrdiff.sample import read_prompts
+
+    path, labels = _test_parquet(tmp_path / "test.parquet", column="findings")
+    read = read_prompts(SampleConfig(prompts=path, prompt_column="findings"))
+    assert read.texts == PROMPTS and read.extra["dicom_id"] == ["d0", "d1", "d2"]
+    np.testing.assert_array_equal(np.array(read.extra["Edema"], dtype=np.float32), labels[:, LABELS.index("Edema")])
+    with pytest.raises(InputError, match=r"no 'impression' column \(has: dicom_id, subject_id, study_id, findings"):
+        read_prompts(SampleConfig(prompts=path))
