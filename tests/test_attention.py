@@ -36,7 +36,7 @@ def test_layer_grid_follows_the_latent_grid():
 
 
 def test_processors_restored_and_outputs_unchanged(comps):
-    latents, context = _inputs(comps)
+    latents, context = _inputs(comps, batch=1)
     before_procs = dict(comps.unet.attn_processors)
     before = _run(comps, latents, context)
     with AttentionCapture(comps.unet, comps.latent_shape[1:]) as capture:
@@ -52,7 +52,7 @@ def test_processors_restored_and_outputs_unchanged(comps):
 
 
 def test_processors_restored_after_an_error(comps):
-    latents, context = _inputs(comps)
+    latents, context = _inputs(comps, batch=1)
     before_procs = dict(comps.unet.attn_processors)
     before = _run(comps, latents, context)
     with pytest.raises(ValueError, match="boom"), AttentionCapture(comps.unet, comps.latent_shape[1:]) as capture:
