@@ -259,7 +259,8 @@ def sample(config: SampleConfig, shard: tuple[int, int] | None = None) -> dict[s
     result: dict[str, Any] = {
         "out": os.fspath(out),
         "images": total,
-        "generated": len(todo),
+        "processes": shard[1],
+        "generated": len(todo),  # by this process
         "skipped": len(mine) - len(todo),
         "seconds": round(seconds, 3),
         "images_per_s": round(len(todo) / seconds, 3) if todo and seconds > 0 else None,
