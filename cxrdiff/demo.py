@@ -1,0 +1,262 @@
+"""`cxrdiff demo`: the whole chain on phantom data and a tiny model, on a laptop CPU.
+
+phantom → tiny base model (its VAE fitted briefly to the phantom images, so samples decode to
+X-ray-like pictures) → prepare → finetune frozen and learnable → sample → ground → report. No Inception
+or X-ray classifier weights can ship, so the report's fidelity features and classifier check come from a
+small pathology classifier trained here on the phantom training images, and are named as such.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxrdiff.console import log
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoPlan:
+    """Sizes of a demo run; `quick` is the CI-sized one."""
+
+    patients: int = 240
+    image_size: int = 128
+    resolution: int = 64
+    vae_steps: int = 400
+    finetune_steps: int = 600
+    batch_size: int = 16
+    lr: float = 1e-3  # a random-init tiny UNet needs far more than the paper's 5e-5 for pretrained SD2
+    sample_steps: int = 20
+    ground_steps: int = 20
+    ground_window: int = 16
+    n_fid: int = 200
+    diversity_prompts: int = 16
+    test_size: int = 200
+    seed: int = 0
+
+    @classmethod
+    def quick(cls) -> DemoPlan:
+        return cls(
+            patients=80,
+            vae_steps=120,
+            finetune_steps=150,
+            sample_steps=10,
+            ground_steps=10,
+            ground_window=8,
+            n_fid=48,
+            diversity_prompts=6,
+            test_size=48,
+        )
+
+
+def fit_vae(
+    vae: Any, images: np.ndarray, steps: int, seed: int = 0, batch_size: int = 16, lr: float = 1e-3
+) -> list[float]:
+    """Fit a tiny VAE to grey images (uint8, (N, H, W)) with an L1 reconstruction loss and a small KL term.
+
+    A random VAE decodes any latent to noise; a few hundred steps on the phantom images make its decoder
+    draw chest-like pictures, which is all the demo needs from it. Returns the loss per step.
+    """
+    import torch
+
+    from cxrdiff.images import to_model_input
+
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    vae.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    data = to_model_input(images)  # (n, 3, height, width)
+    losses = []
+    for _ in range(steps):
+        batch = data[torch.randint(0, len(data), (batch_size,), generator=generator)]
+        posterior = vae.encode(batch).latent_dist
+        latent = posterior.sample(generator)
+        reconstruction = vae.decode(latent).sample
+        kl = posterior.kl().mean() / batch[0].numel()
+        loss = (reconstruction - batch).abs().mean() + 1e-4 * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    vae.eval().requires_grad_(False)
+    log.info("VAE fitted: L1 %.4f → %.4f over %d steps", losses[0], losses[-1], steps)
+    return losses
+
+
+def _scale_to_unit_variance(vae: Any, images: np.ndarray) -> float:
+    """The scaling factor that gives the fitted VAE's latents unit variance (what SD's 0.18215 does)."""
+    import torch
+
+    from cxrdiff.images import to_model_input
+
+    with torch.no_grad():
+        mean = vae.encode(to_model_input(images[:64])).latent_dist.mean
+    return float(1.0 / mean.std())
+
+
+def _train_images(prepared: Path, resolution: int, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Prepared training images (uint8, model frame) and their labels for the demo's classifier."""
+    import pyarrow.parquet as pq
+
+    from cxrdiff.images import load_grayscale, resize_center_crop
+    from cxrdiff.metrics.classifier import PHANTOM_CLASSES
+
+    columns = ["image_path", *PHANTOM_CLASSES]
+    frames = [pq.read_table(p, columns=columns).to_pandas() for p in sorted(prepared.glob("train-*.parquet"))]
+    import pandas as pd
+
+    table = pd.concat(frames, ignore_index=True).head(limit)
+    images = np.stack([resize_center_crop(load_grayscale(p), resolution) for p in table["image_path"]])
+    labels = np.array(table[list(PHANTOM_CLASSES)], dtype=np.float32)
+    labels[labels < 0] = np.nan  # uncertain: left out of the loss
+    return images, labels
+
+
+def _phantom_images(phantom: Path, resolution: int, limit: int) -> np.ndarray:
+    """Frontal phantom images outside p19, in the model frame, to fit the VAE on."""
+    import pandas as pd
+
+    from cxrdiff.images import load_grayscale, resize_center_crop
+
+    meta = pd.read_csv(phantom / "mimic-cxr-2.0.0-metadata.csv.gz")
+    meta = meta[meta["ViewPosition"].isin(["PA", "AP"])]
+    paths = []
+    for row in meta.itertuples():
+        folder = phantom / "files" / f"p{str(row.subject_id)[:2]}" / f"p{row.subject_id}" / f"s{row.study_id}"
+        if not folder.parent.name.startswith("p19"):
+            paths.append(folder / f"{row.dicom_id}.jpg")
+    return np.stack([resize_center_crop(load_grayscale(p), resolution) for p in paths[:limit]])
+
+
+def _base_model(out: Path, phantom: Path, plan: DemoPlan) -> Path:
+    """The tiny base model, its VAE fitted to the phantom images (skipped when already written)."""
+    from cxrdiff.models import TinySpec, save_components, tiny_components
+
+    base = out / "base-model"
+    if (base / "model_index.json").is_file():
+        return base
+    comps = tiny_components(TinySpec(resolution=plan.resolution), seed=plan.seed)
+    images = _phantom_images(phantom, plan.resolution, limit=512)
+    fit_vae(comps.vae, images, plan.vae_steps, seed=plan.seed)
+    comps.vae.register_to_config(scaling_factor=_scale_to_unit_variance(comps.vae, images))
+    save_components(comps, base)
+    return base
+
+
+def demo(out: Path = Path("cxrdiff-demo"), quick: bool = False) -> dict[str, Any]:
+    """Run the chain; every step skips what an earlier (or interrupted) demo already finished."""
+    import time
+
+    from cxrdiff.console import err
+    from cxrdiff.finetune import FinetuneConfig, finetune
+    from cxrdiff.metrics.classifier import PhantomClassifier, train_phantom_classifier
+    from cxrdiff.phantom import make_phantom
+    from cxrdiff.prepare import PrepareConfig, prepare
+    from cxrdiff.report import ReportConfig, report
+
+    plan = DemoPlan.quick() if quick else DemoPlan()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def stage(name: str) -> None:
+        timings[name] = round(time.perf_counter() - started - sum(timings.values()), 1)
+
+    err.rule(f"cxrdiff demo{' --quick' if quick else ''}: phantom data ({plan.patients} patients)")
+    phantom = out / "phantom"
+    make_phantom(
+        phantom, patients=plan.patients, seed=plan.seed, size=plan.image_size, dicom_fraction=0.1, preview=True
+    )
+    stage("phantom")
+    err.rule("tiny base model (VAE fitted to the phantom images)")
+    base = _base_model(out, phantom, plan)
+    stage("base model")
+    err.rule("prepare")
+    prepared = out / "prepared"
+    prepare(
+        PrepareConfig(
+            mimic=phantom,
+            reports=phantom,
+            ms_cxr=phantom / "MS_CXR_Local_Alignment_v1.0.0.csv",
+            base_model=base,
+            out=prepared,
+            test_size=plan.test_size,
+            seed=plan.seed,
+        )
+    )
+    stage("prepare")
+    runs = {}
+    for kind, frozen in (("frozen", True), ("learnable", False)):
+        err.rule(f"finetune ({kind} text encoder, {plan.finetune_steps} steps)")
+        runs[kind] = out / kind
+        finetune(
+            FinetuneConfig(
+                data=prepared,
+                base_model=base,
+                out=runs[kind],
+                frozen_text=frozen,
+                steps=plan.finetune_steps,
+                batch_size=plan.batch_size,
+                lr=plan.lr,
+                seed=plan.seed,
+                checkpoint_every=max(plan.finetune_steps // 2, 1),
+                log_every=25,
+            )
+        )
+        stage(f"finetune {kind}")
+    err.rule("phantom pathology classifier (fidelity features and classifier check)")
+    classifier_path = out / "classifier" / "phantom_classifier.safetensors"
+    if classifier_path.is_file():
+        classifier = PhantomClassifier.load(classifier_path)
+    else:
+        images, labels = _train_images(prepared, plan.resolution)
+        classifier = train_phantom_classifier(images, labels, seed=plan.seed)
+        classifier.save(classifier_path)
+    stage("classifier")
+    err.rule("sample, ground and report")
+    result = report(
+        ReportConfig(
+            runs=(runs["frozen"], runs["learnable"]),
+            names=("Finetune_F", "Finetune_L"),
+            out=out / "report",
+            real=prepared,
+            n_fid=plan.n_fid,
+            diversity_prompts=plan.diversity_prompts,
+            fid=False,
+            fid_xrv=False,
+            sample_steps=plan.sample_steps,
+            ground_steps=plan.ground_steps,
+            ground_window=plan.ground_window,
+            seed=plan.seed,
+            batch_size=16,
+            classifier=classifier,
+        )
+    )
+    stage("sample, ground, report")
+    summary = _summary(out / "report" / "metrics.json")
+    total = round(time.perf_counter() - started, 1)
+    err.print(f"demo finished in {total:.0f} s: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    for name, numbers in summary.items():
+        err.print(f"  {name}: " + ", ".join(f"{k} {v}" for k, v in numbers.items()))
+    err.print(f"report: {result['report']}")
+    return {"report": result["report"], "seconds": total, "timings": timings, "summary": summary}
+
+
+def _summary(metrics_path: Path) -> dict[str, dict[str, Any]]:
+    """The headline numbers per run: average CNR / AUC-ROC / Top-1 and the fidelity scores."""
+    import json
+
+    metrics = json.loads(metrics_path.read_text())
+    summary = {}
+    for name, run in metrics["runs"].items():
+        average = run["grounding"].get("average") or run["grounding"].get("classes", {}).get("Average", {})
+        numbers = {k: average.get(k) for k in ("cnr", "auc_roc", "top1") if k in average}
+        for score in run.get("fidelity", []):
+            numbers[score["name"]] = score.get("value")
+        if run.get("diversity"):
+            numbers["MS-SSIM %"] = run["diversity"].get("value")
+        summary[name] = numbers
+    return summary
