@@ -340,3 +340,9 @@ def test_two_processes_split_the_batch_save_every_rank_and_resume(tmp_path, prep
     # the same global batches as the single-process run, split over the ranks
     assert [r["ucg_eligible"] for r in log] == [r["ucg_eligible"] for r in _log(frozen_run[0])]
     assert json.loads((out / "manifest.json").read_text())["processes"] == 2
+
+
+def test_gradient_checkpointing_changes_memory_not_numbers(tmp_path, prepared, tiny_model):
+    out = tmp_path / "run"
+    finetune(_config(prepared, tiny_model, out, steps=2, gradient_checkpointing=True))
+    assert [r["loss"] for r in _log(out)] == pytest.approx(PINNED_FROZEN_LOSSES[:2], rel=1e-6)
