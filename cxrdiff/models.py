@@ -203,6 +203,10 @@ class TinySpec:
     text_layers: int = 2
     text_heads: int = 2
     prediction_type: str = "epsilon"
+    # Start the text encoder's self-attention output projections at zero, so that each position's
+    # feature is its own token's, as word positions carry their word in a pretrained CLIP: the property
+    # grounding relies on, which a random encoder lacks. Training can still learn to mix positions.
+    token_local_text: bool = False
 
     @property
     def latent_size(self) -> int:
@@ -292,6 +296,10 @@ def tiny_components(spec: TinySpec = TinySpec(), seed: int = 0) -> Components:
             pad_token_id=tokenizer.pad_token_id,
         )
     )
+    if spec.token_local_text:
+        for layer in getattr(text_encoder, "text_model", text_encoder).encoder.layers:  # transformers 4 / 5
+            torch.nn.init.zeros_(layer.self_attn.out_proj.weight)
+            torch.nn.init.zeros_(layer.self_attn.out_proj.bias)
     scheduler = PNDMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
