@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from fixtures_prepared import build_prepared
 
+from cxrdiff.config import load_config
 from cxrdiff.data import LABELS
 from cxrdiff.errors import InputError, RunError
 from cxrdiff.finetune import FinetuneConfig, Prompts, TrainData, batch_plan, finetune
@@ -309,13 +310,8 @@ def test_cli_run_with_v_prediction_ema_export_min_snr_and_validation(tmp_path, p
     assert sorted(p.parent.name for p in (out / "validation").glob("*/00.png")) == ["step-0000001", "step-0000002"]
     assert (out / "unet_raw").is_dir()  # the folder holds EMA weights; the raw ones stay beside them
     assert "step 2/2 loss" in done.stderr  # plain lines in a batch job
-    bad = subprocess.run(
-        [sys.executable, "-m", "cxrdiff", "finetune", *args[:7], "--latent-sampling", "median"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert bad.returncode == 2 and "'latent_sampling' = 'median'" in bad.stderr
+    with pytest.raises(InputError, match="'latent_sampling' = 'median' is not a valid"):
+        load_config(FinetuneConfig, None, latent_sampling="median")
 
 
 @pytest.mark.slow
@@ -344,5 +340,5 @@ def test_two_processes_split_the_batch_save_every_rank_and_resume(tmp_path, prep
 
 def test_gradient_checkpointing_changes_memory_not_numbers(tmp_path, prepared, tiny_model):
     out = tmp_path / "run"
-    finetune(_config(prepared, tiny_model, out, steps=2, gradient_checkpointing=True))
-    assert [r["loss"] for r in _log(out)] == pytest.approx(PINNED_FROZEN_LOSSES[:2], rel=1e-6)
+    finetune(_config(prepared, tiny_model, out, steps=1, gradient_checkpointing=True))
+    assert [r["loss"] for r in _log(out)] == pytest.approx(PINNED_FROZEN_LOSSES[:1], rel=1e-6)
