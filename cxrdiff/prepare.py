@@ -660,6 +660,11 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     plan = json.loads((state / "plan.json").read_text())
     items = pd.read_parquet(state / "plan.parquet")
     todo = [unit for unit in plan["units"] if not (inputs.out / f"{unit}.parquet").is_file()]
+    if not todo and _complete(inputs.out, fingerprint):
+        # Finished before with the same settings and inputs: leave the manifest (and with it the hash
+        # that later steps recorded) untouched, so nothing downstream is recomputed.
+        log.info("%s: already prepared; nothing to do", inputs.out)
+        return {} if not acc.is_main_process else _summary(inputs.out)
     encode_start = time.perf_counter()
     if todo:
         vae = _load_vae(inputs.base_model, acc.device)
@@ -676,6 +681,29 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
         return {}
     now = time.perf_counter()
     return _finish(config, inputs, plan, now - start) | {"encode_seconds": round(now - encode_start, 2)}
+
+
+def _complete(out: Path, fingerprint: str) -> bool:
+    """Whether `out` holds a finished prepare run made with these settings and inputs."""
+    path = out / MANIFEST
+    return path.is_file() and json.loads(path.read_text()).get("plan_fingerprint") == fingerprint
+
+
+def _summary(out: Path) -> dict[str, Any]:
+    """The result of a finished run, from its manifest."""
+    manifest = json.loads((out / MANIFEST).read_text())
+    counts = manifest["counts"]
+    return {
+        "out": str(out),
+        "train_rows": counts["train"]["rows"],
+        "train_shards": len(manifest["shards"]),
+        "test_rows": counts["test"]["rows"],
+        "ms_cxr_rows": counts["ms_cxr"]["rows"],
+        "skipped": manifest["skipped"],
+        "resolution": manifest["resolution"],
+        "latent_shape": manifest["latent_shape"],
+        "seconds": 0.0,
+    }
 
 
 def _finish(config: PrepareConfig, inputs: _Inputs, plan: dict[str, Any], seconds: float) -> dict[str, Any]:
@@ -721,6 +749,7 @@ def _finish(config: PrepareConfig, inputs: _Inputs, plan: dict[str, Any], second
             "impression_sources": plan["impression_sources"],
             "prompts_over_context": plan["prompts_over_context"],
             "skipped": len(skipped),
+            "plan_fingerprint": plan["fingerprint"],
         },
     )
     return {

@@ -477,3 +477,22 @@ def test_phantom_latents_equal_a_fresh_encode_and_dicoms_read_like_their_jpgs(ph
     for path in dicoms:
         grey, jpg = load_grayscale(path).astype(float), load_grayscale(path.with_suffix(".jpg")).astype(float)
         assert grey.shape == jpg.shape and np.abs(grey - jpg).mean() < 3.0
+
+
+def test_rerun_of_a_finished_prepare_changes_nothing(phantom_prepared, tiny_model, tmp_path):
+    """A finished folder re-run with the same settings keeps its manifest, so later steps see no change."""
+    import shutil
+
+    import dataclasses
+
+    from cxrdiff.artifacts import manifest_hash, read_manifest
+    from cxrdiff.config import from_dict
+    from cxrdiff.prepare import PrepareConfig, prepare
+
+    copy = tmp_path / "prepared"
+    shutil.copytree(phantom_prepared, copy)
+    before = manifest_hash(copy), (copy / "manifest.json").stat().st_mtime_ns
+    config = from_dict(PrepareConfig, read_manifest(copy, "prepare")["config"])
+    result = prepare(dataclasses.replace(config, out=copy))
+    assert (manifest_hash(copy), (copy / "manifest.json").stat().st_mtime_ns) == before  # not rewritten
+    assert result["train_rows"] == read_manifest(copy)["counts"]["train"]["rows"] > 0
