@@ -40,7 +40,7 @@ class DemoPlan:
     def quick(cls) -> DemoPlan:
         return cls(
             patients=80,
-            vae_steps=120,
+            vae_steps=80,
             finetune_steps=150,
             sample_steps=10,
             ground_steps=10,

@@ -75,7 +75,7 @@ def test_phantom_classifier_learns_and_is_seeded(tmp_path):
     assert tuple(feats.shape) == (4, 4 * model.width)
     again = C.train_phantom_classifier(x, y, classes=classes, epochs=8, seed=1)
     np.testing.assert_allclose(again.scores(xt), scores, rtol=1e-5, atol=1e-5)
-    path = model.save(tmp_path / "clf.pt")
+    path = model.save(tmp_path / "clf.safetensors")
     loaded = C.PhantomClassifier.load(path)
     assert loaded.classes == classes and loaded.cache_key == model.cache_key
     np.testing.assert_allclose(loaded.scores(xt[:5]), scores[:5], rtol=1e-6)

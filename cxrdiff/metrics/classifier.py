@@ -202,28 +202,32 @@ class PhantomClassifier:
         return digest.hexdigest()
 
     def save(self, path: str | os.PathLike) -> Path:
-        import io
+        """Weights as safetensors; classes and sizes in its metadata."""
+        import json
 
-        import torch
+        from safetensors.torch import save
 
         from cxrdiff.artifacts import write_bytes
 
-        buffer = io.BytesIO()
-        state = {"classes": list(self.classes), "size": self.size, "width": self.width}
-        torch.save({**state, "state_dict": self.modules.state_dict()}, buffer)
-        return write_bytes(path, buffer.getvalue())
+        state = {k: v.detach().contiguous() for k, v in self.modules.state_dict().items()}
+        meta = {"classes": json.dumps(list(self.classes)), "size": str(self.size), "width": str(self.width)}
+        return write_bytes(path, save(state, metadata=meta))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PhantomClassifier:
-        import torch
+        import json
+
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file, safe_open
 
         try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            model = cls(saved["classes"], saved["size"], saved["width"])
-            model.modules.load_state_dict(saved["state_dict"])
+            with safe_open(str(path), framework="pt") as handle:
+                meta = handle.metadata() or {}
+            model = cls(json.loads(meta["classes"]), int(meta["size"]), int(meta["width"]))
+            model.modules.load_state_dict(load_file(str(path)))
         except FileNotFoundError:
             raise InputError(f"{path}: classifier file not found") from None
-        except (KeyError, RuntimeError, OSError) as exc:
+        except (KeyError, RuntimeError, OSError, ValueError, SafetensorError) as exc:
             raise InputError(f"{path}: not a phantom classifier file ({exc})") from None
         model.modules.eval()
         return model
