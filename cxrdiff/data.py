@@ -91,6 +91,18 @@ MS_CXR_COLUMNS: tuple[str, ...] = (
     "image_width",
     "image_height",
 )
+MS_CXR_FILE_COLUMNS: tuple[str, ...] = (  # the released CSV's full header, in order
+    "dicom_id",
+    "category_name",
+    "label_text",
+    "path",
+    "x",
+    "y",
+    "w",
+    "h",
+    "image_width",
+    "image_height",
+)
 MIMIC_TABLES: dict[str, tuple[str, ...]] = {
     "metadata": METADATA_COLUMNS,
     "split": SPLIT_COLUMNS,

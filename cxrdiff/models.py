@@ -133,9 +133,13 @@ def load_components(path: str | os.PathLike, device: Any = None, dtype: Any = No
 
 def load_pipeline(path: str | os.PathLike, scheduler: Any = None, device: Any = None, dtype: Any = None) -> Any:
     """A `StableDiffusionPipeline` over a local folder, offline, safety checker off."""
+    return pipeline(load_components(path, device=device, dtype=dtype), scheduler)
+
+
+def pipeline(comps: Components, scheduler: Any = None) -> Any:
+    """The components as a `StableDiffusionPipeline` (no safety checker: these are radiographs)."""
     from diffusers import StableDiffusionPipeline
 
-    comps = load_components(path, device=device, dtype=dtype)
     return StableDiffusionPipeline(
         vae=comps.vae,
         text_encoder=comps.text_encoder,
@@ -165,19 +169,8 @@ def save_components(comps: Components, out: str | os.PathLike, scheduler: Any = 
 
     Written to a temporary folder and renamed, so a killed save never leaves a half model.
     """
-    from diffusers import StableDiffusionPipeline
-
     out = Path(out)
-    pipe = StableDiffusionPipeline(
-        vae=comps.vae,
-        text_encoder=comps.text_encoder,
-        tokenizer=comps.tokenizer,
-        unet=comps.unet,
-        scheduler=scheduler or comps.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = pipeline(comps, scheduler)
     with atomic_dir(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         keep = [p for p in out.iterdir()] if out.is_dir() else []

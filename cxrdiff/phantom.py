@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from cxrdiff.data import LABELS, MS_CXR_CATEGORIES, patient_folder
+from cxrdiff.data import LABELS, MS_CXR_CATEGORIES, MS_CXR_FILE_COLUMNS, patient_folder
 from cxrdiff.errors import InputError
 
 SIDES = ("right", "left", "bilateral")
@@ -606,18 +606,6 @@ METADATA_COLUMNS_FULL = (
     "ViewCodeSequence_CodeMeaning",
     "PatientOrientationCodeSequence_CodeMeaning",
 )
-MS_CXR_COLUMNS_FULL = (
-    "dicom_id",
-    "category_name",
-    "label_text",
-    "path",
-    "x",
-    "y",
-    "w",
-    "h",
-    "image_width",
-    "image_height",
-)
 _FINDING_STUDIES = 0.6  # share of frontal studies with at least one finding
 _UNCERTAIN = 0.12  # share of findings whose text hedges (CheXpert -1.0)
 _MS_CXR_SHARE = 0.3  # share of eligible (certain, outside p19) images per category that get boxes
@@ -943,7 +931,7 @@ def make_phantom(
                         "image_height": image["height"],
                     }
                 )
-    ms_cxr = pd.DataFrame(rows, columns=list(MS_CXR_COLUMNS_FULL))
+    ms_cxr = pd.DataFrame(rows, columns=list(MS_CXR_FILE_COLUMNS))
     write_text(out / MS_CXR_FILE, ms_cxr.to_csv(index=False, lineterminator="\n"))
     write_json(
         out / TRUTH_FILE, {"description": "frontal images only; boxes are (x, y, w, h) in pixels", "images": truth}

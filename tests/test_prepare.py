@@ -481,9 +481,8 @@ def test_phantom_latents_equal_a_fresh_encode_and_dicoms_read_like_their_jpgs(ph
 
 def test_rerun_of_a_finished_prepare_changes_nothing(phantom_prepared, tiny_model, tmp_path):
     """A finished folder re-run with the same settings keeps its manifest, so later steps see no change."""
-    import shutil
-
     import dataclasses
+    import shutil
 
     from cxrdiff.artifacts import manifest_hash, read_manifest
     from cxrdiff.config import from_dict
