@@ -252,6 +252,11 @@ def check_config(config: ReportConfig) -> None:
         raise InputError("report: give at least one RUN folder (a finetune output or a base model folder)")
     if config.out is None:
         raise InputError("--out: required (the report folder)")
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a folder")
+    if (out / MANIFEST).is_file():
+        read_manifest(out, "report")  # refuses another step's folder before its manifest is overwritten
     for r in config.runs:
         _run_kind(Path(r))
     if config.n_fid < 2 or config.diversity_prompts < 1:

@@ -295,3 +295,15 @@ def test_report_refuses_bad_inputs_before_work(tmp_path, tiny_model):
         report(ReportConfig(runs=(tiny_model,), out=tmp_path / "r", real=real), steps=_stub_steps(Calls()))
     with pytest.raises(InputError, match="expected a 'prepare' output folder"):
         report(ReportConfig(runs=(tiny_model,), out=tmp_path / "r", real=tiny_model, fid=False, fid_xrv=False))
+
+
+def test_report_refuses_another_steps_folder_as_out(tmp_path, tiny_model):
+    """--out pointing at a prepare (or finetune) folder must not overwrite that folder's manifest."""
+    from cxrdiff.errors import InputError
+
+    real = _prepared(tmp_path / "prepared", n=4)
+    before = (real / "manifest.json").read_bytes()
+    with pytest.raises(InputError, match="'prepare' folder, expected 'report'"):
+        report(ReportConfig(runs=(tiny_model,), out=real, real=real, fid=False, fid_xrv=False))
+    assert (real / "manifest.json").read_bytes() == before
+    assert not (real / "report.html").exists() and not (real / "runs").exists()
