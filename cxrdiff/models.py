@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cxrdiff.artifacts import atomic_dir
+from cxrdiff.artifacts import MANIFEST, atomic_dir, read_manifest
 from cxrdiff.errors import InputError
 
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -321,6 +321,9 @@ def write_tiny_model_cli(
         raise InputError(f"--unet-channels {unet_channels!r}: expected comma-separated integers") from None
     if prediction_type not in ("epsilon", "v_prediction"):
         raise InputError(f"--prediction-type {prediction_type!r}: expected epsilon or v_prediction")
+    if (Path(out) / MANIFEST).is_file():  # a step's folder: writing here would swap its weights under its manifest
+        step = read_manifest(out).get("step")
+        raise InputError(f"{out}: is a '{step}' folder; give a new folder for the tiny model")
     heads = tuple(max(1, c // 16) for c in channels)
     spec = TinySpec(
         resolution=resolution,

@@ -81,3 +81,16 @@ def test_malformed_folder_is_a_one_line_error(tiny_model, tmp_path, damage, mess
 def test_missing_folder(tmp_path):
     with pytest.raises(InputError, match="model folder not found"):
         load_components(tmp_path / "stable-diffusion-2-base")
+
+
+def test_model_tiny_refuses_a_step_folder(tmp_path):
+    """`cxrdiff model tiny` over a finetune output would silently swap its weights under its manifest."""
+    from cxrdiff.artifacts import write_manifest
+    from cxrdiff.models import write_tiny_model_cli
+
+    run = tmp_path / "run"
+    run.mkdir()
+    write_manifest(run, "finetune")
+    with pytest.raises(InputError, match="'finetune' folder"):
+        write_tiny_model_cli(run, 32, "32,64", 32, "epsilon", 0)
+    assert not (run / "unet").exists()
