@@ -481,6 +481,22 @@ def _resume_view(config: FinetuneConfig) -> dict[str, Any]:
     return view
 
 
+def _check_resume_settings(out: Path, config: FinetuneConfig) -> dict[str, Any] | None:
+    """The newest checkpoint's state, refused if it was trained with other settings (checked before any load)."""
+    saved = _checkpoints(out)
+    if not saved:
+        return None
+    start, path = saved[-1]
+    if start > config.steps:
+        raise InputError(f"--out {out}: holds a run already at step {start}, past --steps {config.steps}")
+    state = json.loads((path / "state.json").read_text())
+    view = _resume_view(config)
+    if state["config"] != view:
+        changed = ", ".join(f"--{k.replace('_', '-')}" for k in sorted(view) if state["config"].get(k) != view[k])
+        raise InputError(f"--out {out}: its checkpoints were trained with other {changed}; use a new --out")
+    return state
+
+
 def finetune(config: FinetuneConfig) -> dict[str, Any]:
     """Train, checkpoint, resume and export; returns where the model is and what the run did."""
     config = _check_config(config)
@@ -492,6 +508,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     if finished is not None:
         log.info(f"{out}: already trained to step {config.steps}; nothing to do")
         return finished
+    _check_resume_settings(out, config)
 
     import torch
     from accelerate import Accelerator
@@ -566,14 +583,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     saved = _checkpoints(out)
     if saved:
         start, path = saved[-1]
-        if start > config.steps:
-            raise InputError(f"--out {out}: holds a run already at step {start}, past --steps {config.steps}")
-        state = json.loads((path / "state.json").read_text())
-        if state["config"] != view:
-            changed = sorted(k for k in view if state["config"].get(k) != view[k])
-            raise InputError(
-                f"--out {out}: its checkpoints were trained with other --{', --'.join(changed)}; use a new --out"
-            )
+        state = _check_resume_settings(out, config)
         if state["processes"] != world:
             raise InputError(
                 f"--out {out}: checkpoints from {state['processes']} processes, now {world}; resume with as many"

@@ -342,3 +342,17 @@ def test_gradient_checkpointing_changes_memory_not_numbers(tmp_path, prepared, t
     out = tmp_path / "run"
     finetune(_config(prepared, tiny_model, out, steps=1, gradient_checkpointing=True))
     assert [r["loss"] for r in _log(out)] == pytest.approx(PINNED_FROZEN_LOSSES[:1], rel=1e-6)
+
+
+def test_resuming_with_other_settings_is_refused_before_loading_weights(frozen_run, prepared, tiny_model, monkeypatch):
+    import cxrdiff.models
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("weights loaded before the settings check")
+
+    monkeypatch.setattr(cxrdiff.models, "load_components", no_load)
+    out, _ = frozen_run
+    before = (out / "manifest.json").read_bytes()
+    with pytest.raises(InputError, match=r"trained with other --frozen-text, --text-lr; use a new --out"):
+        finetune(_config(prepared, tiny_model, out, frozen_text=False, text_lr=1e-4))
+    assert (out / "manifest.json").read_bytes() == before
