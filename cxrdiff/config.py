@@ -38,10 +38,13 @@ def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
                 raise TypeError
             return hint(value)
         if origin is tuple:
+            if isinstance(value, str):  # `word = "effusion"` in TOML means one item, not its letters
+                value = [value]
             return tuple(_coerce(name, v, args[0], source) for v in value)
         if origin is typing.Literal:
             if value not in args:
-                raise TypeError
+                choices = ", ".join(str(a) for a in args)
+                raise InputError(f"{source}: '{name}' = {value!r} is not a valid choice (one of {choices})")
             return value
     except (TypeError, ValueError):
         raise InputError(f"{source}: '{name}' = {value!r} is not a valid {getattr(hint, '__name__', hint)}") from None

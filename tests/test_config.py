@@ -2,6 +2,7 @@
 
 import dataclasses
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -16,6 +17,7 @@ class Example:
     lr: float = 5e-5
     frozen: bool | None = None
     words: tuple[str, ...] | None = None
+    mode: Literal["noise", "invert"] = "noise"
 
 
 def test_precedence(tmp_path):
@@ -42,3 +44,19 @@ def test_round_trip():
     config = Example(out=Path("o"), words=("a", "b"), frozen=True)
     assert from_dict(Example, to_dict(config)) == config
     assert to_dict(config)["words"] == ["a", "b"]
+
+
+def test_a_single_string_for_a_list_is_one_item_not_its_letters(tmp_path):
+    file = tmp_path / "c.toml"
+    file.write_text('words = "effusion"\n')
+    assert load_config(Example, file).words == ("effusion",)
+    file.write_text('words = ["left", "effusion"]\n')
+    assert load_config(Example, file).words == ("left", "effusion")
+
+
+def test_a_bad_choice_names_the_choices(tmp_path):
+    file = tmp_path / "c.toml"
+    file.write_text('mode = "inverse"\n')
+    with pytest.raises(InputError, match=r"'mode' = 'inverse' is not a valid choice \(one of noise, invert\)"):
+        load_config(Example, file)
+    assert load_config(Example, mode="invert").mode == "invert"
