@@ -414,14 +414,18 @@ def ground(config: GroundConfig) -> dict[str, Any]:
     check_config(config)
     out = Path(config.out)
     samples = load_samples(config)
-    if config.image is not None and config.word:
+    if config.word:
         from transformers import CLIPTokenizer
 
         from cxrdiff.tokens import word_token_spans
 
         tokenizer = CLIPTokenizer.from_pretrained(Path(config.model) / "tokenizer", local_files_only=True)
         for w in config.word:
-            word_token_spans(tokenizer, samples[0].phrase, w)  # not in the prompt: an input error, before weights
+            if config.image is not None:
+                word_token_spans(tokenizer, samples[0].phrase, w)  # not in the prompt: an input error, before weights
+            elif not any(word_token_spans(tokenizer, s.phrase, w, missing="empty", truncation="drop") for s in samples):
+                # a typo would silently fall back to all word tokens in every sample
+                raise InputError(f"--word {w!r}: occurs in none of the {len(samples)} phrases of --data {config.data}")
     key = _config_hash(config)
     if (out / "manifest.json").is_file():
         done = read_manifest(out, STEP)

@@ -341,3 +341,13 @@ def test_killed_run_resumes_finished_batches(tiny_model, ms_cxr, tmp_path, monke
     calls.clear()
     ground(dataclasses.replace(config, window=2))
     assert len(calls) == 2
+
+
+def test_data_word_in_no_phrase_is_refused_before_weights(tiny_model, ms_cxr, tmp_path, monkeypatch):
+    """A mistyped --word would otherwise fall back to all tokens in every sample, silently."""
+    import cxrdiff.models
+
+    monkeypatch.setattr(cxrdiff.models, "load_components", None)  # must fail before any weight is read
+    with pytest.raises(InputError, match="--word 'efusion': occurs in none of the"):
+        ground(dataclasses.replace(_config(tiny_model, tmp_path / "o", data=ms_cxr), word=("efusion",)))
+    assert not (tmp_path / "o").exists()
