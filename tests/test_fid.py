@@ -175,3 +175,20 @@ def test_fid_loads_inception_from_the_local_file(tmp_path):
     random = F.fid(real, fake, random_features=True)
     assert from_file.name == "FID" and from_file.label == "" and from_file.protocol["weights"] == str(path)
     assert from_file.value == pytest.approx(random.value, rel=1e-5)  # same weights, two loading paths
+
+
+def test_grey_images_from_files_are_writable_tensors(tmp_path, monkeypatch):
+    """PIL-decoded arrays are read-only; handing them to torch as is warns (and is undefined behaviour)."""
+    import torch
+    from PIL import Image
+
+    from cxrdiff.metrics.fid import GreyImages
+
+    path = tmp_path / "a.png"
+    Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).save(path)
+    from_numpy = torch.from_numpy
+    seen = []
+    monkeypatch.setattr(torch, "from_numpy", lambda a: seen.append(a.flags.writeable) or from_numpy(a))
+    item = GreyImages([path])[0]
+    assert seen == [True]  # torch warns once per process, so check the array it is given
+    assert item.shape == (3, 8, 8) and int(item[0, 7, 7]) == 63

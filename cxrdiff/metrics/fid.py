@@ -123,7 +123,8 @@ class GreyImages(Dataset):
     def __getitem__(self, index: int):
         import torch
 
-        return torch.from_numpy(np.ascontiguousarray(self.grey(index)))[None].repeat(3, 1, 1)  # (3, height, width)
+        grey = np.array(self.grey(index))  # a copy: PIL's arrays are read-only, which torch warns about
+        return torch.from_numpy(grey)[None].repeat(3, 1, 1)  # (3, height, width)
 
 
 def images_digest(images: ImageSet) -> str:
