@@ -14,7 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from cxrdiff.artifacts import MANIFEST, read_manifest
 from cxrdiff.console import log
+from cxrdiff.errors import InputError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +160,9 @@ def demo(out: Path = Path("cxrdiff-demo"), quick: bool = False) -> dict[str, Any
 
     plan = DemoPlan.quick() if quick else DemoPlan()
     out = Path(out)
+    if (out / MANIFEST).is_file():
+        kind = read_manifest(out).get("step")
+        raise InputError(f"--out {out}: is a '{kind}' folder; the demo needs a folder of its own")
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     timings: dict[str, float] = {}

@@ -44,3 +44,14 @@ def test_quick_demo_runs_the_whole_chain_and_reruns_nothing(tmp_path):
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads(again.stdout)["recomputed"] == {"Finetune_F": "nothing", "Finetune_L": "nothing"}
+
+
+def test_demo_refuses_another_steps_folder(tmp_path):
+    from cxrdiff.artifacts import write_manifest
+    from cxrdiff.demo import demo
+    from cxrdiff.errors import InputError
+
+    write_manifest(tmp_path, "finetune")
+    with pytest.raises(InputError, match="is a 'finetune' folder"):
+        demo(tmp_path, quick=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]
