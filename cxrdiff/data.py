@@ -80,17 +80,6 @@ def patient_folder(subject_id: int) -> str:
 METADATA_COLUMNS: tuple[str, ...] = ("dicom_id", "subject_id", "study_id", "ViewPosition")
 SPLIT_COLUMNS: tuple[str, ...] = ("dicom_id", "study_id", "subject_id", "split")
 CHEXPERT_COLUMNS: tuple[str, ...] = ("subject_id", "study_id", *LABELS)
-MS_CXR_COLUMNS: tuple[str, ...] = (
-    "dicom_id",
-    "category_name",
-    "label_text",
-    "x",
-    "y",
-    "w",
-    "h",
-    "image_width",
-    "image_height",
-)
 MS_CXR_FILE_COLUMNS: tuple[str, ...] = (  # the released CSV's full header, in order
     "dicom_id",
     "category_name",
@@ -103,6 +92,7 @@ MS_CXR_FILE_COLUMNS: tuple[str, ...] = (  # the released CSV's full header, in o
     "image_width",
     "image_height",
 )
+MS_CXR_COLUMNS: tuple[str, ...] = tuple(c for c in MS_CXR_FILE_COLUMNS if c != "path")  # required to read
 MIMIC_TABLES: dict[str, tuple[str, ...]] = {
     "metadata": METADATA_COLUMNS,
     "split": SPLIT_COLUMNS,

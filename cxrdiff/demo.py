@@ -120,15 +120,21 @@ def _phantom_images(phantom: Path, resolution: int, limit: int) -> np.ndarray:
     """Frontal phantom images outside p19, in the model frame, to fit the VAE on."""
     import pandas as pd
 
+    from cxrdiff.data import TEST_PATIENT_FOLDER, VIEWS_KEPT, patient_folder
     from cxrdiff.images import load_grayscale, resize_center_crop
 
     meta = pd.read_csv(phantom / "mimic-cxr-2.0.0-metadata.csv.gz")
-    meta = meta[meta["ViewPosition"].isin(["PA", "AP"])]
-    paths = []
-    for row in meta.itertuples():
-        folder = phantom / "files" / f"p{str(row.subject_id)[:2]}" / f"p{row.subject_id}" / f"s{row.study_id}"
-        if not folder.parent.name.startswith("p19"):
-            paths.append(folder / f"{row.dicom_id}.jpg")
+    meta = meta[meta["ViewPosition"].isin(VIEWS_KEPT)]
+    paths = [
+        phantom
+        / "files"
+        / patient_folder(row.subject_id)
+        / f"p{row.subject_id}"
+        / f"s{row.study_id}"
+        / f"{row.dicom_id}.jpg"
+        for row in meta.itertuples()
+        if patient_folder(row.subject_id) != TEST_PATIENT_FOLDER
+    ]
     return np.stack([resize_center_crop(load_grayscale(p), resolution) for p in paths[:limit]])
 
 

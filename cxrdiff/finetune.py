@@ -134,15 +134,6 @@ def _config_components(model: Path) -> Components:
     return comps
 
 
-def _vae_fingerprint(model: Path) -> str | None:
-    """The fingerprint `prepare` records for a base model's VAE (None while prepare is not installed)."""
-    try:
-        from cxrdiff.prepare import vae_fingerprint
-    except ImportError:
-        return None
-    return vae_fingerprint(model)
-
-
 def check_prepared(data: Path, model: Path) -> dict[str, Any]:
     """Refuse a prepared folder whose latents were not made by this base model's VAE at its resolution."""
     manifest = read_manifest(data, "prepare")
@@ -162,8 +153,10 @@ def check_prepared(data: Path, model: Path) -> dict[str, Any]:
             f"--data {data}: VAE scaling factor {known['scaling_factor']} differs from --base-model {model}'s "
             f"{comps.scaling_factor}; prepare the data with this base model"
         )
-    stored, mine = known.get("vae_fingerprint"), _vae_fingerprint(model)
-    if stored is None or mine is None:
+    from cxrdiff.models import vae_fingerprint
+
+    stored, mine = known.get("vae_fingerprint"), vae_fingerprint(model)
+    if stored is None:
         log.warning(f"{data / MANIFEST}: cannot verify that its latents came from {model}'s VAE (no fingerprint)")
     elif stored != mine:
         raise InputError(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -178,6 +179,16 @@ def save_components(comps: Components, out: str | os.PathLike, scheduler: Any = 
             if not (tmp / extra.name).exists() and extra.is_file():
                 (tmp / extra.name).write_bytes(extra.read_bytes())
     return out
+
+
+def vae_fingerprint(base_model: str | os.PathLike) -> str:
+    """sha256 of the VAE's config.json and its weight files' names and sizes: cheap, and enough for a
+    later step to refuse latents made by another VAE."""
+    vae = Path(base_model) / "vae"
+    digest = hashlib.sha256((vae / "config.json").read_bytes())
+    for weights in sorted(p for p in vae.iterdir() if p.suffix in (".safetensors", ".bin")):
+        digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
+    return "sha256:" + digest.hexdigest()
 
 
 # --- the tiny model -------------------------------------------------------------------------

@@ -44,7 +44,7 @@ from cxrdiff.data import (
 )
 from cxrdiff.errors import InputError
 from cxrdiff.images import box_to_frame, load_grayscale, resize_center_crop, to_model_input
-from cxrdiff.models import Components, check_model_folder
+from cxrdiff.models import Components, check_model_folder, vae_fingerprint
 from cxrdiff.reports import SOURCES, read_report, report_path
 
 STEP = "prepare"
@@ -159,16 +159,6 @@ def _check_out(out: Path) -> None:
         read_manifest(out, STEP)  # refuses another step's folder
     elif out.is_dir() and any(out.iterdir()) and not (out / STATE).is_dir():
         raise InputError(f"--out {out}: not empty and not a '{STEP}' folder; choose a new folder")
-
-
-def vae_fingerprint(base_model: str | os.PathLike) -> str:
-    """sha256 of the VAE's config.json and its weight files' names and sizes: cheap, and enough for a
-    later step to refuse latents made by another VAE."""
-    vae = Path(base_model) / "vae"
-    digest = hashlib.sha256((vae / "config.json").read_bytes())
-    for weights in sorted(p for p in vae.iterdir() if p.suffix in (".safetensors", ".bin")):
-        digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
-    return "sha256:" + digest.hexdigest()
 
 
 # --- plan -----------------------------------------------------------------------------------

@@ -98,7 +98,7 @@ def build_prepared(
     fill: float | None = None,
 ) -> Path:
     """Write train-NNNNN.parquet shards and a 'prepare' manifest (geometry at the top level, as prepare
-    writes it); `vae_fingerprint` is what `cxrdiff.prepare.vae_fingerprint(base_model)` returns."""
+    writes it); `vae_fingerprint` is what `cxrdiff.models.vae_fingerprint(base_model)` returns."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = prepared_rows(n, latent_shape, seed, fill)

@@ -22,11 +22,9 @@ from cxrdiff.finetune import FinetuneConfig, Prompts, TrainData, batch_plan, fin
 PINNED_FROZEN_LOSSES = (1.1567013263702393, 1.142768383026123, 1.1265671253204346)
 
 
-def _fingerprint(model: Path) -> str | None:
-    try:
-        from cxrdiff.prepare import vae_fingerprint
-    except ImportError:
-        return None
+def _fingerprint(model: Path) -> str:
+    from cxrdiff.models import vae_fingerprint
+
     return vae_fingerprint(model)
 
 
