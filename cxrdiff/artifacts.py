@@ -166,3 +166,121 @@ def read_manifest(folder: str | os.PathLike, step: str | tuple[str, ...] | None 
             + " output"
         )
     return manifest
+
+
+# --- the one way a step owns its --out folder ---------------------------------------------------
+
+CLAIM = ".cxrdiff-claim.json"  # hidden: written when a step starts a folder, replaced by the manifest's key
+
+
+class OtherSettings(InputError):
+    """The folder holds this step's run, made with other settings (report catches it to recompute)."""
+
+
+def input_identity(path: str | os.PathLike) -> str:
+    """What an input contributes to a settings key: a step folder's manifest hash (so a retrained model or
+    re-prepared data changes the key), else the resolved path (a base model, a CSV, a single image)."""
+    path = Path(path)
+    folder = path.parent if path.is_file() else path
+    return manifest_hash(folder) or os.fspath(path.resolve())
+
+
+def settings_key(settings: Mapping[str, Any]) -> str:
+    """sha256 of the settings that decide a step's outputs (JSON, sorted keys)."""
+    return hashlib.sha256(json.dumps(dict(settings), sort_keys=True, default=_json_default).encode()).hexdigest()
+
+
+def _jsonable(settings: Mapping[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(dict(settings), sort_keys=True, default=_json_default))
+
+
+class StepFolder:
+    """An `--out` folder claimed by one step: new, this step's unfinished run (resume), or finished.
+
+    `claim` refuses, with one line naming what is there, a file, a stranger's folder, another step's
+    folder, and this step's folder made with other settings. A step then writes its files atomically and
+    calls `finish`, which writes the manifest last (with the settings and their key).
+    """
+
+    def __init__(self, out: Path, step: str, settings: dict[str, Any], state: str, manifest: dict | None) -> None:
+        self.out, self.step, self.settings = out, step, settings
+        self.key = settings_key(settings)
+        self.state = state  # "new" | "resume" | "finished"
+        self.manifest = manifest
+
+    @property
+    def finished(self) -> bool:
+        return self.state == "finished"
+
+    @classmethod
+    def claim(cls, out: str | os.PathLike, step: str, settings: Mapping[str, Any], create: bool = True) -> StepFolder:
+        """Claim `out` for `step` with these settings (see the class docstring); `create=False` only checks."""
+        out, settings = Path(out), _jsonable(settings)
+        key = settings_key(settings)
+        if out.exists() and not out.is_dir():
+            raise InputError(f"--out {out}: exists and is not a folder")
+        if (out / MANIFEST).is_file():
+            manifest = read_manifest(out, step)
+            _refuse_other(out, step, "a finished", manifest.get("settings"), manifest.get("settings_key"), settings, key)
+            return cls(out, step, settings, "finished", manifest)
+        claim = _read_claim(out)
+        entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+        if claim is not None and entries != [CLAIM]:
+            if claim.get("step") != step:
+                raise InputError(f"--out {out}: holds an unfinished '{claim.get('step')}' run; choose a new folder")
+            _refuse_other(out, step, "an unfinished", claim.get("settings"), claim.get("key"), settings, key)
+            return cls(out, step, settings, "resume", None)
+        strangers = [name for name in entries if name != CLAIM]
+        if strangers:
+            shown = ", ".join(strangers[:3]) + (", ..." if len(strangers) > 3 else "")
+            raise InputError(f"--out {out}: not empty and not a '{step}' folder (has {shown}); choose a new folder")
+        folder = cls(out, step, settings, "new", None)
+        if create:
+            write_json(out / CLAIM, {"step": step, "key": key, "settings": settings})
+        return folder
+
+    def finish(
+        self,
+        config: Mapping[str, Any],
+        inputs: Mapping[str, str | os.PathLike] | None = None,
+        seed: int | None = None,
+        files: list[str] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Write the manifest (last, once every listed file is complete) and drop the claim."""
+        manifest = write_manifest(
+            self.out,
+            self.step,
+            config=config,
+            inputs=inputs,
+            seed=seed,
+            files=files,
+            extra={**dict(extra or {}), "settings": self.settings, "settings_key": self.key},
+        )
+        with contextlib.suppress(FileNotFoundError):
+            (self.out / CLAIM).unlink()
+        self.state, self.manifest = "finished", manifest
+        return manifest
+
+
+def _read_claim(out: Path) -> dict[str, Any] | None:
+    path = out / CLAIM
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InputError(f"{path}: unreadable; delete it if the folder is yours") from None
+
+
+def _refuse_other(
+    out: Path, step: str, what: str, old: Mapping[str, Any] | None, old_key: str | None, new: dict, key: str
+) -> None:
+    if old_key == key:
+        return
+    old = dict(old or {})
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    detail = ", ".join(changed[:4]) + (", ..." if len(changed) > 4 else "") if old else "unknown settings"
+    raise OtherSettings(
+        f"--out {out}: holds {what} '{step}' run made with other settings ({detail}); choose a new folder"
+    )

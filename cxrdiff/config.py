@@ -96,3 +96,10 @@ def to_dict(config: Any) -> dict[str, Any]:
 def from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
     """Rebuild a config saved by `to_dict` (e.g. to resume with the same settings)."""
     return load_config(cls, None, **{k: v for k, v in data.items() if k in {f.name for f in dataclasses.fields(cls)}})  # type: ignore[arg-type]
+
+
+def settings(config: Any, **derived: Any) -> dict[str, Any]:
+    """The config fields that decide a step's outputs (all but the class's `NOT_SETTINGS`), plus derived
+    values (an input's identity, a resolved dtype): what a step folder's settings key is made of."""
+    skip = set(getattr(type(config), "NOT_SETTINGS", ("out",)))
+    return {k: v for k, v in to_dict(config).items() if k not in skip} | derived

@@ -88,3 +88,94 @@ def test_manifest_hash_changes_with_content(tmp_path):
     write_json(tmp_path / "manifest.json", {"step": "x", "config": {"a": 2}})
     assert manifest_hash(tmp_path) != before
     assert json.loads((tmp_path / "manifest.json").read_text())["config"] == {"a": 2}
+
+
+# --- StepFolder: the one way a step claims, resumes and finishes its --out ------------------------
+
+
+def test_claim_new_folder_writes_a_claim_and_finish_replaces_it(tmp_path):
+    from cxrdiff.artifacts import CLAIM, StepFolder
+
+    out = tmp_path / "run"
+    folder = StepFolder.claim(out, "sample", {"steps": 5})
+    assert folder.state == "new" and (out / CLAIM).is_file()
+    (out / "a.png").write_bytes(b"x")
+    manifest = folder.finish({"steps": 5, "out": str(out)}, files=["a.png"])
+    assert not (out / CLAIM).exists()
+    on_disk = read_manifest(out, "sample")
+    assert on_disk["settings"] == {"steps": 5} and on_disk["settings_key"] == folder.key == manifest["settings_key"]
+    assert on_disk["files"] == {"a.png": 1}
+
+
+def test_claim_same_settings_resumes_or_reports_finished(tmp_path):
+    from cxrdiff.artifacts import StepFolder
+
+    out = tmp_path / "run"
+    StepFolder.claim(out, "ground", {"steps": 5, "word": ["a"]})
+    (out / "part-0.npz").write_bytes(b"x")
+    again = StepFolder.claim(out, "ground", {"word": ["a"], "steps": 5})  # key order does not matter
+    assert again.state == "resume" and not again.finished
+    again.finish({})
+    done = StepFolder.claim(out, "ground", {"steps": 5, "word": ("a",)})  # a tuple is the list it was saved as
+    assert done.finished and done.manifest["step"] == "ground"
+
+
+@pytest.mark.parametrize("finished", [False, True])
+def test_claim_other_settings_refused_naming_them(tmp_path, finished):
+    from cxrdiff.artifacts import OtherSettings, StepFolder
+
+    out = tmp_path / "run"
+    folder = StepFolder.claim(out, "sample", {"steps": 5, "seed": 0})
+    (out / "a.png").write_bytes(b"x")
+    if finished:
+        folder.finish({})
+    with pytest.raises(OtherSettings, match=r"(finished|unfinished) 'sample' run made with other settings \(steps\)"):
+        StepFolder.claim(out, "sample", {"steps": 6, "seed": 0})
+
+
+def test_claim_refuses_strangers_other_steps_and_files(tmp_path):
+    from cxrdiff.artifacts import StepFolder
+
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match=r"not empty and not a 'sample' folder \(has notes.txt\)"):
+        StepFolder.claim(stranger, "sample", {})
+    assert sorted(p.name for p in stranger.iterdir()) == ["notes.txt"]  # nothing written into it
+
+    other = tmp_path / "other"
+    StepFolder.claim(other, "prepare", {}).finish({})
+    with pytest.raises(InputError, match="this is a 'prepare' folder, expected 'sample'"):
+        StepFolder.claim(other, "sample", {})
+
+    unfinished = tmp_path / "unfinished"
+    StepFolder.claim(unfinished, "prepare", {})
+    (unfinished / "train-00000.parquet").write_bytes(b"x")
+    with pytest.raises(InputError, match="holds an unfinished 'prepare' run"):
+        StepFolder.claim(unfinished, "sample", {})
+
+    file = tmp_path / "file"
+    file.write_text("x")
+    with pytest.raises(InputError, match="exists and is not a folder"):
+        StepFolder.claim(file, "sample", {})
+
+
+def test_claim_with_nothing_done_yet_may_be_retaken_with_other_settings(tmp_path):
+    from cxrdiff.artifacts import StepFolder
+
+    out = tmp_path / "run"
+    StepFolder.claim(out, "sample", {"steps": 5})  # refused later (say, a bad flag): only the claim is there
+    assert StepFolder.claim(out, "sample", {"steps": 6}).state == "new"
+    assert StepFolder.claim(out, "finetune", {}).state == "new"
+
+
+def test_input_identity_is_the_manifest_hash_of_a_step_folder_else_the_path(tmp_path):
+    from cxrdiff.artifacts import input_identity
+
+    folder = tmp_path / "prepared"
+    write_manifest(folder, "prepare", files=[])
+    (folder / "test.parquet").write_bytes(b"x")
+    assert input_identity(folder) == manifest_hash(folder) == input_identity(folder / "test.parquet")
+    plain = tmp_path / "model"
+    plain.mkdir()
+    assert input_identity(plain) == str(plain.resolve())
