@@ -221,7 +221,9 @@ class StepFolder:
             raise InputError(f"--out {out}: exists and is not a folder")
         if (out / MANIFEST).is_file():
             manifest = read_manifest(out, step)
-            _refuse_other(out, step, "a finished", manifest.get("settings"), manifest.get("settings_key"), settings, key)
+            _refuse_other(
+                out, step, "a finished", manifest.get("settings"), manifest.get("settings_key"), settings, key
+            )
             return cls(out, step, settings, "finished", manifest)
         claim = _read_claim(out)
         entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
@@ -279,8 +281,17 @@ def _refuse_other(
     if old_key == key:
         return
     old = dict(old or {})
-    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    detail = ", ".join(changed[:4]) + (", ..." if len(changed) > 4 else "") if old else "unknown settings"
+    changed = [
+        f"{k} {_short(old.get(k))} → {_short(new.get(k))}"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k)
+    ]
+    detail = "; ".join(changed[:4]) + ("; ..." if len(changed) > 4 else "") if old else "unknown settings"
     raise OtherSettings(
         f"--out {out}: holds {what} '{step}' run made with other settings ({detail}); choose a new folder"
     )
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

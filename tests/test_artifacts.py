@@ -129,7 +129,8 @@ def test_claim_other_settings_refused_naming_them(tmp_path, finished):
     (out / "a.png").write_bytes(b"x")
     if finished:
         folder.finish({})
-    with pytest.raises(OtherSettings, match=r"(finished|unfinished) 'sample' run made with other settings \(steps\)"):
+    wanted = r"(finished|unfinished) 'sample' run made with other settings \(steps 5 → 6\)"
+    with pytest.raises(OtherSettings, match=wanted):
         StepFolder.claim(out, "sample", {"steps": 6, "seed": 0})
 
 
