@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from cxrdiff.console import set_verbosity
-from cxrdiff.phantom import make_phantom
+from cxrdiff.phantom import PhantomConfig, make_phantom
 
 
 def _cpu_seconds() -> float:
@@ -36,7 +36,7 @@ def main() -> None:
         out = Path(tempfile.mkdtemp()) / "phantom"
         cpu0 = _cpu_seconds()
         start = time.perf_counter()
-        result = make_phantom(out, patients=args.patients, size=args.size, seed=0, workers=workers)
+        result = make_phantom(PhantomConfig(out, patients=args.patients, size=args.size, seed=0, workers=workers))
         seconds = time.perf_counter() - start
         cpu = _cpu_seconds() - cpu0
         print(

@@ -160,7 +160,7 @@ def demo(out: Path = Path("cxrdiff-demo"), quick: bool = False) -> dict[str, Any
     from cxrdiff.console import err
     from cxrdiff.finetune import FinetuneConfig, finetune
     from cxrdiff.metrics.classifier import PhantomClassifier, train_phantom_classifier
-    from cxrdiff.phantom import make_phantom
+    from cxrdiff.phantom import PhantomConfig, make_phantom
     from cxrdiff.prepare import PrepareConfig, prepare
     from cxrdiff.report import ReportConfig, report
 
@@ -183,7 +183,9 @@ def demo(out: Path = Path("cxrdiff-demo"), quick: bool = False) -> dict[str, Any
     err.rule(f"cxrdiff demo{' --quick' if quick else ''}: phantom data ({plan.patients} patients)")
     phantom = out / "phantom"
     make_phantom(
-        phantom, patients=plan.patients, seed=plan.seed, size=plan.image_size, dicom_fraction=0.1, preview=True
+        PhantomConfig(
+            phantom, patients=plan.patients, seed=plan.seed, size=plan.image_size, dicom_fraction=0.1, preview=True
+        )
     )
     stage("phantom")
     err.rule("tiny base model (VAE fitted to the phantom images)")

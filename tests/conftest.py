@@ -31,10 +31,10 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def phantom_tree(tmp_path_factory):
     """A small phantom MIMIC-CXR tree (24 patients, 96 px wide, some DICOM); tests must not modify it."""
-    from cxrdiff.phantom import make_phantom
+    from cxrdiff.phantom import PhantomConfig, make_phantom
 
     path = tmp_path_factory.mktemp("phantom") / "mimic"
-    make_phantom(path, patients=24, seed=0, size=96, dicom_fraction=0.2, workers=0)
+    make_phantom(PhantomConfig(path, patients=24, seed=0, size=96, dicom_fraction=0.2, workers=0))
     return path
 
 

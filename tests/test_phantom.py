@@ -11,11 +11,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrdiff.artifacts import read_manifest
+from cxrdiff.artifacts import CLAIM, OtherSettings, StepFolder, read_manifest, write_manifest
 from cxrdiff.data import CLASS_WORDS, LABELS, MS_CXR_CATEGORIES, read_chexpert, read_metadata, read_ms_cxr, read_split
 from cxrdiff.errors import InputError
 from cxrdiff.images import load_dicom, load_grayscale
-from cxrdiff.phantom import Finding, make_phantom, render, render_study, rerender
+from cxrdiff.phantom import Finding, PhantomConfig, make_phantom, render, render_study, rerender
+from cxrdiff.phantom import tree as step
 from cxrdiff.reports import extract_impression, split_sections
 
 PATIENTS, SIZE = 24, 96
@@ -24,7 +25,9 @@ PATIENTS, SIZE = 24, 96
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
     out = tmp_path_factory.mktemp("phantom") / "a"
-    result = make_phantom(out, patients=PATIENTS, seed=3, size=SIZE, dicom_fraction=0.3, preview=True, workers=1)
+    result = make_phantom(
+        PhantomConfig(out, patients=PATIENTS, seed=3, size=SIZE, dicom_fraction=0.3, preview=True, workers=1)
+    )
     return out, result
 
 
@@ -239,43 +242,117 @@ def test_render_study_is_uint8_and_pinned():
 def test_same_seed_same_bytes_other_seed_differs(tree, tmp_path):
     root, _ = tree
     again = tmp_path / "b"
-    make_phantom(again, patients=PATIENTS, seed=3, size=SIZE, dicom_fraction=0.3, preview=True, workers=2)
+    make_phantom(
+        PhantomConfig(again, patients=PATIENTS, seed=3, size=SIZE, dicom_fraction=0.3, preview=True, workers=2)
+    )
     first, second = _files(root), _files(again)
     manifest_a, manifest_b = json.loads(first.pop("manifest.json")), json.loads(second.pop("manifest.json"))
     assert first.keys() == second.keys()
     assert [k for k in first if first[k] != second[k]] == []
     for m in (manifest_a, manifest_b):
-        m.pop("created"), m["config"].pop("out")
+        m.pop("created"), m["config"].pop("out"), m["config"].pop("workers")  # neither changes a byte
     assert manifest_a == manifest_b
     other = tmp_path / "c"
-    make_phantom(other, patients=PATIENTS, seed=4, size=SIZE, dicom_fraction=0.3, workers=1)
+    make_phantom(PhantomConfig(other, patients=PATIENTS, seed=4, size=SIZE, dicom_fraction=0.3, workers=1))
     third = _files(other)
     assert third["mimic-cxr-2.0.0-metadata.csv.gz"] != first["mimic-cxr-2.0.0-metadata.csv.gz"]
 
 
-def test_rerun_resumes_and_refuses_other_folders(tmp_path):
+# --- the step folder: finished, unfinished, other settings, strangers ---------------------------------
+
+
+def _small(out: Path, **changes) -> PhantomConfig:
+    return PhantomConfig(out, **({"patients": 3, "seed": 0, "size": 48, "dicom_fraction": 0.5, "workers": 1} | changes))
+
+
+def test_finished_rerun_returns_at_once_and_other_settings_are_refused(tmp_path, monkeypatch):
     out = tmp_path / "p"
-    make_phantom(out, patients=3, seed=0, size=48, dicom_fraction=0.0)
-    assert make_phantom(out, patients=3, seed=0, size=48, dicom_fraction=0.0)["studies"] > 0  # finished: skipped
-    with pytest.raises(InputError, match="other settings"):
-        make_phantom(out, patients=3, seed=1, size=48, dicom_fraction=0.0)
-    # A killed run: no manifest, some images missing; the re-run completes it to the same bytes.
-    reference = _files(out)
-    (out / "manifest.json").unlink()
-    (out / ".phantom-settings.json").write_text(
-        json.dumps({"patients": 3, "seed": 0, "size": 48, "dicom_fraction": 0.0, "preview": False})
-    )
-    removed = sorted(out.rglob("*.jpg"))[0]
-    removed.unlink()
-    make_phantom(out, patients=3, seed=0, size=48, dicom_fraction=0.0)
-    assert removed.read_bytes() == reference[removed.relative_to(out).as_posix()]
+    first = make_phantom(_small(out))
+    manifest = (out / "manifest.json").read_bytes()
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a finished phantom was planned again")
+
+    monkeypatch.setattr(step, "_plan", boom)
+    assert make_phantom(_small(out, workers=2)) == first  # workers change no byte: the same settings
+    assert (out / "manifest.json").read_bytes() == manifest  # untouched, so nothing downstream recomputes
+    with pytest.raises(OtherSettings, match=r"finished 'phantom' run made with other settings \(seed\b"):
+        make_phantom(_small(out, seed=1))
+    with pytest.raises(OtherSettings, match="other settings"):
+        make_phantom(_small(out, preview=True))
+    assert (out / "manifest.json").read_bytes() == manifest
+
+
+@pytest.mark.parametrize("stage", ["images", "truth"])
+def test_unfinished_run_resumes_to_the_same_bytes(tmp_path, monkeypatch, stage):
+    """A run killed mid-way (an exception injected) leaves no manifest; re-run, it finishes the same tree."""
+    make_phantom(_small(tmp_path / "reference"))
+    reference = _files(tmp_path / "reference")
+    out = tmp_path / "p"
+    real, drawn = step._image_worker, []
+
+    def worker(job):
+        if len(drawn) == 3:
+            raise KeyboardInterrupt  # as a kill after three images
+        drawn.append(job)
+        return real(job)
+
+    def truth(*args):
+        raise KeyboardInterrupt  # as a kill after every image, report and table, before the truth and manifest
+
+    if stage == "images":
+        monkeypatch.setattr(step, "_image_worker", worker)
+    else:
+        monkeypatch.setattr(step, "_write_truth", truth)
+    with pytest.raises(KeyboardInterrupt):
+        make_phantom(_small(out))
+    monkeypatch.undo()
+    assert not (out / "manifest.json").exists() and (out / CLAIM).is_file()  # unfinished: claimed, no manifest
+    kept = {p: p.stat().st_mtime_ns for p in out.rglob("*.jpg")}
+    assert kept
+    with pytest.raises(OtherSettings, match="unfinished 'phantom' run made with other settings"):
+        make_phantom(_small(out, size=64))
+    result = make_phantom(_small(out, workers=2))
+    assert result["images"] == len(list(out.rglob("*.jpg")))
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())  # what was written is kept, not redrawn
+    resumed = _files(out)
+    manifests = [json.loads(files.pop("manifest.json")) for files in (reference, resumed)]
+    assert resumed.keys() == reference.keys()
+    assert [k for k in reference if reference[k] != resumed[k]] == []
+    for m in manifests:
+        m.pop("created"), m["config"].pop("out"), m["config"].pop("workers")
+    assert manifests[0] == manifests[1]
+
+
+def test_strangers_and_other_steps_folders_are_refused(tmp_path):
     stranger = tmp_path / "other"
     stranger.mkdir()
     (stranger / "notes.txt").write_text("mine")
-    with pytest.raises(InputError, match="not empty"):
-        make_phantom(stranger, patients=3)
-    with pytest.raises(InputError, match="--dicom-fraction"):
-        make_phantom(tmp_path / "x", dicom_fraction=1.5)
+    with pytest.raises(InputError, match="not empty and not a 'phantom' folder"):
+        make_phantom(_small(stranger))
+    assert sorted(p.name for p in stranger.iterdir()) == ["notes.txt"]  # nothing written into it
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="is not a folder"):
+        make_phantom(_small(tmp_path / "file"))
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    write_manifest(prepared, "prepare", files=[])
+    with pytest.raises(InputError, match="'prepare' folder, expected 'phantom'"):
+        make_phantom(_small(prepared))
+    unfinished = tmp_path / "unfinished"
+    StepFolder.claim(unfinished, "prepare", {"seed": 0})
+    (unfinished / "test.parquet").write_bytes(b"half")
+    with pytest.raises(InputError, match="unfinished 'prepare' run"):
+        make_phantom(_small(unfinished))
+    assert (unfinished / "test.parquet").read_bytes() == b"half"
+
+
+def test_bad_numbers_are_refused_before_the_folder_is_touched(tmp_path):
+    bad = [({"patients": 0}, "--patients"), ({"size": 16}, "--size"), ({"dicom_fraction": 1.5}, "--dicom-fraction")]
+    for changes, flag in bad:
+        with pytest.raises(InputError, match=f"^{flag}: must be"):
+            make_phantom(_small(tmp_path / "x", **changes))
+    assert not (tmp_path / "x").exists()
 
 
 def test_cli_writes_the_tree_and_exits_2_on_bad_input(tmp_path):
