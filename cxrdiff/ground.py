@@ -14,17 +14,16 @@ score, save a part file (resume point) → rank 0 merges parts into the outputs 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import shutil
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from cxrdiff.artifacts import atomic_path, read_manifest, write_json, write_manifest
-from cxrdiff.config import to_dict
+from cxrdiff.artifacts import StepFolder, atomic_path, input_identity, read_manifest, write_json
+from cxrdiff.config import settings, to_dict
 from cxrdiff.console import log, progress
 from cxrdiff.errors import InputError, RunError
 
@@ -46,6 +45,9 @@ SPECIAL = ("<SOS>", "<EOS>")
 @dataclasses.dataclass(frozen=True)
 class GroundConfig:
     """Settings of `cxrdiff ground` (defaults follow the paper)."""
+
+    # The batch size stays in the settings: the resume points (parts) are numbered by batch.
+    NOT_SETTINGS: ClassVar[tuple[str, ...]] = ("out", "overlays", "model", "data", "image")
 
     model: Path | None = None
     out: Path | None = None
@@ -88,7 +90,7 @@ class Sample:
 # --- inputs -----------------------------------------------------------------------------------
 
 
-def check_config(config: GroundConfig) -> None:
+def check_inputs(config: GroundConfig) -> None:
     """Every usage error, before any weight is read."""
     from cxrdiff.models import check_model_folder
 
@@ -117,11 +119,7 @@ def check_config(config: GroundConfig) -> None:
     if config.image is not None and (config.frame != "prepared" or config.boxes != "union"):
         raise InputError("--frame/--boxes: only with --data (a single image has no boxes)")
     check_model_folder(config.model)
-    out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out}: exists and is not a folder")
-    if (out / "manifest.json").is_file():
-        read_manifest(out, STEP)  # refuses a folder written by another step
+    StepFolder.claim(config.out, STEP, ground_settings(config), create=False)  # the kind of folder, early
 
 
 def load_samples(config: GroundConfig) -> list[Sample]:
@@ -391,9 +389,10 @@ def _grey_image(sample: Sample, comps: Any, latent: Any, data_dir: Path | None, 
 # --- the run ----------------------------------------------------------------------------------
 
 
-def _config_hash(config: GroundConfig) -> str:
-    keep = {k: v for k, v in to_dict(config).items() if k not in ("out", "overlays")}  # batches name the parts
-    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def ground_settings(config: GroundConfig) -> dict[str, Any]:
+    """The settings key's content: the config, with the model, data and image by their identity."""
+    given = {name: input_identity(getattr(config, name)) for name in ("data", "image") if getattr(config, name)}
+    return settings(config, model=input_identity(config.model), **given)
 
 
 def _dtype(config: GroundConfig, device: Any) -> Any:
@@ -411,7 +410,7 @@ def ground(config: GroundConfig) -> dict[str, Any]:
 
     from cxrdiff.models import load_components
 
-    check_config(config)
+    check_inputs(config)
     out = Path(config.out)
     samples = load_samples(config)
     if config.word:
@@ -426,21 +425,14 @@ def ground(config: GroundConfig) -> dict[str, Any]:
             elif not any(word_token_spans(tokenizer, s.phrase, w, missing="empty", truncation="drop") for s in samples):
                 # a typo would silently fall back to all word tokens in every sample
                 raise InputError(f"--word {w!r}: occurs in none of the {len(samples)} phrases of --data {config.data}")
-    key = _config_hash(config)
-    if (out / "manifest.json").is_file():
-        done = read_manifest(out, STEP)
-        if done.get("config_hash") == key and (out / "summary.json").is_file():
-            log.info("%s: already complete; nothing to do", out)
-            return _result(out, json.loads((out / "summary.json").read_text()))
     state = PartialState()
+    folder = StepFolder.claim(out, STEP, ground_settings(config), create=state.is_main_process)
+    if folder.finished:
+        log.info("%s: already complete; nothing to do", out)
+        return _result(out, json.loads((out / "summary.json").read_text()))
     parts = out / ".parts"
     if state.is_main_process:
-        if (out / "manifest.json").is_file():
-            (out / "manifest.json").unlink()  # the old outputs no longer match this config
-        if parts.is_dir() and not (parts / f"config-{key}").is_file():
-            shutil.rmtree(parts)
         parts.mkdir(parents=True, exist_ok=True)
-        (parts / f"config-{key}").write_text(json.dumps(to_dict(config), default=str))
     state.wait_for_everyone()
 
     device = state.device
@@ -484,7 +476,7 @@ def ground(config: GroundConfig) -> dict[str, Any]:
     state.wait_for_everyone()
     if not state.is_main_process:
         return {}
-    summary = _merge(out, parts, config, len(chunks), samples, frame_size, key)
+    summary = _merge(folder, parts, config, len(chunks), samples, frame_size)
     return _result(out, summary)
 
 
@@ -566,10 +558,11 @@ def _save_part(parts: Path, run: int, c: int, result: dict[str, Any]) -> None:
     write_json(parts / f"{name}.json", {k: result[k] for k in ("rows", "words", "skipped")})
 
 
-def _merge(out, parts, config, n_chunks, samples, frame_size, key) -> dict[str, Any]:
+def _merge(folder, parts, config, n_chunks, samples, frame_size) -> dict[str, Any]:
     """Rank 0: the part files → heatmaps.npz, scores.parquet, words.parquet, summary.json, manifest."""
     import pandas as pd
 
+    out = folder.out
     heatmaps, rows, words, skipped = {}, [], [], []
     for run in range(config.runs):
         for c in range(n_chunks):
@@ -621,7 +614,7 @@ def _merge(out, parts, config, n_chunks, samples, frame_size, key) -> dict[str, 
     inputs = {"model": config.model}
     if config.data is not None:
         inputs["data"] = Path(config.data).parent
-    write_manifest(out, STEP, to_dict(config), inputs=inputs, seed=config.seed, files=files, extra={"config_hash": key})
+    folder.finish(to_dict(config), inputs=inputs, seed=config.seed, files=files)
     shutil.rmtree(parts, ignore_errors=True)
     return summary
 

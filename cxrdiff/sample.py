@@ -20,12 +20,12 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
-from cxrdiff.artifacts import MANIFEST, atomic_path, read_manifest, write_json, write_manifest
-from cxrdiff.config import to_dict
+from cxrdiff.artifacts import MANIFEST, StepFolder, atomic_path, input_identity, read_manifest
+from cxrdiff.config import settings, to_dict
 from cxrdiff.console import log, progress
 from cxrdiff.data import LABELS
 from cxrdiff.errors import InputError, RunError
@@ -40,14 +40,21 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "dpm": ("DPMSolverMultistepScheduler", {}),
 }
 PRECISIONS = ("auto", "no", "fp16", "bf16")
+STEP = "sample"
 TABLE = "samples.parquet"
-SETTINGS = "settings.json"
 ID_COLUMNS = ("dicom_id", "subject_id", "study_id")
 
 
 @dataclasses.dataclass(frozen=True)
 class SampleConfig:
     """Paper defaults: PLMS 75 steps, guidance 4, the empty prompt as the unconditional one."""
+
+    # What does not decide the pixels or the file names; the prompts count by their text, the model by
+    # its identity, the precision by the dtype it resolves to (see `sample_settings`).
+    NOT_SETTINGS: ClassVar[tuple[str, ...]] = (
+        "out", "model", "prompts", "prompts_file", "prompt", "prompt_column", "batch_size", "limit",
+        "mixed_precision", "device",
+    )  # fmt: skip
 
     model: Path | None = None
     out: Path | None = None
@@ -93,7 +100,7 @@ def make_scheduler(model: str | os.PathLike, name: str) -> Any:
 
 
 @dataclasses.dataclass
-class Prompts:
+class SamplePrompts:
     """The prompt list and, per prompt, the test set's extra columns (ids, labels) if known."""
 
     texts: list[str]
@@ -101,7 +108,7 @@ class Prompts:
     source: str
 
 
-def read_prompts(config: SampleConfig) -> Prompts:
+def read_prompts(config: SampleConfig) -> SamplePrompts:
     """Exactly one of --prompts / --prompts-file / --prompt, read and checked (not yet limited)."""
     given = [n for n in ("prompts", "prompts_file", "prompt") if getattr(config, n) is not None]
     if len(given) != 1:
@@ -109,7 +116,7 @@ def read_prompts(config: SampleConfig) -> Prompts:
         what = "none" if not given else ", ".join(f"--{n.replace('_', '-')}" for n in given)
         raise InputError(f"give exactly one prompt source ({flags}); got {what}")
     if config.prompt is not None:
-        return Prompts([config.prompt], {}, "--prompt")
+        return SamplePrompts([config.prompt], {}, "--prompt")
     if config.prompts_file is not None:
         path = Path(config.prompts_file)
         try:
@@ -121,11 +128,11 @@ def read_prompts(config: SampleConfig) -> Prompts:
         texts = [line.strip() for line in lines if line.strip()]  # blank lines are not prompts
         if not texts:
             raise InputError(f"--prompts-file {path}: no prompts (one per line expected)")
-        return Prompts(texts, {}, os.fspath(path))
+        return SamplePrompts(texts, {}, os.fspath(path))
     return _read_prompt_table(Path(config.prompts), config.prompt_column)
 
 
-def _read_prompt_table(path: Path, column: str) -> Prompts:
+def _read_prompt_table(path: Path, column: str) -> SamplePrompts:
     import pyarrow.parquet as pq
 
     if not path.is_file():
@@ -145,10 +152,11 @@ def _read_prompt_table(path: Path, column: str) -> Prompts:
     if not texts:
         raise InputError(f"--prompts {path}: no rows")
     extra = {c: table.column(c).to_pylist() for c in keep[1:]}
-    return Prompts([str(t) for t in texts], extra, os.fspath(path))
+    return SamplePrompts([str(t) for t in texts], extra, os.fspath(path))
 
 
-def _check(config: SampleConfig) -> None:
+def check_inputs(config: SampleConfig) -> SamplePrompts:
+    """Every fault of the options, the model folder and the prompts, before any weight is read."""
     if config.model is None:
         raise InputError("--model is required (a finetune output or a diffusers base-model folder)")
     if config.out is None:
@@ -166,37 +174,13 @@ def _check(config: SampleConfig) -> None:
     if (model / MANIFEST).is_file():
         read_manifest(model, "finetune")  # a prepare/sample folder given as --model is refused here
     check_model_folder(model)
-    out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out}: exists and is not a folder")
-    if (out / MANIFEST).is_file():
-        read_manifest(out, "sample")
+    return read_prompts(config)
 
 
-def _settings(config: SampleConfig, prompts: Prompts, dtype: str) -> dict[str, Any]:
+def sample_settings(config: SampleConfig, prompts: SamplePrompts, dtype: str) -> dict[str, Any]:
     """What decides the pixels and the file names (not the batch size, the limit or the device)."""
-    return {
-        "model": os.fspath(Path(config.model).resolve()),
-        "prompts_sha256": hashlib.sha256(json.dumps(prompts.texts).encode()).hexdigest(),
-        "n_per_prompt": config.n_per_prompt,
-        "steps": config.steps,
-        "guidance": config.guidance,
-        "scheduler": config.scheduler,
-        "seed": config.seed,
-        "dtype": dtype,
-    }
-
-
-def _check_settings(out: Path, settings: dict[str, Any]) -> None:
-    """Refuse to complete a folder whose images were made with other settings."""
-    path = out / SETTINGS
-    if not path.is_file():
-        write_json(path, settings)
-        return
-    old = json.loads(path.read_text())
-    diff = [f"{k} {old.get(k)!r} → {v!r}" for k, v in settings.items() if old.get(k) != v]
-    if diff:
-        raise InputError(f"--out {out}: holds images made with other settings ({'; '.join(diff)}); use a new --out")
+    prompts_sha256 = hashlib.sha256(json.dumps(prompts.texts).encode()).hexdigest()
+    return settings(config, model=input_identity(config.model), prompts_sha256=prompts_sha256, dtype=dtype)
 
 
 def _resolve_dtype(precision: str, device: Any) -> str:
@@ -216,8 +200,7 @@ def sample(config: SampleConfig, shard: tuple[int, int] | None = None) -> dict[s
     accelerate (process index / number of processes), so `accelerate launch` splits the work; then only
     the main process returns the result (the others return None).
     """
-    _check(config)
-    prompts = read_prompts(config)
+    prompts = check_inputs(config)
     import torch
     from accelerate import PartialState
 
@@ -237,16 +220,18 @@ def sample(config: SampleConfig, shard: tuple[int, int] | None = None) -> dict[s
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
 
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    settings = _settings(config, prompts, dtype_name)
+    wanted = sample_settings(config, prompts, dtype_name)
     if state.is_main_process or not distributed:
-        _check_settings(out, settings)
-    if distributed:  # the other processes compare with what the main one wrote
+        folder = StepFolder.claim(out, STEP, wanted)
+    if distributed:  # the other processes check what the main one claimed
         state.wait_for_everyone()
-        _check_settings(out, settings)
+        folder = StepFolder.claim(out, STEP, wanted, create=False)
     n_prompts = len(prompts.texts) if config.limit is None else min(config.limit, len(prompts.texts))
     total = n_prompts * config.n_per_prompt
     mine = range(shard[0], total, shard[1])
+    if folder.finished and folder.manifest.get("images") == total:
+        log.info("%s: already complete; nothing to do", out)
+        return None if distributed and not state.is_main_process else _result(folder.manifest, out, shard[1])
     todo = [i for i in mine if not (out / image_file(i)).is_file()]
     log.info("sample: %d images in %s, %d of this share's %d to make", total, out, len(todo), len(mine))
 
@@ -275,13 +260,11 @@ def sample(config: SampleConfig, shard: tuple[int, int] | None = None) -> dict[s
         return result
     table = _write_table(config, prompts, n_prompts, out, dtype_name)
     _cleanup_temporaries(out)
-    write_manifest(
-        out,
-        "sample",
+    folder.finish(
         config=to_dict(config),
         inputs={"model": config.model, **({"prompts": Path(config.prompts).parent} if config.prompts else {})},
         seed=config.seed,
-        files=[image_file(i) for i in range(total)] + [TABLE, SETTINGS],
+        files=[image_file(i) for i in range(total)] + [TABLE],
         extra={
             "images": total,
             "prompts": n_prompts,
@@ -294,7 +277,26 @@ def sample(config: SampleConfig, shard: tuple[int, int] | None = None) -> dict[s
     return {**result, "table": os.fspath(table)}
 
 
-def _generate(config: SampleConfig, prompts: Prompts, todo: list[int], out: Path, device: Any, dtype: Any) -> None:
+def _result(manifest: dict[str, Any], out: Path, processes: int) -> dict[str, Any]:
+    """The result of a finished run, from its manifest (nothing made, nothing missing)."""
+    images = manifest["images"]
+    return {
+        "out": os.fspath(out),
+        "images": images,
+        "processes": processes,
+        "generated": 0,
+        "skipped": images,
+        "seconds": 0.0,
+        "images_per_s": None,
+        "missing": 0,
+        "complete": True,
+        "table": os.fspath(out / TABLE),
+    }
+
+
+def _generate(
+    config: SampleConfig, prompts: SamplePrompts, todo: list[int], out: Path, device: Any, dtype: Any
+) -> None:
     """Run the pipeline on batches of (prompt, generator) and write each image as it is done."""
     import torch
 
@@ -338,7 +340,7 @@ def write_png(path: Path, grey: np.ndarray) -> None:
         Image.fromarray(grey, mode="L").save(tmp, format="PNG")
 
 
-def _write_table(config: SampleConfig, prompts: Prompts, n_prompts: int, out: Path, dtype_name: str) -> Path:
+def _write_table(config: SampleConfig, prompts: SamplePrompts, n_prompts: int, out: Path, dtype_name: str) -> Path:
     """One row per image, recomputed from the prompt list (not from what each process did)."""
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from cxrdiff.artifacts import write_manifest
+from cxrdiff.artifacts import OtherSettings, write_manifest
 from cxrdiff.errors import InputError
 from cxrdiff.ground import GroundConfig, capture_maps, choose_tokens, encode_text, ground
 from cxrdiff.metrics.localization import auc_roc, cnr
@@ -337,10 +337,11 @@ def test_killed_run_resumes_finished_batches(tiny_model, ms_cxr, tmp_path, monke
     ground(config)
     assert len(calls) == 1  # only the unfinished batch ran again
     assert sorted(pd.read_parquet(out / "scores.parquet")["sample"]) == ["000000", "000001"]
-    # a different setting starts over instead of mixing results
+    # a different setting is refused (naming it) instead of mixing or silently replacing results
     calls.clear()
-    ground(dataclasses.replace(config, window=2))
-    assert len(calls) == 2
+    with pytest.raises(OtherSettings, match=r"finished 'ground' run made with other settings \(window 1 → 2\)"):
+        ground(dataclasses.replace(config, window=2))
+    assert calls == []
 
 
 def test_data_word_in_no_phrase_is_refused_before_weights(tiny_model, ms_cxr, tmp_path, monkeypatch):

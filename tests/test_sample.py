@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cxrdiff.artifacts import read_manifest, write_manifest
+from cxrdiff.artifacts import CLAIM, read_manifest, write_manifest
 from cxrdiff.data import LABELS
 from cxrdiff.errors import InputError
 from cxrdiff.sample import SampleConfig, image_seed, sample
@@ -110,7 +110,7 @@ def test_table_and_manifest_describe_every_image(reference_run, prompts_parquet,
     assert {(r["scheduler"], r["steps"], r["guidance"], r["dtype"]) for r in table} == {("pndm", STEPS, 4.0, "no")}
     assert {r["model"] for r in table} == {str(Path(tiny_model).resolve())}
     manifest = read_manifest(config.out, "sample")
-    assert set(manifest["files"]) == {r["file"] for r in table} | {"samples.parquet", "settings.json"}
+    assert set(manifest["files"]) == {r["file"] for r in table} | {"samples.parquet"}
     assert manifest["scheduler_class"] == "PNDMScheduler" and manifest["config"]["limit"] == 2
     images = _grey(config.out, [r["file"] for r in table])
     assert images.shape == (4, 64, 64) and images.dtype == np.uint8
@@ -154,6 +154,9 @@ def test_half_finished_folder_completes_without_redoing(reference_run, tmp_path)
     config, _ = reference_run
     out = tmp_path / "killed"
     shutil.copytree(config.out, out)
+    manifest = read_manifest(out, "sample")  # a killed run has its claim, not yet a manifest
+    claim = {"step": "sample", "key": manifest["settings_key"], "settings": manifest["settings"]}
+    (out / CLAIM).write_text(json.dumps(claim))
     for name in ("000001.png", "000003.png", "samples.parquet", "manifest.json"):
         (out / name).unlink()
     (out / ".000001.png.tmp-99999").write_bytes(b"half a png")  # what a killed writer leaves
