@@ -249,8 +249,8 @@ def demo(out: Path = Path("cxrdiff-demo"), quick: bool = False) -> dict[str, Any
             ground_window=plan.ground_window,
             seed=plan.seed,
             batch_size=16,
-            classifier=classifier,
-        )
+        ),
+        classifier=classifier,
     )
     stage("sample, ground, report")
     summary = _summary(out / "report" / "metrics.json")

@@ -148,13 +148,20 @@ class Calls:
 
 
 def _stub_steps(calls: Calls):
-    """Stand-ins for cxrdiff.sample / cxrdiff.ground that write folders of the same shape."""
+    """Stand-ins for cxrdiff.sample / cxrdiff.ground that write folders of the same shape and own them
+    with StepFolder as the real steps do: a finished folder with the same settings returns at once, one
+    made with other settings raises OtherSettings."""
     import dataclasses
+    from typing import ClassVar
 
     import pandas as pd
 
+    from cxrdiff.artifacts import StepFolder, input_identity
+    from cxrdiff.config import settings, to_dict
+
     @dataclasses.dataclass(frozen=True)
     class SampleConfig:
+        NOT_SETTINGS: ClassVar[tuple[str, ...]] = ("out", "batch_size")
         model: object = None
         out: object = None
         prompts: object = None
@@ -168,6 +175,7 @@ def _stub_steps(calls: Calls):
 
     @dataclasses.dataclass(frozen=True)
     class GroundConfig:
+        NOT_SETTINGS: ClassVar[tuple[str, ...]] = ("out",)
         model: object = None
         out: object = None
         data: object = None
@@ -176,12 +184,18 @@ def _stub_steps(calls: Calls):
         seed: int = 0
         limit: int | None = None
 
+    def claim(cfg, step, **inputs):
+        identities = {k: input_identity(v) for k, v in inputs.items()}
+        return StepFolder.claim(cfg.out, step, settings(cfg, model=input_identity(cfg.model), **identities))
+
     def sample(cfg):
+        folder = claim(cfg, "sample", prompts=cfg.prompts)
+        if folder.finished:
+            return {}
         calls.sample.append(cfg.out.name)
         test = pd.read_parquet(cfg.prompts).head(cfg.limit)
         rng = np.random.default_rng(cfg.seed + cfg.n_per_prompt)
         rows = []
-        cfg.out.mkdir(parents=True)
         for p, (_, row) in enumerate(test.iterrows()):
             for r in range(cfg.n_per_prompt):
                 i = p * cfg.n_per_prompt + r
@@ -191,17 +205,19 @@ def _stub_steps(calls: Calls):
                     {"index": i, "file": f"{i:06d}.png", "prompt_index": p, "repeat": r, **{c: row[c] for c in LABELS}}
                 )
         pd.DataFrame(rows).to_parquet(cfg.out / "samples.parquet")
-        write_manifest(cfg.out, "sample", config={"steps": cfg.steps})
+        folder.finish(config=to_dict(cfg), inputs={"model": cfg.model}, seed=cfg.seed)
         return {}
 
     def ground(cfg):
+        folder = claim(cfg, "ground", data=cfg.data)
+        if folder.finished:
+            return {}
         calls.ground.append(cfg.out.name)
-        cfg.out.mkdir(parents=True)
         (cfg.out / "overlays").mkdir()
         Image.fromarray(np.full((32, 32, 3), 99, np.uint8)).save(cfg.out / "overlays" / "s0.png")
         pd.DataFrame([{"sample": "s0", "category": "Edema"}]).to_parquet(cfg.out / "scores.parquet")
         (cfg.out / "summary.json").write_text(json.dumps(_grounding(0.1 * cfg.steps / 50)))
-        write_manifest(cfg.out, "ground", config={"steps": cfg.steps})
+        folder.finish(config=to_dict(cfg), inputs={"model": cfg.model}, seed=cfg.seed)
         return {}
 
     return {"sample": (sample, SampleConfig), "ground": (ground, GroundConfig)}
@@ -254,9 +270,8 @@ def test_rerun_recomputes_nothing_then_what_changed(tmp_path, tiny_model):
         fid_xrv=False,
         n_fid=10,
         diversity_prompts=3,
-        classifier=Brightness(),
     )
-    first = report(ReportConfig(**base), steps=steps)
+    first = report(ReportConfig(**base), classifier=Brightness(), steps=steps)
     assert calls.sample == ["samples", "diversity"] and calls.ground == ["ground"]
     assert first["recomputed"]["tiny"] == "samples,diversity,ground,metrics"
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
@@ -265,15 +280,19 @@ def test_rerun_recomputes_nothing_then_what_changed(tmp_path, tiny_model):
     assert run["fidelity"][0]["name"] == "FD (brightness features)"
     assert run["classifier"]["Edema"]["value"] > 90  # bright Edema images vs darker No Finding ones
     assert metrics["real"]["classifier"]["Edema"]["value"] > 90
+    assert not list((tmp_path / "report").rglob("keys.json"))  # reuse is the step folders' own
 
-    again = report(ReportConfig(**base), steps=steps)
+    again = report(ReportConfig(**base), classifier=Brightness(), steps=steps)
     assert again["recomputed"]["tiny"] == "nothing"
     assert calls.sample == ["samples", "diversity"] and calls.ground == ["ground"]
 
-    report(ReportConfig(**base, ground_steps=25), steps=steps)  # a grounding setting: only grounding reruns
+    report(ReportConfig(**base, ground_steps=25), classifier=Brightness(), steps=steps)  # only grounding reruns
     assert calls.ground == ["ground", "ground"] and len(calls.sample) == 2
     summary = json.loads((tmp_path / "report" / "metrics.json").read_text())["runs"]["tiny"]["grounding"]
     assert summary["average"]["cnr"]["mean"] == pytest.approx(0.41 + 0.05)
+    manifest = json.loads((tmp_path / "report" / "manifest.json").read_text())
+    assert manifest["step"] == "report" and manifest["settings"]["ground_steps"] == 25  # re-rendered in place
+    assert manifest["settings"]["classifier"] == "brightness:v1" and "classifier" not in manifest["config"]
 
     import pandas as pd
 
@@ -281,7 +300,7 @@ def test_rerun_recomputes_nothing_then_what_changed(tmp_path, tiny_model):
     test.loc[0, "impression"] = "a changed prompt"
     test.to_parquet(real / "test.parquet")
     write_manifest(real, "prepare")  # a changed input folder: new manifest hash
-    changed = report(ReportConfig(**base, ground_steps=25), steps=steps)
+    changed = report(ReportConfig(**base, ground_steps=25), classifier=Brightness(), steps=steps)
     assert changed["recomputed"]["tiny"] == "samples,diversity,ground,metrics"
 
 
@@ -293,6 +312,7 @@ def test_report_refuses_bad_inputs_before_work(tmp_path, tiny_model):
         report(ReportConfig(out=tmp_path / "r", real=real))
     with pytest.raises(InputError, match="--inception-weights"):
         report(ReportConfig(runs=(tiny_model,), out=tmp_path / "r", real=real), steps=_stub_steps(Calls()))
+    assert not (tmp_path / "r").exists()  # refused before --out is claimed
     with pytest.raises(InputError, match="expected a 'prepare' output folder"):
         report(ReportConfig(runs=(tiny_model,), out=tmp_path / "r", real=tiny_model, fid=False, fid_xrv=False))
 
@@ -307,3 +327,33 @@ def test_report_refuses_another_steps_folder_as_out(tmp_path, tiny_model):
         report(ReportConfig(runs=(tiny_model,), out=real, real=real, fid=False, fid_xrv=False))
     assert (real / "manifest.json").read_bytes() == before
     assert not (real / "report.html").exists() and not (real / "runs").exists()
+
+
+def test_report_refuses_a_strangers_folder_and_takes_up_its_own_interrupted_run(tmp_path, tiny_model):
+    """A folder the report did not write is refused untouched; the report's own unfinished folder is
+    finished with new settings, reusing the step folders that are still valid."""
+    from cxrdiff.errors import InputError
+
+    real = _prepared(tmp_path / "prepared", n=4)
+    config = dict(runs=(tiny_model,), real=real, fid=False, fid_xrv=False, n_fid=4, diversity_prompts=2)
+    stranger = tmp_path / "notes"
+    stranger.mkdir()
+    (stranger / "todo.txt").write_text("mine")
+    with pytest.raises(InputError, match="not empty and not a 'report' folder"):
+        report(ReportConfig(**config, out=stranger), steps=_stub_steps(Calls()))
+    assert sorted(p.name for p in stranger.iterdir()) == ["todo.txt"]
+
+    calls = Calls()
+    steps = _stub_steps(calls)
+    sample_step, ground_step = steps["sample"], steps["ground"]
+
+    def broken(cfg):
+        raise RuntimeError("killed")
+
+    out = tmp_path / "report"
+    with pytest.raises(RuntimeError, match="killed"):
+        report(ReportConfig(**config, out=out), steps={"sample": sample_step, "ground": (broken, ground_step[1])})
+    assert not (out / "manifest.json").exists() and calls.sample == ["samples", "diversity"]
+    result = report(ReportConfig(**config, out=out, ground_steps=25), steps=steps)
+    assert result["recomputed"]["tiny"] == "ground,metrics" and len(calls.sample) == 2
+    assert json.loads((out / "manifest.json").read_text())["settings"]["ground_steps"] == 25

@@ -1,0 +1,490 @@
+"""`cxrdiff report`'s orchestration: for each run, what is missing is made, what is on disk is reused.
+
+For each run folder the report calls the sample step twice (test prompts; the diversity set, 4 images per
+prompt) and the ground step once (MS-CXR), each into a sub-folder of its own `--out`. Reuse is the steps'
+own: a step folder finished with the same settings makes the step return at once; one made with other
+settings (a changed option, or a retrained model / re-prepared data, whose manifest hash is part of the
+settings) makes the step raise `OtherSettings`, and the report removes that sub-folder and runs the step
+again. Fidelity (FID, FID_XRV, MS-SSIM, classifier AUC) is cached beside them, keyed by the metric settings
+and the identity of the folders it was measured on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from cxrdiff.artifacts import (
+    CLAIM,
+    MANIFEST,
+    OtherSettings,
+    StepFolder,
+    input_identity,
+    manifest_hash,
+    read_manifest,
+    settings_key,
+    write_json,
+)
+from cxrdiff.config import settings, to_dict
+from cxrdiff.console import log
+from cxrdiff.data import MS_CXR_CATEGORIES
+from cxrdiff.errors import InputError
+from cxrdiff.metrics.score import Score
+from cxrdiff.report.render import render
+
+STEP = "report"
+
+StepFn = Callable[[Any], Any]
+Steps = Mapping[str, tuple[StepFn, type]]  # "sample" / "ground" → (step function, its config class)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportConfig:
+    """Settings of `cxrdiff report` (sampling and grounding defaults follow the paper). Plain data: the
+    classifier, an object, is passed to `report` beside it."""
+
+    NOT_SETTINGS: ClassVar[tuple[str, ...]] = ("out", "batch_size", "device")
+
+    runs: tuple[Path, ...] = ()
+    out: Path | None = None
+    real: Path | None = None  # prepared folder: test.parquet (real p19 images, prompts), ms_cxr.parquet
+    inception_weights: Path | None = None
+    xrv_weights: Path | None = None
+    n_fid: int = 5000
+    diversity_prompts: int = 100
+    random_features: bool = False
+    names: tuple[str, ...] = ()  # display names, one per run; default: the folder names
+    fid: bool = True  # FID on InceptionV3 (needs weights or random_features)
+    fid_xrv: bool = True  # FID_XRV and the torchxrayvision classifier check (needs weights or random_features)
+    sample_steps: int = 75
+    guidance: float = 4.0
+    scheduler: str = "pndm"
+    ground_steps: int = 50
+    ground_window: int = 40
+    ground_limit: int | None = None
+    seed: int = 0
+    batch_size: int = 8
+    device: str = "cpu"  # for the fidelity feature networks
+
+
+@dataclasses.dataclass(frozen=True)
+class Checked:
+    """What `check_inputs` resolved: the claimed --out, the prepared folder, the runs' display names and
+    the identity of the classifier that will be used (None: no classifier check)."""
+
+    folder: StepFolder
+    real: Path
+    names: tuple[str, ...]
+    classifier: str | None
+
+
+# --- inputs ------------------------------------------------------------------------------------
+
+
+def check_inputs(config: ReportConfig, classifier: Any = None) -> Checked:
+    """Every usage error before any weights are loaded or any step runs; then claim --out (see `_claim`)."""
+    if not config.runs:
+        raise InputError("report: give at least one RUN folder (a finetune output or a base model folder)")
+    if config.out is None:
+        raise InputError("--out: required (the report folder)")
+    for r in config.runs:
+        _run_kind(Path(r))
+    if config.n_fid < 2 or config.diversity_prompts < 1:
+        raise InputError(f"--n-fid {config.n_fid} / --diversity-prompts {config.diversity_prompts}: too small")
+    from cxrdiff.metrics.fid import resolve_weights
+
+    if not config.random_features:  # check weights before any sampling starts
+        if config.fid:
+            resolve_weights(config.inception_weights, "inception")
+        if config.fid_xrv:
+            resolve_weights(config.xrv_weights, "xrv")
+    real = _real_folder(config)
+    names = _names(config)
+    key = classifier_key(config, classifier)
+    folder = _claim(config, real, key)
+    return Checked(folder, real, names, key)
+
+
+def _claim(config: ReportConfig, real: Path, classifier: str | None) -> StepFolder:
+    """Claim --out for the report. A stranger's folder or another step's is refused. A report folder made
+    with other settings is not: the report is re-rendered on every run anyway, and what it measured is
+    cached per run under the steps' and the metrics' own keys, so that folder is taken over (its stale
+    manifest removed, the new settings recorded as an unfinished run) and only what changed is recomputed."""
+    wanted = settings(
+        config,
+        runs=[input_identity(r) for r in config.runs],
+        real=input_identity(real),
+        inception_weights=_identity(config.inception_weights),
+        xrv_weights=_identity(config.xrv_weights),
+        classifier=classifier,
+    )
+    try:
+        return StepFolder.claim(config.out, STEP, wanted)
+    except OtherSettings:
+        log.info("report: --out %s was rendered with other settings; re-rendering it", config.out)
+    out = Path(config.out)
+    wanted = json.loads(json.dumps(wanted))  # the claim records JSON values; so does its key
+    write_json(out / CLAIM, {"step": STEP, "key": settings_key(wanted), "settings": wanted})
+    (out / MANIFEST).unlink(missing_ok=True)
+    return StepFolder.claim(out, STEP, wanted)  # now this step's unfinished run, with these settings
+
+
+def _identity(path: Path | None) -> str | None:
+    return input_identity(path) if path is not None and Path(path).exists() else None
+
+
+def _run_kind(path: Path) -> str:
+    from cxrdiff.models import check_model_folder
+
+    if (path / MANIFEST).is_file():
+        read_manifest(path, ("finetune",))
+    check_model_folder(path)
+    return "finetune" if (path / MANIFEST).is_file() else "base model"
+
+
+def _real_folder(config: ReportConfig) -> Path:
+    if config.real is not None:
+        real = Path(config.real)
+    else:
+        recorded = [read_manifest(r) for r in config.runs if (Path(r) / MANIFEST).is_file()]
+        data = [d for m in recorded if (d := m.get("inputs", {}).get("data", {}).get("path"))]
+        if not data:
+            raise InputError("--real: not given and no run records its prepared folder; pass --real PREPARED")
+        real = Path(data[0])
+    read_manifest(real, "prepare")
+    for name in ("test.parquet", "ms_cxr.parquet"):
+        if not (real / name).is_file():
+            raise InputError(f"--real {real}: no {name} (expected a `cxrdiff prepare` output folder)")
+    return real
+
+
+def _names(config: ReportConfig) -> tuple[str, ...]:
+    names = tuple(config.names) if config.names else tuple(Path(r).name for r in config.runs)
+    if len(names) != len(config.runs):
+        raise InputError(f"names: {len(names)} given for {len(config.runs)} runs")
+    if len(set(names)) != len(names):
+        raise InputError(f"runs: names are not unique ({', '.join(names)}); pass names")
+    return names
+
+
+def classifier_key(config: ReportConfig, classifier: Any = None) -> str | None:
+    """The classifier's identity for the caches, without loading it: a given classifier's name and
+    `cache_key` (without one, its object id: measured afresh every run), else torchxrayvision's weights."""
+    if classifier is not None:
+        name = getattr(classifier, "name", type(classifier).__name__)
+        return f"{name}:{getattr(classifier, 'cache_key', id(classifier))}"
+    path = _xrv_path(config)
+    if path is None:
+        return None
+    from cxrdiff.metrics.classifier import XrvClassifier
+
+    return f"{XrvClassifier.name}:{input_identity(path)}"
+
+
+def _xrv_path(config: ReportConfig) -> Path | None:
+    """The torchxrayvision weights the classifier check uses, or None (random features only: a random
+    classifier's AUC means nothing, so it is not run)."""
+    if not config.fid_xrv:
+        return None
+    from cxrdiff.metrics.fid import default_xrv_path, resolve_weights
+
+    if config.xrv_weights is None and not default_xrv_path().is_file():
+        return None
+    return Path(resolve_weights(config.xrv_weights, "xrv"))
+
+
+def _load_classifier(config: ReportConfig) -> Any:
+    path = _xrv_path(config)
+    if path is None:
+        return None
+    from cxrdiff.metrics.classifier import XrvClassifier
+
+    return XrvClassifier(path, device=config.device)
+
+
+# --- measuring -----------------------------------------------------------------------------------
+
+
+def _read_table(path: Path) -> Any:
+    import pandas as pd
+
+    return pd.read_parquet(path)
+
+
+def _image_path(value: str, real: Path) -> Path:
+    path = Path(value)
+    if path.is_absolute() or path.exists():
+        return path
+    mimic = read_manifest(real).get("config", {}).get("mimic")
+    return Path(mimic) / path if mimic else real / path
+
+
+def _label_groups(frame: Any, paths: list[Path]) -> tuple[dict[str, list[Path]], list[Path]]:
+    """Images per class (label 1.0) and the 'No Finding' images, from a table's CheXpert columns."""
+    by_class = {
+        c: [p for p, v in zip(paths, frame[c], strict=True) if v == 1.0] for c in MS_CXR_CATEGORIES if c in frame
+    }
+    no_finding = (
+        [p for p, v in zip(paths, frame["No Finding"], strict=True) if v == 1.0] if "No Finding" in frame else []
+    )
+    return by_class, no_finding
+
+
+def _grey(paths: Sequence[Path], size: int) -> np.ndarray:
+    from cxrdiff.images import load_grayscale, resize_center_crop
+
+    out = []
+    for p in paths:
+        img = load_grayscale(p)
+        out.append(img if img.shape == (size, size) else resize_center_crop(img, size))
+    return np.stack(out) if out else np.zeros((0, size, size), np.uint8)
+
+
+def _scores(table: Mapping[str, Score]) -> dict[str, Any]:
+    return {k: v.as_dict() for k, v in table.items()}
+
+
+def _image_size(path: Path) -> int:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return int(min(img.size))
+
+
+def measure_run(
+    config: ReportConfig, samples: Path, diversity_dir: Path, real: Path, classifier: Any
+) -> dict[str, Any]:
+    """Fidelity of one run: Fréchet distances, MS-SSIM, classifier AUC; each a `Score` as a dict."""
+    from cxrdiff.metrics import classifier as clf
+    from cxrdiff.metrics import diversity, fid
+
+    table = _read_table(samples / "samples.parquet")
+    fake = [samples / f for f in table["file"]]
+    size = _image_size(fake[0])
+    test = _read_table(real / "test.parquet").head(config.n_fid)
+    real_paths = [_image_path(p, real) for p in test["image_path"]]
+    cache = Path(config.out) / ".fidelity_cache"
+    kwargs = dict(random_features=config.random_features, size=size, cache_root=cache, device=config.device)
+    fidelity: list[Score] = []
+    if config.fid:
+        fidelity.append(fid.fid(real_paths, fake, weights=config.inception_weights, **kwargs))
+    if config.fid_xrv:
+        fidelity.append(fid.fid_xrv(real_paths, fake, weights=config.xrv_weights, **kwargs))
+    if classifier is not None and hasattr(classifier, "features"):
+        fidelity.append(
+            fid.fd_features(real_paths, fake, classifier.features, f"FD ({classifier.name} features)", size=size)
+        )
+    div_table = _read_table(diversity_dir / "samples.parquet")
+    groups = [
+        [diversity_dir / f for f in g.sort_values("repeat")["file"]] for _, g in div_table.groupby("prompt_index")
+    ]
+    result: dict[str, Any] = {
+        "fidelity": [s.as_dict() for s in fidelity],
+        "diversity": diversity.diversity(groups).as_dict(),
+        "image_size": size,
+        "n_generated": len(fake),
+        "n_real": len(real_paths),
+    }
+    if classifier is not None:
+        by_class, no_finding = _label_groups(table, fake)
+        if no_finding:
+            result["classifier"] = _scores(
+                clf.classifier_check(
+                    classifier, {c: _grey(p, size) for c, p in by_class.items()}, _grey(no_finding, size)
+                )
+            )
+    return result
+
+
+def measure_real(config: ReportConfig, real: Path, classifier: Any, size: int) -> dict[str, Any]:
+    """The reference row: the classifier check on the real p19 test images."""
+    from cxrdiff.metrics import classifier as clf
+
+    if classifier is None:
+        return {}
+    test = _read_table(real / "test.parquet").head(config.n_fid)
+    paths = [_image_path(p, real) for p in test["image_path"]]
+    by_class, no_finding = _label_groups(test, paths)
+    if not no_finding:
+        return {}
+    aucs = clf.classifier_check(classifier, {c: _grey(p, size) for c, p in by_class.items()}, _grey(no_finding, size))
+    return {"classifier": _scores(aucs)}
+
+
+def _metric_settings(config: ReportConfig, classifier: str | None) -> dict[str, Any]:
+    """What decides the measured numbers besides the folders measured (they join per cache)."""
+    return {
+        **{k: getattr(config, k) for k in ("n_fid", "random_features", "fid", "fid_xrv", "diversity_prompts")},
+        "classifier": classifier,
+        "weights": {"inception": _identity(config.inception_weights), "xrv": _identity(config.xrv_weights)},
+    }
+
+
+def _cached(path: Path, key: str, measure: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], bool]:
+    """The numbers saved in `path` if they were measured with this key, else measured now and saved;
+    and whether they were measured now."""
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    if saved.get("key") == key:
+        return {k: v for k, v in saved.items() if k != "key"}, False
+    measured = measure()
+    write_json(path, {"key": key, **measured})
+    return measured, True
+
+
+# --- the orchestration ---------------------------------------------------------------------------
+
+
+def _default_steps() -> dict[str, tuple[StepFn, type]]:
+    from cxrdiff import ground, sample
+
+    return {"sample": (sample.sample, sample.SampleConfig), "ground": (ground.ground, ground.GroundConfig)}
+
+
+def _run_step(name: str, fn: StepFn, config: Any, done: list[str]) -> Path:
+    """Call a step on its sub-folder: it returns at once when that is finished with these settings; one
+    made with other settings is removed and made again. `name` joins `done` when the folder's manifest
+    changed (something was computed), which is also what invalidates the metrics measured on it."""
+    out = Path(config.out)
+    before = manifest_hash(out)
+    try:
+        fn(config)
+    except OtherSettings:
+        log.info("report: %s in %s was made with other settings or inputs; recomputing it", name, out)
+        shutil.rmtree(out)
+        fn(config)
+    after = manifest_hash(out)
+    if after is None:
+        raise InputError(f"{out}: the {name} step finished without a manifest")
+    if after == before:
+        log.info("report: %s is up to date in %s", name, out)
+    else:
+        done.append(name)
+    return out
+
+
+def _measure_folders(
+    config: ReportConfig, run: Path, folder: Path, real: Path, steps: Steps
+) -> tuple[Path, Path, Path, list[str]]:
+    """Samples (test prompts), diversity set and grounding of one run, made or reused; and which were made."""
+    sample_fn, sample_config = steps["sample"]
+    ground_fn, ground_config = steps["ground"]
+    common = dict(model=run, steps=config.sample_steps, guidance=config.guidance, scheduler=config.scheduler)
+    common.update(seed=config.seed, batch_size=config.batch_size, prompts=real / "test.parquet")
+    done: list[str] = []
+    samples = _run_step(
+        "samples",
+        sample_fn,
+        sample_config(out=folder / "samples", n_per_prompt=1, limit=config.n_fid, **common),
+        done,
+    )
+    diversity = _run_step(
+        "diversity",
+        sample_fn,
+        sample_config(out=folder / "diversity", n_per_prompt=4, limit=config.diversity_prompts, **common),
+        done,
+    )
+    ground_cfg = ground_config(
+        model=run,
+        out=folder / "ground",
+        data=real / "ms_cxr.parquet",
+        steps=config.ground_steps,
+        window=config.ground_window,
+        seed=config.seed,
+        limit=config.ground_limit,
+    )
+    return samples, diversity, _run_step("ground", ground_fn, ground_cfg, done), done
+
+
+def _report_run(
+    config: ReportConfig, run: Path, folder: Path, real: Path, steps: Steps, classifier: Any, metric: dict
+) -> tuple[dict[str, Any], list[str]]:
+    """One run's entry of metrics.json, and what was recomputed for it."""
+    samples, diversity, ground_dir, done = _measure_folders(config, run, folder, real, steps)
+    key = settings_key(
+        {
+            **metric,
+            "samples": input_identity(samples),
+            "diversity": input_identity(diversity),
+            "real": input_identity(real),
+        }
+    )
+    measured, fresh = _cached(
+        folder / "metrics.json", key, lambda: measure_run(config, samples, diversity, real, classifier)
+    )
+    if fresh:
+        done.append("metrics")
+    manifest = read_manifest(run) if (run / MANIFEST).is_file() else {}
+    training = manifest.get("config", {})
+    entry = {
+        "path": str(run.resolve()),
+        "kind": _run_kind(run),
+        "training": {k: training.get(k) for k in ("frozen_text", "steps", "lr", "seed")} if manifest else {},
+        "sampling": {
+            "steps": config.sample_steps,
+            "guidance": config.guidance,
+            "scheduler": config.scheduler,
+            "seed": config.seed,
+            "batch_size": config.batch_size,
+        },
+        "grounding": json.loads((ground_dir / "summary.json").read_text()),
+        "overlays": _overlays(ground_dir),
+        **measured,
+    }
+    return entry, done
+
+
+def report(config: ReportConfig, classifier: Any = None, steps: Steps | None = None) -> dict[str, Any]:
+    """Run what is missing for each run, measure, and write metrics.json, report.md, report.html.
+
+    `classifier`: an object with name, classes, scores(images) [and features(x), cache_key], used instead
+    of torchxrayvision's. `steps` maps "sample" / "ground" to (function, config class); by default
+    `cxrdiff.sample` and `cxrdiff.ground` (tests pass stand-ins).
+    """
+    checked = check_inputs(config, classifier)
+    out, real = Path(config.out), checked.real
+    steps = dict(steps or _default_steps())
+    if classifier is None:
+        classifier = _load_classifier(config)
+    metric = _metric_settings(config, checked.classifier)
+    runs: dict[str, Any] = {}
+    recomputed: dict[str, str] = {}
+    for name, run in zip(checked.names, config.runs, strict=True):
+        runs[name], done = _report_run(config, Path(run), out / "runs" / name, real, steps, classifier, metric)
+        recomputed[name] = ",".join(done) or "nothing"
+    size = next(iter(runs.values()))["image_size"]
+    real_key = settings_key({**metric, "real": input_identity(real), "size": size})
+    real_metrics, _ = _cached(out / "real_metrics.json", real_key, lambda: measure_real(config, real, classifier, size))
+    metrics = {
+        "runs": runs,
+        "real": real_metrics,
+        "real_folder": str(real.resolve()),
+        "settings": to_dict(config),
+        "classifier": checked.classifier,
+    }
+    files = render(metrics, out)
+    checked.folder.finish(
+        config=to_dict(config),
+        inputs={"real": real, **{f"run:{n}": r for n, r in zip(checked.names, config.runs, strict=True)}},
+        seed=config.seed,
+        files=[f.name for f in files],
+    )
+    return {"out": str(out), "report": str(out / "report.html"), "recomputed": recomputed}
+
+
+def _overlays(ground_dir: Path) -> dict[str, list[str]]:
+    """One or more overlay PNG paths per class, from the ground step's scores table."""
+    path = ground_dir / "scores.parquet"
+    if not path.is_file():
+        return {}
+    scores = _read_table(path)
+    out: dict[str, list[str]] = {}
+    for category, group in scores.groupby("category"):
+        files = [ground_dir / "overlays" / f"{s}.png" for s in dict.fromkeys(group["sample"])]
+        out[str(category)] = [str(f) for f in files if f.is_file()][:3]
+    return out
