@@ -1,8 +1,9 @@
 """`cxrdiff finetune`: train SD's UNet (and, for Finetune_L, its text encoder) on prepared latents.
 
 One readable loop under accelerate, so the same code runs on one CPU, one GPU or many nodes:
-check inputs → plan the global batch → load the base model → resume from the newest complete
-checkpoint → train (noise, timestep, epsilon or v target, MSE) → export a diffusers pipeline folder.
+check inputs and claim --out → plan the global batch → load the base model → build optimizer and EMA →
+resume from the newest complete checkpoint → train (noise, timestep, epsilon or v target, MSE) →
+export a diffusers pipeline folder, manifest last.
 
 Exact resume is the design constraint: every random draw comes from generators whose states are saved
 per rank, and the data order is a seeded, epoch-based permutation over all rows, so the data position
@@ -21,49 +22,59 @@ import re
 import shutil
 import signal
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, NoReturn
 
 import numpy as np
 
-from cxrdiff.artifacts import MANIFEST, atomic_dir, atomic_path, read_manifest, write_manifest
-from cxrdiff.config import to_dict
+from cxrdiff.artifacts import (
+    CLAIM,
+    MANIFEST,
+    StepFolder,
+    atomic_dir,
+    atomic_path,
+    input_identity,
+    read_manifest,
+    write_json,
+)
+from cxrdiff.config import settings, to_dict
 from cxrdiff.console import interactive, log, progress
 from cxrdiff.data import LABELS
 from cxrdiff.errors import InputError, RunError
 from cxrdiff.models import Components, check_model_folder
 
-DEFAULT_STEPS = {True: 30_000, False: 60_000}  # frozen / learnable text encoder (REFERENCE.md)
+STEP = "finetune"
+DEFAULT_STEPS = {True: 30_000, False: 60_000}  # frozen / learnable text encoder (the paper)
 NO_FINDING = "No Finding"
 CHECKPOINTS = "checkpoints"
 TRAIN_LOG = "train_log.jsonl"
-_OWN_NAMES = {CHECKPOINTS, TRAIN_LOG, "logs", "validation", MANIFEST}
-# Config fields that change what is trained: a checkpoint is only resumed under the same values.
-_RESUME_KEYS = (
-    "data",
-    "base_model",
-    "frozen_text",
-    "batch_size",
-    "lr",
-    "text_lr",
-    "ucg_no_finding",
-    "prompt_source",
-    "ema",
-    "ema_decay",
-    "seed",
-    "max_grad_norm",
-    "snr_gamma",
-    "latent_sampling",
-    "weight_decay",
-)
+_RESULT_KEYS = ("steps", "text_encoder", "weights", "final_loss")
 
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig:
     """Everything that defines a fine-tuning run; saved in the output manifest and every checkpoint."""
+
+    # Fields that do not change what is trained: a run folder resumes (or, finished, extends) under other
+    # values of these; any other field differing is refused by the folder claim.
+    NOT_SETTINGS: ClassVar[tuple[str, ...]] = (
+        "out",
+        "steps",
+        "per_device_batch_size",
+        "mixed_precision",
+        "gradient_checkpointing",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "export_weights",
+        "log_every",
+        "validation_prompts",
+        "validate_every",
+        "validation_steps",
+        "stop_after_step",
+    )
 
     data: Path | None = None
     base_model: Path | None = None
@@ -166,8 +177,8 @@ def check_prepared(data: Path, model: Path) -> dict[str, Any]:
     return manifest
 
 
-def _check_config(config: FinetuneConfig) -> FinetuneConfig:
-    """Fill derived defaults and refuse bad values, before anything heavy happens."""
+def _with_defaults(config: FinetuneConfig) -> FinetuneConfig:
+    """Fill derived defaults (steps, text lr) and refuse bad values, before anything heavy happens."""
     for name in ("data", "base_model", "out"):
         if getattr(config, name) is None:
             raise InputError(f"--{name.replace('_', '-')} is required")
@@ -192,25 +203,42 @@ def _check_config(config: FinetuneConfig) -> FinetuneConfig:
         raise InputError("--export-weights ema needs --ema")
     if config.snr_gamma is not None and not config.snr_gamma > 0:
         raise InputError(f"--snr-gamma {config.snr_gamma}: must be positive")
-    out = Path(config.out)
-    if out.exists():
-        if not out.is_dir():
-            raise InputError(f"--out {out}: exists and is not a folder")
-        if (out / MANIFEST).is_file():
-            read_manifest(out, "finetune")
-        else:
-            strangers = sorted(p.name for p in out.iterdir() if p.name not in _OWN_NAMES and not p.name.startswith("."))
-            if strangers:
-                raise InputError(
-                    f"--out {out}: not empty and not a finetune run folder (has {', '.join(strangers[:3])})"
-                )
     return dataclasses.replace(config, steps=steps, text_lr=config.text_lr if config.text_lr is not None else config.lr)
+
+
+def run_settings(config: FinetuneConfig) -> dict[str, Any]:
+    """What a run folder's settings key is made of: the config less its NOT_SETTINGS, with the data and the
+    base model by identity (a re-prepared data folder is another run)."""
+    return settings(config, data=input_identity(config.data), base_model=input_identity(config.base_model))
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """What `check_inputs` accepted: the config with its defaults filled, the --out folder and the model."""
+
+    config: FinetuneConfig
+    folder: StepFolder
+    model_dir: Path
+
+
+def check_inputs(config: FinetuneConfig) -> Inputs:
+    """Refuse bad values, data that does not fit the base model and an --out that cannot hold this run,
+    all before any weight is read. The claim only checks here: it is written once the batch plan (which
+    needs the process count) is accepted, so a refused run leaves no folder behind."""
+    config = _with_defaults(config)
+    model_dir = check_model_folder(config.base_model)
+    check_prepared(Path(config.data), model_dir)
+    check_prompt_source(config.prompt_source)
+    folder = StepFolder.claim(config.out, STEP, run_settings(config), create=False)
+    if folder.state != "new":
+        Checkpoints(folder.out).check(config.steps)
+    return Inputs(config, folder, model_dir)
 
 
 # --- prompts ----------------------------------------------------------------------------------
 
 
-class Prompts:
+class TrainingText:
     """The training text of each row (impression, class names, or a random alternative per class),
     with the unconditional-guidance rule: samples whose only positive label is No Finding get ""."""
 
@@ -391,17 +419,96 @@ def _module_class() -> type:
 # --- checkpoints ------------------------------------------------------------------------------
 
 
-def _step_dir(out: Path, step: int) -> Path:
-    return out / CHECKPOINTS / f"step-{step:07d}"
+class Checkpoints:
+    """A run's resumable states, `out/checkpoints/step-NNNNNNN/`: accelerate's model, optimizer and LR
+    scheduler state, the EMA, every rank's generators (`rng-R.pt`) and the data position (`state.json`).
+
+    A checkpoint is complete or absent: all ranks write into one hidden folder that is renamed when
+    every rank is done. Only the newest `keep` stay. Whether a checkpoint may be resumed under a
+    config is the folder claim's decision (`run_settings`), not the checkpoint's.
+    """
+
+    def __init__(self, out: Path, keep: int = 1) -> None:
+        self.out, self.folder, self.keep = Path(out), Path(out) / CHECKPOINTS, keep
+
+    def path(self, step: int) -> Path:
+        return self.folder / f"step-{step:07d}"
+
+    def saved(self) -> list[tuple[int, Path]]:
+        """Complete checkpoints, oldest first (a half-written one is still under a hidden temporary name)."""
+        if not self.folder.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.folder.iterdir() if (m := re.fullmatch(r"step-(\d{7})", p.name))]
+        return sorted(f for f in found if (f[1] / "state.json").is_file())
+
+    def latest(self) -> tuple[int, Path] | None:
+        saved = self.saved()
+        return saved[-1] if saved else None
+
+    def check(self, steps: int, processes: int | None = None) -> None:
+        """Refuse resuming a run already past `steps`, or one saved by another number of processes."""
+        latest = self.latest()
+        if latest is None:
+            return
+        step, path = latest
+        if step > steps:
+            raise InputError(f"--out {self.out}: holds a run already at step {step}, past --steps {steps}")
+        saved_by = json.loads((path / "state.json").read_text())["processes"]
+        if processes is not None and saved_by != processes:
+            raise InputError(
+                f"--out {self.out}: checkpoints from {saved_by} processes, now {processes}; resume with as many"
+            )
+
+    def save(self, run: TrainingRun, step: int, rng: dict[str, Any]) -> Path:
+        """Every rank writes its part (`rng` is its generators' state) into one folder; prune old ones."""
+        import torch
+        from accelerate.utils import broadcast_object_list
+
+        accelerator, final = run.accelerator, self.path(step)
+        with contextlib.ExitStack() as stack:
+            holder = [stack.enter_context(atomic_dir(final)) if run.main else None]
+            broadcast_object_list(holder)
+            tmp = Path(holder[0])
+            accelerator.wait_for_everyone()
+            accelerator.save_state(tmp, safe_serialization=True)
+            torch.save({**rng, **_save_ema(run, tmp)}, tmp / f"rng-{run.rank}.pt")
+            accelerator.wait_for_everyone()
+            if run.main:
+                samples = step * run.config.batch_size
+                state = {"step": step, "samples_seen": samples, "processes": run.world, "config": to_dict(run.config)}
+                (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        accelerator.wait_for_everyone()
+        if run.main:
+            for _, old in self.saved()[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def load(self, run: TrainingRun, path: Path) -> None:
+        """Restore weights, optimizer, LR scheduler, EMA and this rank's generators from `path`."""
+        import torch
+
+        run.accelerator.load_state(path)
+        own = torch.load(path / f"rng-{run.rank}.pt", weights_only=True)
+        if run.ema is not None:
+            from safetensors.torch import load_file
+
+            shadow = load_file(path / "ema.safetensors")
+            run.ema.load_state_dict({**own["ema"], "shadow_params": [shadow[n] for n in run.unet_names()]})
+            run.ema.to(run.device)
+        _set_rng_state(own, run.gen, run.np_gen)
 
 
-def _checkpoints(out: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints, oldest first (a half-written one is still under a hidden temporary name)."""
-    folder = out / CHECKPOINTS
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := re.fullmatch(r"step-(\d{7})", p.name))]
-    return sorted(f for f in found if (f[1] / "state.json").is_file())
+def _save_ema(run: TrainingRun, folder: Path) -> dict[str, Any]:
+    """The EMA's shadow weights as safetensors (main process); its small state goes in every rank's file."""
+    if run.ema is None:
+        return {}
+    ema_state = run.ema.state_dict()
+    if run.main:
+        from safetensors.torch import save_file
+
+        params = zip(run.unet_names(), ema_state["shadow_params"], strict=True)
+        save_file({n: t.detach().cpu().contiguous() for n, t in params}, folder / "ema.safetensors")
+    return {"ema": {k: v for k, v in ema_state.items() if k != "shadow_params"}}
 
 
 def _rng_state(gen: Any, np_gen: np.random.Generator) -> dict[str, Any]:
@@ -436,6 +543,357 @@ def _set_rng_state(state: dict[str, Any], gen: Any, np_gen: np.random.Generator)
 # --- the run ----------------------------------------------------------------------------------
 
 
+def finetune(config: FinetuneConfig) -> dict[str, Any]:
+    """Train, checkpoint, resume and export; returns where the model is and what the run did."""
+    inputs = check_inputs(config)
+    config, folder = inputs.config, inputs.folder
+    if folder.finished and folder.manifest.get("steps") == config.steps:
+        log.info(f"{folder.out}: already trained to step {config.steps}; nothing to do")
+        return _result(folder.out, folder.manifest)
+    accelerator, trackers = _start_accelerator(config)
+    per_device, accum = _plan_batch(accelerator, config)
+    checkpoints = Checkpoints(folder.out, config.keep_checkpoints)
+    _own_folder(accelerator, folder, checkpoints, config.steps)
+    run = _load_run(config, inputs.model_dir, accelerator, per_device, accum)
+    start = _resume(run, checkpoints)
+    if accelerator.is_main_process and trackers:
+        accelerator.init_trackers(STEP, config={k: v for k, v in _flat(config).items() if v is not None})
+    last_loss = _train(run, checkpoints, start)
+    if config.validation_prompts and not (config.validate_every and config.steps % config.validate_every == 0):
+        _validate(run, config.steps)
+    result = _export(run, folder, last_loss)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # also ends the process group: last
+    return result
+
+
+def _result(out: Path, values: dict[str, Any]) -> dict[str, Any]:
+    return {"out": str(out), **{k: values[k] for k in _RESULT_KEYS}}
+
+
+def _start_accelerator(config: FinetuneConfig) -> tuple[Any, str | None]:
+    """The accelerate state of this process (and the trackers it logs to, if tensorboard is installed)."""
+    from accelerate import Accelerator
+
+    trackers = "tensorboard" if _has_tensorboard() else None
+    try:
+        accelerator = Accelerator(
+            mixed_precision=config.mixed_precision, log_with=trackers, project_dir=Path(config.out) / "logs"
+        )
+    except (ValueError, RuntimeError) as exc:
+        raise InputError(f"--mixed-precision {config.mixed_precision}: {str(exc).splitlines()[0]}") from None
+    return accelerator, trackers
+
+
+def _has_tensorboard() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
+
+
+def _flat(config: FinetuneConfig) -> dict[str, Any]:
+    return {k: (", ".join(v) if isinstance(v, list) else v) for k, v in to_dict(config).items()}
+
+
+def _plan_batch(accelerator: Any, config: FinetuneConfig) -> tuple[int, int]:
+    """Per-device batch and accumulation steps for this many processes (see `batch_plan`)."""
+    world = accelerator.num_processes
+    per_device, accum = batch_plan(config.batch_size, config.per_device_batch_size, world)
+    if accelerator.is_main_process:
+        log.info(
+            f"global batch {config.batch_size} = {per_device} per device × {world} processes × {accum} "
+            f"accumulation steps; {config.steps} steps; text encoder "
+            + ("frozen" if config.frozen_text else f"learnable (lr {config.text_lr})")
+        )
+    return per_device, accum
+
+
+def _own_folder(accelerator: Any, folder: StepFolder, checkpoints: Checkpoints, steps: int) -> None:
+    """Write the claim (main process) once the run is accepted for this process count; a finished run
+    given more steps becomes unfinished again (claim first, then no manifest) and resumes."""
+    checkpoints.check(steps, processes=accelerator.num_processes)
+    if accelerator.is_main_process:
+        if folder.finished:
+            _reopen(folder)
+        else:
+            StepFolder.claim(folder.out, folder.step, folder.settings)
+    accelerator.wait_for_everyone()
+
+
+def _reopen(folder: StepFolder) -> None:
+    """Claim a finished folder again and drop its manifest: an extended run is unfinished until its new one."""
+    write_json(folder.out / CLAIM, {"step": folder.step, "key": folder.key, "settings": folder.settings})
+    (folder.out / MANIFEST).unlink()
+    folder.state, folder.manifest = "resume", None
+
+
+@dataclasses.dataclass
+class TrainingRun:
+    """Everything one process trains with (built by `_load_run`); the phases below take it whole."""
+
+    config: FinetuneConfig
+    accelerator: Any
+    per_device: int
+    accum: int
+    comps: Components
+    data: TrainData
+    text: TrainingText
+    model: Any  # the prepared TextToNoise module
+    optimizer: Any
+    lr_scheduler: Any
+    ema: Any  # diffusers' EMAModel of the UNet, or None
+    noise_scheduler: Any
+    gen: Any  # this rank's torch generator: every tensor draw
+    np_gen: np.random.Generator  # this rank's numpy generator: UCG and alternative prompts
+
+    @property
+    def out(self) -> Path:
+        return Path(self.config.out)
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def device(self) -> Any:
+        return self.accelerator.device
+
+    def unet_names(self) -> list[str]:
+        return [n for n, _ in self.accelerator.unwrap_model(self.model).unet.named_parameters()]
+
+
+def _load_run(config: FinetuneConfig, model_dir: Path, accelerator: Any, per_device: int, accum: int) -> TrainingRun:
+    """Load the base model and this rank's data, build the model, optimizer and EMA, seed the generators."""
+    from diffusers import DDPMScheduler
+
+    from cxrdiff.models import load_components
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    comps = load_components(model_dir)
+    with_logvar = config.latent_sampling == "sample"
+    data = TrainData(Path(config.data), comps.latent_shape, config.seed, rank, world, with_logvar=with_logvar)
+    text = TrainingText(config.prompt_source, data.impressions, data.labels, config.ucg_no_finding)
+    model, optimizer, lr_scheduler, ema = _build_model(config, comps, accelerator)
+    noise_scheduler = DDPMScheduler.from_config(comps.scheduler.config)
+    prediction = noise_scheduler.config.prediction_type
+    if prediction not in ("epsilon", "v_prediction"):
+        raise InputError(f"--base-model {model_dir}: prediction_type {prediction!r} is not epsilon or v_prediction")
+    gen, np_gen = _seeded_generators(config.seed, rank, accelerator.device)
+    return TrainingRun(
+        config, accelerator, per_device, accum, comps, data, text, model, optimizer, lr_scheduler, ema,
+        noise_scheduler, gen, np_gen,
+    )  # fmt: skip
+
+
+def _build_model(config: FinetuneConfig, comps: Components, accelerator: Any) -> tuple[Any, Any, Any, Any]:
+    """UNet and text encoder as one prepared module (the text encoder trained only when learnable),
+    AdamW at a constant learning rate as the paper, and the UNet's EMA with --ema."""
+    import torch
+
+    unet, text_encoder = comps.unet, comps.text_encoder
+    unet.train().requires_grad_(True)
+    text_encoder.train(not config.frozen_text).requires_grad_(not config.frozen_text)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if not config.frozen_text:
+            text_encoder.gradient_checkpointing_enable()
+    model = _module_class()(unet, text_encoder, train_text=not config.frozen_text)
+    groups = [{"params": list(unet.parameters()), "lr": config.lr}]
+    if not config.frozen_text:
+        groups.append({"params": list(text_encoder.parameters()), "lr": config.text_lr})
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=config.weight_decay, eps=1e-8)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    ema = None
+    if config.ema:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(accelerator.unwrap_model(model).unet.parameters(), decay=config.ema_decay)
+        ema.to(accelerator.device)
+    return model, optimizer, lr_scheduler, ema
+
+
+def _seeded_generators(seed: int, rank: int, device: Any) -> tuple[Any, np.random.Generator]:
+    """This rank's generators for every draw of the run; the global RNGs are seeded alike for libraries."""
+    import torch
+
+    seeds = np.random.SeedSequence([seed, rank]).generate_state(2)
+    gen = torch.Generator(device=device).manual_seed(int(seeds[0]))
+    np_gen = np.random.default_rng(int(seeds[1]))
+    random.seed(int(seeds[0]))
+    np.random.seed(int(seeds[1]) % 2**32)
+    torch.manual_seed(int(seeds[0]))
+    return gen, np_gen
+
+
+def _resume(run: TrainingRun, checkpoints: Checkpoints) -> int:
+    """Load the newest checkpoint, if any; returns the step training continues from."""
+    train_log = run.out / TRAIN_LOG
+    latest = checkpoints.latest()
+    if latest is None:
+        if run.main and train_log.exists():
+            _truncate_log(train_log, 0)
+        return 0
+    start, path = latest
+    checkpoints.load(run, path)
+    if run.main:
+        log.info(f"resuming {run.out} at step {start} from {path.name}")
+        _truncate_log(train_log, start)
+    return start
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines past the resumed step, so a resumed run's log reads like an uninterrupted one."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in keep))
+
+
+# --- the training loop ------------------------------------------------------------------------
+
+
+def _train(run: TrainingRun, checkpoints: Checkpoints, start: int) -> float:
+    """Train from step `start` to the end; returns the last step's loss."""
+    steps: Iterable[int] = range(start, run.config.steps)
+    if run.main:
+        steps = progress(steps, total=run.config.steps - start, description=STEP)
+    train_log = _TrainLog(run)
+    last_loss = float("nan")
+    try:
+        with _StopFlag() as stop:
+            for step in steps:
+                last_loss = _train_step(run, checkpoints, train_log, stop, step)
+    finally:
+        train_log.close()
+        run.data.close()
+    return last_loss
+
+
+def _train_step(run: TrainingRun, checkpoints: Checkpoints, train_log: _TrainLog, stop: _StopFlag, step: int) -> float:
+    """One optimizer step over all micro-steps, then its log line, checkpoint, validation and signal check."""
+    config = run.config
+    rng_before = _rng_state(run.gen, run.np_gen)
+    stats = _accumulate(run, step, stop)  # summed over ranks: mean loss, UCG eligible, UCG dropped, signals
+    loss = stats[0].item() / run.world
+    if not math.isfinite(loss):
+        _stop_on_nan(run, checkpoints, step, loss, rng_before)
+    grad_norm = _optimizer_step(run)
+    done = step + 1
+    train_log.step(done, loss, grad_norm, stats)
+    if config.stop_after_step is not None and done == config.stop_after_step:
+        os.kill(os.getpid(), signal.SIGUSR1)  # a drill: exactly what SLURM's preemption signal does
+        time.sleep(0.01)  # let the handler run
+        stats[3] += float(stop.raised is not None)
+    preempted = stats[3].item() > 0
+    if done % config.checkpoint_every == 0 or done == config.steps or preempted:
+        checkpoints.save(run, done, _rng_state(run.gen, run.np_gen))
+    if config.validation_prompts and config.validate_every and done % config.validate_every == 0:
+        _validate(run, done)
+    if preempted:
+        raise RunError(f"stopped by a signal after step {done}; re-run the same command to resume")
+    return loss
+
+
+def _accumulate(run: TrainingRun, step: int, stop: _StopFlag) -> Any:
+    """Forward and backward over this rank's micro-steps; the step's statistics reduced over the ranks."""
+    import torch
+
+    loss_sum = torch.zeros((), device=run.device)
+    eligible = dropped = 0
+    for micro in range(run.accum):
+        loss, elig, drop = _micro_step(run, step, micro)
+        loss_sum += loss
+        eligible, dropped = eligible + elig, dropped + drop
+    stats = torch.tensor(
+        [loss_sum.item() / run.accum, eligible, dropped, float(stop.raised is not None)],
+        device=run.device,
+        dtype=torch.float64,
+    )
+    return run.accelerator.reduce(stats, reduction="sum")
+
+
+def _micro_step(run: TrainingRun, step: int, micro: int) -> tuple[Any, int, int]:
+    """One micro-batch: prompts (UCG rule), latent draw, noise, timestep, loss, backward (gradients
+    synchronised on the last micro-step only). Returns the loss and the UCG eligible/dropped counts."""
+    import torch
+
+    config, device, accelerator, scheduler = run.config, run.device, run.accelerator, run.noise_scheduler
+    rows, stored = run.data.micro_batch(step, micro, run.per_device, config.batch_size)
+    texts, eligible, dropped = run.text.batch(rows, run.np_gen)
+    tokenizer = run.comps.tokenizer
+    tokens = tokenizer(
+        texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    )
+    stored = torch.from_numpy(stored).to(device, torch.float32)  # (batch, 1|2, C, H, W)
+    latents = stored[:, 0]  # (batch, C, H, W)
+    if config.latent_sampling == "sample":
+        eps = torch.randn(latents.shape, generator=run.gen, device=device)  # (batch, C, H, W)
+        latents = latents + torch.exp(0.5 * stored[:, 1]) * eps
+    latents = latents * run.comps.scaling_factor
+    noise = torch.randn(latents.shape, generator=run.gen, device=device)  # (batch, C, H, W)
+    t = torch.randint(0, int(scheduler.config.num_train_timesteps), (len(rows),), generator=run.gen, device=device)
+    noisy = scheduler.add_noise(latents, noise, t)
+    prediction = scheduler.config.prediction_type
+    target = noise if prediction == "epsilon" else scheduler.get_velocity(latents, noise, t)
+    use_mask = bool(getattr(run.comps.text_encoder.config, "use_attention_mask", False))
+    mask = tokens.attention_mask.to(device) if use_mask else None
+    sync = contextlib.nullcontext() if micro == run.accum - 1 else accelerator.no_sync(run.model)
+    with sync:
+        with accelerator.autocast():
+            pred = run.model(noisy, t, tokens.input_ids.to(device), mask)  # ids: (batch, tokens)
+        loss = _loss(pred.float(), target.float(), t, scheduler, config.snr_gamma, prediction)
+        accelerator.backward(loss / run.accum)
+    return loss.detach(), int(eligible.sum()), int(dropped.sum())
+
+
+def _loss(pred: Any, target: Any, t: Any, scheduler: Any, snr_gamma: float | None, prediction: str) -> Any:
+    """MSE on the target; with `snr_gamma`, Min-SNR weighting (Hang et al. 2023) per sample."""
+    import torch.nn.functional as F
+
+    if snr_gamma is None:
+        return F.mse_loss(pred, target)
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, t)  # (batch,)
+    weight = snr.clamp(max=snr_gamma) / (snr + 1 if prediction == "v_prediction" else snr)  # (batch,)
+    per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=tuple(range(1, pred.ndim)))  # (batch,)
+    return (per_sample * weight).mean()
+
+
+def _optimizer_step(run: TrainingRun) -> Any:
+    """Clip, step, zero the gradients and update the EMA; returns the gradient norm (None unclipped)."""
+    grad_norm = None
+    if run.config.max_grad_norm > 0:
+        grad_norm = run.accelerator.clip_grad_norm_(run.model.parameters(), run.config.max_grad_norm)
+    run.optimizer.step()
+    run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.step(run.accelerator.unwrap_model(run.model).unet.parameters())
+    return grad_norm
+
+
+def _stop_on_nan(
+    run: TrainingRun, checkpoints: Checkpoints, step: int, loss: float, rng_before: dict[str, Any]
+) -> NoReturn:
+    """Stop on a non-finite loss, keeping (or saving) the state before this step for inspection."""
+    run.optimizer.zero_grad(set_to_none=True)
+    path = checkpoints.path(step)
+    if not path.is_dir():
+        path = checkpoints.save(run, step, rng_before)
+    raise RunError(f"loss is {loss} at step {step + 1}; the last good state (step {step}) is in {path}")
+
+
 class _StopFlag:
     """SIGTERM / SIGUSR1 (SLURM preemption) only set a flag; ranks agree on it at a step boundary."""
 
@@ -457,6 +915,45 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+class _TrainLog:
+    """`train_log.jsonl` (main process), the trackers and plain progress lines in batch jobs; images/s
+    is measured over the steps since the last line."""
+
+    def __init__(self, run: TrainingRun) -> None:
+        self.run = run
+        self.file = open(run.out / TRAIN_LOG, "a") if run.main else None  # noqa: SIM115 (append-only log)
+        self.window_start, self.window_images = time.perf_counter(), 0
+
+    def step(self, done: int, loss: float, grad_norm: Any, stats: Any) -> None:
+        config, optimizer = self.run.config, self.run.optimizer
+        self.window_images += config.batch_size
+        if self.file is None or not (done % config.log_every == 0 or done == config.steps):
+            return
+        elapsed = time.perf_counter() - self.window_start
+        record = {
+            "step": done,
+            "loss": loss,
+            "lr": optimizer.param_groups[0]["lr"],
+            "text_lr": None if config.frozen_text else optimizer.param_groups[1]["lr"],
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "images_per_s": self.window_images / elapsed if elapsed > 0 else None,
+            "memory_mb": _memory_mb(self.run.device),
+            "ucg_eligible": int(stats[1].item()),
+            "ucg_dropped": int(stats[2].item()),
+            "epoch": done * config.batch_size // self.run.data.rows,
+        }
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        self.run.accelerator.log({k: v for k, v in record.items() if isinstance(v, float)}, step=done)
+        if not interactive():
+            log.info(f"step {done}/{config.steps} loss {loss:.4f} {record['images_per_s']:.1f} img/s")
+        self.window_start, self.window_images = time.perf_counter(), 0
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
 def _memory_mb(device: Any) -> float:
     import resource
 
@@ -467,339 +964,18 @@ def _memory_mb(device: Any) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _resume_view(config: FinetuneConfig) -> dict[str, Any]:
-    view = {k: v for k, v in to_dict(config).items() if k in _RESUME_KEYS}
-    for key in ("data", "base_model"):
-        view[key] = os.fspath(Path(view[key]).resolve())
-    return view
+# --- validation and export --------------------------------------------------------------------
 
 
-def _check_resume_settings(out: Path, config: FinetuneConfig) -> dict[str, Any] | None:
-    """The newest checkpoint's state, refused if it was trained with other settings (checked before any load)."""
-    saved = _checkpoints(out)
-    if not saved:
-        return None
-    start, path = saved[-1]
-    if start > config.steps:
-        raise InputError(f"--out {out}: holds a run already at step {start}, past --steps {config.steps}")
-    state = json.loads((path / "state.json").read_text())
-    view = _resume_view(config)
-    if state["config"] != view:
-        changed = ", ".join(f"--{k.replace('_', '-')}" for k in sorted(view) if state["config"].get(k) != view[k])
-        raise InputError(f"--out {out}: its checkpoints were trained with other {changed}; use a new --out")
-    return state
-
-
-def finetune(config: FinetuneConfig) -> dict[str, Any]:
-    """Train, checkpoint, resume and export; returns where the model is and what the run did."""
-    config = _check_config(config)
-    data, model_dir, out = Path(config.data), check_model_folder(config.base_model), Path(config.out)
-    prepared = check_prepared(data, model_dir)
-    check_prompt_source(config.prompt_source)
-
-    finished = _finished(out, config)
-    if finished is not None:
-        log.info(f"{out}: already trained to step {config.steps}; nothing to do")
-        return finished
-    _check_resume_settings(out, config)
-
-    import torch
-    from accelerate import Accelerator
-    from accelerate.utils import broadcast_object_list
-
-    trackers = "tensorboard" if _has_tensorboard() else None
-    try:
-        accelerator = Accelerator(mixed_precision=config.mixed_precision, log_with=trackers, project_dir=out / "logs")
-    except (ValueError, RuntimeError) as exc:
-        raise InputError(f"--mixed-precision {config.mixed_precision}: {str(exc).splitlines()[0]}") from None
-    rank, world = accelerator.process_index, accelerator.num_processes
-    per_device, accum = batch_plan(config.batch_size, config.per_device_batch_size, world)
-    if accelerator.is_main_process:
-        log.info(
-            f"global batch {config.batch_size} = {per_device} per device × {world} processes × {accum} "
-            f"accumulation steps; {config.steps} steps; text encoder "
-            + ("frozen" if config.frozen_text else f"learnable (lr {config.text_lr})")
-        )
-
-    from cxrdiff.models import load_components
-
-    comps = load_components(model_dir)
-    shape = comps.latent_shape
-    train_data = TrainData(data, shape, config.seed, rank, world, with_logvar=config.latent_sampling == "sample")
-    prompts = Prompts(config.prompt_source, train_data.impressions, train_data.labels, config.ucg_no_finding)
-
-    device = accelerator.device
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    unet, text_encoder = comps.unet, comps.text_encoder
-    unet.train().requires_grad_(True)
-    text_encoder.train(not config.frozen_text).requires_grad_(not config.frozen_text)
-    if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if not config.frozen_text:
-            text_encoder.gradient_checkpointing_enable()
-    model = _module_class()(unet, text_encoder, train_text=not config.frozen_text)
-    groups = [{"params": list(unet.parameters()), "lr": config.lr}]
-    if not config.frozen_text:
-        groups.append({"params": list(text_encoder.parameters()), "lr": config.text_lr})
-    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=config.weight_decay, eps=1e-8)
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # constant, as the paper
-    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-    ema = None
-    if config.ema:
-        from diffusers.training_utils import EMAModel
-
-        ema = EMAModel(accelerator.unwrap_model(model).unet.parameters(), decay=config.ema_decay)
-        ema.to(device)
-
-    from diffusers import DDPMScheduler
-
-    noise_scheduler = DDPMScheduler.from_config(comps.scheduler.config)
-    prediction = noise_scheduler.config.prediction_type
-    if prediction not in ("epsilon", "v_prediction"):
-        raise InputError(f"--base-model {model_dir}: prediction_type {prediction!r} is not epsilon or v_prediction")
-    n_train_t = int(noise_scheduler.config.num_train_timesteps)
-    scaling = comps.scaling_factor
-    tokenizer = comps.tokenizer
-    use_mask = bool(getattr(text_encoder.config, "use_attention_mask", False))
-
-    seeds = np.random.SeedSequence([config.seed, rank]).generate_state(2)
-    gen = torch.Generator(device=device).manual_seed(int(seeds[0]))
-    np_gen = np.random.default_rng(int(seeds[1]))
-    random.seed(int(seeds[0]))
-    np.random.seed(int(seeds[1]) % 2**32)
-    torch.manual_seed(int(seeds[0]))
-
-    view = _resume_view(config)
-    start = 0
-    saved = _checkpoints(out)
-    if saved:
-        start, path = saved[-1]
-        state = _check_resume_settings(out, config)
-        if state["processes"] != world:
-            raise InputError(
-                f"--out {out}: checkpoints from {state['processes']} processes, now {world}; resume with as many"
-            )
-        accelerator.load_state(path)
-        own = torch.load(path / f"rng-{rank}.pt", weights_only=True)
-        if ema is not None:
-            from safetensors.torch import load_file
-
-            shadow = load_file(path / "ema.safetensors")
-            names = [n for n, _ in accelerator.unwrap_model(model).unet.named_parameters()]
-            ema.load_state_dict({**own["ema"], "shadow_params": [shadow[n] for n in names]})
-            ema.to(device)
-        _set_rng_state(own, gen, np_gen)
-        if accelerator.is_main_process:
-            log.info(f"resuming {out} at step {start} from {path.name}")
-            _truncate_log(out / TRAIN_LOG, start)
-            if (out / MANIFEST).exists():
-                (out / MANIFEST).unlink()  # an extended run is unfinished until its new manifest
-    elif accelerator.is_main_process and (out / TRAIN_LOG).exists():
-        _truncate_log(out / TRAIN_LOG, 0)
-
-    def save_checkpoint(step: int, rng: dict[str, Any]) -> Path:
-        """Every rank writes into one temporary folder that becomes step-NNNNNNN when all are done."""
-        final = _step_dir(out, step)
-        with contextlib.ExitStack() as stack:
-            holder = [stack.enter_context(atomic_dir(final)) if accelerator.is_main_process else None]
-            broadcast_object_list(holder)
-            tmp = Path(holder[0])
-            accelerator.wait_for_everyone()
-            accelerator.save_state(tmp, safe_serialization=True)
-            own = dict(rng)
-            if ema is not None:
-                from safetensors.torch import save_file
-
-                ema_state = ema.state_dict()
-                own["ema"] = {k: v for k, v in ema_state.items() if k != "shadow_params"}
-                if accelerator.is_main_process:
-                    names = [n for n, _ in accelerator.unwrap_model(model).unet.named_parameters()]
-                    shadow = {
-                        n: t.detach().cpu().contiguous() for n, t in zip(names, ema_state["shadow_params"], strict=True)
-                    }
-                    save_file(shadow, tmp / "ema.safetensors")
-            torch.save(own, tmp / f"rng-{rank}.pt")
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                state = {"step": step, "samples_seen": step * config.batch_size, "processes": world, "config": view}
-                (tmp / "state.json").write_text(json.dumps(state, indent=2))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            for _, old in _checkpoints(out)[: -config.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-        return final
-
-    if accelerator.is_main_process and trackers:
-        accelerator.init_trackers("finetune", config={k: v for k, v in _flat(config).items() if v is not None})
-
-    log_file = open(out / TRAIN_LOG, "a") if accelerator.is_main_process else None  # noqa: SIM115 (append-only log)
-    window_start, window_images = time.perf_counter(), 0
-    last_loss = float("nan")
-    steps_iter: Iterator[int] = iter(range(start, config.steps))
-    if accelerator.is_main_process:
-        steps_iter = progress(range(start, config.steps), total=config.steps - start, description="finetune")
-    try:
-        with _StopFlag() as stop:
-            for step in steps_iter:
-                rng_before = _rng_state(gen, np_gen)
-                loss_sum = torch.zeros((), device=device)
-                eligible = dropped = 0
-                for micro in range(accum):
-                    rows, stored = train_data.micro_batch(step, micro, per_device, config.batch_size)
-                    texts, elig, drop = prompts.batch(rows, np_gen)
-                    eligible, dropped = eligible + int(elig.sum()), dropped + int(drop.sum())
-                    tokens = tokenizer(
-                        texts,
-                        padding="max_length",
-                        max_length=tokenizer.model_max_length,
-                        truncation=True,
-                        return_tensors="pt",
-                    )
-                    stored = torch.from_numpy(stored).to(device, torch.float32)  # (batch, 1|2, C, H, W)
-                    latents = stored[:, 0]  # (batch, C, H, W)
-                    if config.latent_sampling == "sample":
-                        eps = torch.randn(latents.shape, generator=gen, device=device)  # (batch, C, H, W)
-                        latents = latents + torch.exp(0.5 * stored[:, 1]) * eps
-                    latents = latents * scaling
-                    noise = torch.randn(latents.shape, generator=gen, device=device)  # (batch, C, H, W)
-                    t = torch.randint(0, n_train_t, (len(rows),), generator=gen, device=device)  # (batch,)
-                    noisy = noise_scheduler.add_noise(latents, noise, t)
-                    target = noise if prediction == "epsilon" else noise_scheduler.get_velocity(latents, noise, t)
-                    sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
-                    with sync:
-                        with accelerator.autocast():
-                            ids = tokens.input_ids.to(device)  # (batch, tokens)
-                            pred = model(noisy, t, ids, tokens.attention_mask.to(device) if use_mask else None)
-                        loss = _loss(pred.float(), target.float(), t, noise_scheduler, config.snr_gamma, prediction)
-                        accelerator.backward(loss / accum)
-                    loss_sum += loss.detach()
-                stats = torch.tensor(
-                    [loss_sum.item() / accum, eligible, dropped, float(stop.raised is not None)],
-                    device=device,
-                    dtype=torch.float64,
-                )
-                stats = accelerator.reduce(stats, reduction="sum")
-                step_loss = stats[0].item() / world
-                if not math.isfinite(step_loss):
-                    optimizer.zero_grad(set_to_none=True)
-                    path = _step_dir(out, step)
-                    if not path.is_dir():
-                        path = save_checkpoint(step, rng_before)
-                    raise RunError(
-                        f"loss is {step_loss} at step {step + 1}; the last good state (step {step}) is in {path}"
-                    )
-                grad_norm = None
-                if config.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    ema.step(accelerator.unwrap_model(model).unet.parameters())
-                done = step + 1
-                last_loss = step_loss
-                window_images += config.batch_size
-                if log_file is not None and (done % config.log_every == 0 or done == config.steps):
-                    elapsed = time.perf_counter() - window_start
-                    record = {
-                        "step": done,
-                        "loss": step_loss,
-                        "lr": optimizer.param_groups[0]["lr"],
-                        "text_lr": None if config.frozen_text else optimizer.param_groups[1]["lr"],
-                        "grad_norm": None if grad_norm is None else float(grad_norm),
-                        "images_per_s": window_images / elapsed if elapsed > 0 else None,
-                        "memory_mb": _memory_mb(device),
-                        "ucg_eligible": int(stats[1].item()),
-                        "ucg_dropped": int(stats[2].item()),
-                        "epoch": done * config.batch_size // train_data.rows,
-                    }
-                    log_file.write(json.dumps(record) + "\n")
-                    log_file.flush()
-                    accelerator.log({k: v for k, v in record.items() if isinstance(v, float)}, step=done)
-                    if not interactive():
-                        log.info(f"step {done}/{config.steps} loss {step_loss:.4f} {record['images_per_s']:.1f} img/s")
-                    window_start, window_images = time.perf_counter(), 0
-                if config.stop_after_step is not None and done == config.stop_after_step:
-                    os.kill(os.getpid(), signal.SIGUSR1)  # a drill: exactly what SLURM's preemption signal does
-                    time.sleep(0.01)  # let the handler run
-                    stats[3] += float(stop.raised is not None)
-                preempted = stats[3].item() > 0
-                if done % config.checkpoint_every == 0 or done == config.steps or preempted:
-                    save_checkpoint(done, _rng_state(gen, np_gen))
-                if config.validation_prompts and config.validate_every and done % config.validate_every == 0:
-                    _validate(accelerator, model, comps, config, out, done)
-                if preempted:
-                    raise RunError(f"stopped by a signal after step {done}; re-run the same command to resume")
-    finally:
-        if log_file is not None:
-            log_file.close()
-        train_data.close()
-
-    if config.validation_prompts and not (config.validate_every and config.steps % config.validate_every == 0):
-        _validate(accelerator, model, comps, config, out, config.steps)
-    result = _export(accelerator, model, ema, comps, config, out, prepared, per_device, accum, last_loss)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()  # also ends the process group: last
-    return result
-
-
-def _loss(pred: Any, target: Any, t: Any, scheduler: Any, snr_gamma: float | None, prediction: str) -> Any:
-    """MSE on the target; with `snr_gamma`, Min-SNR weighting (Hang et al. 2023) per sample."""
-    import torch.nn.functional as F
-
-    if snr_gamma is None:
-        return F.mse_loss(pred, target)
-    from diffusers.training_utils import compute_snr
-
-    snr = compute_snr(scheduler, t)  # (batch,)
-    weight = snr.clamp(max=snr_gamma) / (snr + 1 if prediction == "v_prediction" else snr)  # (batch,)
-    per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=tuple(range(1, pred.ndim)))  # (batch,)
-    return (per_sample * weight).mean()
-
-
-def _has_tensorboard() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
-
-
-def _flat(config: FinetuneConfig) -> dict[str, Any]:
-    return {k: (", ".join(v) if isinstance(v, list) else v) for k, v in to_dict(config).items()}
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines past the resumed step, so a resumed run's log reads like an uninterrupted one."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(line + "\n" for line in keep))
-
-
-def _finished(out: Path, config: FinetuneConfig) -> dict[str, Any] | None:
-    """The result of a completed identical run in `out`, or None."""
-    if not (out / MANIFEST).is_file():
-        return None
-    manifest = read_manifest(out, "finetune")
-    saved = {k: manifest["config"].get(k) for k in _RESUME_KEYS}
-    mine = _resume_view(config)
-    for key in ("data", "base_model"):
-        saved[key] = os.fspath(Path(saved[key]).resolve()) if saved[key] else None
-    if saved != mine or manifest.get("steps") != config.steps:
-        return None
-    return {"out": str(out), **{k: manifest[k] for k in ("steps", "text_encoder", "weights", "final_loss")}}
-
-
-def _validate(accelerator: Any, model: Any, comps: Components, config: FinetuneConfig, out: Path, step: int) -> None:
+def _validate(run: TrainingRun, step: int) -> None:
     """Render the validation prompts with the current weights (main process; others wait)."""
     import torch
 
-    if accelerator.is_main_process:
+    accelerator, comps, config = run.accelerator, run.comps, run.config
+    if run.main:
         from diffusers import StableDiffusionPipeline
 
-        inner = accelerator.unwrap_model(model)
+        inner = accelerator.unwrap_model(run.model)
         pipe = StableDiffusionPipeline(
             vae=comps.vae.to(accelerator.device),
             text_encoder=inner.text_encoder,
@@ -811,7 +987,7 @@ def _validate(accelerator: Any, model: Any, comps: Components, config: FinetuneC
             requires_safety_checker=False,
         )
         pipe.set_progress_bar_config(disable=True)
-        folder = out / "validation" / f"step-{step:07d}"
+        folder = run.out / "validation" / f"step-{step:07d}"
         folder.mkdir(parents=True, exist_ok=True)
         inner.eval()
         with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
@@ -826,86 +1002,69 @@ def _validate(accelerator: Any, model: Any, comps: Components, config: FinetuneC
     accelerator.wait_for_everyone()
 
 
-def _export(
-    accelerator: Any,
-    model: Any,
-    ema: Any,
-    comps: Components,
-    config: FinetuneConfig,
-    out: Path,
-    prepared: dict[str, Any],
-    per_device: int,
-    accum: int,
-    last_loss: float,
-) -> dict[str, Any]:
-    """Write the pipeline folder (base parts + trained UNet, + text encoder if learnable), manifest last."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    from cxrdiff.models import save_components
-
-    state = accelerator.get_state_dict(model)  # full weights on the main process under DDP/FSDP/DeepSpeed
-    weights = config.export_weights
-    text_encoder = "frozen" if config.frozen_text else "learnable"
-    if accelerator.is_main_process:
-        unet = UNet2DConditionModel.from_config(comps.unet.config)
-        unet.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("unet.")})
-        ema_unet = None
-        if ema is not None:
-            ema_unet = UNet2DConditionModel.from_config(comps.unet.config)
-            ema.copy_to(ema_unet.parameters())
-            if weights == "ema":
-                unet, ema_unet = ema_unet, unet
-        text = comps.text_encoder
-        if not config.frozen_text:
-            text = CLIPTextModel(comps.text_encoder.config)
-            text.load_state_dict({k[13:]: v for k, v in state.items() if k.startswith("text_encoder.")})
-        parts = Components(
-            unet=unet, vae=comps.vae.to("cpu"), text_encoder=text, tokenizer=comps.tokenizer, scheduler=None
-        )
-        tmp = out / ".pipeline"
-        save_components(parts, tmp, scheduler=comps.scheduler)
-        if ema_unet is not None:
-            other = "unet_raw" if weights == "ema" else "unet_ema"
-            ema_unet.save_pretrained(tmp / other, safe_serialization=True)
-        for item in sorted(tmp.iterdir()):  # each part lands whole (rename); the manifest, last, marks completion
-            target = out / item.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            os.replace(item, target)
-        shutil.rmtree(tmp, ignore_errors=True)
-        extra = {
-            "steps": config.steps,
-            "text_encoder": text_encoder,
-            "weights": weights,
-            "ema": config.ema,
-            "global_batch_size": config.batch_size,
-            "per_device_batch_size": per_device,
-            "processes": accelerator.num_processes,
-            "gradient_accumulation_steps": accum,
-            "images_seen": config.steps * config.batch_size,
-            "prediction_type": comps.prediction_type,
-            "latent_sampling": config.latent_sampling,
-            "final_loss": last_loss,
-        }
+def _export(run: TrainingRun, folder: StepFolder, last_loss: float) -> dict[str, Any]:
+    """Write the pipeline folder (main process), then the manifest, last, which marks the run finished."""
+    config, out = run.config, run.out
+    state = run.accelerator.get_state_dict(run.model)  # full weights on the main process under DDP/FSDP/DeepSpeed
+    extra = {
+        "steps": config.steps,
+        "text_encoder": "frozen" if config.frozen_text else "learnable",
+        "weights": config.export_weights,
+        "ema": config.ema,
+        "global_batch_size": config.batch_size,
+        "per_device_batch_size": run.per_device,
+        "processes": run.world,
+        "gradient_accumulation_steps": run.accum,
+        "images_seen": config.steps * config.batch_size,
+        "prediction_type": run.comps.prediction_type,
+        "latent_sampling": config.latent_sampling,
+        "final_loss": last_loss,
+    }
+    if run.main:
+        _write_pipeline(run, state)
+        relative = (p.relative_to(out) for p in out.rglob("*") if p.is_file() and p.name != MANIFEST)
         files = [
-            p.relative_to(out).as_posix()
-            for p in out.rglob("*")
-            if p.is_file() and p.name != MANIFEST and CHECKPOINTS not in p.relative_to(out).parts[:1]
+            r.as_posix() for r in relative if r.parts[0] != CHECKPOINTS and not any(s.startswith(".") for s in r.parts)
         ]
-        write_manifest(
-            out,
-            "finetune",
+        folder.finish(
             config=to_dict(config),
             inputs={"data": config.data, "base_model": config.base_model},
             seed=config.seed,
             files=files,
             extra=extra,
         )
-    return {
-        "out": str(out),
-        "steps": config.steps,
-        "text_encoder": text_encoder,
-        "weights": weights,
-        "final_loss": last_loss,
-    }
+    return _result(out, extra)
+
+
+def _write_pipeline(run: TrainingRun, state: dict[str, Any]) -> None:
+    """Base parts + trained UNet (+ text encoder if learnable); with --ema the other UNet beside it."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from cxrdiff.models import save_components
+
+    comps, config, out = run.comps, run.config, run.out
+    unet = UNet2DConditionModel.from_config(comps.unet.config)
+    unet.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("unet.")})
+    ema_unet = None
+    if run.ema is not None:
+        ema_unet = UNet2DConditionModel.from_config(comps.unet.config)
+        run.ema.copy_to(ema_unet.parameters())
+        if config.export_weights == "ema":
+            unet, ema_unet = ema_unet, unet
+    text = comps.text_encoder
+    if not config.frozen_text:
+        text = CLIPTextModel(comps.text_encoder.config)
+        text.load_state_dict({k[13:]: v for k, v in state.items() if k.startswith("text_encoder.")})
+    parts = Components(unet=unet, vae=comps.vae.to("cpu"), text_encoder=text, tokenizer=comps.tokenizer, scheduler=None)
+    tmp = out / ".pipeline"
+    save_components(parts, tmp, scheduler=comps.scheduler)
+    if ema_unet is not None:
+        other = "unet_raw" if config.export_weights == "ema" else "unet_ema"
+        ema_unet.save_pretrained(tmp / other, safe_serialization=True)
+    for item in sorted(tmp.iterdir()):  # each part lands whole (rename); the manifest, last, marks completion
+        target = out / item.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(item, target)
+    shutil.rmtree(tmp, ignore_errors=True)

@@ -3,6 +3,7 @@ exact resume after a preemption signal, the UCG rule, batch arithmetic, and refu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,10 +14,19 @@ import numpy as np
 import pytest
 from fixtures_prepared import build_prepared
 
+from cxrdiff.artifacts import OtherSettings, StepFolder, manifest_hash
 from cxrdiff.config import load_config
 from cxrdiff.data import LABELS
 from cxrdiff.errors import InputError, RunError
-from cxrdiff.finetune import FinetuneConfig, Prompts, TrainData, batch_plan, finetune
+from cxrdiff.finetune import (
+    FinetuneConfig,
+    TrainData,
+    TrainingText,
+    batch_plan,
+    check_inputs,
+    finetune,
+    run_settings,
+)
 
 # Losses of the frozen run below (seed 0, batch 4 = 2 × 2 accumulation), computed once on CPU.
 PINNED_FROZEN_LOSSES = (1.1567013263702393, 1.142768383026123, 1.1265671253204346)
@@ -118,7 +128,7 @@ def test_ranks_read_disjoint_parts_and_the_global_batch_does_not_depend_on_the_s
 
 def test_ucg_drops_only_no_finding_only_samples_at_the_configured_rate(prepared):
     data = TrainData(prepared, (4, 16, 16), seed=0, rank=0, world=1, with_logvar=False)
-    prompts = Prompts("impression", data.impressions, data.labels, 0.3)
+    prompts = TrainingText("impression", data.impressions, data.labels, 0.3)
     rng = np.random.default_rng(0)
     eligible = dropped = 0
     try:
@@ -140,18 +150,18 @@ def test_prompt_sources(tmp_path):
     labels[0, LABELS.index("Cardiomegaly")] = labels[0, LABELS.index("Edema")] = 1.0
     labels[1, LABELS.index("No Finding")] = 1.0
     rng = np.random.default_rng(0)
-    assert Prompts("labels", ["a", "b", "c"], labels, 0.0).text(0, rng) == "Cardiomegaly, Edema"
+    assert TrainingText("labels", ["a", "b", "c"], labels, 0.0).text(0, rng) == "Cardiomegaly, Edema"
     csv = tmp_path / "alt.csv"
     csv.write_text("label,text\nCardiomegaly,big heart\nCardiomegaly,enlarged heart\nNo Finding,normal chest\n")
-    source = Prompts(f"file:{csv}", ["a", "b", "c"], labels, 0.0)
+    source = TrainingText(f"file:{csv}", ["a", "b", "c"], labels, 0.0)
     assert {source.text(0, rng) for _ in range(50)} == {"big heart", "enlarged heart"}
     assert source.text(1, rng) == "normal chest"
     assert source.text(2, rng) == "normal chest"  # no positive label: read as normal
     csv.write_text("label,text\nHeart,big heart\n")
     with pytest.raises(InputError, match="unknown label"):
-        Prompts(f"file:{csv}", [], labels, 0.0)
+        TrainingText(f"file:{csv}", [], labels, 0.0)
     with pytest.raises(InputError, match="expected impression, labels or file:PATH"):
-        Prompts("findings", [], labels, 0.0)
+        TrainingText("findings", [], labels, 0.0)
 
 
 # --- input checks ------------------------------------------------------------------------------
@@ -226,7 +236,8 @@ def test_output_loads_in_diffusers_and_checkpoints_are_pruned(frozen_run):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002", "step-0000003"]
 
 
-def test_rerunning_a_finished_run_does_nothing(frozen_run, prepared, tiny_model):
+def test_rerunning_a_finished_run_does_nothing(frozen_run, prepared, tiny_model, monkeypatch):
+    monkeypatch.setattr("cxrdiff.models.load_components", _no_load)
     out, result = frozen_run
     before = (out / "train_log.jsonl").read_text()
     assert finetune(_config(prepared, tiny_model, out)) == {
@@ -342,15 +353,63 @@ def test_gradient_checkpointing_changes_memory_not_numbers(tmp_path, prepared, t
     assert [r["loss"] for r in _log(out)] == pytest.approx(PINNED_FROZEN_LOSSES[:1], rel=1e-6)
 
 
+# --- the run folder: claimed through StepFolder, refused or resumed before any weight is read ----
+
+
+def _no_load(*args, **kwargs):
+    raise AssertionError("weights loaded before the folder check")
+
+
+def test_a_strangers_folder_or_another_steps_folder_is_refused(tmp_path, prepared, tiny_model, monkeypatch):
+    monkeypatch.setattr("cxrdiff.models.load_components", _no_load)
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match=r"not empty and not a 'finetune' folder \(has notes.txt\)"):
+        finetune(_config(prepared, tiny_model, stranger))
+    assert sorted(p.name for p in stranger.iterdir()) == ["notes.txt"]
+    sampling = tmp_path / "sampling"
+    StepFolder.claim(sampling, "sample", {"steps": 5})
+    (sampling / "images").mkdir()
+    with pytest.raises(InputError, match="holds an unfinished 'sample' run"):
+        finetune(_config(prepared, tiny_model, sampling))
+
+
 def test_resuming_with_other_settings_is_refused_before_loading_weights(frozen_run, prepared, tiny_model, monkeypatch):
-    import cxrdiff.models
-
-    def no_load(*args, **kwargs):
-        raise AssertionError("weights loaded before the settings check")
-
-    monkeypatch.setattr(cxrdiff.models, "load_components", no_load)
+    monkeypatch.setattr("cxrdiff.models.load_components", _no_load)
     out, _ = frozen_run
     before = (out / "manifest.json").read_bytes()
-    with pytest.raises(InputError, match=r"trained with other --frozen-text, --text-lr; use a new --out"):
+    with pytest.raises(
+        OtherSettings, match=r"finished 'finetune' run made with other settings \(frozen_text True → False; text_lr"
+    ):
         finetune(_config(prepared, tiny_model, out, frozen_text=False, text_lr=1e-4))
+    with pytest.raises(OtherSettings, match=r"other settings \(seed 0 → 1\)"):
+        finetune(_config(prepared, tiny_model, out, seed=1))
+    again = build_prepared(out.parent / "again", seed=1, vae_fingerprint=_fingerprint(tiny_model))
+    with pytest.raises(OtherSettings, match=r"other settings \(data '[0-9a-f]{12}"):
+        finetune(_config(again, tiny_model, out))
+    with pytest.raises(InputError, match="holds a run already at step 3, past --steps 2"):
+        finetune(_config(prepared, tiny_model, out, steps=2))
     assert (out / "manifest.json").read_bytes() == before
+    assert run_settings(check_inputs(_config(prepared, tiny_model, out)).config)["data"] == manifest_hash(prepared)
+
+
+def test_a_stopped_run_resumes_and_a_finished_one_extends_with_more_steps(tmp_path, prepared, tiny_model, frozen_run):
+    out = tmp_path / "run"
+    config = _config(prepared, tiny_model, out, steps=2)
+    with pytest.raises(RunError, match="stopped by a signal after step 1"):
+        finetune(dataclasses.replace(config, stop_after_step=1))
+    assert check_inputs(config).folder.state == "resume" and not (out / "manifest.json").exists()
+    with pytest.raises(
+        OtherSettings, match=r"unfinished 'finetune' run made with other settings \(lr 5e-05 → 0.0001; text_lr"
+    ):
+        finetune(dataclasses.replace(config, lr=1e-4))
+    assert finetune(dataclasses.replace(config, log_every=2))["steps"] == 2  # not a setting: resumes
+    reference = [r["loss"] for r in _log(frozen_run[0])]
+    assert [r["step"] for r in _log(out)] == [1, 2] and [r["loss"] for r in _log(out)] == reference[:2]
+    assert check_inputs(config).folder.state == "finished"
+    assert finetune(dataclasses.replace(config, steps=3))["steps"] == 3  # more steps: on from step 2
+    assert [r["loss"] for r in _log(out)] == reference
+    assert json.loads((out / "manifest.json").read_text())["steps"] == 3
+    assert not (out / ".cxrdiff-claim.json").exists()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002", "step-0000003"]
