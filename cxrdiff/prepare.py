@@ -11,19 +11,18 @@ first missing unit and never trusts a half-written one.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
-from cxrdiff.artifacts import MANIFEST, atomic_path, read_manifest, write_json, write_manifest, write_text
-from cxrdiff.config import to_dict
+from cxrdiff.artifacts import MANIFEST, StepFolder, atomic_path, write_json, write_text
+from cxrdiff.config import settings, to_dict
 from cxrdiff.console import log, progress
 from cxrdiff.data import (
     LABELS,
@@ -55,6 +54,17 @@ SKIPPED_COLUMNS = ("part", "dicom_id", "subject_id", "study_id", "reason", "deta
 
 @dataclasses.dataclass(frozen=True)
 class PrepareConfig:
+    # Inputs count by their identity (tables by size and time, the VAE by its fingerprint), not by path.
+    NOT_SETTINGS: ClassVar[tuple[str, ...]] = (
+        "out",
+        "batch_size",
+        "workers",
+        "mimic",
+        "reports",
+        "ms_cxr",
+        "base_model",
+    )
+
     mimic: Path | None = None
     reports: Path | None = None
     ms_cxr: Path | None = None
@@ -116,8 +126,7 @@ def check_inputs(config: PrepareConfig) -> _Inputs:
     base_model = check_model_folder(config.base_model)
     resolution, latent_shape, scaling_factor = model_geometry(base_model, config.resolution)
     out = Path(config.out)
-    _check_out(out)
-    return _Inputs(
+    inputs = _Inputs(
         mimic=mimic.absolute(),
         files=files,
         reports=files_root(reports),
@@ -129,6 +138,8 @@ def check_inputs(config: PrepareConfig) -> _Inputs:
         latent_shape=latent_shape,
         scaling_factor=scaling_factor,
     )
+    StepFolder.claim(out, STEP, prepare_settings(config, inputs), create=False)  # the kind of folder, early
+    return inputs
 
 
 def model_geometry(base_model: Path, resolution: int | None) -> tuple[int, tuple[int, int, int], float]:
@@ -150,15 +161,6 @@ def model_geometry(base_model: Path, resolution: int | None) -> tuple[int, tuple
         raise InputError(f"--resolution {resolution}: must be a positive multiple of the VAE's factor {factor}")
     latent_shape = (int(vae.latent_channels), resolution // factor, resolution // factor)
     return resolution, latent_shape, float(getattr(vae, "scaling_factor", 0.18215))
-
-
-def _check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out}: exists and is not a folder")
-    if (out / MANIFEST).is_file():
-        read_manifest(out, STEP)  # refuses another step's folder
-    elif out.is_dir() and any(out.iterdir()) and not (out / STATE).is_dir():
-        raise InputError(f"--out {out}: not empty and not a '{STEP}' folder; choose a new folder")
 
 
 # --- plan -----------------------------------------------------------------------------------
@@ -324,16 +326,16 @@ def _ms_cxr_rows(ms, meta, inputs: _Inputs, counts: dict, skipped: list):
     return frame.drop(columns=["path"], errors="ignore")
 
 
-def _fingerprint(config: PrepareConfig, inputs: _Inputs) -> str:
+def prepare_settings(config: PrepareConfig, inputs: _Inputs) -> dict[str, Any]:
     """What the plan and every unit depend on: settings, input tables (size and mtime) and the VAE."""
-    keyed = {k: v for k, v in to_dict(config).items() if k not in ("out", "batch_size", "workers")} | {
-        "resolution": inputs.resolution,
-        "vae": vae_fingerprint(inputs.base_model),
-    }
+    tables = {}
     for name, path in [*inputs.tables.items(), ("ms_cxr", inputs.ms_cxr)]:
         stat = Path(path).stat()
-        keyed[f"table:{name}"] = [str(Path(path).absolute()), stat.st_size, stat.st_mtime_ns]
-    return hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()
+        tables[name] = [str(Path(path).absolute()), stat.st_size, stat.st_mtime_ns]
+    roots = {"mimic": str(inputs.mimic), "reports": str(inputs.reports.absolute())}
+    return settings(
+        config, resolution=inputs.resolution, vae=vae_fingerprint(inputs.base_model), tables=tables, **roots
+    )
 
 
 def build_plan(config: PrepareConfig, inputs: _Inputs, tokenizer: Any = None) -> dict[str, Any]:
@@ -604,28 +606,20 @@ def _load_tokenizer(base_model: Path) -> Any:
 # --- the step -------------------------------------------------------------------------------
 
 
-def _plan(config: PrepareConfig, inputs: _Inputs, fingerprint: str) -> None:
-    """Build and save the plan, or keep the saved one when settings and inputs are unchanged."""
+def _plan(config: PrepareConfig, inputs: _Inputs) -> None:
+    """Build and save the plan, or keep the one this (claimed, same-settings) folder already has."""
     import pandas as pd
 
     state = inputs.out / STATE
     saved = state / "plan.json"
-    done = sorted(inputs.out.glob("*.parquet"))
-    if saved.is_file():
-        if json.loads(saved.read_text()).get("fingerprint") == fingerprint and (state / "plan.parquet").is_file():
-            log.info("resuming: %d of the units are complete", len(done))
-            return
-        if done:
-            raise InputError(
-                f"--out {inputs.out}: holds a prepare run with other settings or inputs; choose a new folder"
-            )
-    elif done:
-        raise InputError(f"--out {inputs.out}: has Parquet files but no {STATE}/plan.json; choose a new folder")
+    if saved.is_file() and (state / "plan.parquet").is_file():
+        log.info("resuming: %d of the units are complete", len(list(inputs.out.glob("*.parquet"))))
+        return
     plan = build_plan(config, inputs, _load_tokenizer(inputs.base_model))
     items = plan.pop("items")
     with atomic_path(state / "plan.parquet") as tmp:
         pd.DataFrame(items).to_parquet(tmp, index=False)
-    write_json(saved, {**plan, "fingerprint": fingerprint})
+    write_json(saved, plan)
 
 
 def _workers(config: PrepareConfig, processes: int) -> int:
@@ -642,19 +636,19 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     start = time.perf_counter()
     inputs = check_inputs(config)
     acc = Accelerator()
-    fingerprint = _fingerprint(config, inputs)
+    folder = StepFolder.claim(inputs.out, STEP, prepare_settings(config, inputs), create=acc.is_main_process)
+    if folder.finished:
+        # Finished before with the same settings and inputs: leave the manifest (and with it the hash
+        # that later steps recorded) untouched, so nothing downstream is recomputed.
+        log.info("%s: already prepared; nothing to do", inputs.out)
+        return {} if not acc.is_main_process else _summary(inputs.out)
     if acc.is_main_process:
-        _plan(config, inputs, fingerprint)
+        _plan(config, inputs)
     acc.wait_for_everyone()
     state = inputs.out / STATE
     plan = json.loads((state / "plan.json").read_text())
     items = pd.read_parquet(state / "plan.parquet")
     todo = [unit for unit in plan["units"] if not (inputs.out / f"{unit}.parquet").is_file()]
-    if not todo and _complete(inputs.out, fingerprint):
-        # Finished before with the same settings and inputs: leave the manifest (and with it the hash
-        # that later steps recorded) untouched, so nothing downstream is recomputed.
-        log.info("%s: already prepared; nothing to do", inputs.out)
-        return {} if not acc.is_main_process else _summary(inputs.out)
     encode_start = time.perf_counter()
     if todo:
         vae = _load_vae(inputs.base_model, acc.device)
@@ -670,13 +664,8 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     if not acc.is_main_process:
         return {}
     now = time.perf_counter()
-    return _finish(config, inputs, plan, now - start) | {"encode_seconds": round(now - encode_start, 2)}
-
-
-def _complete(out: Path, fingerprint: str) -> bool:
-    """Whether `out` holds a finished prepare run made with these settings and inputs."""
-    path = out / MANIFEST
-    return path.is_file() and json.loads(path.read_text()).get("plan_fingerprint") == fingerprint
+    result = _finish(folder, config, inputs, plan, now - start)
+    return result | {"encode_seconds": round(now - encode_start, 2)}
 
 
 def _summary(out: Path) -> dict[str, Any]:
@@ -696,7 +685,9 @@ def _summary(out: Path) -> dict[str, Any]:
     }
 
 
-def _finish(config: PrepareConfig, inputs: _Inputs, plan: dict[str, Any], seconds: float) -> dict[str, Any]:
+def _finish(
+    folder: StepFolder, config: PrepareConfig, inputs: _Inputs, plan: dict[str, Any], seconds: float
+) -> dict[str, Any]:
     """skipped.csv and the manifest, from the plan and the completed units."""
     import pandas as pd
     import pyarrow.parquet as pq
@@ -719,9 +710,7 @@ def _finish(config: PrepareConfig, inputs: _Inputs, plan: dict[str, Any], second
     write_text(out / "skipped.csv", table.to_csv(index=False))
     shards = [f"{unit}.parquet" for unit in plan["units"] if unit.startswith("train-")]
     resolved = to_dict(dataclasses.replace(config, resolution=inputs.resolution))
-    write_manifest(
-        out,
-        STEP,
+    folder.finish(
         config=resolved,
         inputs={"mimic": inputs.mimic, "base_model": inputs.base_model},
         seed=config.seed,
@@ -739,7 +728,6 @@ def _finish(config: PrepareConfig, inputs: _Inputs, plan: dict[str, Any], second
             "impression_sources": plan["impression_sources"],
             "prompts_over_context": plan["prompts_over_context"],
             "skipped": len(skipped),
-            "plan_fingerprint": plan["fingerprint"],
         },
     )
     return {

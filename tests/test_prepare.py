@@ -330,7 +330,7 @@ def test_structural_faults_stop_before_any_work(tree, tiny_model, tmp_path):
 
 def test_changed_settings_on_a_used_folder_are_refused(prepared, tree, tiny_model):
     out, _ = prepared
-    with pytest.raises(InputError, match="other settings or inputs"):
+    with pytest.raises(InputError, match=r"finished 'prepare' run made with other settings \(test_size 3 → 2\)"):
         prepare(_config(tree, tiny_model, out, test_size=2))
 
 
