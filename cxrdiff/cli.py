@@ -6,17 +6,17 @@ completion stay instant. Results go to stdout (`--json` for machines); progress 
 
 from __future__ import annotations
 
-import importlib
 import json
 import sys
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from cxrdiff import __version__
-from cxrdiff.errors import CxrdiffError, NotImplementedYet
+from cxrdiff import __version__, choices
+from cxrdiff.errors import CxrdiffError
 
 app = typer.Typer(
     name="cxrdiff",
@@ -58,27 +58,29 @@ def _root(
     _state["json"] = as_json
 
 
-def _call(module: str, function: str, config_class: str | None = None, config_file: Path | None = None, **opts: Any):
-    """Import `cxrdiff.<module>` lazily, build its config, run it, and print what it returns."""
-    try:
-        mod = importlib.import_module(f"cxrdiff.{module}")
-    except ModuleNotFoundError as exc:
-        if exc.name == f"cxrdiff.{module}":
-            raise NotImplementedYet(f"cxrdiff {module}: not implemented yet in cxrdiff {__version__}") from None
-        raise
-    if not hasattr(mod, function):
-        raise NotImplementedYet(f"cxrdiff {module}: not implemented yet in cxrdiff {__version__}")
-    if config_class is not None:
-        from cxrdiff.config import load_config
+def run_step(step: Callable[[Any], Any], config_class: type, options: dict[str, Any]) -> Any:
+    """Build `config_class` from defaults < `--config` TOML < the flags given (`options`, a command's
+    locals), call the step with it, and print what it returns."""
+    from cxrdiff.config import load_config
 
-        result = getattr(mod, function)(load_config(getattr(mod, config_class), config_file, **opts))
-    else:
-        result = getattr(mod, function)(**opts)
-    _print_result(result)
+    options = dict(options)
+    config_file = options.pop("config", None)
+    flags = {name: _plain(value) for name, value in options.items()}
+    result = step(load_config(config_class, config_file, **flags))
+    print_result(result)
     return result
 
 
-def _print_result(result: Any) -> None:
+def _plain(value: Any) -> Any:
+    """Typer's values as the config expects them: an enum's value, a repeated option as a tuple."""
+    if isinstance(value, StrEnum):
+        return value.value
+    if isinstance(value, list):
+        return tuple(value) or None
+    return value
+
+
+def print_result(result: Any) -> None:
     if result is None:
         return
     if _state["json"]:
@@ -92,28 +94,43 @@ def _print_result(result: Any) -> None:
 
 
 # --- commands -------------------------------------------------------------------------------
+# Each command: typed options named after its config's fields → `run_step(step, Config, options)`.
+# Choices are enums of the Literals in `cxrdiff.choices`, which the configs use too.
+
+Precision = choices.enum("Precision", choices.Precision)
+SamplePrecision = choices.enum("SamplePrecision", choices.SamplePrecision)
+Scheduler = choices.enum("Scheduler", choices.Scheduler)
+ExportWeights = choices.enum("ExportWeights", choices.ExportWeights)
+LatentSampling = choices.enum("LatentSampling", choices.LatentSampling)
+GroundMode = choices.enum("GroundMode", choices.GroundMode)
+CnrKind = choices.enum("CnrKind", choices.CnrKind)
+BoxMode = choices.enum("BoxMode", choices.BoxMode)
+Frame = choices.enum("Frame", choices.Frame)
+PredictionType = choices.enum("PredictionType", choices.PredictionType)
 
 
 @app.command()
 def phantom(
     out: Annotated[Path, typer.Argument(help="Folder to write the MIMIC-CXR-shaped tree to.")],
-    patients: Annotated[int, typer.Option(help="Number of patients (spread over p10..p19).")] = 100,
-    seed: Annotated[int, typer.Option(help="Same seed, byte-identical tree.")] = 0,
-    size: Annotated[int, typer.Option(help="Image size in pixels (short side).")] = 512,
-    dicom_fraction: Annotated[float, typer.Option(help="Fraction of images also written as DICOM.")] = 0.1,
-    preview: Annotated[bool, typer.Option(help="Also write preview.png: one example per finding, with boxes.")] = False,
+    patients: Annotated[
+        int | None, typer.Option(help="Number of patients (spread over p10..p19) [default: 100].")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Same seed, byte-identical tree [default: 0].")] = None,
+    size: Annotated[int | None, typer.Option(help="Image size in pixels (short side) [default: 512].")] = None,
+    dicom_fraction: Annotated[
+        float | None, typer.Option(help="Fraction of images also written as DICOM [default: 0.1].")
+    ] = None,
+    preview: Annotated[
+        bool | None, typer.Option("--preview", help="Also write preview.png: one example per finding, with boxes.")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="Image-rendering processes (default: from the CPUs).")] = None,
+    config: ConfigOpt = None,
 ) -> None:
     """Write a synthetic, MIMIC-CXR-shaped data set with reports and MS-CXR-style boxes."""
-    _call(
-        "phantom",
-        "make_phantom",
-        out=out,
-        patients=patients,
-        seed=seed,
-        size=size,
-        dicom_fraction=dicom_fraction,
-        preview=preview,
-    )
+    options = dict(locals())  # the flags, before the imports below add names
+    from cxrdiff.phantom import PhantomConfig, make_phantom
+
+    run_step(make_phantom, PhantomConfig, options)
 
 
 @app.command()
@@ -138,31 +155,11 @@ def prepare(
     config: ConfigOpt = None,
 ) -> None:
     """Turn MIMIC-CXR + reports + MS-CXR into latent Parquet shards (train, test prompts, MS-CXR)."""
-    _call(
-        "prepare",
-        "prepare",
-        "PrepareConfig",
-        config,
-        mimic=mimic,
-        reports=reports,
-        ms_cxr=ms_cxr,
-        base_model=base_model,
-        out=out,
-        resolution=resolution,
-        test_size=test_size,
-        seed=seed,
-        batch_size=batch_size,
-        shard_size=shard_size,
-        exclude_ms_cxr_patients=exclude_ms_cxr_patients,
-        test_no_finding_max=test_no_finding_max,
-        workers=workers,
-    )
+    options = dict(locals())  # the flags, before the imports below add names
+    from cxrdiff.prepare import PrepareConfig
+    from cxrdiff.prepare import prepare as step
 
-
-class Precision(StrEnum):
-    no = "no"
-    fp16 = "fp16"
-    bf16 = "bf16"
+    run_step(step, PrepareConfig, options)
 
 
 @app.command()
@@ -187,64 +184,34 @@ def finetune(
         float | None, typer.Option(help="P(empty prompt) for samples whose only label is No Finding.")
     ] = None,
     prompt_source: Annotated[str | None, typer.Option(help="impression | labels | file:PATH")] = None,
-    mixed_precision: Annotated[Precision | None, typer.Option(help="no | fp16 | bf16")] = None,
+    mixed_precision: Annotated[Precision | None, typer.Option(help="Mixed precision of training.")] = None,
     gradient_checkpointing: Annotated[bool | None, typer.Option("--gradient-checkpointing")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="Save a resumable checkpoint every N steps.")] = None,
     keep_checkpoints: Annotated[int | None, typer.Option(help="Keep the last K checkpoints.")] = None,
     ema: Annotated[bool | None, typer.Option("--ema", help="Keep an EMA of the UNet.")] = None,
     export_weights: Annotated[
-        str | None, typer.Option(help="raw (paper) | ema: which UNet weights the output folder holds.")
+        ExportWeights | None, typer.Option(help="Which UNet weights the output folder holds (raw: the paper).")
     ] = None,
     max_grad_norm: Annotated[float | None, typer.Option(help="Clip gradients to this norm (0: off).")] = None,
     snr_gamma: Annotated[float | None, typer.Option(help="Min-SNR loss weighting gamma (default off).")] = None,
     latent_sampling: Annotated[
-        str | None, typer.Option(help="sample (paper: fresh latent from the posterior) | mean")
+        LatentSampling | None, typer.Option(help="sample (paper: fresh latent from the posterior) or its mean.")
     ] = None,
     log_every: Annotated[int | None, typer.Option(help="Log loss, lr, images/s and memory every N steps.")] = None,
-    validation_prompt: Annotated[
-        list[str] | None, typer.Option(help="Prompt to render during training; repeat for several.")
+    validation_prompts: Annotated[
+        list[str] | None,
+        typer.Option("--validation-prompt", help="Prompt to render during training; repeat for several."),
     ] = None,
     validate_every: Annotated[int | None, typer.Option(help="Render the validation prompts every N steps.")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Fine-tune the UNet (and, with --learnable-text, the text encoder) on prepared latents."""
-    _call(
-        "finetune",
-        "finetune",
-        "FinetuneConfig",
-        config,
-        data=data,
-        base_model=base_model,
-        out=out,
-        frozen_text=frozen_text,
-        steps=steps,
-        batch_size=batch_size,
-        per_device_batch_size=per_device_batch_size,
-        lr=lr,
-        text_lr=text_lr,
-        ucg_no_finding=ucg_no_finding,
-        prompt_source=prompt_source,
-        mixed_precision=mixed_precision.value if mixed_precision else None,
-        gradient_checkpointing=gradient_checkpointing,
-        checkpoint_every=checkpoint_every,
-        keep_checkpoints=keep_checkpoints,
-        ema=ema,
-        export_weights=export_weights,
-        max_grad_norm=max_grad_norm,
-        snr_gamma=snr_gamma,
-        latent_sampling=latent_sampling,
-        log_every=log_every,
-        validation_prompts=tuple(validation_prompt) if validation_prompt else None,
-        validate_every=validate_every,
-        seed=seed,
-    )
+    options = dict(locals())  # the flags, before the imports below add names
+    from cxrdiff.finetune import FinetuneConfig
+    from cxrdiff.finetune import finetune as step
 
-
-class SchedulerName(StrEnum):
-    pndm = "pndm"
-    ddim = "ddim"
-    dpm = "dpm"
+    run_step(step, FinetuneConfig, options)
 
 
 @app.command()
@@ -257,57 +224,20 @@ def sample(
     n_per_prompt: Annotated[int | None, typer.Option(help="Images per prompt (4 for MS-SSIM diversity).")] = None,
     steps: Annotated[int | None, typer.Option(help="Denoising steps.")] = None,
     guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale.")] = None,
-    scheduler: Annotated[SchedulerName | None, typer.Option(help="pndm (PLMS) | ddim | dpm")] = None,
+    scheduler: Annotated[Scheduler | None, typer.Option(help="Sampler (pndm: PLMS, the paper's).")] = None,
     seed: Annotated[int | None, typer.Option(help="Base seed; each image's seed derives from it.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per batch.")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N prompts.")] = None,
     prompt_column: Annotated[str | None, typer.Option(help="Column of --prompts holding the text.")] = None,
-    mixed_precision: Annotated[
-        Precision | None, typer.Option(help="no | fp16 | bf16; default bf16 on CUDA, fp32 on CPU.")
-    ] = None,
+    mixed_precision: Annotated[SamplePrecision | None, typer.Option(help="auto: bf16 on CUDA, fp32 on CPU.")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Generate images with classifier-free guidance, reproducible per prompt."""
-    _call(
-        "sample",
-        "sample",
-        "SampleConfig",
-        config,
-        model=model,
-        out=out,
-        prompts=prompts,
-        prompts_file=prompts_file,
-        prompt=prompt,
-        n_per_prompt=n_per_prompt,
-        steps=steps,
-        guidance=guidance,
-        scheduler=scheduler.value if scheduler else None,
-        seed=seed,
-        batch_size=batch_size,
-        limit=limit,
-        prompt_column=prompt_column,
-        mixed_precision=mixed_precision.value if mixed_precision else None,
-    )
+    options = dict(locals())  # the flags, before the imports below add names
+    from cxrdiff.sample import SampleConfig
+    from cxrdiff.sample import sample as step
 
-
-class GroundMode(StrEnum):
-    noise = "noise"
-    invert = "invert"
-
-
-class CnrKind(StrEnum):
-    signed = "signed"
-    abs = "abs"
-
-
-class BoxMode(StrEnum):
-    union = "union"
-    per_box = "per-box"
-
-
-class Frame(StrEnum):
-    prepared = "prepared"
-    original = "original"
+    run_step(step, SampleConfig, options)
 
 
 @app.command()
@@ -320,13 +250,13 @@ def ground(
     word: Annotated[list[str] | None, typer.Option(help="Word(s) to ground; repeat for several.")] = None,
     steps: Annotated[int | None, typer.Option(help="DDIM steps.")] = None,
     window: Annotated[int | None, typer.Option(help="Average the last N steps.")] = None,
-    mode: Annotated[GroundMode | None, typer.Option(help="noise (paper) | invert (DDIM inversion)")] = None,
+    mode: Annotated[GroundMode | None, typer.Option(help="noise (paper) or invert (DDIM inversion).")] = None,
     guidance: Annotated[float | None, typer.Option(help="Guidance scale (1 = conditional only).")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     runs: Annotated[int | None, typer.Option(help="Repeat with this many seeds; mean ± std.")] = None,
-    cnr: Annotated[CnrKind | None, typer.Option(help="signed (paper) | abs (BioViL)")] = None,
-    boxes: Annotated[BoxMode | None, typer.Option(help="union (paper) | per-box")] = None,
-    frame: Annotated[Frame | None, typer.Option(help="prepared (paper, 512 crop) | original image frame")] = None,
+    cnr: Annotated[CnrKind | None, typer.Option(help="signed (paper) or abs (BioViL).")] = None,
+    boxes: Annotated[BoxMode | None, typer.Option(help="union (paper) or per-box.")] = None,
+    frame: Annotated[Frame | None, typer.Option(help="prepared (paper, 512 crop) or the original image frame.")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N samples.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per UNet batch.")] = None,
     min_word_count: Annotated[
@@ -335,30 +265,11 @@ def ground(
     config: ConfigOpt = None,
 ) -> None:
     """Ground words of a phrase in an image from the UNet's cross-attention; score against boxes."""
-    _call(
-        "ground",
-        "ground",
-        "GroundConfig",
-        config,
-        model=model,
-        out=out,
-        data=data,
-        image=image,
-        prompt=prompt,
-        word=tuple(word) if word else None,
-        steps=steps,
-        window=window,
-        mode=mode.value if mode else None,
-        guidance=guidance,
-        seed=seed,
-        runs=runs,
-        cnr=cnr.value if cnr else None,
-        boxes=boxes.value if boxes else None,
-        frame=frame.value if frame else None,
-        limit=limit,
-        batch_size=batch_size,
-        min_word_count=min_word_count,
-    )
+    options = dict(locals())  # the flags, before the imports below add names
+    from cxrdiff.ground import GroundConfig
+    from cxrdiff.ground import ground as step
+
+    run_step(step, GroundConfig, options)
 
 
 @app.command()
@@ -376,20 +287,11 @@ def report(
     config: ConfigOpt = None,
 ) -> None:
     """Measure both sides of the trade-off and write report.md / report.html / metrics.json."""
-    _call(
-        "report",
-        "report",
-        "ReportConfig",
-        config,
-        runs=tuple(runs) if runs else None,
-        out=out,
-        real=real,
-        inception_weights=inception_weights,
-        xrv_weights=xrv_weights,
-        n_fid=n_fid,
-        diversity_prompts=diversity_prompts,
-        random_features=random_features,
-    )
+    options = dict(locals())  # the flags, before the imports below add names
+    from cxrdiff.report import ReportConfig
+    from cxrdiff.report import report as step
+
+    run_step(step, ReportConfig, options)
 
 
 @app.command()
@@ -398,7 +300,9 @@ def demo(
     quick: Annotated[bool, typer.Option("--quick", help="A smaller run (about 2 minutes on 2 CPU cores).")] = False,
 ) -> None:
     """Run the whole chain on phantom data and a tiny model, and write the report."""
-    _call("demo", "demo", out=out, quick=quick)
+    from cxrdiff.demo import demo as run_demo
+
+    print_result(run_demo(out=out, quick=quick))
 
 
 @app.command()
@@ -408,9 +312,10 @@ def doctor(
     xrv_weights: Annotated[Path | None, typer.Option(help="torchxrayvision weights file.")] = None,
 ) -> None:
     """Check offline what each step needs and say what is missing and where it goes (exit 1 if so)."""
-    result = _call(
-        "doctor", "doctor", base_model=base_model, inception_weights=inception_weights, xrv_weights=xrv_weights
-    )
+    from cxrdiff.doctor import doctor as check
+
+    result = check(base_model=base_model, inception_weights=inception_weights, xrv_weights=xrv_weights)
+    print_result(result)
     if not result["ok"]:
         raise typer.Exit(1)
 
@@ -421,26 +326,23 @@ def model_tiny(
     resolution: Annotated[int, typer.Option(help="Image size in pixels.")] = 64,
     unet_channels: Annotated[str, typer.Option(help="UNet block widths, comma-separated.")] = "32,64",
     text_width: Annotated[int, typer.Option(help="Text encoder width (= cross-attention dim).")] = 32,
-    prediction_type: Annotated[str, typer.Option(help="epsilon (SD2-base) | v_prediction (SD2-768)")] = "epsilon",
+    prediction_type: Annotated[
+        PredictionType, typer.Option(help="epsilon (SD2-base) or v_prediction (SD2-768).")
+    ] = PredictionType.epsilon,
     seed: Annotated[int, typer.Option(help="Weight initialisation seed.")] = 0,
 ) -> None:
     """Write a tiny, randomly initialised SD2-shaped model (real CLIP vocabulary) for tests and the demo."""
-    _call(
-        "models",
-        "write_tiny_model_cli",
-        out=out,
-        resolution=resolution,
-        unet_channels=unet_channels,
-        text_width=text_width,
-        prediction_type=prediction_type,
-        seed=seed,
-    )
+    from cxrdiff.models import write_tiny_model_cli
+
+    print_result(write_tiny_model_cli(out, resolution, unet_channels, text_width, prediction_type.value, seed))
 
 
 @model_app.command("info")
 def model_info(path: Annotated[Path, typer.Argument(help="Model folder.")]) -> None:
     """Print a model folder's resolution, latent shape, prediction type and sizes."""
-    _call("models", "describe", path=path)
+    from cxrdiff.models import describe
+
+    print_result(describe(path))
 
 
 def completion_script(shell: str) -> str:

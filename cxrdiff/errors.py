@@ -15,10 +15,6 @@ class InputError(CxrdiffError):
     exit_code = 2
 
 
-class NotImplementedYet(InputError):
-    """A command that a later release fills in."""
-
-
 class RunError(CxrdiffError):
     """The run itself failed: NaN loss, a crashed worker (exit code 1)."""
 

@@ -18,11 +18,12 @@ import json
 import math
 import shutil
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 
 from cxrdiff.artifacts import StepFolder, atomic_path, input_identity, read_manifest, write_json
+from cxrdiff.choices import BoxMode, CnrKind, Frame, GroundDtype, GroundMode
 from cxrdiff.config import settings, to_dict
 from cxrdiff.console import log, progress
 from cxrdiff.errors import InputError, RunError
@@ -57,18 +58,18 @@ class GroundConfig:
     word: tuple[str, ...] | None = None
     steps: int = 50
     window: int = 40
-    mode: Literal["noise", "invert"] = "noise"
+    mode: GroundMode = "noise"
     guidance: float = 1.0
     seed: int = 0
     runs: int = 1
-    cnr: Literal["signed", "abs"] = "signed"
-    boxes: Literal["union", "per-box"] = "union"
-    frame: Literal["prepared", "original"] = "prepared"
+    cnr: CnrKind = "signed"
+    boxes: BoxMode = "union"
+    frame: Frame = "prepared"
     limit: int | None = None
     batch_size: int = 8
     min_word_count: int = 25  # Table 6: words occurring more than this many times in the phrases
     overlays: bool = True
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    dtype: GroundDtype = "auto"  # auto: bf16 on GPU, fp32 on CPU
 
 
 @dataclasses.dataclass

@@ -20,11 +20,12 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, get_args
 
 import numpy as np
 
 from cxrdiff.artifacts import MANIFEST, StepFolder, atomic_path, input_identity, read_manifest
+from cxrdiff.choices import SamplePrecision, Scheduler
 from cxrdiff.config import settings, to_dict
 from cxrdiff.console import log, progress
 from cxrdiff.data import LABELS
@@ -39,7 +40,7 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "ddim": ("DDIMScheduler", {"clip_sample": False}),
     "dpm": ("DPMSolverMultistepScheduler", {}),
 }
-PRECISIONS = ("auto", "no", "fp16", "bf16")
+PRECISIONS = get_args(SamplePrecision)
 STEP = "sample"
 TABLE = "samples.parquet"
 ID_COLUMNS = ("dicom_id", "subject_id", "study_id")
@@ -65,11 +66,11 @@ class SampleConfig:
     n_per_prompt: int = 1
     steps: int = 75
     guidance: float = 4.0
-    scheduler: str = "pndm"
+    scheduler: Scheduler = "pndm"
     seed: int = 0
     batch_size: int = 8
     limit: int | None = None
-    mixed_precision: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU
+    mixed_precision: SamplePrecision = "auto"  # auto = bf16 on CUDA, fp32 on CPU
     device: str | None = None  # default: accelerate's device for this process
 
 

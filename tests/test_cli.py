@@ -65,12 +65,100 @@ def test_verbose_shows_traceback(tmp_path):
     assert result.returncode == 2 and "Traceback" in result.stderr
 
 
-def test_not_implemented_command_exits_2(monkeypatch):
-    from cxrdiff import cli
-    from cxrdiff.errors import NotImplementedYet
+STEPS = {  # command → (module, step function, config class)
+    "phantom": ("cxrdiff.phantom", "make_phantom", "PhantomConfig"),
+    "prepare": ("cxrdiff.prepare", "prepare", "PrepareConfig"),
+    "finetune": ("cxrdiff.finetune", "finetune", "FinetuneConfig"),
+    "sample": ("cxrdiff.sample", "sample", "SampleConfig"),
+    "ground": ("cxrdiff.ground", "ground", "GroundConfig"),
+    "report": ("cxrdiff.report", "report", "ReportConfig"),
+}
 
-    with pytest.raises(NotImplementedYet, match="not implemented yet"):
-        cli._call("no_such_step", "run")
+
+def _options(command_function, tmp_path):
+    """For each option of a command (read from its typed signature): the argv words that give it a
+    non-default value, and the value its config field should then hold."""
+    import enum
+    import inspect
+    import types
+    import typing
+
+    import typer
+
+    for name, hint in typing.get_type_hints(command_function, include_extras=True).items():
+        if name in ("config", "return"):
+            continue
+        base, info = typing.get_args(hint)[0], typing.get_args(hint)[1]
+        if typing.get_origin(base) in (typing.Union, types.UnionType):
+            base = next(a for a in typing.get_args(base) if a is not type(None))
+        many = typing.get_origin(base) is list
+        item = typing.get_args(base)[0] if many else base
+        if inspect.isclass(item) and issubclass(item, enum.Enum):
+            raw, cast = [list(item)[-1].value], str
+        elif item is Path:
+            raw, cast = [str(tmp_path / f"{name}-{i}") for i in range(2 if many else 1)], Path
+        else:
+            raw = {int: ["7"], float: ["0.25"], bool: [], str: [f"{name}-a", f"{name}-b"][: 2 if many else 1]}[item]
+            cast = item
+        value = True if item is bool else tuple(cast(v) for v in raw) if many else cast(raw[0])
+        if isinstance(info, typer.models.ArgumentInfo):
+            words = raw
+        else:
+            # In Annotated, typer takes typer.Option("--flag") as the flag's name (it lands in `default`).
+            named = [d for d in (info.default, *info.param_decls) if isinstance(d, str) and d.startswith("-")]
+            flag = (named[0] if named else "--" + name.replace("_", "-")).split("/")[0]
+            words = [flag] if item is bool else [w for v in raw for w in (flag, v)]
+        yield name, words, value
+
+
+@pytest.mark.parametrize("command", sorted(STEPS))
+def test_every_option_reaches_its_config_field(command, tmp_path, monkeypatch):
+    """No option silently dropped: each option, given a non-default value, arrives in the config field of
+    the same name (a repeated option as a tuple, a choice as its string)."""
+    import importlib
+
+    from typer.testing import CliRunner
+
+    from cxrdiff import cli
+    from cxrdiff.cli import app
+
+    module_name, function, config_class = STEPS[command]
+    module = importlib.import_module(module_name)
+    received = []
+    monkeypatch.setattr(module, function, lambda config: received.append(config) or {"ok": True})
+    argv, expected = [command], {}
+    for name, words, value in _options(getattr(cli, command), tmp_path):
+        argv += words
+        expected[name] = value
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    (config,) = received
+    assert type(config).__name__ == config_class
+    for name, value in expected.items():
+        assert getattr(config, name) == value, f"--{name}: {getattr(config, name)!r} != {value!r}"
+        if name not in _required(config):  # the value given is not the default (else the check proves nothing)
+            assert value != getattr(type(config)(**_required(config)), name), f"--{name}: the default was given"
+
+
+def _required(config):
+    """The fields a config cannot be built without (phantom's out), taken from the received config."""
+    import dataclasses
+
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}  # fmt: skip
+
+
+def test_choices_are_the_configs_literals():
+    """The CLI's choices, the configs' Literal types and the registries come from one place."""
+    import typing
+
+    from cxrdiff import choices
+    from cxrdiff.ground import GroundConfig
+    from cxrdiff.sample import SCHEDULERS, SampleConfig
+
+    hints = typing.get_type_hints(SampleConfig)
+    assert typing.get_args(hints["scheduler"]) == typing.get_args(choices.Scheduler) == tuple(SCHEDULERS)
+    assert typing.get_args(typing.get_type_hints(GroundConfig)["boxes"]) == ("union", "per-box")
 
 
 def test_model_tiny_and_info_json(tmp_path):

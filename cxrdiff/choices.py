@@ -1,0 +1,24 @@
+"""Every fixed set of choices, in one place: the configs annotate their fields with these, the CLI builds
+its `--option` choices (and shell completion) from them, so the two cannot drift apart. No heavy imports."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Literal, get_args
+
+Precision = Literal["no", "fp16", "bf16"]
+SamplePrecision = Literal["auto", "no", "fp16", "bf16"]  # auto: bf16 on CUDA, fp32 on CPU
+Scheduler = Literal["pndm", "ddim", "dpm"]  # pndm with PLMS steps is the paper's sampler
+ExportWeights = Literal["raw", "ema"]
+LatentSampling = Literal["sample", "mean"]
+GroundMode = Literal["noise", "invert"]
+CnrKind = Literal["signed", "abs"]
+BoxMode = Literal["union", "per-box"]
+Frame = Literal["prepared", "original"]
+GroundDtype = Literal["auto", "float32", "bfloat16", "float16"]
+PredictionType = Literal["epsilon", "v_prediction"]
+
+
+def enum(name: str, choices: object) -> type[StrEnum]:
+    """A StrEnum of a Literal's values, for Typer (which shows and completes enum choices)."""
+    return StrEnum(name, {value: value for value in get_args(choices)})  # type: ignore[return-value]
