@@ -207,9 +207,13 @@ def _with_defaults(config: FinetuneConfig) -> FinetuneConfig:
 
 
 def run_settings(config: FinetuneConfig) -> dict[str, Any]:
-    """What a run folder's settings key is made of: the config less its NOT_SETTINGS, with the data and the
-    base model by identity (a re-prepared data folder is another run)."""
-    return settings(config, data=input_identity(config.data), base_model=input_identity(config.base_model))
+    """What a run folder's settings key is made of: the config less its NOT_SETTINGS, with the data, the
+    base model and a prompt file by identity (a re-prepared data folder is another run)."""
+    source = config.prompt_source
+    if source.startswith("file:"):
+        source = f"file:{input_identity(source[5:])}"
+    identities = {"data": input_identity(config.data), "base_model": input_identity(config.base_model)}
+    return settings(config, prompt_source=source, **identities)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,7 +239,7 @@ def check_inputs(config: FinetuneConfig) -> Inputs:
     return Inputs(config, folder, model_dir)
 
 
-# --- prompts ----------------------------------------------------------------------------------
+# --- training text ----------------------------------------------------------------------------
 
 
 class TrainingText:
@@ -453,8 +457,10 @@ class Checkpoints:
         step, path = latest
         if step > steps:
             raise InputError(f"--out {self.out}: holds a run already at step {step}, past --steps {steps}")
+        if processes is None:
+            return
         saved_by = json.loads((path / "state.json").read_text())["processes"]
-        if processes is not None and saved_by != processes:
+        if saved_by != processes:
             raise InputError(
                 f"--out {self.out}: checkpoints from {saved_by} processes, now {processes}; resume with as many"
             )
@@ -688,9 +694,21 @@ def _load_run(config: FinetuneConfig, model_dir: Path, accelerator: Any, per_dev
         raise InputError(f"--base-model {model_dir}: prediction_type {prediction!r} is not epsilon or v_prediction")
     gen, np_gen = _seeded_generators(config.seed, rank, accelerator.device)
     return TrainingRun(
-        config, accelerator, per_device, accum, comps, data, text, model, optimizer, lr_scheduler, ema,
-        noise_scheduler, gen, np_gen,
-    )  # fmt: skip
+        config=config,
+        accelerator=accelerator,
+        per_device=per_device,
+        accum=accum,
+        comps=comps,
+        data=data,
+        text=text,
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        ema=ema,
+        noise_scheduler=noise_scheduler,
+        gen=gen,
+        np_gen=np_gen,
+    )
 
 
 def _build_model(config: FinetuneConfig, comps: Components, accelerator: Any) -> tuple[Any, Any, Any, Any]:
@@ -783,7 +801,9 @@ def _train_step(run: TrainingRun, checkpoints: Checkpoints, train_log: _TrainLog
     """One optimizer step over all micro-steps, then its log line, checkpoint, validation and signal check."""
     config = run.config
     rng_before = _rng_state(run.gen, run.np_gen)
-    stats = _accumulate(run, step, stop)  # summed over ranks: mean loss, UCG eligible, UCG dropped, signals
+    stats = _accumulate(
+        run, step, stop
+    )  # summed over ranks: each rank's mean loss, UCG eligible, UCG dropped, signals seen
     loss = stats[0].item() / run.world
     if not math.isfinite(loss):
         _stop_on_nan(run, checkpoints, step, loss, rng_before)
