@@ -52,9 +52,10 @@ def _root(
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
-    from cxrdiff.console import set_verbosity
+    from cxrdiff.console import quiet_libraries, set_verbosity
 
     set_verbosity(-1 if quiet else verbose)
+    quiet_libraries(-1 if quiet else verbose)
     _state["json"] = as_json
 
 

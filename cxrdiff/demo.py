@@ -258,7 +258,6 @@ def demo(out: Path = Path("cxrdiff-demo"), quick: bool = False) -> dict[str, Any
     err.print(f"demo finished in {total:.0f} s: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     for name, numbers in summary.items():
         err.print(f"  {name}: " + ", ".join(f"{k} {v}" for k, v in numbers.items()))
-    err.print(f"report: {result['report']}")
     return {
         "seconds": total,
         "timings": timings,
