@@ -213,10 +213,29 @@ class StepFolder:
         return self.state == "finished"
 
     @classmethod
-    def claim(cls, out: str | os.PathLike, step: str, settings: Mapping[str, Any], create: bool = True) -> StepFolder:
-        """Claim `out` for `step` with these settings (see the class docstring); `create=False` only checks."""
+    def claim(
+        cls,
+        out: str | os.PathLike,
+        step: str,
+        settings: Mapping[str, Any],
+        create: bool = True,
+        take_over: bool = False,
+    ) -> StepFolder:
+        """Claim `out` for `step` with these settings (see the class docstring); `create=False` only checks.
+
+        `take_over=True`: this step's folder made with other settings is not refused but restarted as an
+        unfinished run with these settings (its manifest removed, its files left for the step to reuse or
+        replace) — for a step whose outputs are all re-derived on every run, such as the report."""
         out, settings = Path(out), _jsonable(settings)
         key = settings_key(settings)
+        if take_over:
+            try:
+                return cls.claim(out, step, settings, create=create)
+            except OtherSettings:
+                if create:
+                    write_json(out / CLAIM, {"step": step, "key": key, "settings": settings})
+                    (out / MANIFEST).unlink(missing_ok=True)
+                return cls(out, step, settings, "resume", None)
         if out.exists() and not out.is_dir():
             raise InputError(f"--out {out}: exists and is not a folder")
         if (out / MANIFEST).is_file():

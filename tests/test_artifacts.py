@@ -180,3 +180,20 @@ def test_input_identity_is_the_manifest_hash_of_a_step_folder_else_the_path(tmp_
     plain = tmp_path / "model"
     plain.mkdir()
     assert input_identity(plain) == str(plain.resolve())
+
+
+def test_take_over_restarts_own_folder_with_other_settings_but_still_refuses_strangers(tmp_path):
+    from cxrdiff.artifacts import CLAIM, StepFolder
+
+    out = tmp_path / "report"
+    StepFolder.claim(out, "report", {"n": 1}).finish({})
+    (out / "report.html").write_text("old")
+    taken = StepFolder.claim(out, "report", {"n": 2}, take_over=True)
+    assert taken.state == "resume" and not (out / "manifest.json").exists()
+    assert json.loads((out / CLAIM).read_text())["settings"] == {"n": 2}
+    assert (out / "report.html").read_text() == "old"  # left for the step to replace
+    assert StepFolder.claim(out, "report", {"n": 2}).state == "resume"
+    with pytest.raises(InputError, match="this is a 'prepare' folder"):
+        other = tmp_path / "prepared"
+        StepFolder.claim(other, "prepare", {}).finish({})
+        StepFolder.claim(other, "report", {}, take_over=True)

@@ -21,7 +21,6 @@ from typing import Any, ClassVar
 import numpy as np
 
 from cxrdiff.artifacts import (
-    CLAIM,
     MANIFEST,
     OtherSettings,
     StepFolder,
@@ -124,15 +123,7 @@ def _claim(config: ReportConfig, real: Path, classifier: str | None) -> StepFold
         xrv_weights=_identity(config.xrv_weights),
         classifier=classifier,
     )
-    try:
-        return StepFolder.claim(config.out, STEP, wanted)
-    except OtherSettings:
-        log.info("report: --out %s was rendered with other settings; re-rendering it", config.out)
-    out = Path(config.out)
-    wanted = json.loads(json.dumps(wanted))  # the claim records JSON values; so does its key
-    write_json(out / CLAIM, {"step": STEP, "key": settings_key(wanted), "settings": wanted})
-    (out / MANIFEST).unlink(missing_ok=True)
-    return StepFolder.claim(out, STEP, wanted)  # now this step's unfinished run, with these settings
+    return StepFolder.claim(config.out, STEP, wanted, take_over=True)
 
 
 def _identity(path: Path | None) -> str | None:
