@@ -14,8 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from cxrdiff.images import grey_from_pipeline
 from cxrdiff.models import write_tiny_model
-from cxrdiff.sample import SampleConfig, grey_uint8, image_file, image_seed, make_scheduler, sample, write_png
+from cxrdiff.sample import SampleConfig, image_file, image_seed, make_scheduler, sample, write_png
 
 PROMPTS = [
     "small left pleural effusion",
@@ -47,7 +48,7 @@ def diffusers_one_by_one(model: Path, prompts: list[str], out: Path, steps: int,
             guidance_scale=guidance,
             output_type="pt",
         ).images  # (1, 3, height, width)
-        write_png(out / image_file(index), grey_uint8(images)[0])
+        write_png(out / image_file(index), grey_from_pipeline(images)[0])
 
 
 def main() -> None:

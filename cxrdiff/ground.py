@@ -1,7 +1,7 @@
 """`cxrdiff ground`: where does the model look when it reads "cardiomegaly"? Phrase grounding from the
 UNet's cross-attention, scored against MS-CXR boxes with the paper's localization metrics.
 
-The paper's procedure (docs: REFERENCE.md, "Grounding"): a real image's latent is freshly noised to
+The paper's procedure (docs/method.md, "Grounding"): a real image's latent is freshly noised to
 every timestep of a DDIM schedule (new noise each step) and the UNet reads it with the phrase; the
 cross-attention maps of the last `window` steps are averaged (`cxrdiff.attention`). `--mode invert`
 instead inverts the latent with DDIM and captures during the reverse pass. The maps of the chosen
@@ -374,7 +374,7 @@ def _grey_image(sample: Sample, comps: Any, latent: Any, data_dir: Path | None, 
     """The image in the prepared frame: from its file when it can be found, else decoded from the latent."""
     import torch
 
-    from cxrdiff.images import load_grayscale, resize_center_crop, to_uint8
+    from cxrdiff.images import grey_from_vae, load_grayscale, resize_center_crop
 
     for candidate in (Path(sample.image_path), (data_dir or Path()) / sample.image_path):
         if sample.image_path and candidate.is_file():
@@ -384,7 +384,7 @@ def _grey_image(sample: Sample, comps: Any, latent: Any, data_dir: Path | None, 
                 break
     with torch.no_grad():
         decoded = comps.vae.decode(latent[None] / comps.scaling_factor).sample  # (1, 3, size, size)
-    return to_uint8(decoded)[0]
+    return grey_from_vae(decoded)[0]
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -524,7 +524,7 @@ def _score_chunk(chunk, maps, config, tokenizer, frame_size, run) -> dict[str, A
             "category": s.category,
             "phrase": s.phrase,
             "tokens": positions,
-            "token_text": " ".join(tokenizer.convert_ids_to_tokens(_ids(tokenizer, s.phrase, positions))),
+            "token_text": " ".join(tokenizer.convert_ids_to_tokens(_ids_at(tokenizer, s.phrase, positions))),
             "token_source": source,
         }
         union = None
@@ -546,7 +546,8 @@ def _score_chunk(chunk, maps, config, tokenizer, frame_size, run) -> dict[str, A
     return {"heatmaps": heatmaps, "rows": rows, "words": word_rows, "skipped": skipped}
 
 
-def _ids(tokenizer: Any, phrase: str, positions: list[int]) -> list[int]:
+def _ids_at(tokenizer: Any, phrase: str, positions: list[int]) -> list[int]:
+    """The token ids at these positions of the phrase as the text encoder sees it (padded, truncated)."""
     ids = tokenizer(phrase, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
     return [ids[p] for p in positions]
 

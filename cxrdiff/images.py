@@ -102,7 +102,13 @@ def to_model_input(images: np.ndarray):
     return tensor[:, None].repeat(1, 3, 1, 1)  # (batch, 3, height, width)
 
 
-def to_uint8(images) -> np.ndarray:
+def grey_from_vae(images) -> np.ndarray:
     """Decoded VAE output (B, 3, H, W) in [-1, 1] → uint8 grey (B, H, W), channels averaged."""
     array = images.detach().float().cpu().clamp(-1, 1).mean(dim=1).numpy()
     return np.round((array + 1.0) * 127.5).astype(np.uint8)
+
+
+def grey_from_pipeline(images) -> np.ndarray:
+    """Pipeline output (B, 3, H, W) in [0, 1] → uint8 grey (B, H, W): the mean over RGB, rounded."""
+    array = images.detach().float().cpu().clamp(0, 1).mean(dim=1).numpy()  # (batch, height, width)
+    return np.round(array * 255.0).astype(np.uint8)

@@ -1,6 +1,6 @@
 """`cxrdiff prepare`: MIMIC-CXR (JPG or DICOM) + reports + MS-CXR → latent Parquet shards.
 
-A fixed series of named steps, as the paper prepared its data (REFERENCE.md, "Data"):
+A fixed series of named steps, as the paper prepared its data (docs/method.md, "Data preparation"):
 check inputs (CSV headers, model folder, output folder) → plan (views, held-out sets, impressions,
 image files, the test sample; saved in `.prepare/` so a re-run need not re-read 227k reports) →
 encode each unit (`test`, `ms_cxr`, `train-NNNNN`) with the VAE under accelerate → `skipped.csv` →
@@ -44,7 +44,7 @@ from cxrdiff.data import (
 from cxrdiff.errors import InputError
 from cxrdiff.images import box_to_frame, load_grayscale, resize_center_crop, to_model_input
 from cxrdiff.models import Components, check_model_folder, vae_fingerprint
-from cxrdiff.reports import SOURCES, read_report, report_path
+from cxrdiff.impressions import SOURCES, read_report, report_path
 
 STEP = "prepare"
 STATE = ".prepare"  # plan and per-unit skip lists; hidden, not part of the artifact

@@ -30,6 +30,7 @@ from cxrdiff.config import settings, to_dict
 from cxrdiff.console import log, progress
 from cxrdiff.data import LABELS
 from cxrdiff.errors import InputError, RunError
+from cxrdiff.images import grey_from_pipeline
 from cxrdiff.models import check_model_folder
 
 # diffusers scheduler class and the overrides of the folder's scheduler config that make the named sampler
@@ -324,14 +325,8 @@ def _generate(
         ).images  # (batch, 3, height, width) in [0, 1]
         if not torch.isfinite(images).all():
             raise RunError(f"non-finite pixels in images {batch[0]}..{batch[-1]} (try --mixed-precision no)")
-        for index, grey in zip(batch, grey_uint8(images), strict=True):
+        for index, grey in zip(batch, grey_from_pipeline(images), strict=True):
             write_png(out / image_file(index), grey)
-
-
-def grey_uint8(images: Any) -> np.ndarray:
-    """Pipeline output (B, 3, H, W) in [0, 1] → uint8 grey (B, H, W): the mean over RGB, rounded."""
-    array = images.detach().float().cpu().clamp(0, 1).mean(dim=1).numpy()  # (batch, height, width)
-    return np.round(array * 255.0).astype(np.uint8)
 
 
 def write_png(path: Path, grey: np.ndarray) -> None:

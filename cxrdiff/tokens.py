@@ -31,7 +31,8 @@ class WordTokens:
         return list(range(self.start, self.stop))
 
 
-def _ids(tokenizer: Any, text: str) -> list[int]:
+def _token_ids(tokenizer: Any, text: str) -> list[int]:
+    """The text's token ids without start/end tokens (empty text: none)."""
     return list(tokenizer(text, add_special_tokens=False, truncation=False)["input_ids"]) if text else []
 
 
@@ -46,13 +47,13 @@ def prompt_words(tokenizer: Any, prompt: str) -> list[WordTokens]:
     offset = 1  # position 0 is the start-of-text token
     for text in prompt.split():
         prefix, bare, suffix = _EDGE.match(text.lower()).groups()  # type: ignore[union-attr]
-        n_prefix, n_bare, n_suffix = (len(_ids(tokenizer, part)) for part in (prefix, bare, suffix))
-        n_word = len(_ids(tokenizer, text))
+        n_prefix, n_bare, n_suffix = (len(_token_ids(tokenizer, part)) for part in (prefix, bare, suffix))
+        n_word = len(_token_ids(tokenizer, text))
         if not bare or n_prefix + n_bare + n_suffix != n_word:  # punctuation only, or pieces interact
             n_prefix, n_bare = 0, n_word
         words.append(WordTokens(text, bare or text.lower(), offset + n_prefix, offset + n_prefix + n_bare))
         offset += n_word
-    expected = _ids(tokenizer, prompt)
+    expected = _token_ids(tokenizer, prompt)
     if offset - 1 != len(expected):
         raise AssertionError(f"word-wise tokenisation of {prompt!r} differs from the whole prompt's")
     return words
@@ -60,7 +61,7 @@ def prompt_words(tokenizer: Any, prompt: str) -> list[WordTokens]:
 
 def prompt_token_count(tokenizer: Any, prompt: str) -> int:
     """Tokens of `prompt` without start and end tokens (more than context - 2 means truncation)."""
-    return len(_ids(tokenizer, prompt))
+    return len(_token_ids(tokenizer, prompt))
 
 
 def word_token_spans(

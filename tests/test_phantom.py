@@ -17,7 +17,7 @@ from cxrdiff.errors import InputError
 from cxrdiff.images import load_dicom, load_grayscale
 from cxrdiff.phantom import Finding, PhantomConfig, make_phantom, render, render_study, rerender
 from cxrdiff.phantom import tree as step
-from cxrdiff.reports import extract_impression, split_sections
+from cxrdiff.impressions import extract_impression, split_sections
 
 PATIENTS, SIZE = 24, 96
 

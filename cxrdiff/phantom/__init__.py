@@ -18,11 +18,11 @@ from cxrdiff.phantom.anatomy import (
     SIDES,
     Finding,
     mask_box,
+    picture_to_uint8,
     render,
     render_study,
     sample_anatomy,
     sample_finding,
-    to_uint8,
 )
 from cxrdiff.phantom.preview import write_preview
 from cxrdiff.phantom.report_text import label_text, write_report_text
@@ -57,7 +57,7 @@ __all__ = [
     "rerender",
     "sample_anatomy",
     "sample_finding",
-    "to_uint8",
+    "picture_to_uint8",
     "write_preview",
     "write_report_text",
 ]

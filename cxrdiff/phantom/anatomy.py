@@ -382,7 +382,8 @@ def _render_lateral(rng: np.random.Generator, width: int, height: int, g: dict[s
     return picture.astype(np.float32)
 
 
-def to_uint8(picture: np.ndarray) -> np.ndarray:
+def picture_to_uint8(picture: np.ndarray) -> np.ndarray:
+    """A rendered picture (float, 0 = black, 1 = white) → 8-bit grey, as the JPGs store it."""
     return np.round(np.clip(picture, 0, 1) * 255.0).astype(np.uint8)
 
 
@@ -396,4 +397,4 @@ def render_study(
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """A frontal radiograph as uint8 (H, W) and the boolean mask of what each finding changed."""
     picture, masks, _ = render(rng, size, height, findings, anatomy, view)
-    return to_uint8(picture), masks
+    return picture_to_uint8(picture), masks

@@ -20,7 +20,7 @@ from cxrdiff.artifacts import StepFolder, atomic_path, write_bytes, write_json, 
 from cxrdiff.config import settings, to_dict
 from cxrdiff.data import LABELS, MS_CXR_CATEGORIES, MS_CXR_FILE_COLUMNS, patient_folder
 from cxrdiff.errors import InputError
-from cxrdiff.phantom.anatomy import Finding, render, sample_anatomy, sample_finding, to_uint8
+from cxrdiff.phantom.anatomy import Finding, picture_to_uint8, render, sample_anatomy, sample_finding
 from cxrdiff.phantom.report_text import label_text, write_report_text
 
 STEP = "phantom"
@@ -152,7 +152,7 @@ def rerender(entry: dict) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, 
     picture, masks, boxes = render(
         np.random.default_rng(entry["image_seed"]), entry["width"], entry["height"], findings, anatomy, entry["view"]
     )
-    return to_uint8(picture), masks, boxes
+    return picture_to_uint8(picture), masks, boxes
 
 
 def _write_dicom(path: Path, picture: np.ndarray, task: dict) -> None:
@@ -204,7 +204,7 @@ def _image_worker(args: tuple[str, dict]) -> tuple[str, dict[str, list[list[int]
     jpg = Path(root) / task["path"]
     if not jpg.is_file():
         with atomic_path(jpg) as tmp:
-            Image.fromarray(to_uint8(picture)).save(tmp, format="JPEG", quality=95)
+            Image.fromarray(picture_to_uint8(picture)).save(tmp, format="JPEG", quality=95)
     if task["dicom"] is not None and not (Path(root) / task["dicom_path"]).is_file():
         _write_dicom(Path(root) / task["dicom_path"], picture, task)
     return task["dicom_id"], boxes

@@ -3,7 +3,7 @@ lines, '___' placeholders, headings on their own line or followed by text)."""
 
 import pytest
 
-from cxrdiff.reports import extract_impression, read_report, report_path, section_name, split_sections
+from cxrdiff.impressions import extract_impression, read_report, report_path, section_name, split_sections
 
 STANDARD = """                                 FINAL REPORT
  EXAMINATION:  CHEST (PA AND LAT)
