@@ -9,6 +9,7 @@ small pathology classifier trained here on the phantom training images, and are 
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 from typing import Any
 
@@ -155,14 +156,7 @@ def _base_model(out: Path, phantom: Path, plan: DemoPlan) -> Path:
 
 def demo(out: Path = Path("cxrdiff-demo"), quick: bool = False) -> dict[str, Any]:
     """Run the chain; every step skips what an earlier (or interrupted) demo already finished."""
-    import time
-
     from cxrdiff.console import err
-    from cxrdiff.finetune import FinetuneConfig, finetune
-    from cxrdiff.metrics.classifier import PhantomClassifier, train_phantom_classifier
-    from cxrdiff.phantom import PhantomConfig, make_phantom
-    from cxrdiff.prepare import PrepareConfig, prepare
-    from cxrdiff.report import ReportConfig, report
 
     plan = DemoPlan.quick() if quick else DemoPlan()
     out = Path(out)
@@ -170,28 +164,72 @@ def demo(out: Path = Path("cxrdiff-demo"), quick: bool = False) -> dict[str, Any
         kind = read_manifest(out).get("step")
         raise InputError(f"--out {out}: is a '{kind}' folder; the demo needs a folder of its own")
     out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    timings: dict[str, float] = {}
-
-    last = [started]
-
-    def stage(name: str) -> None:
-        now = time.perf_counter()
-        timings[name] = round(now - last[0], 1)
-        last[0] = now
+    clock = _Stages()
 
     err.rule(f"cxrdiff demo{' --quick' if quick else ''}: phantom data ({plan.patients} patients)")
+    phantom = _phantom(out, plan)
+    clock.done("phantom")
+    err.rule("tiny base model (VAE fitted to the phantom images)")
+    base = _base_model(out, phantom, plan)
+    clock.done("base model")
+    err.rule("prepare")
+    prepared = _prepare(out, phantom, base, plan)
+    clock.done("prepare")
+    runs = {}
+    for kind, frozen in (("frozen", True), ("learnable", False)):
+        err.rule(f"finetune ({kind} text encoder, {plan.finetune_steps} steps)")
+        runs[kind] = _finetune(out / kind, prepared, base, frozen, plan)
+        clock.done(f"finetune {kind}")
+    err.rule("phantom pathology classifier (fidelity features and classifier check)")
+    classifier = _classifier(out, prepared, plan)
+    clock.done("classifier")
+    err.rule("sample, ground and report")
+    result = _report(out, runs, prepared, classifier, plan)
+    clock.done("sample, ground, report")
+    summary = _summary(out / "report" / "metrics.json")
+    total = clock.total()
+    err.print(f"demo finished in {total:.0f} s: " + ", ".join(f"{k} {v:.0f} s" for k, v in clock.timings.items()))
+    for name, numbers in summary.items():
+        err.print(f"  {name}: " + ", ".join(f"{k} {v}" for k, v in numbers.items()))
+    return {
+        "seconds": total,
+        "timings": clock.timings,
+        "summary": summary,
+        "recomputed": result["recomputed"],
+        "report": result["report"],
+    }
+
+
+class _Stages:
+    """Seconds per stage of the demo."""
+
+    def __init__(self) -> None:
+        self.started = self.last = time.perf_counter()
+        self.timings: dict[str, float] = {}
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name], self.last = round(now - self.last, 1), now
+
+    def total(self) -> float:
+        return round(time.perf_counter() - self.started, 1)
+
+
+def _phantom(out: Path, plan: DemoPlan) -> Path:
+    from cxrdiff.phantom import PhantomConfig, make_phantom
+
     phantom = out / "phantom"
     make_phantom(
         PhantomConfig(
             phantom, patients=plan.patients, seed=plan.seed, size=plan.image_size, dicom_fraction=0.1, preview=True
         )
     )
-    stage("phantom")
-    err.rule("tiny base model (VAE fitted to the phantom images)")
-    base = _base_model(out, phantom, plan)
-    stage("base model")
-    err.rule("prepare")
+    return phantom
+
+
+def _prepare(out: Path, phantom: Path, base: Path, plan: DemoPlan) -> Path:
+    from cxrdiff.prepare import PrepareConfig, prepare
+
     prepared = out / "prepared"
     prepare(
         PrepareConfig(
@@ -204,67 +242,61 @@ def demo(out: Path = Path("cxrdiff-demo"), quick: bool = False) -> dict[str, Any
             seed=plan.seed,
         )
     )
-    stage("prepare")
-    runs = {}
-    for kind, frozen in (("frozen", True), ("learnable", False)):
-        err.rule(f"finetune ({kind} text encoder, {plan.finetune_steps} steps)")
-        runs[kind] = out / kind
-        finetune(
-            FinetuneConfig(
-                data=prepared,
-                base_model=base,
-                out=runs[kind],
-                frozen_text=frozen,
-                steps=plan.finetune_steps,
-                batch_size=plan.batch_size,
-                lr=plan.lr,
-                seed=plan.seed,
-                checkpoint_every=max(plan.finetune_steps // 2, 1),
-                log_every=25,
-            )
-        )
-        stage(f"finetune {kind}")
-    err.rule("phantom pathology classifier (fidelity features and classifier check)")
-    classifier_path = out / "classifier" / "phantom_classifier.safetensors"
-    if classifier_path.is_file():
-        classifier = PhantomClassifier.load(classifier_path)
-    else:
-        images, labels = _train_images(prepared, plan.resolution)
-        classifier = train_phantom_classifier(images, labels, seed=plan.seed)
-        classifier.save(classifier_path)
-    stage("classifier")
-    err.rule("sample, ground and report")
-    result = report(
-        ReportConfig(
-            runs=(runs["frozen"], runs["learnable"]),
-            names=("Finetune_F", "Finetune_L"),
-            out=out / "report",
-            real=prepared,
-            n_fid=plan.n_fid,
-            diversity_prompts=plan.diversity_prompts,
-            fid=False,
-            fid_xrv=False,
-            sample_steps=plan.sample_steps,
-            ground_steps=plan.ground_steps,
-            ground_window=plan.ground_window,
+    return prepared
+
+
+def _finetune(run: Path, prepared: Path, base: Path, frozen: bool, plan: DemoPlan) -> Path:
+    from cxrdiff.finetune import FinetuneConfig, finetune
+
+    finetune(
+        FinetuneConfig(
+            data=prepared,
+            base_model=base,
+            out=run,
+            frozen_text=frozen,
+            steps=plan.finetune_steps,
+            batch_size=plan.batch_size,
+            lr=plan.lr,
             seed=plan.seed,
-            batch_size=16,
-        ),
-        classifier=classifier,
+            checkpoint_every=max(plan.finetune_steps // 2, 1),
+            log_every=25,
+        )
     )
-    stage("sample, ground, report")
-    summary = _summary(out / "report" / "metrics.json")
-    total = round(time.perf_counter() - started, 1)
-    err.print(f"demo finished in {total:.0f} s: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
-    for name, numbers in summary.items():
-        err.print(f"  {name}: " + ", ".join(f"{k} {v}" for k, v in numbers.items()))
-    return {
-        "seconds": total,
-        "timings": timings,
-        "summary": summary,
-        "recomputed": result["recomputed"],
-        "report": result["report"],
-    }
+    return run
+
+
+def _classifier(out: Path, prepared: Path, plan: DemoPlan) -> Any:
+    """The phantom pathology classifier: trained once, then loaded from the demo folder."""
+    from cxrdiff.metrics.classifier import PhantomClassifier, train_phantom_classifier
+
+    path = out / "classifier" / "phantom_classifier.safetensors"
+    if path.is_file():
+        return PhantomClassifier.load(path)
+    images, labels = _train_images(prepared, plan.resolution)
+    classifier = train_phantom_classifier(images, labels, seed=plan.seed)
+    classifier.save(path)
+    return classifier
+
+
+def _report(out: Path, runs: dict[str, Path], prepared: Path, classifier: Any, plan: DemoPlan) -> dict[str, Any]:
+    from cxrdiff.report import ReportConfig, report
+
+    config = ReportConfig(
+        runs=(runs["frozen"], runs["learnable"]),
+        names=("Finetune_F", "Finetune_L"),
+        out=out / "report",
+        real=prepared,
+        n_fid=plan.n_fid,
+        diversity_prompts=plan.diversity_prompts,
+        fid=False,
+        fid_xrv=False,
+        sample_steps=plan.sample_steps,
+        ground_steps=plan.ground_steps,
+        ground_window=plan.ground_window,
+        seed=plan.seed,
+        batch_size=16,
+    )
+    return report(config, classifier=classifier)
 
 
 def _summary(metrics_path: Path) -> dict[str, dict[str, Any]]:
