@@ -232,10 +232,11 @@ class StepFolder:
             try:
                 return cls.claim(out, step, settings, create=create)
             except OtherSettings:
+                folder = cls(out, step, settings, "finished", None)
                 if create:
-                    write_json(out / CLAIM, {"step": step, "key": key, "settings": settings})
-                    (out / MANIFEST).unlink(missing_ok=True)
-                return cls(out, step, settings, "resume", None)
+                    folder.reopen()
+                folder.state = "resume"
+                return folder
         if out.exists() and not out.is_dir():
             raise InputError(f"--out {out}: exists and is not a folder")
         if (out / MANIFEST).is_file():
@@ -259,6 +260,13 @@ class StepFolder:
         if create:
             write_json(out / CLAIM, {"step": step, "key": key, "settings": settings})
         return folder
+
+    def reopen(self) -> None:
+        """Make this folder an unfinished run again (a finished run extended, a report re-rendered): the
+        claim is written first, then the manifest removed, so the folder is never without an owner."""
+        write_json(self.out / CLAIM, {"step": self.step, "key": self.key, "settings": self.settings})
+        (self.out / MANIFEST).unlink(missing_ok=True)
+        self.state, self.manifest = "resume", None
 
     def finish(
         self,

@@ -31,14 +31,12 @@ from typing import Any, ClassVar, Literal, NoReturn
 import numpy as np
 
 from cxrdiff.artifacts import (
-    CLAIM,
     MANIFEST,
     StepFolder,
     atomic_dir,
     atomic_path,
     input_identity,
     read_manifest,
-    write_json,
 )
 from cxrdiff.config import settings, to_dict
 from cxrdiff.console import interactive, log, progress
@@ -620,17 +618,10 @@ def _own_folder(accelerator: Any, folder: StepFolder, checkpoints: Checkpoints, 
     checkpoints.check(steps, processes=accelerator.num_processes)
     if accelerator.is_main_process:
         if folder.finished:
-            _reopen(folder)
+            folder.reopen()
         else:
             StepFolder.claim(folder.out, folder.step, folder.settings)
     accelerator.wait_for_everyone()
-
-
-def _reopen(folder: StepFolder) -> None:
-    """Claim a finished folder again and drop its manifest: an extended run is unfinished until its new one."""
-    write_json(folder.out / CLAIM, {"step": folder.step, "key": folder.key, "settings": folder.settings})
-    (folder.out / MANIFEST).unlink()
-    folder.state, folder.manifest = "resume", None
 
 
 @dataclasses.dataclass
