@@ -313,7 +313,11 @@ def _refuse_other(
         for k in sorted(set(old) | set(new))
         if old.get(k) != new.get(k)
     ]
-    detail = "; ".join(changed[:4]) + ("; ..." if len(changed) > 4 else "") if old else "unknown settings"
+    detail = (
+        "; ".join(changed[:4]) + ("; ..." if len(changed) > 4 else "")
+        if old
+        else "settings not recorded: made by cxrdiff 0.1"
+    )
     raise OtherSettings(
         f"--out {out}: holds {what} '{step}' run made with other settings ({detail}); choose a new folder"
     )

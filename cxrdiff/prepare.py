@@ -43,8 +43,8 @@ from cxrdiff.data import (
 )
 from cxrdiff.errors import InputError
 from cxrdiff.images import box_to_frame, load_grayscale, resize_center_crop, to_model_input
-from cxrdiff.models import Components, check_model_folder, vae_fingerprint
 from cxrdiff.impressions import SOURCES, read_report, report_path
+from cxrdiff.models import Components, check_model_folder, vae_fingerprint
 
 STEP = "prepare"
 STATE = ".prepare"  # plan and per-unit skip lists; hidden, not part of the artifact

@@ -197,3 +197,11 @@ def test_take_over_restarts_own_folder_with_other_settings_but_still_refuses_str
         other = tmp_path / "prepared"
         StepFolder.claim(other, "prepare", {}).finish({})
         StepFolder.claim(other, "report", {}, take_over=True)
+
+
+def test_a_folder_from_before_settings_keys_is_refused_saying_so(tmp_path):
+    from cxrdiff.artifacts import OtherSettings, StepFolder
+
+    write_manifest(tmp_path, "sample", config={"steps": 5})  # what cxrdiff 0.1 wrote: no settings, no key
+    with pytest.raises(OtherSettings, match=r"other settings \(settings not recorded: made by cxrdiff 0.1\)"):
+        StepFolder.claim(tmp_path, "sample", {"steps": 5})

@@ -15,9 +15,9 @@ from cxrdiff.artifacts import CLAIM, OtherSettings, StepFolder, read_manifest, w
 from cxrdiff.data import CLASS_WORDS, LABELS, MS_CXR_CATEGORIES, read_chexpert, read_metadata, read_ms_cxr, read_split
 from cxrdiff.errors import InputError
 from cxrdiff.images import load_dicom, load_grayscale
+from cxrdiff.impressions import extract_impression, split_sections
 from cxrdiff.phantom import Finding, PhantomConfig, make_phantom, render, render_study, rerender
 from cxrdiff.phantom import tree as step
-from cxrdiff.impressions import extract_impression, split_sections
 
 PATIENTS, SIZE = 24, 96
 
