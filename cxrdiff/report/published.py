@@ -6,10 +6,15 @@ rendering (`render.py`) only reads these.
 
 from __future__ import annotations
 
+from typing import Any
+
 from cxrdiff.data import MS_CXR_CATEGORIES
 from cxrdiff.metrics.score import UNTRAINED_LABEL
 
-PUBLISHED_LOCALIZATION = {  # Table 1: AUC-ROC %, Top-1 %, CNR
+# Each table is transcribed in the paper's OWN column order (the `*_ORDER` tuple beside it), then keyed by
+# class name; nothing below relies on two tables sharing an order (Tables 3 and 5 do not follow Table 1).
+TABLE1_ORDER = (*MS_CXR_CATEGORIES, "Average")
+PUBLISHED_LOCALIZATION = {  # Table 1: AUC-ROC %, Top-1 %, CNR (means)
     "SDv2": {
         "Atelectasis": (58.5, 0.0, 0.23),
         "Cardiomegaly": (53.1, 8.4, 0.14),
@@ -44,18 +49,31 @@ PUBLISHED_LOCALIZATION = {  # Table 1: AUC-ROC %, Top-1 %, CNR
         "Average": (79, 45, 0.920),
     },
 }
-_T3 = {
-    "ConVIRT": (0.86, 0.64, 1.25, 0.78, 0.68, 1.03, 0.28, 1.02, 0.818),
-    "GLoRIA": (0.98, 0.53, 1.38, 1.05, 0.66, 1.18, 0.47, 1.20, 0.930),
-    "BioViL-L": (1.17, 0.95, 1.45, 1.19, 0.96, 1.19, 0.74, 1.50, 1.142),
+PUBLISHED_LOCALIZATION_STD = {  # Table 1's ± (std "over three different trainings"; SDv2 has none)
+    "Finetune_L": {
+        "Atelectasis": (4.9, 1.6, 0.13),
+        "Cardiomegaly": (1.6, 0.8, 0.05),
+        "Consolidation": (4.8, 4.3, 0.11),
+        "Edema": (1.6, 8.2, 0.02),
+        "Lung Opacity": (3.8, 4.6, 0.09),
+        "Pleural Effusion": (4.7, 1.6, 0.12),
+        "Pneumonia": (2.4, 1.9, 0.05),
+        "Pneumothorax": (6.9, 26.5, 0.33),
+        "Average": (3.7, 7.4, 0.12),
+    },
+    "Finetune_F": {
+        "Atelectasis": (0.9, 3.3, 0.06),
+        "Cardiomegaly": (2.3, 6.8, 0.07),
+        "Consolidation": (1.6, 7.5, 0.10),
+        "Edema": (0.1, 3.8, 0.01),
+        "Lung Opacity": (0.2, 1.9, 0.01),
+        "Pleural Effusion": (1.1, 3.8, 0.06),
+        "Pneumonia": (0.9, 4.5, 0.04),
+        "Pneumothorax": (2.7, 3.4, 0.08),
+        "Average": (0.5, 1.5, 0.03),
+    },
 }
-PUBLISHED_CNR_METHODS = {m: dict(zip((*MS_CXR_CATEGORIES, "Average"), v, strict=True)) for m, v in _T3.items()}
-PUBLISHED_FIDELITY = {  # Table 4: FID, FID_XRV, MS-SSIM %
-    "SDv2": (237.6, 104.9, 12.9),
-    "Finetune_L": (61.9, 7.7, 10.3),
-    "Finetune_F": (75.5, 10.1, 10.1),
-}
-CLASSIFIER_ORDER = (  # Table 5: the class of each value in the tuples below
+TABLE3_ORDER = (  # Table 3's columns: NOT Table 1's order
     "Atelectasis",
     "Cardiomegaly",
     "Consolidation",
@@ -66,17 +84,82 @@ CLASSIFIER_ORDER = (  # Table 5: the class of each value in the tuples below
     "Pleural Effusion",
     "Average",
 )
+_T3 = {
+    "ConVIRT": (0.86, 0.64, 1.25, 0.78, 0.68, 1.03, 0.28, 1.02, 0.818),
+    "GLoRIA": (0.98, 0.53, 1.38, 1.05, 0.66, 1.18, 0.47, 1.20, 0.930),
+    "BioViL-L": (1.17, 0.95, 1.45, 1.19, 0.96, 1.19, 0.74, 1.50, 1.142),
+}
+PUBLISHED_CNR_METHODS = {m: dict(zip(TABLE3_ORDER, v, strict=True)) for m, v in _T3.items()}
+PUBLISHED_FIDELITY = {  # Table 4, prompts from MIMIC p19: FID, FID_XRV, MS-SSIM %
+    "SDv2": (237.6, 104.9, 12.9),
+    "Finetune_L": (61.9, 7.7, 10.3),
+    "Finetune_F": (75.5, 10.1, 10.1),
+}
+PUBLISHED_FIDELITY_MS_CXR = {  # Table 4, prompts from MS-CXR phrases: FID, FID_XRV, MS-SSIM %
+    "SDv2": (236.2, 109.4, 11.1),
+    "Finetune_L": (60.5, 7.3, 11.4),
+    "Finetune_F": (75.7, 10.0, 8.2),
+}
+CLASSIFIER_ORDER = TABLE3_ORDER  # Table 5's columns (Atel Card Cons L-Op Edem Pnem Pnth Effu, avg)
 _T5 = {
     "real p19": (83.0, 85.5, 87.7, 80.2, 91.4, 75.6, 84.4, 88.7, 84.6),
     "Finetune_L": (75.8, 78.7, 77.8, 75.1, 85.9, 66.2, 79.6, 79.6, 77.3),
     "Finetune_F": (76.8, 79.0, 77.9, 77.5, 84.1, 66.7, 70.1, 84.5, 77.1),
 }
 PUBLISHED_CLASSIFIER = {m: dict(zip(CLASSIFIER_ORDER, v, strict=True)) for m, v in _T5.items()}
+WORDS_MIN_COUNT = 25  # Table 6: a word enters a class's ranking when it occurs more than this in that class
+PUBLISHED_WORDS = {  # Table 6: (word as written, occurrences in the class's phrases, mean CNR), best first
+    "Finetune_F": {
+        "Atelectasis": (("atelectasis", 50, 1.11), ("EOS", 61, 0.85), ("SOS", 61, -0.85)),
+        "Cardiomegaly": (("enlarged", 222, 1.16), ("silhouette", 219, 0.92), ("moderate", 30, 0.84)),
+        "Consolidation": (("lung", 56, 1.41), ("consolidation", 93, 1.34), ("left", 44, 1.26)),
+        "Edema": (("pulmonary", 39, 1.25), ("edema", 42, 1.20), ("EOS", 46, 0.96)),
+        "Lung Opacity": (("lung", 35, 1.33), ("EOS", 82, 1.06), ("opacity", 28, 1.00)),
+        "Pleural Effusion": (("left", 31, 0.84), ("pleural", 88, 0.74), ("effusion", 51, 0.71)),
+        "Pneumonia": (("lung", 46, 1.33), ("consolidation", 31, 1.26), ("lobe", 49, 1.26)),
+        "Pneumothorax": (("small", 70, 0.70), ("apical", 119, 0.66), ("pneumothorax", 226, 0.46)),
+    },
+    "Finetune_L": {  # the paper's text: EOS tops 7 of 8 classes (0.37-0.99); only Pneumothorax in full here
+        "Pneumothorax": (("small", 70, 0.95), ("left", 85, 0.70), ("apical", 119, 0.69)),
+    },
+    "SDv2": {  # the best word per class
+        "Atelectasis": (("EOS", 61, 0.37),),
+        "Cardiomegaly": (("EOS", 333, 0.24),),
+        "Consolidation": (("lung", 56, 0.82),),
+        "Edema": (("pulmonary", 39, 1.20),),
+        "Lung Opacity": (("lung", 35, 0.75),),
+        "Pleural Effusion": (("SOS", 96, 0.11),),
+        "Pneumonia": (("lung", 46, 0.72),),
+        "Pneumothorax": (("small", 70, 0.73),),
+    },
+}
+PUBLISHED_EOS_CNR = {"Finetune_L": 0.68, "Finetune_F": 0.72}  # the text: EOS token's CNR over all classes
 PUBLISHED_TEXT_SOURCE = {  # Table 7: CNR (learnable, frozen)
     "impressions": (0.15, 0.95),
     "synthetic impressions": (0.22, 0.42),
     "class labels": (0.29, 0.80),
 }
+
+
+def lookup(table: int, cls: str, method: str) -> Any:
+    """One published entry by (table, class, method): Table 1 → (mean tuple, std tuple or None); 3, 5 → a
+    number; 4 → {"p19": tuple, "MS-CXR": tuple} (`cls` ignored); 6 → tuple of (word, occurrences, CNR);
+    7 → (learnable, frozen) for the text source given as `cls` (`method` ignored)."""
+    if table == 1:
+        return PUBLISHED_LOCALIZATION[method][cls], PUBLISHED_LOCALIZATION_STD.get(method, {}).get(cls)
+    if table == 3:
+        return PUBLISHED_CNR_METHODS[method][cls]
+    if table == 4:
+        return {"p19": PUBLISHED_FIDELITY[method], "MS-CXR": PUBLISHED_FIDELITY_MS_CXR[method]}
+    if table == 5:
+        return PUBLISHED_CLASSIFIER[method][cls]
+    if table == 6:
+        return PUBLISHED_WORDS[method][cls]
+    if table == 7:
+        return PUBLISHED_TEXT_SOURCE[cls]
+    raise KeyError(f"no published Table {table}")
+
+
 PAPER = "Dombrowski et al., AAAI 2024"
 
 PROTOCOL = [
