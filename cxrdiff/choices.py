@@ -13,10 +13,15 @@ ExportWeights = Literal["raw", "ema"]
 LatentSampling = Literal["sample", "mean"]
 GroundMode = Literal["noise", "invert"]
 CnrKind = Literal["signed", "abs"]
-BoxMode = Literal["union", "per-box"]
+BoxMode = Literal["union", "per-box", "per-phrase"]  # union: an image's boxes of a class; per-phrase: a phrase's
+# prepare: what a report without an IMPRESSION gives (none: it is dropped, as in the paper)
+TextFallback = Literal["none", "findings", "last-paragraph", "findings,last-paragraph"]
+ClassifierPositives = Literal["only", "any"]  # only: d is the image's only label (the paper's); any: d among others
 Frame = Literal["prepared", "original"]
 GroundDtype = Literal["auto", "float32", "bfloat16", "float16"]
 PredictionType = Literal["epsilon", "v_prediction"]
+PublishedModel = Literal["sd2-base", "sd2-768", "sd15"]  # `cxrdiff model random --like`
+DicomContrast = Literal["mimic-jpg", "window"]  # mimic-jpg: MIMIC-CXR-JPG's own conversion; window: the file's window
 
 
 def enum(name: str, choices: object) -> type[StrEnum]:

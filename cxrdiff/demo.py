@@ -112,9 +112,7 @@ def _train_images(prepared: Path, resolution: int, limit: int | None = None) -> 
 
     table = pd.concat(frames, ignore_index=True).head(limit)
     images = np.stack([resize_center_crop(load_grayscale(p), resolution) for p in table["image_path"]])
-    labels = np.array(table[list(PHANTOM_CLASSES)], dtype=np.float32)
-    labels[labels < 0] = np.nan  # uncertain: left out of the loss
-    return images, labels
+    return images, np.array(table[list(PHANTOM_CLASSES)], dtype=np.float32)  # blank: NaN, uncertain: -1
 
 
 def _phantom_images(phantom: Path, resolution: int, limit: int) -> np.ndarray:

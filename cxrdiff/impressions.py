@@ -1,64 +1,102 @@
 """Radiology report text → the training prompt (the IMPRESSION), as the MIMIC-CXR authors' parser does it.
 
 MIMIC-CXR reports are free text whose sections start with an upper-case heading and a colon at the
-start of a line ("IMPRESSION:", "FINDINGS:"). Headings are normalised (lower case, variants and
-misspellings mapped to a canonical name); the *last* impression wins; with none, the last findings;
-with neither, the last paragraph. Written from that behaviour, not from their code; no library parses
-MIMIC sections, so this is hand-written.
+start of a line ("IMPRESSION:", "FINDINGS:"). Headings are normalised as the MIMIC-CXR authors' section
+parser does (its table of headings and misspellings, then its substring and whole-study rules); the
+*last* impression wins. The parser also offers the last findings and the "last paragraph" as fallbacks;
+`prepare` uses them only when asked (`--text-fallback`), since the paper trained on impressions only.
+Written from that behaviour, not from their code; no library parses MIMIC sections, so this is
+hand-written.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 # An upper-case heading at the start of a line, then ':' and a space or the end of the line.
 _HEADING = re.compile(r"^[ \t]*([A-Z][A-Z ()/,&-]*[A-Z)])[ \t]*:(?=\s|$)", re.MULTILINE)
-_FINAL_REPORT = re.compile(r"^\s*FINAL REPORT\s*$", re.MULTILINE)
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
 
-_IMPRESSION_NAMES = {
-    "impression",
-    "impressions",
-    "conclusion",
-    "conclusions",
-    "findings and impression",
-    "findings and impressions",
-    "impression and findings",
-    "findings/impression",
-    "findings/impressions",
-    "findings / impression",
-    "findings/ impression",
-    "findings /impression",
-    # misspellings seen in MIMIC-CXR
-    "impresson",
-    "imprression",
-    "imoression",
-    "impressoin",
-    "imprssion",
-    "impresion",
-    "imperssion",
-    "mpression",
-    "impession",
-    "impresssion",
-    "impressio",
-    "impressiom",
+# The MIMIC-CXR authors' heading normalisation (their section parser): a table of known headings and
+# misspellings first; then any heading containing one of the main section names is that section; then a
+# heading that describes the whole study ("CHEST, PA AND LATERAL", "PORTABLE AP") counts as findings.
+_KNOWN_HEADINGS = {
+    "preamble": "preamble",
+    "impression": "impression",
+    "comparison": "comparison",
+    "indication": "indication",
+    "findings": "findings",
+    "examination": "examination",
+    "technique": "technique",
+    "history": "history",
+    "comparisons": "comparison",
+    "clinical history": "history",
+    "reason for examination": "indication",
+    "notification": "notification",
+    "reason for exam": "indication",
+    "clinical information": "history",
+    "exam": "examination",
+    "clinical indication": "indication",
+    "conclusion": "impression",
+    "conclusions": "impression",
+    "concusion": "impression",
+    "chest, two views": "findings",
+    "recommendation(s)": "recommendations",
+    "type of examination": "examination",
+    "reference exam": "comparison",
+    "patient history": "history",
+    "addendum": "addendum",
+    "comparison exam": "comparison",
+    "date": "date",
+    "comment": "comment",
+    "findings and impression": "impression",
+    "wet read": "wet read",
+    "comparison film": "comparison",
+    "recommendations": "recommendations",
+    "findings/impression": "impression",
+    "pfi": "history",
+    "recommendation": "recommendations",
+    "wetread": "wet read",
+    "summary": "impression",
+    "impresssion": "impression",
+    "impressio": "impression",
+    "ndication": "impression",  # sic: the authors' table maps it so (one report)
+    "impresson": "impression",
+    "imprression": "impression",
+    "imoression": "impression",
+    "impressoin": "impression",
+    "imprssion": "impression",
+    "impresion": "impression",
+    "imperssion": "impression",
+    "mpression": "impression",
+    "impession": "impression",
+    "findings/ impression": "impression",
+    "finding": "findings",
+    "findins": "findings",
+    "findindgs": "findings",
+    "findgings": "findings",
+    "findngs": "findings",
+    "findnings": "findings",
+    "finidngs": "findings",
+    "idication": "indication",
+    "reference findings": "findings",
+    "comparision": "comparison",
+    "comparsion": "comparison",
+    "comparrison": "comparison",
+    "comparisions": "comparison",
 }
-_FINDINGS_NAMES = {
-    "findings",
-    "finding",
-    "findins",
-    "findindgs",
-    "findgings",
-    "findngs",
-    "findnings",
-    "finidngs",
-    "findigns",
-    "fidings",
-}
+_MAIN_SECTIONS = ("impression", "findings", "history", "comparison", "addendum")
+_WHOLE_STUDY = re.compile(
+    "chest|portable|pa and lateral|lateral and pa|ap and lateral|lateral and ap|frontal and|two views|"
+    "frontal view|pa view|ap view|one view|lateral view|bone window|frontal upright|frontal semi-upright|ribs|"
+    "pa and lat"
+)
 
 SOURCES = ("impression", "findings", "last_paragraph", "none")
+FALLBACKS = ("findings", "last_paragraph")  # in the parser's order of preference, after the impression
 
 
 def normalise_whitespace(text: str) -> str:
@@ -66,13 +104,14 @@ def normalise_whitespace(text: str) -> str:
 
 
 def section_name(heading: str) -> str:
-    """A heading as a canonical section name: impression variants → 'impression', etc."""
+    """A heading as a canonical section name, by the MIMIC-CXR authors' rules (see `_KNOWN_HEADINGS`)."""
     name = " ".join(heading.lower().split())
-    if name in _IMPRESSION_NAMES:
-        return "impression"
-    if name in _FINDINGS_NAMES:
-        return "findings"
-    return name
+    if name in _KNOWN_HEADINGS:
+        return _KNOWN_HEADINGS[name]
+    for main in _MAIN_SECTIONS:
+        if main in name:
+            return main
+    return "findings" if _WHOLE_STUDY.search(name) else name
 
 
 def split_sections(text: str) -> list[tuple[str, str]]:
@@ -86,22 +125,33 @@ def split_sections(text: str) -> list[tuple[str, str]]:
     return sections
 
 
-def extract_impression(text: str) -> tuple[str, str]:
+def extract_impression(text: str, fallbacks: Sequence[str] = FALLBACKS) -> tuple[str, str]:
     """(prompt text, source) with source one of impression | findings | last_paragraph | none.
 
-    An empty impression counts as missing (falls back to findings); whitespace is collapsed to single
-    spaces; de-identification placeholders ('___') are kept as they are.
+    The last non-empty impression; else, in the order given and only those in `fallbacks`, the last
+    non-empty findings, then the last paragraph. The last paragraph follows the authors' rule: only when
+    the report has neither section, it is everything after the first paragraph of the report's last
+    section. Whitespace is collapsed to single spaces; de-identification placeholders ('___') are kept.
     """
-    sections = split_sections(text)
-    for wanted in ("impression", "findings"):
-        found = [body for name, body in sections if name == wanted and normalise_whitespace(body)]
+    unknown = sorted(set(fallbacks) - set(FALLBACKS))
+    if unknown:
+        raise ValueError(f"fallbacks: {', '.join(unknown)} not among {', '.join(FALLBACKS)}")
+    sections = [  # as the authors' parser: empty impression and findings sections are dropped, no others
+        (name, body)
+        for name, body in split_sections(text)
+        if normalise_whitespace(body) or name not in ("impression", "findings")
+    ]
+    for wanted in ("impression", *(f for f in FALLBACKS if f in fallbacks)):
+        if wanted == "last_paragraph":
+            if sections and not any(name in ("impression", "findings") for name, _ in sections):
+                paragraphs = [p for p in _PARAGRAPH_BREAK.split(sections[-1][1]) if p.strip()]
+                rest = normalise_whitespace(" ".join(paragraphs[1:]))
+                if rest:
+                    return rest, "last_paragraph"
+            continue
+        found = [body for name, body in sections if name == wanted]
         if found:
             return normalise_whitespace(found[-1]), wanted
-    body = _FINAL_REPORT.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
-    paragraphs = [normalise_whitespace(p) for p in _PARAGRAPH_BREAK.split(body)]
-    paragraphs = [p for p in paragraphs if p]
-    if paragraphs:
-        return paragraphs[-1], "last_paragraph"
     return "", "none"
 
 
@@ -111,7 +161,7 @@ def report_path(files: str | os.PathLike, subject_id: int, study_id: int) -> Pat
     return Path(files) / f"p{subject[:2]}" / f"p{subject}" / f"s{int(study_id)}.txt"
 
 
-def read_report(path: str | os.PathLike) -> tuple[str, str, str | None]:
+def read_report(path: str | os.PathLike, fallbacks: Sequence[str] = FALLBACKS) -> tuple[str, str, str | None]:
     """(prompt, source, fault) for one report file; fault is 'missing report' / 'unreadable report' or None."""
     try:
         text = Path(path).read_text(encoding="utf-8", errors="replace")
@@ -119,5 +169,5 @@ def read_report(path: str | os.PathLike) -> tuple[str, str, str | None]:
         return "", "none", "missing report"
     except OSError:
         return "", "none", "unreadable report"
-    prompt, source = extract_impression(text)
+    prompt, source = extract_impression(text, fallbacks)
     return prompt, source, None

@@ -63,7 +63,7 @@ def test_phantom_classifier_learns_and_is_seeded(tmp_path):
 
     classes = ("Atelectasis", "Edema", "No Finding")
     x, y = _blobs(0, 160)
-    model = C.train_phantom_classifier(x, y, classes=classes, epochs=8, seed=1)
+    model = C.train_phantom_classifier(x, y, classes=classes, epochs=8, seed=1, width=8)
     xt, yt = _blobs(1, 80)
     scores = model.scores(xt)
     assert scores.shape == (80, 3)
@@ -72,12 +72,36 @@ def test_phantom_classifier_learns_and_is_seeded(tmp_path):
     for k in range(3):
         assert roc_auc_score(yt[:, k], scores[:, k]) > 0.9
     feats = model.features(torch.from_numpy(xt[:4]).float()[:, None] / 255.0)
-    assert tuple(feats.shape) == (4, 4 * model.width)
-    again = C.train_phantom_classifier(x, y, classes=classes, epochs=8, seed=1)
+    assert tuple(feats.shape) == (4, 2 * 4 * model.width)  # mean and max of the last feature map
+    again = C.train_phantom_classifier(x, y, classes=classes, epochs=8, seed=1, width=8)
     np.testing.assert_allclose(again.scores(xt), scores, rtol=1e-5, atol=1e-5)
     path = model.save(tmp_path / "clf.safetensors")
     loaded = C.PhantomClassifier.load(path)
-    assert loaded.classes == classes and loaded.cache_key == model.cache_key
+    assert loaded.classes == classes and loaded.cache_key == model.cache_key and loaded.pool == "mean-max"
     np.testing.assert_allclose(loaded.scores(xt[:5]), scores[:5], rtol=1e-6)
     with pytest.raises(InputError, match="labels"):
         C.train_phantom_classifier(x, y[:, :2], classes=classes)
+
+
+def test_loss_targets_blank_is_negative_uncertain_is_left_out():
+    labels = np.array([[1.0, 0.0, np.nan, -1.0]], dtype=np.float32)
+    targets, weights = C.loss_targets(labels)
+    np.testing.assert_array_equal(targets, [[1, 0, 0, 0]])
+    np.testing.assert_array_equal(weights, [[1, 1, 1, 0]])
+
+
+def test_no_finding_images_are_negatives_when_findings_are_blank():
+    """CheXpert leaves unmentioned findings blank: a No-Finding image has blanks, never 0.0. Trained on such
+    labels, the classifier must still score No-Finding images below the class's images."""
+    from sklearn.metrics import roc_auc_score
+
+    classes = ("Atelectasis", "Edema", "No Finding")
+    x, y = _blobs(0, 160)
+    y[:, :2][y[:, :2] == 0] = np.nan  # only positives written, as in a CheXpert table
+    model = C.train_phantom_classifier(x, y, classes=classes, epochs=8, seed=1, width=8)
+    xt, yt = _blobs(1, 80)
+    scores = model.scores(xt)
+    no_finding = yt[:, 2] == 1
+    for k in range(2):
+        keep = (yt[:, k] == 1) | no_finding
+        assert roc_auc_score(yt[keep, k], scores[keep, k]) > 0.9

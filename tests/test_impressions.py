@@ -60,10 +60,42 @@ def test_findings_fallback_joins_wrapped_lines():
     )
 
 
-def test_last_paragraph_fallback_skips_blank_lines_and_header():
+def test_last_paragraph_fallback_is_the_authors_rule():
+    """No impression and no findings: everything after the first paragraph of the last section (here the
+    only one, whose first paragraph is the 'FINAL REPORT' header), as the MIMIC-CXR authors' parser does."""
     text, source = extract_impression(NO_HEADINGS)
     assert source == "last_paragraph"
-    assert text == "Mild pulmonary vascular congestion. Small left effusion has slightly increased."
+    assert text == (
+        "Comparison is made to the prior study. Mild pulmonary vascular congestion. Small left effusion has "
+        "slightly increased."
+    )
+
+
+def test_fallbacks_only_when_asked_and_in_order():
+    assert extract_impression(NO_IMPRESSION, fallbacks=()) == ("", "none")  # impression only: dropped
+    assert extract_impression(NO_HEADINGS, fallbacks=()) == ("", "none")
+    assert extract_impression(NO_IMPRESSION, fallbacks=("findings",))[1] == "findings"
+    # the last paragraph is offered only when the report has neither impression nor findings
+    assert extract_impression(NO_IMPRESSION, fallbacks=("last_paragraph",)) == ("", "none")
+    assert extract_impression(NO_HEADINGS, fallbacks=("last_paragraph",))[1] == "last_paragraph"
+    assert extract_impression(STANDARD, fallbacks=())[1] == "impression"
+    with pytest.raises(ValueError, match="comparison"):
+        extract_impression(STANDARD, fallbacks=("comparison",))
+
+
+@pytest.mark.parametrize(
+    ("heading", "name"),
+    [
+        ("SUMMARY", "impression"),  # the authors' table
+        ("FINAL IMPRESSION", "impression"),  # contains a main section's name
+        ("PORTABLE AP CHEST", "findings"),  # describes the whole study
+        ("CHEST, PA AND LATERAL", "findings"),
+        ("REASON FOR EXAM", "indication"),
+        ("CLINICAL HISTORY AND COMPARISON", "history"),  # the first main name found, in their order
+    ],
+)
+def test_heading_normalisation_follows_the_authors_parser(heading, name):
+    assert section_name(heading) == name
 
 
 @pytest.mark.parametrize(
@@ -127,3 +159,6 @@ def test_report_files_and_paths(tmp_path):
     path.parent.mkdir(parents=True)
     path.write_text(STANDARD)
     assert read_report(path) == ("No acute cardiopulmonary process.", "impression", None)
+    path.write_text(NO_IMPRESSION)
+    assert read_report(path, fallbacks=()) == ("", "none", None)
+    assert read_report(path, fallbacks=("findings",))[1] == "findings"
