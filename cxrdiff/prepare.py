@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,6 +23,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from cxrdiff.artifacts import MANIFEST, StepFolder, atomic_path, write_json, write_text
+from cxrdiff.choices import DicomContrast, TextFallback
 from cxrdiff.config import settings, to_dict
 from cxrdiff.console import log, progress
 from cxrdiff.data import (
@@ -42,13 +44,14 @@ from cxrdiff.data import (
     read_split,
 )
 from cxrdiff.errors import InputError
-from cxrdiff.images import box_to_frame, load_grayscale, resize_center_crop, to_model_input
+from cxrdiff.images import ImageRefused, box_to_frame, load_grayscale, resize_center_crop, to_model_input
 from cxrdiff.impressions import SOURCES, read_report, report_path
 from cxrdiff.models import Components, check_model_folder, vae_fingerprint
 
 STEP = "prepare"
 STATE = ".prepare"  # plan and per-unit skip lists; hidden, not part of the artifact
 MIN_IMPRESSION_CHARS = 8  # the paper keeps impressions longer than 7 characters
+MAX_UPSCALE = 2  # an image whose short side is under half the resolution is skipped ("image too small")
 SKIPPED_COLUMNS = ("part", "dicom_id", "subject_id", "study_id", "reason", "detail", "path")
 
 
@@ -78,6 +81,8 @@ class PrepareConfig:
     exclude_ms_cxr_patients: bool = False
     test_no_finding_max: float = 0.1  # at most this fraction of the test prompts are "No Finding"
     workers: int | None = None  # image-decoding processes per accelerate process; None: from the CPU count
+    dicom_contrast: DicomContrast = "mimic-jpg"  # DICOM → 8 bit: MIMIC-CXR-JPG's conversion, or the file's window
+    text_fallback: TextFallback = "none"  # none: a report without an IMPRESSION is dropped (the paper's choice)
 
 
 # --- checks ---------------------------------------------------------------------------------
@@ -95,6 +100,12 @@ class _Inputs:
     resolution: int
     latent_shape: tuple[int, int, int]
     scaling_factor: float
+    text_fallback: str = "none"
+
+
+def text_fallbacks(choice: str) -> tuple[str, ...]:
+    """`--text-fallback` → the parser's fallback sources, in its order ("last-paragraph" → "last_paragraph")."""
+    return () if choice == "none" else tuple(part.replace("-", "_") for part in choice.split(","))
 
 
 def check_inputs(config: PrepareConfig) -> _Inputs:
@@ -137,6 +148,7 @@ def check_inputs(config: PrepareConfig) -> _Inputs:
         resolution=resolution,
         latent_shape=latent_shape,
         scaling_factor=scaling_factor,
+        text_fallback=config.text_fallback,
     )
     StepFolder.claim(out, STEP, prepare_settings(config, inputs), create=False)  # the kind of folder, early
     return inputs
@@ -197,7 +209,10 @@ def _skip(part: str, row: Any, reason: str, detail: str = "", path: str = "") ->
 def _with_prompts(frame, inputs: _Inputs, part: str, counts: dict, skipped: list):
     """Attach each row's impression and image file; drop (and count) rows without either."""
     studies = sorted(set(zip(frame["subject_id"], frame["study_id"], strict=True)))
-    texts = _threads(lambda key: read_report(report_path(inputs.reports, *key)), studies, f"reports ({part})")
+    fallbacks = text_fallbacks(inputs.text_fallback)
+    texts = _threads(
+        lambda key: read_report(report_path(inputs.reports, *key), fallbacks), studies, f"reports ({part})"
+    )
     by_study = dict(zip(studies, texts, strict=True))
     images = _threads(
         lambda row: _image_file(inputs.files, *row),
@@ -205,7 +220,7 @@ def _with_prompts(frame, inputs: _Inputs, part: str, counts: dict, skipped: list
         f"image files ({part})",
     )
     keep, impressions, sources, paths = [], [], [], []
-    for counter in ("missing_report", "no_usable_text", "short_impression", "image_not_found"):
+    for counter in ("missing_report", "no_impression", "no_usable_text", "short_impression", "image_not_found"):
         counts[counter] = 0
     for (_, row), image in zip(frame.iterrows(), images, strict=True):
         text, source, fault = by_study[(row["subject_id"], row["study_id"])]
@@ -213,6 +228,8 @@ def _with_prompts(frame, inputs: _Inputs, part: str, counts: dict, skipped: list
         if fault is not None:
             counts["missing_report"] += 1
             skipped.append(_skip(part, row, fault, path=report))
+        elif source == "none" and not fallbacks:
+            counts["no_impression"] += 1  # the paper's filter (impressions only), not a fault: counted, not listed
         elif source == "none":
             counts["no_usable_text"] += 1
             skipped.append(_skip(part, row, "no usable text", path=report))
@@ -326,6 +343,27 @@ def _ms_cxr_rows(ms, meta, inputs: _Inputs, counts: dict, skipped: list):
     return frame.drop(columns=["path"], errors="ignore")
 
 
+def _mark_truncated(train, test, tokenizer: Any):
+    """A `truncated` column on both parts: the prompt has more tokens (start and end included) than the text
+    encoder's context, so the tokenizer keeps only its first ones, as finetune and sample tokenize it.
+    Counted in the manifest (`prompts_over_context`) and logged, never silent."""
+    over: dict[str, Any] = {}
+    frames = {"train": train, "test": test}
+    if tokenizer is None:  # a plan without the model's tokenizer cannot tell
+        return train.assign(truncated=None), test.assign(truncated=None), over
+    limit = int(tokenizer.model_max_length)
+    for part, frame in frames.items():
+        texts = list(frame["impression"])
+        lengths = [len(ids) for ids in tokenizer(texts, truncation=False)["input_ids"]] if texts else []
+        frames[part] = frame.assign(truncated=[n > limit for n in lengths])
+        over[part] = int(sum(n > limit for n in lengths))
+        if over[part]:
+            log.warning("%d of %d %s prompts are longer than the text encoder's %d tokens: the tokenizer keeps "
+                        "their first %d (column `truncated`)", over[part], len(texts), part, limit, limit)  # fmt: skip
+    over["context_length"] = limit
+    return frames["train"], frames["test"], over
+
+
 def prepare_settings(config: PrepareConfig, inputs: _Inputs) -> dict[str, Any]:
     """What the plan and every unit depend on: settings, input tables (size and mtime) and the VAE."""
     tables = {}
@@ -407,14 +445,7 @@ def build_plan(config: PrepareConfig, inputs: _Inputs, tokenizer: Any = None) ->
         part: {s: int((frame["impression_source"] == s).sum()) for s in SOURCES}
         for part, frame in (("train", train), ("test", test))
     }
-    over = {}
-    if tokenizer is not None:
-        limit = int(tokenizer.model_max_length)
-        for part, frame in (("train", train), ("test", test)):
-            texts = list(frame["impression"])
-            lengths = [len(ids) for ids in tokenizer(texts, truncation=False)["input_ids"]] if texts else []
-            over[part] = int(sum(n > limit for n in lengths))
-        over["context_length"] = limit
+    train, test, over = _mark_truncated(train, test, tokenizer)
 
     units = [("test", test), ("ms_cxr", ms_rows)]
     n_shards = (len(train) + config.shard_size - 1) // config.shard_size
@@ -436,26 +467,29 @@ def build_plan(config: PrepareConfig, inputs: _Inputs, tokenizer: Any = None) ->
 
 
 class _ImageSet:
-    """Decode + resize + crop, in DataLoader workers so that JPEG decoding overlaps the VAE."""
+    """Decode + resize + crop, in DataLoader workers so that JPEG decoding overlaps the VAE. An image that
+    cannot be used comes back as None with the reason (a `skipped.csv` reason) and the detail."""
 
-    def __init__(self, paths: list[str], resolution: int):
-        self.paths, self.resolution = paths, resolution
+    def __init__(self, paths: list[str], resolution: int, dicom_contrast: DicomContrast = "mimic-jpg"):
+        self.paths, self.resolution, self.dicom_contrast = paths, resolution, dicom_contrast
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[int, np.ndarray | None, int, int, str]:
+    def __getitem__(self, i: int) -> tuple[int, np.ndarray | None, int, int, str, str]:
         path = self.paths[i]
         try:
-            image = load_grayscale(path)
-            if image.ndim != 2 or min(image.shape) == 0:
-                raise InputError(f"{path}: empty image")
+            image = load_grayscale(path, self.dicom_contrast)
             height, width = image.shape
-            return i, resize_center_crop(image, self.resolution), width, height, ""
+            if min(height, width) * MAX_UPSCALE < self.resolution:
+                raise ImageRefused(path, "image too small", f"{width}x{height} for resolution {self.resolution}")
+            return i, resize_center_crop(image, self.resolution), width, height, "", ""
+        except ImageRefused as exc:
+            return i, None, 0, 0, exc.reason, str(exc)
         except InputError as exc:
-            return i, None, 0, 0, str(exc)
+            return i, None, 0, 0, "unreadable image", str(exc)
         except Exception as exc:  # a decoder fault in one file must not stop the run
-            return i, None, 0, 0, f"{path}: {type(exc).__name__}: {exc}"
+            return i, None, 0, 0, "unreadable image", f"{path}: {type(exc).__name__}: {exc}"
 
 
 def _encode_batch(vae: Any, pixels: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -496,6 +530,7 @@ def _schema(unit: str):
             ("view", pa.string()),
             ("impression", pa.string()),
             ("impression_source", pa.string()),
+            ("truncated", pa.bool_()),  # longer than the text encoder's context: the tokenizer cuts it
             *[(label, pa.float32()) for label in LABELS],
             ("image_path", pa.string()),
             *latent,
@@ -533,7 +568,10 @@ def _rescale(box: list[float], row: Any, size: tuple[int, int]) -> tuple[float, 
     return box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy
 
 
-def _encode_unit(acc: Any, vae: Any, rows, unit: str, out: Path, resolution: int, batch_size: int, workers: int):
+def _encode_unit(
+    acc: Any, vae: Any, rows, unit: str, out: Path, resolution: int, batch_size: int, workers: int,
+    dicom_contrast: DicomContrast = "mimic-jpg",
+):  # fmt: skip
     """Each process encodes its contiguous share of the unit into a part; the main process joins the parts in
     order into `<unit>.parquet` (its skips first, then the file, both written atomically)."""
     import pyarrow as pa
@@ -545,7 +583,7 @@ def _encode_unit(acc: Any, vae: Any, rows, unit: str, out: Path, resolution: int
     state = out / STATE
     mine = rows.iloc[np.array_split(np.arange(len(rows)), acc.num_processes)[acc.process_index]]
     loader = DataLoader(
-        _ImageSet(list(mine["image_path"]), resolution),
+        _ImageSet(list(mine["image_path"]), resolution, dicom_contrast),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=list,
@@ -556,9 +594,9 @@ def _encode_unit(acc: Any, vae: Any, rows, unit: str, out: Path, resolution: int
     dtype = next(vae.parameters()).dtype
     for batch in batches:
         good = [item for item in batch if item[1] is not None]
-        for index, _, _, _, detail in (item for item in batch if item[1] is None):
+        for index, _, _, _, reason, detail in (item for item in batch if item[1] is None):
             row = mine.iloc[index]
-            skipped.append(_skip(part, row, "unreadable image", detail, row["image_path"]))
+            skipped.append(_skip(part, row, reason, detail, row["image_path"]))
         if not good:
             continue
         pixels = to_model_input(np.stack([item[1] for item in good]))  # (batch, 3, res, res)
@@ -657,7 +695,8 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
             if acc.is_main_process:
                 log.info("unit %s (%d of %d to do)", unit, number, len(todo))
             rows = items[items["unit"] == unit]
-            _encode_unit(acc, vae, rows, unit, inputs.out, inputs.resolution, config.batch_size, workers)
+            _encode_unit(acc, vae, rows, unit, inputs.out, inputs.resolution, config.batch_size, workers,
+                         config.dicom_contrast)  # fmt: skip
             if acc.is_main_process:
                 elapsed = time.perf_counter() - encode_start
                 log.info("%s done; about %.0f s left", unit, elapsed / number * (len(todo) - number))
@@ -696,15 +735,16 @@ def _finish(
     counts = plan["counts"]
     skipped = list(plan["skipped"])
     rows = {"train": 0, "test": 0, "ms_cxr": 0}
-    unreadable = {"train": 0, "test": 0, "ms_cxr": 0}
+    reasons: dict[str, Counter] = {part: Counter() for part in rows}  # images skipped at encoding, by reason
     for unit in plan["units"]:
         part = "ms_cxr" if unit == "ms_cxr" else unit.split("-")[0]
         rows[part] += pq.read_metadata(out / f"{unit}.parquet").num_rows
         unit_skips = json.loads((state / f"{unit}.skipped.json").read_text())
-        unreadable[part] += len(unit_skips)
+        reasons[part].update(skip["reason"] for skip in unit_skips)
         skipped.extend(unit_skips)
-    for part in rows:
-        counts[part]["unreadable_image"] = unreadable[part]
+    for part in rows:  # planned = rows + image_skipped, and image_skipped = the sum of its reasons
+        counts[part]["image_skipped"] = sum(reasons[part].values())
+        counts[part]["image_skip_reasons"] = dict(sorted(reasons[part].items()))
         counts[part]["rows"] = rows[part]
     table = pd.DataFrame(skipped, columns=list(SKIPPED_COLUMNS))
     write_text(out / "skipped.csv", table.to_csv(index=False))
@@ -727,6 +767,7 @@ def _finish(
             "test_sampling": plan["test_sampling"],
             "impression_sources": plan["impression_sources"],
             "prompts_over_context": plan["prompts_over_context"],
+            "dicom_contrast": config.dicom_contrast,
             "skipped": len(skipped),
         },
     )

@@ -15,7 +15,7 @@ from PIL import Image
 
 from cxrdiff.data import LABELS, latent_from_bytes, patient_folder
 from cxrdiff.errors import InputError
-from cxrdiff.images import boxes_mask, load_grayscale, resize_center_crop, to_model_input
+from cxrdiff.images import boxes_mask, equalize_histogram, load_grayscale, resize_center_crop, to_model_input
 from cxrdiff.prepare import PrepareConfig, prepare
 
 WIDTH, HEIGHT = 80, 96  # not square: the centre crop matters
@@ -161,21 +161,25 @@ def test_counts_at_every_filter(prepared):
     counts = manifest["counts"]
     assert counts["metadata"]["images"] == 16 and counts["metadata"]["frontal_images"] == 15
     assert counts["metadata"]["views"] == {"AP": 4, "LATERAL": 1, "PA": 11}
-    assert counts["train"] == {
+    # impressions only (the paper's): the findings-only report b1 and the empty a3 are counted, not listed
+    text_and_file_counts = {k: v for k, v in counts["train"].items() if "image" not in k or k == "frontal_images"}
+    assert text_and_file_counts == {
         "frontal_images": 15, "held_out_test_folder": 5, "held_out_ms_cxr": 1, "candidates": 9,
-        "missing_report": 1, "no_usable_text": 1, "short_impression": 1, "image_not_found": 1, "planned": 5,
-        "unreadable_image": 1, "rows": 4,
+        "missing_report": 1, "no_impression": 2, "no_usable_text": 0, "short_impression": 1, "planned": 4, "rows": 3,
     }  # fmt: skip
+    assert counts["train"]["image_not_found"] == 1
+    assert (counts["train"]["image_skipped"], counts["train"]["image_skip_reasons"]) == (1, {"unreadable image": 1})
     assert counts["test"]["studies"] == 4 and counts["test"]["rows"] == 3
     assert counts["ms_cxr"] == {"csv_rows": 4, "pairs": 3, "box_outside_image": 1, "not_in_metadata": 0,
-                                "image_not_found": 0, "planned": 2, "unreadable_image": 0, "rows": 2}  # fmt: skip
-    assert (result["train_rows"], result["test_rows"], result["ms_cxr_rows"]) == (4, 3, 2)
-    assert manifest["impression_sources"]["train"] == {"impression": 4, "findings": 1, "last_paragraph": 0, "none": 0}
+                                "image_not_found": 0, "planned": 2, "image_skipped": 0, "image_skip_reasons": {},
+                                "rows": 2}  # fmt: skip
+    assert (result["train_rows"], result["test_rows"], result["ms_cxr_rows"]) == (3, 3, 2)
+    assert manifest["impression_sources"]["train"] == {"impression": 4, "findings": 0, "last_paragraph": 0, "none": 0}
     assert manifest["prompts_over_context"] == {"train": 0, "test": 0, "context_length": 77}
     assert manifest["resolution"] == 64 and manifest["latent_shape"] == [4, 16, 16]
     assert manifest["latent_storage"] == "mean+logvar" and manifest["scaling_factor"] == pytest.approx(0.18215)
     assert manifest["vae_fingerprint"].startswith("sha256:") and manifest["config"]["resolution"] == 64
-    shards = [f"train-{k:05d}.parquet" for k in range(3)]  # 5 planned rows in shards of 2
+    shards = [f"train-{k:05d}.parquet" for k in range(2)]  # 4 planned rows in shards of 2
     assert manifest["shards"] == shards and result["train_shards"] == 3
     assert set(manifest["files"]) == {*shards, "test.parquet", "ms_cxr.parquet", "skipped.csv"}
 
@@ -184,7 +188,7 @@ def test_skipped_csv_names_each_fault(prepared):
     out, _ = prepared
     skipped = pd.read_csv(out / "skipped.csv", dtype={"dicom_id": str})
     reasons = dict(zip(skipped["dicom_id"], skipped["reason"], strict=True))
-    assert reasons == {"a3": "no usable text", "c1": "missing report", "f1": "image not found",
+    assert reasons == {"c1": "missing report", "f1": "image not found",
                        "e1": "unreadable image", "h1": "box outside image"}  # fmt: skip
     e1 = skipped[skipped["dicom_id"] == "e1"].iloc[0]
     assert e1["path"].endswith("e1.jpg") and "e1.jpg" in e1["detail"]
@@ -195,12 +199,11 @@ def test_skipped_csv_names_each_fault(prepared):
 def test_train_holds_no_test_folder_or_ms_cxr_image(prepared):
     out, _ = prepared
     train = _train(out)
-    assert sorted(train["dicom_id"]) == ["a1", "b1", "g1", "h2"]
+    assert sorted(train["dicom_id"]) == ["a1", "g1", "h2"]  # b1 has FINDINGS only
     assert not train["subject_id"].map(patient_folder).eq("p19").any()
     ms_ids = set(pd.read_parquet(out / "ms_cxr.parquet")["dicom_id"])
     assert ms_ids == {"h1"} and not ms_ids & set(train["dicom_id"])
-    assert train.loc[train["dicom_id"] == "b1", "impression_source"].item() == "findings"
-    assert train.loc[train["dicom_id"] == "b1", "impression"].item() == "Heart size is enlarged. No effusion."
+    assert set(train["impression_source"]) == {"impression"}
     assert train.loc[train["dicom_id"] == "g1", "image_path"].item().endswith("g1.dcm")
     assert train["Edema"].dtype == np.float32 and np.isnan(train.loc[train["dicom_id"] == "a1", "Edema"].item())
     assert all(Path(p).is_absolute() and Path(p).is_file() for p in train["image_path"])
@@ -253,9 +256,12 @@ def test_stored_latents_equal_a_fresh_encode(prepared, tiny_model):
 def test_dicom_is_inverted_and_scaled_like_the_jpg(tmp_path):
     image = _image(np.random.default_rng(1), EFFUSION_BOXES)
     _write_dicom(tmp_path / "x.dcm", image)
-    loaded = load_grayscale(tmp_path / "x.dcm")
+    loaded = load_grayscale(tmp_path / "x.dcm", "window")
     expected = (image.astype(float) - image.min()) / (image.max() - image.min()) * 255
     assert np.abs(loaded.astype(float) - expected).max() <= 1.0
+    # MIMIC-CXR-JPG's conversion (the default): fewer than 256 levels stay distinct and in order through the
+    # min-max and the inversion, so the result is the equalised image itself
+    assert np.array_equal(load_grayscale(tmp_path / "x.dcm"), equalize_histogram(image))
 
 
 def _tables(out: Path) -> dict[str, pd.DataFrame]:
@@ -293,10 +299,35 @@ def test_killed_run_resumes_to_the_same_output(prepared, tree, tiny_model, tmp_p
     assert first["counts"] == again["counts"] and first["files"] == again["files"]
 
 
+def test_text_fallback_restores_findings_and_last_paragraph(tree, tiny_model, tmp_path):
+    """`--text-fallback findings,last-paragraph`: the findings-only report b1 is kept with its source; the
+    empty report a3 has no text at all and is listed; every kept row records where its text came from."""
+    out = tmp_path / "out"
+    prepare(_config(tree, tiny_model, out, text_fallback="findings,last-paragraph"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["train"]["no_impression"] == 0 and manifest["counts"]["train"]["no_usable_text"] == 1
+    assert manifest["impression_sources"]["train"] == {"impression": 4, "findings": 1, "last_paragraph": 0, "none": 0}
+    assert manifest["settings"]["text_fallback"] == "findings,last-paragraph"
+    train = _train(out)
+    assert train.loc[train["dicom_id"] == "b1", "impression_source"].item() == "findings"
+    assert train.loc[train["dicom_id"] == "b1", "impression"].item() == "Heart size is enlarged. No effusion."
+    assert train["impression_source"].notna().all() and set(train["impression_source"]) == {"impression", "findings"}
+    skipped = pd.read_csv(out / "skipped.csv", dtype={"dicom_id": str})
+    assert skipped.loc[skipped["dicom_id"] == "a3", "reason"].item() == "no usable text"
+
+
+def test_text_fallback_choice_maps_to_the_parsers_sources():
+    from cxrdiff.prepare import text_fallbacks
+
+    assert text_fallbacks("none") == ()
+    assert text_fallbacks("last-paragraph") == ("last_paragraph",)
+    assert text_fallbacks("findings,last-paragraph") == ("findings", "last_paragraph")
+
+
 def test_stricter_exclusion_drops_the_whole_ms_cxr_patient(tree, tiny_model, tmp_path):
     result = prepare(_config(tree, tiny_model, tmp_path / "out", exclude_ms_cxr_patients=True, test_size=1))
     counts = json.loads((tmp_path / "out" / "manifest.json").read_text())["counts"]
-    assert counts["train"]["held_out_ms_cxr"] == 2 and result["train_rows"] == 3
+    assert counts["train"]["held_out_ms_cxr"] == 2 and result["train_rows"] == 2
     assert "h2" not in set(_train(tmp_path / "out")["dicom_id"])
 
 
@@ -404,12 +435,13 @@ def test_phantom_counts_match_what_the_generator_put_in(phantom_tree, phantom_pr
         put["ms_cxr"]["images_total"],
     )
     assert got["train"]["candidates"] == len(train) and got["train"]["short_impression"] == short
-    for fault in ("missing_report", "no_usable_text", "image_not_found", "unreadable_image"):
+    for fault in ("missing_report", "no_usable_text", "image_not_found", "image_skipped"):
         assert got["train"][fault] == 0
-    assert got["train"]["rows"] == len(train) - short
+    assert got["train"]["rows"] == len(train) - short - no_impression  # impressions only, as the paper
+    assert got["train"]["no_impression"] == no_impression
     assert prepared["impression_sources"]["train"] == {
         "impression": len(train) - short - no_impression,
-        "findings": no_impression,
+        "findings": 0,
         "last_paragraph": 0,
         "none": 0,
     }

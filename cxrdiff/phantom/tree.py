@@ -20,6 +20,7 @@ from cxrdiff.artifacts import StepFolder, atomic_path, write_bytes, write_json, 
 from cxrdiff.config import settings, to_dict
 from cxrdiff.data import LABELS, MS_CXR_CATEGORIES, MS_CXR_FILE_COLUMNS, patient_folder
 from cxrdiff.errors import InputError
+from cxrdiff.images import mimic_cxr_jpg
 from cxrdiff.phantom.anatomy import Finding, picture_to_uint8, render, sample_anatomy, sample_finding
 from cxrdiff.phantom.report_text import label_text, write_report_text
 
@@ -144,7 +145,8 @@ def _render_task(task: dict) -> tuple[np.ndarray, dict[str, list[list[int]]]]:
 
 
 def rerender(entry: dict) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, list[list[int]]]]:
-    """Draw an image of the phantom again from its `phantom_truth.json` entry: (uint8, masks, boxes)."""
+    """Draw an image of the phantom again from its `phantom_truth.json` entry: (its JPG before compression,
+    masks, boxes)."""
     anatomy = sample_anatomy(np.random.default_rng(entry["anatomy_seed"]))
     findings = [
         Finding(**{k: f[k] for k in ("category", "side", "lobe", "severity", "certain")}) for f in entry["findings"]
@@ -152,12 +154,15 @@ def rerender(entry: dict) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, 
     picture, masks, boxes = render(
         np.random.default_rng(entry["image_seed"]), entry["width"], entry["height"], findings, anatomy, entry["view"]
     )
-    return picture_to_uint8(picture), masks, boxes
+    return mimic_cxr_jpg(picture_to_uint8(picture)), masks, boxes
 
 
-def _write_dicom(path: Path, picture: np.ndarray, task: dict) -> None:
-    """The picture as a DX DICOM with a window that maps the stored range onto black..white, so that the
-    shared reader (modality LUT, window, MONOCHROME1 inverted, min-max) gives back the JPG's grey levels."""
+def _write_dicom(path: Path, grey: np.ndarray, task: dict) -> None:
+    """The picture's 8-bit grey levels as a DX DICOM's stored values, each level a fixed step of the stored
+    range (inverted for MONOCHROME1), so that MIMIC-CXR-JPG's conversion (`mimic_cxr_jpg`: min-max, invert,
+    equalise) gives exactly the phantom's JPG before compression: distinct levels stay distinct and keep
+    their order, and equalisation depends on nothing else. Its window maps that range onto black..white,
+    so `--dicom-contrast window` gives back the grey levels before equalisation."""
     import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian
@@ -165,11 +170,12 @@ def _write_dicom(path: Path, picture: np.ndarray, task: dict) -> None:
     spec = task["dicom"]
     top = 2 ** spec["bits"] - 1
     low = spec["low"]
-    high = top - spec["low"] if spec["bits"] == 16 else top - 2 * spec["low"]
-    values = np.clip(picture, 0, 1).astype(np.float64)
+    step = ((top - spec["low"] if spec["bits"] == 16 else top - 2 * spec["low"]) - low) // 255
+    high = low + 255 * step
+    levels = grey.astype(np.int64)
     if spec["photometric"] == "MONOCHROME1":
-        values = 1.0 - values
-    stored = np.round(low + values * (high - low)).astype("<u2")  # (H, W)
+        levels = 255 - levels
+    stored = (low + levels * step).astype("<u2")  # (H, W)
     digits = int(task["dicom_id"].replace("-", "")[:32], 16)
     sop = f"2.25.{digits}"
     meta = FileMetaDataset()
@@ -201,12 +207,13 @@ def _image_worker(args: tuple[str, dict]) -> tuple[str, dict[str, list[list[int]
 
     root, task = args
     picture, boxes = _render_task(task)
+    grey = picture_to_uint8(picture)  # what the phantom's DICOM stores, one step per level
     jpg = Path(root) / task["path"]
-    if not jpg.is_file():
+    if not jpg.is_file():  # as MIMIC-CXR-JPG's JPGs were made from the DICOMs, at quality 95
         with atomic_path(jpg) as tmp:
-            Image.fromarray(picture_to_uint8(picture)).save(tmp, format="JPEG", quality=95)
+            Image.fromarray(mimic_cxr_jpg(grey)).save(tmp, format="JPEG", quality=95)
     if task["dicom"] is not None and not (Path(root) / task["dicom_path"]).is_file():
-        _write_dicom(Path(root) / task["dicom_path"], picture, task)
+        _write_dicom(Path(root) / task["dicom_path"], grey, task)
     return task["dicom_id"], boxes
 
 
