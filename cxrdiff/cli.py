@@ -106,8 +106,12 @@ LatentSampling = choices.enum("LatentSampling", choices.LatentSampling)
 GroundMode = choices.enum("GroundMode", choices.GroundMode)
 CnrKind = choices.enum("CnrKind", choices.CnrKind)
 BoxMode = choices.enum("BoxMode", choices.BoxMode)
+TextFallback = choices.enum("TextFallback", choices.TextFallback)
+DicomContrast = choices.enum("DicomContrast", choices.DicomContrast)
+ClassifierPositives = choices.enum("ClassifierPositives", choices.ClassifierPositives)
 Frame = choices.enum("Frame", choices.Frame)
 PredictionType = choices.enum("PredictionType", choices.PredictionType)
+PublishedModel = choices.enum("PublishedModel", choices.PublishedModel)
 
 
 @app.command()
@@ -153,6 +157,14 @@ def prepare(
         float | None, typer.Option(help="At most this fraction of the test prompts are 'No Finding' (default 0.1).")
     ] = None,
     workers: Annotated[int | None, typer.Option(help="Image-decoding processes per GPU (default: from CPUs).")] = None,
+    text_fallback: Annotated[
+        TextFallback | None,
+        typer.Option(help="Text for reports without IMPRESSION (default none: dropped, as the paper)."),
+    ] = None,
+    dicom_contrast: Annotated[
+        DicomContrast | None,
+        typer.Option(help="DICOM → 8 bit: mimic-jpg (MIMIC-CXR-JPG's conversion, default) or window (the file's)."),
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Turn MIMIC-CXR + reports + MS-CXR into latent Parquet shards (train, test prompts, MS-CXR)."""
@@ -246,7 +258,7 @@ def ground(
     model: Annotated[Path | None, typer.Option(help="Model folder.")] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder.")] = None,
     data: Annotated[Path | None, typer.Option(help="ms_cxr.parquet from `cxrdiff prepare`.")] = None,
-    image: Annotated[Path | None, typer.Option(help="A single image (PNG/JPG).")] = None,
+    image: Annotated[Path | None, typer.Option(help="A single image (PNG/JPG, or DICOM).")] = None,
     prompt: Annotated[str | None, typer.Option(help="The phrase for --image.")] = None,
     word: Annotated[list[str] | None, typer.Option(help="Word(s) to ground; repeat for several.")] = None,
     steps: Annotated[int | None, typer.Option(help="DDIM steps.")] = None,
@@ -336,6 +348,18 @@ def model_tiny(
     from cxrdiff.models import write_tiny_model_cli
 
     print_result(write_tiny_model_cli(out, resolution, unet_channels, text_width, prediction_type.value, seed))
+
+
+@model_app.command("random")
+def model_random(
+    out: Annotated[Path, typer.Argument(help="New folder for the diffusers pipeline.")],
+    like: Annotated[PublishedModel, typer.Option(help="Published architecture and configs to copy.")],
+    seed: Annotated[int, typer.Option(help="Weight initialisation seed.")] = 0,
+) -> None:
+    """Write a released model's exact architecture and configs with seeded random weights (no download)."""
+    from cxrdiff.models import write_random_model
+
+    print_result(write_random_model(out, like.value, seed))
 
 
 @model_app.command("info")

@@ -94,3 +94,166 @@ def test_model_tiny_refuses_a_step_folder(tmp_path):
     with pytest.raises(InputError, match="'finetune' folder"):
         write_tiny_model_cli(run, 32, "32,64", 32, "epsilon", 0)
     assert not (run / "unet").exists()
+
+
+# --- published architectures (`cxrdiff model random --like`) ----------------------------------
+# The released folders' configs, typed here from the Hub's config files, and the released parameter counts.
+
+SD2_BASE_UNET = {
+    "act_fn": "silu",
+    "attention_head_dim": [5, 10, 20, 20],
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 1024,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "use_linear_projection": True,
+}
+SD2_BASE_VAE = {
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+SD2_TEXT = {
+    "attention_dropout": 0.0,
+    "bos_token_id": 0,
+    "dropout": 0.0,
+    "eos_token_id": 2,
+    "hidden_act": "gelu",
+    "hidden_size": 1024,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
+    "intermediate_size": 4096,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "num_attention_heads": 16,
+    "num_hidden_layers": 23,
+    "pad_token_id": 1,
+    "projection_dim": 512,
+    "vocab_size": 49408,
+}
+SD2_BASE_SCHEDULER = {
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+RELEASED_PARAMETERS = {  # (UNet, text encoder, VAE) of the released weights
+    "sd2-base": (865_910_724, 340_387_840, 83_653_863),
+    "sd2-768": (865_910_724, 340_387_840, 83_653_863),
+    "sd15": (859_520_964, 123_060_480, 83_653_863),
+}
+
+
+def _check_fields(config, expected, part):
+    for field, value in expected.items():
+        got = config[field] if isinstance(config, dict) else getattr(config, field)
+        got = list(got) if isinstance(got, tuple) else got
+        assert got == (pytest.approx(value) if isinstance(value, float) else value), f"{part}.{field}"
+
+
+@pytest.mark.parametrize("like", sorted(RELEASED_PARAMETERS))
+def test_published_architectures_have_the_released_parameter_counts(like):
+    from cxrdiff.models import parameter_counts, published_modules
+
+    counts = parameter_counts(published_modules(like))  # on the meta device: nothing allocated
+    for part, released in zip(("unet", "text_encoder", "vae"), RELEASED_PARAMETERS[like], strict=True):
+        assert abs(counts[part] - released) <= 0.001 * released, part
+
+
+def test_sd2_base_configs_field_by_field():
+    from cxrdiff.models import published_modules
+
+    modules = published_modules("sd2-base")
+    _check_fields(modules["unet"].config, SD2_BASE_UNET, "unet")
+    _check_fields(modules["vae"].config, SD2_BASE_VAE, "vae")
+    _check_fields(modules["text_encoder"].config, SD2_TEXT, "text_encoder")
+    unet = modules["unet"]
+    assert sum(name.endswith("attn2") for name, _ in unet.named_modules()) == 16  # cross-attention layers
+
+
+def test_sd2_768_and_sd15_differ_from_sd2_base_where_released():
+    from cxrdiff.models import PUBLISHED
+
+    v = PUBLISHED["sd2-768"]
+    assert v["unet"]["sample_size"] == 96 and v["vae"]["sample_size"] == 768
+    assert v["scheduler"] == ("DDIMScheduler", {**SD2_BASE_SCHEDULER, "prediction_type": "v_prediction"})
+    assert PUBLISHED["sd2-base"]["scheduler"] == ("PNDMScheduler", SD2_BASE_SCHEDULER)
+    v1 = PUBLISHED["sd15"]
+    assert v1["unet"]["attention_head_dim"] == 8 and v1["unet"]["cross_attention_dim"] == 768
+    assert "use_linear_projection" not in v1["unet"]  # SD 1.x: convolutional projections
+    assert v1["text_encoder"]["hidden_act"] == "quick_gelu" and v1["text_encoder"]["num_hidden_layers"] == 12
+    assert (v1["pad_token"], PUBLISHED["sd2-base"]["pad_token"]) == ("<|endoftext|>", "!")
+
+
+def test_fill_random_is_seeded_and_scaled():
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from cxrdiff.models import fill_random
+
+    def build(seed):
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(
+                block_out_channels=(32, 64),
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                cross_attention_dim=32,
+                attention_head_dim=2,
+                norm_num_groups=32,
+            )
+        return fill_random(unet, torch.Generator().manual_seed(seed))
+
+    a, b, c = build(1), build(1), build(2)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert pa.device.type == "cpu" and torch.equal(pa, pb), name
+    assert not torch.equal(a.conv_in.weight, c.conv_in.weight)
+    assert torch.equal(a.conv_norm_out.weight, torch.ones(32)) and not a.conv_norm_out.bias.any()
+    assert not a.conv_in.bias.any()
+    fan_in = 4 * 3 * 3  # conv_in: 4 latent channels, 3×3 kernel
+    assert a.conv_in.weight.std().item() == pytest.approx((3 * fan_in) ** -0.5, rel=0.1)
+
+
+def test_model_random_refuses_a_non_empty_folder_and_an_unknown_architecture(tmp_path):
+    from cxrdiff.models import write_random_model
+
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="not empty"):
+        write_random_model(tmp_path / "busy", "sd2-base")
+    with pytest.raises(InputError, match="--like 'sd3'"):
+        write_random_model(tmp_path / "new", "sd3")
+    assert not (tmp_path / "new").exists() and (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+
+
+def test_published_choices_match_the_cli():
+    from typing import get_args
+
+    from cxrdiff.choices import PublishedModel
+    from cxrdiff.models import PUBLISHED
+
+    assert set(get_args(PublishedModel)) == set(PUBLISHED)

@@ -70,3 +70,44 @@ def test_prompt_words_match_whole_prompt_tokenisation(tokenizer):
     n = len(tokenizer(prompt, add_special_tokens=False).input_ids)
     assert content_positions(tokenizer, prompt) == list(range(1, n + 1))
     assert ids[n + 1] == tokenizer.eos_token_id
+
+
+# SD2's tokenizer pads with "!" (id 0), not with the end token as SD 1.x does: padding must never count as a
+# word, and the end-of-text position is the first end token, not the first pad.
+PAD_PROMPTS = ["small left pleural effusion", "Effusion! No pneumothorax!", "cardiomegaly"]
+
+
+@pytest.mark.parametrize("prompt", PAD_PROMPTS)
+def test_sd2_padding_is_never_a_word_token_and_eos_is_the_first_end_token(tokenizer, prompt):
+    from cxrdiff.ground import SPECIAL, Sample, choose_tokens, word_positions
+
+    ids = _ids(tokenizer, prompt)
+    eos = ids.index(tokenizer.eos_token_id)
+    assert tokenizer.pad_token == "!" and set(ids[eos + 1 :]) == {0}  # "!" pads after the one end token
+    assert content_positions(tokenizer, prompt) == list(range(1, eos))
+    assert word_positions(tokenizer, prompt)[SPECIAL[1]] == eos
+    positions, source = choose_tokens(tokenizer, Sample("1", prompt, None, category="Atelectasis"), None)
+    assert source == "all" and positions == list(range(1, eos))
+
+
+def test_an_exclamation_mark_in_the_prompt_is_a_word_token_not_padding(tokenizer):
+    prompt = "Effusion! No pneumothorax!"
+    ids = _ids(tokenizer, prompt)
+    bang = [i for i in content_positions(tokenizer, prompt) if ids[i] == tokenizer.pad_token_id]
+    assert len(bang) == 2  # the two written "!"; the 68 pads after the end token are not word tokens
+    assert bang == [3, 9]  # "ef fusion !" and "pneu mo thor ax !"
+    assert [w.positions for w in prompt_words(tokenizer, prompt)][0] == [1, 2]  # "effusion" without its "!"
+
+
+def test_sd15_padding_with_the_end_token_gives_the_same_positions(tokenizer):
+    import copy
+
+    from cxrdiff.ground import SPECIAL, word_positions
+
+    sd15 = copy.deepcopy(tokenizer)
+    sd15.pad_token = "<|endoftext|>"
+    prompt = PAD_PROMPTS[0]
+    ids = _ids(sd15, prompt)
+    assert ids.count(sd15.eos_token_id) > 1  # every pad is an end token now
+    assert word_positions(sd15, prompt)[SPECIAL[1]] == ids.index(sd15.eos_token_id) == 7  # ple ural ef fusion
+    assert content_positions(sd15, prompt) == content_positions(tokenizer, prompt) == [1, 2, 3, 4, 5, 6]
