@@ -268,12 +268,21 @@ def ground(
     seed: Annotated[int | None, typer.Option()] = None,
     runs: Annotated[int | None, typer.Option(help="Repeat with this many seeds; mean ± std.")] = None,
     cnr: Annotated[CnrKind | None, typer.Option(help="signed (paper) or abs (BioViL).")] = None,
-    boxes: Annotated[BoxMode | None, typer.Option(help="union (paper) or per-box.")] = None,
+    boxes: Annotated[
+        BoxMode | None, typer.Option(help="union (an image's boxes of the class, paper), per-box, or per-phrase.")
+    ] = None,
     frame: Annotated[Frame | None, typer.Option(help="prepared (paper, 512 crop) or the original image frame.")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N samples.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per UNet batch.")] = None,
     min_word_count: Annotated[
-        int | None, typer.Option(help="Word analysis: words in more than N phrases (paper: 25).")
+        int | None, typer.Option(help="Word analysis: words in more than N phrases of a class (paper: 25).")
+    ] = None,
+    latent: Annotated[
+        LatentSampling | None, typer.Option(help="sample (a seeded posterior draw, paper) or mean.")
+    ] = None,
+    allow_scaling_mismatch: Annotated[
+        bool | None,
+        typer.Option("--allow-scaling-mismatch", help="Ground latents prepared with another VAE scaling factor."),
     ] = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -296,6 +305,13 @@ def report(
     diversity_prompts: Annotated[int | None, typer.Option(help="Prompts × 4 images for MS-SSIM.")] = None,
     random_features: Annotated[
         bool | None, typer.Option("--random-features", help="Allow untrained feature nets (labelled, not FID).")
+    ] = None,
+    classifier_positives: Annotated[
+        ClassifierPositives | None,
+        typer.Option(help="only: images whose only label is d (paper); any: every image labelled d."),
+    ] = None,
+    min_word_count: Annotated[
+        int | None, typer.Option(help="Word analysis: words in more than N phrases of a class (paper: 25).")
     ] = None,
     config: ConfigOpt = None,
 ) -> None:

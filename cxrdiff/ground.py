@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 from typing import Any, ClassVar
@@ -23,7 +24,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from cxrdiff.artifacts import StepFolder, atomic_path, input_identity, read_manifest, write_json
-from cxrdiff.choices import BoxMode, CnrKind, Frame, GroundDtype, GroundMode
+from cxrdiff.choices import BoxMode, CnrKind, Frame, GroundDtype, GroundMode, LatentSampling
 from cxrdiff.config import settings, to_dict
 from cxrdiff.console import log, progress
 from cxrdiff.errors import InputError, RunError
@@ -48,7 +49,7 @@ class GroundConfig:
     """Settings of `cxrdiff ground` (defaults follow the paper)."""
 
     # The batch size stays in the settings: the resume points (parts) are numbered by batch.
-    NOT_SETTINGS: ClassVar[tuple[str, ...]] = ("out", "overlays", "model", "data", "image")
+    NOT_SETTINGS: ClassVar[tuple[str, ...]] = ("out", "overlays", "model", "data", "image", "allow_scaling_mismatch")
 
     model: Path | None = None
     out: Path | None = None
@@ -63,13 +64,15 @@ class GroundConfig:
     seed: int = 0
     runs: int = 1
     cnr: CnrKind = "signed"
-    boxes: BoxMode = "union"
+    boxes: BoxMode = "union"  # union: all boxes of the image and class; per-phrase: the phrase's; per-box: each
     frame: Frame = "prepared"
+    latent: LatentSampling = "sample"  # sample: a posterior draw per sample and run (the reference code's)
     limit: int | None = None
     batch_size: int = 8
-    min_word_count: int = 25  # Table 6: words occurring more than this many times in the phrases
+    min_word_count: int = 25  # Table 6: words occurring more than this many times in a class's phrases
     overlays: bool = True
     dtype: GroundDtype = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    allow_scaling_mismatch: bool = False  # ground latents prepared with another VAE scaling factor anyway
 
 
 @dataclasses.dataclass
@@ -79,6 +82,7 @@ class Sample:
     sample: str
     phrase: str
     latent: np.ndarray | None  # (C, H, W), unscaled VAE mean
+    logvar: np.ndarray | None = None  # (C, H, W), the posterior's log-variance (for `--latent sample`)
     dicom_id: str = ""
     category: str = ""
     boxes: list[list[float]] = dataclasses.field(default_factory=list)  # prepared frame, (x, y, w, h)
@@ -117,10 +121,33 @@ def check_inputs(config: GroundConfig) -> None:
         raise InputError(f"--limit {config.limit}: must be at least 1")
     if config.batch_size < 1:
         raise InputError(f"--batch-size {config.batch_size}: must be at least 1")
+    if config.min_word_count < 0:
+        raise InputError(f"--min-word-count {config.min_word_count}: must be at least 0")
     if config.image is not None and (config.frame != "prepared" or config.boxes != "union"):
         raise InputError("--frame/--boxes: only with --data (a single image has no boxes)")
     check_model_folder(config.model)
+    _check_scaling_factor(config)
     StepFolder.claim(config.out, STEP, ground_settings(config), create=False)  # the kind of folder, early
+
+
+def _check_scaling_factor(config: GroundConfig) -> None:
+    """Latents prepared with another scaling factor than the model's VAE has came from another VAE (or its
+    config was changed): grounding them would feed the UNet latents of the wrong scale, so they are refused
+    before any weight is read, unless `--allow-scaling-mismatch` (then the recorded factor is used)."""
+    if config.data is None or not Path(config.data).is_file():
+        return  # single-image mode encodes with the model's own VAE; a missing file is load_samples' error
+    recorded = read_manifest(Path(config.data).parent, "prepare").get("scaling_factor")
+    vae_config = Path(config.model) / "vae" / "config.json"
+    try:
+        model_factor = float(json.loads(vae_config.read_text()).get("scaling_factor", 0.18215))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{vae_config}: unreadable ({exc})") from None
+    if recorded is None or math.isclose(float(recorded), model_factor) or config.allow_scaling_mismatch:
+        return
+    raise InputError(
+        f"--data {config.data}: latents prepared with VAE scaling factor {recorded}, but --model {config.model} "
+        f"has {model_factor}; prepare again with this model's VAE, or pass --allow-scaling-mismatch"
+    )
 
 
 def load_samples(config: GroundConfig) -> list[Sample]:
@@ -140,7 +167,8 @@ def load_samples(config: GroundConfig) -> list[Sample]:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several types for a non-Parquet file
         raise InputError(f"--data {path}: not a readable Parquet file ({exc})") from None
-    missing = [c for c in DATA_COLUMNS if c not in table.column_names]
+    wanted = (*DATA_COLUMNS, "latent_logvar") if config.latent == "sample" else DATA_COLUMNS
+    missing = [c for c in wanted if c not in table.column_names]
     if missing:
         raise InputError(f"--data {path}: missing column(s) {', '.join(missing)}; expected an ms_cxr.parquet")
     rows = table.to_pylist()[: config.limit]
@@ -158,6 +186,7 @@ def load_samples(config: GroundConfig) -> list[Sample]:
                 sample=f"{i:06d}",
                 phrase=str(row["label_text"]),
                 latent=latent_from_bytes(row["latent_mean"], shape),
+                logvar=latent_from_bytes(row["latent_logvar"], shape) if config.latent == "sample" else None,
                 dicom_id=str(row["dicom_id"]),
                 category=str(row["category_name"]),
                 boxes=[list(map(float, b)) for b in row["boxes"] or []],
@@ -169,7 +198,22 @@ def load_samples(config: GroundConfig) -> list[Sample]:
         )
     if len(shapes) != 1:
         raise InputError(f"--data {path}: rows have different latent shapes {sorted(shapes)}")
-    return samples
+    return _union_boxes(samples) if config.boxes == "union" else samples
+
+
+def _union_boxes(samples: list[Sample]) -> list[Sample]:
+    """`--boxes union`: every phrase of an image and class is scored against all of that pair's boxes (the
+    paper's segmentation protocol), not only its own phrase's (`per-phrase`, the phrase-grounding one)."""
+    boxes: dict[tuple[str, str], list[list[float]]] = {}
+    original: dict[tuple[str, str], list[list[float]]] = {}
+    for s in samples:
+        key = (s.dicom_id, s.category)
+        for found, own in ((boxes.setdefault(key, []), s.boxes), (original.setdefault(key, []), s.boxes_original)):
+            found += [b for b in own if b not in found]  # a box two phrases share counts once
+    return [
+        dataclasses.replace(s, boxes=boxes[(s.dicom_id, s.category)], boxes_original=original[(s.dicom_id, s.category)])
+        for s in samples
+    ]
 
 
 # --- tokens -----------------------------------------------------------------------------------
@@ -216,16 +260,21 @@ def choose_tokens(tokenizer: Any, sample: Sample, words: tuple[str, ...] | None)
 
 
 def word_positions(tokenizer: Any, phrase: str) -> dict[str, int]:
-    """Table 6 candidates: each distinct word's first token, plus the start and end tokens."""
+    """Table 6 candidates: each distinct word as written (case kept, edge punctuation removed) at its first
+    token, plus the start and end tokens. "Small" and "small" are two words, as in the paper's table."""
     from cxrdiff.tokens import prompt_token_count, prompt_words
 
     limit = tokenizer.model_max_length - 1
     found = {SPECIAL[0]: 0}
     for w in prompt_words(tokenizer, phrase):
-        if w.bare not in found and w.start < min(w.stop, limit):
-            found[w.bare] = w.start
+        written = _AS_WRITTEN.match(w.text).group(1) or w.text  # type: ignore[union-attr]
+        if written not in found and w.start < min(w.stop, limit):
+            found[written] = w.start
     found[SPECIAL[1]] = min(1 + prompt_token_count(tokenizer, phrase), limit)
     return found
+
+
+_AS_WRITTEN = re.compile(r"^[^0-9A-Za-z]*(.*?)[^0-9A-Za-z]*$", re.DOTALL)
 
 
 # --- maps -------------------------------------------------------------------------------------
@@ -233,6 +282,16 @@ def word_positions(tokenizer: Any, phrase: str) -> dict[str, int]:
 
 def _sample_seed(seed: int, sample: str) -> int:
     return int(np.random.SeedSequence([seed, int(sample)]).generate_state(1)[0])
+
+
+def grounded_latent(sample: Sample, config: GroundConfig, run: int) -> np.ndarray:
+    """The unscaled latent a run grounds: the posterior mean, or (`--latent sample`, the reference code's
+    choice) a draw mean + exp(logvar / 2) · ε with ε seeded by (seed + run, sample), apart from the noise."""
+    if config.latent == "mean" or sample.logvar is None:
+        return sample.latent
+    rng = np.random.default_rng(np.random.SeedSequence([config.seed + run, int(sample.sample), 1]))
+    eps = rng.standard_normal(sample.latent.shape, dtype=np.float32)  # (C, H, W)
+    return (sample.latent + np.exp(0.5 * sample.logvar.astype(np.float32)) * eps).astype(np.float32)
 
 
 def encode_text(comps: Any, prompts: list[str], device: Any) -> Any:
@@ -332,7 +391,7 @@ def masks(sample: Sample, frame_size: int, config: GroundConfig) -> list[tuple[i
 
     boxes = sample.boxes if config.frame == "prepared" else sample.boxes_original
     size = frame_size if config.frame == "prepared" else (sample.height, sample.width)
-    if config.boxes == "union":
+    if config.boxes in ("union", "per-phrase"):  # the sample's boxes: see `_union_boxes`
         return [(None, boxes_mask(boxes, size))]
     return [(i, boxes_mask([b], size)) for i, b in enumerate(boxes)]
 
@@ -441,7 +500,7 @@ def ground(config: GroundConfig) -> dict[str, Any]:
     comps = load_components(config.model, device=device, dtype=None if dtype == torch.float32 else dtype)
     tokenizer = comps.tokenizer
     if config.image is not None:
-        samples[0].latent = _encode_image(comps, config.image, device, dtype)
+        samples[0].latent, samples[0].logvar = _encode_image(comps, config.image, device, dtype)
     channels = samples[0].latent.shape[0]
     if channels != comps.unet.config.in_channels:
         raise InputError(
@@ -463,7 +522,8 @@ def ground(config: GroundConfig) -> dict[str, Any]:
     ]
     for run, c in progress(todo, description="grounding"):
         chunk = chunks[c]
-        latents = torch.from_numpy(np.stack([s.latent for s in chunk])).to(device, dtype) * scaling  # (b, C, H, W)
+        unscaled = np.stack([grounded_latent(s, config, run) for s in chunk])  # (b, C, H, W)
+        latents = torch.from_numpy(unscaled).to(device, dtype) * scaling  # (b, C, H, W)
         context = encode_text(comps, [s.phrase for s in chunk], device)  # (b, tokens, dim)
         seeds = [_sample_seed(config.seed + run, s.sample) for s in chunk]
         maps = capture_maps(comps, latents, context, config, seeds, uncond).float().cpu().numpy()  # (b, T, H, W)
@@ -481,8 +541,8 @@ def ground(config: GroundConfig) -> dict[str, Any]:
     return _result(out, summary)
 
 
-def _encode_image(comps: Any, path: Path, device: Any, dtype: Any) -> np.ndarray:
-    """Single-image mode: the image's latent (unscaled VAE mean, as `prepare` stores it)."""
+def _encode_image(comps: Any, path: Path, device: Any, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Single-image mode: the image's posterior (unscaled mean and log-variance, as `prepare` stores them)."""
     import torch
 
     from cxrdiff.images import load_grayscale, resize_center_crop, to_model_input
@@ -490,7 +550,7 @@ def _encode_image(comps: Any, path: Path, device: Any, dtype: Any) -> np.ndarray
     grey = resize_center_crop(load_grayscale(path), comps.resolution)
     with torch.no_grad():
         posterior = comps.vae.encode(to_model_input(grey).to(device, dtype)).latent_dist
-    return posterior.mean[0].float().cpu().numpy()  # (C, H, W)
+    return posterior.mean[0].float().cpu().numpy(), posterior.logvar[0].float().cpu().numpy()  # (C, H, W) each
 
 
 def _scaling_factor(config: GroundConfig, comps: Any) -> float:
@@ -591,7 +651,10 @@ def _merge(folder, parts, config, n_chunks, samples, frame_size) -> dict[str, An
             f"last {config.window} of {config.steps} DDIM steps; min-max normalised, bilinear to the frame",
             "mode": config.mode,
             "guidance": config.guidance,
-            "latent": "VAE posterior mean",
+            "latent": "VAE posterior mean"
+            if config.latent == "mean"
+            else "a VAE posterior sample, seeded per sample and run",
+            "boxes_rule": BOX_RULES[config.boxes],
             "seeds": [config.seed + r for r in range(config.runs)],
         },
         "skipped": skipped,
@@ -621,6 +684,11 @@ def _merge(folder, parts, config, n_chunks, samples, frame_size) -> dict[str, An
     return summary
 
 
+BOX_RULES = {
+    "union": "each phrase against the union of all boxes of its image and class (the paper's Table 1)",
+    "per-phrase": "each phrase against the union of its own boxes (the paper's phrase grounding, Table 3)",
+    "per-box": "each box of a phrase scored on its own",
+}
 _SCORE_COLUMNS = [
     "run",
     "sample",
@@ -665,18 +733,23 @@ def _tables(scores: Any, runs: int) -> dict[str, Any]:
 
 
 def word_analysis(words: Any, min_count: int) -> dict[str, Any]:
-    """Table 6: words in more than `min_count` phrases (start and end tokens included, so they always
-    qualify with enough phrases), their mean CNR when their first token is the map; top 3 per class."""
-    first_run = words[words["run"] == words["run"].min()] if len(words) else words
-    counts = first_run.groupby("word")["sample"].nunique()
-    frequent = sorted(w for w, n in counts.items() if n > min_count)
-    table = words[words["word"].isin(frequent)]
-    result: dict[str, Any] = {"min_count": min_count, "counts": {w: int(counts[w]) for w in frequent}, "top3": {}}
-    for category, group in table.groupby("category"):
-        means = group.groupby("word")["cnr"].agg(["mean", "count"]).sort_values("mean", ascending=False).head(3)
-        result["top3"][category] = [
-            {"word": w, "cnr": float(r["mean"]), "n": int(r["count"])} for w, r in means.iterrows()
-        ]
+    """Table 6, counted as the paper did: within each class, the words (case kept; start and end tokens
+    included) that occur in more than `min_count` of that class's phrases (the first run's); for each, the
+    mean CNR (over all runs) when its first token is the map; the top 3 per class. `n` is the word's count
+    in the class. `eos_cnr` is the end token's mean CNR over all classes (the paper quotes it)."""
+    result: dict[str, Any] = {"min_count": min_count, "counting": "per class, case kept", "counts": {}, "top3": {}}
+    if not len(words):
+        return result
+    first_run = words[words["run"] == words["run"].min()]
+    counts = first_run.groupby(["category", "word"])["sample"].nunique()
+    means = words.groupby(["category", "word"])["cnr"].mean()
+    for category in sorted(counts.index.get_level_values(0).unique()):
+        frequent = {w: int(n) for w, n in counts[category].items() if n > min_count}
+        result["counts"][category] = dict(sorted(frequent.items(), key=lambda item: (-item[1], item[0])))
+        ranked = sorted(frequent, key=lambda w: (-float(means[(category, w)]), w))[:3]
+        result["top3"][category] = [{"word": w, "cnr": float(means[(category, w)]), "n": frequent[w]} for w in ranked]
+    eos = words[words["word"] == SPECIAL[1]]["cnr"]
+    result["eos_cnr"] = float(eos.mean()) if len(eos) else None
     return result
 
 

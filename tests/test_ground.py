@@ -352,3 +352,163 @@ def test_data_word_in_no_phrase_is_refused_before_weights(tiny_model, ms_cxr, tm
     with pytest.raises(InputError, match="--word 'efusion': occurs in none of the"):
         ground(dataclasses.replace(_config(tiny_model, tmp_path / "o", data=ms_cxr), word=("efusion",)))
     assert not (tmp_path / "o").exists()
+
+
+# --- Table 6, the latent, the box rule ----------------------------------------------------------
+
+
+def test_word_candidates_keep_case_and_include_start_and_end(tokenizer):
+    from cxrdiff.ground import word_positions
+
+    found = word_positions(tokenizer, "Small left pleural effusion, small.")
+    assert list(found) == ["<SOS>", "Small", "left", "pleural", "effusion", "small", "<EOS>"]
+
+    def n_tokens(text):
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    assert found["<SOS>"] == 0 and found["Small"] == 1
+    assert found["small"] == 1 + n_tokens("Small left pleural effusion,")  # the second "small", own row
+    assert found["<EOS>"] == 1 + n_tokens("Small left pleural effusion, small.")
+
+
+def _word_rows(per_class: dict[str, list[dict[str, float]]], runs: int = 1) -> pd.DataFrame:
+    """words.parquet rows from hand-written phrases: per class, one dict word → CNR per phrase."""
+    rows, sample = [], 0
+    for category, phrases in per_class.items():
+        for words in phrases:
+            for run in range(runs):
+                rows += [
+                    {"run": run, "sample": f"{sample:06d}", "category": category, "word": w, "cnr": c + run}
+                    for w, c in words.items()
+                ]
+            sample += 1
+    return pd.DataFrame(rows, columns=["run", "sample", "category", "word", "cnr"])
+
+
+def test_word_analysis_counts_per_class_keeps_case_and_honours_the_threshold():
+    from cxrdiff.ground import word_analysis
+
+    special = {"<SOS>": -0.5, "<EOS>": 0.4}
+    cardio = [{**special, "cardiomegaly": 1.0, "Moderate": 0.9}] * 3 + [{**special, "cardiomegaly": 1.2}]
+    # "small" 3 times in Pneumothorax; "Small" twice (another word: case kept); "left" 3 times in
+    # Pneumothorax but also 4 times in Cardiomegaly-free Edema rows: counted per class, never pooled
+    ptx = [{**special, "small": 0.2, "left": 0.8}] * 3 + [{**special, "Small": 2.0}] * 2
+    edema = [{**special, "left": 5.0, "edema": 1.5}] * 4
+    words = _word_rows({"Cardiomegaly": cardio, "Pneumothorax": ptx, "Edema": edema})
+    result = word_analysis(words, min_count=2)  # more than 2 phrases of the class
+    assert result["min_count"] == 2 and result["counting"] == "per class, case kept"
+    assert result["counts"]["Cardiomegaly"] == {"<EOS>": 4, "<SOS>": 4, "cardiomegaly": 4, "Moderate": 3}
+    assert result["counts"]["Pneumothorax"] == {"<EOS>": 5, "<SOS>": 5, "left": 3, "small": 3}  # "Small": 2
+    top = result["top3"]["Cardiomegaly"]
+    assert [(r["word"], r["n"]) for r in top] == [("cardiomegaly", 4), ("Moderate", 3), ("<EOS>", 4)]
+    assert top[0]["cnr"] == pytest.approx((3 * 1.0 + 1.2) / 4)
+    assert [r["word"] for r in result["top3"]["Pneumothorax"]] == ["left", "<EOS>", "small"]  # "Small" 2.0: too rare
+    assert [r["word"] for r in result["top3"]["Edema"]] == ["left", "edema", "<EOS>"]
+    assert result["top3"]["Edema"][0]["cnr"] == pytest.approx(5.0)  # Pneumothorax's "left" not mixed in
+    assert result["eos_cnr"] == pytest.approx(0.4)
+    stricter = word_analysis(words, min_count=3)
+    assert "Moderate" not in stricter["counts"]["Cardiomegaly"] and "left" not in stricter["counts"]["Pneumothorax"]
+    # with two runs, counts come from the first run and the CNR is the mean over both runs
+    twice = word_analysis(_word_rows({"Cardiomegaly": cardio}, runs=2), min_count=2)
+    assert twice["counts"]["Cardiomegaly"]["cardiomegaly"] == 4
+    assert twice["top3"]["Cardiomegaly"][0]["cnr"] == pytest.approx((3 * 1.0 + 1.2) / 4 + 0.5)
+
+
+def test_grounded_latent_mean_or_a_seeded_posterior_draw():
+    from cxrdiff.ground import Sample, grounded_latent
+
+    rng = np.random.default_rng(0)
+    mean = rng.normal(size=(4, 8, 8)).astype(np.float32)
+    logvar = np.full((4, 8, 8), np.log(0.25), np.float32)  # std 0.5
+    sample = Sample(sample="000007", phrase="x", latent=mean, logvar=logvar)
+    assert grounded_latent(sample, GroundConfig(latent="mean"), run=0) is mean
+    drawn = grounded_latent(sample, GroundConfig(latent="sample", seed=3), run=1)
+    eps = np.random.default_rng(np.random.SeedSequence([3 + 1, 7, 1])).standard_normal((4, 8, 8), dtype=np.float32)
+    np.testing.assert_allclose(drawn, mean + 0.5 * eps, rtol=1e-6)
+    assert np.array_equal(drawn, grounded_latent(sample, GroundConfig(latent="sample", seed=3), run=1))
+    assert not np.allclose(drawn, grounded_latent(sample, GroundConfig(latent="sample", seed=3), run=0))
+    other = Sample(sample="000008", phrase="x", latent=mean, logvar=logvar)
+    assert not np.allclose(drawn, grounded_latent(other, GroundConfig(latent="sample", seed=3), run=1))
+
+
+def test_union_joins_an_image_and_class_across_phrases_per_phrase_keeps_them_apart(tiny_model, ms_cxr, tmp_path):
+    """Two phrases of one image and class with different boxes: `union` (Table 1) scores each phrase
+    against both boxes, `per-phrase` (Table 3) against its own."""
+    from cxrdiff.ground import load_samples
+
+    table = pd.read_parquet(ms_cxr)
+    extra = table.iloc[[0]].copy()
+    extra["label_text"] = "left effusion"
+    extra["boxes"] = [[[4.0, 4.0, 8.0, 8.0]]]
+    extra["boxes_original"] = [[[5.0, 5.0, 10.0, 10.0]]]
+    folder = tmp_path / "prepared"
+    folder.mkdir()
+    pd.concat([table, extra], ignore_index=True).to_parquet(folder / "ms_cxr.parquet", index=False)
+    write_manifest(folder, "prepare", extra={"scaling_factor": 0.18215})
+    own = [list(map(float, b)) for b in table["boxes"][0]]
+    union = load_samples(_config(tiny_model, tmp_path / "g", data=folder / "ms_cxr.parquet"))
+    assert union[0].boxes == [*own, [4.0, 4.0, 8.0, 8.0]] and union[-1].boxes == union[0].boxes
+    assert union[0].boxes_original[-1] == [5.0, 5.0, 10.0, 10.0]
+    assert union[2].boxes == [list(map(float, b)) for b in table["boxes"][2]]  # another image: its own
+    apart = load_samples(_config(tiny_model, tmp_path / "g", data=folder / "ms_cxr.parquet", boxes="per-phrase"))
+    assert apart[0].boxes == own and apart[-1].boxes == [[4.0, 4.0, 8.0, 8.0]]
+    assert union[0].logvar is not None and apart[0].logvar is not None  # --latent sample reads the log-variance
+    mean_only = load_samples(_config(tiny_model, tmp_path / "g", data=folder / "ms_cxr.parquet", latent="mean"))
+    assert mean_only[0].logvar is None
+
+
+def test_latents_prepared_with_another_scaling_factor_are_refused(tiny_model, ms_cxr, tmp_path, monkeypatch):
+    import shutil
+
+    import cxrdiff.models
+    from cxrdiff.cli import main
+    from cxrdiff.ground import check_inputs
+
+    other = tmp_path / "prepared"
+    other.mkdir()
+    shutil.copy(ms_cxr, other / "ms_cxr.parquet")
+    write_manifest(other, "prepare", extra={"scaling_factor": 0.5})
+    monkeypatch.setattr(cxrdiff.models, "load_components", None)  # refused before any weight is read
+    config = _config(tiny_model, tmp_path / "o", data=other / "ms_cxr.parquet")
+    with pytest.raises(
+        InputError, match=r"scaling factor 0\.5, but --model .* has 0\.18215; .*--allow-scaling-mismatch"
+    ):
+        ground(config)
+    argv = ["cxrdiff", "ground", "--model", str(tiny_model), "--data", str(other / "ms_cxr.parquet"), "--out",
+            str(tmp_path / "o")]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 2 and not (tmp_path / "o").exists()
+    check_inputs(dataclasses.replace(config, allow_scaling_mismatch=True))  # allowed: no error
+
+
+@pytest.mark.slow
+def test_single_image_from_pacs_a_dicom_without_suffix(tiny_model, tmp_path, comps):
+    """`--image` takes a DICOM as PACS exports it (no suffix); its latent is that of its converted picture."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from cxrdiff.images import load_grayscale, resize_center_crop, to_model_input
+
+    grey = _image([[40, 30, 30, 30]], 0)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.1", generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta, ds.Modality, ds.Rows, ds.Columns = meta, "CR", *grey.shape
+    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 1, 16, 12, 11, 0
+    ds.PhotometricInterpretation, ds.PixelData = "MONOCHROME2", (grey.astype("<u2") * 16).tobytes()
+    image = tmp_path / "IM0001"
+    ds.save_as(image, enforce_file_format=True)
+    out = tmp_path / "single"
+    ground(GroundConfig(model=tiny_model, out=out, image=image, prompt="left effusion", steps=2, window=2))
+    with np.load(out / "heatmaps.npz") as maps:
+        assert maps["000000"].shape == (16, 16)
+    import cxrdiff.ground as ground_module
+
+    latent = ground_module._encode_image(comps, image, torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        expected = comps.vae.encode(to_model_input(resize_center_crop(load_grayscale(image), 64))).latent_dist.mean
+    np.testing.assert_allclose(latent[0], expected[0].numpy(), atol=1e-5)  # (mean, logvar)[0]
