@@ -158,7 +158,7 @@ def test_choices_are_the_configs_literals():
 
     hints = typing.get_type_hints(SampleConfig)
     assert typing.get_args(hints["scheduler"]) == typing.get_args(choices.Scheduler) == tuple(SCHEDULERS)
-    assert typing.get_args(typing.get_type_hints(GroundConfig)["boxes"]) == ("union", "per-box")
+    assert typing.get_args(typing.get_type_hints(GroundConfig)["boxes"]) == ("union", "per-box", "per-phrase")
 
 
 def test_model_tiny_and_info_json(tmp_path):

@@ -35,7 +35,7 @@ def _grounding(shift: float) -> dict:
         "top1": {"mean": 0.5, "std": 0.0},
         "cnr": {"mean": 0.41 + shift, "std": 0.0},
     }
-    words = {"top3": {"Edema": [{"word": "edema", "cnr": 1.23, "n": 30}]}}
+    words = {"min_count": 7, "top3": {"Edema": [{"word": "edema", "cnr": 1.23, "n": 30}]}}
     return {"classes": classes, "average": average, "word_analysis": words, "conventions": {"cnr": "signed"}}
 
 
@@ -75,11 +75,22 @@ def test_render_writes_published_and_measured_numbers(tmp_path):
     for text in (md, page):
         assert "237.6" in text and "Table 4" in text  # published FID of SDv2, with its source
         assert "1.142" in text and "Table 3" in text  # BioViL-L average CNR
+        assert "86 ± 0.9 / 80 ± 3.3 / 1.25 ± 0.06" in text  # Table 1, Finetune_F Atelectasis with its ±
+        assert "not comparable" in text and "normalised the Inception inputs twice" in text
+        assert "236.2" in text and "MS-CXR phrases" in text  # Table 4's second prompt source
+        assert "enlarged (222, 1.16)" in text and "EOS 0.72" in text.replace("Finetune_F 0.72", "EOS 0.72")
+        assert "positives: images whose only label is d" in text
         assert "12.3" in text and "77.7" in text and "88.8" in text  # this report's numbers
         assert "81.0 / 50.0 / 0.61" in text  # frozen's average: AUC %, Top-1 %, CNR
         assert "saw MIMIC-CXR" in text.replace("were trained on data that includes MIMIC-CXR", "saw MIMIC-CXR")
         assert "Warning: some" not in text and f"({UNTRAINED_LABEL})" not in text
     assert page.count("data:image/png;base64,") == 2 and 'src="http' not in page
+    # Table 3 read in its own column order: BioViL-L's Pleural Effusion 1.5 and Pneumothorax 0.74
+    table_3 = md.split("### CNR against published")[1].split("###")[0]
+    cells = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:4] for line in table_3.splitlines() if "|" in line}
+    assert cells["Pleural Effusion"] == ["1.02", "1.2", "1.5"] and cells["Pneumothorax"] == ["0.28", "0.47", "0.74"]
+    words = md.split("### Word analysis (this report)")[1].split("###")[0]
+    assert "| frozen | Edema | edema (30, 1.23) |" in words and "more than 7 of the class's phrases" in words
     assert json.loads((tmp_path / "metrics.json").read_text())["runs"]["frozen"]["fidelity"][0]["value"] == 12.34
 
 
@@ -124,7 +135,7 @@ def test_report_html_renders_in_chromium(tmp_path):
         timeout=120,
     ).stdout
     body = re.search(r"<body([^>]*)>", dom).group(1)
-    assert 'data-images="2"' in body and 'data-tables="6"' in body, body
+    assert 'data-images="2"' in body and 'data-tables="7"' in body, body
     assert int(re.search(r'data-cells="(\d+)"', body).group(1)) > 100
     shot = tmp_path / "report.png"
     subprocess.run(
@@ -183,6 +194,8 @@ def _stub_steps(calls: Calls):
         window: int = 40
         seed: int = 0
         limit: int | None = None
+        min_word_count: int = 25
+        boxes: str = "union"
 
     def claim(cfg, step, **inputs):
         identities = {k: input_identity(v) for k, v in inputs.items()}
@@ -216,7 +229,8 @@ def _stub_steps(calls: Calls):
         (cfg.out / "overlays").mkdir()
         Image.fromarray(np.full((32, 32, 3), 99, np.uint8)).save(cfg.out / "overlays" / "s0.png")
         pd.DataFrame([{"sample": "s0", "category": "Edema"}]).to_parquet(cfg.out / "scores.parquet")
-        (cfg.out / "summary.json").write_text(json.dumps(_grounding(0.1 * cfg.steps / 50)))
+        shift = 0.1 * cfg.steps / 50 + (0.3 if cfg.boxes == "per-phrase" else 0.0)
+        (cfg.out / "summary.json").write_text(json.dumps(_grounding(shift)))
         folder.finish(config=to_dict(cfg), inputs={"model": cfg.model}, seed=cfg.seed)
         return {}
 
@@ -253,7 +267,9 @@ def _prepared(folder, n: int = 12):
         labels.update({"Edema": edema, "No Finding": 1.0 - edema})
         rows.append({"impression": f"prompt {i}", "image_path": str(folder / f"real{i}.png"), **labels})
     pd.DataFrame(rows).to_parquet(folder / "test.parquet")
-    pd.DataFrame([{"dicom_id": "d"}]).to_parquet(folder / "ms_cxr.parquet")
+    pd.DataFrame([{"dicom_id": "d", "category_name": "Edema", "label_text": "edema"}]).to_parquet(
+        folder / "ms_cxr.parquet"
+    )
     write_manifest(folder, "prepare")
     return folder
 
@@ -302,6 +318,52 @@ def test_rerun_recomputes_nothing_then_what_changed(tmp_path, tiny_model):
     write_manifest(real, "prepare")  # a changed input folder: new manifest hash
     changed = report(ReportConfig(**base, ground_steps=25), classifier=Brightness(), steps=steps)
     assert changed["recomputed"]["tiny"] == "samples,diversity,ground,metrics"
+
+
+def test_table_3_is_grounded_per_phrase_when_an_image_class_has_two_phrases(tmp_path, tiny_model):
+    import pandas as pd
+
+    real = _prepared(tmp_path / "prepared", n=4)
+    base = dict(runs=(tiny_model,), real=real, fid=False, fid_xrv=False, n_fid=4, diversity_prompts=1)
+    calls = Calls()
+    report(ReportConfig(out=tmp_path / "one", **base), classifier=Brightness(), steps=_stub_steps(calls))
+    assert calls.ground == ["ground"]  # one phrase per image and class: per-phrase scoring is the union's
+    md = (tmp_path / "one" / "report.md").read_text()
+    assert "so it equals Table 1's union scoring" in md
+    phrases = [{"dicom_id": "d", "category_name": "Edema", "label_text": t} for t in ("edema", "mild edema")]
+    pd.DataFrame(phrases).to_parquet(real / "ms_cxr.parquet")
+    write_manifest(real, "prepare")
+    calls = Calls()
+    report(ReportConfig(out=tmp_path / "two", **base), classifier=Brightness(), steps=_stub_steps(calls))
+    assert calls.ground == ["ground", "ground-per-phrase"]
+    run = json.loads((tmp_path / "two" / "metrics.json").read_text())["runs"]["tiny"]
+    assert run["grounding_per_phrase"]["same_as_union"] is False
+    assert run["grounding_per_phrase"]["average"]["cnr"]["mean"] == pytest.approx(0.41 + 0.1 + 0.3)
+    md = (tmp_path / "two" / "report.md").read_text()
+    table_3 = md.split("### CNR against published")[1].split("###")[0]
+    table_1 = md.split("### Localization")[1].split("###")[0]
+    edema_3 = next(line for line in table_3.splitlines() if line.startswith("| Edema |"))
+    edema_1 = next(line for line in table_1.splitlines() if line.startswith("| Edema |"))
+    assert edema_3.endswith("| 0.80 ± 0.10 |") and edema_1.endswith("/ 0.50 ± 0.10 |")
+
+
+def test_classifier_positives_only_or_any():
+    import pandas as pd
+
+    from cxrdiff.report.run import _label_groups
+
+    nan = float("nan")
+    rows = [  # Edema alone; Edema with Pneumonia; No Finding alone; No Finding with Support Devices
+        {"Edema": 1.0, "Pneumonia": nan, "No Finding": nan, "Support Devices": nan},
+        {"Edema": 1.0, "Pneumonia": 1.0, "No Finding": nan, "Support Devices": nan},
+        {"Edema": nan, "Pneumonia": 0.0, "No Finding": 1.0, "Support Devices": nan},
+        {"Edema": nan, "Pneumonia": nan, "No Finding": 1.0, "Support Devices": 1.0},
+    ]
+    paths = ["a", "b", "c", "d"]
+    by_class, no_finding = _label_groups(pd.DataFrame(rows), paths, "only")
+    assert by_class == {"Edema": ["a"], "Pneumonia": []} and no_finding == ["c"]
+    by_class, no_finding = _label_groups(pd.DataFrame(rows), paths, "any")
+    assert by_class == {"Edema": ["a", "b"], "Pneumonia": ["b"]} and no_finding == ["c", "d"]
 
 
 def test_report_refuses_bad_inputs_before_work(tmp_path, tiny_model):

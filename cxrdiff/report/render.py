@@ -27,9 +27,14 @@ from cxrdiff.report.published import (
     PROTOCOL,
     PUBLISHED_CLASSIFIER,
     PUBLISHED_CNR_METHODS,
+    PUBLISHED_EOS_CNR,
     PUBLISHED_FIDELITY,
+    PUBLISHED_FIDELITY_MS_CXR,
     PUBLISHED_LOCALIZATION,
+    PUBLISHED_LOCALIZATION_STD,
     PUBLISHED_TEXT_SOURCE,
+    PUBLISHED_WORDS,
+    WORDS_MIN_COUNT,
 )
 
 
@@ -88,6 +93,7 @@ def tables(metrics: Mapping[str, Any]) -> list[Table]:
         _cnr_table(runs),
         _fidelity_table(runs),
         _classifier_table(metrics),
+        _published_word_table(),
         _word_table(runs),
         _text_source_table(),
     ]
@@ -104,7 +110,7 @@ def _localization_table(runs: Mapping[str, Any]) -> Table:
     )
     rows = []
     for c in [*MS_CXR_CATEGORIES, "Average"]:
-        row = [c] + [" / ".join(_pub(v) for v in t[c]) for t in PUBLISHED_LOCALIZATION.values()]
+        row = [c] + [_published_localization(m, c) for m in PUBLISHED_LOCALIZATION]
         for r in runs.values():
             e = _grounding_entry(r, c)
             row.append(
@@ -114,24 +120,43 @@ def _localization_table(runs: Mapping[str, Any]) -> Table:
             )
         rows.append(row)
     return Table(
-        "Localization on MS-CXR: AUC-ROC % / Top-1 % / CNR", headers, rows, "Published: " + PAPER + ", Table 1."
+        "Localization on MS-CXR: AUC-ROC % / Top-1 % / CNR",
+        headers,
+        rows,
+        f"Published: {PAPER}, Table 1 (± over three trainings; SDv2 has none). Measured ± (if any) is over "
+        "grounding seeds, not trainings. Boxes: the union of an image's boxes of the class.",
     )
 
 
+def _published_localization(method: str, category: str) -> str:
+    """Table 1's cell as printed: mean ± std of each metric when the paper gives a std."""
+    means = PUBLISHED_LOCALIZATION[method][category]
+    stds = PUBLISHED_LOCALIZATION_STD.get(method, {}).get(category)
+    if stds is None:
+        return " / ".join(_pub(v) for v in means)
+    return " / ".join(f"{_pub(m)} ± {_pub(s)}" for m, s in zip(means, stds, strict=True))
+
+
 def _cnr_table(runs: Mapping[str, Any]) -> Table:
+    """Table 3: phrase grounding, so each phrase is scored against its own boxes (`--boxes per-phrase`)."""
     headers = ["class"] + [f"{m} (published, Table 3)" for m in PUBLISHED_CNR_METHODS] + [f"{n} CNR" for n in runs]
     rows = []
     for c in [*MS_CXR_CATEGORIES, "Average"]:
         row = [c] + [_pub(PUBLISHED_CNR_METHODS[m][c]) for m in PUBLISHED_CNR_METHODS]
         for r in runs.values():
-            e = _grounding_entry(r, c)
+            per_phrase = r.get("grounding_per_phrase") or {"same_as_union": True}
+            e = _grounding_entry(r if per_phrase.get("same_as_union") else {"grounding": per_phrase}, c)
             row.append(_mean(e.get("cnr"), 1, 2) if e else "—")
         rows.append(row)
+    same = all((r.get("grounding_per_phrase") or {"same_as_union": True}).get("same_as_union") for r in runs.values())
+    boxes = "Measured per phrase (each phrase against its own boxes, `--boxes per-phrase`)" + (
+        "; on these data no image and class has two phrases, so it equals Table 1's union scoring." if same else "."
+    )
     return Table(
         "CNR against published phrase-grounding methods",
         headers,
         rows,
-        "Published: Table 3 of " + PAPER + "; BioViL-T reports 1.33 ± 0.04 average.",
+        f"Published: Table 3 of {PAPER}; BioViL-T reports 1.33 ± 0.04 average. {boxes}",
     )
 
 
@@ -142,16 +167,22 @@ def _fidelity_table(runs: Mapping[str, Any]) -> Table:
             titles.setdefault(s["name"], Score.from_dict(s).title)
     names = ["FID", "FID_XRV"] + [n for n in titles if n not in ("FID", "FID_XRV")]
     headers = ["model", "source"] + [titles.get(n, n) for n in names] + ["MS-SSIM %"]
+    headers[2] += " (published values: not comparable, see note)"
     rows = []
-    for m, (f1, f2, ms) in PUBLISHED_FIDELITY.items():
-        rows.append([m, "published, Table 4", _pub(f1), _pub(f2)] + ["—"] * (len(names) - 2) + [_pub(ms)])
+    for source, table in (("MIMIC p19 prompts", PUBLISHED_FIDELITY), ("MS-CXR phrases", PUBLISHED_FIDELITY_MS_CXR)):
+        for m, (f1, f2, ms) in table.items():
+            row = [m, f"published, Table 4 ({source})", _pub(f1), _pub(f2)]
+            rows.append(row + ["—"] * (len(names) - 2) + [_pub(ms)])
     for n, r in runs.items():
         by_name = {s["name"]: s for s in r.get("fidelity", [])}
         rows.append(
             [n, "this report"] + [_score_cell(by_name.get(k)) for k in names] + [_score_cell(r.get("diversity"))]
         )
     div = next((r["diversity"]["protocol"] for r in runs.values() if r.get("diversity")), None)
-    note = "Published: Table 4 of " + PAPER + " (512 px, 5,000 images)."
+    note = (
+        f"Published: Table 4 of {PAPER} (512 px, 5,000 images). {FID_NOT_COMPARABLE} This report's images "
+        "come from the MIMIC p19 prompts."
+    )
     if div:
         note += (
             f" MS-SSIM here: {div.get('scales')} scales, {div.get('kernel_size')}-px window σ {div.get('sigma'):.2f}, "
@@ -171,24 +202,57 @@ def _classifier_table(metrics: Mapping[str, Any]) -> Table:
     for n, r in metrics.get("runs", {}).items():
         if r.get("classifier"):
             rows.append([n, "this report"] + [_score_cell(r["classifier"].get(c)) for c in CLASSIFIER_ORDER])
+    rule = (metrics.get("settings") or {}).get("classifier_positives", "only")
+    positives = (
+        "images whose only label is d, against images whose only label is No Finding (the paper's protocol)"
+        if rule == "only"
+        else "every image labelled d, against every image labelled No Finding (`--classifier-positives any`)"
+    )
     return Table(
         "Classifier AUC %: class d vs No Finding",
         headers,
         rows,
-        f"Classifier here: {metrics.get('classifier') or 'none'}. Published: Table 5 of {PAPER}, torchxrayvision.",
+        f"Classifier here: {metrics.get('classifier') or 'none'}; positives: {positives}. Published: Table 5 of "
+        f"{PAPER}, torchxrayvision.",
+    )
+
+
+def _published_word_table() -> Table:
+    """Table 6 as published: word (occurrences in the class, mean CNR), best first."""
+    rows = [
+        [m, c, ", ".join(f"{w} ({n}, {_pub(cnr)})" for w, n, cnr in words)]
+        for m, table in PUBLISHED_WORDS.items()
+        for c, words in table.items()
+    ]
+    eos = ", ".join(f"{m} {_pub(v)}" for m, v in PUBLISHED_EOS_CNR.items())
+    return Table(
+        "Word analysis (published, Table 6): the words with the highest mean CNR per class",
+        ["model", "class", "top words (occurrences in the class, mean CNR)"],
+        rows,
+        f"Published: Table 6 of {PAPER}: words occurring more than {WORDS_MIN_COUNT} times in the class's "
+        "phrases, case kept, SOS and EOS included. Finetune_L: EOS tops 7 of 8 classes (only Pneumothorax is "
+        f"listed here); SDv2: the best word only. The EOS token's CNR over all classes: {eos}.",
     )
 
 
 def _word_table(runs: Mapping[str, Any]) -> Table:
-    rows = []
+    rows, thresholds = [], set()
     for n, r in runs.items():
-        top = r.get("grounding", {}).get("word_analysis", {}).get("top3", {})
-        for c, words in top.items():
-            rows.append([n, c, ", ".join(f"{w['word']} ({w['cnr']:.2f}, {w['n']})" for w in words)])
+        analysis = r.get("grounding", {}).get("word_analysis", {})
+        if "min_count" in analysis:
+            thresholds.add(analysis["min_count"])
+        for c, words in analysis.get("top3", {}).items():
+            rows.append([n, c, ", ".join(f"{w['word']} ({w['n']}, {w['cnr']:.2f})" for w in words)])
+        if analysis.get("eos_cnr") is not None:
+            rows.append([n, "EOS over all classes", f"<EOS> ({analysis['eos_cnr']:.2f})"])
+    threshold = " / ".join(str(t) for t in sorted(thresholds)) or "—"
     return Table(
-        "Word analysis: the 3 words with the highest mean CNR per class",
-        ["model", "class", "top words (mean CNR, n)"],
+        "Word analysis (this report): the 3 words with the highest mean CNR per class",
+        ["model", "class", "top words (occurrences in the class, mean CNR)"],
         rows,
+        "Counted as the paper did (per class, case kept, <SOS> and <EOS> included); threshold used: a word ranks "
+        f"when it occurs in more than {threshold} of the class's phrases (the paper: {WORDS_MIN_COUNT}, over "
+        "MS-CXR's 1,162 phrases; a smaller phrase set scales it).",
     )
 
 
@@ -287,6 +351,11 @@ def render(metrics: Mapping[str, Any], out: str | os.PathLike) -> list[Path]:
     return [out / "metrics.json", out / "report.md", out / "report.html"] + [out / f"{n}.png" for n in figures]
 
 
+FID_NOT_COMPARABLE = (
+    "The published FIDs came from code that normalised the Inception inputs twice: their absolute values are not "
+    "comparable with cxrdiff's standard torch-fidelity FID (docs/method.md gives the size of the difference on "
+    "the same images); compare models within one source only."
+)
 TITLE = "cxrdiff report: accuracy vs interpretability"
 SOURCES = f"Published numbers are from {PAPER}, labelled with their table; all others were measured here."
 STYLE = (

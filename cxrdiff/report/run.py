@@ -30,6 +30,7 @@ from cxrdiff.artifacts import (
     settings_key,
     write_json,
 )
+from cxrdiff.choices import ClassifierPositives
 from cxrdiff.config import settings, to_dict
 from cxrdiff.console import log
 from cxrdiff.data import MS_CXR_CATEGORIES
@@ -67,6 +68,8 @@ class ReportConfig:
     ground_steps: int = 50
     ground_window: int = 40
     ground_limit: int | None = None
+    min_word_count: int = 25  # Table 6: a word ranks in a class when it occurs in more than this many phrases
+    classifier_positives: ClassifierPositives = "only"  # only: d is the image's only label (the paper's)
     seed: int = 0
     batch_size: int = 8
     device: str = "cpu"  # for the fidelity feature networks
@@ -96,6 +99,8 @@ def check_inputs(config: ReportConfig, classifier: Any = None) -> Checked:
         _run_kind(Path(r))
     if config.n_fid < 2 or config.diversity_prompts < 1:
         raise InputError(f"--n-fid {config.n_fid} / --diversity-prompts {config.diversity_prompts}: too small")
+    if config.min_word_count < 0:
+        raise InputError(f"--min-word-count {config.min_word_count}: must be at least 0")
     from cxrdiff.metrics.fid import resolve_weights
 
     if not config.random_features:  # check weights before any sampling starts
@@ -216,15 +221,23 @@ def _image_path(value: str, real: Path) -> Path:
     return Path(mimic) / path if mimic else real / path
 
 
-def _label_groups(frame: Any, paths: list[Path]) -> tuple[dict[str, list[Path]], list[Path]]:
-    """Images per class (label 1.0) and the 'No Finding' images, from a table's CheXpert columns."""
-    by_class = {
-        c: [p for p, v in zip(paths, frame[c], strict=True) if v == 1.0] for c in MS_CXR_CATEGORIES if c in frame
-    }
-    no_finding = (
-        [p for p, v in zip(paths, frame["No Finding"], strict=True) if v == 1.0] if "No Finding" in frame else []
-    )
-    return by_class, no_finding
+def _label_groups(frame: Any, paths: list[Path], rule: str = "only") -> tuple[dict[str, list[Path]], list[Path]]:
+    """Images per class and the 'No Finding' images, from a table's CheXpert columns (1.0 = positive).
+
+    `only` (the paper's reference protocol): an image counts for d when d is its only positive label, and
+    as No Finding when that is its only one. `any`: every image with d = 1.0, every one with No Finding."""
+    from cxrdiff.data import LABELS
+
+    labels = [c for c in LABELS if c in frame]
+    positive = (frame[labels] == 1.0).to_numpy() if labels else np.zeros((len(paths), 0), bool)  # (n, labels)
+    alone = positive.sum(axis=1) == 1 if rule == "only" else np.ones(len(paths), bool)  # (n,)
+
+    def chosen(column: str) -> list[Path]:
+        hit = positive[:, labels.index(column)] & alone
+        return [p for p, keep in zip(paths, hit, strict=True) if keep]
+
+    by_class = {c: chosen(c) for c in MS_CXR_CATEGORIES if c in labels}
+    return by_class, chosen("No Finding") if "No Finding" in labels else []
 
 
 def _grey(paths: Sequence[Path], size: int) -> np.ndarray:
@@ -283,7 +296,7 @@ def measure_run(
         "n_real": len(real_paths),
     }
     if classifier is not None:
-        by_class, no_finding = _label_groups(table, fake)
+        by_class, no_finding = _label_groups(table, fake, config.classifier_positives)
         if no_finding:
             result["classifier"] = _scores(
                 clf.classifier_check(
@@ -301,7 +314,7 @@ def measure_real(config: ReportConfig, real: Path, classifier: Any, size: int) -
         return {}
     test = _read_table(real / "test.parquet").head(config.n_fid)
     paths = [_image_path(p, real) for p in test["image_path"]]
-    by_class, no_finding = _label_groups(test, paths)
+    by_class, no_finding = _label_groups(test, paths, config.classifier_positives)
     if not no_finding:
         return {}
     aucs = clf.classifier_check(classifier, {c: _grey(p, size) for c, p in by_class.items()}, _grey(no_finding, size))
@@ -311,7 +324,10 @@ def measure_real(config: ReportConfig, real: Path, classifier: Any, size: int) -
 def _metric_settings(config: ReportConfig, classifier: str | None) -> dict[str, Any]:
     """What decides the measured numbers besides the folders measured (they join per cache)."""
     return {
-        **{k: getattr(config, k) for k in ("n_fid", "random_features", "fid", "fid_xrv", "diversity_prompts")},
+        **{
+            k: getattr(config, k)
+            for k in ("n_fid", "random_features", "fid", "fid_xrv", "diversity_prompts", "classifier_positives")
+        },
         "classifier": classifier,
         "weights": {"inception": _identity(config.inception_weights), "xrv": _identity(config.xrv_weights)},
     }
@@ -359,10 +375,18 @@ def _run_step(name: str, fn: StepFn, config: Any, done: list[str]) -> Path:
     return out
 
 
+def phrases_share_an_image_class(ms_cxr: Path) -> bool:
+    """Whether some image and class has several phrases: only then do `union` (Table 1's boxes) and
+    `per-phrase` (Table 3's) score differently, and the report grounds a second time for Table 3."""
+    table = _read_table(ms_cxr)[["dicom_id", "category_name"]]
+    return bool(table.duplicated().any())
+
+
 def _measure_folders(
     config: ReportConfig, run: Path, folder: Path, real: Path, steps: Steps
-) -> tuple[Path, Path, Path, list[str]]:
-    """Samples (test prompts), diversity set and grounding of one run, made or reused; and which were made."""
+) -> tuple[Path, Path, dict[str, Path], list[str]]:
+    """Samples (test prompts), diversity set and grounding of one run, made or reused; and which were made.
+    Grounding: `union` for Table 1, and `per-phrase` for Table 3 (the same folder when they cannot differ)."""
     sample_fn, sample_config = steps["sample"]
     ground_fn, ground_config = steps["ground"]
     common = dict(model=run, steps=config.sample_steps, guidance=config.guidance, scheduler=config.scheduler)
@@ -380,23 +404,29 @@ def _measure_folders(
         sample_config(out=folder / "diversity", n_per_prompt=4, limit=config.diversity_prompts, **common),
         done,
     )
-    ground_cfg = ground_config(
+    grounding = dict(
         model=run,
-        out=folder / "ground",
         data=real / "ms_cxr.parquet",
         steps=config.ground_steps,
         window=config.ground_window,
         seed=config.seed,
         limit=config.ground_limit,
+        min_word_count=config.min_word_count,
     )
-    return samples, diversity, _run_step("ground", ground_fn, ground_cfg, done), done
+    ground = {"union": _run_step("ground", ground_fn, ground_config(out=folder / "ground", **grounding), done)}
+    ground["per-phrase"] = ground["union"]
+    if phrases_share_an_image_class(real / "ms_cxr.parquet"):
+        per_phrase = ground_config(out=folder / "ground-per-phrase", boxes="per-phrase", **grounding)
+        ground["per-phrase"] = _run_step("ground per phrase", ground_fn, per_phrase, done)
+    return samples, diversity, ground, done
 
 
 def _report_run(
     config: ReportConfig, run: Path, folder: Path, real: Path, steps: Steps, classifier: Any, metric: dict
 ) -> tuple[dict[str, Any], list[str]]:
     """One run's entry of metrics.json, and what was recomputed for it."""
-    samples, diversity, ground_dir, done = _measure_folders(config, run, folder, real, steps)
+    samples, diversity, ground_dirs, done = _measure_folders(config, run, folder, real, steps)
+    ground_dir = ground_dirs["union"]
     key = settings_key(
         {
             **metric,
@@ -424,6 +454,7 @@ def _report_run(
             "batch_size": config.batch_size,
         },
         "grounding": json.loads((ground_dir / "summary.json").read_text()),
+        "grounding_per_phrase": _per_phrase(ground_dirs),
         "overlays": _overlays(ground_dir),
         **measured,
     }
@@ -466,6 +497,14 @@ def report(config: ReportConfig, classifier: Any = None, steps: Steps | None = N
         files=[f.name for f in files],
     )
     return {"out": str(out), "report": str(out / "report.html"), "recomputed": recomputed}
+
+
+def _per_phrase(ground_dirs: Mapping[str, Path]) -> dict[str, Any]:
+    """Table 3's grounding (per phrase): its per-class CNR and average, or a note that it is Table 1's."""
+    if ground_dirs["per-phrase"] == ground_dirs["union"]:
+        return {"same_as_union": True}
+    summary = json.loads((ground_dirs["per-phrase"] / "summary.json").read_text())
+    return {"same_as_union": False, "classes": summary.get("classes", {}), "average": summary.get("average")}
 
 
 def _overlays(ground_dir: Path) -> dict[str, list[str]]:
