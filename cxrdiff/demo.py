@@ -277,7 +277,13 @@ def _classifier(out: Path, prepared: Path, plan: DemoPlan) -> Any:
 
 
 def _report(out: Path, runs: dict[str, Path], prepared: Path, classifier: Any, plan: DemoPlan) -> dict[str, Any]:
+    """The report; Table 6's threshold scaled to the phantom's phrase set (the report names it)."""
+    import pyarrow.parquet as pq
+
     from cxrdiff.report import ReportConfig, report
+    from cxrdiff.report.published import scaled_min_word_count
+
+    phrases = pq.read_metadata(prepared / "ms_cxr.parquet").num_rows
 
     config = ReportConfig(
         runs=(runs["frozen"], runs["learnable"]),
@@ -291,6 +297,7 @@ def _report(out: Path, runs: dict[str, Path], prepared: Path, classifier: Any, p
         sample_steps=plan.sample_steps,
         ground_steps=plan.ground_steps,
         ground_window=plan.ground_window,
+        min_word_count=scaled_min_word_count(phrases),
         seed=plan.seed,
         batch_size=16,
     )

@@ -108,6 +108,14 @@ _T5 = {
 }
 PUBLISHED_CLASSIFIER = {m: dict(zip(CLASSIFIER_ORDER, v, strict=True)) for m, v in _T5.items()}
 WORDS_MIN_COUNT = 25  # Table 6: a word enters a class's ranking when it occurs more than this in that class
+MS_CXR_PHRASES = 1162  # MS-CXR's image-phrase pairs, the phrase set the threshold of 25 was set on
+
+
+def scaled_min_word_count(phrases: int) -> int:
+    """Table 6's threshold for a smaller phrase set (the demo's): 25 × phrases / 1,162, at least 1."""
+    return max(1, round(WORDS_MIN_COUNT * phrases / MS_CXR_PHRASES))
+
+
 PUBLISHED_WORDS = {  # Table 6: (word as written, occurrences in the class's phrases, mean CNR), best first
     "Finetune_F": {
         "Atelectasis": (("atelectasis", 50, 1.11), ("EOS", 61, 0.85), ("SOS", 61, -0.85)),
