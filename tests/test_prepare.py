@@ -527,3 +527,96 @@ def test_rerun_of_a_finished_prepare_changes_nothing(phantom_prepared, tiny_mode
     result = prepare(dataclasses.replace(config, out=copy))
     assert (manifest_hash(copy), (copy / "manifest.json").stat().st_mtime_ns) == before  # not rewritten
     assert result["train_rows"] == read_manifest(copy)["counts"]["train"]["rows"] > 0
+
+
+# --- real DICOMs among phantom JPGs ----------------------------------------------------------------
+
+MS_CXR_FILE = "MS_CXR_Local_Alignment_v1.0.0.csv"
+REAL_IN_TREE = {  # real file → (a modality written into the copy, or None; the skip reason, or None: encoded)
+    "RG1_UNCR.dcm": (None, None),
+    "RG1_J2KR.dcm": (None, None),
+    "RG1_J2KI.dcm": (None, None),
+    "JPEG-LL.dcm": ("CR", None),
+    "SC_rgb.dcm": (None, "colour image"),
+    "emri_small.dcm": (None, "multi-frame image"),
+    "rtplan.dcm": (None, "no pixel data"),
+    "MR_small.dcm": (None, "other modality"),
+}
+
+
+@pytest.mark.slow
+def test_prepare_a_tree_of_real_dicoms_among_phantom_jpgs(phantom_tree, phantom_prepared, tiny_model, tmp_path):
+    """Real DICOMs (and a thumbnail) take the place of phantom images, and the phantom's own DICOMs are read
+    instead of their JPGs: nothing crashes, every skip is listed with its reason, the counts add up, and a
+    phantom image prepared from its DICOM has nearly the latent prepared from its JPG."""
+    import shutil
+
+    import pydicom
+    from test_images import real
+
+    tree = tmp_path / "mimic"
+    shutil.copytree(phantom_tree, tree)
+    before = _train(phantom_prepared).sort_values("dicom_id").reset_index(drop=True)
+    relative = [Path(p).relative_to(phantom_tree) for p in before["image_path"]]
+    own_dicoms = [i for i, p in enumerate(relative) if (tree / p).with_suffix(".dcm").is_file()][:4]
+    others = [i for i in range(len(before)) if i not in own_dicoms]
+    assert len(own_dicoms) >= 2 and len(others) >= len(REAL_IN_TREE) + 1
+    expected = {}
+    for i, (name, (modality, reason)) in zip(others, REAL_IN_TREE.items(), strict=False):
+        (tree / relative[i]).unlink()
+        ds = pydicom.dcmread(real(name))
+        if modality:
+            ds.Modality = modality
+        ds.save_as((tree / relative[i]).with_suffix(".dcm"), enforce_file_format=False)
+        expected[before["dicom_id"][i]] = (name, reason)
+    thumbnail = others[len(REAL_IN_TREE)]
+    Image.fromarray(np.full((24, 20), 90, np.uint8)).save(tree / relative[thumbnail])  # short side 20 < 64 / 2
+    expected[before["dicom_id"][thumbnail]] = ("thumbnail", "image too small")
+    for i in own_dicoms:
+        (tree / relative[i]).unlink()  # the phantom's DICOM is read instead of its JPG
+
+    out = tmp_path / "prepared"
+    config = dict(test_size=8, test_no_finding_max=0.25, batch_size=8, shard_size=16, workers=0)
+    prepare(PrepareConfig(mimic=tree, ms_cxr=tree / MS_CXR_FILE, base_model=tiny_model, out=out, **config))
+    manifest = json.loads((out / "manifest.json").read_text())
+    skipped = pd.read_csv(out / "skipped.csv", dtype={"dicom_id": str})
+    train = _train(out).set_index("dicom_id")
+    for dicom_id, (name, reason) in expected.items():
+        listed = skipped[skipped["dicom_id"] == dicom_id]
+        if reason is None:
+            assert dicom_id in train.index and listed.empty, name
+        else:
+            assert dicom_id not in train.index and listed["reason"].tolist() == [reason], (name, listed)
+            assert "empty" not in listed["detail"].iloc[0]
+    assert manifest["dicom_contrast"] == "mimic-jpg" and manifest["skipped"] == len(skipped)
+    image_reasons = {r for _, r in expected.values() if r}
+    for part in ("train", "test", "ms_cxr"):
+        counts = manifest["counts"][part]
+        assert counts["planned"] == counts["rows"] + counts["image_skipped"]
+        assert counts["image_skipped"] == sum(counts["image_skip_reasons"].values())
+        listed = skipped[(skipped["part"] == part) & skipped["reason"].isin(image_reasons | {"unreadable image"})]
+        assert listed["reason"].value_counts().to_dict() == counts["image_skip_reasons"]
+    assert manifest["counts"]["train"]["image_skip_reasons"] == {r: 1 for r in image_reasons}
+    assert int(train["truncated"].sum()) == manifest["prompts_over_context"]["train"] == 0
+
+    def latent(table, dicom_id):
+        row = table.loc[dicom_id]
+        return latent_from_bytes(row["latent_mean"], row["latent_shape"]).astype(np.float64)
+
+    ids = {name: dicom_id for dicom_id, (name, _) in expected.items()}
+    np.testing.assert_array_equal(latent(train, ids["RG1_J2KR.dcm"]), latent(train, ids["RG1_UNCR.dcm"]))
+
+    def nearly(a, b):  # within 5% of the latent's spread on average, 25% at most
+        difference, scale = np.abs(a - b), b.std()
+        return difference.mean() < 0.05 * scale and difference.max() < 0.25 * scale
+
+    uncompressed = latent(train, ids["RG1_UNCR.dcm"])
+    assert nearly(latent(train, ids["RG1_J2KI.dcm"]), uncompressed)  # measured: 1.1% and 8.4%
+    from_jpg = before.set_index("dicom_id")
+    for i in own_dicoms:
+        dicom_id = before["dicom_id"][i]
+        assert train.loc[dicom_id, "image_path"].endswith(".dcm")
+        # only the JPG's compression (quality 95) differs; measured: 2.6-3.0% and 13-17%
+        assert nearly(latent(train, dicom_id), latent(from_jpg, dicom_id)), dicom_id
+        other = latent(from_jpg, before["dicom_id"][others[-1]])  # another phantom image, for scale: far apart
+        assert np.abs(other - latent(from_jpg, dicom_id)).mean() > 0.3 * other.std()
