@@ -7,6 +7,10 @@ averaged over heads, replicated (nearest) up to the latent grid and added to one
 sample and token; `capture.maps()` divides by the number of maps added, which is the uniform average
 over layers and active steps. Only sums are kept, so memory does not grow with the number of steps.
 Self-attention, and cross-attention while inactive, keep the original (SDPA) processor.
+
+Under bf16/fp16 the UNet's own output is computed as before, but the probabilities that are captured are the
+float32 softmax of the same query-key scores, and the head mean and the sums are float32: the reference code
+saved float32 maps, and bf16's 8-bit mantissa would otherwise round every probability before it is summed.
 """
 
 from __future__ import annotations
@@ -82,7 +86,11 @@ class CaptureProcessor:
         key = key.reshape(batch * heads, -1, head_dim)  # (batch*heads, tokens, head_dim)
         # get_attention_scores applies the layer's own scale, upcasting and additive mask
         probs = attn.get_attention_scores(query, key, attention_mask)  # (batch*heads, hw, tokens)
-        self.capture.add(probs.view(batch, heads, probs.shape[1], probs.shape[2]), grid)
+        captured = probs
+        if probs.dtype != torch.float32:  # bf16/fp16: the captured copy is the float32 softmax of the same scores
+            mask32 = None if attention_mask is None else attention_mask.float()
+            captured = attn.get_attention_scores(query.float(), key.float(), mask32)  # (batch*heads, hw, tokens)
+        self.capture.add(captured.view(batch, heads, probs.shape[1], probs.shape[2]), grid)
 
         hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))  # (batch, hw, heads*head_dim)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))

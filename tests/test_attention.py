@@ -141,3 +141,33 @@ def test_inactive_steps_add_nothing_and_memory_is_constant(comps):
             assert capture.count == 2 * len(capture.layer_names)
             sizes[steps] = capture.nbytes()
     assert sizes[2] == sizes[6] > 0
+
+
+def test_bf16_capture_matches_fp32_within_bf16_resolution(comps):
+    """The same UNet (weights and inputs exactly representable in bf16) run in fp32 and in bf16: the summed
+    maps differ by less than bf16's unit roundoff (2^-8) of the map's scale, and the bf16 run's captured
+    probabilities are float32 softmaxes (each position's token probabilities sum to 1 to float32 precision,
+    which bf16-rounded probabilities would miss by about 2^-8)."""
+    import copy
+
+    unet32 = copy.deepcopy(comps.unet)
+    with torch.no_grad():
+        for parameter in unet32.parameters():
+            parameter.copy_(parameter.to(torch.bfloat16).float())
+    unet16 = copy.deepcopy(unet32).to(torch.bfloat16)
+    latents, context = (x.to(torch.bfloat16).float() for x in _inputs(comps, batch=2))
+
+    def summed(unet, dtype):
+        with torch.no_grad(), AttentionCapture(unet, comps.latent_shape[1:]) as capture:
+            capture.active = True
+            for t in (900, 500, 100):
+                unet(latents.to(dtype), t, encoder_hidden_states=context.to(dtype))
+            return capture.sums, capture.count
+
+    sums32, count = summed(unet32, torch.float32)
+    sums16, count16 = summed(unet16, torch.bfloat16)
+    assert sums16.dtype == torch.float32 and count16 == count
+    unit_roundoff = torch.finfo(torch.bfloat16).eps / 2  # 2^-8
+    assert (sums16 - sums32).abs().max() < unit_roundoff * sums32.abs().max()
+    # every captured softmax row sums to 1: the token sums of the summed map equal the number of maps
+    torch.testing.assert_close(sums16.sum(dim=1), torch.full_like(sums16[:, 0], float(count)), atol=1e-4, rtol=0)
