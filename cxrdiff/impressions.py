@@ -161,13 +161,35 @@ def report_path(files: str | os.PathLike, subject_id: int, study_id: int) -> Pat
     return Path(files) / f"p{subject[:2]}" / f"p{subject}" / f"s{int(study_id)}.txt"
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f]")  # C0 controls but tab, newlines and form feed
+
+
+def decode_report(data: bytes) -> str | None:
+    """A report file's text as what it is: UTF-8 (a byte-order mark allowed), UTF-16 when it starts with its
+    byte-order mark, else Windows-1252 (the usual encoding of hospital exports that are not UTF-8; it reads
+    Latin-1's letters too). None when no such reading gives text: bytes Windows-1252 leaves undefined,
+    control characters (a binary file), or U+FFFD already in it (a lossy conversion upstream); replacement
+    characters never reach a prompt."""
+    candidates = ("utf-16",) if data.startswith((b"\xff\xfe", b"\xfe\xff")) else ("utf-8-sig", "cp1252")
+    for encoding in candidates:
+        try:
+            text = data.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+        return None if "\ufffd" in text or _CONTROL.search(text) else text
+    return None
+
+
 def read_report(path: str | os.PathLike, fallbacks: Sequence[str] = FALLBACKS) -> tuple[str, str, str | None]:
-    """(prompt, source, fault) for one report file; fault is 'missing report' / 'unreadable report' or None."""
+    """(prompt, source, fault) for one report file; fault is 'missing report' / 'unreadable report' /
+    'undecodable report' (see `decode_report`) or None."""
     try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
+        text = decode_report(Path(path).read_bytes())
     except FileNotFoundError:
         return "", "none", "missing report"
     except OSError:
         return "", "none", "unreadable report"
+    if text is None:
+        return "", "none", "undecodable report"
     prompt, source = extract_impression(text, fallbacks)
     return prompt, source, None

@@ -47,6 +47,7 @@ from cxrdiff.errors import InputError
 from cxrdiff.images import ImageRefused, box_to_frame, load_grayscale, resize_center_crop, to_model_input
 from cxrdiff.impressions import SOURCES, read_report, report_path
 from cxrdiff.models import Components, check_model_folder, vae_fingerprint
+from cxrdiff.speed import limit_cpu_threads
 
 STEP = "prepare"
 STATE = ".prepare"  # plan and per-unit skip lists; hidden, not part of the artifact
@@ -220,13 +221,14 @@ def _with_prompts(frame, inputs: _Inputs, part: str, counts: dict, skipped: list
         f"image files ({part})",
     )
     keep, impressions, sources, paths = [], [], [], []
-    for counter in ("missing_report", "no_impression", "no_usable_text", "short_impression", "image_not_found"):
+    counters = ("missing_report", "unreadable_report", "no_impression", "no_usable_text", "short_impression")
+    for counter in (*counters, "image_not_found"):
         counts[counter] = 0
     for (_, row), image in zip(frame.iterrows(), images, strict=True):
         text, source, fault = by_study[(row["subject_id"], row["study_id"])]
         report = str(report_path(inputs.reports, row["subject_id"], row["study_id"]))
-        if fault is not None:
-            counts["missing_report"] += 1
+        if fault is not None:  # missing, or unreadable / undecodable (not text in any encoding it could be)
+            counts["missing_report" if fault == "missing report" else "unreadable_report"] += 1
             skipped.append(_skip(part, row, fault, path=report))
         elif source == "none" and not fallbacks:
             counts["no_impression"] += 1  # the paper's filter (impressions only), not a fault: counted, not listed
@@ -674,6 +676,7 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     start = time.perf_counter()
     inputs = check_inputs(config)
     acc = Accelerator()
+    limit_cpu_threads(acc.device)  # several processes on one CPU box: processes × threads ≤ cores
     folder = StepFolder.claim(inputs.out, STEP, prepare_settings(config, inputs), create=acc.is_main_process)
     if folder.finished:
         # Finished before with the same settings and inputs: leave the manifest (and with it the hash

@@ -162,3 +162,28 @@ def test_report_files_and_paths(tmp_path):
     path.write_text(NO_IMPRESSION)
     assert read_report(path, fallbacks=()) == ("", "none", None)
     assert read_report(path, fallbacks=("findings",))[1] == "findings"
+
+
+def test_report_text_is_decoded_as_what_it_is_or_refused(tmp_path):
+    """UTF-8 (with or without BOM), UTF-16 with BOM and Windows-1252 read as their text; anything else is a
+    fault with its reason, and no replacement character reaches a prompt."""
+    from cxrdiff.impressions import decode_report, read_report
+
+    text = "FINAL REPORT\n IMPRESSION:  Small right pleural effusion, 5 mm nodule (Größe ~ 5 mm).\n"
+    expected = "Small right pleural effusion, 5 mm nodule (Größe ~ 5 mm)."
+    for name, data in [
+        ("utf8.txt", text.encode("utf-8")),
+        ("bom.txt", b"\xef\xbb\xbf" + text.encode("utf-8")),
+        ("utf16.txt", text.encode("utf-16")),
+        ("cp1252.txt", text.encode("cp1252")),
+    ]:
+        (tmp_path / name).write_bytes(data)
+        assert read_report(tmp_path / name) == (expected, "impression", None), name
+    assert decode_report("Pleural “effusion” – small".encode("cp1252")) == "Pleural “effusion” – small"
+    for name, data in [
+        ("undefined.txt", text.encode("cp1252") + b"\x81"),  # not UTF-8, and 0x81 is undefined in Windows-1252
+        ("replaced.txt", text.replace("ö", "\ufffd").encode("utf-8")),  # already lost upstream
+        ("binary.txt", b"\x00\x01\x02IMPRESSION: x\x00"),
+    ]:
+        (tmp_path / name).write_bytes(data)
+        assert read_report(tmp_path / name) == ("", "none", "undecodable report"), name

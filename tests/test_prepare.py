@@ -165,7 +165,8 @@ def test_counts_at_every_filter(prepared):
     text_and_file_counts = {k: v for k, v in counts["train"].items() if "image" not in k or k == "frontal_images"}
     assert text_and_file_counts == {
         "frontal_images": 15, "held_out_test_folder": 5, "held_out_ms_cxr": 1, "candidates": 9,
-        "missing_report": 1, "no_impression": 2, "no_usable_text": 0, "short_impression": 1, "planned": 4, "rows": 3,
+        "missing_report": 1, "unreadable_report": 0, "no_impression": 2, "no_usable_text": 0, "short_impression": 1,
+        "planned": 4, "rows": 3,
     }  # fmt: skip
     assert counts["train"]["image_not_found"] == 1
     assert (counts["train"]["image_skipped"], counts["train"]["image_skip_reasons"]) == (1, {"unreadable image": 1})
@@ -180,7 +181,7 @@ def test_counts_at_every_filter(prepared):
     assert manifest["latent_storage"] == "mean+logvar" and manifest["scaling_factor"] == pytest.approx(0.18215)
     assert manifest["vae_fingerprint"].startswith("sha256:") and manifest["config"]["resolution"] == 64
     shards = [f"train-{k:05d}.parquet" for k in range(2)]  # 4 planned rows in shards of 2
-    assert manifest["shards"] == shards and result["train_shards"] == 3
+    assert manifest["shards"] == shards and result["train_shards"] == 2
     assert set(manifest["files"]) == {*shards, "test.parquet", "ms_cxr.parquet", "skipped.csv"}
 
 
@@ -574,6 +575,9 @@ def test_prepare_a_tree_of_real_dicoms_among_phantom_jpgs(phantom_tree, phantom_
     expected[before["dicom_id"][thumbnail]] = ("thumbnail", "image too small")
     for i in own_dicoms:
         (tree / relative[i]).unlink()  # the phantom's DICOM is read instead of its JPG
+    undecodable, latin = (tree / relative[i].parent.with_suffix(".txt") for i in (others[-1], others[-2]))
+    undecodable.write_bytes(undecodable.read_bytes() + b"\x81")  # not UTF-8, undefined in Windows-1252
+    latin.write_bytes(latin.read_text().replace("IMPRESSION:", "IMPRESSION: Größe.").encode("cp1252"))
 
     out = tmp_path / "prepared"
     config = dict(test_size=8, test_no_finding_max=0.25, batch_size=8, shard_size=16, workers=0)
@@ -598,6 +602,12 @@ def test_prepare_a_tree_of_real_dicoms_among_phantom_jpgs(phantom_tree, phantom_
         assert listed["reason"].value_counts().to_dict() == counts["image_skip_reasons"]
     assert manifest["counts"]["train"]["image_skip_reasons"] == {r: 1 for r in image_reasons}
     assert int(train["truncated"].sum()) == manifest["prompts_over_context"]["train"] == 0
+    assert skipped.loc[skipped["dicom_id"] == before["dicom_id"][others[-1]], "reason"].tolist() == [
+        "undecodable report"
+    ]
+    assert manifest["counts"]["train"]["unreadable_report"] >= 1
+    assert train.loc[before["dicom_id"][others[-2]], "impression"].startswith("Größe.")  # read as Windows-1252
+    assert not train["impression"].str.contains("\ufffd").any()
 
     def latent(table, dicom_id):
         row = table.loc[dicom_id]
