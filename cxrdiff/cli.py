@@ -217,6 +217,14 @@ def finetune(
     ] = None,
     validate_every: Annotated[int | None, typer.Option(help="Render the validation prompts every N steps.")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
+    compile: Annotated[
+        bool | None, typer.Option("--compile", help="torch.compile the UNet (GPUs; compiling takes minutes first).")
+    ] = None,
+    tf32: Annotated[bool | None, typer.Option("--tf32", help="TF32 matmuls and convolutions (NVIDIA GPUs).")] = None,
+    channels_last: Annotated[
+        bool | None, typer.Option("--channels-last", help="NHWC memory format for the UNet.")
+    ] = None,
+    fused_adamw: Annotated[bool | None, typer.Option("--fused-adamw", help="The fused AdamW kernel.")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Fine-tune the UNet (and, with --learnable-text, the text encoder) on prepared latents."""
@@ -243,6 +251,13 @@ def sample(
     limit: Annotated[int | None, typer.Option(help="Only the first N prompts.")] = None,
     prompt_column: Annotated[str | None, typer.Option(help="Column of --prompts holding the text.")] = None,
     mixed_precision: Annotated[SamplePrecision | None, typer.Option(help="auto: bf16 on CUDA, fp32 on CPU.")] = None,
+    compile: Annotated[
+        bool | None, typer.Option("--compile", help="torch.compile the UNet (GPUs; compiling takes minutes first).")
+    ] = None,
+    tf32: Annotated[bool | None, typer.Option("--tf32", help="TF32 matmuls and convolutions (NVIDIA GPUs).")] = None,
+    channels_last: Annotated[
+        bool | None, typer.Option("--channels-last", help="NHWC memory format for the UNet.")
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Generate images with classifier-free guidance, reproducible per prompt."""
@@ -283,6 +298,13 @@ def ground(
     allow_scaling_mismatch: Annotated[
         bool | None,
         typer.Option("--allow-scaling-mismatch", help="Ground latents prepared with another VAE scaling factor."),
+    ] = None,
+    compile: Annotated[
+        bool | None, typer.Option("--compile", help="torch.compile the UNet (GPUs; compiling takes minutes first).")
+    ] = None,
+    tf32: Annotated[bool | None, typer.Option("--tf32", help="TF32 matmuls and convolutions (NVIDIA GPUs).")] = None,
+    channels_last: Annotated[
+        bool | None, typer.Option("--channels-last", help="NHWC memory format for the UNet.")
     ] = None,
     config: ConfigOpt = None,
 ) -> None:

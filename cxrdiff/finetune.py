@@ -43,6 +43,7 @@ from cxrdiff.console import interactive, log, progress
 from cxrdiff.data import LABELS
 from cxrdiff.errors import InputError, RunError
 from cxrdiff.models import Components, check_model_folder
+from cxrdiff.speed import limit_cpu_threads
 
 STEP = "finetune"
 DEFAULT_STEPS = {True: 30_000, False: 60_000}  # frozen / learnable text encoder (the paper)
@@ -72,6 +73,10 @@ class FinetuneConfig:
         "validate_every",
         "validation_steps",
         "stop_after_step",
+        "compile",
+        "fused_adamw",
+        "tf32",
+        "channels_last",
     )
 
     data: Path | None = None
@@ -102,6 +107,11 @@ class FinetuneConfig:
     validate_every: int = 0
     validation_steps: int = 25
     stop_after_step: int | None = None  # act as if preempted after this step (tests, SLURM drills)
+    # speed levers (cxrdiff.speed): same results up to float noise, so a resumed run may change them
+    compile: bool = False  # torch.compile the UNet
+    fused_adamw: bool = False  # fused AdamW kernel (GPUs)
+    tf32: bool = False  # TF32 matmuls and convolutions (NVIDIA GPUs)
+    channels_last: bool = False  # NHWC memory format for the UNet
 
 
 # --- input checks (no weights read) ----------------------------------------------------------
@@ -555,6 +565,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
         log.info(f"{folder.out}: already trained to step {config.steps}; nothing to do")
         return _result(folder.out, folder.manifest)
     accelerator, trackers = _start_accelerator(config)
+    limit_cpu_threads(accelerator.device)
     per_device, accum = _plan_batch(accelerator, config)
     checkpoints = Checkpoints(folder.out, config.keep_checkpoints)
     _own_folder(accelerator, folder, checkpoints, config.steps)
@@ -707,6 +718,9 @@ def _build_model(config: FinetuneConfig, comps: Components, accelerator: Any) ->
     AdamW at a constant learning rate as the paper, and the UNet's EMA with --ema."""
     import torch
 
+    from cxrdiff.speed import set_tf32, speed_up_unet
+
+    set_tf32(config.tf32)
     unet, text_encoder = comps.unet, comps.text_encoder
     unet.train().requires_grad_(True)
     text_encoder.train(not config.frozen_text).requires_grad_(not config.frozen_text)
@@ -714,11 +728,14 @@ def _build_model(config: FinetuneConfig, comps: Components, accelerator: Any) ->
         unet.enable_gradient_checkpointing()
         if not config.frozen_text:
             text_encoder.gradient_checkpointing_enable()
+    speed_up_unet(unet, compile=config.compile, channels_last=config.channels_last)
     model = _module_class()(unet, text_encoder, train_text=not config.frozen_text)
     groups = [{"params": list(unet.parameters()), "lr": config.lr}]
     if not config.frozen_text:
         groups.append({"params": list(text_encoder.parameters()), "lr": config.text_lr})
-    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=config.weight_decay, eps=1e-8)
+    optimizer = torch.optim.AdamW(
+        groups, betas=(0.9, 0.999), weight_decay=config.weight_decay, eps=1e-8, fused=config.fused_adamw or None
+    )
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     ema = None

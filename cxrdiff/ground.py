@@ -28,6 +28,7 @@ from cxrdiff.choices import BoxMode, CnrKind, Frame, GroundDtype, GroundMode, La
 from cxrdiff.config import settings, to_dict
 from cxrdiff.console import log, progress
 from cxrdiff.errors import InputError, RunError
+from cxrdiff.speed import limit_cpu_threads, set_tf32, speed_up_unet
 
 STEP = "ground"
 DATA_COLUMNS = (
@@ -49,7 +50,9 @@ class GroundConfig:
     """Settings of `cxrdiff ground` (defaults follow the paper)."""
 
     # The batch size stays in the settings: the resume points (parts) are numbered by batch.
-    NOT_SETTINGS: ClassVar[tuple[str, ...]] = ("out", "overlays", "model", "data", "image", "allow_scaling_mismatch")
+    NOT_SETTINGS: ClassVar[tuple[str, ...]] = (
+        "out", "overlays", "model", "data", "image", "allow_scaling_mismatch", "compile", "tf32", "channels_last",
+    )  # fmt: skip
 
     model: Path | None = None
     out: Path | None = None
@@ -72,6 +75,9 @@ class GroundConfig:
     min_word_count: int = 25  # Table 6: words occurring more than this many times in a class's phrases
     overlays: bool = True
     dtype: GroundDtype = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    compile: bool = False  # speed levers (cxrdiff.speed): torch.compile the UNet,
+    tf32: bool = False  # TF32 matmuls (NVIDIA GPUs),
+    channels_last: bool = False  # NHWC UNet
     allow_scaling_mismatch: bool = False  # ground latents prepared with another VAE scaling factor anyway
 
 
@@ -496,8 +502,11 @@ def ground(config: GroundConfig) -> dict[str, Any]:
     state.wait_for_everyone()
 
     device = state.device
+    limit_cpu_threads(device)
+    set_tf32(config.tf32)
     dtype = _dtype(config, device)
     comps = load_components(config.model, device=device, dtype=None if dtype == torch.float32 else dtype)
+    speed_up_unet(comps.unet, compile=config.compile, channels_last=config.channels_last)
     tokenizer = comps.tokenizer
     if config.image is not None:
         samples[0].latent, samples[0].logvar = _encode_image(comps, config.image, device, dtype)

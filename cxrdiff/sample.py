@@ -32,6 +32,7 @@ from cxrdiff.data import LABELS
 from cxrdiff.errors import InputError, RunError
 from cxrdiff.images import grey_from_pipeline
 from cxrdiff.models import check_model_folder
+from cxrdiff.speed import limit_cpu_threads, set_tf32, speed_up_unet
 
 # diffusers scheduler class and the overrides of the folder's scheduler config that make the named sampler
 # (the paper: PLMS). DDIM must not clip x0 in latent space: StableDiffusionPipeline.__init__ forces
@@ -55,7 +56,7 @@ class SampleConfig:
     # its identity, the precision by the dtype it resolves to (see `sample_settings`).
     NOT_SETTINGS: ClassVar[tuple[str, ...]] = (
         "out", "model", "prompts", "prompts_file", "prompt", "prompt_column", "batch_size", "limit",
-        "mixed_precision", "device",
+        "mixed_precision", "device", "compile", "tf32", "channels_last",
     )  # fmt: skip
 
     model: Path | None = None
@@ -73,6 +74,9 @@ class SampleConfig:
     limit: int | None = None
     mixed_precision: SamplePrecision = "auto"  # auto = bf16 on CUDA, fp32 on CPU
     device: str | None = None  # default: accelerate's device for this process
+    compile: bool = False  # speed levers (cxrdiff.speed): torch.compile the UNet,
+    tf32: bool = False  # TF32 matmuls (NVIDIA GPUs),
+    channels_last: bool = False  # NHWC UNet
 
 
 SEED_RULE = 'int.from_bytes(sha256(f"cxrdiff-sample:{seed}:{prompt_index}:{repeat}".encode()).digest()[:8], "big") >> 1'
@@ -218,6 +222,7 @@ def sample(config: SampleConfig, shard: tuple[int, int] | None = None) -> dict[s
         if not (len(shard) == 2 and 0 <= shard[0] < shard[1]):
             raise InputError(f"shard {shard!r}: expected (index, count) with 0 <= index < count")
     device = torch.device(config.device) if config.device else state.device
+    limit_cpu_threads(device)
     dtype_name = _resolve_dtype(config.mixed_precision, device)
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
 
@@ -308,6 +313,8 @@ def _generate(
     if dtype != torch.float32:  # cast only when asked: diffusers warns on any `to(dtype=...)`
         pipe.to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
+    set_tf32(config.tf32)
+    speed_up_unet(pipe.unet, compile=config.compile, channels_last=config.channels_last)
     batches = [todo[i : i + config.batch_size] for i in range(0, len(todo), config.batch_size)]
     for batch in progress(batches, description="sample: batches"):
         texts = [prompts.texts[i // config.n_per_prompt] for i in batch]
