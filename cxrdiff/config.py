@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import tomllib
 import types
@@ -26,11 +27,15 @@ def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
         origin, args = typing.get_origin(hint), typing.get_args(hint)
     try:
         if hint is Path:
+            if not isinstance(value, str | os.PathLike):
+                raise TypeError
             return Path(value)
         if hint is bool:
             if not isinstance(value, bool):
                 raise TypeError
             return value
+        if hint is str and not isinstance(value, str):  # str() would take a table or a list without a word
+            raise TypeError
         if hint in (int, float, str):
             if hint is int and isinstance(value, float) and not value.is_integer():
                 raise TypeError
@@ -67,17 +72,25 @@ def load_config(cls: type[C], file: str | os.PathLike | None = None, **flags: An
         data = {k.replace("-", "_"): v for k, v in data.items()}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise InputError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+            guesses = [f"{k} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(k, names, 1)) else k
+                       for k in unknown]  # fmt: skip
+            raise InputError(f"{path}: unknown key(s) {', '.join(guesses)}; known: {', '.join(sorted(names))}")
         values.update({k: _coerce(k, v, hints[k], str(path)) for k, v in data.items()})
     for key, value in flags.items():
         if key not in names:
             raise InputError(f"unknown option '{key}'")
         if value is not None:
             values[key] = _coerce(key, value, hints[key], f"--{key.replace('_', '-')}")
-    try:
-        return cls(**values)
-    except TypeError as exc:
-        raise InputError(f"incomplete configuration: {exc}") from None
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in values and _required(f)]  # type: ignore[arg-type]
+    if missing:
+        where = f"{file}: " if file is not None else ""
+        wanted = ", ".join(f"'{name}' (--{name.replace('_', '-')})" for name in missing)
+        raise InputError(f"{where}missing required setting(s) {wanted}; set them in the file or give the flags")
+    return cls(**values)
+
+
+def _required(field: dataclasses.Field) -> bool:
+    return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """Config precedence: defaults < TOML < flags; unknown keys and bad types are errors."""
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -60,3 +61,31 @@ def test_a_bad_choice_names_the_choices(tmp_path):
     with pytest.raises(InputError, match=r"'mode' = 'inverse' is not a valid choice \(one of noise, invert\)"):
         load_config(Example, file)
     assert load_config(Example, mode="invert").mode == "invert"
+
+
+@dataclasses.dataclass(frozen=True)
+class Required:
+    out: Path
+    prompt: str = "x"
+
+
+def test_a_missing_or_mistyped_field_names_the_field_and_the_file(tmp_path):
+    file = tmp_path / "run.toml"
+    file.write_text('prompt = "effusion"\n')
+    with pytest.raises(InputError, match=r"run.toml: missing required setting\(s\) 'out' \(--out\)") as info:
+        load_config(Required, file)
+    assert "__init__" not in str(info.value) and "positional" not in str(info.value)
+    with pytest.raises(InputError, match=r"^missing required setting\(s\) 'out' \(--out\)"):
+        load_config(Required)
+    assert load_config(Required, file, out="o") == Required(out=Path("o"), prompt="effusion")
+    file.write_text("step = 20\nmdoe = 'noise'\n")
+    with pytest.raises(InputError, match=r"run.toml: unknown key\(s\) mdoe \(did you mean mode\?\), step \(did you "):
+        load_config(Example, file)
+    for text, message in [
+        ("out = 3\n", "'out' = 3 is not a valid Path"),
+        ("[out]\npath = 'x'\n", "'out' = {'path': 'x'} is not a valid Path"),
+        ("prompt = ['a', 'b']\n", "'prompt' = ['a', 'b'] is not a valid str"),
+    ]:
+        file.write_text(text)
+        with pytest.raises(InputError, match=r"run.toml: " + re.escape(message)):
+            load_config(Required, file)
