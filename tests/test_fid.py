@@ -192,3 +192,34 @@ def test_grey_images_from_files_are_writable_tensors(tmp_path, monkeypatch):
     item = GreyImages([path])[0]
     assert seen == [True]  # torch warns once per process, so check the array it is given
     assert item.shape == (3, 8, 8) and int(item[0, 7, 7]) == 63
+
+
+@pytest.mark.slow
+def test_normalised_twice_feeds_the_first_convolution_minus_3_to_1(tmp_path):
+    """The measuring aid for the published FIDs: the network's first convolution sees the torch-fidelity
+    input (x - 128) / 128 mapped again by 2v - 1; the standard extractor sees it once."""
+    import torch
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    F.register_extractors()
+    images = torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
+    images[1] = 255
+    seen = {}
+    for name in (F.RANDOM_INCEPTION_EXTRACTOR, F.TWICE_RANDOM_EXTRACTOR):
+        model = FEATURE_EXTRACTORS_REGISTRY[name](name, ["2048"]).eval()
+        first = model.Conv2d_1a_3x3
+        conv = first.conv if name == F.TWICE_RANDOM_EXTRACTOR else first
+        conv.register_forward_hook(lambda m, args, out, name=name: seen.__setitem__(name, args[0].detach()))
+        with torch.no_grad():
+            model(images)
+    once, twice = seen[F.RANDOM_INCEPTION_EXTRACTOR], seen[F.TWICE_RANDOM_EXTRACTOR]
+    assert once.min() == pytest.approx(-1.0) and once.max() == pytest.approx(127 / 128)
+    assert twice.min() == pytest.approx(-3.0) and twice.max() == pytest.approx(2 * 127 / 128 - 1)
+    torch.testing.assert_close(twice, 2 * once - 1)
+    rng = np.random.default_rng(0)
+    real, fake = (rng.integers(0, 256, (3, 16, 16)).astype(np.uint8) for _ in range(2))
+    score = F.fid_normalised_twice(real, fake, random_features=True)
+    assert score.name == "FD (random InceptionV3, input normalised twice)" and score.label == UNTRAINED_LABEL
+    assert score.value > 0 and F.fid_normalised_twice(real, real, random_features=True).value == pytest.approx(
+        0, abs=1e-3
+    )

@@ -31,6 +31,8 @@ XRV_RESOLUTION = 224
 XRV_RANGE = 1024.0
 XRV_EXTRACTOR = "cxrdiff-xrv-densenet121"
 RANDOM_INCEPTION_EXTRACTOR = "cxrdiff-inception-v3-random"
+TWICE_EXTRACTOR = "cxrdiff-inception-v3-normalised-twice"  # measurement only (fid_normalised_twice)
+TWICE_RANDOM_EXTRACTOR = "cxrdiff-inception-v3-random-normalised-twice"
 RANDOM_SEED = 0
 
 ImageSet = Sequence[str | os.PathLike] | np.ndarray  # image files, or uint8 (N, H, W)
@@ -246,14 +248,40 @@ def _random_inception_class():
     return RandomInception
 
 
+def _normalised_twice(base: type) -> type:
+    """An InceptionV3 extractor whose input is normalised a second time, as the paper's reference code did:
+    torch-fidelity maps uint8 to [-1, 1] ((x - 128) / 128), and the network then applies the [0, 1] → [-1, 1]
+    map (2v - 1) to that again, so its first convolution sees [-3, 1]. For measuring the difference only."""
+    import torch
+
+    class Twice(torch.nn.Module):
+        def __init__(self, conv: torch.nn.Module):
+            super().__init__()
+            self.conv = conv
+
+        def forward(self, x):
+            return self.conv(2.0 * x - 1.0)  # (batch, 3, 299, 299) already in [-1, 1] → [-3, 1]
+
+    class NormalisedTwice(base):
+        def __init__(self, name, features_list, **kwargs):
+            super().__init__(name, features_list, **kwargs)
+            self.Conv2d_1a_3x3 = Twice(self.Conv2d_1a_3x3)
+
+    return NormalisedTwice
+
+
 def register_extractors() -> None:
     """Register our feature extractors with torch-fidelity once per process."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
     if XRV_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
         register_feature_extractor(XRV_EXTRACTOR, _xrv_extractor_class())
     if RANDOM_INCEPTION_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
         register_feature_extractor(RANDOM_INCEPTION_EXTRACTOR, _random_inception_class())
+    if TWICE_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
+        register_feature_extractor(TWICE_EXTRACTOR, _normalised_twice(FeatureExtractorInceptionV3))
+        register_feature_extractor(TWICE_RANDOM_EXTRACTOR, _normalised_twice(_random_inception_class()))
 
 
 # --- the metrics -----------------------------------------------------------------------------
@@ -336,6 +364,31 @@ def fid(
         real, fake, "inception-v3-compat", "2048", path, preprocessing, size, cache_root, device, batch_size
     )
     return Score("FID", value, protocol={**preprocessing, "weights": str(path), "n": [len(real), len(fake)]})
+
+
+def fid_normalised_twice(
+    real: ImageSet,
+    fake: ImageSet,
+    weights: str | os.PathLike | None = None,
+    random_features: bool = False,
+    size: int | None = None,
+    device: str = "cpu",
+    batch_size: int = 32,
+) -> Score:
+    """A measuring aid, never a reported metric: `fid` with the reference code's double normalisation of
+    the Inception input (see `_normalised_twice`), to size how far the published FIDs are from a standard
+    FID on the same images (docs/method.md, "FID comparability"). Not cached."""
+    _check_sets(real, fake)
+    preprocessing = {"grey": "repeated to 3 channels", "inception": "(x-128)/128, then 2v-1 again (twice)"}
+    untrained = weights is None and random_features and not default_inception_path().is_file()
+    path = None if untrained else resolve_weights(weights, "inception")
+    extractor = TWICE_RANDOM_EXTRACTOR if untrained else TWICE_EXTRACTOR
+    value = _torch_fidelity_fd(real, fake, extractor, "2048", path, preprocessing, size, None, device, batch_size)
+    name = "FD (random InceptionV3, input normalised twice)" if untrained else "FID (input normalised twice)"
+    protocol = {**preprocessing, "n": [len(real), len(fake)], "weights": str(path) if path else None}
+    return Score(
+        name, value, label=UNTRAINED_LABEL if untrained else "", protocol={**protocol, "random_features": untrained}
+    )
 
 
 def fid_xrv(
