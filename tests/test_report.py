@@ -76,7 +76,8 @@ def test_render_writes_published_and_measured_numbers(tmp_path):
         assert "237.6" in text and "Table 4" in text  # published FID of SDv2, with its source
         assert "1.142" in text and "Table 3" in text  # BioViL-L average CNR
         assert "86 ± 0.9 / 80 ± 3.3 / 1.25 ± 0.06" in text  # Table 1, Finetune_F Atelectasis with its ±
-        assert "not comparable" in text and "normalised the Inception inputs twice" in text
+        assert "FID: published values not comparable" in text and "normalised the Inception inputs twice" in text
+        assert "FID (" not in text  # nothing that is not an FID is named like one
         assert "236.2" in text and "MS-CXR phrases" in text  # Table 4's second prompt source
         assert "enlarged (222, 1.16)" in text and "EOS 0.72" in text.replace("Finetune_F 0.72", "EOS 0.72")
         assert "positives: images whose only label is d" in text

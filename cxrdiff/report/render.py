@@ -167,7 +167,7 @@ def _fidelity_table(runs: Mapping[str, Any]) -> Table:
             titles.setdefault(s["name"], Score.from_dict(s).title)
     names = ["FID", "FID_XRV"] + [n for n in titles if n not in ("FID", "FID_XRV")]
     headers = ["model", "source"] + [titles.get(n, n) for n in names] + ["MS-SSIM %"]
-    headers[2] += " (published values: not comparable, see note)"
+    headers[2] += ": published values not comparable, see note"
     rows = []
     for source, table in (("MIMIC p19 prompts", PUBLISHED_FIDELITY), ("MS-CXR phrases", PUBLISHED_FIDELITY_MS_CXR)):
         for m, (f1, f2, ms) in table.items():
@@ -353,8 +353,8 @@ def render(metrics: Mapping[str, Any], out: str | os.PathLike) -> list[Path]:
 
 FID_NOT_COMPARABLE = (
     "The published FIDs came from code that normalised the Inception inputs twice: their absolute values are not "
-    "comparable with cxrdiff's standard torch-fidelity FID (docs/method.md gives the size of the difference on "
-    "the same images); compare models within one source only."
+    "comparable with cxrdiff's standard torch-fidelity FID; docs/method.md gives the size of the difference on "
+    "the same images. Compare models within one source only."
 )
 TITLE = "cxrdiff report: accuracy vs interpretability"
 SOURCES = f"Published numbers are from {PAPER}, labelled with their table; all others were measured here."
