@@ -6,6 +6,7 @@ cross-attention layers on all four grids. The resolution is the smallest that ke
 from __future__ import annotations
 
 import gc
+import json
 
 import numpy as np
 import pytest
@@ -27,7 +28,23 @@ def sd2(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def prepared(sd2, phantom_tree, tmp_path_factory):
+def sd2_small(sd2, tmp_path_factory):
+    """The same weights (linked) with the configs' default size set to RESOLUTION: the steps take the
+    resolution from the model, and the parameters do not depend on it."""
+    out = tmp_path_factory.mktemp("full-small") / "sd2-base-64"
+    for path in sd2.rglob("*"):
+        if path.is_file():
+            (out / path.relative_to(sd2)).parent.mkdir(parents=True, exist_ok=True)
+            (out / path.relative_to(sd2)).symlink_to(path)
+    for part, size in (("unet", RESOLUTION // 8), ("vae", RESOLUTION)):
+        config = json.loads((sd2 / part / "config.json").read_text())
+        (out / part / "config.json").unlink()
+        (out / part / "config.json").write_text(json.dumps({**config, "sample_size": size}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def prepared(sd2_small, phantom_tree, tmp_path_factory):
     from cxrdiff.prepare import PrepareConfig, prepare
 
     out = tmp_path_factory.mktemp("full-prepared") / "prepared"
@@ -35,9 +52,8 @@ def prepared(sd2, phantom_tree, tmp_path_factory):
         PrepareConfig(
             mimic=phantom_tree,
             ms_cxr=phantom_tree / "MS_CXR_Local_Alignment_v1.0.0.csv",
-            base_model=sd2,
+            base_model=sd2_small,
             out=out,
-            resolution=RESOLUTION,
             test_size=2,
             test_no_finding_max=1.0,
             batch_size=16,
@@ -60,13 +76,13 @@ def test_the_folder_loads_in_plain_diffusers_offline(sd2):
     gc.collect()
 
 
-def test_a_fine_tuning_step_at_full_architecture(sd2, prepared, tmp_path):
+def test_a_fine_tuning_step_at_full_architecture(sd2_small, prepared, tmp_path):
     """finetune's own loop (frozen text, gradient checkpointing, batch 1) through forward and backward; the
     optimizer step is left out here (AdamW's state would add 7 GB); bench/full_size.py runs it."""
     from cxrdiff import finetune as ft
 
     config = ft.FinetuneConfig(
-        data=prepared, base_model=sd2, out=tmp_path / "run", frozen_text=True, steps=1, batch_size=1,
+        data=prepared, base_model=sd2_small, out=tmp_path / "run", frozen_text=True, steps=1, batch_size=1,
         gradient_checkpointing=True,
     )  # fmt: skip
     inputs = ft.check_inputs(config)
@@ -84,27 +100,28 @@ def test_a_fine_tuning_step_at_full_architecture(sd2, prepared, tmp_path):
     gc.collect()
 
 
-def test_grounding_captures_all_16_layers_on_four_grids(sd2, prepared, tmp_path, monkeypatch):
-    from cxrdiff.attention import AttentionCapture
+def test_grounding_captures_all_16_layers_on_four_grids(sd2_small, prepared, tmp_path, monkeypatch):
+    from cxrdiff.attention import AttentionCapture, layer_grid
     from cxrdiff.ground import GroundConfig, ground
 
-    seen: list[tuple[str, tuple[int, int]]] = []
+    seen: list[tuple[int, tuple[int, int]]] = []
     original = AttentionCapture.add
 
-    def add(self, probs, grid=None):
-        seen.append((probs.shape[2], grid))
+    def add(self, probs, grid=None):  # probs: (batch, heads, hw, tokens); SD2's linear projections pass no grid
+        seen.append((probs.shape[1], grid or layer_grid(probs.shape[2], self.latent_hw)))
         return original(self, probs, grid)
 
     monkeypatch.setattr(AttentionCapture, "add", add)
     result = ground(
         GroundConfig(
-            model=sd2, out=tmp_path / "ground", data=prepared / "ms_cxr.parquet", limit=1, steps=2, window=2,
+            model=sd2_small, out=tmp_path / "ground", data=prepared / "ms_cxr.parquet", limit=1, steps=2, window=2,
             batch_size=1, overlays=False,
         )
     )  # fmt: skip
     assert len(seen) == 2 * 16  # two steps, every cross-attention layer
     assert sorted({grid for _, grid in seen}) == [(1, 1), (2, 2), (4, 4), (8, 8)]
+    assert sorted({heads for heads, _ in seen}) == [5, 10, 20]  # SD2's heads per level (64 channels each)
     assert 0.0 <= result["auc_roc"] <= 1.0
     heat = np.load(tmp_path / "ground" / "heatmaps.npz")
     (first,) = heat.files
-    assert heat[first].shape == (RESOLUTION, RESOLUTION) and np.isfinite(heat[first]).all()
+    assert heat[first].shape == (RESOLUTION // 8, RESOLUTION // 8) and np.isfinite(heat[first]).all()  # latent grid
