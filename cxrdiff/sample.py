@@ -265,7 +265,8 @@ def sample(config: SampleConfig, shard: tuple[int, int] | None = None) -> dict[s
     if missing:
         log.info("sample: %d images still missing (other shards); the table is written when all exist", len(missing))
         return result
-    table = _write_table(config, prompts, n_prompts, out, dtype_name)
+    over = _prompts_over_context(config.model, prompts.texts[:n_prompts])
+    table = _write_table(config, prompts, n_prompts, out, dtype_name, over)
     _cleanup_temporaries(out)
     folder.finish(
         config=to_dict(config),
@@ -275,6 +276,7 @@ def sample(config: SampleConfig, shard: tuple[int, int] | None = None) -> dict[s
         extra={
             "images": total,
             "prompts": n_prompts,
+            "prompts_over_context": sum(over),
             "dtype": dtype_name,
             "scheduler_class": SCHEDULERS[config.scheduler][0],
             "scheduler_overrides": SCHEDULERS[config.scheduler][1],
@@ -343,7 +345,23 @@ def write_png(path: Path, grey: np.ndarray) -> None:
         Image.fromarray(grey, mode="L").save(tmp, format="PNG")
 
 
-def _write_table(config: SampleConfig, prompts: SamplePrompts, n_prompts: int, out: Path, dtype_name: str) -> Path:
+def _prompts_over_context(model: Path, texts: list[str]) -> list[bool]:
+    """Per prompt: longer than the text encoder's context (start and end tokens included), so the pipeline's
+    tokenizer keeps only its first tokens. Logged and stored (`truncated`), never silent."""
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(Path(model) / "tokenizer", local_files_only=True)
+    limit = int(tokenizer.model_max_length)
+    over = [len(ids) > limit for ids in tokenizer(texts, truncation=False)["input_ids"]] if texts else []
+    if any(over):
+        log.warning("%d of %d prompts are longer than the text encoder's %d tokens: the tokenizer keeps their "
+                    "first %d (column `truncated`)", sum(over), len(texts), limit, limit)  # fmt: skip
+    return over
+
+
+def _write_table(
+    config: SampleConfig, prompts: SamplePrompts, n_prompts: int, out: Path, dtype_name: str, over: list[bool]
+) -> Path:
     """One row per image, recomputed from the prompt list (not from what each process did)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -357,6 +375,7 @@ def _write_table(config: SampleConfig, prompts: SamplePrompts, n_prompts: int, o
         "file": pa.array([image_file(i) for i in range(total)], pa.string()),
         "prompt": pa.array([prompts.texts[p] for p in prompt_index], pa.string()),
         "prompt_index": pa.array(prompt_index, pa.int64()),
+        "truncated": pa.array([over[p] for p in prompt_index], pa.bool_()),
         "repeat": pa.array(repeat, pa.int32()),
         "seed": pa.array(
             [image_seed(config.seed, p, r) for p, r in zip(prompt_index, repeat, strict=True)], pa.int64()

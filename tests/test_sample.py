@@ -244,3 +244,14 @@ def test_prompt_column_picks_the_text(tmp_path):
     np.testing.assert_array_equal(np.array(read.extra["Edema"], dtype=np.float32), labels[:, LABELS.index("Edema")])
     with pytest.raises(InputError, match=r"no 'impression' column \(has: dicom_id, subject_id, study_id, findings"):
         read_prompts(SampleConfig(prompts=path))
+
+
+def test_prompts_longer_than_the_context_are_marked_truncated(tiny_model, tmp_path):
+    long = " ".join(["small left pleural effusion"] * 20)  # 80 words: well over CLIP's 77 positions
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{long}\nsmall left pleural effusion\n")
+    out = tmp_path / "out"
+    sample(SampleConfig(model=tiny_model, out=out, prompts_file=prompts, steps=1, batch_size=2))
+    table = pq.read_table(out / "samples.parquet").to_pylist()
+    assert [r["truncated"] for r in table] == [True, False]
+    assert read_manifest(out, "sample")["prompts_over_context"] == 1
