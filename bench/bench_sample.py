@@ -2,7 +2,7 @@
 batch of prompts and a list of generators (what a competent user writes), and, for reference, one prompt
 per call.
 
-    .venv/bin/python bench/bench_sample.py [--model DIR] [--prompts 16] [--steps 10] [--batch-size 8]
+    .venv/bin/python bench/bench_sample.py [--model DIR] [--prompts 16] [--steps 10] [--batch-size 8] [--repeats 3]
 
 Every side runs the same model, scheduler (PLMS), steps, guidance 4, batch size and per-image seeds, loads
 the model and writes 8-bit grey PNGs, and is timed end to end (load + generate + write). The headline is
@@ -14,6 +14,8 @@ gives the full architecture.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -87,6 +89,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of each batched side (median)")
     args = parser.parse_args()
 
     import torch
@@ -100,7 +103,7 @@ def main() -> None:
         # fp32 on both sides so that the comparison is about batching, not precision
         config = SampleConfig(
             model=model,
-            out=tmp / "ours",
+            out=tmp / "ours-0",
             prompts_file=tmp / "prompts.txt",
             steps=args.steps,
             guidance=args.guidance,
@@ -109,22 +112,27 @@ def main() -> None:
         )
         diffusers_one_by_one(model, prompts[:1], tmp / "warm", 1, args.guidance, device)  # imports, CUDA init
 
-        start = time.perf_counter()
-        sample(config)
-        ours = args.prompts / (time.perf_counter() - start)
-        start = time.perf_counter()
-        diffusers_batched(model, prompts, tmp / "batched", args.steps, args.guidance, device, args.batch_size)
-        batched = args.prompts / (time.perf_counter() - start)
+        ours_s, batched_s = [], []
+        for repeat in range(args.repeats):  # interleaved, median: a shared machine's load hits both sides
+            start = time.perf_counter()
+            sample(dataclasses.replace(config, out=tmp / f"ours-{repeat}"))
+            ours_s.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            diffusers_batched(
+                model, prompts, tmp / f"batched-{repeat}", args.steps, args.guidance, device, args.batch_size
+            )
+            batched_s.append(time.perf_counter() - start)
+        ours, batched = args.prompts / statistics.median(ours_s), args.prompts / statistics.median(batched_s)
         start = time.perf_counter()
         diffusers_one_by_one(model, prompts, tmp / "theirs", args.steps, args.guidance, device)
         theirs = args.prompts / (time.perf_counter() - start)
         for index in range(args.prompts):  # the same images: the comparison is of speed only
-            same = (tmp / "ours" / image_file(index)).read_bytes() == (tmp / "batched" / image_file(index)).read_bytes()
-            assert same, f"image {index} differs between cxrdiff and batched diffusers"
+            a, b = (tmp / side / image_file(index) for side in ("ours-0", "batched-0"))
+            assert a.read_bytes() == b.read_bytes(), f"image {index} differs between cxrdiff and batched diffusers"
 
     print(
         f"device {device}, model {args.model or 'tiny'}, {args.prompts} prompts, "
-        f"{args.steps} steps, batch {args.batch_size}"
+        f"{args.steps} steps, batch {args.batch_size}, median of {args.repeats} interleaved runs"
     )
     print(f"cxrdiff sample (batched):        {ours:8.3f} images/s")
     print(f"diffusers, batched + generators: {batched:8.3f} images/s")
