@@ -41,8 +41,12 @@ def _device():
 
 
 def _reset_peak() -> None:
+    """Free what the last measurement left, zero the peak counter, and forget accelerate's state (each step
+    makes its own Accelerator, with its own mixed precision, as in a fresh process)."""
     import torch
+    from accelerate.state import AcceleratorState
 
+    AcceleratorState._reset_state(reset_partial_state=True)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -130,7 +134,7 @@ def train_row(work: Path, model: Path, batch: int, checkpointing: bool, compile:
         _sync()
         seconds = time.perf_counter() - start
     row = {
-        "what": f"train 512 px bf16, batch {batch}, checkpointing {'on' if checkpointing else 'off'}, "
+        "what": f"train {args.resolution} px bf16, batch {batch}, checkpointing {'on' if checkpointing else 'off'}, "
         f"compile {'on' if compile else 'off'}",
         "value": round(args.steps * batch / seconds, 2),
         "unit": "images/s",
