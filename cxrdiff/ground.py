@@ -745,7 +745,8 @@ def word_analysis(words: Any, min_count: int) -> dict[str, Any]:
     """Table 6, counted as the paper did: within each class, the words (case kept; start and end tokens
     included) that occur in more than `min_count` of that class's phrases (the first run's); for each, the
     mean CNR (over all runs) when its first token is the map; the top 3 per class. `n` is the word's count
-    in the class. `eos_cnr` is the end token's mean CNR over all classes (the paper quotes it)."""
+    in the class. `class_words`: the ranked words that contain one of the class's words, whatever their rank.
+    `eos_cnr` is the end token's mean CNR over all classes (the paper quotes it)."""
     result: dict[str, Any] = {"min_count": min_count, "counting": "per class, case kept", "counts": {}, "top3": {}}
     if not len(words):
         return result
@@ -757,6 +758,16 @@ def word_analysis(words: Any, min_count: int) -> dict[str, Any]:
         result["counts"][category] = dict(sorted(frequent.items(), key=lambda item: (-item[1], item[0])))
         ranked = sorted(frequent, key=lambda w: (-float(means[(category, w)]), w))[:3]
         result["top3"][category] = [{"word": w, "cnr": float(means[(category, w)]), "n": frequent[w]} for w in ranked]
+    from cxrdiff.data import CLASS_WORDS
+
+    result["class_words"] = {  # the class's own words (e.g. "cardiomegaly", "cardiac") among the ranked ones
+        category: [
+            {"word": w, "cnr": float(means[(category, w)]), "n": n}
+            for w, n in frequent.items()
+            if any(k in w.lower() for k in CLASS_WORDS.get(category, ()))
+        ]
+        for category, frequent in result["counts"].items()
+    }
     eos = words[words["word"] == SPECIAL[1]]["cnr"]
     result["eos_cnr"] = float(eos.mean()) if len(eos) else None
     return result

@@ -406,6 +406,10 @@ def test_word_analysis_counts_per_class_keeps_case_and_honours_the_threshold():
     assert [r["word"] for r in result["top3"]["Edema"]] == ["left", "edema", "<EOS>"]
     assert result["top3"]["Edema"][0]["cnr"] == pytest.approx(5.0)  # Pneumothorax's "left" not mixed in
     assert result["eos_cnr"] == pytest.approx(0.4)
+    # the class's own words among the ranked, whatever their rank ("Moderate" is no Cardiomegaly word)
+    assert [(w["word"], w["n"]) for w in result["class_words"]["Cardiomegaly"]] == [("cardiomegaly", 4)]
+    assert [w["word"] for w in result["class_words"]["Edema"]] == ["edema"]
+    assert result["class_words"]["Pneumothorax"] == []
     stricter = word_analysis(words, min_count=3)
     assert "Moderate" not in stricter["counts"]["Cardiomegaly"] and "left" not in stricter["counts"]["Pneumothorax"]
     # with two runs, counts come from the first run and the CNR is the mean over both runs

@@ -35,7 +35,11 @@ def _grounding(shift: float) -> dict:
         "top1": {"mean": 0.5, "std": 0.0},
         "cnr": {"mean": 0.41 + shift, "std": 0.0},
     }
-    words = {"min_count": 7, "top3": {"Edema": [{"word": "edema", "cnr": 1.23, "n": 30}]}}
+    words = {
+        "min_count": 7,
+        "top3": {"Edema": [{"word": "edema", "cnr": 1.23, "n": 30}]},
+        "class_words": {"Edema": [{"word": "edema", "cnr": 1.23, "n": 30}]},
+    }
     return {"classes": classes, "average": average, "word_analysis": words, "conventions": {"cnr": "signed"}}
 
 
@@ -91,7 +95,8 @@ def test_render_writes_published_and_measured_numbers(tmp_path):
     cells = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:4] for line in table_3.splitlines() if "|" in line}
     assert cells["Pleural Effusion"] == ["1.02", "1.2", "1.5"] and cells["Pneumothorax"] == ["0.28", "0.47", "0.74"]
     words = md.split("### Word analysis (this report)")[1].split("###")[0]
-    assert "| frozen | Edema | edema (30, 1.23) |" in words and "more than 7 of the class's phrases" in words
+    assert "| frozen | Edema | edema (30, 1.23) | edema (30, 1.23) |" in words
+    assert "more than 7 of the class's phrases" in words
     assert json.loads((tmp_path / "metrics.json").read_text())["runs"]["frozen"]["fidelity"][0]["value"] == 12.34
 
 

@@ -241,14 +241,16 @@ def _word_table(runs: Mapping[str, Any]) -> Table:
         analysis = r.get("grounding", {}).get("word_analysis", {})
         if "min_count" in analysis:
             thresholds.add(analysis["min_count"])
+        own = analysis.get("class_words", {})
         for c, words in analysis.get("top3", {}).items():
-            rows.append([n, c, ", ".join(f"{w['word']} ({w['n']}, {w['cnr']:.2f})" for w in words)])
+            listed = ", ".join(f"{w['word']} ({w['n']}, {w['cnr']:.2f})" for w in own.get(c, [])) or "—"
+            rows.append([n, c, ", ".join(f"{w['word']} ({w['n']}, {w['cnr']:.2f})" for w in words), listed])
         if analysis.get("eos_cnr") is not None:
-            rows.append([n, "EOS over all classes", f"<EOS> ({analysis['eos_cnr']:.2f})"])
+            rows.append([n, "EOS over all classes", f"<EOS> ({analysis['eos_cnr']:.2f})", ""])
     threshold = " / ".join(str(t) for t in sorted(thresholds)) or "—"
     return Table(
         "Word analysis (this report): the 3 words with the highest mean CNR per class",
-        ["model", "class", "top words (occurrences in the class, mean CNR)"],
+        ["model", "class", "top words (occurrences in the class, mean CNR)", "the class's own words among the ranked"],
         rows,
         "Counted as the paper did (per class, case kept, <SOS> and <EOS> included); threshold used: a word ranks "
         f"when it occurs in more than {threshold} of the class's phrases (the paper: {WORDS_MIN_COUNT}, over "

@@ -453,7 +453,7 @@ def _report_run(
             "seed": config.seed,
             "batch_size": config.batch_size,
         },
-        "grounding": json.loads((ground_dir / "summary.json").read_text()),
+        "grounding": _grounding_summary(ground_dir),
         "grounding_per_phrase": _per_phrase(ground_dirs),
         "overlays": _overlays(ground_dir),
         **measured,
@@ -497,6 +497,18 @@ def report(config: ReportConfig, classifier: Any = None, steps: Steps | None = N
         files=[f.name for f in files],
     )
     return {"out": str(out), "report": str(out / "report.html"), "recomputed": recomputed}
+
+
+def _grounding_summary(ground_dir: Path) -> dict[str, Any]:
+    """The ground step's summary; its word analysis redone from words.parquet when it lacks `class_words`
+    (a folder from before they were recorded), with the same threshold."""
+    summary = json.loads((ground_dir / "summary.json").read_text())
+    analysis = summary.get("word_analysis")
+    if analysis is not None and "class_words" not in analysis and (ground_dir / "words.parquet").is_file():
+        from cxrdiff.ground import word_analysis
+
+        summary["word_analysis"] = word_analysis(_read_table(ground_dir / "words.parquet"), analysis["min_count"])
+    return summary
 
 
 def _per_phrase(ground_dirs: Mapping[str, Path]) -> dict[str, Any]:
