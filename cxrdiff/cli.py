@@ -335,6 +335,12 @@ def report(
     min_word_count: Annotated[
         int | None, typer.Option(help="Word analysis: words in more than N phrases of a class (paper: 25).")
     ] = None,
+    checkpoints: Annotated[
+        bool | None, typer.Option("--checkpoints", help="Also measure each run's kept checkpoints (curves).")
+    ] = None,
+    checkpoint_every: Annotated[
+        int | None, typer.Option(help="With --checkpoints: every Nth kept checkpoint, the newest always in.")
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Measure both sides of the trade-off and write report.md / report.html / metrics.json."""

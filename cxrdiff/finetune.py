@@ -554,6 +554,62 @@ def _set_rng_state(state: dict[str, Any], gen: Any, np_gen: np.random.Generator)
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# --- a kept checkpoint as a model ---------------------------------------------------------------
+
+CHECKPOINT_STEP = "checkpoint"  # the step name of an exported checkpoint's folder (sample and ground take it)
+
+
+def checkpoint_identity(path: Path) -> dict[str, Any]:
+    """What identifies a checkpoint without reading its weights: its state.json (step, run config) by sha256
+    and its weight files by name, size and mtime (a retrained run rewrites them)."""
+    import hashlib
+
+    state = hashlib.sha256((path / "state.json").read_bytes()).hexdigest()
+    weights = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(path.glob("*.safetensors"))}
+    return {"state_sha256": state, "weights": weights}
+
+
+def export_checkpoint(run: str | os.PathLike, step: int, out: str | os.PathLike) -> dict[str, Any]:
+    """Write the kept checkpoint `step` of a finished run as a model folder (a `checkpoint` step folder):
+    the run's VAE, tokenizer and scheduler with the checkpoint's UNet and text encoder, the UNet's EMA when
+    the run exported EMA weights; so `sample` and `ground` read it as they read the run. The weights are
+    exactly those the run's own export would have written at that step. Returns at once when `out` holds
+    this checkpoint's export already."""
+    from safetensors.torch import load_file
+
+    from cxrdiff.models import load_components, save_components
+
+    run, out = Path(run), Path(out)
+    manifest = read_manifest(run, STEP)
+    kept = dict(Checkpoints(run).saved())
+    if step not in kept:
+        have = ", ".join(str(s) for s in kept) or "none"
+        raise InputError(f"{run}: no kept checkpoint at step {step} (kept: {have})")
+    path, weights = kept[step], manifest.get("weights", "raw")
+    wanted = {"run": os.fspath(run.resolve()), "step": step, "weights": weights}
+    wanted["checkpoint"] = checkpoint_identity(path)
+    folder = StepFolder.claim(out, CHECKPOINT_STEP, wanted)
+    if folder.finished:
+        return {"out": str(out), "step": step}
+    comps = load_components(run)
+    state = load_file(path / "model.safetensors")
+    comps.text_encoder.load_state_dict({k[13:]: v for k, v in state.items() if k.startswith("text_encoder.")})
+    if weights == "ema":
+        comps.unet.load_state_dict(load_file(path / "ema.safetensors"))
+    else:
+        comps.unet.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("unet.")})
+    save_components(comps, out)
+    files = [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    folder.finish(
+        config={"run": os.fspath(run), "step": step},
+        inputs={"run": run},
+        seed=manifest.get("seed"),
+        files=files,
+        extra={"steps": step, "text_encoder": manifest.get("text_encoder"), "weights": weights},
+    )
+    return {"out": str(out), "step": step}
+
+
 # --- the run ----------------------------------------------------------------------------------
 
 

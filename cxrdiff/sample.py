@@ -178,7 +178,7 @@ def check_inputs(config: SampleConfig) -> SamplePrompts:
         raise InputError(f"mixed_precision {config.mixed_precision!r}: expected one of {', '.join(PRECISIONS)}")
     model = Path(config.model)
     if (model / MANIFEST).is_file():
-        read_manifest(model, "finetune")  # a prepare/sample folder given as --model is refused here
+        read_manifest(model, ("finetune", "checkpoint"))  # a prepare/sample folder given as --model is refused
     check_model_folder(model)
     return read_prompts(config)
 

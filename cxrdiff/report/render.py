@@ -297,6 +297,33 @@ def tradeoff_figure(metrics: Mapping[str, Any]) -> bytes:
     return _png(fig)
 
 
+def checkpoint_figure(metrics: Mapping[str, Any]) -> bytes | None:
+    """CNR and fidelity against training steps, one line per run (frozen and learnable side by side), from
+    `report --checkpoints`; None when no run has a curve."""
+    curves = {n: r["checkpoints"] for n, r in metrics.get("runs", {}).items() if r.get("checkpoints")}
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ylabel = "fidelity"
+    for n, points in curves.items():
+        cnr = [(p["step"], p["grounding"]["cnr"]["mean"]) for p in points if (p.get("grounding") or {}).get("cnr")]
+        fidelity = [(p["step"], p["fidelity"]["value"]) for p in points if p.get("fidelity")]
+        if cnr:
+            left.plot(*zip(*cnr, strict=True), marker="o", label=n)
+        if fidelity:
+            ylabel = Score.from_dict(next(p["fidelity"] for p in points if p.get("fidelity"))).title
+            right.plot(*zip(*fidelity, strict=True), marker="o", label=n)
+    left.set(xlabel="training step", ylabel="CNR (average)", title="interpretability over training")
+    right.set(xlabel="training step", ylabel=ylabel, title="fidelity over training (lower is closer to real)")
+    left.legend(fontsize=8)
+    return _png(fig)
+
+
 def grounding_figure(metrics: Mapping[str, Any]) -> bytes | None:
     """One overlay per class (columns) for each run (rows): e.g. frozen vs learnable."""
     import matplotlib
@@ -332,7 +359,11 @@ def render(metrics: Mapping[str, Any], out: str | os.PathLike) -> list[Path]:
     metrics dict; returns the files written."""
     out = Path(out)
     tabs = tables(metrics)
-    figures = {"trade-off": tradeoff_figure(metrics), "grounding": grounding_figure(metrics)}
+    figures = {
+        "trade-off": tradeoff_figure(metrics),
+        "checkpoints": checkpoint_figure(metrics),
+        "grounding": grounding_figure(metrics),
+    }
     figures = {name: png for name, png in figures.items() if png is not None}
     write_json(out / "metrics.json", metrics)
     for name, png in figures.items():

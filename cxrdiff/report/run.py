@@ -70,6 +70,8 @@ class ReportConfig:
     ground_limit: int | None = None
     min_word_count: int = 25  # Table 6: a word ranks in a class when it occurs in more than this many phrases
     classifier_positives: ClassifierPositives = "only"  # only: d is the image's only label (the paper's)
+    checkpoints: bool = False  # also evaluate each run's kept checkpoints: CNR and fidelity over training steps
+    checkpoint_every: int = 1  # with checkpoints: every Nth kept checkpoint, counted back from the newest
     seed: int = 0
     batch_size: int = 8
     device: str = "cpu"  # for the fidelity feature networks
@@ -101,6 +103,8 @@ def check_inputs(config: ReportConfig, classifier: Any = None) -> Checked:
         raise InputError(f"--n-fid {config.n_fid} / --diversity-prompts {config.diversity_prompts}: too small")
     if config.min_word_count < 0:
         raise InputError(f"--min-word-count {config.min_word_count}: must be at least 0")
+    if config.checkpoint_every < 1:
+        raise InputError(f"--checkpoint-every {config.checkpoint_every}: must be at least 1")
     from cxrdiff.metrics.fid import resolve_weights
 
     if not config.random_features:  # check weights before any sampling starts
@@ -138,10 +142,9 @@ def _identity(path: Path | None) -> str | None:
 def _run_kind(path: Path) -> str:
     from cxrdiff.models import check_model_folder
 
-    if (path / MANIFEST).is_file():
-        read_manifest(path, ("finetune",))
+    kind = read_manifest(path, ("finetune", "checkpoint"))["step"] if (path / MANIFEST).is_file() else "base model"
     check_model_folder(path)
-    return "finetune" if (path / MANIFEST).is_file() else "base model"
+    return kind
 
 
 def _real_folder(config: ReportConfig) -> Path:
@@ -479,6 +482,11 @@ def report(config: ReportConfig, classifier: Any = None, steps: Steps | None = N
     for name, run in zip(checked.names, config.runs, strict=True):
         runs[name], done = _report_run(config, Path(run), out / "runs" / name, real, steps, classifier, metric)
         recomputed[name] = ",".join(done) or "nothing"
+    if config.checkpoints:
+        from cxrdiff.report.checkpoints import checkpoint_curves
+
+        curves = checkpoint_curves(config, checked.names, runs, real, steps, classifier, metric)
+        recomputed.update({n: f"{recomputed[n]}; checkpoints: {c}" for n, c in curves.items()})
     size = next(iter(runs.values()))["image_size"]
     real_key = settings_key({**metric, "real": input_identity(real), "size": size})
     real_metrics, _ = _cached(out / "real_metrics.json", real_key, lambda: measure_real(config, real, classifier, size))

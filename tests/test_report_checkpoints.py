@@ -1,0 +1,139 @@
+"""`cxrdiff report --checkpoints` on a real tiny run: a kept checkpoint exported as a model holds exactly the
+weights the run would have exported at that step, sample reads it, and the report draws one point per kept
+checkpoint (reused on a second report, thinned by --checkpoint-every)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cxrdiff.artifacts import manifest_hash, read_manifest
+from cxrdiff.errors import InputError
+from cxrdiff.finetune import FinetuneConfig, export_checkpoint, finetune
+from cxrdiff.report import ReportConfig, report
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    (file,) = [p for p in folder.iterdir() if p.suffix == ".safetensors"]
+    return load_file(file)
+
+
+def _same(a, b) -> bool:
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class Brightness:
+    """A hand-made feature network (the mean and spread of the grey values): a fidelity number without weights."""
+
+    name = "brightness"
+    classes = ("Edema",)
+    cache_key = "v1"
+
+    def scores(self, images):
+        return images.reshape(len(images), -1).mean(1, keepdims=True)
+
+    def features(self, x):
+        import torch
+
+        return torch.stack([x.mean(dim=(1, 2, 3)), x.std(dim=(1, 2, 3))], 1)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, phantom_prepared, tiny_model):
+    """A learnable-text run of 3 steps keeping a checkpoint at each step."""
+    out = tmp_path_factory.mktemp("ckpt") / "learnable"
+    config = FinetuneConfig(
+        data=phantom_prepared,
+        base_model=tiny_model,
+        out=out,
+        frozen_text=False,
+        steps=3,
+        batch_size=2,
+        checkpoint_every=1,
+        keep_checkpoints=3,
+        log_every=1,
+    )
+    finetune(config)
+    return out
+
+
+def test_exported_checkpoint_is_the_run_at_that_step(tmp_path, run, tiny_model):
+    last = tmp_path / "step3"
+    export_checkpoint(run, 3, last)
+    assert read_manifest(last)["step"] == "checkpoint" and read_manifest(last)["steps"] == 3
+    for part in ("unet", "text_encoder"):  # the newest checkpoint is what the run exported
+        assert _same(_weights(last / part), _weights(run / part)), part
+    first = tmp_path / "step1"
+    export_checkpoint(run, 1, first)
+    assert not _same(_weights(first / "unet"), _weights(run / "unet"))
+    assert not _same(_weights(first / "text_encoder"), _weights(tiny_model / "text_encoder"))  # trained at step 1
+    before = manifest_hash(first)
+    export_checkpoint(run, 1, first)  # done: returns at once
+    assert manifest_hash(first) == before
+    with pytest.raises(InputError, match=r"no kept checkpoint at step 7 \(kept: 1, 2, 3\)"):
+        export_checkpoint(run, 7, tmp_path / "nope")
+    assert not (tmp_path / "nope").exists()
+
+    from cxrdiff.sample import SampleConfig, sample
+
+    sample(SampleConfig(model=first, prompt="Mild pulmonary edema.", steps=2, out=tmp_path / "samples"))
+    assert (tmp_path / "samples" / "000000.png").is_file()
+    assert read_manifest(tmp_path / "samples")["inputs"]["model"]["manifest_sha256"] == manifest_hash(first)
+
+
+@pytest.mark.slow
+def test_report_checkpoints_draws_one_point_per_kept_checkpoint(tmp_path, run, phantom_prepared):
+    base = dict(
+        runs=(run,),
+        out=tmp_path / "report",
+        real=phantom_prepared,
+        fid=False,
+        fid_xrv=False,
+        n_fid=2,
+        diversity_prompts=1,
+        sample_steps=2,
+        ground_steps=4,
+        ground_window=2,
+        ground_limit=3,
+        min_word_count=0,
+        checkpoints=True,
+    )
+    first = report(ReportConfig(**base), classifier=Brightness())
+    assert "checkpoints: export 1,samples 1,ground 1,metrics 1,export 2" in first["recomputed"]["learnable"]
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    entry = metrics["runs"]["learnable"]
+    points = entry["checkpoints"]
+    assert [p["step"] for p in points] == [1, 2, 3]
+    assert [p["source"] for p in points] == ["checkpoint", "checkpoint", "the run's final model"]
+    for p in points:  # both curves have a value at every step
+        assert isinstance(p["grounding"]["cnr"]["mean"], float) and isinstance(p["fidelity"]["value"], float)
+        assert p["fidelity"]["name"] == "FD (brightness features)"
+    assert points[-1]["grounding"] == entry["grounding"]["average"]
+    assert points[-1]["fidelity"] == entry["fidelity"][0]
+    assert points[0]["fidelity"]["value"] != points[-1]["fidelity"]["value"]  # other weights, other images
+    folder = tmp_path / "report" / "runs" / "learnable" / "checkpoints" / "step-0000001"
+    assert read_manifest(folder / "model")["step"] == "checkpoint"
+    assert read_manifest(folder / "samples")["inputs"]["model"]["manifest_sha256"] == manifest_hash(folder / "model")
+    assert (tmp_path / "report" / "checkpoints.png").stat().st_size > 5000
+    assert "checkpoints.png" in (tmp_path / "report" / "report.md").read_text()
+
+    again = report(ReportConfig(**base), classifier=Brightness())  # the same inputs: nothing recomputed
+    assert again["recomputed"]["learnable"] == "nothing; checkpoints: nothing"
+    assert json.loads((tmp_path / "report" / "metrics.json").read_text())["runs"]["learnable"]["checkpoints"] == points
+
+    report(ReportConfig(**{**base, "checkpoint_every": 2}), classifier=Brightness())
+    thinned = json.loads((tmp_path / "report" / "metrics.json").read_text())["runs"]["learnable"]["checkpoints"]
+    assert [p["step"] for p in thinned] == [1, 3]  # every 2nd, counted back from the newest
+    assert thinned[0] == points[0]
+
+
+def test_checkpoint_every_below_one_is_refused(tmp_path, run, phantom_prepared):
+    config = ReportConfig(runs=(run,), out=tmp_path / "r", real=phantom_prepared, checkpoints=True, checkpoint_every=0)
+    with pytest.raises(InputError, match="--checkpoint-every 0: must be at least 1"):
+        report(config)
+    assert not (tmp_path / "r").exists()
