@@ -112,6 +112,8 @@ ClassifierPositives = choices.enum("ClassifierPositives", choices.ClassifierPosi
 Frame = choices.enum("Frame", choices.Frame)
 PredictionType = choices.enum("PredictionType", choices.PredictionType)
 PublishedModel = choices.enum("PublishedModel", choices.PublishedModel)
+PhantomKind = choices.enum("PhantomKind", choices.PhantomKind)
+DataFormat = choices.enum("DataFormat", choices.DataFormat)
 
 
 @app.command()
@@ -129,9 +131,14 @@ def phantom(
         bool | None, typer.Option("--preview", help="Also write preview.png: one example per finding, with boxes.")
     ] = None,
     workers: Annotated[int | None, typer.Option(help="Image-rendering processes (default: from the CPUs).")] = None,
+    kind: Annotated[
+        PhantomKind | None,
+        typer.Option(help="mimic: a MIMIC-CXR-shaped tree; coco: a COCO-layout set (--patients = train images)."),
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Write a synthetic, MIMIC-CXR-shaped data set with reports and MS-CXR-style boxes."""
+    """Write a synthetic, MIMIC-CXR-shaped data set with reports and MS-CXR-style boxes (or, --kind coco, a
+    captioned, segmented set in COCO's layout)."""
     options = dict(locals())  # the flags, before the imports below add names
     from cxrdiff.phantom import PhantomConfig, make_phantom
 
@@ -165,9 +172,24 @@ def prepare(
         DicomContrast | None,
         typer.Option(help="DICOM → 8 bit: mimic-jpg (MIMIC-CXR-JPG's conversion, default) or window (the file's)."),
     ] = None,
+    format: Annotated[
+        DataFormat | None, typer.Option(help="Input data set: mimic (default) or coco (COCO's layout, with --coco).")
+    ] = None,
+    coco: Annotated[
+        Path | None, typer.Option(help="COCO root: annotations/{captions,instances}_{split}.json and {split}/.")
+    ] = None,
+    coco_splits: Annotated[
+        str | None, typer.Option(help="TRAIN,TEST split names (default train2017,val2017; TEST = the test set).")
+    ] = None,
+    coco_words: Annotated[
+        Path | None, typer.Option(help="CSV (category, word): synonyms that also name a category in a caption.")
+    ] = None,
+    coco_val_fraction: Annotated[
+        float | None, typer.Option(help="Share of TRAIN held out as validation, seeded (default 0.0983, the paper's).")
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Turn MIMIC-CXR + reports + MS-CXR into latent Parquet shards (train, test prompts, MS-CXR)."""
+    """Turn MIMIC-CXR + reports + MS-CXR (or, --format coco, a COCO-layout set) into latent Parquet shards."""
     options = dict(locals())  # the flags, before the imports below add names
     from cxrdiff.prepare import PrepareConfig
     from cxrdiff.prepare import prepare as step
@@ -387,11 +409,46 @@ def model_tiny(
         PredictionType, typer.Option(help="epsilon (SD2-base) or v_prediction (SD2-768).")
     ] = PredictionType.epsilon,
     seed: Annotated[int, typer.Option(help="Weight initialisation seed.")] = 0,
+    text_encoder: Annotated[
+        Path | None, typer.Option(help="A `model pretrain-text` folder: its text encoder instead of a random one.")
+    ] = None,
 ) -> None:
     """Write a tiny, randomly initialised SD2-shaped model (real CLIP vocabulary) for tests and the demo."""
     from cxrdiff.models import write_tiny_model_cli
 
-    print_result(write_tiny_model_cli(out, resolution, unet_channels, text_width, prediction_type.value, seed))
+    print_result(
+        write_tiny_model_cli(out, resolution, unet_channels, text_width, prediction_type.value, seed, text_encoder)
+    )
+
+
+@model_app.command("pretrain-text")
+def model_pretrain_text(
+    data: Annotated[
+        Path, typer.Argument(help="MIMIC-CXR-shaped folder (metadata CSV, files/ with images and reports).")
+    ],
+    out: Annotated[Path, typer.Argument(help="New folder for text_encoder/ + tokenizer/.")],
+    resolution: Annotated[int | None, typer.Option(help="Image size the image tower sees [default: 64].")] = None,
+    text_width: Annotated[int | None, typer.Option(help="Text encoder width [default: 32].")] = None,
+    text_layers: Annotated[int | None, typer.Option(help="Text encoder layers [default: 2].")] = None,
+    text_heads: Annotated[int | None, typer.Option(help="Text encoder attention heads [default: 2].")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimiser steps [default: 600].")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Image–text pairs per batch [default: 64].")] = None,
+    lr: Annotated[float | None, typer.Option(help="AdamW learning rate [default: 1e-3].")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay [default: 0.1].")] = None,
+    held_out: Annotated[
+        int | None, typer.Option(help="Pairs (whole patients) kept out for the retrieval check [default: 200].")
+    ] = None,
+    max_pairs: Annotated[int | None, typer.Option(help="Use at most this many pairs (default: all).")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="Save a resumable state every N steps [200].")] = None,
+    seed: Annotated[int | None, typer.Option(help="Initialisation, split and batch order [default: 0].")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """CLIP-style contrastive pretraining of a tiny text encoder (and a throw-away image tower) on image–report
+    pairs; prints held-out retrieval accuracy beside chance."""
+    options = dict(locals())
+    from cxrdiff.pretrain_text import PretrainTextConfig, pretrain_text
+
+    run_step(pretrain_text, PretrainTextConfig, options)
 
 
 @model_app.command("random")

@@ -68,6 +68,21 @@ def load_grayscale(path: str | os.PathLike, dicom_contrast: DicomContrast = "mim
     return grey
 
 
+def load_rgb(path: str | os.PathLike) -> np.ndarray:
+    """A photograph (JPG/PNG, any mode) as 8-bit RGB (H, W, 3), for COCO-format data sets."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            rgb = np.asarray(img.convert("RGB"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: image file not found") from None
+    except OSError as exc:
+        raise InputError(f"{path}: not a readable image ({exc})") from None
+    if min(rgb.shape[:2]) == 0:
+        raise ImageRefused(path, "empty image", f"{rgb.shape[1]}x{rgb.shape[0]} pixels")
+    return rgb
+
+
 def _pil_grey(img: Image.Image, path: Path) -> np.ndarray:
     """A PIL image as 8-bit grey: 16-bit and float exports min-max scaled (PIL's own conversion would clip
     them at 255), colour refused unless its channels agree (a grey picture saved as RGB)."""
@@ -249,10 +264,12 @@ def boxes_mask(boxes, size: int | tuple[int, int]) -> np.ndarray:
 
 
 def to_model_input(images: np.ndarray):
-    """uint8 (B, H, W) or (H, W) → float tensor (B, 3, H, W) in [-1, 1] for the VAE."""
+    """uint8 grey (B, H, W) or (H, W), or colour (B, H, W, 3) → float tensor (B, 3, H, W) in [-1, 1] for the VAE."""
     import torch
 
     array = np.asarray(images, dtype=np.float32)
+    if array.ndim == 4:  # colour (COCO): channels last → first
+        return torch.from_numpy(array / 127.5 - 1.0).permute(0, 3, 1, 2).contiguous()  # (batch, 3, height, width)
     if array.ndim == 2:
         array = array[None]
     tensor = torch.from_numpy(array / 127.5 - 1.0)  # (batch, height, width)

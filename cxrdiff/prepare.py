@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from cxrdiff.artifacts import MANIFEST, StepFolder, atomic_path, write_json, write_text
-from cxrdiff.choices import DicomContrast, TextFallback
+from cxrdiff.choices import DataFormat, DicomContrast, TextFallback
 from cxrdiff.config import settings, to_dict
 from cxrdiff.console import log, progress
 from cxrdiff.data import (
@@ -44,7 +44,7 @@ from cxrdiff.data import (
     read_split,
 )
 from cxrdiff.errors import InputError
-from cxrdiff.images import ImageRefused, box_to_frame, load_grayscale, resize_center_crop, to_model_input
+from cxrdiff.images import ImageRefused, box_to_frame, load_grayscale, load_rgb, resize_center_crop, to_model_input
 from cxrdiff.impressions import SOURCES, read_report, report_path
 from cxrdiff.models import Components, check_model_folder, vae_fingerprint
 from cxrdiff.speed import limit_cpu_threads
@@ -67,6 +67,11 @@ class PrepareConfig:
         "reports",
         "ms_cxr",
         "base_model",
+        "format",
+        "coco",
+        "coco_splits",
+        "coco_words",
+        "coco_val_fraction",
     )
 
     mimic: Path | None = None
@@ -84,6 +89,13 @@ class PrepareConfig:
     workers: int | None = None  # image-decoding processes per accelerate process; None: from the CPU count
     dicom_contrast: DicomContrast = "mimic-jpg"  # DICOM → 8 bit: MIMIC-CXR-JPG's conversion, or the file's window
     text_fallback: TextFallback = "none"  # none: a report without an IMPRESSION is dropped (the paper's choice)
+    # --format coco (cxrdiff.prepare_coco): a COCO-layout root instead of MIMIC-CXR. These fields are left out of a
+    # MIMIC run's settings (so its key is as before); a COCO run adds them (see prepare_coco.coco_settings).
+    format: DataFormat = "mimic"
+    coco: Path | None = None  # COCO root: annotations/{captions,instances}_{split}.json and {split}/ images
+    coco_splits: str = "train2017,val2017"  # TRAIN,TEST: the official train split (→ train + val) and the test split
+    coco_words: Path | None = None  # CSV (category, word): synonyms that also name a category in a test caption
+    coco_val_fraction: float = 0.0983  # share of the train split held out for validation (10,702 of 108,871)
 
 
 # --- checks ---------------------------------------------------------------------------------
@@ -111,6 +123,12 @@ def text_fallbacks(choice: str) -> tuple[str, ...]:
 
 def check_inputs(config: PrepareConfig) -> _Inputs:
     """Every structural fault, before any image, report or weight is read."""
+    if config.format == "coco":
+        from cxrdiff.prepare_coco import check_coco_inputs
+
+        return check_coco_inputs(config)  # type: ignore[return-value]
+    if config.coco is not None or config.coco_words is not None:
+        raise InputError("--coco/--coco-words: only with --format coco")
     for name in ("mimic", "ms_cxr", "base_model", "out"):
         if getattr(config, name) is None:
             raise InputError(f"--{name.replace('_', '-')} is required")
@@ -196,11 +214,12 @@ def _threads(fn, items: list, description: str) -> list:
 
 
 def _skip(part: str, row: Any, reason: str, detail: str = "", path: str = "") -> dict[str, Any]:
+    subject, study = row.get("subject_id", float("nan")), row.get("study_id", float("nan"))
     return {
         "part": part,
-        "dicom_id": str(row["dicom_id"]),
-        "subject_id": int(row["subject_id"]) if row["subject_id"] == row["subject_id"] else -1,
-        "study_id": int(row["study_id"]) if row["study_id"] == row["study_id"] else -1,
+        "dicom_id": str(row["dicom_id"] if "dicom_id" in row else row.get("image_id", "")),  # COCO: the image id
+        "subject_id": int(subject) if subject == subject else -1,
+        "study_id": int(study) if study == study else -1,
         "reason": reason,
         "detail": detail,
         "path": path,
@@ -472,8 +491,9 @@ class _ImageSet:
     """Decode + resize + crop, in DataLoader workers so that JPEG decoding overlaps the VAE. An image that
     cannot be used comes back as None with the reason (a `skipped.csv` reason) and the detail."""
 
-    def __init__(self, paths: list[str], resolution: int, dicom_contrast: DicomContrast = "mimic-jpg"):
+    def __init__(self, paths: list[str], resolution: int, dicom_contrast: DicomContrast = "mimic-jpg", rgb=False):
         self.paths, self.resolution, self.dicom_contrast = paths, resolution, dicom_contrast
+        self.rgb = rgb  # COCO: colour kept, (H, W, 3)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -481,8 +501,8 @@ class _ImageSet:
     def __getitem__(self, i: int) -> tuple[int, np.ndarray | None, int, int, str, str]:
         path = self.paths[i]
         try:
-            image = load_grayscale(path, self.dicom_contrast)
-            height, width = image.shape
+            image = load_rgb(path) if self.rgb else load_grayscale(path, self.dicom_contrast)
+            height, width = image.shape[:2]
             if min(height, width) * MAX_UPSCALE < self.resolution:
                 raise ImageRefused(path, "image too small", f"{width}x{height} for resolution {self.resolution}")
             return i, resize_center_crop(image, self.resolution), width, height, "", ""
@@ -540,11 +560,15 @@ def _schema(unit: str):
     )
 
 
-def _table(unit: str, rows, mean: np.ndarray, logvar: np.ndarray, sizes: list[tuple[int, int]], resolution: int):
+def _table(unit: str, rows, mean: np.ndarray, logvar: np.ndarray, sizes: list[tuple[int, int]], resolution: int,
+           coco: bool = False):  # fmt: skip
     """A unit's Parquet rows: the plan's columns, the prepared boxes (MS-CXR) and the latents."""
     import pyarrow as pa
 
-    schema = _schema(unit)
+    if coco:
+        from cxrdiff.prepare_coco import coco_schema
+
+    schema = coco_schema(unit) if coco else _schema(unit)
     data: dict[str, list] = {}
     for name in schema.names:
         if name in rows.columns:
@@ -572,10 +596,11 @@ def _rescale(box: list[float], row: Any, size: tuple[int, int]) -> tuple[float, 
 
 def _encode_unit(
     acc: Any, vae: Any, rows, unit: str, out: Path, resolution: int, batch_size: int, workers: int,
-    dicom_contrast: DicomContrast = "mimic-jpg",
+    dicom_contrast: DicomContrast = "mimic-jpg", coco: bool = False,
 ):  # fmt: skip
     """Each process encodes its contiguous share of the unit into a part; the main process joins the parts in
-    order into `<unit>.parquet` (its skips first, then the file, both written atomically)."""
+    order into `<unit>.parquet` (its skips first, then the file, both written atomically). `coco`: colour
+    images and the COCO units' columns (cxrdiff.prepare_coco)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
@@ -585,7 +610,7 @@ def _encode_unit(
     state = out / STATE
     mine = rows.iloc[np.array_split(np.arange(len(rows)), acc.num_processes)[acc.process_index]]
     loader = DataLoader(
-        _ImageSet(list(mine["image_path"]), resolution, dicom_contrast),
+        _ImageSet(list(mine["image_path"]), resolution, dicom_contrast, rgb=coco),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=list,
@@ -604,8 +629,12 @@ def _encode_unit(
         pixels = to_model_input(np.stack([item[1] for item in good]))  # (batch, 3, res, res)
         mean, logvar = _encode_batch(vae, pixels.to(acc.device, dtype))  # (batch, channels, h, w)
         sizes = [(item[2], item[3]) for item in good]
-        tables.append(_table(unit, mine.iloc[[item[0] for item in good]], mean, logvar, sizes, resolution))
-    table = pa.concat_tables(tables) if tables else _schema(unit).empty_table()
+        tables.append(_table(unit, mine.iloc[[item[0] for item in good]], mean, logvar, sizes, resolution, coco))
+    if not tables:
+        from cxrdiff.prepare_coco import coco_schema
+
+        schema = coco_schema(unit) if coco else _schema(unit)
+    table = pa.concat_tables(tables) if tables else schema.empty_table()
     rank = f"{acc.process_index:03d}"
     with atomic_path(state / f"{unit}.part-{rank}.parquet") as tmp:
         pq.write_table(table, tmp)
@@ -673,6 +702,10 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     import pandas as pd
     from accelerate import Accelerator
 
+    if config.format == "coco":
+        from cxrdiff.prepare_coco import prepare_coco
+
+        return prepare_coco(config)
     start = time.perf_counter()
     inputs = check_inputs(config)
     acc = Accelerator()

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from cxrdiff.artifacts import StepFolder, atomic_path, write_bytes, write_json, write_text
+from cxrdiff.choices import PhantomKind
 from cxrdiff.config import settings, to_dict
 from cxrdiff.data import LABELS, MS_CXR_CATEGORIES, MS_CXR_FILE_COLUMNS, patient_folder
 from cxrdiff.errors import InputError
@@ -236,11 +237,12 @@ class PhantomConfig:
     dicom_fraction: float = 0.1
     preview: bool = False
     workers: int | None = None  # image processes; None: as many as pay for themselves, 0 or 1: this one
+    kind: PhantomKind = "mimic"  # coco: a COCO-layout set (cxrdiff.phantom.coco), which adds the kind to its settings
 
-    NOT_SETTINGS: ClassVar[tuple[str, ...]] = ("out", "workers")
+    NOT_SETTINGS: ClassVar[tuple[str, ...]] = ("out", "workers", "kind")
 
 
-def check_inputs(config: PhantomConfig) -> StepFolder:
+def check_inputs(config: PhantomConfig, claim: bool = True) -> StepFolder | None:
     """Refuse bad numbers and an `--out` that is not this phantom's folder, before anything is drawn."""
     if config.patients < 1:
         raise InputError(f"--patients: must be at least 1, got {config.patients}")
@@ -248,6 +250,12 @@ def check_inputs(config: PhantomConfig) -> StepFolder:
         raise InputError(f"--size: must be at least 32 pixels, got {config.size}")
     if not 0.0 <= config.dicom_fraction <= 1.0:
         raise InputError(f"--dicom-fraction: must be between 0 and 1, got {config.dicom_fraction}")
+    if not claim:
+        return None
+    if config.kind == "coco":
+        from cxrdiff.phantom.coco import coco_settings
+
+        return StepFolder.claim(config.out, STEP, coco_settings(config))
     return StepFolder.claim(config.out, STEP, settings(config))
 
 
@@ -259,6 +267,10 @@ def make_phantom(config: PhantomConfig) -> dict[str, Any]:
     """
     from cxrdiff.console import log, progress
 
+    if config.kind == "coco":
+        from cxrdiff.phantom.coco import make_coco_phantom
+
+        return make_coco_phantom(config)
     folder = check_inputs(config)
     out = Path(config.out)
     if folder.finished:

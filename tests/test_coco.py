@@ -1,0 +1,211 @@
+"""COCO-format data: the caption rule, masks in the prepared frame, and `prepare --format coco` on the phantom."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from cxrdiff.coco import caption_word, decode_rle, encode_rle, mask_to_frame, plurals
+from cxrdiff.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def coco_phantom(tmp_path_factory):
+    """A COCO-layout phantom: 16 train2017 and 4 val2017 images at 320 px (short side, so 256 px is a reduction,
+    as for MS-COCO); not to be modified."""
+    from cxrdiff.phantom import PhantomConfig, make_phantom
+
+    path = tmp_path_factory.mktemp("coco") / "coco"
+    make_phantom(PhantomConfig(path, patients=16, seed=13, size=320, kind="coco"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def coco_prepared(coco_phantom, tiny_model, tmp_path_factory):
+    from cxrdiff.prepare import PrepareConfig, prepare
+
+    out = tmp_path_factory.mktemp("coco_prepared") / "prepared"
+    prepare(PrepareConfig(format="coco", coco=coco_phantom, coco_words=coco_phantom / "synonyms.csv",
+                          coco_val_fraction=0.25, base_model=tiny_model, out=out, batch_size=8, workers=0))  # fmt: skip
+    return out
+
+
+def test_caption_rule_as_the_paper():
+    """The paper's example: "two birds on a hand rail" stays for bird, "two seagulls ..." does not."""
+    assert caption_word("Two birds on a hand rail", "bird", {}) == "birds"
+    assert caption_word("Two seagulls on a hand rail", "bird", {}) is None
+    assert caption_word("Two seagulls on a hand rail", "bird", {"bird": ("seagull",)}) == "seagulls"
+    assert caption_word("A Person riding a bus", "person", {}) == "Person"
+    assert caption_word("three people and two buses", "bus", {}) == "buses"
+    assert caption_word("three people", "person", {}) == "people"
+    assert caption_word("a catalog on a table", "cat", {}) is None  # whole words only
+    assert caption_word("two teddy bears", "teddy bear", {}) == "teddy bears"
+    assert plurals("skateboard") == ("skateboards",) and plurals("toothbrush") == ("toothbrushes",)
+
+
+def test_rle_is_cocos_own_and_round_trips():
+    from pycocotools import mask as mask_utils
+
+    mask = np.zeros((7, 5), dtype=bool)
+    mask[1:4, 2:5] = True
+    text = encode_rle(mask)
+    rle = json.loads(text)
+    assert rle["size"] == [7, 5] and isinstance(rle["counts"], str)
+    assert (decode_rle(text) == mask).all()
+    assert (mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode()}) == mask).all()
+    assert mask_utils.area({"size": rle["size"], "counts": rle["counts"].encode()}) == 9
+
+
+def test_mask_to_frame_follows_the_image_crop():
+    """A 200×100 image at 50 px: scale 0.5, 25 px cut on the left; a block at x 60..100 lands at 5..25."""
+    mask = np.zeros((100, 200), dtype=bool)
+    mask[20:60, 60:100] = True
+    framed = mask_to_frame(mask, 50)
+    expected = np.zeros((50, 50), dtype=bool)
+    expected[10:30, 5:25] = True
+    assert framed.shape == (50, 50) and (framed == expected).all()
+
+
+def _back_projected(mask: np.ndarray, resolution: int) -> np.ndarray:
+    """A second implementation of the prepared frame: sample the original mask at each prepared pixel's centre."""
+    from cxrdiff.images import crop_geometry
+
+    height, width = mask.shape
+    scale, left, top = crop_geometry(width, height, resolution)
+    centres = (np.arange(resolution) + 0.5 + np.array([[left], [top]])) / scale  # (2, resolution)
+    cols = np.clip(np.floor(centres[0]).astype(int), 0, width - 1)
+    rows = np.clip(np.floor(centres[1]).astype(int), 0, height - 1)
+    return mask[np.ix_(rows, cols)]
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / (a | b).sum())
+
+
+def test_plan_masks_equal_the_drawn_polygons_at_256(coco_phantom, tmp_path):
+    """Each test row's mask, decoded, against the instances' polygons mapped into the prepared frame and filled
+    at pixel centres (crowds: their RLE sampled at the prepared pixels): IoU ≥ 0.95 at 256 px; crowd flags as
+    annotated."""
+    from matplotlib.path import Path
+    from pycocotools import mask as mask_utils
+
+    from cxrdiff.images import crop_geometry
+    from cxrdiff.phantom.coco import SYNONYMS
+    from cxrdiff.prepare_coco import CocoInputs, build_coco_plan
+
+    words = tmp_path / "all_synonyms.csv"  # every synonym, the crowds' "glider" too: every named pair is a row
+    words.write_text("category,word\n" + "".join(f"{c},{w}\n" for c, w in SYNONYMS.items()))
+    inputs = CocoInputs(coco_phantom, ("train2017", "val2017"), tmp_path, tmp_path, 256, (4, 32, 32), 0.18)
+    config = type("C", (), {"coco_words": words, "coco_val_fraction": 0.25, "seed": 0, "shard_size": 8})
+    plan = build_coco_plan(config, inputs)
+    pairs = plan["units"]["coco_test"]
+    instances = json.loads((coco_phantom / "annotations" / "instances_val2017.json").read_text())
+    names = {c["id"]: c["name"] for c in instances["categories"]}
+    assert len(pairs) and pairs["crowd"].any()
+    yy, xx = np.mgrid[0:256, 0:256] + 0.5
+    centres = np.stack([xx.ravel(), yy.ravel()], axis=1)  # (256², 2) as (x, y)
+    for _, row in pairs.iterrows():
+        anns = [a for a in instances["annotations"]
+                if a["image_id"] == row["image_id"] and names[a["category_id"]] == row["category_name"]]  # fmt: skip
+        scale, left, top = crop_geometry(row["image_width"], row["image_height"], 256)
+        drawn = np.zeros((256, 256), dtype=bool)
+        sampled = np.zeros((256, 256), dtype=bool)
+        for ann in anns:
+            if ann["iscrowd"]:
+                rle = mask_utils.frPyObjects(ann["segmentation"], row["image_height"], row["image_width"])
+                sampled |= _back_projected(mask_utils.decode(rle).astype(bool), 256)
+                continue
+            for poly in ann["segmentation"]:  # pixel centres inside the polygon, mapped to the prepared frame
+                points = [(x * scale - left, y * scale - top) for x, y in zip(poly[0::2], poly[1::2], strict=True)]
+                drawn |= Path(points).contains_points(centres).reshape(256, 256)
+        expected = drawn | sampled
+        assert row["crowd"] == any(a["iscrowd"] for a in anns)
+        assert _iou(decode_rle(row["mask_rle"]), expected) >= 0.95, (row["image_id"], row["category_name"])
+
+
+def test_plan_caption_filter_counts_the_unlisted_synonym(coco_phantom, tmp_path):
+    """Pairs named only by "glider" (a synonym not in synonyms.csv) are excluded and counted; without the
+    words file every synonym-only pair is; with it, "disc" names a frisbee. Counted by hand from the captions."""
+    from cxrdiff.phantom.coco import PLURALS, SYNONYMS
+    from cxrdiff.prepare_coco import CocoInputs, build_coco_plan
+
+    captions = json.loads((coco_phantom / "annotations" / "captions_val2017.json").read_text())["annotations"]
+    instances = json.loads((coco_phantom / "annotations" / "instances_val2017.json").read_text())
+    names = {c["id"]: c["name"] for c in instances["categories"]}
+    pairs = sorted({(a["image_id"], names[a["category_id"]]) for a in instances["annotations"]})
+
+    def named(image_id: int, name: str, words: tuple[str, ...]) -> bool:
+        texts = [c["caption"].lower() for c in captions if c["image_id"] == image_id]
+        terms = [name, PLURALS[name], *words, *(w + "s" for w in words)]
+        return any(f" {t} " in f" {text} " for text in texts for t in terms)
+
+    inputs = CocoInputs(coco_phantom, ("train2017", "val2017"), tmp_path, tmp_path, 64, (4, 16, 16), 0.18)
+    excluded = []
+    for words_file, listed in ((None, {}), (coco_phantom / "synonyms.csv", {"stop sign", "frisbee", "clock"})):
+        config = type("C", (), {"coco_words": words_file, "coco_val_fraction": 0.25, "seed": 0, "shard_size": 8})
+        plan = build_coco_plan(config, inputs)
+        kept = {(i, n) for i, n in pairs if named(i, n, (SYNONYMS[n],) if n in listed else ())}
+        counts = plan["counts"]["test_split"]
+        assert counts["pairs"] == len(pairs)
+        assert counts["pairs_not_named"] == len(pairs) - len(kept)
+        assert set(zip(plan["units"]["coco_test"]["image_id"], plan["units"]["coco_test"]["category_name"],
+                       strict=True)) == kept  # fmt: skip
+        words = set(plan["units"]["coco_test"]["word"].str.lower())
+        assert not words & {"glider", "gliders"}
+        excluded.append(counts["pairs_not_named"])
+    assert excluded[0] > excluded[1] >= 1  # the listed synonyms bring pairs back; "glider" alone stays out
+
+
+def test_prepare_coco_units(coco_prepared, coco_phantom):
+    """Split sizes (train + val = the train split's images, val seeded and recorded), every caption kept,
+    test rows with the prepared frame's masks, and latents of the model's shape."""
+    manifest = json.loads((coco_prepared / "manifest.json").read_text())
+    assert manifest["format"] == "coco" and manifest["latent_shape"] == [4, 16, 16]
+    train_images = json.loads((coco_phantom / "annotations" / "captions_train2017.json").read_text())
+    n = len(train_images["images"])
+    rows = manifest["counts"]["rows"]
+    assert rows["val"] == round(0.25 * n) and rows["train"] + rows["val"] == n
+    division = (coco_prepared / "coco_split.csv").read_text().splitlines()
+    assert division[0] == "image_id,part" and sum(line.endswith(",val") for line in division) == rows["val"]
+    train = pq.read_table(coco_prepared / "train-00000.parquet").to_pylist()
+    by_image: dict[int, list[str]] = {}
+    for ann in train_images["annotations"]:
+        by_image.setdefault(ann["image_id"], []).append(ann["caption"])
+    assert all(row["captions"] == by_image[row["image_id"]] for row in train) and len(train) == rows["train"]
+    test = pq.read_table(coco_prepared / "coco_test.parquet")
+    for column in ("image_id", "category_name", "caption", "word", "mask_rle", "crowd", "latent_mean"):
+        assert column in test.column_names
+    first = test.to_pylist()[0]
+    assert first["word"].lower() in first["caption"].lower()
+    assert decode_rle(first["mask_rle"]).shape == (64, 64) and list(first["latent_shape"]) == [4, 16, 16]
+    assert pq.read_metadata(coco_prepared / "test.parquet").num_rows == 4  # one per val2017 image
+
+
+def test_colour_reaches_the_vae_input():
+    from cxrdiff.images import to_model_input
+
+    red = np.zeros((1, 4, 4, 3), dtype=np.uint8)
+    red[..., 0] = 255
+    tensor = to_model_input(red)
+    assert tuple(tensor.shape) == (1, 3, 4, 4)
+    assert tensor[0, 0].eq(1.0).all() and tensor[0, 1:].eq(-1.0).all()
+
+
+def test_prepare_coco_bad_input_names_the_file(tmp_path, tiny_model):
+    """Refused before any image or weight is read, naming the flag and what is missing (exit code 2: InputError)."""
+    from cxrdiff.coco import parse_splits
+    from cxrdiff.prepare import PrepareConfig, check_inputs
+
+    config = PrepareConfig(format="coco", coco=tmp_path, base_model=tiny_model, out=tmp_path / "o")
+    with pytest.raises(InputError) as caught:
+        check_inputs(config)
+    assert str(caught.value) == (
+        f"--coco {tmp_path}: no annotations/captions_train2017.json (COCO's layout: annotations/, train2017/)"
+    )
+    with pytest.raises(InputError, match="--coco is required with --format coco"):
+        check_inputs(PrepareConfig(format="coco", base_model=tiny_model, out=tmp_path / "o"))
+    with pytest.raises(InputError, match="--coco-splits 'train2017'"):
+        parse_splits("train2017")
