@@ -265,8 +265,8 @@ class TrainingText:
         if self.source == "impression":
             return str(self.impressions[row])
         classes = np.flatnonzero(self.positive[row])
-        if self.source == "labels":
-            return ", ".join(LABELS[c] for c in classes)
+        if self.source == "labels":  # the reference code: the class names in random order, space-joined
+            return " ".join(LABELS[c] for c in rng.permutation(classes))
         picks = [c for c in classes if c in self.alternatives]
         if not len(classes) and LABELS.index(NO_FINDING) in self.alternatives:
             picks = [LABELS.index(NO_FINDING)]  # no positive label at all reads as a normal study

@@ -150,7 +150,11 @@ def test_prompt_sources(tmp_path):
     labels[0, LABELS.index("Cardiomegaly")] = labels[0, LABELS.index("Edema")] = 1.0
     labels[1, LABELS.index("No Finding")] = 1.0
     rng = np.random.default_rng(0)
-    assert TrainingText("labels", ["a", "b", "c"], labels, 0.0).text(0, rng) == "Cardiomegaly, Edema"
+    by_labels = TrainingText("labels", ["a", "b", "c"], labels, 0.0)
+    orders = [by_labels.text(0, rng) for _ in range(40)]  # class names in random order, space-joined
+    assert set(orders) == {"Cardiomegaly Edema", "Edema Cardiomegaly"}
+    assert 10 < orders.count("Edema Cardiomegaly") < 30  # 40 fair coin flips
+    assert by_labels.text(1, rng) == "No Finding"
     csv = tmp_path / "alt.csv"
     csv.write_text("label,text\nCardiomegaly,big heart\nCardiomegaly,enlarged heart\nNo Finding,normal chest\n")
     source = TrainingText(f"file:{csv}", ["a", "b", "c"], labels, 0.0)

@@ -83,18 +83,18 @@ def test_render_writes_published_and_measured_numbers(tmp_path):
         assert "FID: published values not comparable" in text and "normalised the Inception inputs twice" in text
         assert "FID (" not in text  # nothing that is not an FID is named like one
         assert "236.2" in text and "MS-CXR phrases" in text  # Table 4's second prompt source
-        assert "enlarged (222, 1.16)" in text and "EOS 0.72" in text.replace("Finetune_F 0.72", "EOS 0.72")
+        assert "enlarged (222, 1.16)" in text and "<EOS> (0.72)" in text.replace("&lt;", "<").replace("&gt;", ">")
         assert "positives: images whose only label is d" in text
         assert "12.3" in text and "77.7" in text and "88.8" in text  # this report's numbers
         assert "81.0 / 50.0 / 0.61" in text  # frozen's average: AUC %, Top-1 %, CNR
         assert "saw MIMIC-CXR" in text.replace("were trained on data that includes MIMIC-CXR", "saw MIMIC-CXR")
         assert "Warning: some" not in text and f"({UNTRAINED_LABEL})" not in text
-    assert page.count("data:image/png;base64,") == 2 and 'src="http' not in page
+    assert page.count("data:image/png;base64,") == 3 and 'src="http' not in page  # trade-off, bars, grid
     # Table 3 read in its own column order: BioViL-L's Pleural Effusion 1.5 and Pneumothorax 0.74
     table_3 = md.split("### CNR against published")[1].split("###")[0]
     cells = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:4] for line in table_3.splitlines() if "|" in line}
     assert cells["Pleural Effusion"] == ["1.02", "1.2", "1.5"] and cells["Pneumothorax"] == ["0.28", "0.47", "0.74"]
-    words = md.split("### Word analysis (this report)")[1].split("###")[0]
+    words = md.split("### Word analysis (Table 6 and this report)")[1].split("###")[0]
     assert "| frozen | Edema | edema (30, 1.23) | edema (30, 1.23) |" in words
     assert "more than 7 of the class's phrases" in words
     assert json.loads((tmp_path / "metrics.json").read_text())["runs"]["frozen"]["fidelity"][0]["value"] == 12.34
@@ -119,17 +119,35 @@ def _chromium() -> str | None:
 
 
 def test_report_html_renders_in_chromium(tmp_path):
+    """The page as a browser shows it: every figure decodes (as many as the PNG files written beside it), and
+    every table of measurements holds the paper's numbers in a row or column labelled published."""
     browser = _chromium()
     if browser is None:
         if os.environ.get("CI"):
             pytest.fail("chromium is not installed but CI is set (.ci/run installs Debian's chromium)")
         pytest.skip("chromium not installed (apt-get install chromium)")
-    render(_metrics(tmp_path, untrained=True), tmp_path)
+    metrics = _metrics(tmp_path, untrained=True)
+    frozen = metrics["runs"]["frozen"]
+    frozen["training"] = {"frozen_text": True, "steps": 4, "lr": 5e-5, "seed": 0}
+    metrics["runs"]["learnable"]["training"] = {"frozen_text": False, "steps": 4, "lr": 5e-5, "seed": 0}
+    frozen["checkpoints"] = [
+        {"step": s, "source": "checkpoint", "grounding": frozen["grounding"]["average"], "fidelity": fd}
+        for s, fd in ((2, frozen["fidelity"][0]), (4, frozen["fidelity"][0]))
+    ]
+    written = render(metrics, tmp_path)
+    pngs = sorted(p.name for p in written if p.suffix == ".png")
+    assert pngs == ["checkpoints.png", "cnr-by-class.png", "grounding.png", "trade-off.png"]
     probe = tmp_path / "probe.html"
     script = (
         "<script>window.addEventListener('load',()=>{const b=document.body;"
-        "b.dataset.images=[...document.images].filter(i=>i.complete&&i.naturalWidth>100).length;"
-        "b.dataset.tables=document.querySelectorAll('table').length;"
+        "const imgs=[...document.images];"
+        "b.dataset.images=imgs.length;"
+        "b.dataset.loaded=imgs.filter(i=>i.complete&&i.naturalWidth>100&&i.naturalHeight>100).length;"
+        "const tabs=[...document.querySelectorAll('table.measured')];"
+        "b.dataset.tables=tabs.length;"
+        "b.dataset.settings=document.querySelectorAll('table.settings').length;"
+        "b.dataset.unpublished=tabs.filter(t=>![...t.querySelectorAll('th,td')].some("
+        "c=>c.textContent.includes('published'))).map(t=>t.previousElementSibling.textContent).join('|');"
         "b.dataset.cells=document.querySelectorAll('td').length;});</script>"
     )
     probe.write_text((tmp_path / "report.html").read_text().replace("</body>", script + "</body>"))
@@ -140,9 +158,10 @@ def test_report_html_renders_in_chromium(tmp_path):
         text=True,
         timeout=120,
     ).stdout
-    body = re.search(r"<body([^>]*)>", dom).group(1)
-    assert 'data-images="2"' in body and 'data-tables="7"' in body, body
-    assert int(re.search(r'data-cells="(\d+)"', body).group(1)) > 100
+    body = dict(re.findall(r'data-(\w+)="([^"]*)"', re.search(r"<body([^>]*)>", dom).group(1)))
+    assert body["images"] == body["loaded"] == str(len(pngs)), body
+    assert int(body["tables"]) == 10 and body["settings"] == "1" and body["unpublished"] == "", body
+    assert int(body["cells"]) > 100
     shot = tmp_path / "report.png"
     subprocess.run(
         [browser, *flags, f"--screenshot={shot}", "--window-size=1200,2400", (tmp_path / "report.html").as_uri()],
@@ -182,6 +201,7 @@ def _stub_steps(calls: Calls):
         model: object = None
         out: object = None
         prompts: object = None
+        prompt_column: str = "impression"
         n_per_prompt: int = 1
         limit: int | None = None
         steps: int = 75
@@ -218,10 +238,17 @@ def _stub_steps(calls: Calls):
         for p, (_, row) in enumerate(test.iterrows()):
             for r in range(cfg.n_per_prompt):
                 i = p * cfg.n_per_prompt + r
-                img = np.clip(rng.normal(120 + 40 * row["Edema"], 30, (32, 32)), 0, 255).astype(np.uint8)
+                edema = row.get("Edema", 0.0)  # MS-CXR phrases carry no labels
+                img = np.clip(rng.normal(120 + 40 * edema, 30, (32, 32)), 0, 255).astype(np.uint8)
                 Image.fromarray(img).save(cfg.out / f"{i:06d}.png")
                 rows.append(
-                    {"index": i, "file": f"{i:06d}.png", "prompt_index": p, "repeat": r, **{c: row[c] for c in LABELS}}
+                    {
+                        "index": i,
+                        "file": f"{i:06d}.png",
+                        "prompt_index": p,
+                        "repeat": r,
+                        **{c: row[c] for c in LABELS if c in row},
+                    }
                 )
         pd.DataFrame(rows).to_parquet(cfg.out / "samples.parquet")
         folder.finish(config=to_dict(cfg), inputs={"model": cfg.model}, seed=cfg.seed)
@@ -273,9 +300,10 @@ def _prepared(folder, n: int = 12):
         labels.update({"Edema": edema, "No Finding": 1.0 - edema})
         rows.append({"impression": f"prompt {i}", "image_path": str(folder / f"real{i}.png"), **labels})
     pd.DataFrame(rows).to_parquet(folder / "test.parquet")
-    pd.DataFrame([{"dicom_id": "d", "category_name": "Edema", "label_text": "edema"}]).to_parquet(
-        folder / "ms_cxr.parquet"
-    )
+    phrases = ("edema", "mild pulmonary edema", "interstitial edema")
+    pd.DataFrame(
+        [{"dicom_id": f"d{i}", "category_name": "Edema", "label_text": t} for i, t in enumerate(phrases)]
+    ).to_parquet(folder / "ms_cxr.parquet")
     write_manifest(folder, "prepare")
     return folder
 
@@ -294,8 +322,11 @@ def test_rerun_recomputes_nothing_then_what_changed(tmp_path, tiny_model):
         diversity_prompts=3,
     )
     first = report(ReportConfig(**base), classifier=Brightness(), steps=steps)
-    assert calls.sample == ["samples", "diversity"] and calls.ground == ["ground"]
-    assert first["recomputed"]["tiny"] == "samples,diversity,ground,metrics"
+    assert calls.sample == ["samples", "diversity", "samples-ms-cxr", "diversity-ms-cxr"]
+    assert calls.ground == ["ground"]
+    assert (
+        first["recomputed"]["tiny"] == "samples,diversity,ground,metrics,samples-ms-cxr,diversity-ms-cxr,metrics-ms-cxr"
+    )
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
     run = metrics["runs"]["tiny"]
     assert run["n_generated"] == 10 and run["diversity"]["protocol"]["prompts"] == 3
@@ -306,10 +337,10 @@ def test_rerun_recomputes_nothing_then_what_changed(tmp_path, tiny_model):
 
     again = report(ReportConfig(**base), classifier=Brightness(), steps=steps)
     assert again["recomputed"]["tiny"] == "nothing"
-    assert calls.sample == ["samples", "diversity"] and calls.ground == ["ground"]
+    assert len(calls.sample) == 4 and calls.ground == ["ground"]
 
     report(ReportConfig(**base, ground_steps=25), classifier=Brightness(), steps=steps)  # only grounding reruns
-    assert calls.ground == ["ground", "ground"] and len(calls.sample) == 2
+    assert calls.ground == ["ground", "ground"] and len(calls.sample) == 4
     summary = json.loads((tmp_path / "report" / "metrics.json").read_text())["runs"]["tiny"]["grounding"]
     assert summary["average"]["cnr"]["mean"] == pytest.approx(0.41 + 0.05)
     manifest = json.loads((tmp_path / "report" / "manifest.json").read_text())
@@ -323,7 +354,10 @@ def test_rerun_recomputes_nothing_then_what_changed(tmp_path, tiny_model):
     test.to_parquet(real / "test.parquet")
     write_manifest(real, "prepare")  # a changed input folder: new manifest hash
     changed = report(ReportConfig(**base, ground_steps=25), classifier=Brightness(), steps=steps)
-    assert changed["recomputed"]["tiny"] == "samples,diversity,ground,metrics"
+    assert (
+        changed["recomputed"]["tiny"]
+        == "samples,diversity,ground,metrics,samples-ms-cxr,diversity-ms-cxr,metrics-ms-cxr"
+    )
 
 
 def test_table_3_is_grounded_per_phrase_when_an_image_class_has_two_phrases(tmp_path, tiny_model):
@@ -423,5 +457,8 @@ def test_report_refuses_a_strangers_folder_and_takes_up_its_own_interrupted_run(
         report(ReportConfig(**config, out=out), steps={"sample": sample_step, "ground": (broken, ground_step[1])})
     assert not (out / "manifest.json").exists() and calls.sample == ["samples", "diversity"]
     result = report(ReportConfig(**config, out=out, ground_steps=25), steps=steps)
-    assert result["recomputed"]["tiny"] == "ground,metrics" and len(calls.sample) == 2
+    assert (
+        result["recomputed"]["tiny"] == "ground,metrics,samples-ms-cxr,diversity-ms-cxr,metrics-ms-cxr"
+        and len(calls.sample) == 4
+    )
     assert json.loads((out / "manifest.json").read_text())["settings"]["ground_steps"] == 25

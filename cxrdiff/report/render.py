@@ -12,6 +12,7 @@ import html
 import io
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,7 @@ class Table:
     headers: list[str]
     rows: list[list[str]]
     note: str = ""
+    kind: str = "measured"  # "settings": what was run, no published counterpart
 
     def markdown(self) -> str:
         lines = [f"### {self.title}", ""]
@@ -77,7 +79,7 @@ class Table:
         head = "".join(f"<th>{html.escape(h)}</th>" for h in self.headers)
         body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in self.rows)
         note = f'<p class="note">{html.escape(self.note)}</p>' if self.note else ""
-        table = f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+        table = f'<table class="{self.kind}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
         return f"<h3>{html.escape(self.title)}</h3>{table}{note}"
 
 
@@ -88,15 +90,19 @@ def _score_cell(entry: Mapping[str, Any] | None, digits: int = 1) -> str:
 def tables(metrics: Mapping[str, Any]) -> list[Table]:
     """The paper's tables (published numbers labelled with their source) beside this report's runs."""
     runs = metrics.get("runs", {})
-    return [
+    listed = [
         _localization_table(runs),
+        _trainings_table(metrics),
         _cnr_table(runs),
         _fidelity_table(runs),
+        _fidelity_sources_table(metrics),
         _classifier_table(metrics),
-        _published_word_table(),
         _word_table(runs),
+        _eos_table(metrics),
         _text_source_table(),
+        _text_source_measured_table(metrics),
     ]
+    return [t for t in listed if t is not None]
 
 
 def _grounding_entry(run: Mapping[str, Any], category: str) -> Mapping[str, Any] | None:
@@ -217,26 +223,14 @@ def _classifier_table(metrics: Mapping[str, Any]) -> Table:
     )
 
 
-def _published_word_table() -> Table:
-    """Table 6 as published: word (occurrences in the class, mean CNR), best first."""
-    rows = [
-        [m, c, ", ".join(f"{w} ({n}, {_pub(cnr)})" for w, n, cnr in words)]
-        for m, table in PUBLISHED_WORDS.items()
-        for c, words in table.items()
-    ]
-    eos = ", ".join(f"{m} {_pub(v)}" for m, v in PUBLISHED_EOS_CNR.items())
-    return Table(
-        "Word analysis (published, Table 6): the words with the highest mean CNR per class",
-        ["model", "class", "top words (occurrences in the class, mean CNR)"],
-        rows,
-        f"Published: Table 6 of {PAPER}: words occurring more than {WORDS_MIN_COUNT} times in the class's "
-        "phrases, case kept, SOS and EOS included. Finetune_L: EOS tops 7 of 8 classes (only Pneumothorax is "
-        f"listed here); SDv2: the best word only. The EOS token's CNR over all classes: {eos}.",
-    )
-
-
 def _word_table(runs: Mapping[str, Any]) -> Table:
+    """Table 6 beside this report's runs: per class, the paper's top words (published rows), then each run's
+    3 words with the highest mean CNR and the class's own words among the ranked; the EOS rows last."""
     rows, thresholds = [], set()
+    measured: dict[str, list[list[str]]] = {}
+    eos_rows = [
+        [f"{m} (published)", "EOS over all classes", f"<EOS> ({_pub(v)})", ""] for m, v in PUBLISHED_EOS_CNR.items()
+    ]
     for n, r in runs.items():
         analysis = r.get("grounding", {}).get("word_analysis", {})
         if "min_count" in analysis:
@@ -244,23 +238,175 @@ def _word_table(runs: Mapping[str, Any]) -> Table:
         own = analysis.get("class_words", {})
         for c, words in analysis.get("top3", {}).items():
             listed = ", ".join(f"{w['word']} ({w['n']}, {w['cnr']:.2f})" for w in own.get(c, [])) or "—"
-            rows.append([n, c, ", ".join(f"{w['word']} ({w['n']}, {w['cnr']:.2f})" for w in words), listed])
+            top = ", ".join(f"{w['word']} ({w['n']}, {w['cnr']:.2f})" for w in words)
+            measured.setdefault(c, []).append([n, c, top, listed])
         if analysis.get("eos_cnr") is not None:
-            rows.append([n, "EOS over all classes", f"<EOS> ({analysis['eos_cnr']:.2f})", ""])
+            eos_rows.append([n, "EOS over all classes", f"<EOS> ({analysis['eos_cnr']:.2f})", ""])
+    for c in dict.fromkeys([*MS_CXR_CATEGORIES, *measured]):
+        for m, table in PUBLISHED_WORDS.items():
+            if c in table:
+                words = ", ".join(f"{w} ({k}, {_pub(cnr)})" for w, k, cnr in table[c])
+                rows.append([f"{m} (published, Table 6)", c, words, "—"])
+        rows += measured.get(c, [])
     threshold = " / ".join(str(t) for t in sorted(thresholds)) or "—"
     return Table(
-        "Word analysis (this report): the 3 words with the highest mean CNR per class",
+        "Word analysis (Table 6 and this report): the words with the highest mean CNR per class",
         ["model", "class", "top words (occurrences in the class, mean CNR)", "the class's own words among the ranked"],
-        rows,
-        "Counted as the paper did (per class, case kept, <SOS> and <EOS> included); threshold used: a word ranks "
-        f"when it occurs in more than {threshold} of the class's phrases (the paper: {WORDS_MIN_COUNT}, over "
-        "MS-CXR's 1,162 phrases; a smaller phrase set scales it).",
+        rows + eos_rows,
+        f"Published: Table 6 of {PAPER}, words occurring more than {WORDS_MIN_COUNT} times in the class's phrases "
+        "(Finetune_L: EOS tops 7 of 8 classes, only Pneumothorax is listed; SDv2: the best word only); the EOS "
+        "token's CNR over all classes from its text. This report counts as the paper did (per class, case kept, "
+        f"<SOS> and <EOS> included); threshold used: a word ranks when it occurs in more than {threshold} of the "
+        f"class's phrases (the paper: {WORDS_MIN_COUNT}, over MS-CXR's 1,162 phrases; a smaller phrase set scales "
+        "it).",
     )
 
 
 def _text_source_table() -> Table:
     rows = [[src, _pub(a), _pub(b)] for src, (a, b) in PUBLISHED_TEXT_SOURCE.items()]
-    return Table("CNR by training text (published, Table 7)", ["text", "learnable", "frozen"], rows)
+    headers = ["text", "learnable (published)", "frozen (published)"]
+    return Table("CNR by training text (published, Table 7)", headers, rows)
+
+
+# --- over trainings (metrics["groups"]): Table 1's ±, Table 4's two prompt sources, Table 7, EOS ----------
+
+
+def _over(entry: Mapping[str, Any] | None, scale: float = 1.0, digits: int = 2) -> str:
+    """A {mean, std, n} over trainings: 'mean ± std' (the ± only when there are two trainings or more)."""
+    if not entry or entry.get("mean") is None:
+        return "—"
+    text = f"{entry['mean'] * scale:.{digits}f}"
+    return text + (f" ± {entry['std'] * scale:.{digits}f}" if entry.get("n", 0) > 1 else "")
+
+
+def _trainings_note(metrics: Mapping[str, Any]) -> str:
+    ddof = (metrics.get("trainings") or {}).get("ddof", 1)
+    return (
+        f"± = standard deviation over trainings of one setting (ddof = {ddof}; runs grouped by their manifests' "
+        "settings, all but the seed), as the paper's Table 1; no ± with one training. Grounding noise seeds "
+        "(`ground --runs`) are a separate source of variance, not included."
+    )
+
+
+def _group_label(name: str, group: Mapping[str, Any]) -> str:
+    n = group.get("trainings", 0)
+    return f"{name} ({n} training{'s' if n != 1 else ''})"
+
+
+def _trainings_table(metrics: Mapping[str, Any]) -> Table | None:
+    """Table 1 over trainings: each setting group's mean ± std of AUC-ROC %, Top-1 % and CNR."""
+    groups = metrics.get("groups") or {}
+    if not groups:
+        return None
+    published = [m for m in PUBLISHED_LOCALIZATION_STD]
+    headers = ["class"] + [f"{m} (published, Table 1)" for m in published]
+    headers += [f"{_group_label(g, v)} (this report)" for g, v in groups.items()]
+    rows = []
+    for c in [*MS_CXR_CATEGORIES, "Average"]:
+        row = [c] + [_published_localization(m, c) for m in published]
+        for g in groups.values():
+            grounding = g.get("grounding", {})
+            e = grounding.get("average") if c == "Average" else grounding.get("classes", {}).get(c)
+            row.append(
+                " / ".join((_over(e.get("auc_roc"), 100, 1), _over(e.get("top1"), 100, 1), _over(e.get("cnr"))))
+                if e
+                else "—"
+            )
+        rows.append(row)
+    noise = "; ".join(
+        f"{g}: {v['noise_seed_std']['average']['cnr']:.3f}"
+        for g, v in groups.items()
+        if (v.get("noise_seed_std") or {}).get("average", {}).get("cnr")
+    )
+    note = _trainings_note(metrics) + (f" Mean std of the average CNR over noise seeds: {noise}." if noise else "")
+    return Table("Localization over trainings: AUC-ROC % / Top-1 % / CNR, mean ± std", headers, rows, note)
+
+
+def _fidelity_sources_table(metrics: Mapping[str, Any]) -> Table | None:
+    """Table 4 in full: fidelity and diversity from the p19 prompts and from the MS-CXR phrases, per group."""
+    groups = metrics.get("groups") or {}
+    if not groups:
+        return None
+    titles: dict[str, str] = {}
+    for g in groups.values():
+        for key in ("fidelity", "fidelity_ms_cxr"):
+            for name, e in (g.get(key) or {}).items():
+                titles.setdefault(name, e.get("title", name))
+    names = ["FID", "FID_XRV"] + [n for n in titles if n not in ("FID", "FID_XRV")]
+    headers = ["model", "prompts", "source"] + [titles.get(n, n) for n in names] + ["MS-SSIM %"]
+    rows = []
+    sources = (("MIMIC p19", "", PUBLISHED_FIDELITY), ("MS-CXR phrases", "_ms_cxr", PUBLISHED_FIDELITY_MS_CXR))
+    for prompts, _, table in sources:
+        for m, (f1, f2, ms) in table.items():
+            rows.append([m, prompts, "published, Table 4", _pub(f1), _pub(f2)] + ["—"] * (len(names) - 2) + [_pub(ms)])
+    for g, v in groups.items():
+        for prompts, suffix, _ in sources:
+            scores = v.get(f"fidelity{suffix}") or {}
+            cells = [_over(scores.get(n), 1, 1) for n in names]
+            rows.append([_group_label(g, v), prompts, "this report", *cells, _over(v.get(f"diversity{suffix}"), 1, 1)])
+    note = (
+        "Both prompt sources sampled and scored the same way (sampler, seeds, image count, the same real p19 "
+        f"images). {FID_NOT_COMPARABLE} " + _trainings_note(metrics)
+    )
+    return Table("Fidelity and diversity by prompt source (Table 4, both columns)", headers, rows, note)
+
+
+TEXT_SOURCE_NAMES = {"impression": "impressions", "labels": "class labels"}
+
+
+def _source_name(source: str | None) -> str:
+    if source and source.startswith("file:"):
+        return f"synthetic impressions ({Path(source[5:]).name})"
+    return TEXT_SOURCE_NAMES.get(source or "", str(source))
+
+
+def _text_source_measured_table(metrics: Mapping[str, Any]) -> Table | None:
+    """Table 7 measured: CNR on the phrases that contain their label, per training text and text encoder."""
+    groups = {g: v for g, v in (metrics.get("groups") or {}).items() if v.get("setting", {}).get("text_encoder")}
+    if not groups:
+        return None
+    cells: dict[str, dict[str, list[str]]] = {}
+    for g, v in groups.items():
+        t = v.get("text_source") or {}
+        source, encoder = _source_name(t.get("source")), v["setting"]["text_encoder"]
+        text = f"{_over(t.get('cnr'))} ({_group_label(g, v)}, {t.get('phrases') or 0} phrases)"
+        cells.setdefault(source, {}).setdefault(encoder, []).append(text)
+    rows = [[s, "; ".join(c.get("learnable", ["—"])), "; ".join(c.get("frozen", ["—"]))] for s, c in cells.items()]
+    rows += [[f"{s} (published)", _pub(a), _pub(b)] for s, (a, b) in PUBLISHED_TEXT_SOURCE.items()]
+    note = (
+        "Measured CNR on the MS-CXR phrases that contain their image's label (the class name, case-insensitive), "
+        f"as the paper's Table 7 ({PAPER}). Labels runs train on the class names in random order, space-joined. "
+        + _trainings_note(metrics)
+    )
+    return Table("CNR by training text (Table 7, measured)", ["text", "learnable", "frozen"], rows, note)
+
+
+def _eos_table(metrics: Mapping[str, Any]) -> Table | None:
+    """The end-of-text token's CNR over all classes beside the class words' CNR, per group."""
+    groups = metrics.get("groups") or {}
+    if not groups:
+        return None
+    published = {"learnable": PUBLISHED_EOS_CNR.get("Finetune_L"), "frozen": PUBLISHED_EOS_CNR.get("Finetune_F")}
+    rows = []
+    for g, v in groups.items():
+        eos = v.get("eos") or {}
+        encoder = (v.get("setting") or {}).get("text_encoder")
+        paper = published.get(encoder or "")
+        rows.append(
+            [
+                _group_label(g, v),
+                encoder or "base model",
+                _over(eos.get("eos_cnr")),
+                _over(eos.get("class_word_cnr")),
+                _pub(paper) if paper is not None else "—",
+            ]
+        )
+    return Table(
+        "EOS token vs class words: CNR over all classes",
+        ["model", "text encoder", "<EOS> CNR (this report)", "class words CNR (this report)", "<EOS> CNR (published)"],
+        rows,
+        f"Published: the text of {PAPER} (Finetune_L 0.68, Finetune_F 0.72). " + _trainings_note(metrics),
+    )
 
 
 def _png(fig: Any) -> bytes:
@@ -273,7 +419,9 @@ def _png(fig: Any) -> bytes:
 
 
 def tradeoff_figure(metrics: Mapping[str, Any]) -> bytes:
-    """Fidelity against CNR: the paper's three models (Tables 1, 4) and this report's runs."""
+    """Fidelity against CNR: the paper's three models (Tables 1, 4) on the left; on the right every run of
+    this report (small) and every setting group (large, ± over trainings), the paper's CNRs as dotted lines.
+    Two panels because the paper's FID and this report's measure need not be the same distance."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -281,8 +429,8 @@ def tradeoff_figure(metrics: Mapping[str, Any]) -> bytes:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for m, (fid_value, _, _) in PUBLISHED_FIDELITY.items():
-        left.scatter(PUBLISHED_LOCALIZATION[m]["Average"][2], fid_value)
-        left.annotate(m, (PUBLISHED_LOCALIZATION[m]["Average"][2], fid_value))
+        left.scatter(PUBLISHED_LOCALIZATION[m]["Average"][2], fid_value, marker="s", color="black")
+        left.annotate(m, (PUBLISHED_LOCALIZATION[m]["Average"][2], fid_value), fontsize=8)
     left.set(xlabel="CNR (average)", ylabel="FID", title="published (Tables 1 and 4)")
     ylabel = None
     for n, r in metrics.get("runs", {}).items():
@@ -291,10 +439,69 @@ def tradeoff_figure(metrics: Mapping[str, Any]) -> bytes:
         if cnr is None or fid_entry is None:
             continue
         ylabel = Score.from_dict(fid_entry).title
-        right.scatter(cnr, fid_entry["value"])
-        right.annotate(n, (cnr, fid_entry["value"]))
+        right.scatter(cnr, fid_entry["value"], s=18, alpha=0.7)
+        right.annotate(n, (cnr, fid_entry["value"]), fontsize=7)
+    for g, v in (metrics.get("groups") or {}).items():
+        cnr = ((v.get("grounding") or {}).get("average") or {}).get("cnr") or {}
+        first = next(iter((v.get("fidelity") or {}).values()), None)
+        if cnr.get("mean") is None or first is None or first.get("mean") is None:
+            continue
+        right.errorbar(
+            cnr["mean"], first["mean"], xerr=cnr.get("std") or 0, yerr=first.get("std") or 0, fmt="o", ms=9, capsize=3
+        )
+        right.annotate(f"{g} (mean)", (cnr["mean"], first["mean"]), fontsize=8, fontweight="bold")
+    for m, style in (("Finetune_F", ":"), ("Finetune_L", "-.")):
+        x = PUBLISHED_LOCALIZATION[m]["Average"][2]
+        right.axvline(x, color="grey", linestyle=style, linewidth=1, label=f"{m} CNR (published)")
+    right.legend(fontsize=7, loc="best")
     right.set(xlabel="CNR (average)", ylabel=ylabel or "fidelity", title="this report (lower is closer to real)")
     return _png(fig)
+
+
+def cnr_by_class_figure(metrics: Mapping[str, Any]) -> tuple[bytes, str] | None:
+    """Per-class CNR bars for each model with error bars, and the paper's Finetune_F / Finetune_L (with their
+    ± over trainings). Error bars: over trainings for setting groups of two or more trainings, else over
+    grounding noise seeds (a run's std); the caption says which. None when nothing was grounded."""
+    groups = {g: v for g, v in (metrics.get("groups") or {}).items() if v.get("trainings", 0) > 1}
+    source = groups or {n: r for n, r in metrics.get("runs", {}).items() if r.get("grounding")}
+    if not source:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars: dict[str, tuple[list[float], list[float]]] = {}
+    for m in ("Finetune_F", "Finetune_L"):
+        stds = PUBLISHED_LOCALIZATION_STD[m]
+        bars[f"{m} (published)"] = (
+            [PUBLISHED_LOCALIZATION[m][c][2] for c in MS_CXR_CATEGORIES],
+            [stds[c][2] for c in MS_CXR_CATEGORIES],
+        )
+    for n, v in source.items():
+        classes = (v.get("grounding") or {}).get("classes", {})
+        cells = [(classes.get(c) or {}).get("cnr") or {} for c in MS_CXR_CATEGORIES]
+        label = f"{n} ({v['trainings']} trainings)" if groups else n
+        bars[label] = (
+            [np.nan if e.get("mean") is None else e["mean"] for e in cells],
+            [e.get("std") or 0 for e in cells],
+        )
+    fig, ax = plt.subplots(figsize=(11, 3.8))
+    width = 0.8 / len(bars)
+    x = np.arange(len(MS_CXR_CATEGORIES))
+    for i, (label, (means, stds)) in enumerate(bars.items()):
+        hatch = "//" if "published" in label else None
+        ax.bar(x + i * width, means, width, yerr=stds, capsize=2, label=label, hatch=hatch, alpha=0.85)
+    ax.set_xticks(x + 0.4 - width / 2, [c.replace(" ", "\n") for c in MS_CXR_CATEGORIES], fontsize=8)
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set(ylabel="CNR", title="CNR per class")
+    ax.legend(fontsize=7, ncol=2)
+    over = "trainings (each setting group's std)" if groups else "grounding noise seeds (`--runs`; 0 with one seed)"
+    caption = (
+        f"Per-class CNR, this report's models beside the paper's (hatched, Table 1, ± over three trainings). "
+        f"Error bars of this report: ± over {over}."
+    )
+    return _png(fig), caption
 
 
 def checkpoint_figure(metrics: Mapping[str, Any]) -> bytes | None:
@@ -325,7 +532,8 @@ def checkpoint_figure(metrics: Mapping[str, Any]) -> bytes | None:
 
 
 def grounding_figure(metrics: Mapping[str, Any]) -> bytes | None:
-    """One overlay per class (columns) for each run (rows): e.g. frozen vs learnable."""
+    """One overlay per class (columns) for each run (rows): e.g. frozen vs learnable; 2.6 inches a cell at
+    110 dpi (about 290 px), pixels kept sharp, so a 64 px overlay's box lines stay visible."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -336,13 +544,13 @@ def grounding_figure(metrics: Mapping[str, Any]) -> bytes | None:
     classes = [c for c in MS_CXR_CATEGORIES if any(o.get(c) for o in runs.values())]
     if not classes:
         return None
-    fig, axes = plt.subplots(len(runs), len(classes), figsize=(1.8 * len(classes), 2.0 * len(runs)), squeeze=False)
+    fig, axes = plt.subplots(len(runs), len(classes), figsize=(2.6 * len(classes), 2.8 * len(runs)), squeeze=False)
     for i, (n, overlays) in enumerate(runs.items()):
         for j, c in enumerate(classes):
             ax = axes[i][j]
             ax.axis("off")
             if overlays.get(c) and Path(overlays[c][0]).is_file():
-                ax.imshow(np.asarray(Image.open(overlays[c][0]).convert("RGB")))
+                ax.imshow(np.asarray(Image.open(overlays[c][0]).convert("RGB")), interpolation="nearest")
             if i == 0:
                 ax.set_title(c, fontsize=8)
             if j == 0:
@@ -357,30 +565,40 @@ def _untrained(metrics: Mapping[str, Any]) -> bool:
 def render(metrics: Mapping[str, Any], out: str | os.PathLike) -> list[Path]:
     """Write metrics.json, report.md and a self-contained report.html (and the figures' PNGs) from the
     metrics dict; returns the files written."""
+    from cxrdiff.report import page
+
     out = Path(out)
     tabs = tables(metrics)
-    figures = {
-        "trade-off": tradeoff_figure(metrics),
-        "checkpoints": checkpoint_figure(metrics),
-        "grounding": grounding_figure(metrics),
+    over_training = page.checkpoint_table(metrics)
+    if over_training is not None:
+        tabs.append(over_training)
+    by_class = cnr_by_class_figure(metrics)
+    made = {
+        "trade-off": (tradeoff_figure(metrics), page.CAPTIONS["trade-off"]),
+        "cnr-by-class": by_class,
+        "checkpoints": (checkpoint_figure(metrics), page.CAPTIONS["checkpoints"]),
+        "grounding": (grounding_figure(metrics), page.CAPTIONS["grounding"]),
     }
-    figures = {name: png for name, png in figures.items() if png is not None}
+    figures = {name: fig for name, fig in made.items() if fig is not None and fig[0] is not None}
     write_json(out / "metrics.json", metrics)
-    for name, png in figures.items():
+    for name, (png, _) in figures.items():
         write_bytes(out / f"{name}.png", png)
-    banner = (
-        f"**Warning: some Fréchet distances use randomly initialised networks ({UNTRAINED_LABEL}).**"
-        if _untrained(metrics)
-        else ""
+    lines, summary = page.headline(metrics)
+    doc = Page(
+        banner=(
+            f"**Warning: some Fréchet distances use randomly initialised networks ({UNTRAINED_LABEL}).**"
+            if _untrained(metrics)
+            else ""
+        ),
+        headline=lines,
+        summary=summary,
+        figures=figures,
+        sections=page.sections(tabs, list(figures)),
+        settings=page.settings_tables(metrics),
+        protocol=[*PROTOCOL, *page.conventions(metrics)],
     )
-    runs = [
-        f"**{n}** ({r.get('kind')}, {r.get('path')}): training {json.dumps(r.get('training', {}))}; "
-        f"sampling {json.dumps(r.get('sampling', {}))}; "
-        f"grounding {json.dumps(r.get('grounding', {}).get('conventions', {}))}"
-        for n, r in metrics.get("runs", {}).items()
-    ]
-    write_text(out / "report.md", _markdown(tabs, list(figures), banner, runs))
-    write_text(out / "report.html", _html(tabs, figures, banner, runs))
+    write_text(out / "report.md", _markdown(doc))
+    write_text(out / "report.html", _html(doc))
     return [out / "metrics.json", out / "report.md", out / "report.html"] + [out / f"{n}.png" for n in figures]
 
 
@@ -392,36 +610,73 @@ FID_NOT_COMPARABLE = (
 TITLE = "cxrdiff report: accuracy vs interpretability"
 SOURCES = f"Published numbers are from {PAPER}, labelled with their table; all others were measured here."
 STYLE = (
-    "body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
-    "td,th{border:1px solid #999;padding:3px 6px;font-size:13px}th{background:#eee}.note{color:#555;font-size:12px}"
-    ".warn{background:#fdd;padding:6px;font-weight:bold}img{max-width:100%}"
+    "body{font-family:sans-serif;max-width:1200px;margin:2em auto;line-height:1.4}"
+    "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #999;padding:3px 6px;font-size:13px}"
+    "th{background:#eee}.note{color:#555;font-size:12px}.warn{background:#fdd;padding:6px;font-weight:bold}"
+    "img{max-width:100%}figure{margin:1em 0}figcaption{color:#555;font-size:12px}.headline li{margin:.3em 0}"
+    "table.settings td{font-size:12px}"
 )
 
 
-def _markdown(tabs: list[Table], figures: list[str], banner: str, runs: list[str]) -> str:
-    """report.md: figures as links to the PNG files beside it."""
-    md = [f"# {TITLE}", ""]
-    if banner:
-        md += [banner, ""]
-    md += [SOURCES, ""]
-    md += [t.markdown() for t in tabs]
-    for name in figures:
-        md += [f"![{name}]({name}.png)", ""]
-    md += ["## Protocol", ""] + [f"- {p}" for p in PROTOCOL] + ["", "## Runs", ""] + [f"- {r}" for r in runs]
+@dataclasses.dataclass
+class Page:
+    """Everything on the page, in reading order: banner, headline (words, then its table and the trade-off
+    figure), the sections (each with its figures beside its tables), the settings tables, the protocol."""
+
+    banner: str
+    headline: list[str]
+    summary: Table
+    figures: Mapping[str, tuple[bytes, str]]  # name → (PNG, caption)
+    sections: list[tuple[str, list[str], list[Table]]]
+    settings: list[Table]
+    protocol: list[str]
+
+
+def _markdown(doc: Page) -> str:
+    """report.md, one page that renders on GitHub: figures as relative links to the PNG files beside it."""
+
+    def figure(name: str) -> list[str]:
+        return [f"![{name}]({name}.png)", "", f"*Figure ({name}): {doc.figures[name][1]}*", ""]
+
+    md = [f"# {TITLE}", ""] + ([doc.banner, ""] if doc.banner else []) + ["## Headline", ""]
+    md += [f"- {line}" for line in doc.headline] + ["", doc.summary.markdown()]
+    md += figure("trade-off") if "trade-off" in doc.figures else []
+    for heading, figures, tabs in doc.sections:
+        md += [f"## {heading}", ""]
+        for name in figures:
+            md += figure(name)
+        md += [t.markdown() for t in tabs]
+    md += ["## Runs and settings", ""] + [t.markdown() for t in doc.settings]
+    md += ["## Protocol", "", SOURCES, ""] + [f"- {p}" for p in doc.protocol]
     return "\n".join(md) + "\n"
 
 
-def _html(tabs: list[Table], figures: Mapping[str, bytes], banner: str, runs: list[str]) -> str:
-    """report.html: one file, figures inlined, nothing fetched from the network."""
-    body = [f"<h1>{html.escape(TITLE)}</h1>"]
-    if banner:
-        body.append(f'<p class="warn">{html.escape(banner.strip("*"))}</p>')
-    body.append(f"<p>{html.escape(SOURCES)}</p>")
-    body += [t.html() for t in tabs]
-    for name, png in figures.items():
+def _strong(text: str) -> str:
+    """Escaped text with Markdown's **bold** as <strong>."""
+    return re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", html.escape(text))
+
+
+def _html(doc: Page) -> str:
+    """report.html: one file, the same page as report.md, figures inlined, nothing fetched from the network."""
+
+    def figure(name: str) -> str:
+        png, caption = doc.figures[name]
         data = base64.b64encode(png).decode()
-        body.append(f'<h3>{html.escape(name)}</h3><img alt="{html.escape(name)}" src="data:image/png;base64,{data}">')
-    body.append("<h2>Protocol</h2><ul>" + "".join(f"<li>{html.escape(p)}</li>" for p in PROTOCOL) + "</ul>")
-    body.append("<h2>Runs</h2><ul>" + "".join(f"<li>{html.escape(r)}</li>" for r in runs) + "</ul>")
+        return (
+            f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>Figure ({html.escape(name)}): {html.escape(caption)}</figcaption></figure>"
+        )
+
+    body = [f"<h1>{html.escape(TITLE)}</h1>"]
+    if doc.banner:
+        body.append(f'<p class="warn">{html.escape(doc.banner.strip("*"))}</p>')
+    body.append('<h2>Headline</h2><ul class="headline">' + "".join(f"<li>{_strong(x)}</li>" for x in doc.headline))
+    body.append("</ul>" + doc.summary.html() + (figure("trade-off") if "trade-off" in doc.figures else ""))
+    for heading, figures, tabs in doc.sections:
+        body.append(f"<h2>{html.escape(heading)}</h2>" + "".join(figure(n) for n in figures))
+        body += [t.html() for t in tabs]
+    body.append("<h2>Runs and settings</h2>" + "".join(t.html() for t in doc.settings))
+    body.append(f"<h2>Protocol</h2><p>{html.escape(SOURCES)}</p><ul>")
+    body.append("".join(f"<li>{html.escape(p)}</li>" for p in doc.protocol) + "</ul>")
     head = f'<meta charset="utf-8"><title>cxrdiff report</title><style>{STYLE}</style>'
     return f"<!DOCTYPE html><html><head>{head}</head><body>{''.join(body)}</body></html>"

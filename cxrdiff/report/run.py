@@ -37,6 +37,9 @@ from cxrdiff.data import MS_CXR_CATEGORIES
 from cxrdiff.errors import InputError
 from cxrdiff.metrics.score import Score
 from cxrdiff.report.render import render
+from cxrdiff.report.text_source import text_source_of
+from cxrdiff.report.trainings import GROUPED_BY, TRAININGS_DDOF, group_runs, run_summary
+from cxrdiff.report.trainings import groups as training_groups
 
 STEP = "report"
 
@@ -60,6 +63,7 @@ class ReportConfig:
     diversity_prompts: int = 100
     random_features: bool = False
     names: tuple[str, ...] = ()  # display names, one per run; default: the folder names
+    label: tuple[str, ...] = ()  # NAME=DIR: names the setting group of the run in DIR (groups: trainings.py)
     fid: bool = True  # FID on InceptionV3 (needs weights or random_features)
     fid_xrv: bool = True  # FID_XRV and the torchxrayvision classifier check (needs weights or random_features)
     sample_steps: int = 75
@@ -86,6 +90,7 @@ class Checked:
     real: Path
     names: tuple[str, ...]
     classifier: str | None
+    groups: Mapping[str, list[str]] = dataclasses.field(default_factory=dict)  # group name → run names
 
 
 # --- inputs ------------------------------------------------------------------------------------
@@ -114,9 +119,10 @@ def check_inputs(config: ReportConfig, classifier: Any = None) -> Checked:
             resolve_weights(config.xrv_weights, "xrv")
     real = _real_folder(config)
     names = _names(config)
+    groups = group_runs(config.runs, names, config.label)
     key = classifier_key(config, classifier)
     folder = _claim(config, real, key)
-    return Checked(folder, real, names, key)
+    return Checked(folder, real, names, key, groups)
 
 
 def _claim(config: ReportConfig, real: Path, classifier: str | None) -> StepFolder:
@@ -424,12 +430,64 @@ def _measure_folders(
     return samples, diversity, ground, done
 
 
+def _ms_cxr_folders(
+    config: ReportConfig, run: Path, folder: Path, real: Path, steps: Steps, done: list[str]
+) -> tuple[Path, Path]:
+    """Table 4's second column: samples and a diversity set from the MS-CXR phrases, made exactly as the
+    p19 ones (same sampler, seed rule, --n-fid and --diversity-prompts), made or reused."""
+    sample_fn, sample_config = steps["sample"]
+    common = dict(model=run, steps=config.sample_steps, guidance=config.guidance, scheduler=config.scheduler)
+    common.update(seed=config.seed, batch_size=config.batch_size, prompts=real / "ms_cxr.parquet")
+    common.update(prompt_column="label_text")
+    samples = _run_step(
+        "samples-ms-cxr",
+        sample_fn,
+        sample_config(out=folder / "samples-ms-cxr", n_per_prompt=1, limit=config.n_fid, **common),
+        done,
+    )
+    diversity = _run_step(
+        "diversity-ms-cxr",
+        sample_fn,
+        sample_config(out=folder / "diversity-ms-cxr", n_per_prompt=4, limit=config.diversity_prompts, **common),
+        done,
+    )
+    return samples, diversity
+
+
+def _measure_ms_cxr(
+    config: ReportConfig, run: Path, folder: Path, real: Path, steps: Steps, classifier: Any, metric: dict
+) -> tuple[dict[str, Any], list[str]]:
+    """Fidelity and diversity of the MS-CXR-phrase images (cached in metrics-ms-cxr.json under its own key,
+    so adding this column never measures the p19 one again); the keys renamed `*_ms_cxr`."""
+    done: list[str] = []
+    samples, diversity = _ms_cxr_folders(config, run, folder, real, steps, done)
+    key = settings_key(
+        {
+            **metric,
+            "samples": input_identity(samples),
+            "diversity": input_identity(diversity),
+            "real": input_identity(real),
+        }
+    )
+    measured, fresh = _cached(
+        folder / "metrics-ms-cxr.json", key, lambda: measure_run(config, samples, diversity, real, classifier)
+    )
+    if fresh:
+        done.append("metrics-ms-cxr")
+    return {
+        "fidelity_ms_cxr": measured.get("fidelity", []),
+        "diversity_ms_cxr": measured.get("diversity"),
+        "n_generated_ms_cxr": measured.get("n_generated"),
+    }, done
+
+
 def _report_run(
     config: ReportConfig, run: Path, folder: Path, real: Path, steps: Steps, classifier: Any, metric: dict
 ) -> tuple[dict[str, Any], list[str]]:
     """One run's entry of metrics.json, and what was recomputed for it."""
     samples, diversity, ground_dirs, done = _measure_folders(config, run, folder, real, steps)
     ground_dir = ground_dirs["union"]
+    ms_cxr, ms_done = _measure_ms_cxr(config, run, folder, real, steps, classifier, metric)
     key = settings_key(
         {
             **metric,
@@ -460,8 +518,12 @@ def _report_run(
         "grounding_per_phrase": _per_phrase(ground_dirs),
         "overlays": _overlays(ground_dir),
         **measured,
+        **ms_cxr,
     }
-    return entry, done
+    setting = run_summary(run)
+    entry.update(setting=setting, text_source=text_source_of(ground_dir, setting["prompt_source"]))
+    entry["eos"] = _eos(entry["grounding"])
+    return entry, done + ms_done
 
 
 def report(config: ReportConfig, classifier: Any = None, steps: Steps | None = None) -> dict[str, Any]:
@@ -490,8 +552,13 @@ def report(config: ReportConfig, classifier: Any = None, steps: Steps | None = N
     size = next(iter(runs.values()))["image_size"]
     real_key = settings_key({**metric, "real": input_identity(real), "size": size})
     real_metrics, _ = _cached(out / "real_metrics.json", real_key, lambda: measure_real(config, real, classifier, size))
+    for group, names in checked.groups.items():
+        for name in names:
+            runs[name]["group"] = group
     metrics = {
         "runs": runs,
+        "groups": training_groups(runs, checked.groups),
+        "trainings": {"ddof": TRAININGS_DDOF, "grouped_by": GROUPED_BY},
         "real": real_metrics,
         "real_folder": str(real.resolve()),
         "settings": to_dict(config),
@@ -505,6 +572,14 @@ def report(config: ReportConfig, classifier: Any = None, steps: Steps | None = N
         files=[f.name for f in files],
     )
     return {"out": str(out), "report": str(out / "report.html"), "recomputed": recomputed}
+
+
+def _eos(grounding: Mapping[str, Any]) -> dict[str, Any]:
+    """The end-of-text token's CNR over all classes beside the class words' average CNR (the paper: EOS
+    0.68 learnable, 0.72 frozen)."""
+    eos = (grounding.get("word_analysis") or {}).get("eos_cnr")
+    words = ((grounding.get("average") or {}).get("cnr") or {}).get("mean")
+    return {"eos_cnr": eos, "class_word_cnr": words}
 
 
 def _grounding_summary(ground_dir: Path) -> dict[str, Any]:

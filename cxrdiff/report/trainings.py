@@ -1,0 +1,206 @@
+"""Runs grouped by setting, and each group's numbers as mean ± std over its trainings (Table 1's ±).
+
+A group is every run whose fine-tuning settings are equal but for the seed: the settings the finetune step
+recorded in its manifest (text encoder frozen or learnable, text source, learning rate, batch, data and base
+model by identity, ...), plus the steps trained and the weights exported. Folder names never decide a group;
+`--label NAME=DIR` only names the group that DIR's run belongs to. Runs of different settings are never pooled.
+
+The paper's ± is the standard deviation "over three different trainings". We take the sample standard deviation
+(ddof = 1, `TRAININGS_DDOF`): the usual estimate of the spread between trainings from a few of them, pandas'
+default and the same convention as `ground --runs`. Grounding noise seeds (`--runs`) are another source of
+variance, kept apart as `noise_seed_std`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxrdiff.artifacts import MANIFEST, input_identity, read_manifest
+from cxrdiff.errors import InputError
+
+TRAININGS_DDOF = 1
+GROUND_METRICS = ("auc_roc", "top1", "cnr")
+GROUPED_BY = "the finetune manifest's settings without the seed, plus steps and exported weights"
+
+
+def mean_std(values: Sequence[float | None]) -> dict[str, Any]:
+    """Mean and sample std (ddof = 1) over trainings; values that are missing or not finite are left out."""
+    kept = np.array([float(v) for v in values if v is not None and math.isfinite(float(v))], dtype=np.float64)
+    if not kept.size:
+        return {"mean": None, "std": None, "n": 0}
+    std = float(kept.std(ddof=TRAININGS_DDOF)) if kept.size > TRAININGS_DDOF else 0.0
+    return {"mean": float(kept.mean()), "std": std, "n": int(kept.size)}
+
+
+# --- grouping -----------------------------------------------------------------------------------
+
+
+def run_setting(run: Path) -> dict[str, Any]:
+    """What decides a run's group: a fine-tune's recorded settings less its seed, with its steps and exported
+    weights; a base model (no manifest) is a setting of its own, by identity."""
+    run = Path(run)
+    if not (run / MANIFEST).is_file():
+        return {"base_model": input_identity(run)}
+    manifest = read_manifest(run)
+    config = manifest.get("config", {})
+    recorded = manifest.get("settings")
+    if recorded is None:  # a folder from before settings were recorded: its config, inputs by their hashes
+        from cxrdiff.finetune import FinetuneConfig
+
+        recorded = {k: v for k, v in config.items() if k not in FinetuneConfig.NOT_SETTINGS}
+        recorded.update({k: v.get("manifest_sha256") or v.get("path") for k, v in manifest["inputs"].items()})
+    setting = {k: v for k, v in recorded.items() if k != "seed"}
+    setting["steps"] = manifest.get("steps", config.get("steps"))
+    setting["weights"] = manifest.get("weights", config.get("export_weights"))
+    return setting
+
+
+def run_summary(run: Path) -> dict[str, Any]:
+    """A run's setting in words for the report: text encoder, text source, steps, seed (null: a base model)."""
+    run = Path(run)
+    if not (run / MANIFEST).is_file():
+        return {"text_encoder": None, "prompt_source": None, "steps": None, "seed": None}
+    manifest = read_manifest(run)
+    config = manifest.get("config", {})
+    frozen = config.get("frozen_text")
+    return {
+        "text_encoder": None if frozen is None else ("frozen" if frozen else "learnable"),
+        "prompt_source": config.get("prompt_source", "impression"),
+        "steps": manifest.get("steps", config.get("steps")),
+        "seed": config.get("seed", manifest.get("seed")),
+    }
+
+
+def parse_labels(labels: Sequence[str], runs: Sequence[Path]) -> dict[int, str]:
+    """`--label NAME=DIR` → {index of DIR among the runs: NAME}; DIR must be one of the RUN folders."""
+    resolved = [Path(r).resolve() for r in runs]
+    out: dict[int, str] = {}
+    for text in labels:
+        name, sep, folder = text.partition("=")
+        if not sep or not name.strip() or not folder.strip():
+            raise InputError(f"--label {text!r}: expected NAME=DIR (DIR one of the RUN folders)")
+        path = Path(folder.strip()).resolve()
+        if path not in resolved:
+            raise InputError(f"--label {text!r}: {folder.strip()} is not one of the RUN folders")
+        out[resolved.index(path)] = name.strip()
+    return out
+
+
+def group_runs(runs: Sequence[Path], names: Sequence[str], labels: Sequence[str] = ()) -> dict[str, list[str]]:
+    """{group name: [run names]} in the runs' order. Runs share a group exactly when `run_setting` is equal.
+    Named by `--label` (two names for one group, or one name for two groups, is refused), else in words."""
+    settings = [run_setting(Path(r)) for r in runs]
+    keys: list[int] = []  # group index per run
+    distinct: list[dict[str, Any]] = []
+    for s in settings:
+        if s not in distinct:
+            distinct.append(s)
+        keys.append(distinct.index(s))
+    named: dict[int, str] = {}
+    for index, name in parse_labels(labels, runs).items():
+        group = keys[index]
+        if named.get(group, name) != name:
+            raise InputError(f"--label {name}: names the same setting as --label {named[group]}")
+        named[group] = name
+    if len(set(named.values())) != len(named):
+        raise InputError("--label: one NAME given to runs of different settings (they are never pooled)")
+    summaries = [run_summary(Path(r)) for r in runs]
+    first_run = {g: keys.index(g) for g in range(len(distinct))}
+    default = _default_names([summaries[first_run[g]] for g in range(len(distinct))], set(named.values()))
+    group_names = [named.get(g, default[g]) for g in range(len(distinct))]
+    out: dict[str, list[str]] = {n: [] for n in group_names}
+    for name, g in zip(names, keys, strict=True):
+        out[group_names[g]].append(name)
+    return out
+
+
+def _default_names(summaries: Sequence[Mapping[str, Any]], taken: set[str]) -> list[str]:
+    """Names in words: 'frozen' / 'learnable' / 'base model', then the text source, then the steps, and a
+    number last, each added only where the shorter names would clash."""
+
+    def words(s: Mapping[str, Any], depth: int) -> str:
+        parts = [s["text_encoder"] or "base model"]
+        if depth >= 1 and s["prompt_source"] not in (None, "impression"):
+            parts.append(str(s["prompt_source"]))
+        if depth >= 2 and s["steps"] is not None:
+            parts.append(f"{s['steps']} steps")
+        return ", ".join(parts)
+
+    names = [words(s, 0) for s in summaries]
+    for depth in (1, 2, 3):
+        clash = [i for i, n in enumerate(names) if names.count(n) > 1 or n in taken]
+        for i in clash:
+            names[i] = words(summaries[i], depth) if depth < 3 else f"{words(summaries[i], 2)} (setting {i + 1})"
+    return names
+
+
+# --- aggregation over trainings -------------------------------------------------------------------
+
+
+def _grounding_cell(entries: Sequence[Mapping[str, Any]], pick: Any) -> dict[str, Any]:
+    cells = [c for e in entries if (c := pick(e.get("grounding", {})))]
+    if not cells:
+        return {}
+    out: dict[str, Any] = {"n": cells[0].get("n")}
+    for m in GROUND_METRICS:
+        out[m] = mean_std([(c.get(m) or {}).get("mean") for c in cells])
+    return out
+
+
+def aggregate(entries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One group's numbers over its trainings (each entry one run of metrics.json's `runs`)."""
+    classes = sorted({c for e in entries for c in e.get("grounding", {}).get("classes", {})})
+    grounding = {
+        "classes": {c: _grounding_cell(entries, lambda g, c=c: g.get("classes", {}).get(c)) for c in classes},
+        "average": _grounding_cell(entries, lambda g: g.get("average")),
+    }
+    noise = {
+        m: mean_std([((e.get("grounding", {}).get("average") or {}).get(m) or {}).get("std") for e in entries])["mean"]
+        for m in GROUND_METRICS
+    }
+    text = [e.get("text_source") or {} for e in entries]
+    first = entries[0].get("setting", {})
+    return {
+        "trainings": len(entries),
+        "seeds": [e.get("setting", {}).get("seed") for e in entries],
+        "setting": {k: v for k, v in first.items() if k != "seed"},
+        "grounding": grounding,
+        "noise_seed_std": {"average": noise},
+        "fidelity": _scores(entries, "fidelity"),
+        "fidelity_ms_cxr": _scores(entries, "fidelity_ms_cxr"),
+        "diversity": mean_std([(e.get("diversity") or {}).get("value") for e in entries]),
+        "diversity_ms_cxr": mean_std([(e.get("diversity_ms_cxr") or {}).get("value") for e in entries]),
+        "text_source": {
+            "source": first.get("prompt_source"),
+            "text_encoder": first.get("text_encoder"),
+            "cnr": mean_std([t.get("cnr") for t in text]),
+            "phrases": text[0].get("n"),
+        },
+        "eos": {k: mean_std([(e.get("eos") or {}).get(k) for e in entries]) for k in ("eos_cnr", "class_word_cnr")},
+    }
+
+
+def _scores(entries: Sequence[Mapping[str, Any]], key: str) -> dict[str, Any]:
+    """Each named score (a Fréchet distance) as mean ± std over trainings, with its title and label."""
+    from cxrdiff.metrics.score import Score
+
+    out: dict[str, Any] = {}
+    names = list(dict.fromkeys(s["name"] for e in entries for s in e.get(key) or []))
+    for name in names:
+        found = [s for e in entries for s in e.get(key) or [] if s["name"] == name]
+        out[name] = {
+            **mean_std([s.get("value") for s in found]),
+            "title": Score.from_dict(found[0]).title,
+            "label": found[0].get("label"),
+        }
+    return out
+
+
+def groups(runs: Mapping[str, Mapping[str, Any]], members: Mapping[str, Sequence[str]]) -> dict[str, Any]:
+    """metrics.json's `groups`: each group's run names and its numbers over trainings."""
+    return {g: {"runs": list(names), **aggregate([runs[n] for n in names])} for g, names in members.items()}

@@ -1,0 +1,157 @@
+"""Runs grouped by setting (never by folder name) and mean ± std over trainings, on small fake run folders
+(manifests and scores, no model), against hand-computed values; and Table 7's subset rule."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from cxrdiff.artifacts import write_manifest
+from cxrdiff.errors import InputError
+from cxrdiff.report.text_source import label_in_phrase, text_source_cnr, text_source_of
+from cxrdiff.report.trainings import TRAININGS_DDOF, group_runs, groups, mean_std, run_setting
+
+SETTINGS = {"data": "d" * 64, "base_model": "b" * 64, "frozen_text": True, "lr": 5e-5, "prompt_source": "impression"}
+
+
+def _run(folder, seed: int, steps: int = 100, **changes):
+    """A finetune folder as far as the report reads it: its manifest (config, settings, steps, weights)."""
+    settings = {**SETTINGS, **changes, "seed": seed}
+    config = {**settings, "steps": steps, "out": str(folder), "checkpoint_every": 50}
+    write_manifest(folder, "finetune", config=config, seed=seed, extra={"settings": settings, "steps": steps})
+    return folder
+
+
+def test_runs_group_by_setting_but_the_seed_never_by_folder_name(tmp_path):
+    runs = [
+        _run(tmp_path / "learnable", 0),  # a misleading folder name: it is frozen
+        _run(tmp_path / "b", 1),
+        _run(tmp_path / "c", 2),
+        _run(tmp_path / "frozen", 0, frozen_text=False),
+        _run(tmp_path / "e", 1, frozen_text=False),
+        _run(tmp_path / "f", 0, prompt_source="labels"),  # another text source: its own group
+        _run(tmp_path / "g", 0, steps=200),  # trained longer: its own group
+        _run(tmp_path / "h", 0, lr=1e-4),  # another learning rate: its own group
+    ]
+    names = [r.name for r in runs]
+    grouped = group_runs(runs, names)
+    assert list(grouped.values()) == [["learnable", "b", "c"], ["frozen", "e"], ["f"], ["g"], ["h"]]
+    # named in words, as long as needed to tell them apart: never merged because their words agree
+    assert list(grouped) == [
+        "frozen, 100 steps (setting 1)",
+        "learnable",
+        "frozen, labels",
+        "frozen, 200 steps",
+        "frozen, 100 steps (setting 5)",
+    ]
+    assert "seed" not in run_setting(runs[0]) and run_setting(runs[0]) == run_setting(runs[1])
+
+    named = group_runs(runs, names, labels=(f"Finetune_F={tmp_path / 'c'}", f"Finetune_L={tmp_path / 'e'}"))
+    assert named["Finetune_F"] == ["learnable", "b", "c"] and named["Finetune_L"] == ["frozen", "e"]
+
+
+def test_labels_are_checked(tmp_path):
+    runs = [_run(tmp_path / "a", 0), _run(tmp_path / "b", 1), _run(tmp_path / "c", 0, frozen_text=False)]
+    names = ["a", "b", "c"]
+    with pytest.raises(InputError, match="expected NAME=DIR"):
+        group_runs(runs, names, labels=("Finetune_F",))
+    with pytest.raises(InputError, match="is not one of the RUN folders"):
+        group_runs(runs, names, labels=(f"F={tmp_path / 'elsewhere'}",))
+    with pytest.raises(InputError, match="names the same setting as --label F"):
+        group_runs(runs, names, labels=(f"F={tmp_path / 'a'}", f"G={tmp_path / 'b'}"))
+    with pytest.raises(InputError, match="never pooled"):
+        group_runs(runs, names, labels=(f"F={tmp_path / 'a'}", f"F={tmp_path / 'c'}"))
+
+
+DIVERSITY_PROTOCOL = {"scales": 3, "kernel_size": 11, "sigma": 1.5, "data_range": 255.0, "prompts": 2}
+
+
+def _entry(cnr: float, auc: float, fd: float, ms_ssim: float, seed: int, eos: float, subset: float) -> dict:
+    cell = {"n": 5, "cnr": {"mean": cnr, "std": 0.02}, "auc_roc": {"mean": auc, "std": 0.0}, "top1": {"mean": 0.5}}
+    return {
+        "setting": {"text_encoder": "frozen", "prompt_source": "impression", "steps": 100, "seed": seed},
+        "grounding": {"classes": {"Edema": cell}, "average": cell, "word_analysis": {"eos_cnr": eos}},
+        "fidelity": [{"name": "FD (x features)", "value": fd}],
+        "fidelity_ms_cxr": [{"name": "FD (x features)", "value": fd + 1}],
+        "diversity": {"name": "MS-SSIM", "value": ms_ssim, "unit": "%", "protocol": DIVERSITY_PROTOCOL},
+        "text_source": {"source": "impression", "cnr": subset, "n": 4, "n_all": 5},
+        "eos": {"eos_cnr": eos, "class_word_cnr": cnr},
+    }
+
+
+def test_mean_and_std_over_trainings_equal_hand_computed_values():
+    runs = {
+        "s0": _entry(0.9, 0.80, 10.0, 50.0, 0, 0.70, 1.0),
+        "s1": _entry(1.0, 0.82, 12.0, 52.0, 1, 0.74, 1.2),
+        "s2": _entry(1.2, 0.84, 17.0, 57.0, 2, 0.78, 1.1),
+        "other": _entry(5.0, 0.99, 99.0, 99.0, 0, 9.0, 9.0),  # another setting: must not leak in
+    }
+    out = groups(runs, {"Finetune_F": ["s0", "s1", "s2"], "other": ["other"]})
+    f = out["Finetune_F"]
+    assert TRAININGS_DDOF == 1 and f["trainings"] == 3 and f["seeds"] == [0, 1, 2]
+    # CNR 0.9, 1.0, 1.2: mean 31/30; squared deviations sum to 0.14/3, over n - 1 = 2
+    cnr = f["grounding"]["average"]["cnr"]
+    assert cnr["mean"] == pytest.approx(31 / 30) and cnr["std"] == pytest.approx(math.sqrt(0.07 / 3)) and cnr["n"] == 3
+    assert f["grounding"]["classes"]["Edema"]["auc_roc"] == pytest.approx({"mean": 0.82, "std": 0.02, "n": 3})
+    # FD 10, 12, 17: mean 13, deviations -3, -1, 4 → sum of squares 26, / 2 = 13
+    assert f["fidelity"]["FD (x features)"]["mean"] == pytest.approx(13.0)
+    assert f["fidelity"]["FD (x features)"]["std"] == pytest.approx(math.sqrt(13.0))
+    assert f["fidelity_ms_cxr"]["FD (x features)"]["mean"] == pytest.approx(14.0)
+    assert f["diversity"] == pytest.approx({"mean": 53.0, "std": math.sqrt(13.0), "n": 3})
+    assert f["eos"]["eos_cnr"] == pytest.approx({"mean": 0.74, "std": 0.04, "n": 3})
+    assert f["text_source"]["cnr"] == pytest.approx({"mean": 1.1, "std": 0.1, "n": 3})
+    assert f["noise_seed_std"]["average"]["cnr"] == pytest.approx(0.02)  # a separate source, kept apart
+    # a group of one: its own numbers, std 0 (no spread measured), never pooled with the others
+    assert out["other"]["grounding"]["average"]["cnr"] == {"mean": 5.0, "std": 0.0, "n": 1}
+    assert mean_std([1.0, None, float("nan"), 3.0]) == {"mean": 2.0, "std": pytest.approx(math.sqrt(2)), "n": 2}
+
+
+def test_table_7_keeps_only_phrases_that_contain_their_label(tmp_path):
+    assert label_in_phrase("Small left Pleural Effusions", "Pleural Effusion")
+    assert not label_in_phrase("enlarged cardiac silhouette", "Cardiomegaly")
+    assert not label_in_phrase("opacity in the right lung", "Lung Opacity")
+    scores = pd.DataFrame(
+        {
+            "run": [0, 0, 0, 0, 1, 1, 1, 1],
+            "category": ["Cardiomegaly", "Cardiomegaly", "Edema", "Pneumothorax"] * 2,
+            "phrase": ["cardiomegaly", "enlarged cardiac silhouette", "mild pulmonary edema", "apical PTX"] * 2,
+            "cnr": [1.0, -5.0, 2.0, -5.0, 3.0, -5.0, 0.0, -5.0],
+        }
+    )
+    # kept: cardiomegaly (1.0, 3.0) and mild pulmonary edema (2.0, 0.0), in both grounding runs
+    assert text_source_cnr(scores) == {"cnr": pytest.approx(1.5), "n": 2, "n_all": 4}
+    (tmp_path / "ground").mkdir()
+    scores.to_parquet(tmp_path / "ground" / "scores.parquet")
+    assert text_source_of(tmp_path / "ground", "labels")["source"] == "labels"
+    none = scores[scores["phrase"].isin(["enlarged cardiac silhouette", "apical PTX"])]
+    assert text_source_cnr(none) == {"cnr": None, "n": 0, "n_all": 2}
+
+
+def test_render_shows_trainings_both_table_4_sources_table_7_and_eos(tmp_path):
+    from cxrdiff.report import render
+
+    runs = {
+        f"F{i}": _entry(c, 0.8, fd, 50.0, i, 0.7, t) for i, (c, fd, t) in enumerate(((0.9, 10, 1.0), (1.0, 12, 1.2)))
+    }
+    runs["L-labels"] = _entry(0.3, 0.6, 20.0, 40.0, 0, 0.5, 0.25)
+    runs["L-labels"]["setting"] = {"text_encoder": "learnable", "prompt_source": "labels", "steps": 100, "seed": 0}
+    members = {"Finetune_F": ["F0", "F1"], "Finetune_L (labels)": ["L-labels"]}
+    render({"runs": runs, "groups": groups(runs, members), "trainings": {"ddof": 1}}, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    over = md.split("### Localization over trainings")[1].split("###")[0]
+    assert "Finetune_F (2 trainings) (this report)" in over and "ddof = 1" in over
+    assert "80.0 ± 0.0 / 50.0 ± 0.0 / 0.95 ± 0.07" in over  # CNR 0.9, 1.0: std sqrt(0.005)
+    assert "86 ± 0.9 / 80 ± 3.3 / 1.25 ± 0.06" in over  # the paper's ± beside
+    table_4 = md.split("### Fidelity and diversity by prompt source")[1].split("###")[0]
+    assert "| Finetune_F (2 trainings) | MIMIC p19 | this report | — | — | 11.0 ± 1.4 | 50.0 ± 0.0 |" in table_4
+    assert "| Finetune_F (2 trainings) | MS-CXR phrases | this report | — | — | 12.0 ± 1.4 | — |" in table_4
+    assert "| Finetune_L | MS-CXR phrases | published, Table 4 | 60.5 | 7.3 | — | 11.4 |" in table_4
+    table_7 = md.split("### CNR by training text (Table 7, measured)")[1].split("###")[0]
+    assert "| impressions | — | 1.10 ± 0.14 (Finetune_F (2 trainings), 4 phrases) |" in table_7
+    assert "| class labels | 0.25 (Finetune_L (labels) (1 training), 4 phrases) | — |" in table_7
+    assert "| class labels (published) | 0.29 | 0.8 |" in table_7 and "contain their image's label" in table_7
+    eos = md.split("### EOS token vs class words")[1].split("###")[0]
+    assert "| Finetune_F (2 trainings) | frozen | 0.70 ± 0.00 | 0.95 ± 0.07 | 0.72 |" in eos
+    assert "| Finetune_L (labels) (1 training) | learnable | 0.50 | 0.30 | 0.68 |" in eos
