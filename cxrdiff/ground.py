@@ -1,5 +1,5 @@
 """`cxrdiff ground`: where does the model look when it reads "cardiomegaly"? Phrase grounding from the
-UNet's cross-attention, scored against MS-CXR boxes with the paper's localization metrics.
+UNet's cross-attention, scored against MS-CXR boxes (or COCO instance masks) with the paper's localization metrics.
 
 The paper's procedure (docs/method.md, "Grounding"): a real image's latent is freshly noised to
 every timestep of a DDIM schedule (new noise each step) and the UNet reads it with the phrase; the
@@ -96,6 +96,8 @@ class Sample:
     width: int = 0
     height: int = 0
     image_path: str = ""
+    mask: np.ndarray | None = None  # COCO: the category's mask in the prepared frame (then `boxes` are unused)
+    word: str = ""  # COCO: the caption's word that names the category (its tokens are the map)
 
 
 # --- inputs -----------------------------------------------------------------------------------
@@ -173,6 +175,8 @@ def load_samples(config: GroundConfig) -> list[Sample]:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several types for a non-Parquet file
         raise InputError(f"--data {path}: not a readable Parquet file ({exc})") from None
+    if "mask_rle" in table.column_names:
+        return _coco_samples(table, config, path)
     wanted = (*DATA_COLUMNS, "latent_logvar") if config.latent == "sample" else DATA_COLUMNS
     missing = [c for c in wanted if c not in table.column_names]
     if missing:
@@ -207,6 +211,49 @@ def load_samples(config: GroundConfig) -> list[Sample]:
     return _union_boxes(samples) if config.boxes == "union" else samples
 
 
+COCO_COLUMNS = ("image_id", "category_name", "caption", "word", "mask_rle", "latent_mean", "latent_shape")
+
+
+def _coco_samples(table: Any, config: GroundConfig, path: Path) -> list[Sample]:
+    """Rows of a `prepare --format coco` coco_test.parquet: the caption, its matched word and the category's
+    mask (COCO RLE, prepared frame). Masks exist only in the prepared frame and are one region per row."""
+    from cxrdiff.coco import decode_rle
+    from cxrdiff.data import latent_from_bytes
+
+    if config.frame != "prepared":
+        raise InputError(f"--frame {config.frame}: --data {path} holds COCO masks, stored in the prepared frame only")
+    if config.boxes == "per-box":
+        raise InputError(f"--boxes per-box: --data {path} holds one mask per image and category, not boxes")
+    wanted = (*COCO_COLUMNS, "latent_logvar") if config.latent == "sample" else COCO_COLUMNS
+    missing = [c for c in wanted if c not in table.column_names]
+    if missing:
+        raise InputError(f"--data {path}: missing column(s) {', '.join(missing)}; expected a coco_test.parquet")
+    rows = table.to_pylist()[: config.limit]
+    if not rows:
+        raise InputError(f"--data {path}: no rows")
+    samples = []
+    for i, row in enumerate(rows):
+        shape = tuple(int(v) for v in row["latent_shape"])
+        samples.append(
+            Sample(
+                sample=f"{i:06d}",
+                phrase=str(row["caption"]),
+                latent=latent_from_bytes(row["latent_mean"], shape),
+                logvar=latent_from_bytes(row["latent_logvar"], shape) if config.latent == "sample" else None,
+                dicom_id=str(row["image_id"]),
+                category=str(row["category_name"]),
+                width=int(row.get("image_width") or 0),
+                height=int(row.get("image_height") or 0),
+                image_path=str(row.get("image_path") or ""),
+                mask=decode_rle(row["mask_rle"]),
+                word=str(row["word"]),
+            )
+        )
+    if len({s.latent.shape for s in samples}) != 1:
+        raise InputError(f"--data {path}: rows have different latent shapes")
+    return samples
+
+
 def _union_boxes(samples: list[Sample]) -> list[Sample]:
     """`--boxes union`: every phrase of an image and class is scored against all of that pair's boxes (the
     paper's segmentation protocol), not only its own phrase's (`per-phrase`, the phrase-grounding one)."""
@@ -228,8 +275,9 @@ def _union_boxes(samples: list[Sample]) -> list[Sample]:
 def choose_tokens(tokenizer: Any, sample: Sample, words: tuple[str, ...] | None) -> tuple[list[int], str]:
     """Token positions whose maps are averaged, and where they came from ("word", "class" or "all").
 
-    With `words`, every occurrence of each; otherwise the category's words matched by substring (the
-    paper's rule); with no match, every word token of the phrase (no start, end or padding).
+    With `words`, every occurrence of each; otherwise a COCO row's matched word (its first occurrence), or
+    the category's words matched by substring (the paper's rule); with no match, every word token of the
+    phrase (no start, end or padding).
     """
     from cxrdiff.data import CLASS_WORDS
     from cxrdiff.tokens import content_positions, prompt_words, word_token_spans
@@ -246,6 +294,10 @@ def choose_tokens(tokenizer: Any, sample: Sample, words: tuple[str, ...] | None)
         )
         if positions:
             return positions, "word"
+    elif sample.word:  # COCO: the word of the caption that names the category
+        spans = word_token_spans(tokenizer, sample.phrase, sample.word, missing="empty", truncation="drop")
+        if spans:
+            return spans[0], "word"
     elif sample.category in CLASS_WORDS:
         keys = CLASS_WORDS[sample.category]
         positions = sorted(
@@ -395,6 +447,10 @@ def masks(sample: Sample, frame_size: int, config: GroundConfig) -> list[tuple[i
     """(box index or None for the union, boolean mask) in the scoring frame."""
     from cxrdiff.images import boxes_mask
 
+    if sample.mask is not None:  # COCO: the category's instance mask, already in the prepared frame
+        if sample.mask.shape != (frame_size, frame_size):
+            raise InputError(f"sample {sample.sample}: mask {sample.mask.shape} is not the {frame_size} px frame")
+        return [(None, sample.mask)]
     boxes = sample.boxes if config.frame == "prepared" else sample.boxes_original
     size = frame_size if config.frame == "prepared" else (sample.height, sample.width)
     if config.boxes in ("union", "per-phrase"):  # the sample's boxes: see `_union_boxes`

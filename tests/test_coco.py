@@ -209,3 +209,27 @@ def test_prepare_coco_bad_input_names_the_file(tmp_path, tiny_model):
         check_inputs(PrepareConfig(format="coco", base_model=tiny_model, out=tmp_path / "o"))
     with pytest.raises(InputError, match="--coco-splits 'train2017'"):
         parse_splits("train2017")
+
+
+def test_ground_reads_coco_rows(coco_prepared, tiny_model, tokenizer, tmp_path):
+    """`ground --data coco_test.parquet`: each row's caption, the matched word's tokens as the map, and the
+    decoded mask as the region it is scored against; MIMIC-only conventions are refused."""
+    from cxrdiff.ground import GroundConfig, choose_tokens, load_samples, masks
+    from cxrdiff.tokens import word_token_spans
+
+    config = GroundConfig(model=tiny_model, out=tmp_path / "g", data=coco_prepared / "coco_test.parquet")
+    samples = load_samples(config)
+    table = pq.read_table(coco_prepared / "coco_test.parquet").to_pylist()
+    assert len(samples) == len(table)
+    for sample, row in zip(samples, table, strict=True):
+        assert sample.phrase == row["caption"] and sample.category == row["category_name"]
+        positions, source = choose_tokens(tokenizer, sample, None)
+        assert source == "word" and positions == word_token_spans(tokenizer, row["caption"], row["word"])[0]
+        ((box, mask),) = masks(sample, 64, config)
+        assert box is None and (mask == decode_rle(row["mask_rle"])).all()
+    multi = next((s for s in samples if " " in s.word), None)  # "stop sign(s)", "road sign(s)": two words' tokens
+    if multi is not None:
+        assert len(choose_tokens(tokenizer, multi, None)[0]) >= 2
+    for change, message in ((dict(frame="original"), "--frame original"), (dict(boxes="per-box"), "--boxes per-box")):
+        with pytest.raises(InputError, match=message):
+            load_samples(GroundConfig(**{**config.__dict__, **change}))
