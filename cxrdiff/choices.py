@@ -21,6 +21,7 @@ Frame = Literal["prepared", "original"]
 GroundDtype = Literal["auto", "float32", "bfloat16", "float16"]
 PredictionType = Literal["epsilon", "v_prediction"]
 PublishedModel = Literal["sd2-base", "sd2-768", "sd15"]  # `cxrdiff model random --like`
+TextInit = Literal["pretrained", "token-local", "both"]  # `cxrdiff demo --text-init`: the tiny text encoder's start
 PhantomKind = Literal["mimic", "coco"]  # `cxrdiff phantom --kind`: a MIMIC-CXR-shaped tree or a COCO-layout set
 DataFormat = Literal["mimic", "coco"]  # `cxrdiff prepare --format`
 DicomContrast = Literal["mimic-jpg", "window"]  # mimic-jpg: MIMIC-CXR-JPG's own conversion; window: the file's window

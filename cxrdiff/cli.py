@@ -112,6 +112,7 @@ ClassifierPositives = choices.enum("ClassifierPositives", choices.ClassifierPosi
 Frame = choices.enum("Frame", choices.Frame)
 PredictionType = choices.enum("PredictionType", choices.PredictionType)
 PublishedModel = choices.enum("PublishedModel", choices.PublishedModel)
+TextInit = choices.enum("TextInit", choices.TextInit)
 PhantomKind = choices.enum("PhantomKind", choices.PhantomKind)
 DataFormat = choices.enum("DataFormat", choices.DataFormat)
 
@@ -217,6 +218,9 @@ def finetune(
     text_lr: Annotated[float | None, typer.Option(help="Text encoder learning rate; default: --lr.")] = None,
     ucg_no_finding: Annotated[
         float | None, typer.Option(help="P(empty prompt) for samples whose only label is No Finding.")
+    ] = None,
+    ucg_caption: Annotated[
+        float | None, typer.Option(help="COCO data: P(empty prompt) for any caption [default: 0.1].")
     ] = None,
     prompt_source: Annotated[str | None, typer.Option(help="impression | labels | file:PATH")] = None,
     mixed_precision: Annotated[Precision | None, typer.Option(help="Mixed precision of training.")] = None,
@@ -363,6 +367,10 @@ def report(
     checkpoint_every: Annotated[
         int | None, typer.Option(help="With --checkpoints: every Nth kept checkpoint, the newest always in.")
     ] = None,
+    label: Annotated[
+        list[str] | None,
+        typer.Option(help="NAME=DIR: name the group of runs trained like DIR (repeatable; groups: all but the seed)."),
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Measure both sides of the trade-off and write report.md / report.html / metrics.json."""
@@ -377,11 +385,16 @@ def report(
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for every artifact of the demo.")] = Path("cxrdiff-demo"),
     quick: Annotated[bool, typer.Option("--quick", help="A smaller run (about 2 minutes on 2 CPU cores).")] = False,
+    text_init: Annotated[
+        TextInit,
+        typer.Option(help="The tiny text encoder: contrastively pretrained, token-local by construction, or both."),
+    ] = TextInit.pretrained,
+    trainings: Annotated[int, typer.Option(help="Fine-tunings per model (seeds 0..N-1), for ± over trainings.")] = 1,
 ) -> None:
     """Run the whole chain on phantom data and a tiny model, and write the report."""
     from cxrdiff.demo import demo as run_demo
 
-    print_result(run_demo(out=out, quick=quick))
+    print_result(run_demo(out=out, quick=quick, text_init=text_init.value, trainings=trainings))
 
 
 @app.command()

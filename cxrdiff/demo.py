@@ -27,8 +27,11 @@ class DemoPlan:
     patients: int = 240
     image_size: int = 128
     resolution: int = 64
-    vae_steps: int = 250
-    finetune_steps: int = 1000
+    pretrain_steps: int = 600  # contrastive pretraining of the text encoder (on a second phantom draw)
+    pretrain_batch_size: int = 64
+    vae_steps: int = 200
+    vae_batch_size: int = 8
+    finetune_steps: int = 600
     batch_size: int = 16
     lr: float = 1e-3  # a random-init tiny UNet needs far more than the paper's 5e-5 for pretrained SD2
     sample_steps: int = 20
@@ -43,6 +46,7 @@ class DemoPlan:
     def quick(cls) -> DemoPlan:
         return cls(
             patients=80,
+            pretrain_steps=150,
             vae_steps=80,
             finetune_steps=150,
             sample_steps=10,
@@ -52,6 +56,10 @@ class DemoPlan:
             diversity_prompts=6,
             test_size=48,
         )
+
+
+TEXT_INITS = ("pretrained", "token-local")  # `demo --text-init`; "both" runs the two side by side
+PRETRAIN_SEED_OFFSET = 1000  # the pretraining phantom is another draw: seed + 1000, so no image is shared
 
 
 def fit_vae(
@@ -137,25 +145,95 @@ def _phantom_images(phantom: Path, resolution: int, limit: int) -> np.ndarray:
     return np.stack([resize_center_crop(load_grayscale(p), resolution) for p in paths[:limit]])
 
 
-def _base_model(out: Path, phantom: Path, plan: DemoPlan) -> Path:
-    """The tiny base model, its VAE fitted to the phantom images (skipped when already written)."""
-    from cxrdiff.models import TinySpec, save_components, tiny_components
+def _fitted_vae(out: Path, phantom: Path, plan: DemoPlan) -> Path:
+    """The tiny VAE fitted to the phantom images, once, in `out/vae` (every base model shares it, so one
+    prepared folder serves them all: its latents' VAE fingerprint matches each)."""
+    from cxrdiff.artifacts import atomic_dir
+    from cxrdiff.models import TinySpec, tiny_components
 
-    base = out / "base-model"
+    path = out / "vae"
+    if (path / "config.json").is_file():
+        return path
+    vae = tiny_components(TinySpec(resolution=plan.resolution), seed=plan.seed).vae
+    images = _phantom_images(phantom, plan.resolution, limit=512)
+    fit_vae(vae, images, plan.vae_steps, seed=plan.seed, batch_size=plan.vae_batch_size)
+    vae.register_to_config(scaling_factor=_scale_to_unit_variance(vae, images))
+    with atomic_dir(path) as tmp:
+        vae.save_pretrained(tmp)
+    return path
+
+
+def _pretrained_text(out: Path, plan: DemoPlan) -> Path:
+    """`cxrdiff model pretrain-text` on a second phantom draw (another seed), so that the fine-tuning
+    images and reports are not the pretraining ones."""
+    from cxrdiff.phantom import PhantomConfig, make_phantom
+    from cxrdiff.pretrain_text import PretrainTextConfig, pretrain_text
+
+    pairs = out / "phantom-pretrain"
+    seed = plan.seed + PRETRAIN_SEED_OFFSET
+    make_phantom(PhantomConfig(pairs, patients=plan.patients, seed=seed, size=plan.image_size, dicom_fraction=0.0))
+    folder = out / "text-encoder"
+    result = pretrain_text(
+        PretrainTextConfig(
+            data=pairs,
+            out=folder,
+            resolution=plan.resolution,
+            steps=plan.pretrain_steps,
+            batch_size=plan.pretrain_batch_size,
+            seed=plan.seed,
+        )
+    )
+    log.info(
+        "text encoder pretrained: held-out retrieval top-1 %.3f (chance %.3f)",
+        result["retrieval_top1"],
+        result["chance"],
+    )
+    return folder
+
+
+def _base_model(out: Path, init: str, vae: Path, text_encoder: Path | None, plan: DemoPlan) -> Path:
+    """The tiny base model of one text init: the fitted VAE, a seeded random UNet (the same for every init)
+    and the pretrained text encoder or a token-local random one (skipped when already written)."""
+    from diffusers import AutoencoderKL
+
+    from cxrdiff.models import TinySpec, save_components, tiny_components
+    from cxrdiff.pretrain_text import load_text_encoder
+
+    base = out / f"base-model-{init}"
     if (base / "model_index.json").is_file():
         return base
-    comps = tiny_components(TinySpec(resolution=plan.resolution, token_local_text=True), seed=plan.seed)
-    images = _phantom_images(phantom, plan.resolution, limit=512)
-    fit_vae(comps.vae, images, plan.vae_steps, seed=plan.seed)
-    comps.vae.register_to_config(scaling_factor=_scale_to_unit_variance(comps.vae, images))
+    spec = TinySpec(resolution=plan.resolution, token_local_text=init == "token-local")
+    encoder = load_text_encoder(text_encoder, spec.text_width) if init == "pretrained" else None
+    comps = tiny_components(spec, seed=plan.seed, text_encoder=encoder)
+    comps.vae = AutoencoderKL.from_pretrained(vae, local_files_only=True)
     save_components(comps, base)
     return base
 
 
-def demo(out: Path = Path("cxrdiff-demo"), quick: bool = False) -> dict[str, Any]:
-    """Run the chain; every step skips what an earlier (or interrupted) demo already finished."""
+def run_names(inits: tuple[str, ...]) -> dict[tuple[str, str], str]:
+    """(init, frozen|learnable) → the report's name: the paper's Finetune_F / Finetune_L for the pretrained
+    encoder (its analogue of SD2's), the init named beside it otherwise."""
+    names = {}
+    for init in inits:
+        for kind, short in (("frozen", "F"), ("learnable", "L")):
+            names[init, kind] = f"Finetune_{short}" if init == "pretrained" else f"Finetune_{short} ({init})"
+    return names
+
+
+def demo(
+    out: Path = Path("cxrdiff-demo"), quick: bool = False, text_init: str = "pretrained", trainings: int = 1
+) -> dict[str, Any]:
+    """Run the chain; every step skips what an earlier (or interrupted) demo already finished.
+
+    `text_init`: pretrained (the default), token-local, or both (side by side in one report);
+    `trainings`: fine-tunings per model, seeds 0..N-1 (the report's ± over trainings)."""
     from cxrdiff.console import err
 
+    if text_init not in (*TEXT_INITS, "both"):
+        raise InputError(f"--text-init {text_init!r}: expected one of {', '.join(TEXT_INITS)}, both")
+    if trainings < 1:
+        raise InputError(f"--trainings {trainings}: expected at least 1")
+    inits = TEXT_INITS if text_init == "both" else (text_init,)
     plan = DemoPlan.quick() if quick else DemoPlan()
     out = Path(out)
     if (out / MANIFEST).is_file():
@@ -167,17 +245,29 @@ def demo(out: Path = Path("cxrdiff-demo"), quick: bool = False) -> dict[str, Any
     err.rule(f"cxrdiff demo{' --quick' if quick else ''}: phantom data ({plan.patients} patients)")
     phantom = _phantom(out, plan)
     clock.done("phantom")
+    text_encoder = None
+    if "pretrained" in inits:
+        err.rule(f"text encoder: contrastive pretraining on another phantom draw ({plan.pretrain_steps} steps)")
+        text_encoder = _pretrained_text(out, plan)
+        clock.done("pretrain text")
     err.rule("tiny base model (VAE fitted to the phantom images)")
-    base = _base_model(out, phantom, plan)
+    vae = _fitted_vae(out, phantom, plan)
+    bases = {init: _base_model(out, init, vae, text_encoder, plan) for init in inits}
     clock.done("base model")
     err.rule("prepare")
-    prepared = _prepare(out, phantom, base, plan)
+    prepared = _prepare(out, phantom, bases[inits[0]], plan)
     clock.done("prepare")
-    runs = {}
-    for kind, frozen in (("frozen", True), ("learnable", False)):
-        err.rule(f"finetune ({kind} text encoder, {plan.finetune_steps} steps)")
-        runs[kind] = _finetune(out / kind, prepared, base, frozen, plan)
-        clock.done(f"finetune {kind}")
+    runs: dict[str, list[Path]] = {}
+    for (init, kind), name in run_names(inits).items():
+        err.rule(f"finetune {name} ({kind} text encoder, {init}, {plan.finetune_steps} steps × {trainings})")
+        runs[name] = [
+            _finetune(out / "runs" / f"{init}-{kind}-seed{seed}", prepared, bases[init], kind == "frozen", plan, seed)
+            for seed in range(trainings)
+        ]
+        clock.done(f"finetune {name}")
+    if trainings > 1:
+        runs.update(_labels_runs(out, prepared, bases, inits, plan))
+        clock.done("finetune on class labels")
     err.rule("phantom pathology classifier (fidelity features and classifier check)")
     classifier = _classifier(out, prepared, plan)
     clock.done("classifier")
@@ -243,7 +333,23 @@ def _prepare(out: Path, phantom: Path, base: Path, plan: DemoPlan) -> Path:
     return prepared
 
 
-def _finetune(run: Path, prepared: Path, base: Path, frozen: bool, plan: DemoPlan) -> Path:
+def _labels_runs(
+    out: Path, prepared: Path, bases: dict[str, Path], inits: tuple[str, ...], plan: DemoPlan
+) -> dict[str, list[Path]]:
+    """Table 7 measured: each model trained once more (seed 0) on the class labels instead of impressions."""
+    from cxrdiff.console import err
+
+    runs = {}
+    for (init, kind), name in run_names(inits).items():
+        err.rule(f"finetune {name} on class labels ({kind} text encoder, {plan.finetune_steps} steps)")
+        folder = out / "runs" / f"{init}-{kind}-labels-seed0"
+        runs[f"{name} (labels)"] = [_finetune(folder, prepared, bases[init], kind == "frozen", plan, 0, "labels")]
+    return runs
+
+
+def _finetune(
+    run: Path, prepared: Path, base: Path, frozen: bool, plan: DemoPlan, seed: int, prompt_source: str = "impression"
+) -> Path:
     from cxrdiff.finetune import FinetuneConfig, finetune
 
     finetune(
@@ -255,7 +361,8 @@ def _finetune(run: Path, prepared: Path, base: Path, frozen: bool, plan: DemoPla
             steps=plan.finetune_steps,
             batch_size=plan.batch_size,
             lr=plan.lr,
-            seed=plan.seed,
+            seed=seed,
+            prompt_source=prompt_source,
             checkpoint_every=max(plan.finetune_steps // 2, 1),
             log_every=25,
         )
@@ -276,8 +383,9 @@ def _classifier(out: Path, prepared: Path, plan: DemoPlan) -> Any:
     return classifier
 
 
-def _report(out: Path, runs: dict[str, Path], prepared: Path, classifier: Any, plan: DemoPlan) -> dict[str, Any]:
-    """The report; Table 6's threshold scaled to the phantom's phrase set (the report names it)."""
+def _report(out: Path, runs: dict[str, list[Path]], prepared: Path, classifier: Any, plan: DemoPlan) -> dict[str, Any]:
+    """The report over every run, one name per run and a label per model (its trainings grouped); Table 6's
+    threshold scaled to the phantom's phrase set (the report names it)."""
     import pyarrow.parquet as pq
 
     from cxrdiff.report import ReportConfig, report
@@ -286,8 +394,13 @@ def _report(out: Path, runs: dict[str, Path], prepared: Path, classifier: Any, p
     phrases = pq.read_metadata(prepared / "ms_cxr.parquet").num_rows
 
     config = ReportConfig(
-        runs=(runs["frozen"], runs["learnable"]),
-        names=("Finetune_F", "Finetune_L"),
+        runs=tuple(run for group in runs.values() for run in group),
+        names=tuple(
+            name if len(group) == 1 else f"{name} seed {seed}"
+            for name, group in runs.items()
+            for seed in range(len(group))
+        ),
+        label=tuple(f"{name}={group[0]}" for name, group in runs.items()),
         out=out / "report",
         real=prepared,
         n_fid=plan.n_fid,

@@ -251,8 +251,9 @@ def clip_tokenizer(max_length: int = 77) -> Any:
         return CLIPTokenizer.from_pretrained(tmp, pad_token="!", model_max_length=max_length)
 
 
-def tiny_components(spec: TinySpec = TinySpec(), seed: int = 0) -> Components:
-    """Randomly initialised, SD2-shaped components (same seed → same weights)."""
+def tiny_components(spec: TinySpec = TinySpec(), seed: int = 0, text_encoder: Any = None) -> Components:
+    """Randomly initialised, SD2-shaped components (same seed → same weights); `text_encoder`, a CLIP text
+    model of width `spec.text_width` (e.g. from `cxrdiff model pretrain-text`), replaces the random one."""
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -287,21 +288,27 @@ def tiny_components(spec: TinySpec = TinySpec(), seed: int = 0) -> Components:
         sample_size=spec.resolution,
         scaling_factor=0.18215,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=spec.text_width,
-            intermediate_size=spec.text_width * 4,
-            num_hidden_layers=spec.text_layers,
-            num_attention_heads=spec.text_heads,
-            max_position_embeddings=tokenizer.model_max_length,
-            hidden_act="gelu",
-            projection_dim=spec.text_width,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
+    text_encoder = (
+        text_encoder
+        if text_encoder is not None
+        else CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=spec.text_width,
+                intermediate_size=spec.text_width * 4,
+                num_hidden_layers=spec.text_layers,
+                num_attention_heads=spec.text_heads,
+                max_position_embeddings=tokenizer.model_max_length,
+                hidden_act="gelu",
+                projection_dim=spec.text_width,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
         )
     )
+    if text_encoder.config.hidden_size != spec.text_width:
+        raise InputError(f"text encoder width {text_encoder.config.hidden_size} ≠ --text-width {spec.text_width}")
     if spec.token_local_text:
         for layer in getattr(text_encoder, "text_model", text_encoder).encoder.layers:  # transformers 4 / 5
             torch.nn.init.zeros_(layer.self_attn.out_proj.weight)
@@ -325,9 +332,15 @@ def write_tiny_model(out: str | os.PathLike, spec: TinySpec = TinySpec(), seed: 
 
 
 def write_tiny_model_cli(
-    out: Path, resolution: int, unet_channels: str, text_width: int, prediction_type: str, seed: int
+    out: Path,
+    resolution: int,
+    unet_channels: str,
+    text_width: int,
+    prediction_type: str,
+    seed: int,
+    text_encoder: Path | None = None,
 ) -> dict[str, Any]:
-    """The `cxrdiff model tiny` command body."""
+    """The `cxrdiff model tiny` command body; `text_encoder`: a `pretrain-text` folder to use."""
     try:
         channels = tuple(int(c) for c in unet_channels.split(","))
     except ValueError:
@@ -345,7 +358,12 @@ def write_tiny_model_cli(
         text_width=text_width,
         prediction_type=prediction_type,
     )
-    write_tiny_model(out, spec, seed)
+    if text_encoder is not None:
+        from cxrdiff.pretrain_text import load_text_encoder
+
+        save_components(tiny_components(spec, seed, load_text_encoder(text_encoder, text_width)), out)
+    else:
+        write_tiny_model(out, spec, seed)
     return {"model": str(out), **describe(out)}
 
 

@@ -72,6 +72,7 @@ STEPS = {  # command → (module, step function, config class)
     "sample": ("cxrdiff.sample", "sample", "SampleConfig"),
     "ground": ("cxrdiff.ground", "ground", "GroundConfig"),
     "report": ("cxrdiff.report", "report", "ReportConfig"),
+    "model pretrain-text": ("cxrdiff.pretrain_text", "pretrain_text", "PretrainTextConfig"),
 }
 
 
@@ -126,8 +127,8 @@ def test_every_option_reaches_its_config_field(command, tmp_path, monkeypatch):
     module = importlib.import_module(module_name)
     received = []
     monkeypatch.setattr(module, function, lambda config: received.append(config) or {"ok": True})
-    argv, expected = [command], {}
-    for name, words, value in _options(getattr(cli, command), tmp_path):
+    argv, expected = command.split(), {}
+    for name, words, value in _options(getattr(cli, "_".join(argv).replace("-", "_")), tmp_path):
         argv += words
         expected[name] = value
     result = CliRunner().invoke(app, argv)

@@ -1,0 +1,381 @@
+"""`cxrdiff model pretrain-text`: CLIP-style contrastive pretraining of a tiny text encoder.
+
+SD2's text encoder arrives pretrained on image–caption pairs (OpenCLIP); a tiny random one does not, and
+"token-local" initialisation only imitates one property of a pretrained encoder by construction. This
+trains a tiny CLIP text tower together with a small image tower (thrown away afterwards) on image–report
+pairs with CLIP's symmetric contrastive loss, so that a tiny model's frozen/learnable comparison starts,
+as the paper's does, from an encoder whose words were tied to pictures by learning.
+
+The text tower is transformers' `CLIPTextModel` (the class SD folders load), pooled at the end token as
+CLIP pools, with a linear projection that is discarded like the image tower; the result is a
+`text_encoder/` + `tokenizer/` pair that `cxrdiff model tiny --text-encoder` puts into a tiny SD folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from cxrdiff.artifacts import StepFolder, atomic_dir, atomic_path, write_text
+from cxrdiff.config import settings, to_dict
+from cxrdiff.console import log, progress
+from cxrdiff.errors import InputError
+
+STEP = "pretrain-text"
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainTextConfig:
+    """Settings of one contrastive pretraining run (the defaults are the demo's, chosen before any run)."""
+
+    data: Path  # a MIMIC-CXR-shaped folder: metadata CSV, files/pXX/... images and reports
+    out: Path
+    resolution: int = 64
+    text_width: int = 32
+    text_layers: int = 2
+    text_heads: int = 2
+    steps: int = 600
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    held_out: int = 200  # pairs (whole patients) kept out of training for the retrieval check
+    max_pairs: int | None = None
+    checkpoint_every: int = 200
+    seed: int = 0
+
+    NOT_SETTINGS: ClassVar[tuple[str, ...]] = ("out", "checkpoint_every")
+
+
+# --- data --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Pairs:
+    """Images (uint8, (N, H, W)), their report texts and patients, in a fixed order."""
+
+    images: np.ndarray
+    texts: list[str]
+    subjects: np.ndarray
+
+    def subset(self, index: np.ndarray) -> Pairs:
+        return Pairs(self.images[index], [self.texts[i] for i in index], self.subjects[index])
+
+
+def read_pairs(root: str | os.PathLike, resolution: int, limit: int | None = None) -> Pairs:
+    """Frontal images outside p19 (MIMIC's test patients) with their report's impression, as prepare reads
+    them; images without a usable impression or image file are left out."""
+    from cxrdiff.data import TEST_PATIENT_FOLDER, VIEWS_KEPT, files_root, find_table, patient_folder, read_metadata
+    from cxrdiff.images import load_grayscale, resize_center_crop
+    from cxrdiff.impressions import read_report, report_path
+
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"--data {root}: not a folder")
+    meta = read_metadata(find_table(root, "metadata"))
+    meta = meta[meta["ViewPosition"].isin(VIEWS_KEPT)].sort_values(["subject_id", "study_id", "dicom_id"])
+    files = files_root(root)
+    images, texts, subjects = [], [], []
+    for row in meta.itertuples():
+        if patient_folder(row.subject_id) == TEST_PATIENT_FOLDER:
+            continue
+        text, _, fault = read_report(report_path(files, row.subject_id, row.study_id))
+        study = files / patient_folder(row.subject_id) / f"p{row.subject_id}" / f"s{row.study_id}"
+        path = next((p for p in (study / f"{row.dicom_id}.jpg", study / f"{row.dicom_id}.dcm") if p.is_file()), None)
+        if fault or not text or path is None:
+            continue
+        images.append(resize_center_crop(load_grayscale(path), resolution))
+        texts.append(text)
+        subjects.append(int(row.subject_id))
+        if limit is not None and len(texts) >= limit:
+            break
+    if len(texts) < 8:
+        raise InputError(f"--data {root}: only {len(texts)} usable image–report pairs (need at least 8)")
+    return Pairs(np.stack(images), texts, np.array(subjects))
+
+
+def split_held_out(pairs: Pairs, held_out: int, seed: int) -> tuple[Pairs, Pairs]:
+    """Whole patients, drawn at random, until at least `held_out` pairs are kept out (none of a held-out
+    patient's images is trained on)."""
+    rng = np.random.default_rng(seed)
+    patients = rng.permutation(np.unique(pairs.subjects))
+    kept: list[int] = []
+    count = 0
+    for patient in patients:
+        if count >= held_out:
+            break
+        kept.append(int(patient))
+        count += int((pairs.subjects == patient).sum())
+    test = np.isin(pairs.subjects, kept)
+    if test.all():
+        raise InputError(f"--held-out {held_out}: leaves no pairs to train on ({len(pairs.texts)} in all)")
+    return pairs.subset(np.flatnonzero(~test)), pairs.subset(np.flatnonzero(test))
+
+
+# --- the two towers ----------------------------------------------------------------------------
+
+
+def text_tower(config: PretrainTextConfig, tokenizer: Any) -> Any:
+    """A randomly initialised CLIP text encoder of the tiny SD model's shape (see `models.TinySpec`)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=config.text_width,
+            intermediate_size=config.text_width * 4,
+            num_hidden_layers=config.text_layers,
+            num_attention_heads=config.text_heads,
+            max_position_embeddings=tokenizer.model_max_length,
+            hidden_act="gelu",
+            projection_dim=config.text_width,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
+def image_tower(width: int) -> Any:
+    """A small CNN: four stride-2 convolutions, global average pooling, a linear map to `width`."""
+    from torch import nn
+
+    layers: list[Any] = []
+    channels = (1, 16, 32, 64, 64)
+    for c_in, c_out in zip(channels, channels[1:], strict=False):
+        layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.GroupNorm(8, c_out), nn.SiLU()]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels[-1], width))
+
+
+class Towers:
+    """Text tower + its projection, image tower, CLIP's learnable temperature."""
+
+    def __init__(self, config: PretrainTextConfig, tokenizer: Any) -> None:
+        import torch
+
+        torch.manual_seed(config.seed)
+        self.text = text_tower(config, tokenizer)
+        self.projection = torch.nn.Linear(config.text_width, config.text_width, bias=False)
+        self.image = image_tower(config.text_width)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
+        self.modules = {"text": self.text, "projection": self.projection, "image": self.image}
+
+    def parameters(self) -> list[Any]:
+        return [p for m in self.modules.values() for p in m.parameters()] + [self.logit_scale]
+
+    def state(self) -> dict[str, Any]:
+        return {**{k: m.state_dict() for k, m in self.modules.items()}, "logit_scale": self.logit_scale.detach()}
+
+    def load(self, state: dict[str, Any]) -> None:
+        import torch
+
+        for key, module in self.modules.items():
+            module.load_state_dict(state[key])
+        with torch.no_grad():
+            self.logit_scale.copy_(state["logit_scale"])
+
+    def train(self, mode: bool = True) -> None:
+        for module in self.modules.values():
+            module.train(mode)
+
+    def embed_text(self, ids: Any) -> Any:
+        pooled = self.text(ids).pooler_output  # the end token's final hidden state, as CLIP pools
+        return _unit(self.projection(pooled))
+
+    def embed_images(self, pixels: Any) -> Any:
+        return _unit(self.image(pixels))
+
+
+def _unit(x: Any) -> Any:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+
+
+def _pixels(images: np.ndarray) -> Any:
+    import torch
+
+    return torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0)[:, None]
+
+
+def _ids(tokenizer: Any, texts: list[str]) -> Any:
+    return tokenizer(
+        texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+def contrastive_loss(image_embeds: Any, text_embeds: Any, logit_scale: Any) -> Any:
+    """CLIP's symmetric cross-entropy over the batch's image–text similarity matrix."""
+    import torch
+    import torch.nn.functional as F
+
+    logits = logit_scale.exp().clamp(max=100) * image_embeds @ text_embeds.T
+    target = torch.arange(len(logits))
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+# --- retrieval ---------------------------------------------------------------------------------
+
+
+def retrieval_accuracy(similarity: np.ndarray, texts: list[str]) -> dict[str, float]:
+    """Image → text top-1 over the held-out pairs: correct when the best text is the image's own report.
+
+    Identical reports cannot be told apart, so retrieving a copy of the own text counts as correct; chance
+    is therefore the mean share of held-out texts equal to the image's own (exactly what a random pick of
+    one text per image scores on average), not 1/N.
+    """
+    texts_arr = np.array(texts, dtype=object)
+    same = texts_arr[:, None] == texts_arr[None, :]
+    best = similarity.argmax(axis=1)
+    return {
+        "pairs": len(texts),
+        "distinct_texts": len(set(texts)),
+        "image_to_text_top1": float(same[np.arange(len(texts)), best].mean()),
+        "chance": float(same.mean(axis=1).mean()),
+    }
+
+
+def evaluate(towers: Towers, tokenizer: Any, pairs: Pairs, batch_size: int = 256) -> dict[str, float]:
+    import torch
+
+    towers.train(False)
+    with torch.no_grad():
+        images = torch.cat([towers.embed_images(_pixels(pairs.images[i : i + batch_size]))
+                            for i in range(0, len(pairs.texts), batch_size)])  # fmt: skip
+        texts = torch.cat([towers.embed_text(_ids(tokenizer, pairs.texts[i : i + batch_size]))
+                           for i in range(0, len(pairs.texts), batch_size)])  # fmt: skip
+    towers.train(True)
+    return retrieval_accuracy((images @ texts.T).numpy(), pairs.texts)
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+def batch_index(n: int, batch_size: int, seed: int, number: int) -> Any:
+    """Batch `number`'s pair indices: shuffled epochs (no pair twice in a batch), each epoch's order a
+    function of (seed, epoch) alone, so a resumed run draws exactly the batches it would have drawn."""
+    import torch
+
+    size = min(batch_size, n)
+    epoch, position = divmod(number, n // size)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return order[position * size : (position + 1) * size]
+
+
+def _save_checkpoint(out: Path, towers: Towers, optimizer: Any, step: int, losses: list[float]) -> None:
+    import torch
+
+    with atomic_path(out / CHECKPOINT) as tmp:
+        torch.save({"towers": towers.state(), "optimizer": optimizer.state_dict(), "step": step, "losses": losses}, tmp)
+
+
+def _load_checkpoint(out: Path, towers: Towers, optimizer: Any) -> tuple[int, list[float]]:
+    import torch
+
+    path = out / CHECKPOINT
+    if not path.is_file():
+        return 0, []
+    state = torch.load(path, weights_only=True)  # tensors and plain containers only
+    towers.load(state["towers"])
+    optimizer.load_state_dict(state["optimizer"])
+    log.info("resuming pretraining at step %d of %s", state["step"], out)
+    return int(state["step"]), list(state["losses"])
+
+
+def _train(config: PretrainTextConfig, towers: Towers, tokenizer: Any, train: Pairs, out: Path) -> list[float]:
+    import torch
+
+    optimizer = torch.optim.AdamW(towers.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    start, losses = _load_checkpoint(out, towers, optimizer)
+    pixels, ids = _pixels(train.images), _ids(tokenizer, train.texts)
+    for step in progress(range(start, config.steps), description="pretrain-text step"):
+        index = batch_index(len(train.texts), config.batch_size, config.seed, step)
+        loss = contrastive_loss(towers.embed_images(pixels[index]), towers.embed_text(ids[index]), towers.logit_scale)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+            _save_checkpoint(out, towers, optimizer, step + 1, losses)
+    return losses
+
+
+def pretrain_text(config: PretrainTextConfig) -> dict[str, Any]:
+    """Pretrain, check retrieval on held-out patients, write `text_encoder/` + `tokenizer/` + the manifest."""
+    import torch
+
+    from cxrdiff.artifacts import input_identity
+    from cxrdiff.models import clip_tokenizer
+
+    if config.steps < 1 or config.batch_size < 2:
+        raise InputError(
+            f"--steps {config.steps} / --batch-size {config.batch_size}: need ≥ 1 step and ≥ 2 pairs a batch"
+        )
+    out = Path(config.out)
+    folder = StepFolder.claim(out, STEP, settings(config, data=input_identity(config.data)))
+    if folder.finished:
+        return _result(out, folder.manifest or {})
+    tokenizer = clip_tokenizer()
+    pairs = read_pairs(config.data, config.resolution, config.max_pairs)
+    train, held_out = split_held_out(pairs, config.held_out, config.seed)
+    towers = Towers(config, tokenizer)
+    before = evaluate(towers, tokenizer, held_out)
+    with torch.enable_grad():
+        losses = _train(config, towers, tokenizer, train, out)
+    after = evaluate(towers, tokenizer, held_out)
+    log.info(
+        "retrieval on %d held-out pairs: top-1 %.3f (untrained %.3f, chance %.3f)",
+        after["pairs"], after["image_to_text_top1"], before["image_to_text_top1"], after["chance"],
+    )  # fmt: skip
+    for part, save in (("text_encoder", towers.text.save_pretrained), ("tokenizer", tokenizer.save_pretrained)):
+        with atomic_dir(out / part) as tmp:
+            save(tmp)
+    write_text(out / "losses.csv", "step,loss\n" + "".join(f"{i + 1},{v:.6f}\n" for i, v in enumerate(losses)))
+    extra = {
+        "pairs": {"train": len(train.texts), "held_out": len(held_out.texts)},
+        "retrieval": after,
+        "retrieval_untrained": before,
+        "loss": {"first": losses[0], "last": losses[-1], "last_50_mean": float(np.mean(losses[-50:]))},
+    }
+    manifest = folder.finish(
+        to_dict(config), inputs={"data": config.data}, seed=config.seed,
+        files=["text_encoder", "tokenizer", "losses.csv"], extra=extra,
+    )  # fmt: skip
+    (out / CHECKPOINT).unlink(missing_ok=True)
+    return _result(out, manifest)
+
+
+def _result(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    retrieval = manifest.get("retrieval", {})
+    return {
+        "out": str(out),
+        "retrieval_top1": retrieval.get("image_to_text_top1"),
+        "chance": retrieval.get("chance"),
+        "held_out_pairs": retrieval.get("pairs"),
+        "loss_first": manifest.get("loss", {}).get("first"),
+        "loss_last": manifest.get("loss", {}).get("last"),
+    }
+
+
+def load_text_encoder(folder: str | os.PathLike, width: int | None = None) -> Any:
+    """The pretrained `text_encoder/` of a pretrain-text folder (or any folder holding one), checked."""
+    from transformers import CLIPTextModel
+
+    from cxrdiff.artifacts import read_manifest
+
+    folder = Path(folder)
+    read_manifest(folder, STEP)
+    try:
+        encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise InputError(
+            f"{folder / 'text_encoder'}: cannot load the text encoder ({str(exc).splitlines()[0]})"
+        ) from None
+    if width is not None and encoder.config.hidden_size != width:
+        raise InputError(
+            f"--text-encoder {folder}: width {encoder.config.hidden_size} does not match --text-width {width}"
+        )
+    return encoder
