@@ -1,0 +1,139 @@
+"""The page people read: the headline's numbers and verdict from hand-built metrics, settings as tables (no
+JSON), each convention named once, figures in the sections of the tables they summarise."""
+
+from __future__ import annotations
+
+import pytest
+
+from cxrdiff.data import MS_CXR_CATEGORIES
+from cxrdiff.metrics.score import Score
+from cxrdiff.report import page, render
+from cxrdiff.report.render import Table, cnr_by_class_figure
+
+
+def _run(frozen: bool | None, cnr: float, auc: float, fd: float, name: str = "FID_XRV") -> dict:
+    average = {"cnr": {"mean": cnr, "std": 0.0}, "auc_roc": {"mean": auc, "std": 0.0}, "top1": {"mean": 0.5}}
+    classes = {c: {"cnr": {"mean": cnr, "std": 0.05}} for c in MS_CXR_CATEGORIES}
+    training = {} if frozen is None else {"frozen_text": frozen, "steps": 30, "lr": 5e-5, "seed": 0}
+    conventions = {"cnr": "signed", "boxes_rule": "union of the class's boxes", "latent": "VAE posterior mean"}
+    return {
+        "kind": "finetune" if frozen is not None else "base model",
+        "path": "/runs/x",
+        "training": training,
+        "grounding": {"average": average, "classes": classes, "conventions": conventions},
+        "fidelity": [Score(name, fd).as_dict()],
+    }
+
+
+def _metrics(frozen_fd: float = 12.0, learnable_fd: float = 9.0, frozen_cnr: float = 0.61) -> dict:
+    return {
+        "runs": {
+            "frozen": _run(True, frozen_cnr, 0.81, frozen_fd),
+            "learnable": _run(False, 0.41, 0.61, learnable_fd),
+        },
+        "settings": {"scheduler": "pndm", "sample_steps": 75, "guidance": 4.0, "n_fid": 5000, "ground_limit": None},
+    }
+
+
+def test_headline_numbers_against_the_paper():
+    lines, table = page.headline(_metrics())
+    # Finetune_F: CNR 0.920, AUC 79, FID_XRV 10.1 (Tables 1 and 4); 0.61 - 0.92 = -0.31, 81.0 - 79 = +2.0
+    assert lines[0] == (
+        "**frozen** (text encoder frozen; the paper's Finetune_F): CNR 0.61 (paper 0.92, -0.31); "
+        "AUC-ROC % 81.0 (paper 79, +2.0); FID_XRV 12.0 (paper 10.1, +1.9)."
+    )
+    # Finetune_L: 0.133, 54, 7.7: 0.41 - 0.133 = +0.28 (rounded), 61 - 54 = +7.0, 9.0 - 7.7 = +1.3
+    assert lines[1].endswith(
+        "CNR 0.41 (paper 0.133, +0.28); AUC-ROC % 61.0 (paper 54, +7.0); FID_XRV 9.0 (paper 7.7, +1.3)."
+    )
+    assert lines[-1] == (
+        "**The trade-off (frozen: more interpretable, learnable: images closer to real) is reproduced here.**"
+    )
+    assert [r[0] for r in table.rows] == ["SDv2", "Finetune_L", "Finetune_F", "frozen", "learnable"]
+    assert table.rows[2][1:] == ["published (Tables 1, 4)", "0.92", "79", "FID 75.5 / FID_XRV 10.1"]
+
+
+@pytest.mark.parametrize(
+    ("frozen_cnr", "frozen_fd", "verdict", "said"),
+    [
+        (0.61, 8.0, "partly reproduced", "are not closer to the real ones"),  # learnable's images farther
+        (0.30, 8.0, "not reproduced", "does not ground better"),
+        (0.30, 12.0, "partly reproduced", "Fidelity: the learnable text encoder's images are closer"),
+    ],
+)
+def test_headline_verdict_per_side(frozen_cnr, frozen_fd, verdict, said):
+    lines, _ = page.headline(_metrics(frozen_fd=frozen_fd, frozen_cnr=frozen_cnr))
+    assert (
+        lines[-1]
+        == f"**The trade-off (frozen: more interpretable, learnable: images closer to real) is {verdict} here.**"
+    )
+    assert any(said in line for line in lines), lines
+
+
+def test_headline_fid_is_not_compared_and_a_lone_model_gets_no_verdict():
+    metrics = {"runs": {"frozen": _run(True, 0.5, 0.7, 80.0, name="FID")}}
+    lines, _ = page.headline(metrics)
+    assert "FID 80.0 (paper 75.5, not comparable: computed differently)" in lines[0]
+    assert lines[-1].startswith("The trade-off needs one run with a frozen and one with a learnable text encoder")
+
+
+def test_headline_speaks_of_setting_groups_when_there_are_any():
+    metrics = _metrics()
+    metrics["groups"] = {
+        "frozen-impression": {
+            "trainings": 2,
+            "setting": {"text_encoder": "frozen", "prompt_source": "impression"},
+            "grounding": {"average": {"cnr": {"mean": 0.7, "std": 0.1, "n": 2}, "auc_roc": {"mean": 0.8, "n": 2}}},
+            "fidelity": {"FID_XRV": {"mean": 11.0, "std": 1.0, "n": 2, "title": "FID_XRV", "label": ""}},
+        }
+    }
+    lines, table = page.headline(metrics)
+    assert lines[0].startswith("**frozen-impression** (text encoder frozen, 2 trainings; the paper's Finetune_F)")
+    assert "FID_XRV 11.0 (paper 10.1, +0.9)" in lines[0]
+    assert table.rows[-1][:3] == ["frozen-impression", "this report (frozen)", "0.70 ± 0.10"]
+
+
+def test_cnr_bars_say_which_variance_they_show():
+    _, caption = cnr_by_class_figure(_metrics())
+    assert "over grounding noise seeds" in caption
+    metrics = _metrics()
+    metrics["groups"] = {"g": {"trainings": 2, "grounding": {"classes": {"Edema": {"cnr": {"mean": 1.0, "std": 0.2}}}}}}
+    _, caption = cnr_by_class_figure(metrics)
+    assert "over trainings" in caption
+
+
+def test_page_layout_settings_conventions_and_sections(tmp_path):
+    metrics = _metrics()
+    metrics["runs"]["frozen"]["checkpoints"] = [
+        {
+            "step": 10,
+            "source": "checkpoint",
+            "grounding": {"cnr": {"mean": 0.3}},
+            "fidelity": Score("FID_XRV", 20.0).as_dict(),
+        }
+    ]
+    render(metrics, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert md.index("## Headline") < md.index("![trade-off](trade-off.png)") < md.index("## Localization")
+    local = md.split("\n## Localization on MS-CXR")[1].split("\n## ")[0]
+    assert "![cnr-by-class](cnr-by-class.png)" in local and "### Localization on MS-CXR" in local
+    over = md.split("\n## Over training (checkpoints)")[1].split("\n## ")[0]
+    assert "![checkpoints](checkpoints.png)" in over
+    assert "| Finetune_F (published) | 30,000 | 0.92 | 79 | FID 75.5 |" in over
+    assert "| frozen | 10 | 0.30 | — | 20.0 |" in over
+    settings = md.split("\n## Runs and settings")[1].split("\n## ")[0]
+    assert "| frozen | finetune | frozen | — | 30 | 5e-05 | 0 | x |" in settings
+    assert "| sampler | pndm |" in settings and "| grounded phrases (limit) | — |" in settings
+    assert "{" not in settings  # no JSON dumps
+    assert md.count("Grounding cnr: signed") == 1  # the convention of both runs, named once
+    for name in ("trade-off", "cnr-by-class", "checkpoints"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 5000
+
+
+def test_a_table_no_section_claims_is_still_shown():
+    tables = [Table("Localization X", ["a"], []), Table("Something new", ["b"], [])]
+    placed = page.sections(tables, ["grounding"])
+    assert [(h, f, [t.title for t in ts]) for h, f, ts in placed] == [
+        ("Localization on MS-CXR (Tables 1 and 3)", ["grounding"], ["Localization X"]),
+        ("Other measurements", [], ["Something new"]),
+    ]
