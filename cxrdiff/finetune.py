@@ -89,6 +89,7 @@ class FinetuneConfig:
     lr: float = 5e-5
     text_lr: float | None = None
     ucg_no_finding: float = 0.3
+    ucg_caption: float = 0.1  # COCO data (prepare --format coco): P(empty prompt) for any caption, the common rule
     prompt_source: str = "impression"
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
@@ -207,6 +208,8 @@ def _with_defaults(config: FinetuneConfig) -> FinetuneConfig:
             raise InputError(f"--{name} {value}: must be positive")
     if not 0.0 <= config.ucg_no_finding <= 1.0:
         raise InputError(f"--ucg-no-finding {config.ucg_no_finding}: must be a probability in [0, 1]")
+    if not 0.0 <= config.ucg_caption <= 1.0:
+        raise InputError(f"--ucg-caption {config.ucg_caption}: must be a probability in [0, 1]")
     if config.export_weights == "ema" and not config.ema:
         raise InputError("--export-weights ema needs --ema")
     if config.snr_gamma is not None and not config.snr_gamma > 0:
@@ -221,7 +224,17 @@ def run_settings(config: FinetuneConfig) -> dict[str, Any]:
     if source.startswith("file:"):
         source = f"file:{input_identity(source[5:])}"
     identities = {"data": input_identity(config.data), "base_model": input_identity(config.base_model)}
-    return settings(config, prompt_source=source, **identities)
+    mine = settings(config, prompt_source=source, **identities)
+    unused = "ucg_no_finding" if data_format(config.data) == "coco" else "ucg_caption"  # the other data's UCG rule
+    return {k: v for k, v in mine.items() if k != unused}
+
+
+def data_format(data: Path | None) -> str:
+    """The prepared folder's format: coco (`prepare --format coco`), else mimic (also with no manifest to read)."""
+    try:
+        return str(json.loads((Path(data) / MANIFEST).read_text()).get("format", "mimic"))
+    except (TypeError, OSError, ValueError):
+        return "mimic"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,6 +254,8 @@ def check_inputs(config: FinetuneConfig) -> Inputs:
     model_dir = check_model_folder(config.base_model)
     check_prepared(Path(config.data), model_dir)
     check_prompt_source(config.prompt_source)
+    if data_format(config.data) == "coco" and config.prompt_source != "impression":
+        raise InputError(f"--prompt-source {config.prompt_source}: COCO data trains on its captions (impression)")
     folder = StepFolder.claim(config.out, STEP, run_settings(config), create=False)
     if folder.state != "new":
         Checkpoints(folder.out).check(config.steps)
@@ -252,18 +267,23 @@ def check_inputs(config: FinetuneConfig) -> Inputs:
 
 class TrainingText:
     """The training text of each row (impression, class names, or a random alternative per class),
-    with the unconditional-guidance rule: samples whose only positive label is No Finding get ""."""
+    with the unconditional-guidance rule: samples whose only positive label is No Finding get "".
+    COCO rows (`any_row`) hold every caption of their image: one is drawn per step, and any row may get ""."""
 
-    def __init__(self, source: str, impressions: Sequence[str], labels: np.ndarray, ucg: float):
+    def __init__(self, source: str, impressions: Sequence[Any], labels: np.ndarray, ucg: float, any_row=False):
         self.source, self.impressions, self.ucg = source, impressions, ucg
         self.positive = labels == 1.0  # (rows, 14); NaN, 0 and -1 (uncertain) are not positive
         nf = LABELS.index(NO_FINDING)
         self.no_finding_only = self.positive[:, nf] & (self.positive.sum(axis=1) == 1)  # (rows,)
+        self.eligible = np.ones(len(labels), dtype=bool) if any_row else self.no_finding_only  # (rows,)
         self.alternatives = check_prompt_source(source)
 
     def text(self, row: int, rng: np.random.Generator) -> str:
         if self.source == "impression":
-            return str(self.impressions[row])
+            value = self.impressions[row]
+            if isinstance(value, list | tuple):  # COCO: every caption of the image, one drawn per step
+                return str(value[rng.integers(len(value))])
+            return str(value)
         classes = np.flatnonzero(self.positive[row])
         if self.source == "labels":  # the reference code: the class names in random order, space-joined
             return " ".join(LABELS[c] for c in rng.permutation(classes))
@@ -274,7 +294,7 @@ class TrainingText:
 
     def batch(self, rows: np.ndarray, rng: np.random.Generator) -> tuple[list[str], np.ndarray, np.ndarray]:
         """Prompts for `rows`, whether each was eligible for the empty prompt, and whether it got it."""
-        eligible = self.no_finding_only[rows]  # (batch,)
+        eligible = self.eligible[rows]  # (batch,)
         dropped = eligible & (rng.random(len(rows)) < self.ucg)  # (batch,)
         texts = ["" if d else self.text(int(r), rng) for r, d in zip(rows, dropped, strict=True)]
         return texts, eligible, dropped
@@ -340,16 +360,21 @@ class TrainData:
         self.shape, self.seed, self.rank, self.world = tuple(shape), seed, rank, world
         self.columns = ["latent_mean", "latent_logvar"] if with_logvar else ["latent_mean"]
         counts, impressions, labels = [], [], []
+        self.captions = "captions" in pq.read_schema(self.shards[0]).names  # COCO: every caption, no labels
+        text_column, label_columns = ("captions", []) if self.captions else ("impression", list(LABELS))
         for shard in self.shards:
             try:
-                table = pq.read_table(shard, columns=["impression", "latent_shape", *LABELS])
+                table = pq.read_table(shard, columns=[text_column, "latent_shape", *label_columns])
             except Exception as exc:  # pyarrow raises several types for missing columns and bad files
                 raise InputError(f"{shard}: not a readable prepared shard ({str(exc).splitlines()[0]})") from None
             if table.num_rows and tuple(table.column("latent_shape")[0].as_py()) != self.shape:
                 raise InputError(f"{shard}: latent_shape {table.column('latent_shape')[0]} != {list(self.shape)}")
             counts.append(table.num_rows)
-            impressions += table.column("impression").to_pylist()
-            labels.append(np.stack([table.column(n).to_numpy(zero_copy_only=False) for n in LABELS], axis=1))
+            impressions += table.column(text_column).to_pylist()
+            if self.captions:
+                labels.append(np.full((table.num_rows, len(LABELS)), np.nan, dtype=np.float32))
+            else:
+                labels.append(np.stack([table.column(n).to_numpy(zero_copy_only=False) for n in LABELS], axis=1))
         self.rows = sum(counts)
         if not self.rows:
             raise InputError(f"--data {folder}: the train shards hold no rows")
@@ -744,7 +769,8 @@ def _load_run(config: FinetuneConfig, model_dir: Path, accelerator: Any, per_dev
     comps = load_components(model_dir)
     with_logvar = config.latent_sampling == "sample"
     data = TrainData(Path(config.data), comps.latent_shape, config.seed, rank, world, with_logvar=with_logvar)
-    text = TrainingText(config.prompt_source, data.impressions, data.labels, config.ucg_no_finding)
+    ucg = config.ucg_caption if data.captions else config.ucg_no_finding
+    text = TrainingText(config.prompt_source, data.impressions, data.labels, ucg, any_row=data.captions)
     model, optimizer, lr_scheduler, ema = _build_model(config, comps, accelerator)
     noise_scheduler = DDPMScheduler.from_config(comps.scheduler.config)
     prediction = noise_scheduler.config.prediction_type
@@ -1103,6 +1129,9 @@ def _export(run: TrainingRun, folder: StepFolder, last_loss: float) -> dict[str,
         "prediction_type": run.comps.prediction_type,
         "latent_sampling": config.latent_sampling,
         "final_loss": last_loss,
+        "ucg_rule": {"eligible": "any caption", "p": config.ucg_caption}
+        if run.data.captions
+        else {"eligible": "samples whose only positive label is No Finding", "p": config.ucg_no_finding},
     }
     if run.main:
         _write_pipeline(run, state)

@@ -233,3 +233,22 @@ def test_ground_reads_coco_rows(coco_prepared, tiny_model, tokenizer, tmp_path):
     for change, message in ((dict(frame="original"), "--frame original"), (dict(boxes="per-box"), "--boxes per-box")):
         with pytest.raises(InputError, match=message):
             load_samples(GroundConfig(**{**config.__dict__, **change}))
+
+
+def test_training_text_draws_a_caption_and_drops_any(coco_prepared, tiny_model, tmp_path):
+    """COCO rows: one of the image's captions per step (each about equally often), and the empty prompt for
+    any row with p = --ucg-caption; the settings carry the COCO rule, not the MIMIC one (and vice versa)."""
+    from cxrdiff.data import LABELS
+    from cxrdiff.finetune import FinetuneConfig, TrainingText, run_settings
+
+    captions = [["a dog", "the dog", "one dog"], ["a cat"]]
+    text = TrainingText("impression", captions, np.full((2, len(LABELS)), np.nan), 0.1, any_row=True)
+    rng = np.random.default_rng(0)
+    texts, eligible, dropped = text.batch(np.zeros(30000, dtype=int), rng)
+    assert eligible.all() and abs(dropped.mean() - 0.1) < 0.01
+    shares = [texts.count(c) / len(texts) for c in captions[0]]
+    assert all(abs(share - 0.9 / 3) < 0.015 for share in shares) and texts.count("") == dropped.sum()
+    config = FinetuneConfig(data=coco_prepared, base_model=tiny_model, out=tmp_path / "f", frozen_text=True)
+    assert "ucg_caption" in run_settings(config) and "ucg_no_finding" not in run_settings(config)
+    mimic = FinetuneConfig(data=tmp_path / "none", base_model=tiny_model, out=tmp_path / "f", frozen_text=True)
+    assert "ucg_no_finding" in run_settings(mimic) and "ucg_caption" not in run_settings(mimic)
