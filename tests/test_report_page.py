@@ -87,10 +87,15 @@ def test_headline_speaks_of_setting_groups_when_there_are_any():
             "fidelity": {"FID_XRV": {"mean": 11.0, "std": 1.0, "n": 2, "title": "FID_XRV", "label": ""}},
         }
     }
+    metrics["groups"]["sd"] = {"trainings": 1, "setting": {"text_encoder": None}, "grounding": {}, "fidelity": {}}
     lines, table = page.headline(metrics)
     assert lines[0].startswith("**frozen-impression** (text encoder frozen, 2 trainings; the paper's Finetune_F)")
+    assert (
+        lines[1]
+        == "**sd** (base model; the paper's SDv2): CNR not measured; AUC-ROC % not measured; fidelity not measured."
+    )
     assert "FID_XRV 11.0 (paper 10.1, +0.9)" in lines[0]
-    assert table.rows[-1][:3] == ["frozen-impression", "this report (frozen)", "0.70 ± 0.10"]
+    assert table.rows[-2][:3] == ["frozen-impression", "this report (frozen)", "0.70 ± 0.10"]
 
 
 def test_cnr_bars_say_which_variance_they_show():

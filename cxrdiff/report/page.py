@@ -41,15 +41,16 @@ CAPTIONS = {
 # --- the models the headline speaks of -------------------------------------------------------------
 
 
-def _kind(entry: Mapping[str, Any]) -> str:
-    """frozen / learnable / base model, from a group's setting or a run's training record."""
+def _kind(entry: Mapping[str, Any], group: bool) -> str:
+    """frozen / learnable / base model, from a group's setting or a run's training record (a group records
+    no text encoder only for base models)."""
     encoder = (entry.get("setting") or {}).get("text_encoder")
     if encoder:
         return str(encoder)
     frozen = (entry.get("training") or {}).get("frozen_text")
     if frozen is not None:
         return "frozen" if frozen else "learnable"
-    return "base model" if entry.get("kind") == "base model" or "runs" not in entry else "fine-tuned"
+    return "base model" if group or entry.get("kind") == "base model" else "fine-tuned"
 
 
 def _value(cell: Any) -> tuple[float | None, float | None]:
@@ -76,11 +77,11 @@ def models(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
             fidelity = (entry.get("fidelity") or [None])[0]
             fidelity = None if fidelity is None else {**fidelity, "title": Score.from_dict(fidelity).title}
             trainings = 1
-            source = (entry.get("setting") or {}).get("prompt_source", (entry.get("training") or {}).get("source"))
+            source = (entry.get("setting") or {}).get("prompt_source")
         out.append(
             {
                 "name": name,
-                "kind": _kind(entry if groups else {**entry, "runs": ()}),
+                "kind": _kind(entry, bool(groups)),
                 "trainings": trainings,
                 "source": source,
                 "cnr": _value(average.get("cnr")),
@@ -126,7 +127,8 @@ def _model_line(model: Mapping[str, Any]) -> str:
     paper = PUBLISHED_OF.get(model["kind"])
     average = PUBLISHED_LOCALIZATION.get(paper or "", {}).get("Average")
     trainings = f", {model['trainings']} trainings" if model["trainings"] > 1 else ""
-    who = f"**{model['name']}** (text encoder {model['kind']}{trainings}"
+    kind = model["kind"] if model["kind"] in ("base model", "fine-tuned") else f"text encoder {model['kind']}"
+    who = f"**{model['name']}** ({kind}{trainings}"
     who += f"; the paper's {paper})" if paper else ")"
     cnr = _against(model["cnr"][0], average[2] if average else None, 2)
     auc = _against(model["auc"][0], average[0] if average else None, 1, 100)
