@@ -27,7 +27,8 @@ class DemoPlan:
     patients: int = 240
     image_size: int = 128
     resolution: int = 64
-    pretrain_steps: int = 600  # contrastive pretraining of the text encoder (on a second phantom draw)
+    pretrain_patients: int = 1000  # the second phantom draw the text encoder is pretrained on
+    pretrain_steps: int = 600  # contrastive pretraining of the text encoder
     pretrain_batch_size: int = 64
     vae_steps: int = 200
     vae_batch_size: int = 8
@@ -46,6 +47,7 @@ class DemoPlan:
     def quick(cls) -> DemoPlan:
         return cls(
             patients=80,
+            pretrain_patients=300,
             pretrain_steps=150,
             vae_steps=80,
             finetune_steps=150,
@@ -171,7 +173,9 @@ def _pretrained_text(out: Path, plan: DemoPlan) -> Path:
 
     pairs = out / "phantom-pretrain"
     seed = plan.seed + PRETRAIN_SEED_OFFSET
-    make_phantom(PhantomConfig(pairs, patients=plan.patients, seed=seed, size=plan.image_size, dicom_fraction=0.0))
+    make_phantom(
+        PhantomConfig(pairs, patients=plan.pretrain_patients, seed=seed, size=plan.image_size, dicom_fraction=0.0)
+    )
     folder = out / "text-encoder"
     result = pretrain_text(
         PretrainTextConfig(
