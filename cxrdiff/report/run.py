@@ -533,6 +533,10 @@ def report(config: ReportConfig, classifier: Any = None, steps: Steps | None = N
     of torchxrayvision's. `steps` maps "sample" / "ground" to (function, config class); by default
     `cxrdiff.sample` and `cxrdiff.ground` (tests pass stand-ins).
     """
+    from cxrdiff.report.coco import coco_real, report_coco
+
+    if (coco := coco_real(config)) is not None:  # COCO data: the paper's Table 2 (cxrdiff.report.coco)
+        return report_coco(config, coco, steps)
     checked = check_inputs(config, classifier)
     out, real = Path(config.out), checked.real
     steps = dict(steps or _default_steps())

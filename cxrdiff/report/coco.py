@@ -1,0 +1,215 @@
+"""`cxrdiff report` on COCO data: the paper's Table 2 (MS-COCO in-domain fine-tuning).
+
+When the prepared folder is a `prepare --format coco` one, the report measures, for each run and (with
+`--checkpoints`) each of its kept checkpoints, the fidelity of images sampled from the test captions and
+the object-segmentation AUC-ROC of the category word's cross-attention map against the category's mask
+(`ground` on `coco_test.parquet`). A base model folder among the runs is the pretrained model: step 0.
+Each model's samples and grounding are step folders under `runs/<name>/[step-NNNNNNN/]` with their own
+keys, so a later report reuses them. The published Table 2 stands beside the measured rows.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxrdiff.artifacts import MANIFEST, StepFolder, input_identity, read_manifest, settings_key, write_json, write_text
+from cxrdiff.config import settings, to_dict
+from cxrdiff.errors import InputError
+from cxrdiff.report.published import PUBLISHED_TABLE2
+
+STEP = "report"
+THUMBNAIL = 8  # the fidelity proxy without Inception weights: FD on 8×8 grey thumbnails (64 features)
+
+
+def coco_real(config: Any) -> Path | None:
+    """The COCO prepared folder this report reads (--real, else the one the runs were trained on), or None."""
+    candidates = [Path(config.real)] if config.real is not None else []
+    for run in config.runs:
+        if config.real is None and (Path(run) / MANIFEST).is_file():
+            data = json.loads((Path(run) / MANIFEST).read_text()).get("inputs", {}).get("data", {}).get("path")
+            candidates += [Path(data)] if data else []
+    for folder in candidates[:1]:
+        if (folder / MANIFEST).is_file() and json.loads((folder / MANIFEST).read_text()).get("format") == "coco":
+            return folder
+    return None
+
+
+def _models(config: Any, name: str, run: Path) -> list[tuple[int, str, Path]]:
+    """(step, text encoder, model folder) to measure: a base model is step 0; a fine-tune its final model
+    and, with --checkpoints, its other kept checkpoints (exported under the report folder)."""
+    if not (run / MANIFEST).is_file():
+        return [(0, "pretrained", run)]
+    manifest = read_manifest(run, ("finetune", "checkpoint"))
+    kind, final = manifest.get("text_encoder", "?"), int(manifest.get("steps") or 0)
+    models = [(final, kind, run)]
+    if config.checkpoints and manifest.get("step") == "finetune":
+        from cxrdiff.finetune import export_checkpoint
+        from cxrdiff.report.checkpoints import selected
+
+        for step, _ in selected(run, config.checkpoint_every):
+            if step != final:
+                out = Path(config.out) / "runs" / name / f"step-{step:07d}" / "model"
+                if not (out / MANIFEST).is_file():
+                    export_checkpoint(run, step, out)
+                models.append((step, kind, out))
+    return sorted(models, key=lambda m: m[0])
+
+
+def _grey_real(real: Path, n: int, size: int) -> np.ndarray:
+    """The first `n` test images in the prepared frame, as grey (the mean of RGB, as `sample` writes its PNGs)."""
+    import pandas as pd
+
+    from cxrdiff.images import load_rgb, resize_center_crop
+
+    test = pd.read_parquet(real / "test.parquet", columns=["image_path"]).head(n)
+    frames = [resize_center_crop(load_rgb(p), size).astype(np.float32).mean(axis=2) for p in test["image_path"]]
+    return np.round(np.stack(frames)).astype(np.uint8)  # (n, size, size)
+
+
+def _fidelity(config: Any, samples: Path, real: Path) -> dict[str, Any]:
+    """FID (InceptionV3 weights given or cached), else a Fréchet distance on 8×8 thumbnails, named as such."""
+    import pandas as pd
+    import torch
+
+    from cxrdiff.images import load_grayscale
+    from cxrdiff.metrics import fid
+
+    files = pd.read_parquet(samples / "samples.parquet")["file"]
+    fake = np.stack([load_grayscale(samples / f) for f in files])  # (n, size, size)
+    reference = _grey_real(real, config.n_fid, fake.shape[-1])
+    if config.inception_weights is not None or fid.default_inception_path().is_file():
+        cache = Path(config.out) / ".fidelity_cache"
+        score = fid.fid(reference, fake, weights=config.inception_weights, size=fake.shape[-1], cache_root=cache)
+        return score.as_dict()
+
+    def thumbnails(x: Any) -> Any:
+        return torch.nn.functional.adaptive_avg_pool2d(x, THUMBNAIL).flatten(1)  # (batch, 64)
+
+    name = f"FD ({THUMBNAIL}×{THUMBNAIL} grey thumbnails)"
+    return fid.fd_features(
+        reference, fake, thumbnails, name, label="no Inception weights: a pixel-level proxy"
+    ).as_dict()
+
+
+def _measure(config: Any, real: Path, folder: Path, model: Path, steps: Mapping[str, Any]) -> dict[str, Any]:
+    """One model: samples from the test captions, grounding on coco_test.parquet, fidelity (cached by key)."""
+    from cxrdiff.report.run import _cached, _run_step
+
+    sample_fn, sample_config = steps["sample"]
+    ground_fn, ground_config = steps["ground"]
+    done: list[str] = []
+    samples = _run_step("samples", sample_fn, sample_config(
+        out=folder / "samples", model=model, prompts=real / "test.parquet", prompt_column="caption", n_per_prompt=1,
+        limit=config.n_fid, steps=config.sample_steps, guidance=config.guidance, scheduler=config.scheduler,
+        seed=config.seed, batch_size=config.batch_size), done)  # fmt: skip
+    ground = _run_step("ground", ground_fn, ground_config(
+        out=folder / "ground", model=model, data=real / "coco_test.parquet", steps=config.ground_steps,
+        window=config.ground_window, seed=config.seed, limit=config.ground_limit, batch_size=config.batch_size),
+        done)  # fmt: skip
+    key = settings_key({"samples": input_identity(samples), "real": input_identity(real), "n_fid": config.n_fid,
+                        "inception_weights": str(config.inception_weights)})  # fmt: skip
+    fidelity, _ = _cached(folder / "metrics.json", key, lambda: {"fidelity": _fidelity(config, samples, real)})
+    summary = json.loads((ground / "summary.json").read_text())
+    return {"fidelity": fidelity["fidelity"], "grounding": summary.get("average"), "classes": summary.get("classes"),
+            "recomputed": done}  # fmt: skip
+
+
+def report_coco(config: Any, real: Path, steps: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Table 2 for COCO data: every run (and checkpoint) measured, then metrics.json, report.md, report.html."""
+    from cxrdiff.report.run import _default_steps, _names, _run_kind
+
+    if not config.runs:
+        raise InputError("report: give at least one RUN folder (a finetune output or a base model folder)")
+    if config.out is None:
+        raise InputError("--out: required (the report folder)")
+    for name in ("test.parquet", "coco_test.parquet"):
+        if not (real / name).is_file():
+            raise InputError(f"--real {real}: no {name} (expected a `prepare --format coco` output folder)")
+    for run in config.runs:
+        _run_kind(Path(run))
+    wanted = settings(config, runs=[input_identity(r) for r in config.runs], real=input_identity(real),
+                      inception_weights=input_identity(config.inception_weights) if config.inception_weights else None,
+                      format="coco")  # fmt: skip
+    folder = StepFolder.claim(Path(config.out), STEP, wanted, take_over=True)
+    steps = dict(steps or _default_steps())
+    rows, recomputed = [], {}
+    for name, run in zip(_names(config), config.runs, strict=True):
+        done = []
+        for step, kind, model in _models(config, name, Path(run)):
+            sub = Path(config.out) / "runs" / name / (f"step-{step:07d}" if model != Path(run) else "")
+            measured = _measure(config, real, sub, model, steps)
+            done += [f"{m} {step}" for m in measured.pop("recomputed")]
+            rows.append({"run": name, "text_encoder": kind, "step": step, **measured})
+        recomputed[name] = ",".join(done) or "nothing"
+    metrics = {"table2": rows, "published": PUBLISHED_TABLE2, "real_folder": str(Path(real).resolve()),
+               "settings": to_dict(config)}  # fmt: skip
+    out = Path(config.out)
+    write_json(out / "metrics.json", metrics)
+    markdown = table2_markdown(rows)
+    write_text(out / "report.md", markdown)
+    write_text(out / "report.html", _html(markdown))
+    folder.finish(config=to_dict(config), inputs={"real": real}, seed=config.seed,
+                  files=["metrics.json", "report.md", "report.html"])  # fmt: skip
+    return {"out": str(out), "report": str(out / "report.html"), "recomputed": recomputed}
+
+
+def _percent(value: Any) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def table2_markdown(rows: list[dict[str, Any]]) -> str:
+    """Table 2 (measured, then the paper's) and the per-category AUC-ROC, as Markdown."""
+    lines = ["# cxrdiff report: MS-COCO-style in-domain fine-tuning", "", "## Table 2: fidelity and object "
+             "segmentation AUC-ROC (%), per checkpoint", "",
+             "| run | text encoder | step | fidelity | value | AUC-ROC % | Top-1 % | CNR | pairs |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        f, g = r["fidelity"] or {}, r["grounding"] or {}
+        mean = {m: (g.get(m) or {}).get("mean") for m in ("auc_roc", "top1", "cnr")}
+        cnr = "–" if mean["cnr"] is None else f"{mean['cnr']:.2f}"
+        value = "–" if f.get("value") is None else f"{f['value']:.1f}"
+        lines.append(f"| {r['run']} | {r['text_encoder']} | {r['step']} | {f.get('name', '–')} | {value} | "
+                     f"{_percent(mean['auc_roc'])} | {_percent(mean['top1'])} | {cnr} | {g.get('n', 0)} |")  # fmt: skip
+    lines += ["", "Published (the paper's Table 2: SD2 on MS-COCO, batch 16, FID on the test images):", "",
+              "| model | steps | FID | AUC-ROC % |", "|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {p['model']} | {p['steps']} | {p['fid']} | {p['auc_roc']} |" for p in PUBLISHED_TABLE2]
+    categories = sorted({c for r in rows for c in (r.get("classes") or {})})
+    if categories:
+        lines += ["", "## AUC-ROC % per category", "", "| run | step | " + " | ".join(categories) + " |",
+                  "|---|---|" + "---|" * len(categories)]  # fmt: skip
+        for r in rows:
+            cells = [
+                _percent(((r.get("classes") or {}).get(c) or {}).get("auc_roc", {}).get("mean")) for c in categories
+            ]
+            lines.append(f"| {r['run']} | {r['step']} | " + " | ".join(cells) + " |")
+    lines += ["", "Fidelity is FID when InceptionV3 weights are available, else a Fréchet distance on small grey "
+              "thumbnails (named so; not comparable with any FID). Images are compared in grey, the mean of RGB, "
+              "as `cxrdiff sample` writes them. AUC-ROC: the map of the caption's word that names the category "
+              "against the union of its instance masks (crowds included).", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def _html(markdown: str) -> str:
+    """The Markdown as a plain HTML page (tables as tables), with no extra dependency."""
+    body, table = [], []
+    for line in [*markdown.splitlines(), ""]:
+        if line.startswith("|"):
+            if not set(line) <= set("|-"):
+                table.append("".join(f"<td>{html.escape(c.strip())}</td>" for c in line.strip("|").split("|")))
+            continue
+        if table:
+            body.append("<table>" + "".join(f"<tr>{row}</tr>" for row in table) + "</table>")
+            table = []
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{html.escape(line.lstrip('# '))}</h{level}>")
+        elif line:
+            body.append(f"<p>{html.escape(line)}</p>")
+    style = "table{border-collapse:collapse}td{border:1px solid #bbb;padding:2px 6px}"
+    return f"<!doctype html><meta charset='utf-8'><style>{style}</style>" + "\n".join(body)
