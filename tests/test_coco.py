@@ -252,3 +252,40 @@ def test_training_text_draws_a_caption_and_drops_any(coco_prepared, tiny_model, 
     assert "ucg_caption" in run_settings(config) and "ucg_no_finding" not in run_settings(config)
     mimic = FinetuneConfig(data=tmp_path / "none", base_model=tiny_model, out=tmp_path / "f", frozen_text=True)
     assert "ucg_no_finding" in run_settings(mimic) and "ucg_caption" not in run_settings(mimic)
+
+
+@pytest.mark.slow
+def test_chain_phantom_prepare_finetune_ground_report(coco_prepared, tiny_model, tmp_path):
+    """phantom-coco → prepare → a tiny frozen fine-tune (with a kept checkpoint) → report: Table 2 with the base
+    model as step 0, the checkpoint and the final model; each row's AUC-ROC is the mean of its ground folder's
+    scores, and a score recomputed from the saved heatmap and the decoded mask agrees."""
+    import pandas as pd
+
+    from cxrdiff.finetune import FinetuneConfig, finetune
+    from cxrdiff.ground import normalise, to_frame
+    from cxrdiff.metrics.localization import auc_roc
+    from cxrdiff.report import ReportConfig, report
+
+    run = tmp_path / "frozen"
+    finetune(FinetuneConfig(data=coco_prepared, base_model=tiny_model, out=run, frozen_text=True, steps=2,
+                            batch_size=2, checkpoint_every=1, lr=1e-3))  # fmt: skip
+    out = tmp_path / "report"
+    config = ReportConfig(runs=(tiny_model, run), out=out, n_fid=4, sample_steps=2, ground_steps=2, ground_window=1,
+                          ground_limit=6, checkpoints=True, batch_size=6)  # fmt: skip
+    result = report(config)
+    metrics = json.loads((out / "metrics.json").read_text())
+    rows = [(r["run"], r["text_encoder"], r["step"]) for r in metrics["table2"]]
+    assert rows == [("tiny", "pretrained", 0), ("frozen", "frozen", 1), ("frozen", "frozen", 2)]
+    markdown = (out / "report.md").read_text()
+    assert "## Table 2" in markdown and "| SDv2 (pretrained) | 0 | 26.1 | 91.8 |" in markdown
+    assert "FD (8×8 grey thumbnails)" in markdown and "FID |" not in markdown.split("Published")[0]
+    assert result["report"] == str(out / "report.html") and "<table>" in (out / "report.html").read_text()
+    ground = out / "runs" / "frozen" / "ground"
+    scores = pd.read_parquet(ground / "scores.parquet")
+    final = metrics["table2"][-1]
+    assert final["grounding"]["auc_roc"]["mean"] == pytest.approx(scores["auc_roc"].mean())
+    table = pq.read_table(coco_prepared / "coco_test.parquet").to_pylist()
+    with np.load(ground / "heatmaps.npz") as maps:
+        heat = maps["000000"]
+    mask = decode_rle(table[0]["mask_rle"])
+    assert scores["auc_roc"].iloc[0] == pytest.approx(auc_roc(to_frame(normalise(heat), 64), mask))
