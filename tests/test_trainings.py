@@ -154,4 +154,53 @@ def test_render_shows_trainings_both_table_4_sources_table_7_and_eos(tmp_path):
     assert "| class labels (published) | 0.29 | 0.8 |" in table_7 and "contain their image's label" in table_7
     eos = md.split("### EOS token vs class words")[1].split("###")[0]
     assert "| Finetune_F (2 trainings) | frozen | 0.70 ± 0.00 | 0.95 ± 0.07 | 0.72 |" in eos
-    assert "| Finetune_L (labels) (1 training) | learnable | 0.50 | 0.30 | 0.68 |" in eos
+    assert "| Finetune_L (labels) (1 training) | learnable | 0.50 | 0.30 | — |" in eos  # the paper: impressions
+
+
+def test_report_groups_fake_trainings_and_never_pools_settings(tmp_path, tiny_model):
+    """Through `report` with stand-in steps: three frozen trainings (seeds 0-2) and one learnable run, each
+    a copy of the tiny model with a finetune manifest; the stand-in grounding's average CNR is 0.41 + 0.1 × seed."""
+    import json
+    import shutil
+
+    from test_report import Calls, _grounding, _prepared, _stub_steps
+
+    from cxrdiff.report import ReportConfig, report
+
+    real = _prepared(tmp_path / "prepared")
+    runs = []
+    for name, seed, frozen in (("a", 0, True), ("b", 1, True), ("c", 2, True), ("d", 0, False)):
+        shutil.copytree(tiny_model, tmp_path / name)
+        runs.append(_run(tmp_path / name, seed, frozen_text=frozen))
+    steps = _stub_steps(Calls())
+    ground_fn, ground_config = steps["ground"]
+
+    def ground(cfg):
+        result = ground_fn(cfg)
+        seed = json.loads((cfg.model / "manifest.json").read_text())["seed"]
+        (cfg.out / "summary.json").write_text(json.dumps(_grounding(0.1 * seed)))
+        return result
+
+    config = ReportConfig(
+        runs=tuple(runs),
+        out=tmp_path / "report",
+        real=real,
+        fid=False,
+        fid_xrv=False,
+        n_fid=4,
+        diversity_prompts=2,
+        label=(f"Finetune_F={tmp_path / 'b'}",),
+    )
+    report(config, steps={**steps, "ground": (ground, ground_config)})
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert {g: v["runs"] for g, v in metrics["groups"].items()} == {"Finetune_F": ["a", "b", "c"], "learnable": ["d"]}
+    assert metrics["runs"]["c"]["group"] == "Finetune_F" and metrics["trainings"]["ddof"] == 1
+    frozen = metrics["groups"]["Finetune_F"]
+    assert frozen["seeds"] == [0, 1, 2]
+    # CNR 0.41, 0.51, 0.61: mean 0.51, sample std 0.1; AUC 0.61 + 0.1 × seed likewise
+    assert frozen["grounding"]["average"]["cnr"] == pytest.approx({"mean": 0.51, "std": 0.1, "n": 3})
+    assert frozen["grounding"]["classes"]["Edema"]["auc_roc"] == pytest.approx({"mean": 0.7, "std": 0.1, "n": 3})
+    assert metrics["groups"]["learnable"]["grounding"]["average"]["cnr"] == pytest.approx(
+        {"mean": 0.41, "std": 0.0, "n": 1}
+    )
+    assert "Finetune_F (3 trainings)" in (tmp_path / "report" / "report.md").read_text()

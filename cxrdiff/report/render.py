@@ -391,7 +391,8 @@ def _eos_table(metrics: Mapping[str, Any]) -> Table | None:
     for g, v in groups.items():
         eos = v.get("eos") or {}
         encoder = (v.get("setting") or {}).get("text_encoder")
-        paper = published.get(encoder or "")
+        impressions = (v.get("setting") or {}).get("prompt_source") == "impression"  # the paper's models
+        paper = published.get(encoder or "") if impressions else None
         rows.append(
             [
                 _group_label(g, v),
