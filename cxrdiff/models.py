@@ -251,12 +251,32 @@ def clip_tokenizer(max_length: int = 77) -> Any:
         return CLIPTokenizer.from_pretrained(tmp, pad_token="!", model_max_length=max_length)
 
 
+def tiny_text_encoder(tokenizer: Any, width: int, layers: int, heads: int) -> Any:
+    """A randomly initialised CLIP text encoder of the tiny models' shape, over `tokenizer`'s vocabulary."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=width,
+            intermediate_size=width * 4,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=tokenizer.model_max_length,
+            hidden_act="gelu",
+            projection_dim=width,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
 def tiny_components(spec: TinySpec = TinySpec(), seed: int = 0, text_encoder: Any = None) -> Components:
     """Randomly initialised, SD2-shaped components (same seed → same weights); `text_encoder`, a CLIP text
     model of width `spec.text_width` (e.g. from `cxrdiff model pretrain-text`), replaces the random one."""
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     if spec.resolution % 2 ** (len(spec.vae_channels) - 1):
         raise InputError(f"--resolution {spec.resolution} is not a multiple of {2 ** (len(spec.vae_channels) - 1)}")
@@ -288,25 +308,8 @@ def tiny_components(spec: TinySpec = TinySpec(), seed: int = 0, text_encoder: An
         sample_size=spec.resolution,
         scaling_factor=0.18215,
     )
-    text_encoder = (
-        text_encoder
-        if text_encoder is not None
-        else CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=spec.text_width,
-                intermediate_size=spec.text_width * 4,
-                num_hidden_layers=spec.text_layers,
-                num_attention_heads=spec.text_heads,
-                max_position_embeddings=tokenizer.model_max_length,
-                hidden_act="gelu",
-                projection_dim=spec.text_width,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
-    )
+    if text_encoder is None:
+        text_encoder = tiny_text_encoder(tokenizer, spec.text_width, spec.text_layers, spec.text_heads)
     if text_encoder.config.hidden_size != spec.text_width:
         raise InputError(f"text encoder width {text_encoder.config.hidden_size} ≠ --text-width {spec.text_width}")
     if spec.token_local_text:

@@ -122,23 +122,9 @@ def split_held_out(pairs: Pairs, held_out: int, seed: int) -> tuple[Pairs, Pairs
 
 def text_tower(config: PretrainTextConfig, tokenizer: Any) -> Any:
     """A randomly initialised CLIP text encoder of the tiny SD model's shape (see `models.TinySpec`)."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from cxrdiff.models import tiny_text_encoder
 
-    return CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=config.text_width,
-            intermediate_size=config.text_width * 4,
-            num_hidden_layers=config.text_layers,
-            num_attention_heads=config.text_heads,
-            max_position_embeddings=tokenizer.model_max_length,
-            hidden_act="gelu",
-            projection_dim=config.text_width,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    return tiny_text_encoder(tokenizer, config.text_width, config.text_layers, config.text_heads)
 
 
 def image_tower(width: int) -> Any:
