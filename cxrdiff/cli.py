@@ -484,6 +484,18 @@ def model_info(path: Annotated[Path, typer.Argument(help="Model folder.")]) -> N
     print_result(describe(path))
 
 
+@model_app.command("checkpoint")
+def model_checkpoint(
+    run: Annotated[Path, typer.Argument(help="A finished `finetune` folder.")],
+    out: Annotated[Path, typer.Argument(help="New folder for the checkpoint's model.")],
+    step: Annotated[int, typer.Option(help="The kept checkpoint's step (checkpoints/step-NNNNNNN).")],
+) -> None:
+    """Export a run's kept checkpoint as a model folder that `sample`, `ground` and `report` read."""
+    from cxrdiff.finetune import export_checkpoint
+
+    print_result(export_checkpoint(run, step, out))
+
+
 def completion_script(shell: str) -> str:
     """The shell completion script for bash, zsh or fish (what `completions/` holds)."""
     # Typer's own generator (what `--show-completion` prints), called with an explicit shell

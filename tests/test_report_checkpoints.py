@@ -137,3 +137,20 @@ def test_checkpoint_every_below_one_is_refused(tmp_path, run, phantom_prepared):
     with pytest.raises(InputError, match="--checkpoint-every 0: must be at least 1"):
         report(config)
     assert not (tmp_path / "r").exists()
+
+
+def test_model_checkpoint_command(tmp_path, run):
+    import subprocess
+    import sys
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "cxrdiff", *args], capture_output=True, text=True)
+
+    bad = cli("model", "checkpoint", str(run), str(tmp_path / "x"), "--step", "9")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        f"error: {run}: no kept checkpoint at step 9 (kept: 1, 2, 3)"
+    ]
+    good = cli("--json", "model", "checkpoint", str(run), str(tmp_path / "two"), "--step", "2")
+    assert good.returncode == 0, good.stderr
+    assert json.loads(good.stdout) == {"out": str(tmp_path / "two"), "step": 2}
+    assert read_manifest(tmp_path / "two")["steps"] == 2

@@ -125,7 +125,7 @@ def test_page_layout_settings_conventions_and_sections(tmp_path):
     over = md.split("\n## Over training (checkpoints)")[1].split("\n## ")[0]
     assert "![checkpoints](checkpoints.png)" in over
     assert "| Finetune_F (published) | 30,000 | 0.92 | 79 | FID 75.5 |" in over
-    assert "| frozen | 10 | 0.30 | — | 20.0 |" in over
+    assert "| frozen | 10 | 0.30 | — | FID_XRV 20.0 |" in over
     settings = md.split("\n## Runs and settings")[1].split("\n## ")[0]
     assert "| frozen | finetune | frozen | — | 30 | 5e-05 | 0 | x |" in settings
     assert "| sampler | pndm |" in settings and "| grounded phrases (limit) | — |" in settings

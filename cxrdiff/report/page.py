@@ -54,7 +54,8 @@ def _kind(entry: Mapping[str, Any], group: bool) -> str:
 
 
 def _value(cell: Any) -> tuple[float | None, float | None]:
-    """(mean, std) of a measured cell: a run's {mean, std} or a group's {mean, std, n} (std only with n > 1)."""
+    """(mean, std) of a measured cell: a run's {mean, std} (std over noise seeds) or a group's {mean, std, n}
+    (std over trainings, only with n > 1)."""
     if not cell or cell.get("mean") is None:
         return None, None
     std = cell.get("std") if cell.get("n", 2) > 1 else None
@@ -84,7 +85,7 @@ def models(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "kind": _kind(entry, bool(groups)),
                 "trainings": trainings,
                 "source": source,
-                "cnr": _value(average.get("cnr")),
+                "cnr": _value(average.get("cnr")) if groups else (_value(average.get("cnr"))[0], None),
                 "auc": _value(average.get("auc_roc")),
                 "fidelity": fidelity,
             }
@@ -282,7 +283,7 @@ def checkpoint_table(metrics: Mapping[str, Any]) -> Table | None:
                     f"{p['step']:,}",
                     _num((g.get("cnr") or {}).get("mean")),
                     _num((g.get("auc_roc") or {}).get("mean"), 1, 100),
-                    Score.from_dict(f).text(1) if f else "—",
+                    f"{f['name']} {Score.from_dict(f).text(1)}" if f else "—",
                 ]
             )
     if len(rows) == len(PUBLISHED_STEPS):

@@ -419,6 +419,9 @@ def _png(fig: Any) -> bytes:
     return buffer.getvalue()
 
 
+_LABEL = {"textcoords": "offset points", "fontsize": 7}
+
+
 def tradeoff_figure(metrics: Mapping[str, Any]) -> bytes:
     """Fidelity against CNR: the paper's three models (Tables 1, 4) on the left; on the right every run of
     this report (small) and every setting group (large, ± over trainings), the paper's CNRs as dotted lines.
@@ -431,7 +434,7 @@ def tradeoff_figure(metrics: Mapping[str, Any]) -> bytes:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for m, (fid_value, _, _) in PUBLISHED_FIDELITY.items():
         left.scatter(PUBLISHED_LOCALIZATION[m]["Average"][2], fid_value, marker="s", color="black")
-        left.annotate(m, (PUBLISHED_LOCALIZATION[m]["Average"][2], fid_value), fontsize=8)
+        left.annotate(m, (PUBLISHED_LOCALIZATION[m]["Average"][2], fid_value), xytext=(-10, 6), **_LABEL)
     left.set(xlabel="CNR (average)", ylabel="FID", title="published (Tables 1 and 4)")
     ylabel = None
     for n, r in metrics.get("runs", {}).items():
@@ -441,8 +444,10 @@ def tradeoff_figure(metrics: Mapping[str, Any]) -> bytes:
             continue
         ylabel = Score.from_dict(fid_entry).title
         right.scatter(cnr, fid_entry["value"], s=18, alpha=0.7)
-        right.annotate(n, (cnr, fid_entry["value"]), fontsize=7)
+        right.annotate(n, (cnr, fid_entry["value"]), xytext=(4, 4), **_LABEL)
     for g, v in (metrics.get("groups") or {}).items():
+        if v.get("trainings", 0) < 2:  # a group of one training is its run, drawn above
+            continue
         cnr = ((v.get("grounding") or {}).get("average") or {}).get("cnr") or {}
         first = next(iter((v.get("fidelity") or {}).values()), None)
         if cnr.get("mean") is None or first is None or first.get("mean") is None:
@@ -450,7 +455,7 @@ def tradeoff_figure(metrics: Mapping[str, Any]) -> bytes:
         right.errorbar(
             cnr["mean"], first["mean"], xerr=cnr.get("std") or 0, yerr=first.get("std") or 0, fmt="o", ms=9, capsize=3
         )
-        right.annotate(f"{g} (mean)", (cnr["mean"], first["mean"]), fontsize=8, fontweight="bold")
+        right.annotate(f"{g} (mean)", (cnr["mean"], first["mean"]), xytext=(4, -12), fontweight="bold", **_LABEL)
     for m, style in (("Finetune_F", ":"), ("Finetune_L", "-.")):
         x = PUBLISHED_LOCALIZATION[m]["Average"][2]
         right.axvline(x, color="grey", linestyle=style, linewidth=1, label=f"{m} CNR (published)")
