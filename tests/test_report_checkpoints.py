@@ -154,3 +154,31 @@ def test_model_checkpoint_command(tmp_path, run):
     assert good.returncode == 0, good.stderr
     assert json.loads(good.stdout) == {"out": str(tmp_path / "two"), "step": 2}
     assert read_manifest(tmp_path / "two")["steps"] == 2
+
+
+def test_export_of_a_run_that_exported_ema_weights_holds_the_ema(tmp_path, tiny_model):
+    from fixtures_prepared import build_prepared
+
+    from cxrdiff.models import vae_fingerprint
+
+    data = build_prepared(tmp_path / "prepared", n=8, vae_fingerprint=vae_fingerprint(tiny_model))
+    out = tmp_path / "ema-run"
+    finetune(
+        FinetuneConfig(
+            data=data,
+            base_model=tiny_model,
+            out=out,
+            frozen_text=True,
+            steps=2,
+            batch_size=2,
+            checkpoint_every=1,
+            keep_checkpoints=2,
+            ema=True,
+            ema_decay=0.5,
+            export_weights="ema",
+        )
+    )
+    export_checkpoint(out, 2, tmp_path / "two")
+    assert read_manifest(tmp_path / "two")["weights"] == "ema"
+    assert _same(_weights(tmp_path / "two" / "unet"), _weights(out / "unet"))  # the run's exported (EMA) UNet
+    assert not _same(_weights(tmp_path / "two" / "unet"), _weights(out / "unet_raw"))
