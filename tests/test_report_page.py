@@ -131,6 +131,7 @@ def test_page_layout_settings_conventions_and_sections(tmp_path):
     assert "| sampler | pndm |" in settings and "| grounded phrases (limit) | — |" in settings
     assert "{" not in settings  # no JSON dumps
     assert md.count("Grounding cnr: signed") == 1  # the convention of both runs, named once
+    assert "&lt;EOS> (0.68)" in md and "<EOS>" not in md  # GitHub would drop a bare <EOS> as a tag
     for name in ("trade-off", "cnr-by-class", "checkpoints"):
         assert (tmp_path / f"{name}.png").stat().st_size > 5000
 

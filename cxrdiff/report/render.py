@@ -58,6 +58,10 @@ def _mean(entry: Any, scale: float = 1.0, digits: int = 1) -> str:
     return text + (f" ± {std * scale:.{digits}f}" if std else "")
 
 
+def _md(text: str) -> str:
+    return text.replace("<", "&lt;")
+
+
 @dataclasses.dataclass
 class Table:
     title: str
@@ -67,12 +71,13 @@ class Table:
     kind: str = "measured"  # "settings": what was run, no published counterpart
 
     def markdown(self) -> str:
-        lines = [f"### {self.title}", ""]
-        lines.append("| " + " | ".join(self.headers) + " |")
+        """GitHub-flavoured Markdown; `<` escaped, since GitHub drops what looks like an HTML tag (`<EOS>`)."""
+        lines = [f"### {_md(self.title)}", ""]
+        lines.append("| " + " | ".join(_md(h) for h in self.headers) + " |")
         lines.append("|" + "---|" * len(self.headers))
-        lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in self.rows]
+        lines += ["| " + " | ".join(_md(c).replace("|", "/") for c in row) + " |" for row in self.rows]
         if self.note:
-            lines += ["", f"*{self.note}*"]
+            lines += ["", f"*{_md(self.note)}*"]
         return "\n".join(lines) + "\n"
 
     def html(self) -> str:
