@@ -469,6 +469,16 @@ def tradeoff_figure(metrics: Mapping[str, Any]) -> bytes:
     return _png(fig)
 
 
+KIND_COLOURS = {"frozen": "tab:blue", "learnable": "tab:orange"}  # the paper's model of that kind alike
+
+
+def _text_encoder(entry: Mapping[str, Any]) -> str | None:
+    """frozen / learnable for a run or a setting group, None for a base model (its bars take the next colour)."""
+    encoder = (entry.get("setting") or {}).get("text_encoder")
+    frozen = (entry.get("training") or {}).get("frozen_text")
+    return encoder or (None if frozen is None else "frozen" if frozen else "learnable")
+
+
 def cnr_by_class_figure(metrics: Mapping[str, Any]) -> tuple[bytes, str] | None:
     """Per-class CNR bars for each model with error bars, and the paper's Finetune_F / Finetune_L (with their
     ± over trainings). Error bars: over trainings for setting groups of two or more trainings, else over
@@ -482,12 +492,13 @@ def cnr_by_class_figure(metrics: Mapping[str, Any]) -> tuple[bytes, str] | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    bars: dict[str, tuple[list[float], list[float]]] = {}
-    for m in ("Finetune_F", "Finetune_L"):
+    bars: dict[str, tuple[list[float], list[float], str | None]] = {}
+    for m, kind in (("Finetune_F", "frozen"), ("Finetune_L", "learnable")):
         stds = PUBLISHED_LOCALIZATION_STD[m]
         bars[f"{m} (published)"] = (
             [PUBLISHED_LOCALIZATION[m][c][2] for c in MS_CXR_CATEGORIES],
             [stds[c][2] for c in MS_CXR_CATEGORIES],
+            KIND_COLOURS[kind],
         )
     for n, v in source.items():
         classes = (v.get("grounding") or {}).get("classes", {})
@@ -496,20 +507,26 @@ def cnr_by_class_figure(metrics: Mapping[str, Any]) -> tuple[bytes, str] | None:
         bars[label] = (
             [np.nan if e.get("mean") is None else e["mean"] for e in cells],
             [e.get("std") or 0 for e in cells],
+            KIND_COLOURS.get(_text_encoder(v)),
         )
     fig, ax = plt.subplots(figsize=(11, 3.8))
     width = 0.8 / len(bars)
     x = np.arange(len(MS_CXR_CATEGORIES))
-    for i, (label, (means, stds)) in enumerate(bars.items()):
-        hatch = "//" if "published" in label else None
-        ax.bar(x + i * width, means, width, yerr=stds, capsize=2, label=label, hatch=hatch, alpha=0.85)
+    shown: dict[str | None, int] = {}
+    for i, (label, (means, stds, colour)) in enumerate(bars.items()):
+        published = "published" in label
+        alpha = 0.9 if published else max(0.9 - 0.25 * shown.get(colour, 0), 0.3)  # one kind: lighter each
+        shown[colour] = shown.get(colour, 0) + (not published)
+        style = {"hatch": "//", "facecolor": "white", "edgecolor": colour} if published else {"color": colour}
+        ax.bar(x + i * width, means, width, yerr=stds, capsize=2, label=label, alpha=alpha, **style)
     ax.set_xticks(x + 0.4 - width / 2, [c.replace(" ", "\n") for c in MS_CXR_CATEGORIES], fontsize=8)
     ax.axhline(0, color="black", linewidth=0.6)
     ax.set(ylabel="CNR", title="CNR per class")
     ax.legend(fontsize=7, ncol=2)
     over = "trainings (each setting group's std)" if groups else "grounding noise seeds (`--runs`; 0 with one seed)"
     caption = (
-        f"Per-class CNR, this report's models beside the paper's (hatched, Table 1, ± over three trainings). "
+        "Per-class CNR, this report's models beside the paper's (hatched, Table 1, ± over three trainings; frozen "
+        "text encoders in blue, learnable in orange). "
         f"Error bars of this report: ± over {over}."
     )
     return _png(fig), caption
