@@ -139,6 +139,7 @@ def test_checkpoint_every_below_one_is_refused(tmp_path, run, phantom_prepared):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow  # two fresh interpreters importing torch and diffusers
 def test_model_checkpoint_command(tmp_path, run):
     import subprocess
     import sys
