@@ -417,6 +417,7 @@ def _report(out: Path, runs: dict[str, list[Path]], prepared: Path, classifier: 
         min_word_count=scaled_min_word_count(phrases),
         seed=plan.seed,
         batch_size=16,
+        checkpoints=any(len(group) > 1 for group in runs.values()),  # the curve over training, with --trainings ≥ 2
     )
     return report(config, classifier=classifier)
 
