@@ -143,3 +143,19 @@ def test_a_table_no_section_claims_is_still_shown():
         ("Localization on MS-CXR (Tables 1 and 3)", ["grounding"], ["Localization X"]),
         ("Other measurements", [], ["Something new"]),
     ]
+
+
+def test_a_verdict_per_base_model_when_runs_start_from_several():
+    """The demo's --text-init both: frozen is set against learnable of the same base model only."""
+    metrics = _metrics()
+    token = {"token-frozen": _run(True, 0.30, 0.70, 8.0), "token-learnable": _run(False, 0.90, 0.85, 11.0)}
+    metrics["runs"].update(token)
+    for name, run in metrics["runs"].items():
+        run["setting"] = {"base_model": "/demo/base-model-" + ("token-local" if "token" in name else "pretrained")}
+    lines, _ = page.headline(metrics)
+    text = "\n".join(lines)
+    pretrained, token_local = text.split("*Fine-tuned from base-model-token-local")
+    assert "base-model-pretrained (frozen, learnable)" in pretrained
+    assert "CNR 0.61 vs 0.41" in pretrained and "**The trade-off" in pretrained and "is reproduced here" in pretrained
+    assert "(token-frozen, token-learnable)" in token_local
+    assert "CNR 0.30 vs 0.90" in token_local and "is not reproduced here" in token_local

@@ -85,6 +85,7 @@ def models(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "kind": _kind(entry, bool(groups)),
                 "trainings": trainings,
                 "source": source,
+                "base": (entry.get("setting") or {}).get("base_model"),
                 "cnr": _value(average.get("cnr")) if groups else (_value(average.get("cnr"))[0], None),
                 "auc": _value(average.get("auc_roc")),
                 "fidelity": fidelity,
@@ -176,11 +177,25 @@ def tradeoff_verdict(found: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
+def verdicts(found: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The trade-off verdict; one per base model when the runs were fine-tuned from several (e.g. the demo's
+    pretrained and token-local text encoders), frozen set against learnable of the same start only."""
+    bases = list(dict.fromkeys(m["base"] for m in found if m.get("base") and m["kind"] in ("frozen", "learnable")))
+    if len(bases) < 2:
+        return tradeoff_verdict(found)
+    lines = []
+    for base in bases:
+        same = [m for m in found if m.get("base") == base]
+        lines.append(f"*Fine-tuned from {Path(base).name} ({', '.join(m['name'] for m in same)}):*")
+        lines += tradeoff_verdict(same)
+    return lines
+
+
 def headline(metrics: Mapping[str, Any]) -> tuple[list[str], Table]:
     """The report's first lines: per model CNR, AUC and fidelity against the paper's, the trade-off verdict;
     and the same numbers as one small table with the paper's rows."""
     found = models(metrics)
-    lines = [_model_line(m) for m in found] + tradeoff_verdict(found)
+    lines = [_model_line(m) for m in found] + verdicts(found)
     rows = []
     for paper, (fid_value, fid_xrv, _) in PUBLISHED_FIDELITY.items():
         auc, _, cnr = PUBLISHED_LOCALIZATION[paper]["Average"]

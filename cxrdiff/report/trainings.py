@@ -64,7 +64,7 @@ def run_summary(run: Path) -> dict[str, Any]:
     """A run's setting in words for the report: text encoder, text source, steps, seed (null: a base model)."""
     run = Path(run)
     if not (run / MANIFEST).is_file():
-        return {"text_encoder": None, "prompt_source": None, "steps": None, "seed": None}
+        return {"text_encoder": None, "prompt_source": None, "steps": None, "seed": None, "base_model": None}
     manifest = read_manifest(run)
     config = manifest.get("config", {})
     frozen = config.get("frozen_text")
@@ -73,6 +73,7 @@ def run_summary(run: Path) -> dict[str, Any]:
         "prompt_source": config.get("prompt_source", "impression"),
         "steps": manifest.get("steps", config.get("steps")),
         "seed": config.get("seed", manifest.get("seed")),
+        "base_model": config.get("base_model"),  # the model it was fine-tuned from (the headline's pairs)
     }
 
 
