@@ -390,11 +390,24 @@ def demo(
         typer.Option(help="The tiny text encoder: contrastively pretrained, token-local by construction, or both."),
     ] = TextInit.pretrained,
     trainings: Annotated[int, typer.Option(help="Fine-tunings per model (seeds 0..N-1), for ± over trainings.")] = 1,
+    coco: Annotated[
+        bool, typer.Option("--coco", help="The in-domain chain (Table 2) on a COCO-layout phantom instead.")
+    ] = False,
 ) -> None:
     """Run the whole chain on phantom data and a tiny model, and write the report."""
+    if coco:
+        _demo_coco(out, quick)
+        return
     from cxrdiff.demo import demo as run_demo
 
     print_result(run_demo(out=out, quick=quick, text_init=text_init.value, trainings=trainings))
+
+
+def _demo_coco(out: Path, quick: bool) -> None:
+    """`demo --coco`: its own chain and folder (cxrdiff.demo_coco); the default demo is untouched."""
+    from cxrdiff.demo_coco import demo_coco
+
+    print_result(demo_coco(out=Path("cxrdiff-demo-coco") if out == Path("cxrdiff-demo") else out, quick=quick))
 
 
 @app.command()
