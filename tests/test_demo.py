@@ -1,4 +1,4 @@
-"""`cxrdiff demo --quick`: the whole chain on phantom data, as a newcomer runs it (slow; runs in CI)."""
+"""`cxrdiff demo --quick --trainings 2`: the whole chain on phantom data, as a newcomer runs it (slow; runs in CI)."""
 
 import json
 import math
@@ -11,39 +11,63 @@ import pytest
 
 @pytest.mark.slow
 def test_quick_demo_runs_the_whole_chain_and_reruns_nothing(tmp_path):
+    """`demo --quick --trainings 2`: two trainings per model (seeds 0 and 1) and a labels-trained run per
+    model, so the report has ± over trainings, both Table 4 columns, Table 7 measured and the EOS row."""
     out = tmp_path / "demo"
-    result = subprocess.run(
-        [sys.executable, "-m", "cxrdiff", "demo", "--quick", "--out", str(out)], capture_output=True, text=True
-    )
+    argv = [sys.executable, "-m", "cxrdiff", "demo", "--quick", "--trainings", "2", "--out", str(out)]
+    result = subprocess.run(argv, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     report = out / "report" / "report.html"
     assert result.stdout.strip().splitlines()[-1] == f"report: {report}"
     assert report.is_file() and (out / "report" / "report.md").is_file()
 
     metrics = json.loads((out / "report" / "metrics.json").read_text())
-    assert set(metrics["runs"]) == {"Finetune_F", "Finetune_L"}
+    assert len(metrics["runs"]) == 6
     for name, run in metrics["runs"].items():
-        assert run["training"]["frozen_text"] is (name == "Finetune_F")
+        assert run["training"]["frozen_text"] is name.startswith("Finetune_F")
         average = run["grounding"]["average"]
         assert average["n"] > 0 and all(math.isfinite(average[k]["mean"]) for k in ("auc_roc", "top1", "cnr"))
         (fidelity,) = run["fidelity"]
         assert fidelity["name"] == "FD (phantom classifier features)"  # never called FID
-        assert 0 < run["diversity"]["value"] <= 100
+        assert 0 < run["diversity"]["value"] <= 100 and 0 < run["diversity_ms_cxr"]["value"] <= 100
+        assert run["fidelity_ms_cxr"][0]["name"] == fidelity["name"]
+    groups = metrics["groups"]
+    assert set(groups) == {"Finetune_F", "Finetune_L", "Finetune_F (labels)", "Finetune_L (labels)"}
+    for name in ("Finetune_F", "Finetune_L"):
+        assert groups[name]["trainings"] == 2 and groups[name]["seeds"] == [0, 1]
+        cnr = groups[name]["grounding"]["average"]["cnr"]
+        assert cnr["n"] == 2 and math.isfinite(cnr["std"])
+        assert groups[name]["text_source"]["source"] == "impression"
+        assert groups[f"{name} (labels)"]["text_source"]["source"] == "labels"
+        for group in (groups[name], groups[f"{name} (labels)"]):
+            assert math.isfinite(group["text_source"]["cnr"]["mean"]) and group["text_source"]["phrases"] > 0
+            assert math.isfinite(group["eos"]["eos_cnr"]["mean"])
     text = (out / "report" / "report.md").read_text()
     assert "phantom classifier" in text and "FID (" not in text
     assert not re.search(r"\bnan\b", text, re.IGNORECASE), "a NaN reached the report's tables"
+    over = text.split("### Localization over trainings")[1].split("###")[0]
+    assert "Finetune_F (2 trainings)" in over and " ± " in over.split("Finetune_F (2 trainings)")[1]
+    table_4 = text.split("### Fidelity and diversity by prompt source")[1].split("###")[0]
+    assert "| MIMIC p19 | this report |" in table_4 and "| MS-CXR phrases | this report |" in table_4
+    table_7 = text.split("### CNR by training text (Table 7, measured)")[1].split("###")[0]
+    rows = {line.split(" | ")[0].strip("| "): line for line in table_7.splitlines() if line.startswith("| ")}
+    assert "(Finetune_F (2 trainings)" in rows["impressions"] and "(Finetune_L (labels)" in rows["class labels"]
+    eos = text.split("### EOS token vs class words")[1].split("###")[0]
+    assert "| Finetune_F (2 trainings) | frozen |" in eos and "| 0.72 |" in eos
 
     # the manifests chain: finetune records the prepared folder, which records the base model
-    frozen = json.loads((out / "frozen" / "manifest.json").read_text())
+    frozen = json.loads((out / "runs" / "pretrained-frozen-seed0" / "manifest.json").read_text())
     assert frozen["inputs"]["data"]["path"] == str((out / "prepared").resolve())
 
     again = subprocess.run(
-        [sys.executable, "-m", "cxrdiff", "--json", "demo", "--quick", "--out", str(out)],
+        [sys.executable, "-m", "cxrdiff", "--json", *argv[3:]],
         capture_output=True,
         text=True,
     )
     assert again.returncode == 0, again.stderr[-3000:]
-    assert json.loads(again.stdout)["recomputed"] == {"Finetune_F": "nothing", "Finetune_L": "nothing"}
+    recomputed = json.loads(again.stdout)["recomputed"]
+    assert set(recomputed) == set(metrics["runs"])
+    assert all(re.fullmatch(r"nothing(; checkpoints: nothing)?", done) for done in recomputed.values()), recomputed
 
 
 def test_demo_refuses_another_steps_folder(tmp_path):
