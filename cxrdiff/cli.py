@@ -364,6 +364,10 @@ def report(
     checkpoints: Annotated[
         bool | None, typer.Option("--checkpoints", help="Also measure each run's kept checkpoints (curves).")
     ] = None,
+    table4_p19_only: Annotated[
+        bool | None,
+        typer.Option("--table4-p19-only", help="Fidelity from the p19 prompts only (no MS-CXR phrase samples)."),
+    ] = None,
     checkpoint_every: Annotated[
         int | None, typer.Option(help="With --checkpoints: every Nth kept checkpoint, the newest always in.")
     ] = None,

@@ -442,7 +442,9 @@ def _report(out: Path, runs: dict[str, list[Path]], prepared: Path, classifier: 
         min_word_count=scaled_min_word_count(phrases),
         seed=plan.seed,
         batch_size=16,
-        checkpoints=any(len(group) > 1 for group in runs.values()),  # the curve over training, with --trainings ≥ 2
+        # every experiment with --trainings ≥ 2: the curve over training and Table 4's MS-CXR column
+        checkpoints=any(len(group) > 1 for group in runs.values()),
+        table4_p19_only=all(len(group) == 1 for group in runs.values()),
     )
     return report(config, classifier=classifier)
 

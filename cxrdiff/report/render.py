@@ -347,6 +347,8 @@ def _fidelity_sources_table(metrics: Mapping[str, Any]) -> Table | None:
     for g, v in groups.items():
         for prompts, suffix, _ in sources:
             scores = v.get(f"fidelity{suffix}") or {}
+            if suffix and not scores and not v.get(f"diversity{suffix}", {}).get("n"):
+                continue  # not sampled (report --table4-p19-only)
             cells = [_over(scores.get(n), 1, 1) for n in names]
             rows.append([_group_label(g, v), prompts, "this report", *cells, _over(v.get(f"diversity{suffix}"), 1, 1)])
     note = (

@@ -76,6 +76,7 @@ class ReportConfig:
     classifier_positives: ClassifierPositives = "only"  # only: d is the image's only label (the paper's)
     checkpoints: bool = False  # also evaluate each run's kept checkpoints: CNR and fidelity over training steps
     checkpoint_every: int = 1  # with checkpoints: every Nth kept checkpoint, counted back from the newest
+    table4_p19_only: bool = False  # Table 4 from the p19 prompts only: the MS-CXR phrases are not sampled
     seed: int = 0
     batch_size: int = 8
     device: str = "cpu"  # for the fidelity feature networks
@@ -487,7 +488,9 @@ def _report_run(
     """One run's entry of metrics.json, and what was recomputed for it."""
     samples, diversity, ground_dirs, done = _measure_folders(config, run, folder, real, steps)
     ground_dir = ground_dirs["union"]
-    ms_cxr, ms_done = _measure_ms_cxr(config, run, folder, real, steps, classifier, metric)
+    ms_cxr, ms_done = (
+        ({}, []) if config.table4_p19_only else _measure_ms_cxr(config, run, folder, real, steps, classifier, metric)
+    )
     key = settings_key(
         {
             **metric,
