@@ -129,4 +129,6 @@ def test_the_pretrained_encoder_goes_into_a_tiny_sd_folder_that_diffusers_loads(
     wrong = runner.invoke(
         app, ["model", "tiny", str(tmp_path / "m2"), "--text-width", "64", "--text-encoder", str(pretrained)]
     )
-    assert wrong.exit_code == 2 and "width 32 does not match --text-width 64" in wrong.output
+    # the CLI's entry point turns this InputError into one line and exit code 2 (tests/test_cli.py checks that)
+    assert isinstance(wrong.exception, InputError) and "width 32 does not match --text-width 64" in str(wrong.exception)
+    assert not (tmp_path / "m2").exists()
