@@ -186,7 +186,7 @@ def verdicts(found: Sequence[Mapping[str, Any]]) -> list[str]:
     lines = []
     for base in bases:
         same = [m for m in found if m.get("base") == base]
-        lines.append(f"*Fine-tuned from {Path(base).name} ({', '.join(m['name'] for m in same)}):*")
+        lines.append(f"**Fine-tuned from {Path(base).name} ({', '.join(m['name'] for m in same)}):**")
         lines += tradeoff_verdict(same)
     return lines
 
