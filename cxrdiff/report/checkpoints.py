@@ -19,7 +19,16 @@ from typing import Any
 from cxrdiff.artifacts import MANIFEST, OtherSettings, input_identity, read_manifest, settings_key
 from cxrdiff.console import log
 from cxrdiff.errors import InputError
-from cxrdiff.report.run import ReportConfig, Steps, _cached, _image_path, _image_size, _read_table, _run_step
+from cxrdiff.report.run import (
+    ReportConfig,
+    Steps,
+    _cached,
+    _image_path,
+    _image_size,
+    _read_table,
+    _run_step,
+    grounding_settings,
+)
 
 
 def selected(run: Path, every: int) -> list[tuple[int, Path]]:
@@ -114,16 +123,7 @@ def _checkpoint_point(
         seed=config.seed,
         batch_size=config.batch_size,
     )
-    ground = ground_config(
-        out=folder / "ground",
-        model=model,
-        data=real / "ms_cxr.parquet",
-        steps=config.ground_steps,
-        window=config.ground_window,
-        seed=config.seed,
-        limit=config.ground_limit,
-        min_word_count=config.min_word_count,
-    )
+    ground = ground_config(out=folder / "ground", **grounding_settings(config, model, real))
     made: list[str] = []
     samples_dir = _run_step("samples", sample_fn, samples, made)
     ground_dir = _run_step("ground", ground_fn, ground, made)

@@ -414,15 +414,7 @@ def _measure_folders(
         sample_config(out=folder / "diversity", n_per_prompt=4, limit=config.diversity_prompts, **common),
         done,
     )
-    grounding = dict(
-        model=run,
-        data=real / "ms_cxr.parquet",
-        steps=config.ground_steps,
-        window=config.ground_window,
-        seed=config.seed,
-        limit=config.ground_limit,
-        min_word_count=config.min_word_count,
-    )
+    grounding = grounding_settings(config, run, real)
     ground = {"union": _run_step("ground", ground_fn, ground_config(out=folder / "ground", **grounding), done)}
     ground["per-phrase"] = ground["union"]
     if phrases_share_an_image_class(real / "ms_cxr.parquet"):
@@ -455,13 +447,24 @@ def _ms_cxr_folders(
     return samples, diversity
 
 
-def _measure_ms_cxr(
-    config: ReportConfig, run: Path, folder: Path, real: Path, steps: Steps, classifier: Any, metric: dict
-) -> tuple[dict[str, Any], list[str]]:
-    """Fidelity and diversity of the MS-CXR-phrase images (cached in metrics-ms-cxr.json under its own key,
-    so adding this column never measures the p19 one again); the keys renamed `*_ms_cxr`."""
-    done: list[str] = []
-    samples, diversity = _ms_cxr_folders(config, run, folder, real, steps, done)
+def grounding_settings(config: ReportConfig, model: Path, real: Path) -> dict[str, Any]:
+    """How the report grounds a model (a run or one of its checkpoints) on the MS-CXR phrases."""
+    return dict(
+        model=model,
+        data=real / "ms_cxr.parquet",
+        steps=config.ground_steps,
+        window=config.ground_window,
+        seed=config.seed,
+        limit=config.ground_limit,
+        min_word_count=config.min_word_count,
+    )
+
+
+def _measured_once(
+    config: ReportConfig, path: Path, metric: dict, samples: Path, diversity: Path, real: Path, classifier: Any
+) -> tuple[dict[str, Any], bool]:
+    """Fidelity and diversity of one sample set, cached in `path` under the key of the metric settings and
+    the folders' identities (a changed key measures again); whether it was measured now."""
     key = settings_key(
         {
             **metric,
@@ -470,8 +473,18 @@ def _measure_ms_cxr(
             "real": input_identity(real),
         }
     )
-    measured, fresh = _cached(
-        folder / "metrics-ms-cxr.json", key, lambda: measure_run(config, samples, diversity, real, classifier)
+    return _cached(path, key, lambda: measure_run(config, samples, diversity, real, classifier))
+
+
+def _measure_ms_cxr(
+    config: ReportConfig, run: Path, folder: Path, real: Path, steps: Steps, classifier: Any, metric: dict
+) -> tuple[dict[str, Any], list[str]]:
+    """Fidelity and diversity of the MS-CXR-phrase images (cached in metrics-ms-cxr.json under its own key,
+    so adding this column never measures the p19 one again); the keys renamed `*_ms_cxr`."""
+    done: list[str] = []
+    samples, diversity = _ms_cxr_folders(config, run, folder, real, steps, done)
+    measured, fresh = _measured_once(
+        config, folder / "metrics-ms-cxr.json", metric, samples, diversity, real, classifier
     )
     if fresh:
         done.append("metrics-ms-cxr")
@@ -491,17 +504,7 @@ def _report_run(
     ms_cxr, ms_done = (
         ({}, []) if config.table4_p19_only else _measure_ms_cxr(config, run, folder, real, steps, classifier, metric)
     )
-    key = settings_key(
-        {
-            **metric,
-            "samples": input_identity(samples),
-            "diversity": input_identity(diversity),
-            "real": input_identity(real),
-        }
-    )
-    measured, fresh = _cached(
-        folder / "metrics.json", key, lambda: measure_run(config, samples, diversity, real, classifier)
-    )
+    measured, fresh = _measured_once(config, folder / "metrics.json", metric, samples, diversity, real, classifier)
     if fresh:
         done.append("metrics")
     manifest = read_manifest(run) if (run / MANIFEST).is_file() else {}
