@@ -536,11 +536,10 @@ def ground(config: GroundConfig) -> dict[str, Any]:
     out = Path(config.out)
     samples = load_samples(config)
     if config.word:
-        from transformers import CLIPTokenizer
-
+        from cxrdiff.models import load_tokenizer
         from cxrdiff.tokens import word_token_spans
 
-        tokenizer = CLIPTokenizer.from_pretrained(Path(config.model) / "tokenizer", local_files_only=True)
+        tokenizer = load_tokenizer(Path(config.model) / "tokenizer")
         for w in config.word:
             if config.image is not None:
                 word_token_spans(tokenizer, samples[0].phrase, w)  # not in the prompt: an input error, before weights

@@ -104,20 +104,19 @@ def load_components(path: str | os.PathLike, device: Any = None, dtype: Any = No
     """Load a local SD folder offline; malformed parts are one-line errors naming the part."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel
 
     path = check_model_folder(path)
-    kwargs = {"local_files_only": True}
     loaded: dict[str, Any] = {}
-    for part, loader in (
-        ("unet", UNet2DConditionModel),
-        ("vae", AutoencoderKL),
-        ("text_encoder", CLIPTextModel),
-        ("tokenizer", CLIPTokenizer),
-        ("scheduler", _scheduler_class(path)),
+    for part, load in (
+        ("unet", UNet2DConditionModel.from_pretrained),
+        ("vae", AutoencoderKL.from_pretrained),
+        ("text_encoder", CLIPTextModel.from_pretrained),
+        ("tokenizer", lambda folder, **_: load_tokenizer(folder)),
+        ("scheduler", _scheduler_class(path).from_pretrained),
     ):
         try:
-            loaded[part] = loader.from_pretrained(path / part, **kwargs)
+            loaded[part] = load(path / part, local_files_only=True)
         except (OSError, ValueError, json.JSONDecodeError, RuntimeError) as exc:
             raise InputError(f"{path / part}: cannot load {part} ({str(exc).splitlines()[0]})") from None
     comps = Components(**loaded, path=path)
@@ -132,6 +131,29 @@ def load_components(path: str | os.PathLike, device: Any = None, dtype: Any = No
         )
     torch.set_grad_enabled(True)
     return comps
+
+
+_TOKENIZERS: dict[str, Any] = {}  # content digest of a tokenizer folder → the loaded tokenizer
+
+
+def load_tokenizer(folder: str | os.PathLike) -> Any:
+    """A folder's CLIP tokenizer, loaded once per process for each distinct content.
+
+    Loading one takes about half a second (its vocabulary is parsed several times), and every fine-tuned
+    run carries its own copy of the same files, so a report that samples and grounds many runs would
+    otherwise spend minutes on it. The cache key is the files' bytes (a few ms to hash), so an edited
+    tokenizer is loaded afresh. The tokenizer returned is shared: treat it as read-only.
+    """
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for file in sorted(f for f in folder.iterdir() if f.is_file()):
+        digest.update(file.name.encode() + b"\0" + file.read_bytes())
+    key = digest.hexdigest()
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+    return _TOKENIZERS[key]
 
 
 def load_pipeline(path: str | os.PathLike, scheduler: Any = None, device: Any = None, dtype: Any = None) -> Any:

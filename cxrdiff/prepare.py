@@ -664,10 +664,10 @@ def _load_vae(base_model: Path, device: Any) -> Any:
 
 
 def _load_tokenizer(base_model: Path) -> Any:
-    from transformers import CLIPTokenizer
+    from cxrdiff.models import load_tokenizer
 
     try:
-        return CLIPTokenizer.from_pretrained(base_model / "tokenizer", local_files_only=True)
+        return load_tokenizer(base_model / "tokenizer")
     except (OSError, ValueError) as exc:
         raise InputError(f"{base_model / 'tokenizer'}: cannot load the tokenizer ({exc})") from None
 

@@ -348,9 +348,9 @@ def write_png(path: Path, grey: np.ndarray) -> None:
 def _prompts_over_context(model: Path, texts: list[str]) -> list[bool]:
     """Per prompt: longer than the text encoder's context (start and end tokens included), so the pipeline's
     tokenizer keeps only its first tokens. Logged and stored (`truncated`), never silent."""
-    from transformers import CLIPTokenizer
+    from cxrdiff.models import load_tokenizer
 
-    tokenizer = CLIPTokenizer.from_pretrained(Path(model) / "tokenizer", local_files_only=True)
+    tokenizer = load_tokenizer(Path(model) / "tokenizer")
     limit = int(tokenizer.model_max_length)
     over = [len(ids) > limit for ids in tokenizer(texts, truncation=False)["input_ids"]] if texts else []
     if any(over):

@@ -42,6 +42,17 @@ def test_auc_by_hand():
     assert auc_roc(heat, mask) == pytest.approx(0.75)
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_auc_equals_sklearn_with_ties(seed):
+    # the rank-sum identity against scikit-learn's ROC-curve computation, on maps with many ties
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(seed)
+    heat = rng.integers(0, 6, size=(16, 24)).astype(float)
+    mask = rng.random((16, 24)) < 0.3
+    assert auc_roc(heat, mask) == pytest.approx(roc_auc_score(mask.ravel(), heat.ravel()), abs=1e-12)
+
+
 def test_cnr_by_hand():
     # inside {4, 6}: mean 5, unbiased var 2; outside {0, 1, 2}: mean 1, unbiased var 1 → 4 / sqrt(3)
     heat = np.array([4.0, 6.0, 0.0, 1.0, 2.0])

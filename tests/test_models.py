@@ -78,6 +78,23 @@ def test_malformed_folder_is_a_one_line_error(tiny_model, tmp_path, damage, mess
     assert "\n" not in str(info.value) and str(broken) in str(info.value)
 
 
+def test_tokenizer_is_loaded_once_per_content(tiny_model, tmp_path):
+    # a copy of the same files (every fine-tuned run carries one) reuses the loaded tokenizer; a changed
+    # file is loaded afresh and behaves as changed
+    from cxrdiff.models import load_tokenizer
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model / "tokenizer", copy)
+    first = load_tokenizer(tiny_model / "tokenizer")
+    assert load_tokenizer(copy) is first
+    config = json.loads((copy / "tokenizer_config.json").read_text())
+    config["model_max_length"] = 7
+    (copy / "tokenizer_config.json").write_text(json.dumps(config))
+    edited = load_tokenizer(copy)
+    assert edited is not first
+    assert (edited.model_max_length, first.model_max_length) == (7, 77)
+
+
 def test_missing_folder(tmp_path):
     with pytest.raises(InputError, match="model folder not found"):
         load_components(tmp_path / "stable-diffusion-2-base")
