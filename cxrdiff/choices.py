@@ -17,6 +17,9 @@ BoxMode = Literal["union", "per-box", "per-phrase"]  # union: an image's boxes o
 # prepare: what a report without an IMPRESSION gives (none: it is dropped, as in the paper)
 TextFallback = Literal["none", "findings", "last-paragraph", "findings,last-paragraph"]
 ClassifierPositives = Literal["only", "any"]  # only: d is the image's only label (the paper's); any: d among others
+# report: runs trained on another text than impressions (labels, file:) — grounded only (Table 7, as the paper
+# measured them) or also sampled and scored for fidelity
+OtherSources = Literal["grounding", "full"]
 Frame = Literal["prepared", "original"]
 GroundDtype = Literal["auto", "float32", "bfloat16", "float16"]
 PredictionType = Literal["epsilon", "v_prediction"]

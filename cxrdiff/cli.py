@@ -109,6 +109,7 @@ BoxMode = choices.enum("BoxMode", choices.BoxMode)
 TextFallback = choices.enum("TextFallback", choices.TextFallback)
 DicomContrast = choices.enum("DicomContrast", choices.DicomContrast)
 ClassifierPositives = choices.enum("ClassifierPositives", choices.ClassifierPositives)
+OtherSources = choices.enum("OtherSources", choices.OtherSources)
 Frame = choices.enum("Frame", choices.Frame)
 PredictionType = choices.enum("PredictionType", choices.PredictionType)
 PublishedModel = choices.enum("PublishedModel", choices.PublishedModel)
@@ -368,12 +369,19 @@ def report(
         bool | None,
         typer.Option("--table4-p19-only", help="Fidelity from the p19 prompts only (no MS-CXR phrase samples)."),
     ] = None,
+    other_sources: Annotated[
+        OtherSources | None,
+        typer.Option(help="Runs trained on labels / file: texts: grounding (Table 7 only, paper) or full."),
+    ] = None,
     checkpoint_every: Annotated[
         int | None, typer.Option(help="With --checkpoints: every Nth kept checkpoint, the newest always in.")
     ] = None,
     label: Annotated[
         list[str] | None,
         typer.Option(help="NAME=DIR: name the group of runs trained like DIR (repeatable; groups: all but the seed)."),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Runs measured side by side on a multi-core CPU (one process each).")
     ] = None,
     config: ConfigOpt = None,
 ) -> None:

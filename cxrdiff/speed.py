@@ -81,3 +81,28 @@ def limit_cpu_threads(device: Any, processes: int | None = None) -> int | None:
         torch.set_num_threads(threads)
         log.info("%d processes on %d CPU cores: %d PyTorch threads each", processes, cpu_cores(), threads)
     return threads
+
+
+def side_by_side(fn: Any, jobs: list[tuple[Any, ...]], workers: int | None = None) -> list[Any]:
+    """`fn(*job)` for every job, in order; on a multi-core CPU as many side by side as there are cores, in
+    spawned processes with cores // workers PyTorch threads each, so the processes never oversubscribe.
+
+    The demo's tiny models are too small for two threads to pay (a fine-tune: 32 images/s on one thread,
+    46 on two), so two jobs side by side finish about 1.4× sooner than one after the other. With CUDA, one
+    core, one job or `workers=1`, the jobs run here one after the other. `fn` and the jobs must pickle.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    import torch
+
+    workers = min(workers or cpu_cores(), cpu_cores(), len(jobs))
+    if workers < 2 or torch.cuda.is_available():
+        return [fn(*job) for job in jobs]
+    threads = max(1, cpu_cores() // workers)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        workers, mp_context=context, initializer=torch.set_num_threads, initargs=(threads,)
+    ) as pool:
+        futures = [pool.submit(fn, *job) for job in jobs]
+        return [future.result() for future in futures]

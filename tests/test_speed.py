@@ -123,3 +123,11 @@ def test_threads_per_process_keep_processes_times_threads_within_the_cores(monke
         assert speed.limit_cpu_threads(torch.device("cpu")) is None  # the user's choice wins
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(speed.cpu_cores() < 2, reason="side by side needs two cores")
+def test_side_by_side_keeps_the_order_and_gives_each_process_its_share_of_the_cores():
+    assert speed.side_by_side(pow, [(2, 3), (3, 2), (2, 5)], workers=2) == [8, 9, 32]
+    cores = speed.cpu_cores()
+    assert speed.side_by_side(torch.get_num_threads, [(), ()], workers=2) == [cores // 2] * 2  # in 2 processes
+    assert speed.side_by_side(torch.get_num_threads, [()], workers=2) == [torch.get_num_threads()]  # one: here

@@ -204,3 +204,46 @@ def test_report_groups_fake_trainings_and_never_pools_settings(tmp_path, tiny_mo
         {"mean": 0.41, "std": 0.0, "n": 1}
     )
     assert "Finetune_F (3 trainings)" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_runs_of_other_texts_are_grounded_only_unless_asked(tmp_path, tiny_model):
+    """A labels run is measured as the paper's Table 7 measures it: grounded, never sampled, and left out of
+    the fidelity tables; `other_sources="full"` samples it too."""
+    import json
+    import shutil
+
+    from test_report import Calls, _prepared, _stub_steps
+
+    from cxrdiff.report import ReportConfig, report
+
+    real = _prepared(tmp_path / "prepared")
+    runs = []
+    for name, source in (("impr", "impression"), ("lab", "labels")):
+        shutil.copytree(tiny_model, tmp_path / name)
+        runs.append(_run(tmp_path / name, 0, prompt_source=source))
+    calls = Calls()
+    steps = _stub_steps(calls)
+    sampled: list[str] = []
+    sample_fn, sample_config = steps["sample"]
+
+    def sample(cfg):
+        sampled.append(cfg.model.name)
+        return sample_fn(cfg)
+
+    steps["sample"] = (sample, sample_config)
+    base = dict(runs=tuple(runs), real=real, fid=False, fid_xrv=False, n_fid=4, diversity_prompts=2)
+    report(ReportConfig(**base, out=tmp_path / "report"), steps=steps)
+    assert set(sampled) == {"impr"} and len(calls.ground) == 2
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    labels = metrics["runs"]["lab"]
+    assert "fidelity" not in labels and "diversity" not in labels and labels["setting"]["prompt_source"] == "labels"
+    assert "skipped" in labels["sampling"] and "fidelity" in metrics["runs"]["impr"]
+    page = (tmp_path / "report" / "report.md").read_text()
+    table_4 = page.split("## Fidelity and diversity\n")[1].split("\n## ")[0]
+    assert "| impr | this report |" in table_4 and "| lab |" not in table_4
+    assert "grounded only, as the paper measures them" in page
+
+    sampled.clear()
+    report(ReportConfig(**base, out=tmp_path / "full", other_sources="full"), steps=steps)
+    assert set(sampled) == {"impr", "lab"}
+    assert "fidelity" in json.loads((tmp_path / "full" / "metrics.json").read_text())["runs"]["lab"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from cxrdiff.report.run import (
     _image_size,
     _read_table,
     _run_step,
+    grounding_only,
     grounding_settings,
 )
 
@@ -40,35 +41,36 @@ def selected(run: Path, every: int) -> list[tuple[int, Path]]:
     return Checkpoints(run).saved()[::-1][::every][::-1]
 
 
-def checkpoint_curves(
+def checkpoint_curve(
     config: ReportConfig,
-    names: Sequence[str],
-    runs: Mapping[str, dict[str, Any]],
+    name: str,
+    run: Path,
+    entry: dict[str, Any],
     real: Path,
     steps: Steps,
     classifier: Any,
     metric: Mapping[str, Any],
-) -> dict[str, str]:
-    """Add `checkpoints` (a list of points, oldest first) to each fine-tuning run's entry of `runs`; return
-    what was recomputed per run (as `report` does for the runs)."""
-    recomputed: dict[str, str] = {}
-    for name, run in zip(names, config.runs, strict=True):
-        run, entry = Path(run), runs[name]
-        if not (run / MANIFEST).is_file() or read_manifest(run).get("step") != "finetune":
+) -> str | None:
+    """Add `checkpoints` (a list of points, oldest first) to a fine-tuning run's entry; return what was
+    recomputed (as `report` does for the run), or None for a run without a curve (a base model, a checkpoint
+    export, a Table 7 run that is grounded only)."""
+    run = Path(run)
+    if not (run / MANIFEST).is_file() or read_manifest(run).get("step") != "finetune":
+        return None
+    if grounding_only(config, entry["setting"]):  # no fidelity, so no trade-off curve
+        return None
+    final = read_manifest(run).get("steps")
+    points, done = [], []
+    for step, _ in selected(run, config.checkpoint_every):
+        if step == final:
+            points.append(_final_point(entry, step))
             continue
-        final = read_manifest(run).get("steps")
-        points, done = [], []
-        for step, _ in selected(run, config.checkpoint_every):
-            if step == final:
-                points.append(_final_point(entry, step))
-                continue
-            folder = Path(config.out) / "runs" / name / "checkpoints" / f"step-{step:07d}"
-            points.append(_checkpoint_point(config, run, step, folder, real, steps, classifier, metric, done))
-        if not points:
-            log.info("report: %s keeps no checkpoints; no curve over training", name)
-        entry["checkpoints"] = points
-        recomputed[name] = ",".join(done) or "nothing"
-    return recomputed
+        folder = Path(config.out) / "runs" / name / "checkpoints" / f"step-{step:07d}"
+        points.append(_checkpoint_point(config, run, step, folder, real, steps, classifier, metric, done))
+    if not points:
+        log.info("report: %s keeps no checkpoints; no curve over training", name)
+    entry["checkpoints"] = points
+    return ",".join(done) or "nothing"
 
 
 def _final_point(entry: Mapping[str, Any], step: int) -> dict[str, Any]:

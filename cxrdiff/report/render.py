@@ -185,6 +185,8 @@ def _fidelity_table(runs: Mapping[str, Any]) -> Table:
             row = [m, f"published, Table 4 ({source})", _pub(f1), _pub(f2)]
             rows.append(row + ["—"] * (len(names) - 2) + [_pub(ms)])
     for n, r in runs.items():
+        if "fidelity" not in r:  # grounded only (a Table 7 run)
+            continue
         by_name = {s["name"]: s for s in r.get("fidelity", [])}
         rows.append(
             [n, "this report"] + [_score_cell(by_name.get(k)) for k in names] + [_score_cell(r.get("diversity"))]
@@ -347,8 +349,8 @@ def _fidelity_sources_table(metrics: Mapping[str, Any]) -> Table | None:
     for g, v in groups.items():
         for prompts, suffix, _ in sources:
             scores = v.get(f"fidelity{suffix}") or {}
-            if suffix and not scores and not v.get(f"diversity{suffix}", {}).get("n"):
-                continue  # not sampled (report --table4-p19-only)
+            if not scores and not v.get(f"diversity{suffix}", {}).get("n"):
+                continue  # not sampled (report --table4-p19-only, or a Table 7 run grounded only)
             cells = [_over(scores.get(n), 1, 1) for n in names]
             rows.append([_group_label(g, v), prompts, "this report", *cells, _over(v.get(f"diversity{suffix}"), 1, 1)])
     note = (
@@ -383,9 +385,20 @@ def _text_source_measured_table(metrics: Mapping[str, Any]) -> Table | None:
     note = (
         "Measured CNR on the MS-CXR phrases that contain their image's label (the class name, case-insensitive), "
         f"as the paper's Table 7 ({PAPER}). Labels runs train on the class names in random order, space-joined. "
+        + _other_sources_note(metrics)
         + _trainings_note(metrics)
     )
     return Table("CNR by training text (Table 7, measured)", ["text", "learnable", "frozen"], rows, note)
+
+
+def _other_sources_note(metrics: Mapping[str, Any]) -> str:
+    """How runs trained on another text than impressions were measured (`report --other-sources`)."""
+    if (metrics.get("settings") or {}).get("other_sources", "grounding") == "full":
+        return "Runs trained on other texts were also sampled and scored for fidelity (--other-sources full). "
+    return (
+        "Runs trained on other texts than impressions are grounded only, as the paper measures them; "
+        "--other-sources full also samples them for fidelity. "
+    )
 
 
 def _eos_table(metrics: Mapping[str, Any]) -> Table | None:

@@ -1,7 +1,9 @@
 """`cxrdiff report`'s orchestration: for each run, what is missing is made, what is on disk is reused.
 
 For each run folder the report calls the sample step twice (test prompts; the diversity set, 4 images per
-prompt) and the ground step once (MS-CXR), each into a sub-folder of its own `--out`. Reuse is the steps'
+prompt) and the ground step once (MS-CXR), each into a sub-folder of its own `--out`; a run trained on another
+text than impressions (labels, a `file:` set) is only grounded, as the paper measures it (Table 7), unless
+`--other-sources full`. Reuse is the steps'
 own: a step folder finished with the same settings makes the step return at once; one made with other
 settings (a changed option, or a retrained model / re-prepared data, whose manifest hash is part of the
 settings) makes the step raise `OtherSettings`, and the report removes that sub-folder and runs the step
@@ -30,7 +32,7 @@ from cxrdiff.artifacts import (
     settings_key,
     write_json,
 )
-from cxrdiff.choices import ClassifierPositives
+from cxrdiff.choices import ClassifierPositives, OtherSources
 from cxrdiff.config import settings, to_dict
 from cxrdiff.console import log
 from cxrdiff.data import MS_CXR_CATEGORIES
@@ -52,7 +54,7 @@ class ReportConfig:
     """Settings of `cxrdiff report` (sampling and grounding defaults follow the paper). Plain data: the
     classifier, an object, is passed to `report` beside it."""
 
-    NOT_SETTINGS: ClassVar[tuple[str, ...]] = ("out", "batch_size", "device")
+    NOT_SETTINGS: ClassVar[tuple[str, ...]] = ("out", "batch_size", "device", "workers")
 
     runs: tuple[Path, ...] = ()
     out: Path | None = None
@@ -77,9 +79,11 @@ class ReportConfig:
     checkpoints: bool = False  # also evaluate each run's kept checkpoints: CNR and fidelity over training steps
     checkpoint_every: int = 1  # with checkpoints: every Nth kept checkpoint, counted back from the newest
     table4_p19_only: bool = False  # Table 4 from the p19 prompts only: the MS-CXR phrases are not sampled
+    other_sources: OtherSources = "grounding"  # runs trained on labels / file: texts: Table 7's grounding only
     seed: int = 0
     batch_size: int = 8
     device: str = "cpu"  # for the fidelity feature networks
+    workers: int = 1  # runs measured side by side on a multi-core CPU (one process each; ignored with CUDA)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +113,8 @@ def check_inputs(config: ReportConfig, classifier: Any = None) -> Checked:
         raise InputError(f"--n-fid {config.n_fid} / --diversity-prompts {config.diversity_prompts}: too small")
     if config.min_word_count < 0:
         raise InputError(f"--min-word-count {config.min_word_count}: must be at least 0")
+    if config.workers < 1:
+        raise InputError(f"--workers {config.workers}: must be at least 1")
     if config.checkpoint_every < 1:
         raise InputError(f"--checkpoint-every {config.checkpoint_every}: must be at least 1")
     from cxrdiff.metrics.fid import resolve_weights
@@ -392,16 +398,13 @@ def phrases_share_an_image_class(ms_cxr: Path) -> bool:
     return bool(table.duplicated().any())
 
 
-def _measure_folders(
-    config: ReportConfig, run: Path, folder: Path, real: Path, steps: Steps
-) -> tuple[Path, Path, dict[str, Path], list[str]]:
-    """Samples (test prompts), diversity set and grounding of one run, made or reused; and which were made.
-    Grounding: `union` for Table 1, and `per-phrase` for Table 3 (the same folder when they cannot differ)."""
+def _sample_folders(
+    config: ReportConfig, run: Path, folder: Path, real: Path, steps: Steps, done: list[str]
+) -> tuple[Path, Path]:
+    """Samples (test prompts) and the diversity set (4 images per prompt) of one run, made or reused."""
     sample_fn, sample_config = steps["sample"]
-    ground_fn, ground_config = steps["ground"]
     common = dict(model=run, steps=config.sample_steps, guidance=config.guidance, scheduler=config.scheduler)
     common.update(seed=config.seed, batch_size=config.batch_size, prompts=real / "test.parquet")
-    done: list[str] = []
     samples = _run_step(
         "samples",
         sample_fn,
@@ -414,13 +417,22 @@ def _measure_folders(
         sample_config(out=folder / "diversity", n_per_prompt=4, limit=config.diversity_prompts, **common),
         done,
     )
+    return samples, diversity
+
+
+def _ground_folders(
+    config: ReportConfig, run: Path, folder: Path, real: Path, steps: Steps, done: list[str]
+) -> dict[str, Path]:
+    """The grounding of one run on MS-CXR, made or reused: `union` for Table 1, and `per-phrase` for
+    Table 3 (the same folder when they cannot differ)."""
+    ground_fn, ground_config = steps["ground"]
     grounding = grounding_settings(config, run, real)
     ground = {"union": _run_step("ground", ground_fn, ground_config(out=folder / "ground", **grounding), done)}
     ground["per-phrase"] = ground["union"]
     if phrases_share_an_image_class(real / "ms_cxr.parquet"):
         per_phrase = ground_config(out=folder / "ground-per-phrase", boxes="per-phrase", **grounding)
         ground["per-phrase"] = _run_step("ground per phrase", ground_fn, per_phrase, done)
-    return samples, diversity, ground, done
+    return ground
 
 
 def _ms_cxr_folders(
@@ -495,18 +507,31 @@ def _measure_ms_cxr(
     }, done
 
 
+def grounding_only(config: ReportConfig, setting: Mapping[str, Any]) -> bool:
+    """Whether a run is grounded and not sampled: one trained on another text than impressions (labels, a
+    `file:` set), which the paper measures in Table 7 alone, unless `--other-sources full`."""
+    return config.other_sources == "grounding" and setting.get("prompt_source") not in (None, "impression")
+
+
 def _report_run(
     config: ReportConfig, run: Path, folder: Path, real: Path, steps: Steps, classifier: Any, metric: dict
 ) -> tuple[dict[str, Any], list[str]]:
     """One run's entry of metrics.json, and what was recomputed for it."""
-    samples, diversity, ground_dirs, done = _measure_folders(config, run, folder, real, steps)
+    setting = run_summary(run)
+    done: list[str] = []
+    sampled = not grounding_only(config, setting)
+    samples, diversity = _sample_folders(config, run, folder, real, steps, done) if sampled else (None, None)
+    ground_dirs = _ground_folders(config, run, folder, real, steps, done)
     ground_dir = ground_dirs["union"]
-    ms_cxr, ms_done = (
-        ({}, []) if config.table4_p19_only else _measure_ms_cxr(config, run, folder, real, steps, classifier, metric)
-    )
-    measured, fresh = _measured_once(config, folder / "metrics.json", metric, samples, diversity, real, classifier)
-    if fresh:
-        done.append("metrics")
+    measured: dict[str, Any] = {}
+    if sampled:
+        measured, fresh = _measured_once(config, folder / "metrics.json", metric, samples, diversity, real, classifier)
+        if fresh:
+            done.append("metrics")
+        if not config.table4_p19_only:
+            ms_cxr, ms_done = _measure_ms_cxr(config, run, folder, real, steps, classifier, metric)
+            measured.update(ms_cxr)
+            done += ms_done
     manifest = read_manifest(run) if (run / MANIFEST).is_file() else {}
     training = manifest.get("config", {})
     entry = {
@@ -519,17 +544,34 @@ def _report_run(
             "scheduler": config.scheduler,
             "seed": config.seed,
             "batch_size": config.batch_size,
-        },
+        }
+        if measured
+        else {"skipped": "grounding only: trained on another text than impressions (--other-sources)"},
         "grounding": _grounding_summary(ground_dir),
         "grounding_per_phrase": _per_phrase(ground_dirs),
         "overlays": _overlays(ground_dir),
         **measured,
-        **ms_cxr,
     }
-    setting = run_summary(run)
     entry.update(setting=setting, text_source=text_source_of(ground_dir, setting["prompt_source"]))
     entry["eos"] = _eos(entry["grounding"])
-    return entry, done + ms_done
+    return entry, done
+
+
+def measure_one_run(
+    config: ReportConfig, name: str, run: Path, real: Path, steps: Steps, classifier: Any, metric: dict
+) -> tuple[dict[str, Any], str]:
+    """Everything the report measures of one run (its curve over checkpoints too, with --checkpoints): its
+    entry of metrics.json and what was recomputed, in words. Runs are independent of each other, so the
+    report may measure them side by side (--workers)."""
+    entry, done = _report_run(config, run, Path(config.out) / "runs" / name, real, steps, classifier, metric)
+    recomputed = ",".join(done) or "nothing"
+    if config.checkpoints:
+        from cxrdiff.report.checkpoints import checkpoint_curve
+
+        curve = checkpoint_curve(config, name, run, entry, real, steps, classifier, metric)
+        if curve is not None:
+            recomputed += f"; checkpoints: {curve}"
+    return entry, recomputed
 
 
 def report(config: ReportConfig, classifier: Any = None, steps: Steps | None = None) -> dict[str, Any]:
@@ -545,23 +587,28 @@ def report(config: ReportConfig, classifier: Any = None, steps: Steps | None = N
         return report_coco(config, coco, steps)
     checked = check_inputs(config, classifier)
     out, real = Path(config.out), checked.real
+    given_steps = steps is not None  # stand-ins (tests) are closures: they run here, never side by side
     steps = dict(steps or _default_steps())
     if classifier is None:
         classifier = _load_classifier(config)
     metric = _metric_settings(config, checked.classifier)
-    runs: dict[str, Any] = {}
-    recomputed: dict[str, str] = {}
-    for name, run in zip(checked.names, config.runs, strict=True):
-        runs[name], done = _report_run(config, Path(run), out / "runs" / name, real, steps, classifier, metric)
-        recomputed[name] = ",".join(done) or "nothing"
-    if config.checkpoints:
-        from cxrdiff.report.checkpoints import checkpoint_curves
+    named = zip(checked.names, config.runs, strict=True)
+    jobs = [(config, name, Path(run), real, steps, classifier, metric) for name, run in named]
+    if config.workers > 1 and not given_steps:
+        from cxrdiff.speed import side_by_side
 
-        curves = checkpoint_curves(config, checked.names, runs, real, steps, classifier, metric)
-        recomputed.update({n: f"{recomputed[n]}; checkpoints: {c}" for n, c in curves.items()})
-    size = next(iter(runs.values()))["image_size"]
-    real_key = settings_key({**metric, "real": input_identity(real), "size": size})
-    real_metrics, _ = _cached(out / "real_metrics.json", real_key, lambda: measure_real(config, real, classifier, size))
+        measured = side_by_side(measure_one_run, jobs, config.workers)
+    else:
+        measured = [measure_one_run(*job) for job in jobs]
+    runs = {name: entry for name, (entry, _) in zip(checked.names, measured, strict=True)}
+    recomputed = {name: done for name, (_, done) in zip(checked.names, measured, strict=True)}
+    size = next((r["image_size"] for r in runs.values() if "image_size" in r), None)
+    real_metrics: dict[str, Any] = {}
+    if size is not None:  # the classifier's reference row, at the generated images' size
+        real_key = settings_key({**metric, "real": input_identity(real), "size": size})
+        real_metrics, _ = _cached(
+            out / "real_metrics.json", real_key, lambda: measure_real(config, real, classifier, size)
+        )
     for group, names in checked.groups.items():
         for name in names:
             runs[name]["group"] = group
