@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cxrdiff.metrics.score import Score
-from cxrdiff.report.published import PAPER, PUBLISHED_FIDELITY, PUBLISHED_LOCALIZATION
+from cxrdiff.report.published import PAPER, PUBLISHED_FIDELITY, PUBLISHED_LOCALIZATION, PUBLISHED_TEXT_SOURCE
 from cxrdiff.report.render import Table
 
 PUBLISHED_OF = {"frozen": "Finetune_F", "learnable": "Finetune_L", "base model": "SDv2"}
@@ -74,11 +74,13 @@ def models(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
             fidelity = None if first is None else {"name": first[0], **first[1], "value": first[1].get("mean")}
             trainings = entry.get("trainings", 1)
             source = (entry.get("setting") or {}).get("prompt_source")
+            text_cnr = ((entry.get("text_source") or {}).get("cnr") or {}).get("mean")
         else:
             fidelity = (entry.get("fidelity") or [None])[0]
             fidelity = None if fidelity is None else {**fidelity, "title": Score.from_dict(fidelity).title}
             trainings = 1
             source = (entry.get("setting") or {}).get("prompt_source")
+            text_cnr = (entry.get("text_source") or {}).get("cnr")
         out.append(
             {
                 "name": name,
@@ -89,6 +91,7 @@ def models(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "cnr": _value(average.get("cnr")) if groups else (_value(average.get("cnr"))[0], None),
                 "auc": _value(average.get("auc_roc")),
                 "fidelity": fidelity,
+                "text_cnr": text_cnr,  # Table 7: CNR on the phrases that contain their label
             }
         )
     return out
@@ -125,7 +128,29 @@ def _fidelity_words(model: Mapping[str, Any], paper: str | None) -> str:
     return f"{text} (no published counterpart)"
 
 
+def _other_text_line(model: Mapping[str, Any]) -> str:
+    """A model trained on another text than impressions, set against the paper's Table 7: its CNR on the
+    phrases that contain their label, the measure the paper gives for such models."""
+    from cxrdiff.report.render import _source_name
+
+    source = model["source"]
+    name = "synthetic impressions" if source.startswith("file:") else _source_name(source)
+    published = PUBLISHED_TEXT_SOURCE.get(name)
+    paper = None if published is None else published[0 if model["kind"] == "learnable" else 1]
+    trainings = f", {model['trainings']} trainings" if model["trainings"] > 1 else ""
+    who = f"**{model['name']}** (text encoder {model['kind']}, trained on {_source_name(source)}{trainings}"
+    who += "; the paper's Table 7)" if paper is not None else ")"
+    return (
+        f"{who}: CNR on the phrases that contain their label {_against(model.get('text_cnr'), paper, 2)}; "
+        f"average CNR {_num(model['cnr'][0])}; AUC-ROC % {_num(model['auc'][0], 1, 100)}; "
+        + (_fidelity_words(model, None) if model.get("fidelity") else "grounded only, as the paper measures it")
+        + "."
+    )
+
+
 def _model_line(model: Mapping[str, Any]) -> str:
+    if model.get("source") not in (None, "impression") and model["kind"] in ("frozen", "learnable"):
+        return _other_text_line(model)
     paper = PUBLISHED_OF.get(model["kind"])
     average = PUBLISHED_LOCALIZATION.get(paper or "", {}).get("Average")
     trainings = f", {model['trainings']} trainings" if model["trainings"] > 1 else ""
