@@ -451,7 +451,7 @@ def tradeoff_figure(metrics: Mapping[str, Any]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
     for m, (fid_value, _, _) in PUBLISHED_FIDELITY.items():
         left.scatter(PUBLISHED_LOCALIZATION[m]["Average"][2], fid_value, marker="s", color="black")
         left.annotate(m, (PUBLISHED_LOCALIZATION[m]["Average"][2], fid_value), xytext=(-10, 6), **_LABEL)
@@ -558,7 +558,7 @@ def checkpoint_figure(metrics: Mapping[str, Any]) -> bytes | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
     ylabel = "fidelity"
     for n, points in curves.items():
         cnr = [(p["step"], p["grounding"]["cnr"]["mean"]) for p in points if (p.get("grounding") or {}).get("cnr")]
