@@ -1,14 +1,13 @@
 """`cxrdiff report`'s orchestration: for each run, what is missing is made, what is on disk is reused.
 
 For each run folder the report calls the sample step twice (test prompts; the diversity set, 4 images per
-prompt) and the ground step once (MS-CXR), each into a sub-folder of its own `--out`; a run trained on another
-text than impressions (labels, a `file:` set) is only grounded, as the paper measures it (Table 7), unless
-`--other-sources full`. Reuse is the steps'
-own: a step folder finished with the same settings makes the step return at once; one made with other
-settings (a changed option, or a retrained model / re-prepared data, whose manifest hash is part of the
-settings) makes the step raise `OtherSettings`, and the report removes that sub-folder and runs the step
-again. Fidelity (FID, FID_XRV, MS-SSIM, classifier AUC) is cached beside them, keyed by the metric settings
-and the identity of the folders it was measured on.
+prompt) and the ground step once (MS-CXR), each into a sub-folder of its own `--out`; a run trained on
+another text than impressions (labels, a `file:` set) is only grounded, as the paper measures it (Table 7),
+unless `--other-sources full`. Reuse is the steps' own: a step folder finished with the same settings makes
+the step return at once; one made with other settings (a changed option, or a retrained model / re-prepared
+data, whose manifest hash is part of the settings) makes the step raise `OtherSettings`, and the report
+removes that sub-folder and runs the step again. Fidelity (FID, FID_XRV, MS-SSIM, classifier AUC) is cached
+beside them, keyed by the metric settings and the identity of the folders it was measured on.
 """
 
 from __future__ import annotations
@@ -545,7 +544,7 @@ def _report_run(
             "seed": config.seed,
             "batch_size": config.batch_size,
         }
-        if measured
+        if sampled
         else {"skipped": "grounding only: trained on another text than impressions (--other-sources)"},
         "grounding": _grounding_summary(ground_dir),
         "grounding_per_phrase": _per_phrase(ground_dirs),
