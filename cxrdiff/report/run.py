@@ -397,23 +397,33 @@ def phrases_share_an_image_class(ms_cxr: Path) -> bool:
     return bool(table.duplicated().any())
 
 
+# Table 4's two prompt sources: (table in the prepared folder, extra sample options, sub-folder suffix)
+PROMPT_SETS = {
+    "p19": ("test.parquet", {}, ""),
+    "ms-cxr": ("ms_cxr.parquet", {"prompt_column": "label_text"}, "-ms-cxr"),
+}
+
+
 def _sample_folders(
-    config: ReportConfig, run: Path, folder: Path, real: Path, steps: Steps, done: list[str]
+    config: ReportConfig, run: Path, folder: Path, real: Path, steps: Steps, done: list[str], prompts: str = "p19"
 ) -> tuple[Path, Path]:
-    """Samples (test prompts) and the diversity set (4 images per prompt) of one run, made or reused."""
+    """Samples (one per prompt, --n-fid) and the diversity set (4 images per prompt, --diversity-prompts) of
+    one run, made or reused; from the p19 test prompts or, for Table 4's second column, the MS-CXR phrases,
+    both made the same way (sampler, seed rule, counts)."""
+    table, extra, suffix = PROMPT_SETS[prompts]
     sample_fn, sample_config = steps["sample"]
     common = dict(model=run, steps=config.sample_steps, guidance=config.guidance, scheduler=config.scheduler)
-    common.update(seed=config.seed, batch_size=config.batch_size, prompts=real / "test.parquet")
+    common.update(seed=config.seed, batch_size=config.batch_size, prompts=real / table, **extra)
     samples = _run_step(
-        "samples",
+        f"samples{suffix}",
         sample_fn,
-        sample_config(out=folder / "samples", n_per_prompt=1, limit=config.n_fid, **common),
+        sample_config(out=folder / f"samples{suffix}", n_per_prompt=1, limit=config.n_fid, **common),
         done,
     )
     diversity = _run_step(
-        "diversity",
+        f"diversity{suffix}",
         sample_fn,
-        sample_config(out=folder / "diversity", n_per_prompt=4, limit=config.diversity_prompts, **common),
+        sample_config(out=folder / f"diversity{suffix}", n_per_prompt=4, limit=config.diversity_prompts, **common),
         done,
     )
     return samples, diversity
@@ -432,30 +442,6 @@ def _ground_folders(
         per_phrase = ground_config(out=folder / "ground-per-phrase", boxes="per-phrase", **grounding)
         ground["per-phrase"] = _run_step("ground per phrase", ground_fn, per_phrase, done)
     return ground
-
-
-def _ms_cxr_folders(
-    config: ReportConfig, run: Path, folder: Path, real: Path, steps: Steps, done: list[str]
-) -> tuple[Path, Path]:
-    """Table 4's second column: samples and a diversity set from the MS-CXR phrases, made exactly as the
-    p19 ones (same sampler, seed rule, --n-fid and --diversity-prompts), made or reused."""
-    sample_fn, sample_config = steps["sample"]
-    common = dict(model=run, steps=config.sample_steps, guidance=config.guidance, scheduler=config.scheduler)
-    common.update(seed=config.seed, batch_size=config.batch_size, prompts=real / "ms_cxr.parquet")
-    common.update(prompt_column="label_text")
-    samples = _run_step(
-        "samples-ms-cxr",
-        sample_fn,
-        sample_config(out=folder / "samples-ms-cxr", n_per_prompt=1, limit=config.n_fid, **common),
-        done,
-    )
-    diversity = _run_step(
-        "diversity-ms-cxr",
-        sample_fn,
-        sample_config(out=folder / "diversity-ms-cxr", n_per_prompt=4, limit=config.diversity_prompts, **common),
-        done,
-    )
-    return samples, diversity
 
 
 def grounding_settings(config: ReportConfig, model: Path, real: Path) -> dict[str, Any]:
@@ -493,7 +479,7 @@ def _measure_ms_cxr(
     """Fidelity and diversity of the MS-CXR-phrase images (cached in metrics-ms-cxr.json under its own key,
     so adding this column never measures the p19 one again); the keys renamed `*_ms_cxr`."""
     done: list[str] = []
-    samples, diversity = _ms_cxr_folders(config, run, folder, real, steps, done)
+    samples, diversity = _sample_folders(config, run, folder, real, steps, done, prompts="ms-cxr")
     measured, fresh = _measured_once(
         config, folder / "metrics-ms-cxr.json", metric, samples, diversity, real, classifier
     )
