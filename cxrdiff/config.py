@@ -111,8 +111,24 @@ def from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
     return load_config(cls, None, **{k: v for k, v in data.items() if k in {f.name for f in dataclasses.fields(cls)}})  # type: ignore[arg-type]
 
 
-def settings(config: Any, **derived: Any) -> dict[str, Any]:
-    """The config fields that decide a step's outputs (all but the class's `NOT_SETTINGS`), plus derived
-    values (an input's identity, a resolved dtype): what a step folder's settings key is made of."""
-    skip = set(getattr(type(config), "NOT_SETTINGS", ("out",)))
-    return {k: v for k, v in to_dict(config).items() if k not in skip} | derived
+def settings(config: Any, data_format: str | None = None, **derived: Any) -> dict[str, Any]:
+    """The config fields that decide a step's outputs, plus derived values (an input's identity, a resolved
+    dtype): what a step folder's settings key is made of.
+
+    Left out: the class's `NOT_SETTINGS` (where the output goes, speed, input paths whose identity joins as a
+    derived value) and the fields of the other data formats (`FORMAT_FIELDS`: format → its own fields). The
+    format itself (`data_format`, or the config's `FORMAT_FIELD`) joins only when it is not the first of
+    `FORMAT_FIELDS`, so folders made before a second format existed keep their key."""
+    cls = type(config)
+    skip = set(getattr(cls, "NOT_SETTINGS", ("out",)))
+    formats: dict[str, tuple[str, ...]] = getattr(cls, "FORMAT_FIELDS", {})
+    field = getattr(cls, "FORMAT_FIELD", None)
+    if field is not None:
+        skip.add(field)
+        data_format = getattr(config, field)
+    if formats:
+        skip |= {name for fmt, names in formats.items() if fmt != data_format for name in names}
+    chosen = {k: v for k, v in to_dict(config).items() if k not in skip}
+    if formats and data_format is not None and data_format != next(iter(formats)):
+        chosen[field or "format"] = data_format
+    return chosen | derived

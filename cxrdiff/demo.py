@@ -18,6 +18,7 @@ import numpy as np
 from cxrdiff.artifacts import MANIFEST, read_manifest
 from cxrdiff.console import log
 from cxrdiff.errors import InputError
+from cxrdiff.vae_fit import fit_vae, scale_to_unit_variance
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,51 +64,6 @@ class DemoPlan:
 
 TEXT_INITS = ("pretrained", "token-local")  # `demo --text-init`; "both" runs the two side by side
 PRETRAIN_SEED_OFFSET = 1000  # the pretraining phantom is another draw: seed + 1000, so no image is shared
-
-
-def fit_vae(
-    vae: Any, images: np.ndarray, steps: int, seed: int = 0, batch_size: int = 16, lr: float = 1e-3
-) -> list[float]:
-    """Fit a tiny VAE to grey images (uint8, (N, H, W)) with an L1 reconstruction loss and a small KL term.
-
-    A random VAE decodes any latent to noise; a few hundred steps on the phantom images make its decoder
-    draw chest-like pictures, which is all the demo needs from it. Returns the loss per step.
-    """
-    import torch
-
-    from cxrdiff.images import to_model_input
-
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    vae.train().requires_grad_(True)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    data = to_model_input(images)  # (n, 3, height, width)
-    losses = []
-    for _ in range(steps):
-        batch = data[torch.randint(0, len(data), (batch_size,), generator=generator)]
-        posterior = vae.encode(batch).latent_dist
-        latent = posterior.sample(generator)
-        reconstruction = vae.decode(latent).sample
-        kl = posterior.kl().mean() / batch[0].numel()
-        loss = (reconstruction - batch).abs().mean() + 1e-4 * kl
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-    vae.eval().requires_grad_(False)
-    log.info("VAE fitted: L1 %.4f → %.4f over %d steps", losses[0], losses[-1], steps)
-    return losses
-
-
-def _scale_to_unit_variance(vae: Any, images: np.ndarray) -> float:
-    """The scaling factor that gives the fitted VAE's latents unit variance (what SD's 0.18215 does)."""
-    import torch
-
-    from cxrdiff.images import to_model_input
-
-    with torch.no_grad():
-        mean = vae.encode(to_model_input(images[:64])).latent_dist.mean
-    return float(1.0 / mean.std())
 
 
 def _train_images(prepared: Path, resolution: int, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -160,7 +116,7 @@ def _fitted_vae(out: Path, phantom: Path, plan: DemoPlan) -> Path:
     vae = tiny_components(TinySpec(resolution=plan.resolution), seed=plan.seed).vae
     images = _phantom_images(phantom, plan.resolution, limit=512)
     fit_vae(vae, images, plan.vae_steps, seed=plan.seed, batch_size=plan.vae_batch_size)
-    vae.register_to_config(scaling_factor=_scale_to_unit_variance(vae, images))
+    vae.register_to_config(scaling_factor=scale_to_unit_variance(vae, images))
     with atomic_dir(path) as tmp:
         vae.save_pretrained(tmp)
     return path
@@ -202,7 +158,7 @@ def _base_model(out: Path, init: str, vae: Path, text_encoder: Path | None, plan
     from diffusers import AutoencoderKL
 
     from cxrdiff.models import TinySpec, save_components, tiny_components
-    from cxrdiff.pretrain_text import load_text_encoder
+    from cxrdiff.text_encoders import load_text_encoder
 
     base = out / f"base-model-{init}"
     if (base / "model_index.json").is_file():

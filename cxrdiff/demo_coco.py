@@ -38,9 +38,9 @@ QUICK = CocoDemoPlan(images=80, vae_steps=100, steps=100, sample_steps=10, groun
 
 def _base_model(out: Path, phantom: Path, plan: CocoDemoPlan) -> Path:
     """A tiny SD2-shaped model (token-local text encoder) whose VAE is fitted to the phantom's train images."""
-    from cxrdiff.demo import _scale_to_unit_variance, fit_vae
     from cxrdiff.images import load_rgb, resize_center_crop
     from cxrdiff.models import TinySpec, save_components, tiny_components
+    from cxrdiff.vae_fit import fit_vae, scale_to_unit_variance
 
     base = out / "base-model"
     if (base / "model_index.json").is_file():
@@ -49,7 +49,7 @@ def _base_model(out: Path, phantom: Path, plan: CocoDemoPlan) -> Path:
     files = sorted((phantom / "train2017").glob("*.jpg"))[:512]
     images = np.stack([resize_center_crop(load_rgb(f), plan.resolution) for f in files])  # (n, res, res, 3)
     fit_vae(comps.vae, images, plan.vae_steps, seed=plan.seed)
-    comps.vae.register_to_config(scaling_factor=_scale_to_unit_variance(comps.vae, images))
+    comps.vae.register_to_config(scaling_factor=scale_to_unit_variance(comps.vae, images))
     save_components(comps, base)
     return base
 

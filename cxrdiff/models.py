@@ -384,7 +384,7 @@ def write_tiny_model_cli(
         prediction_type=prediction_type,
     )
     if text_encoder is not None:
-        from cxrdiff.pretrain_text import load_text_encoder
+        from cxrdiff.text_encoders import load_text_encoder
 
         save_components(tiny_components(spec, seed, load_text_encoder(text_encoder, text_width)), out)
     else:

@@ -344,24 +344,3 @@ def _result(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
         "loss_first": manifest.get("loss", {}).get("first"),
         "loss_last": manifest.get("loss", {}).get("last"),
     }
-
-
-def load_text_encoder(folder: str | os.PathLike, width: int | None = None) -> Any:
-    """The pretrained `text_encoder/` of a pretrain-text folder (or any folder holding one), checked."""
-    from transformers import CLIPTextModel
-
-    from cxrdiff.artifacts import read_manifest
-
-    folder = Path(folder)
-    read_manifest(folder, STEP)
-    try:
-        encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise InputError(
-            f"{folder / 'text_encoder'}: cannot load the text encoder ({str(exc).splitlines()[0]})"
-        ) from None
-    if width is not None and encoder.config.hidden_size != width:
-        raise InputError(
-            f"--text-encoder {folder}: width {encoder.config.hidden_size} does not match --text-width {width}"
-        )
-    return encoder

@@ -273,7 +273,7 @@ def test_finished_rerun_returns_at_once_and_other_settings_are_refused(tmp_path,
     def boom(*args, **kwargs):
         raise AssertionError("a finished phantom was planned again")
 
-    monkeypatch.setattr(step, "_plan", boom)
+    monkeypatch.setattr(step, "plan_studies", boom)
     assert make_phantom(_small(out, workers=2)) == first  # workers change no byte: the same settings
     assert (out / "manifest.json").read_bytes() == manifest  # untouched, so nothing downstream recomputes
     with pytest.raises(OtherSettings, match=r"finished 'phantom' run made with other settings \(seed\b"):

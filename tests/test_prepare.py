@@ -412,7 +412,7 @@ def _phantom_plan(tree: Path) -> tuple[dict, list[dict]]:
 
     manifest = json.loads((tree / "manifest.json").read_text())
     c = manifest["config"]
-    studies, _ = phantom._plan(c["patients"], c["seed"], c["size"], c["dicom_fraction"])
+    studies, _ = phantom.plan_studies(c["patients"], c["seed"], c["size"], c["dicom_fraction"])
     return manifest, studies
 
 

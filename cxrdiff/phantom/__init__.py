@@ -5,7 +5,9 @@ files and quirks (JPG + some DICOM, the three CSVs, free-text reports with awkwa
 table) and an honest answer for where each finding is. The pictures are drawn analytically in numpy
 (`anatomy`: lungs, heart, mediastinum, spine, ribs, clavicles, domes, soft tissue, noise) and each finding
 changes the picture only where its mask says; the box is that mask's bounding box. The reports come from
-`report_text`, the tree, tables, DICOM files and the step itself from `tree`, the contact sheet from `preview`.
+`report_text`, the tree, tables, DICOM files and the step itself from `tree`, the contact sheet from `preview`;
+`config` holds what the step is asked for, and `entry` claims the folder and hands over to the writer of the
+kind asked for (`tree`, or `coco` for a COCO-layout set).
 Everything random comes from seeds derived from `seed` and the image's position in the plan, so the same
 settings write the same bytes.
 
@@ -24,19 +26,11 @@ from cxrdiff.phantom.anatomy import (
     sample_anatomy,
     sample_finding,
 )
+from cxrdiff.phantom.config import MS_CXR_FILE, STEP, TRUTH_FILE, PhantomConfig
+from cxrdiff.phantom.entry import check_inputs, make_phantom
 from cxrdiff.phantom.preview import write_preview
 from cxrdiff.phantom.report_text import label_text, write_report_text
-from cxrdiff.phantom.tree import (
-    METADATA_COLUMNS_FULL,
-    MS_CXR_FILE,
-    STEP,
-    TRUTH_FILE,
-    PhantomConfig,
-    _plan,  # noqa: F401  (tests re-plan a phantom's studies to check what prepare kept)
-    check_inputs,
-    make_phantom,
-    rerender,
-)
+from cxrdiff.phantom.tree import METADATA_COLUMNS_FULL, plan_studies, rerender
 
 __all__ = [
     "LOBES",
@@ -58,6 +52,7 @@ __all__ = [
     "sample_anatomy",
     "sample_finding",
     "picture_to_uint8",
+    "plan_studies",
     "write_preview",
     "write_report_text",
 ]

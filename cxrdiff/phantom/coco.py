@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from cxrdiff.artifacts import StepFolder, atomic_path, write_json, write_text
-from cxrdiff.config import settings, to_dict
+from cxrdiff.config import to_dict
+from cxrdiff.phantom.config import PhantomConfig
 
 # COCO's own ids and names; each drawn as one shape in one colour.
 CATEGORIES: tuple[dict[str, Any], ...] = (
@@ -178,19 +179,11 @@ def _write_split(out: Path, split: str, tasks: list[dict[str, Any]]) -> dict[str
             "captions": len(captions)}  # fmt: skip
 
 
-def coco_settings(config: Any) -> dict[str, Any]:
-    """The COCO phantom's settings: the phantom's, with the kind (MIMIC phantoms leave it out)."""
-    return settings(config, kind="coco")
-
-
-def make_coco_phantom(config: Any) -> dict[str, Any]:
-    """Write the COCO-layout phantom to `config.out` (`--patients` is the number of train2017 images;
-    val2017 gets a quarter of that, at least 4); return its paths and counts."""
+def write_coco_set(config: PhantomConfig, folder: StepFolder) -> dict[str, Any]:
+    """Write the COCO-layout phantom into the claimed `folder` (`--patients` is the number of train2017
+    images; val2017 gets a quarter of that, at least 4); return its paths and counts."""
     from cxrdiff.console import log
-    from cxrdiff.phantom.tree import STEP, check_inputs
 
-    check_inputs(config, claim=False)
-    folder = StepFolder.claim(config.out, STEP, coco_settings(config))
     out = Path(config.out)
     if folder.finished:
         log.info("%s: COCO phantom already complete with these settings", out)

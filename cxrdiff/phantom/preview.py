@@ -7,7 +7,7 @@ from pathlib import Path
 
 from cxrdiff.artifacts import atomic_path
 from cxrdiff.data import MS_CXR_CATEGORIES
-from cxrdiff.phantom.tree import MS_CXR_FILE
+from cxrdiff.phantom.config import MS_CXR_FILE
 
 
 def write_preview(root: str | os.PathLike, path: str | os.PathLike, tile: int = 256) -> Path:

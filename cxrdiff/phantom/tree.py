@@ -12,25 +12,21 @@ import gzip
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
 from cxrdiff.artifacts import StepFolder, atomic_path, write_bytes, write_json, write_text
-from cxrdiff.choices import PhantomKind
-from cxrdiff.config import settings, to_dict
+from cxrdiff.config import to_dict
 from cxrdiff.data import LABELS, MS_CXR_CATEGORIES, MS_CXR_FILE_COLUMNS, patient_folder
-from cxrdiff.errors import InputError
 from cxrdiff.images import mimic_cxr_jpg
 from cxrdiff.phantom.anatomy import Finding, picture_to_uint8, render, sample_anatomy, sample_finding
+from cxrdiff.phantom.config import MS_CXR_FILE, TRUTH_FILE, PhantomConfig
+from cxrdiff.phantom.preview import write_preview
 from cxrdiff.phantom.report_text import label_text, write_report_text
-
-STEP = "phantom"
 
 FOLDERS = (19, 10, 11, 12, 13, 14, 15, 16, 17, 18)  # round robin from p19, so p19 exists and holds ~10%
 REPORT_CASES = ("standard", "no_impression", "short_impression", "conclusion_heading")
-MS_CXR_FILE = "MS_CXR_Local_Alignment_v1.0.0.csv"
-TRUTH_FILE = "phantom_truth.json"
 METADATA_COLUMNS_FULL = (
     "dicom_id",
     "subject_id",
@@ -54,7 +50,7 @@ def _dicom_id(rng: np.random.Generator) -> str:
     return "-".join(f"{int(v):08x}" for v in rng.integers(0, 2**32, 5))
 
 
-def _plan(patients: int, seed: int, size: int, dicom_fraction: float) -> tuple[list[dict], np.random.Generator]:
+def plan_studies(patients: int, seed: int, size: int, dicom_fraction: float) -> tuple[list[dict], np.random.Generator]:
     """Every study and image, decided up front from one generator (the pictures get seeds of their own)."""
     rng = np.random.default_rng(seed)
     suffixes = rng.choice(10**6, patients, replace=False)
@@ -226,65 +222,21 @@ def _csv_gz(frame) -> bytes:
 # --- the step -------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class PhantomConfig:
-    """What `cxrdiff phantom` writes; the same settings write the same bytes (`out` and `workers` aside)."""
-
-    out: Path
-    patients: int = 100
-    seed: int = 0
-    size: int = 512
-    dicom_fraction: float = 0.1
-    preview: bool = False
-    workers: int | None = None  # image processes; None: as many as pay for themselves, 0 or 1: this one
-    kind: PhantomKind = "mimic"  # coco: a COCO-layout set (cxrdiff.phantom.coco), which adds the kind to its settings
-
-    NOT_SETTINGS: ClassVar[tuple[str, ...]] = ("out", "workers", "kind")
-
-
-def check_inputs(config: PhantomConfig, claim: bool = True) -> StepFolder | None:
-    """Refuse bad numbers and an `--out` that is not this phantom's folder, before anything is drawn."""
-    if config.patients < 1:
-        raise InputError(f"--patients: must be at least 1, got {config.patients}")
-    if config.size < 32:
-        raise InputError(f"--size: must be at least 32 pixels, got {config.size}")
-    if not 0.0 <= config.dicom_fraction <= 1.0:
-        raise InputError(f"--dicom-fraction: must be between 0 and 1, got {config.dicom_fraction}")
-    if not claim:
-        return None
-    if config.kind == "coco":
-        from cxrdiff.phantom.coco import coco_settings
-
-        return StepFolder.claim(config.out, STEP, coco_settings(config))
-    return StepFolder.claim(config.out, STEP, settings(config))
-
-
-def make_phantom(config: PhantomConfig) -> dict[str, Any]:
-    """Write the phantom MIMIC-CXR tree to `config.out`; return its paths and counts.
-
-    A re-run with the same settings into a finished folder returns at once; into a folder a killed run
-    left behind, it keeps the images already written (they are the same bytes) and writes the rest.
-    """
+def write_mimic_tree(config: PhantomConfig, folder: StepFolder) -> dict[str, Any]:
+    """Write the phantom MIMIC-CXR tree into the claimed `folder`; return its paths and counts."""
     from cxrdiff.console import log, progress
 
-    if config.kind == "coco":
-        from cxrdiff.phantom.coco import make_coco_phantom
-
-        return make_coco_phantom(config)
-    folder = check_inputs(config)
     out = Path(config.out)
     if folder.finished:
         log.info("%s: phantom already complete with these settings", out)
         return _result(out, folder.manifest["counts"])
-    studies, rng = _plan(config.patients, config.seed, config.size, config.dicom_fraction)
+    studies, rng = plan_studies(config.patients, config.seed, config.size, config.dicom_fraction)
     tasks = _write_reports(out, studies)
     boxes = dict(_run_images(out, tasks, config.workers, progress))
     chexpert = _write_tables(out, studies)
     ms_cxr = _write_ms_cxr(out, studies, boxes, rng)
     _write_truth(out, studies, boxes)
     if config.preview:
-        from cxrdiff.phantom.preview import write_preview
-
         write_preview(out, out / "preview.png")
     counts = _counts(studies, ms_cxr, chexpert)
     folder.finish(config=to_dict(config), seed=config.seed, extra={"counts": counts, "truth": TRUTH_FILE})
