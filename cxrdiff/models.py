@@ -15,6 +15,7 @@ import json
 import math
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from cxrdiff.artifacts import MANIFEST, atomic_dir, read_manifest
@@ -203,6 +204,27 @@ def save_components(comps: Components, out: str | os.PathLike, scheduler: Any = 
             if not (tmp / extra.name).exists() and extra.is_file():
                 (tmp / extra.name).write_bytes(extra.read_bytes())
     return out
+
+
+def model_geometry(base_model: Path, resolution: int | None) -> tuple[int, tuple[int, int, int], float]:
+    """(resolution, latent shape, scaling factor) from the folder's configs alone, no weights read."""
+
+    def config(part: str) -> SimpleNamespace:
+        path = base_model / part / "config.json"
+        try:
+            return SimpleNamespace(**json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InputError(f"{path}: unreadable ({exc})") from None
+
+    vae, unet = config("vae"), config("unet")
+    comps = Components(unet=SimpleNamespace(config=unet), vae=SimpleNamespace(config=vae), text_encoder=None,
+                       tokenizer=None, scheduler=None)  # fmt: skip
+    factor = comps.vae_scale_factor
+    resolution = comps.resolution if resolution is None else int(resolution)
+    if resolution < factor or resolution % factor:
+        raise InputError(f"--resolution {resolution}: must be a positive multiple of the VAE's factor {factor}")
+    latent_shape = (int(vae.latent_channels), resolution // factor, resolution // factor)
+    return resolution, latent_shape, float(getattr(vae, "scaling_factor", 0.18215))
 
 
 def vae_fingerprint(base_model: str | os.PathLike) -> str:

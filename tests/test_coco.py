@@ -94,7 +94,7 @@ def test_plan_masks_equal_the_drawn_polygons_at_256(coco_phantom, tmp_path):
 
     from cxrdiff.images import crop_geometry
     from cxrdiff.phantom.coco import SYNONYMS
-    from cxrdiff.prepare_coco import CocoInputs, build_coco_plan
+    from cxrdiff.prepare.coco import CocoInputs, build_coco_plan
 
     words = tmp_path / "all_synonyms.csv"  # every synonym, the crowds' "glider" too: every named pair is a row
     words.write_text("category,word\n" + "".join(f"{c},{w}\n" for c, w in SYNONYMS.items()))
@@ -130,7 +130,7 @@ def test_plan_caption_filter_counts_the_unlisted_synonym(coco_phantom, tmp_path)
     """Pairs named only by "glider" (a synonym not in synonyms.csv) are excluded and counted; without the
     words file every synonym-only pair is; with it, "disc" names a frisbee. Counted by hand from the captions."""
     from cxrdiff.phantom.coco import PLURALS, SYNONYMS
-    from cxrdiff.prepare_coco import CocoInputs, build_coco_plan
+    from cxrdiff.prepare.coco import CocoInputs, build_coco_plan
 
     captions = json.loads((coco_phantom / "annotations" / "captions_val2017.json").read_text())["annotations"]
     instances = json.loads((coco_phantom / "annotations" / "instances_val2017.json").read_text())

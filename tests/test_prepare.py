@@ -271,9 +271,9 @@ def _tables(out: Path) -> dict[str, pd.DataFrame]:
 
 
 def test_killed_run_resumes_to_the_same_output(prepared, tree, tiny_model, tmp_path, monkeypatch):
-    import cxrdiff.prepare as module
+    import cxrdiff.prepare.encode as module
 
-    real, calls = module._encode_batch, {"n": 0}
+    real, calls = module.encode_batch, {"n": 0}
 
     def failing(vae, pixels):
         calls["n"] += 1
@@ -282,13 +282,13 @@ def test_killed_run_resumes_to_the_same_output(prepared, tree, tiny_model, tmp_p
         return real(vae, pixels)
 
     out = tmp_path / "out"
-    monkeypatch.setattr(module, "_encode_batch", failing)
+    monkeypatch.setattr(module, "encode_batch", failing)
     with pytest.raises(RuntimeError, match="injected"):
         prepare(_config(tree, tiny_model, out))
     assert not (out / "manifest.json").exists()
     complete = sorted(p.name for p in out.glob("*.parquet"))
     assert complete and len(complete) < 4  # some units done, not all
-    monkeypatch.setattr(module, "_encode_batch", real)
+    monkeypatch.setattr(module, "encode_batch", real)
     calls["n"] = 0
     prepare(_config(tree, tiny_model, out))
     expected, got = _tables(prepared[0]), _tables(out)

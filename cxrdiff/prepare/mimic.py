@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
 from cxrdiff.artifacts import MANIFEST, StepFolder, atomic_path, write_json, write_text
-from cxrdiff.choices import DataFormat, DicomContrast, TextFallback
 from cxrdiff.config import settings, to_dict
 from cxrdiff.console import log, progress
 from cxrdiff.data import (
@@ -35,7 +32,6 @@ from cxrdiff.data import (
     check_columns,
     files_root,
     find_table,
-    latent_to_bytes,
     parse_id,
     patient_folder,
     read_chexpert,
@@ -44,65 +40,30 @@ from cxrdiff.data import (
     read_split,
 )
 from cxrdiff.errors import InputError
-from cxrdiff.images import ImageRefused, box_to_frame, load_grayscale, load_rgb, resize_center_crop, to_model_input
+from cxrdiff.images import box_to_frame
 from cxrdiff.impressions import SOURCES, read_report, report_path
-from cxrdiff.models import Components, check_model_folder, vae_fingerprint
+from cxrdiff.models import check_model_folder, model_geometry, vae_fingerprint
+from cxrdiff.prepare.config import STEP, PrepareConfig, text_fallbacks
+from cxrdiff.prepare.encode import (
+    SKIPPED_COLUMNS,
+    STATE,
+    Layout,
+    encode_unit,
+    load_base_tokenizer,
+    load_vae,
+    loader_workers,
+    skipped_row,
+)
 from cxrdiff.speed import limit_cpu_threads
 
-STEP = "prepare"
-STATE = ".prepare"  # plan and per-unit skip lists; hidden, not part of the artifact
 MIN_IMPRESSION_CHARS = 8  # the paper keeps impressions longer than 7 characters
-MAX_UPSCALE = 2  # an image whose short side is under half the resolution is skipped ("image too small")
-SKIPPED_COLUMNS = ("part", "dicom_id", "subject_id", "study_id", "reason", "detail", "path")
-
-
-@dataclasses.dataclass(frozen=True)
-class PrepareConfig:
-    # Inputs count by their identity (tables by size and time, the VAE by its fingerprint), not by path.
-    NOT_SETTINGS: ClassVar[tuple[str, ...]] = (
-        "out",
-        "batch_size",
-        "workers",
-        "mimic",
-        "reports",
-        "ms_cxr",
-        "base_model",
-        "format",
-        "coco",
-        "coco_splits",
-        "coco_words",
-        "coco_val_fraction",
-    )
-
-    mimic: Path | None = None
-    reports: Path | None = None
-    ms_cxr: Path | None = None
-    base_model: Path | None = None
-    out: Path | None = None
-    resolution: int | None = None
-    test_size: int = 5000
-    seed: int = 0
-    batch_size: int = 16
-    shard_size: int = 4096
-    exclude_ms_cxr_patients: bool = False
-    test_no_finding_max: float = 0.1  # at most this fraction of the test prompts are "No Finding"
-    workers: int | None = None  # image-decoding processes per accelerate process; None: from the CPU count
-    dicom_contrast: DicomContrast = "mimic-jpg"  # DICOM → 8 bit: MIMIC-CXR-JPG's conversion, or the file's window
-    text_fallback: TextFallback = "none"  # none: a report without an IMPRESSION is dropped (the paper's choice)
-    # --format coco (cxrdiff.prepare_coco): a COCO-layout root instead of MIMIC-CXR. These fields are left out of a
-    # MIMIC run's settings (so its key is as before); a COCO run adds them (see prepare_coco.coco_settings).
-    format: DataFormat = "mimic"
-    coco: Path | None = None  # COCO root: annotations/{captions,instances}_{split}.json and {split}/ images
-    coco_splits: str = "train2017,val2017"  # TRAIN,TEST: the official train split (→ train + val) and the test split
-    coco_words: Path | None = None  # CSV (category, word): synonyms that also name a category in a test caption
-    coco_val_fraction: float = 0.0983  # share of the train split held out for validation (10,702 of 108,871)
 
 
 # --- checks ---------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
-class _Inputs:
+class MimicInputs:
     mimic: Path
     files: Path
     reports: Path
@@ -116,17 +77,8 @@ class _Inputs:
     text_fallback: str = "none"
 
 
-def text_fallbacks(choice: str) -> tuple[str, ...]:
-    """`--text-fallback` → the parser's fallback sources, in its order ("last-paragraph" → "last_paragraph")."""
-    return () if choice == "none" else tuple(part.replace("-", "_") for part in choice.split(","))
-
-
-def check_inputs(config: PrepareConfig) -> _Inputs:
+def check_mimic_inputs(config: PrepareConfig) -> MimicInputs:
     """Every structural fault, before any image, report or weight is read."""
-    if config.format == "coco":
-        from cxrdiff.prepare_coco import check_coco_inputs
-
-        return check_coco_inputs(config)  # type: ignore[return-value]
     if config.coco is not None or config.coco_words is not None:
         raise InputError("--coco/--coco-words: only with --format coco")
     for name in ("mimic", "ms_cxr", "base_model", "out"):
@@ -156,7 +108,7 @@ def check_inputs(config: PrepareConfig) -> _Inputs:
     base_model = check_model_folder(config.base_model)
     resolution, latent_shape, scaling_factor = model_geometry(base_model, config.resolution)
     out = Path(config.out)
-    inputs = _Inputs(
+    inputs = MimicInputs(
         mimic=mimic.absolute(),
         files=files,
         reports=files_root(reports),
@@ -171,27 +123,6 @@ def check_inputs(config: PrepareConfig) -> _Inputs:
     )
     StepFolder.claim(out, STEP, prepare_settings(config, inputs), create=False)  # the kind of folder, early
     return inputs
-
-
-def model_geometry(base_model: Path, resolution: int | None) -> tuple[int, tuple[int, int, int], float]:
-    """(resolution, latent shape, scaling factor) from the folder's configs alone, no weights read."""
-
-    def config(part: str) -> SimpleNamespace:
-        path = base_model / part / "config.json"
-        try:
-            return SimpleNamespace(**json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise InputError(f"{path}: unreadable ({exc})") from None
-
-    vae, unet = config("vae"), config("unet")
-    comps = Components(unet=SimpleNamespace(config=unet), vae=SimpleNamespace(config=vae), text_encoder=None,
-                       tokenizer=None, scheduler=None)  # fmt: skip
-    factor = comps.vae_scale_factor
-    resolution = comps.resolution if resolution is None else int(resolution)
-    if resolution < factor or resolution % factor:
-        raise InputError(f"--resolution {resolution}: must be a positive multiple of the VAE's factor {factor}")
-    latent_shape = (int(vae.latent_channels), resolution // factor, resolution // factor)
-    return resolution, latent_shape, float(getattr(vae, "scaling_factor", 0.18215))
 
 
 # --- plan -----------------------------------------------------------------------------------
@@ -213,20 +144,7 @@ def _threads(fn, items: list, description: str) -> list:
         return list(progress(pool.map(fn, items), total=len(items), description=description))
 
 
-def _skip(part: str, row: Any, reason: str, detail: str = "", path: str = "") -> dict[str, Any]:
-    subject, study = row.get("subject_id", float("nan")), row.get("study_id", float("nan"))
-    return {
-        "part": part,
-        "dicom_id": str(row["dicom_id"] if "dicom_id" in row else row.get("image_id", "")),  # COCO: the image id
-        "subject_id": int(subject) if subject == subject else -1,
-        "study_id": int(study) if study == study else -1,
-        "reason": reason,
-        "detail": detail,
-        "path": path,
-    }
-
-
-def _with_prompts(frame, inputs: _Inputs, part: str, counts: dict, skipped: list):
+def _with_prompts(frame, inputs: MimicInputs, part: str, counts: dict, skipped: list):
     """Attach each row's impression and image file; drop (and count) rows without either."""
     studies = sorted(set(zip(frame["subject_id"], frame["study_id"], strict=True)))
     fallbacks = text_fallbacks(inputs.text_fallback)
@@ -248,18 +166,18 @@ def _with_prompts(frame, inputs: _Inputs, part: str, counts: dict, skipped: list
         report = str(report_path(inputs.reports, row["subject_id"], row["study_id"]))
         if fault is not None:  # missing, or unreadable / undecodable (not text in any encoding it could be)
             counts["missing_report" if fault == "missing report" else "unreadable_report"] += 1
-            skipped.append(_skip(part, row, fault, path=report))
+            skipped.append(skipped_row(part, row, fault, path=report))
         elif source == "none" and not fallbacks:
             counts["no_impression"] += 1  # the paper's filter (impressions only), not a fault: counted, not listed
         elif source == "none":
             counts["no_usable_text"] += 1
-            skipped.append(_skip(part, row, "no usable text", path=report))
+            skipped.append(skipped_row(part, row, "no usable text", path=report))
         elif len(text) < MIN_IMPRESSION_CHARS:
             counts["short_impression"] += 1  # a filter of the paper's, not a fault: counted, not listed
         elif image is None:
             counts["image_not_found"] += 1
             expected = Path(report).with_suffix("") / f"{row['dicom_id']}.jpg"
-            skipped.append(_skip(part, row, "image not found", path=str(expected)))
+            skipped.append(skipped_row(part, row, "image not found", path=str(expected)))
         else:
             keep.append(True)
             impressions.append(text)
@@ -301,7 +219,7 @@ def _sample_test(studies, size: int, no_finding_max: float, seed: int) -> tuple[
     return sample, rule
 
 
-def _ms_cxr_rows(ms, meta, inputs: _Inputs, counts: dict, skipped: list):
+def _ms_cxr_rows(ms, meta, inputs: MimicInputs, counts: dict, skipped: list):
     """One row per image–phrase pair (all of its boxes), with ids from the metadata and the image file."""
     import pandas as pd
 
@@ -345,17 +263,17 @@ def _ms_cxr_rows(ms, meta, inputs: _Inputs, counts: dict, skipped: list):
             or (boxes[:, 1] + boxes[:, 3] > height).any()
         ):
             counts["box_outside_image"] += 1
-            skipped.append(_skip("ms_cxr", row, "box outside image", f"boxes {boxes.tolist()} in {width}x{height}",
-                                 str(inputs.ms_cxr)))  # fmt: skip
+            detail = f"boxes {boxes.tolist()} in {width}x{height}"
+            skipped.append(skipped_row("ms_cxr", row, "box outside image", detail, str(inputs.ms_cxr)))
             continue
         if subject != subject:
             counts["not_in_metadata"] += 1
-            skipped.append(_skip("ms_cxr", row, "dicom_id not in metadata", path=str(inputs.ms_cxr)))
+            skipped.append(skipped_row("ms_cxr", row, "dicom_id not in metadata", path=str(inputs.ms_cxr)))
             continue
         image = _image_file(inputs.files, subject, study, pair["dicom_id"])
         if image is None:
             counts["image_not_found"] += 1
-            skipped.append(_skip("ms_cxr", row, "image not found", path=str(inputs.files)))
+            skipped.append(skipped_row("ms_cxr", row, "image not found", path=str(inputs.files)))
             continue
         rows.append({**row, "image_path": image})
     frame = pd.DataFrame(rows, columns=[*pairs[0].keys(), "subject_id", "study_id", "image_path"] if pairs else None)
@@ -385,7 +303,7 @@ def _mark_truncated(train, test, tokenizer: Any):
     return frames["train"], frames["test"], over
 
 
-def prepare_settings(config: PrepareConfig, inputs: _Inputs) -> dict[str, Any]:
+def prepare_settings(config: PrepareConfig, inputs: MimicInputs) -> dict[str, Any]:
     """What the plan and every unit depend on: settings, input tables (size and mtime) and the VAE."""
     tables = {}
     for name, path in [*inputs.tables.items(), ("ms_cxr", inputs.ms_cxr)]:
@@ -397,7 +315,7 @@ def prepare_settings(config: PrepareConfig, inputs: _Inputs) -> dict[str, Any]:
     )
 
 
-def build_plan(config: PrepareConfig, inputs: _Inputs, tokenizer: Any = None) -> dict[str, Any]:
+def build_plan(config: PrepareConfig, inputs: MimicInputs, tokenizer: Any = None) -> dict[str, Any]:
     """Every row to encode, grouped in units, with the counts at every filter and the plan-time skips."""
     import pandas as pd
 
@@ -487,45 +405,8 @@ def build_plan(config: PrepareConfig, inputs: _Inputs, tokenizer: Any = None) ->
 # --- encode ---------------------------------------------------------------------------------
 
 
-class _ImageSet:
-    """Decode + resize + crop, in DataLoader workers so that JPEG decoding overlaps the VAE. An image that
-    cannot be used comes back as None with the reason (a `skipped.csv` reason) and the detail."""
-
-    def __init__(self, paths: list[str], resolution: int, dicom_contrast: DicomContrast = "mimic-jpg", rgb=False):
-        self.paths, self.resolution, self.dicom_contrast = paths, resolution, dicom_contrast
-        self.rgb = rgb  # COCO: colour kept, (H, W, 3)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[int, np.ndarray | None, int, int, str, str]:
-        path = self.paths[i]
-        try:
-            image = load_rgb(path) if self.rgb else load_grayscale(path, self.dicom_contrast)
-            height, width = image.shape[:2]
-            if min(height, width) * MAX_UPSCALE < self.resolution:
-                raise ImageRefused(path, "image too small", f"{width}x{height} for resolution {self.resolution}")
-            return i, resize_center_crop(image, self.resolution), width, height, "", ""
-        except ImageRefused as exc:
-            return i, None, 0, 0, exc.reason, str(exc)
-        except InputError as exc:
-            return i, None, 0, 0, "unreadable image", str(exc)
-        except Exception as exc:  # a decoder fault in one file must not stop the run
-            return i, None, 0, 0, "unreadable image", f"{path}: {type(exc).__name__}: {exc}"
-
-
-def _encode_batch(vae: Any, pixels: Any) -> tuple[np.ndarray, np.ndarray]:
-    """The VAE posterior's mean and log-variance, before the scaling factor, as float16 arrays."""
-    import torch
-
-    with torch.inference_mode():
-        posterior = vae.encode(pixels).latent_dist
-    mean = posterior.mean.float().cpu().numpy().astype(np.float16)  # (batch, channels, h, w)
-    logvar = posterior.logvar.float().cpu().numpy().astype(np.float16)  # (batch, channels, h, w)
-    return mean, logvar
-
-
-def _schema(unit: str):
+def mimic_schema(unit: str):
+    """The columns of a MIMIC unit: ids, the text and labels (or MS-CXR's phrase and boxes), the latents last."""
     import pyarrow as pa
 
     latent = [("latent_mean", pa.binary()), ("latent_logvar", pa.binary()), ("latent_shape", pa.list_(pa.int32()))]
@@ -560,32 +441,21 @@ def _schema(unit: str):
     )
 
 
-def _table(unit: str, rows, mean: np.ndarray, logvar: np.ndarray, sizes: list[tuple[int, int]], resolution: int,
-           coco: bool = False):  # fmt: skip
-    """A unit's Parquet rows: the plan's columns, the prepared boxes (MS-CXR) and the latents."""
-    import pyarrow as pa
-
-    if coco:
-        from cxrdiff.prepare_coco import coco_schema
-
-    schema = coco_schema(unit) if coco else _schema(unit)
-    data: dict[str, list] = {}
-    for name in schema.names:
-        if name in rows.columns:
-            data[name] = rows[name].tolist()
-    data["latent_mean"] = [latent_to_bytes(m) for m in mean]
-    data["latent_logvar"] = [latent_to_bytes(v) for v in logvar]
-    data["latent_shape"] = [list(m.shape) for m in mean]
-    if unit == "ms_cxr":
-        original = [json.loads(b) for b in rows["boxes_original"]]
-        data["boxes_original"] = original
-        data["boxes"] = [
+def ms_cxr_columns(unit: str, rows, sizes: list[tuple[int, int]], resolution: int) -> dict[str, list]:
+    """MS-CXR's boxes in the prepared frame (given for MS-CXR's image size, rescaled to the file's, then
+    resized and cropped as the image), the original boxes, and MS-CXR's own split."""
+    if unit != "ms_cxr":
+        return {}
+    original = [json.loads(b) for b in rows["boxes_original"]]
+    split = rows["ms_cxr_split"] if "ms_cxr_split" in rows.columns else [None] * len(rows)
+    return {
+        "boxes_original": original,
+        "boxes": [
             [box_to_frame(_rescale(box, row, size), *size, resolution) for box in boxes]
             for boxes, (_, row), size in zip(original, rows.iterrows(), sizes, strict=True)
-        ]
-        split = rows["ms_cxr_split"] if "ms_cxr_split" in rows.columns else [None] * len(rows)
-        data["split"] = [s if isinstance(s, str) else None for s in split]
-    return pa.Table.from_pydict({name: data[name] for name in schema.names}, schema=schema)
+        ],
+        "split": [s if isinstance(s, str) else None for s in split],
+    }
 
 
 def _rescale(box: list[float], row: Any, size: tuple[int, int]) -> tuple[float, float, float, float]:
@@ -594,88 +464,13 @@ def _rescale(box: list[float], row: Any, size: tuple[int, int]) -> tuple[float, 
     return box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy
 
 
-def _encode_unit(
-    acc: Any, vae: Any, rows, unit: str, out: Path, resolution: int, batch_size: int, workers: int,
-    dicom_contrast: DicomContrast = "mimic-jpg", coco: bool = False,
-):  # fmt: skip
-    """Each process encodes its contiguous share of the unit into a part; the main process joins the parts in
-    order into `<unit>.parquet` (its skips first, then the file, both written atomically). `coco`: colour
-    images and the COCO units' columns (cxrdiff.prepare_coco)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import torch
-    from torch.utils.data import DataLoader
-
-    part = "ms_cxr" if unit == "ms_cxr" else unit.split("-")[0]
-    state = out / STATE
-    mine = rows.iloc[np.array_split(np.arange(len(rows)), acc.num_processes)[acc.process_index]]
-    loader = DataLoader(
-        _ImageSet(list(mine["image_path"]), resolution, dicom_contrast, rgb=coco),
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=list,
-        shuffle=False,
-    )
-    batches = progress(loader, total=len(loader), description=f"encode {unit}") if acc.is_main_process else loader
-    tables, skipped = [], []
-    dtype = next(vae.parameters()).dtype
-    for batch in batches:
-        good = [item for item in batch if item[1] is not None]
-        for index, _, _, _, reason, detail in (item for item in batch if item[1] is None):
-            row = mine.iloc[index]
-            skipped.append(_skip(part, row, reason, detail, row["image_path"]))
-        if not good:
-            continue
-        pixels = to_model_input(np.stack([item[1] for item in good]))  # (batch, 3, res, res)
-        mean, logvar = _encode_batch(vae, pixels.to(acc.device, dtype))  # (batch, channels, h, w)
-        sizes = [(item[2], item[3]) for item in good]
-        tables.append(_table(unit, mine.iloc[[item[0] for item in good]], mean, logvar, sizes, resolution, coco))
-    if not tables:
-        from cxrdiff.prepare_coco import coco_schema
-
-        schema = coco_schema(unit) if coco else _schema(unit)
-    table = pa.concat_tables(tables) if tables else schema.empty_table()
-    rank = f"{acc.process_index:03d}"
-    with atomic_path(state / f"{unit}.part-{rank}.parquet") as tmp:
-        pq.write_table(table, tmp)
-    write_json(state / f"{unit}.part-{rank}.skipped.json", skipped)
-    del tables, table
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        parts = [state / f"{unit}.part-{r:03d}.parquet" for r in range(acc.num_processes)]
-        skips = [state / f"{unit}.part-{r:03d}.skipped.json" for r in range(acc.num_processes)]
-        write_json(state / f"{unit}.skipped.json", [s for path in skips for s in json.loads(path.read_text())])
-        with atomic_path(out / f"{unit}.parquet") as tmp:
-            pq.write_table(pa.concat_tables([pq.read_table(p) for p in parts]), tmp)
-        for path in [*parts, *skips]:
-            path.unlink()
-    acc.wait_for_everyone()
-
-
-def _load_vae(base_model: Path, device: Any) -> Any:
-    from diffusers import AutoencoderKL
-
-    try:
-        vae = AutoencoderKL.from_pretrained(base_model / "vae", local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise InputError(f"{base_model / 'vae'}: cannot load the VAE ({str(exc).splitlines()[0]})") from None
-    return vae.eval().requires_grad_(False).to(device)  # float32: the latents are stored as float16 anyway
-
-
-def _load_tokenizer(base_model: Path) -> Any:
-    from cxrdiff.models import load_tokenizer
-
-    try:
-        return load_tokenizer(base_model / "tokenizer")
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{base_model / 'tokenizer'}: cannot load the tokenizer ({exc})") from None
-
-
 # --- the step -------------------------------------------------------------------------------
 
 
-def _plan(config: PrepareConfig, inputs: _Inputs) -> None:
+LAYOUT = Layout(schema=mimic_schema, columns=ms_cxr_columns)
+
+
+def _plan(config: PrepareConfig, inputs: MimicInputs) -> None:
     """Build and save the plan, or keep the one this (claimed, same-settings) folder already has."""
     import pandas as pd
 
@@ -684,30 +479,20 @@ def _plan(config: PrepareConfig, inputs: _Inputs) -> None:
     if saved.is_file() and (state / "plan.parquet").is_file():
         log.info("resuming: %d of the units are complete", len(list(inputs.out.glob("*.parquet"))))
         return
-    plan = build_plan(config, inputs, _load_tokenizer(inputs.base_model))
+    plan = build_plan(config, inputs, load_base_tokenizer(inputs.base_model))
     items = plan.pop("items")
     with atomic_path(state / "plan.parquet") as tmp:
         pd.DataFrame(items).to_parquet(tmp, index=False)
     write_json(saved, plan)
 
 
-def _workers(config: PrepareConfig, processes: int) -> int:
-    if config.workers is not None:
-        return max(0, config.workers)
-    return max(0, min(8, (os.cpu_count() or 1) // processes - 1))
-
-
-def prepare(config: PrepareConfig) -> dict[str, Any]:
-    """Run the step (or resume it); return the counts and paths."""
+def prepare_mimic(config: PrepareConfig) -> dict[str, Any]:
+    """Run `prepare` on MIMIC-CXR (or resume it); return the counts and paths."""
     import pandas as pd
     from accelerate import Accelerator
 
-    if config.format == "coco":
-        from cxrdiff.prepare_coco import prepare_coco
-
-        return prepare_coco(config)
     start = time.perf_counter()
-    inputs = check_inputs(config)
+    inputs = check_mimic_inputs(config)
     acc = Accelerator()
     limit_cpu_threads(acc.device)  # several processes on one CPU box: processes × threads ≤ cores
     folder = StepFolder.claim(inputs.out, STEP, prepare_settings(config, inputs), create=acc.is_main_process)
@@ -725,14 +510,14 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     todo = [unit for unit in plan["units"] if not (inputs.out / f"{unit}.parquet").is_file()]
     encode_start = time.perf_counter()
     if todo:
-        vae = _load_vae(inputs.base_model, acc.device)
-        workers = _workers(config, acc.num_processes)
+        vae = load_vae(inputs.base_model, acc.device)
+        workers = loader_workers(config, acc.num_processes)
         for number, unit in enumerate(todo, 1):
             if acc.is_main_process:
                 log.info("unit %s (%d of %d to do)", unit, number, len(todo))
             rows = items[items["unit"] == unit]
-            _encode_unit(acc, vae, rows, unit, inputs.out, inputs.resolution, config.batch_size, workers,
-                         config.dicom_contrast)  # fmt: skip
+            encode_unit(acc, vae, rows, unit, inputs.out, inputs.resolution, config.batch_size, workers, LAYOUT,
+                        config.dicom_contrast)  # fmt: skip
             if acc.is_main_process:
                 elapsed = time.perf_counter() - encode_start
                 log.info("%s done; about %.0f s left", unit, elapsed / number * (len(todo) - number))
@@ -761,7 +546,7 @@ def _summary(out: Path) -> dict[str, Any]:
 
 
 def _finish(
-    folder: StepFolder, config: PrepareConfig, inputs: _Inputs, plan: dict[str, Any], seconds: float
+    folder: StepFolder, config: PrepareConfig, inputs: MimicInputs, plan: dict[str, Any], seconds: float
 ) -> dict[str, Any]:
     """skipped.csv and the manifest, from the plan and the completed units."""
     import pandas as pd

@@ -6,7 +6,7 @@ validation images; the official val split is the test set. Every caption of a tr
 category (its name or plural, or a `--coco-words` synonym); each holds the first such caption, the word
 matched and the union of the category's instance masks (crowds included, and flagged) in the prepared frame.
 Images are resized and centre-cropped as the X-rays are, in colour. The same check → plan → encode →
-manifest series as `cxrdiff.prepare`, whose unit encoder this reuses.
+manifest series as MIMIC (`cxrdiff.prepare.mimic`), with the shared unit encoder (`encode`).
 """
 
 from __future__ import annotations
@@ -33,12 +33,12 @@ from cxrdiff.coco import (
 from cxrdiff.config import settings, to_dict
 from cxrdiff.console import log
 from cxrdiff.errors import InputError
+from cxrdiff.models import check_model_folder, model_geometry, vae_fingerprint
+from cxrdiff.prepare.config import STEP, PrepareConfig
+from cxrdiff.prepare.encode import SKIPPED_COLUMNS, STATE, Layout, encode_unit, load_vae, loader_workers
+from cxrdiff.speed import limit_cpu_threads
 
-STEP = "prepare"
-STATE = ".prepare"
 SPLIT_FILE = "coco_split.csv"  # image_id, part (train / val / test): the seeded division, recorded
-COCO_MIMIC_ONLY = ("mimic", "reports", "ms_cxr", "test_size", "exclude_ms_cxr_patients", "test_no_finding_max",
-                   "dicom_contrast", "text_fallback")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,11 +52,8 @@ class CocoInputs:
     scaling_factor: float
 
 
-def check_coco_inputs(config: Any) -> CocoInputs:
+def check_coco_inputs(config: PrepareConfig) -> CocoInputs:
     """Every structural fault of a `--format coco` run, before any image or weight is read."""
-    from cxrdiff.models import check_model_folder
-    from cxrdiff.prepare import model_geometry
-
     for name in ("coco", "base_model", "out"):
         if getattr(config, name) is None:
             raise InputError(f"--{name.replace('_', '-')} is required with --format coco")
@@ -82,20 +79,16 @@ def check_coco_inputs(config: Any) -> CocoInputs:
     return inputs
 
 
-def coco_settings(config: Any, inputs: CocoInputs) -> dict[str, Any]:
+def coco_settings(config: PrepareConfig, inputs: CocoInputs) -> dict[str, Any]:
     """The settings of a COCO run: its own fields, the annotation files (size, mtime), words file and VAE."""
-    from cxrdiff.models import vae_fingerprint
-
     files = {}
     for split in inputs.splits:
         for path in split_files(inputs.root, split)[:2]:
             stat = path.stat()
             files[path.name] = [str(path), stat.st_size, stat.st_mtime_ns]
-    mine = settings(config, resolution=inputs.resolution, vae=vae_fingerprint(inputs.base_model), annotations=files,
-                    format="coco", coco=str(inputs.root), coco_splits=list(inputs.splits),
-                    coco_val_fraction=config.coco_val_fraction,
+    return settings(config, resolution=inputs.resolution, vae=vae_fingerprint(inputs.base_model), annotations=files,
+                    coco=str(inputs.root), coco_splits=list(inputs.splits),
                     coco_words=input_identity(config.coco_words) if config.coco_words else None)  # fmt: skip
-    return {k: v for k, v in mine.items() if k not in COCO_MIMIC_ONLY}
 
 
 # --- plan -----------------------------------------------------------------------------------
@@ -205,6 +198,9 @@ def coco_schema(unit: str):
     return pa.schema([("image_id", pa.int64()), ("captions", pa.list_(pa.string())), *image, *latent])
 
 
+LAYOUT = Layout(schema=coco_schema, rgb=True)
+
+
 def _plan(config: Any, inputs: CocoInputs) -> dict[str, Any]:
     """Build and save the plan (one Parquet file per unit), or read the one this folder already has."""
     import pandas as pd
@@ -224,13 +220,10 @@ def _plan(config: Any, inputs: CocoInputs) -> dict[str, Any]:
     return saved
 
 
-def prepare_coco(config: Any) -> dict[str, Any]:
+def prepare_coco(config: PrepareConfig) -> dict[str, Any]:
     """Run `prepare --format coco` (or resume it); return the counts and paths."""
     import pandas as pd
     from accelerate import Accelerator
-
-    from cxrdiff.prepare import _encode_unit, _load_vae, _workers
-    from cxrdiff.speed import limit_cpu_threads
 
     start = time.perf_counter()
     inputs = check_coco_inputs(config)
@@ -247,13 +240,13 @@ def prepare_coco(config: Any) -> dict[str, Any]:
     plan = json.loads((state / "plan.json").read_text())
     todo = [unit for unit in plan["units"] if not (inputs.out / f"{unit}.parquet").is_file()]
     if todo:
-        vae = _load_vae(inputs.base_model, acc.device)
+        vae = load_vae(inputs.base_model, acc.device)
         for unit in todo:
             rows = pd.read_parquet(state / f"plan-{unit}.parquet")
             if "captions_json" in rows.columns:
                 rows = rows.assign(captions=rows["captions_json"].map(json.loads))
-            _encode_unit(acc, vae, rows, unit, inputs.out, inputs.resolution, config.batch_size,
-                         _workers(config, acc.num_processes), coco=True)  # fmt: skip
+            encode_unit(acc, vae, rows, unit, inputs.out, inputs.resolution, config.batch_size,
+                        loader_workers(config, acc.num_processes), LAYOUT)  # fmt: skip
     if not acc.is_main_process:
         return {}
     return _finish(folder, config, inputs, plan) | {"seconds": round(time.perf_counter() - start, 1)}
@@ -263,9 +256,6 @@ def _finish(folder: StepFolder, config: Any, inputs: CocoInputs, plan: dict[str,
     """skipped.csv and the manifest, from the plan and the completed units."""
     import pandas as pd
     import pyarrow.parquet as pq
-
-    from cxrdiff.models import vae_fingerprint
-    from cxrdiff.prepare import SKIPPED_COLUMNS
 
     out, state = inputs.out, inputs.out / STATE
     rows, skipped = {}, []

@@ -1,0 +1,53 @@
+"""What `cxrdiff prepare` is asked for: one config for every data format, whose fields `FORMAT_FIELDS` assigns."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import ClassVar
+
+from cxrdiff.choices import DataFormat, DicomContrast, TextFallback
+
+STEP = "prepare"
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareConfig:
+    """Settings of `cxrdiff prepare`. Inputs count by their identity (tables by size and time, the VAE by its
+    fingerprint, COCO files by theirs), not by path; each format's own fields join only that format's key."""
+
+    NOT_SETTINGS: ClassVar[tuple[str, ...]] = (
+        "out", "batch_size", "workers", "mimic", "reports", "ms_cxr", "base_model", "coco", "coco_words",
+    )  # fmt: skip
+    FORMAT_FIELD: ClassVar[str] = "format"
+    FORMAT_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "mimic": ("test_size", "exclude_ms_cxr_patients", "test_no_finding_max", "dicom_contrast", "text_fallback"),
+        "coco": ("coco_splits", "coco_val_fraction"),
+    }
+
+    mimic: Path | None = None
+    reports: Path | None = None
+    ms_cxr: Path | None = None
+    base_model: Path | None = None
+    out: Path | None = None
+    resolution: int | None = None
+    test_size: int = 5000
+    seed: int = 0
+    batch_size: int = 16
+    shard_size: int = 4096
+    exclude_ms_cxr_patients: bool = False
+    test_no_finding_max: float = 0.1  # at most this fraction of the test prompts are "No Finding"
+    workers: int | None = None  # image-decoding processes per accelerate process; None: from the CPU count
+    dicom_contrast: DicomContrast = "mimic-jpg"  # DICOM → 8 bit: MIMIC-CXR-JPG's conversion, or the file's window
+    text_fallback: TextFallback = "none"  # none: a report without an IMPRESSION is dropped (the paper's choice)
+    # --format coco (cxrdiff.prepare.coco): a COCO-layout root instead of MIMIC-CXR
+    format: DataFormat = "mimic"
+    coco: Path | None = None  # COCO root: annotations/{captions,instances}_{split}.json and {split}/ images
+    coco_splits: str = "train2017,val2017"  # TRAIN,TEST: the official train split (→ train + val) and the test split
+    coco_words: Path | None = None  # CSV (category, word): synonyms that also name a category in a test caption
+    coco_val_fraction: float = 0.0983  # share of the train split held out for validation (10,702 of 108,871)
+
+
+def text_fallbacks(choice: str) -> tuple[str, ...]:
+    """`--text-fallback` → the parser's fallback sources, in its order ("last-paragraph" → "last_paragraph")."""
+    return () if choice == "none" else tuple(part.replace("-", "_") for part in choice.split(","))
