@@ -392,7 +392,7 @@ def test_table_3_is_grounded_per_phrase_when_an_image_class_has_two_phrases(tmp_
 def test_classifier_positives_only_or_any():
     import pandas as pd
 
-    from cxrdiff.report.run import _label_groups
+    from cxrdiff.report.measure import label_groups as _label_groups
 
     nan = float("nan")
     rows = [  # Edema alone; Edema with Pneumonia; No Finding alone; No Finding with Support Devices

@@ -1,10 +1,17 @@
 """`cxrdiff report`: both sides of the trade-off, measured for each run and shown beside the paper's.
 
-`run` orchestrates (make or reuse each run's samples, diversity set and grounding through the steps' own
-folders, then measure fidelity), `render` turns the metrics dict into report.md / report.html, and
-`published` holds the paper's numbers.
+Reads top-down: `entry` hands over by the data format of the prepared folder; `orchestrate` (MIMIC-CXR:
+Tables 1, 3–7) and `coco` (Table 2) make or reuse each run's step folders (`steps`), measure them (`measure`,
+`checkpoints` for the curves over training), and write the page: `render` (the paper's tables and the
+figures) and `page` (headline, verdicts, settings) through `document` (one writer for Markdown and HTML).
+`config` holds what the step is asked for; `published` the paper's numbers.
 """
 
+from cxrdiff.report.config import STEP, ReportConfig
+from cxrdiff.report.document import Page, Table
+from cxrdiff.report.entry import report
+from cxrdiff.report.measure import classifier_key, measure_real, measure_run
+from cxrdiff.report.orchestrate import Checked, check_inputs
 from cxrdiff.report.published import (
     CLASSIFIER_ORDER,
     PAPER,
@@ -15,21 +22,12 @@ from cxrdiff.report.published import (
     PUBLISHED_LOCALIZATION,
     PUBLISHED_TEXT_SOURCE,
 )
-from cxrdiff.report.render import Table, grounding_figure, render, tables, tradeoff_figure
-from cxrdiff.report.run import (
-    STEP,
-    Checked,
-    ReportConfig,
-    check_inputs,
-    classifier_key,
-    measure_real,
-    measure_run,
-    report,
-)
+from cxrdiff.report.render import grounding_figure, render, tables, tradeoff_figure
 
 __all__ = [
     "CLASSIFIER_ORDER",
     "PAPER",
+    "Page",
     "PROTOCOL",
     "PUBLISHED_CLASSIFIER",
     "PUBLISHED_CNR_METHODS",

@@ -19,16 +19,15 @@ from typing import Any
 from cxrdiff.artifacts import MANIFEST, OtherSettings, input_identity, read_manifest, settings_key
 from cxrdiff.console import log
 from cxrdiff.errors import InputError
-from cxrdiff.report.run import (
-    ReportConfig,
-    Steps,
-    _cached,
-    _image_path,
-    _image_size,
-    _read_table,
-    _run_step,
+from cxrdiff.report.config import ReportConfig, Steps
+from cxrdiff.report.steps import (
+    cached,
     grounding_only,
     grounding_settings,
+    image_path,
+    image_size,
+    read_table,
+    run_step,
 )
 
 
@@ -127,10 +126,10 @@ def _checkpoint_point(
     )
     ground = ground_config(out=folder / "ground", **grounding_settings(config, model, real))
     made: list[str] = []
-    samples_dir = _run_step("samples", sample_fn, samples, made)
-    ground_dir = _run_step("ground", ground_fn, ground, made)
+    samples_dir = run_step("samples", sample_fn, samples, made)
+    ground_dir = run_step("ground", ground_fn, ground, made)
     key = settings_key({**metric, "samples": input_identity(samples_dir), "real": input_identity(real)})
-    measured, fresh = _cached(
+    measured, fresh = cached(
         folder / "metrics.json", key, lambda: {"fidelity": fidelity(config, samples_dir, real, classifier)}
     )
     done += [f"{m} {step}" for m in made] + ([f"metrics {step}"] if fresh else [])
@@ -143,11 +142,11 @@ def fidelity(config: ReportConfig, samples: Path, real: Path, classifier: Any) -
     feature distance), so a checkpoint's point and its run's are the same measure; None when none is on."""
     from cxrdiff.metrics import fid
 
-    table = _read_table(samples / "samples.parquet")
+    table = read_table(samples / "samples.parquet")
     fake = [samples / f for f in table["file"]]
-    size = _image_size(fake[0])
-    test = _read_table(real / "test.parquet").head(config.n_fid)
-    real_paths = [_image_path(p, real) for p in test["image_path"]]
+    size = image_size(fake[0])
+    test = read_table(real / "test.parquet").head(config.n_fid)
+    real_paths = [image_path(p, real) for p in test["image_path"]]
     cache = Path(config.out) / ".fidelity_cache"
     kwargs = dict(random_features=config.random_features, size=size, cache_root=cache, device=config.device)
     if config.fid:

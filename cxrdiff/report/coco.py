@@ -10,7 +10,6 @@ keys, so a later report reuses them. The published Table 2 stands beside the mea
 
 from __future__ import annotations
 
-import html
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,26 +20,16 @@ import numpy as np
 from cxrdiff.artifacts import MANIFEST, StepFolder, input_identity, read_manifest, settings_key, write_json, write_text
 from cxrdiff.config import settings, to_dict
 from cxrdiff.errors import InputError
+from cxrdiff.report.checkpoints import selected
+from cxrdiff.report.config import STEP, ReportConfig, Steps
+from cxrdiff.report.document import Page, Table, html, markdown
 from cxrdiff.report.published import PUBLISHED_TABLE2
+from cxrdiff.report.steps import cached, default_steps, recorded_real, run_kind, run_names, run_step
 
-STEP = "report"
 THUMBNAIL = 8  # the fidelity proxy without Inception weights: FD on 8×8 grey thumbnails (64 features)
 
 
-def coco_real(config: Any) -> Path | None:
-    """The COCO prepared folder this report reads (--real, else the one the runs were trained on), or None."""
-    candidates = [Path(config.real)] if config.real is not None else []
-    for run in config.runs:
-        if config.real is None and (Path(run) / MANIFEST).is_file():
-            data = json.loads((Path(run) / MANIFEST).read_text()).get("inputs", {}).get("data", {}).get("path")
-            candidates += [Path(data)] if data else []
-    for folder in candidates[:1]:
-        if (folder / MANIFEST).is_file() and json.loads((folder / MANIFEST).read_text()).get("format") == "coco":
-            return folder
-    return None
-
-
-def _models(config: Any, name: str, run: Path) -> list[tuple[int, str, Path]]:
+def _models(config: ReportConfig, name: str, run: Path) -> list[tuple[int, str, Path]]:
     """(step, text encoder, model folder) to measure: a base model is step 0; a fine-tune its final model
     and, with --checkpoints, its other kept checkpoints (exported under the report folder)."""
     if not (run / MANIFEST).is_file():
@@ -50,7 +39,6 @@ def _models(config: Any, name: str, run: Path) -> list[tuple[int, str, Path]]:
     models = [(final, kind, run)]
     if config.checkpoints and manifest.get("step") == "finetune":
         from cxrdiff.finetune import export_checkpoint
-        from cxrdiff.report.checkpoints import selected
 
         for step, _ in selected(run, config.checkpoint_every):
             if step != final:
@@ -72,7 +60,7 @@ def _grey_real(real: Path, n: int, size: int) -> np.ndarray:
     return np.round(np.stack(frames)).astype(np.uint8)  # (n, size, size)
 
 
-def _fidelity(config: Any, samples: Path, real: Path) -> dict[str, Any]:
+def _fidelity(config: ReportConfig, samples: Path, real: Path) -> dict[str, Any]:
     """FID (InceptionV3 weights given or cached), else a Fréchet distance on 8×8 thumbnails, named as such."""
     import pandas as pd
     import torch
@@ -97,49 +85,47 @@ def _fidelity(config: Any, samples: Path, real: Path) -> dict[str, Any]:
     ).as_dict()
 
 
-def _measure(config: Any, real: Path, folder: Path, model: Path, steps: Mapping[str, Any]) -> dict[str, Any]:
+def _measure(config: ReportConfig, real: Path, folder: Path, model: Path, steps: Mapping[str, Any]) -> dict[str, Any]:
     """One model: samples from the test captions, grounding on coco_test.parquet, fidelity (cached by key)."""
-    from cxrdiff.report.run import _cached, _run_step
-
     sample_fn, sample_config = steps["sample"]
     ground_fn, ground_config = steps["ground"]
     done: list[str] = []
-    samples = _run_step("samples", sample_fn, sample_config(
+    samples = run_step("samples", sample_fn, sample_config(
         out=folder / "samples", model=model, prompts=real / "test.parquet", prompt_column="caption", n_per_prompt=1,
         limit=config.n_fid, steps=config.sample_steps, guidance=config.guidance, scheduler=config.scheduler,
         seed=config.seed, batch_size=config.batch_size), done)  # fmt: skip
-    ground = _run_step("ground", ground_fn, ground_config(
+    ground = run_step("ground", ground_fn, ground_config(
         out=folder / "ground", model=model, data=real / "coco_test.parquet", steps=config.ground_steps,
         window=config.ground_window, seed=config.seed, limit=config.ground_limit, batch_size=config.batch_size),
         done)  # fmt: skip
     key = settings_key({"samples": input_identity(samples), "real": input_identity(real), "n_fid": config.n_fid,
                         "inception_weights": str(config.inception_weights)})  # fmt: skip
-    fidelity, _ = _cached(folder / "metrics.json", key, lambda: {"fidelity": _fidelity(config, samples, real)})
+    fidelity, _ = cached(folder / "metrics.json", key, lambda: {"fidelity": _fidelity(config, samples, real)})
     summary = json.loads((ground / "summary.json").read_text())
     return {"fidelity": fidelity["fidelity"], "grounding": summary.get("average"), "classes": summary.get("classes"),
             "recomputed": done}  # fmt: skip
 
 
-def report_coco(config: Any, real: Path, steps: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Table 2 for COCO data: every run (and checkpoint) measured, then metrics.json, report.md, report.html."""
-    from cxrdiff.report.run import _default_steps, _names, _run_kind
-
+def report_coco(config: ReportConfig, classifier: Any = None, steps: Steps | None = None) -> dict[str, Any]:
+    """Table 2 for COCO data: every run (and checkpoint) measured, then metrics.json, report.md, report.html.
+    No classifier check on COCO (`classifier` is not used)."""
+    real = recorded_real(config)
     if not config.runs:
         raise InputError("report: give at least one RUN folder (a finetune output or a base model folder)")
     if config.out is None:
         raise InputError("--out: required (the report folder)")
     for name in ("test.parquet", "coco_test.parquet"):
-        if not (real / name).is_file():
+        if real is None or not (real / name).is_file():
             raise InputError(f"--real {real}: no {name} (expected a `prepare --format coco` output folder)")
     for run in config.runs:
-        _run_kind(Path(run))
+        run_kind(Path(run))
     wanted = settings(config, runs=[input_identity(r) for r in config.runs], real=input_identity(real),
                       inception_weights=input_identity(config.inception_weights) if config.inception_weights else None,
                       format="coco")  # fmt: skip
     folder = StepFolder.claim(Path(config.out), STEP, wanted, take_over=True)
-    steps = dict(steps or _default_steps())
+    steps = dict(steps or default_steps())
     rows, recomputed = [], {}
-    for name, run in zip(_names(config), config.runs, strict=True):
+    for name, run in zip(run_names(config), config.runs, strict=True):
         done = []
         for step, kind, model in _models(config, name, Path(run)):
             sub = Path(config.out) / "runs" / name / (f"step-{step:07d}" if model != Path(run) else "")
@@ -151,9 +137,9 @@ def report_coco(config: Any, real: Path, steps: Mapping[str, Any] | None = None)
                "settings": to_dict(config)}  # fmt: skip
     out = Path(config.out)
     write_json(out / "metrics.json", metrics)
-    markdown = table2_markdown(rows)
-    write_text(out / "report.md", markdown)
-    write_text(out / "report.html", _html(markdown))
+    page = table2_page(rows)
+    write_text(out / "report.md", markdown(page))
+    write_text(out / "report.html", html(page))
     folder.finish(config=to_dict(config), inputs={"real": real}, seed=config.seed,
                   files=["metrics.json", "report.md", "report.html"])  # fmt: skip
     return {"out": str(out), "report": str(out / "report.html"), "recomputed": recomputed}
@@ -163,53 +149,41 @@ def _percent(value: Any) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
 
-def table2_markdown(rows: list[dict[str, Any]]) -> str:
-    """Table 2 (measured, then the paper's) and the per-category AUC-ROC, as Markdown."""
-    lines = ["# cxrdiff report: MS-COCO-style in-domain fine-tuning", "", "## Table 2: fidelity and object "
-             "segmentation AUC-ROC (%), per checkpoint", "",
-             "| run | text encoder | step | fidelity | value | AUC-ROC % | Top-1 % | CNR | pairs |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+PROTOCOL_COCO = (
+    "Fidelity is FID when InceptionV3 weights are available, else a Fréchet distance on small grey thumbnails "
+    "(named so; not comparable with any FID). Images are compared in grey, the mean of RGB, as `cxrdiff sample` "
+    "writes them. AUC-ROC: the map of the caption's word that names the category against the union of its "
+    "instance masks (crowds included)."
+)
+
+
+def table2_page(rows: list[dict[str, Any]]) -> Page:
+    """Table 2 (measured, then the paper's) and the per-category AUC-ROC, as one page."""
+    measured = []
     for r in rows:
         f, g = r["fidelity"] or {}, r["grounding"] or {}
         mean = {m: (g.get(m) or {}).get("mean") for m in ("auc_roc", "top1", "cnr")}
         cnr = "–" if mean["cnr"] is None else f"{mean['cnr']:.2f}"
         value = "–" if f.get("value") is None else f"{f['value']:.1f}"
-        lines.append(f"| {r['run']} | {r['text_encoder']} | {r['step']} | {f.get('name', '–')} | {value} | "
-                     f"{_percent(mean['auc_roc'])} | {_percent(mean['top1'])} | {cnr} | {g.get('n', 0)} |")  # fmt: skip
-    lines += ["", "Published (the paper's Table 2: SD2 on MS-COCO, batch 16, FID on the test images):", "",
-              "| model | steps | FID | AUC-ROC % |", "|---|---|---|---|"]  # fmt: skip
-    lines += [f"| {p['model']} | {p['steps']} | {p['fid']} | {p['auc_roc']} |" for p in PUBLISHED_TABLE2]
+        measured.append([str(r["run"]), str(r["text_encoder"]), str(r["step"]), str(f.get("name", "–")), value,
+                         _percent(mean["auc_roc"]), _percent(mean["top1"]), cnr, str(g.get("n", 0))])  # fmt: skip
+    headers = ["run", "text encoder", "step", "fidelity", "value", "AUC-ROC %", "Top-1 %", "CNR", "pairs"]
+    tables = [
+        Table("Measured", headers, measured),
+        Table(
+            "Published (the paper's Table 2: SD2 on MS-COCO, batch 16, FID on the test images)",
+            ["model", "steps", "FID", "AUC-ROC %"],
+            [[str(p["model"]), str(p["steps"]), str(p["fid"]), str(p["auc_roc"])] for p in PUBLISHED_TABLE2],
+        ),
+    ]
+    sections = [("Table 2: fidelity and object segmentation AUC-ROC (%), per checkpoint", [], tables)]
     categories = sorted({c for r in rows for c in (r.get("classes") or {})})
     if categories:
-        lines += ["", "## AUC-ROC % per category", "", "| run | step | " + " | ".join(categories) + " |",
-                  "|---|---|" + "---|" * len(categories)]  # fmt: skip
-        for r in rows:
-            cells = [
-                _percent(((r.get("classes") or {}).get(c) or {}).get("auc_roc", {}).get("mean")) for c in categories
-            ]
-            lines.append(f"| {r['run']} | {r['step']} | " + " | ".join(cells) + " |")
-    lines += ["", "Fidelity is FID when InceptionV3 weights are available, else a Fréchet distance on small grey "
-              "thumbnails (named so; not comparable with any FID). Images are compared in grey, the mean of RGB, "
-              "as `cxrdiff sample` writes them. AUC-ROC: the map of the caption's word that names the category "
-              "against the union of its instance masks (crowds included).", ""]  # fmt: skip
-    return "\n".join(lines)
-
-
-def _html(markdown: str) -> str:
-    """The Markdown as a plain HTML page (tables as tables), with no extra dependency."""
-    body, table = [], []
-    for line in [*markdown.splitlines(), ""]:
-        if line.startswith("|"):
-            if not set(line) <= set("|-"):
-                table.append("".join(f"<td>{html.escape(c.strip())}</td>" for c in line.strip("|").split("|")))
-            continue
-        if table:
-            body.append("<table>" + "".join(f"<tr>{row}</tr>" for row in table) + "</table>")
-            table = []
-        if line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            body.append(f"<h{level}>{html.escape(line.lstrip('# '))}</h{level}>")
-        elif line:
-            body.append(f"<p>{html.escape(line)}</p>")
-    style = "table{border-collapse:collapse}td{border:1px solid #bbb;padding:2px 6px}"
-    return f"<!doctype html><meta charset='utf-8'><style>{style}</style>" + "\n".join(body)
+        cells = [
+            [str(r["run"]), str(r["step"])]
+            + [_percent(((r.get("classes") or {}).get(c) or {}).get("auc_roc", {}).get("mean")) for c in categories]
+            for r in rows
+        ]
+        sections.append(("AUC-ROC % per category", [], [Table("By category", ["run", "step", *categories], cells)]))
+    return Page(title="cxrdiff report: MS-COCO-style in-domain fine-tuning", sections=sections,
+                protocol=[PROTOCOL_COCO])  # fmt: skip

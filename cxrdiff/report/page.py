@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from cxrdiff.metrics.score import Score
+from cxrdiff.report.document import Table
 from cxrdiff.report.published import PAPER, PUBLISHED_FIDELITY, PUBLISHED_LOCALIZATION, PUBLISHED_TEXT_SOURCE
-from cxrdiff.report.render import Table
+from cxrdiff.report.text_source import source_name
 
 PUBLISHED_OF = {"frozen": "Finetune_F", "learnable": "Finetune_L", "base model": "SDv2"}
 PUBLISHED_STEPS = {"Finetune_F": 30_000, "Finetune_L": 60_000}  # the paper's training lengths
@@ -131,14 +132,12 @@ def _fidelity_words(model: Mapping[str, Any], paper: str | None) -> str:
 def _other_text_line(model: Mapping[str, Any]) -> str:
     """A model trained on another text than impressions, set against the paper's Table 7: its CNR on the
     phrases that contain their label, the measure the paper gives for such models."""
-    from cxrdiff.report.render import _source_name
-
     source = model["source"]
-    name = "synthetic impressions" if source.startswith("file:") else _source_name(source)
+    name = "synthetic impressions" if source.startswith("file:") else source_name(source)
     published = PUBLISHED_TEXT_SOURCE.get(name)
     paper = None if published is None else published[0 if model["kind"] == "learnable" else 1]
     trainings = f", {model['trainings']} trainings" if model["trainings"] > 1 else ""
-    who = f"**{model['name']}** (text encoder {model['kind']}, trained on {_source_name(source)}{trainings}"
+    who = f"**{model['name']}** (text encoder {model['kind']}, trained on {source_name(source)}{trainings}"
     who += "; the paper's Table 7)" if paper is not None else ")"
     return (
         f"{who}: CNR on the phrases that contain their label {_against(model.get('text_cnr'), paper, 2)}; "

@@ -6,13 +6,9 @@ Pure so that it can be tested (and re-run on a saved metrics.json) without any m
 
 from __future__ import annotations
 
-import base64
-import dataclasses
-import html
 import io
 import json
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +18,8 @@ import numpy as np
 from cxrdiff.artifacts import write_bytes, write_json, write_text
 from cxrdiff.data import MS_CXR_CATEGORIES
 from cxrdiff.metrics.score import UNTRAINED_LABEL, Score
+from cxrdiff.report import page
+from cxrdiff.report.document import Page, Table, html, markdown
 from cxrdiff.report.published import (
     CLASSIFIER_ORDER,
     PAPER,
@@ -37,6 +35,7 @@ from cxrdiff.report.published import (
     PUBLISHED_WORDS,
     WORDS_MIN_COUNT,
 )
+from cxrdiff.report.text_source import source_name
 
 
 def _fmt(value: Any, digits: int = 1) -> str:
@@ -56,36 +55,6 @@ def _mean(entry: Any, scale: float = 1.0, digits: int = 1) -> str:
     mean, std = entry.get("mean"), entry.get("std")
     text = _fmt(None if mean is None else mean * scale, digits)
     return text + (f" ± {std * scale:.{digits}f}" if std else "")
-
-
-def _md(text: str) -> str:
-    return text.replace("<", "&lt;")
-
-
-@dataclasses.dataclass
-class Table:
-    title: str
-    headers: list[str]
-    rows: list[list[str]]
-    note: str = ""
-    kind: str = "measured"  # "settings": what was run, no published counterpart
-
-    def markdown(self) -> str:
-        """GitHub-flavoured Markdown; `<` escaped, since GitHub drops what looks like an HTML tag (`<EOS>`)."""
-        lines = [f"### {_md(self.title)}", ""]
-        lines.append("| " + " | ".join(_md(h) for h in self.headers) + " |")
-        lines.append("|" + "---|" * len(self.headers))
-        lines += ["| " + " | ".join(_md(c).replace("|", "/") for c in row) + " |" for row in self.rows]
-        if self.note:
-            lines += ["", f"*{_md(self.note)}*"]
-        return "\n".join(lines) + "\n"
-
-    def html(self) -> str:
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in self.headers)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in self.rows)
-        note = f'<p class="note">{html.escape(self.note)}</p>' if self.note else ""
-        table = f'<table class="{self.kind}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-        return f"<h3>{html.escape(self.title)}</h3>{table}{note}"
 
 
 def _score_cell(entry: Mapping[str, Any] | None, digits: int = 1) -> str:
@@ -360,15 +329,6 @@ def _fidelity_sources_table(metrics: Mapping[str, Any]) -> Table | None:
     return Table("Fidelity and diversity by prompt source (Table 4, both columns)", headers, rows, note)
 
 
-TEXT_SOURCE_NAMES = {"impression": "impressions", "labels": "class labels"}
-
-
-def _source_name(source: str | None) -> str:
-    if source and source.startswith("file:"):
-        return f"synthetic impressions ({Path(source[5:]).name})"
-    return TEXT_SOURCE_NAMES.get(source or "", str(source))
-
-
 def _text_source_measured_table(metrics: Mapping[str, Any]) -> Table | None:
     """Table 7 measured: CNR on the phrases that contain their label, per training text and text encoder."""
     groups = {g: v for g, v in (metrics.get("groups") or {}).items() if v.get("setting", {}).get("text_encoder")}
@@ -377,7 +337,7 @@ def _text_source_measured_table(metrics: Mapping[str, Any]) -> Table | None:
     cells: dict[str, dict[str, list[str]]] = {}
     for g, v in groups.items():
         t = v.get("text_source") or {}
-        source, encoder = _source_name(t.get("source")), v["setting"]["text_encoder"]
+        source, encoder = source_name(t.get("source")), v["setting"]["text_encoder"]
         text = f"{_over(t.get('cnr'))} ({_group_label(g, v)}, {t.get('phrases') or 0} phrases)"
         cells.setdefault(source, {}).setdefault(encoder, []).append(text)
     rows = [[s, "; ".join(c.get("learnable", ["—"])), "; ".join(c.get("frozen", ["—"]))] for s, c in cells.items()]
@@ -608,8 +568,6 @@ def _untrained(metrics: Mapping[str, Any]) -> bool:
 def render(metrics: Mapping[str, Any], out: str | os.PathLike) -> list[Path]:
     """Write metrics.json, report.md and a self-contained report.html (and the figures' PNGs) from the
     metrics dict; returns the files written."""
-    from cxrdiff.report import page
-
     out = Path(out)
     tabs = tables(metrics)
     over_training = page.checkpoint_table(metrics)
@@ -628,6 +586,8 @@ def render(metrics: Mapping[str, Any], out: str | os.PathLike) -> list[Path]:
         write_bytes(out / f"{name}.png", png)
     lines, summary = page.headline(metrics)
     doc = Page(
+        title=TITLE,
+        sources=SOURCES,
         banner=(
             f"**Warning: some Fréchet distances use randomly initialised networks ({UNTRAINED_LABEL}).**"
             if _untrained(metrics)
@@ -640,8 +600,8 @@ def render(metrics: Mapping[str, Any], out: str | os.PathLike) -> list[Path]:
         settings=page.settings_tables(metrics),
         protocol=[*PROTOCOL, *page.conventions(metrics)],
     )
-    write_text(out / "report.md", _markdown(doc))
-    write_text(out / "report.html", _html(doc))
+    write_text(out / "report.md", markdown(doc))
+    write_text(out / "report.html", html(doc))
     return [out / "metrics.json", out / "report.md", out / "report.html"] + [out / f"{n}.png" for n in figures]
 
 
@@ -652,74 +612,3 @@ FID_NOT_COMPARABLE = (
 )
 TITLE = "cxrdiff report: accuracy vs interpretability"
 SOURCES = f"Published numbers are from {PAPER}, labelled with their table; all others were measured here."
-STYLE = (
-    "body{font-family:sans-serif;max-width:1200px;margin:2em auto;line-height:1.4}"
-    "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #999;padding:3px 6px;font-size:13px}"
-    "th{background:#eee}.note{color:#555;font-size:12px}.warn{background:#fdd;padding:6px;font-weight:bold}"
-    "img{max-width:100%}figure{margin:1em 0}figcaption{color:#555;font-size:12px}.headline li{margin:.3em 0}"
-    "table.settings td{font-size:12px}"
-)
-
-
-@dataclasses.dataclass
-class Page:
-    """Everything on the page, in reading order: banner, headline (words, then its table and the trade-off
-    figure), the sections (each with its figures beside its tables), the settings tables, the protocol."""
-
-    banner: str
-    headline: list[str]
-    summary: Table
-    figures: Mapping[str, tuple[bytes, str]]  # name → (PNG, caption)
-    sections: list[tuple[str, list[str], list[Table]]]
-    settings: list[Table]
-    protocol: list[str]
-
-
-def _markdown(doc: Page) -> str:
-    """report.md, one page that renders on GitHub: figures as relative links to the PNG files beside it."""
-
-    def figure(name: str) -> list[str]:
-        return [f"![{name}]({name}.png)", "", f"*Figure ({name}): {doc.figures[name][1]}*", ""]
-
-    md = [f"# {TITLE}", ""] + ([doc.banner, ""] if doc.banner else []) + ["## Headline", ""]
-    md += [f"- {line}" for line in doc.headline] + ["", doc.summary.markdown()]
-    md += figure("trade-off") if "trade-off" in doc.figures else []
-    for heading, figures, tabs in doc.sections:
-        md += [f"## {heading}", ""]
-        for name in figures:
-            md += figure(name)
-        md += [t.markdown() for t in tabs]
-    md += ["## Runs and settings", ""] + [t.markdown() for t in doc.settings]
-    md += ["## Protocol", "", SOURCES, ""] + [f"- {p}" for p in doc.protocol]
-    return "\n".join(md) + "\n"
-
-
-def _strong(text: str) -> str:
-    """Escaped text with Markdown's **bold** as <strong>."""
-    return re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", html.escape(text))
-
-
-def _html(doc: Page) -> str:
-    """report.html: one file, the same page as report.md, figures inlined, nothing fetched from the network."""
-
-    def figure(name: str) -> str:
-        png, caption = doc.figures[name]
-        data = base64.b64encode(png).decode()
-        return (
-            f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{data}">'
-            f"<figcaption>Figure ({html.escape(name)}): {html.escape(caption)}</figcaption></figure>"
-        )
-
-    body = [f"<h1>{html.escape(TITLE)}</h1>"]
-    if doc.banner:
-        body.append(f'<p class="warn">{html.escape(doc.banner.strip("*"))}</p>')
-    body.append('<h2>Headline</h2><ul class="headline">' + "".join(f"<li>{_strong(x)}</li>" for x in doc.headline))
-    body.append("</ul>" + doc.summary.html() + (figure("trade-off") if "trade-off" in doc.figures else ""))
-    for heading, figures, tabs in doc.sections:
-        body.append(f"<h2>{html.escape(heading)}</h2>" + "".join(figure(n) for n in figures))
-        body += [t.html() for t in tabs]
-    body.append("<h2>Runs and settings</h2>" + "".join(t.html() for t in doc.settings))
-    body.append(f"<h2>Protocol</h2><p>{html.escape(SOURCES)}</p><ul>")
-    body.append("".join(f"<li>{html.escape(p)}</li>" for p in doc.protocol) + "</ul>")
-    head = f'<meta charset="utf-8"><title>cxrdiff report</title><style>{STYLE}</style>'
-    return f"<!DOCTYPE html><html><head>{head}</head><body>{''.join(body)}</body></html>"

@@ -40,3 +40,13 @@ def text_source_of(ground_dir: Path, source: str | None) -> dict[str, Any]:
     if not {"phrase", "category", "cnr"} <= set(scores.columns):
         return {}
     return {"source": source, **text_source_cnr(scores)}
+
+
+TEXT_SOURCE_NAMES = {"impression": "impressions", "labels": "class labels"}
+
+
+def source_name(source: str | None) -> str:
+    """What a run was trained on, in words (impressions, class labels, synthetic impressions (FILE))."""
+    if source and source.startswith("file:"):
+        return f"synthetic impressions ({Path(source[5:]).name})"
+    return TEXT_SOURCE_NAMES.get(source or "", str(source))

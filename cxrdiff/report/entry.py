@@ -1,0 +1,29 @@
+"""The `cxrdiff report` step: find the prepared folder the runs are measured against, and hand over to the report
+of its data format (`formats.data_format`): MIMIC-CXR's tables (`orchestrate`) or COCO's Table 2 (`coco`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from cxrdiff.formats import data_format
+from cxrdiff.report.coco import report_coco
+from cxrdiff.report.config import ReportConfig, Steps
+from cxrdiff.report.orchestrate import report_mimic
+from cxrdiff.report.steps import recorded_real
+
+REPORTS: dict[str, Callable[[ReportConfig, Any, Steps | None], dict[str, Any]]] = {
+    "mimic": report_mimic,
+    "coco": report_coco,
+}
+
+
+def report(config: ReportConfig, classifier: Any = None, steps: Steps | None = None) -> dict[str, Any]:
+    """Run what is missing for each run, measure, and write metrics.json, report.md, report.html.
+
+    `classifier`: an object with name, classes, scores(images) [and features(x), cache_key], used instead
+    of torchxrayvision's. `steps` maps "sample" / "ground" to (function, config class); by default
+    `cxrdiff.sample` and `cxrdiff.ground` (tests pass stand-ins).
+    """
+    real = recorded_real(config)
+    return REPORTS[data_format(real)](config, classifier, steps)
