@@ -71,14 +71,14 @@ def stage_finetune_step(work: Path, args: argparse.Namespace) -> dict:
         fused_adamw=True,
     )
     inputs = ft.check_inputs(config)
-    accelerator, _ = ft._start_accelerator(inputs.config)
-    per_device, accum = ft._plan_batch(accelerator, inputs.config)
-    run = ft._load_run(inputs.config, inputs.model_dir, accelerator, per_device, accum)
+    accelerator, _ = ft.start_accelerator(inputs.config)
+    per_device, accum = ft.plan_batch(accelerator, inputs.config)
+    run = ft.load_run(inputs.config, inputs.model_dir, accelerator, per_device, accum)
     start = time.perf_counter()
-    with ft._StopFlag() as stop:
-        stats = ft._accumulate(run, 0, stop)
-        ft._optimizer_step(run)
-    return {"loss": round(float(stats[0]), 4), "step_seconds": round(time.perf_counter() - start, 1)}
+    with ft.StopFlag() as stop:
+        stats = ft.accumulate(run, 0, stop)
+        ft.optimizer_step(run)
+    return {"loss": round(stats.loss, 4), "step_seconds": round(time.perf_counter() - start, 1)}
 
 
 def stage_ground(work: Path, args: argparse.Namespace) -> dict:

@@ -121,16 +121,16 @@ def train_row(work: Path, model: Path, batch: int, checkpointing: bool, compile:
     torch._dynamo.reset()
     _reset_peak()
     inputs = ft.check_inputs(config)
-    accelerator, _ = ft._start_accelerator(inputs.config)
-    run = ft._load_run(inputs.config, inputs.model_dir, accelerator, batch, 1)
-    with ft._StopFlag() as stop:
+    accelerator, _ = ft.start_accelerator(inputs.config)
+    run = ft.load_run(inputs.config, inputs.model_dir, accelerator, batch, 1)
+    with ft.StopFlag() as stop:
         start = time.perf_counter()
         for step in range(args.warmup + args.steps):
             if step == args.warmup:
                 _sync()
                 warm, start = time.perf_counter() - start, time.perf_counter()
-            ft._accumulate(run, step, stop)
-            ft._optimizer_step(run)
+            ft.accumulate(run, step, stop)
+            ft.optimizer_step(run)
         _sync()
         seconds = time.perf_counter() - start
     row = {

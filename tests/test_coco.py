@@ -279,7 +279,8 @@ def test_chain_phantom_prepare_finetune_ground_report(coco_prepared, tiny_model,
     markdown = (out / "report.md").read_text()
     assert "## Table 2" in markdown and "| SDv2 (pretrained) | 0 | 26.1 | 91.8 |" in markdown
     assert "FD (8×8 grey thumbnails)" in markdown and "FID |" not in markdown.split("Published")[0]
-    assert result["report"] == str(out / "report.html") and "<table class=\"measured\">" in (out / "report.html").read_text()
+    assert result["report"] == str(out / "report.html")
+    assert '<table class="measured">' in (out / "report.html").read_text()
     ground = out / "runs" / "frozen" / "ground"
     scores = pd.read_parquet(ground / "scores.parquet")
     final = metrics["table2"][-1]

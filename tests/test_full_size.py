@@ -86,13 +86,13 @@ def test_a_fine_tuning_step_at_full_architecture(sd2_small, prepared, tmp_path):
         gradient_checkpointing=True,
     )  # fmt: skip
     inputs = ft.check_inputs(config)
-    accelerator, _ = ft._start_accelerator(inputs.config)
-    run = ft._load_run(inputs.config, inputs.model_dir, accelerator, 1, 1)
-    with ft._StopFlag() as stop:
-        stats = ft._accumulate(run, 0, stop)
+    accelerator, _ = ft.start_accelerator(inputs.config)
+    run = ft.load_run(inputs.config, inputs.model_dir, accelerator, 1, 1)
+    with ft.StopFlag() as stop:
+        stats = ft.accumulate(run, 0, stop)
     unet = accelerator.unwrap_model(run.model).unet
     assert unet.is_gradient_checkpointing
-    assert np.isfinite(stats[0].item()) and 0.1 < stats[0].item() < 10  # MSE of a random model on unit noise
+    assert np.isfinite(stats.loss) and 0.1 < stats.loss < 10  # MSE of a random model on unit noise
     keys = [m.to_k.weight.grad for name, m in unet.named_modules() if name.endswith("attn2")]
     assert len(keys) == 16 and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in keys)
     assert all(p.grad is None for p in run.comps.text_encoder.parameters())  # frozen text

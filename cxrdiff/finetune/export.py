@@ -1,0 +1,95 @@
+"""The end of a run: the diffusers pipeline folder (the trained UNet, the text encoder, the base model's other
+parts; the EMA beside) written part by part, then the manifest, last, which marks the run finished."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from cxrdiff.artifacts import (
+    MANIFEST,
+    StepFolder,
+)
+from cxrdiff.config import to_dict
+from cxrdiff.finetune.config import CHECKPOINTS
+from cxrdiff.finetune.training import TrainingRun
+from cxrdiff.models import Components
+
+RESULT_KEYS = ("steps", "text_encoder", "weights", "final_loss")
+
+
+def run_result(out: Path, values: dict[str, Any]) -> dict[str, Any]:
+    return {"out": str(out), **{k: values[k] for k in RESULT_KEYS}}
+
+
+def export_run(run: TrainingRun, folder: StepFolder, last_loss: float) -> dict[str, Any]:
+    """Write the pipeline folder (main process), then the manifest, last, which marks the run finished."""
+    config, out = run.config, run.out
+    state = run.accelerator.get_state_dict(run.model)  # full weights on the main process under DDP/FSDP/DeepSpeed
+    extra = {
+        "steps": config.steps,
+        "text_encoder": "frozen" if config.frozen_text else "learnable",
+        "weights": config.export_weights,
+        "ema": config.ema,
+        "global_batch_size": config.batch_size,
+        "per_device_batch_size": run.per_device,
+        "processes": run.world,
+        "gradient_accumulation_steps": run.accum,
+        "images_seen": config.steps * config.batch_size,
+        "prediction_type": run.comps.prediction_type,
+        "latent_sampling": config.latent_sampling,
+        "final_loss": last_loss,
+        "ucg_rule": {"eligible": "any caption", "p": config.ucg_caption}
+        if run.data.captions
+        else {"eligible": "samples whose only positive label is No Finding", "p": config.ucg_no_finding},
+    }
+    if run.main:
+        write_pipeline(run, state)
+        relative = (p.relative_to(out) for p in out.rglob("*") if p.is_file() and p.name != MANIFEST)
+        files = [
+            r.as_posix() for r in relative if r.parts[0] != CHECKPOINTS and not any(s.startswith(".") for s in r.parts)
+        ]
+        folder.finish(
+            config=to_dict(config),
+            inputs={"data": config.data, "base_model": config.base_model},
+            seed=config.seed,
+            files=files,
+            extra=extra,
+        )
+    return run_result(out, extra)
+
+
+def write_pipeline(run: TrainingRun, state: dict[str, Any]) -> None:
+    """Base parts + trained UNet (+ text encoder if learnable); with --ema the other UNet beside it."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from cxrdiff.models import save_components
+
+    comps, config, out = run.comps, run.config, run.out
+    unet = UNet2DConditionModel.from_config(comps.unet.config)
+    unet.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("unet.")})
+    ema_unet = None
+    if run.ema is not None:
+        ema_unet = UNet2DConditionModel.from_config(comps.unet.config)
+        run.ema.copy_to(ema_unet.parameters())
+        if config.export_weights == "ema":
+            unet, ema_unet = ema_unet, unet
+    text = comps.text_encoder
+    if not config.frozen_text:
+        text = CLIPTextModel(comps.text_encoder.config)
+        text.load_state_dict({k[13:]: v for k, v in state.items() if k.startswith("text_encoder.")})
+    parts = Components(unet=unet, vae=comps.vae.to("cpu"), text_encoder=text, tokenizer=comps.tokenizer, scheduler=None)
+    tmp = out / ".pipeline"
+    save_components(parts, tmp, scheduler=comps.scheduler)
+    if ema_unet is not None:
+        other = "unet_raw" if config.export_weights == "ema" else "unet_ema"
+        ema_unet.save_pretrained(tmp / other, safe_serialization=True)
+    for item in sorted(tmp.iterdir()):  # each part lands whole (rename); the manifest, last, marks completion
+        target = out / item.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(item, target)
+    shutil.rmtree(tmp, ignore_errors=True)
