@@ -172,3 +172,83 @@ def test_table_7_by_text_source():
 def test_unknown_table_is_a_key_error():
     with pytest.raises(KeyError, match="Table 2"):
         lookup(2, "Average", "SDv2")
+
+
+# --- Table 1's "Average": the mean over MS-CXR phrases, i.e. classes weighted by their phrase counts ---------
+
+
+def _decimals(text: str) -> int:
+    return len(text.split(".")[1]) if "." in text else 0
+
+
+def _table_1_columns() -> dict[tuple[str, int], tuple[dict[str, str], str]]:
+    """(method, metric index) → ({class: cell as printed}, Average as printed), from TABLE_1's text."""
+    columns: dict[tuple[str, int], tuple[dict[str, str], str]] = {}
+    for cls, *cells in _rows(TABLE_1):
+        for method, cell in zip(TABLE_1_METHODS, cells, strict=True):
+            for metric, text in enumerate(cell.replace("/", " ").split()):
+                classes, average = columns.setdefault((method, metric), ({}, ""))
+                if cls == "Average":
+                    columns[(method, metric)] = (classes, text)
+                else:
+                    classes[cls] = text
+    return columns
+
+
+def _rounding_slack(cells: dict[str, str], average: str) -> float:
+    """How far a phrase-weighted average of the printed cells may lie from the printed Average by rounding
+    alone: each cell ± half its last digit, weighted, plus half the Average's last digit."""
+    counts = published.MS_CXR_PHRASES_PER_CLASS
+    cell_slack = sum(counts[c] * 0.5 * 10 ** -_decimals(t) for c, t in cells.items()) / sum(counts.values())
+    return cell_slack + 0.5 * 10 ** -_decimals(average)
+
+
+def test_ms_cxr_phrase_counts():
+    counts = published.MS_CXR_PHRASES_PER_CLASS
+    assert set(counts) == set(published.MS_CXR_CATEGORIES) and sum(counts.values()) == published.MS_CXR_PHRASES
+    # Table 6 counts <EOS>/<SOS> once per phrase: they are the class's phrase count
+    for cls, (word, occurrences, _) in [
+        ("Atelectasis", lookup(6, "Atelectasis", "SDv2")[0]),
+        ("Cardiomegaly", lookup(6, "Cardiomegaly", "SDv2")[0]),
+        ("Pleural Effusion", lookup(6, "Pleural Effusion", "SDv2")[0]),
+        ("Edema", lookup(6, "Edema", "Finetune_F")[2]),
+        ("Lung Opacity", lookup(6, "Lung Opacity", "Finetune_F")[1]),
+    ]:
+        assert word in ("EOS", "SOS") and occurrences == counts[cls], cls
+
+
+def test_table_1_averages_are_phrase_weighted_except_sdv2_cnr():
+    """Every column's printed Average is its cells weighted by MS-CXR phrase counts, to within the rounding of
+    the printed cells (Finetune_L AUC 54.53 prints as 54 and Finetune_F CNR 0.9209 as 0.920: both inside that
+    rounding, not at the Average's own precision). The plain mean of the cells misses all but one column (whose
+    integer cells leave a slack of 1); the SDv2 CNR column misses by over 7 times what rounding allows."""
+    unweighted_fits = []
+    for (method, metric), (cells, average) in _table_1_columns().items():
+        weighted = published.weighted_average({c: float(t) for c, t in cells.items()})
+        slack = _rounding_slack(cells, average)
+        if (method, metric) == ("SDv2", 2):
+            assert round(weighted, 3) == 0.280 and float(average) == 0.321
+            assert abs(weighted - float(average)) > 7 * slack
+            continue
+        assert weighted == pytest.approx(float(average), abs=slack), (method, metric, weighted, average)
+        if abs(sum(float(t) for t in cells.values()) / len(cells) - float(average)) <= slack:
+            unweighted_fits.append((method, metric))
+    assert unweighted_fits == [("Finetune_L", 1)]  # Top-1: plain mean 10.875 against the printed 10
+
+
+def test_sdv2_cnr_in_table_3_order_gives_the_printed_average():
+    cells, average = _table_1_columns()[("SDv2", 2)]
+    printed = [float(cells[c]) for c in published.MS_CXR_CATEGORIES]  # in Table 1's printed order
+    as_table_3 = dict(zip(TABLE_3_COLUMNS[:-1], printed, strict=True))
+    assert as_table_3 == published.SDV2_CNR_AS_TABLE3_ORDER
+    moved = [c for c in published.MS_CXR_CATEGORIES if as_table_3[c] != float(cells[c])]
+    assert moved == ["Edema", "Lung Opacity", "Pleural Effusion", "Pneumonia", "Pneumothorax"]  # five cells
+    weighted = published.weighted_average(as_table_3)
+    assert round(weighted, 3) == 0.323
+    assert weighted == pytest.approx(float(average), abs=_rounding_slack(cells, average))
+    # and that order fits SDv2's AUCs: the best-localised class gets the best CNR, the worst the worst
+    auc = {c: lookup(1, c, "SDv2")[0][0] for c in published.MS_CXR_CATEGORIES}
+    assert max(auc, key=auc.get) == max(as_table_3, key=as_table_3.get) == "Edema"
+    assert min(auc, key=auc.get) == min(as_table_3, key=as_table_3.get) == "Pleural Effusion"
+    for number in ("0.280", "0.321", "0.323", "Edema 0.87", "AUC 80.2", "Effusion 0.01", "48.8"):
+        assert number in published.SDV2_CNR_NOTE

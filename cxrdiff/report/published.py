@@ -116,6 +116,39 @@ def scaled_min_word_count(phrases: int) -> int:
     return max(1, round(WORDS_MIN_COUNT * phrases / MS_CXR_PHRASES))
 
 
+# MS-CXR's image-phrase pairs per class (Boecking et al., ECCV 2022); they sum to MS_CXR_PHRASES, and Table 6's
+# <EOS>/<SOS> occurrences (one per phrase) repeat five of them: 61, 333, 46, 82, 96.
+MS_CXR_PHRASES_PER_CLASS = {
+    "Atelectasis": 61,
+    "Cardiomegaly": 333,
+    "Consolidation": 117,
+    "Edema": 46,
+    "Lung Opacity": 82,
+    "Pleural Effusion": 96,
+    "Pneumonia": 182,
+    "Pneumothorax": 245,
+}
+
+
+def weighted_average(cells_by_class: dict[str, float], counts: dict[str, int] | None = None) -> float:
+    """Class cells averaged with each class weighted by its phrase count (MS-CXR's by default): Table 1's
+    "Average" is the mean over phrases, i.e. this, not the plain mean of the eight cells."""
+    counts = MS_CXR_PHRASES_PER_CLASS if counts is None else counts
+    return sum(cells_by_class[c] * counts[c] for c in counts) / sum(counts.values())
+
+
+# Table 1's SDv2 CNR cells read in Table 3's class order (the first three classes are the same in both).
+SDV2_CNR_AS_TABLE3_ORDER = dict(
+    zip(TABLE3_ORDER[:-1], (PUBLISHED_LOCALIZATION["SDv2"][c][2] for c in MS_CXR_CATEGORIES), strict=True)
+)
+SDV2_CNR_NOTE = (
+    "Table 1's SDv2 CNR cells look printed under the wrong classes: weighted by MS-CXR phrase counts they "
+    "average 0.280, not the printed 0.321 (every other column's Average matches), while read in Table 3's "
+    "class order they average 0.323, and that order also fits SDv2's AUCs (Edema 0.87 at AUC 80.2, Pleural "
+    "Effusion 0.01 at 48.8); shown here as printed."
+)
+
+
 PUBLISHED_WORDS = {  # Table 6: (word as written, occurrences in the class's phrases, mean CNR), best first
     "Finetune_F": {
         "Atelectasis": (("atelectasis", 50, 1.11), ("EOS", 61, 0.85), ("SOS", 61, -0.85)),

@@ -1,0 +1,411 @@
+"""Uncertainty for every measured number: one place, one `Interval` type, one verdict rule.
+
+A reproduction verdict is only as good as the spread it is judged against. Two kinds of spread occur here:
+
+- over items (phrases grounded, images generated) within one trained model: a percentile bootstrap that
+  resamples item indices with replacement, within each stratum (e.g. each phrase's MS-CXR class) when strata
+  are given, so every class keeps its count and a class average keeps its weights;
+- over trainings (the paper's "three different trainings"): a Student-t interval of the mean, and Welch's
+  t interval for a difference of two models' means.
+
+Every interval records how it was made (`method`, `n`, `seed`, the resamples used), so a report can print
+the method beside the number. Where no interval can be computed (one item, one training) the value is kept
+and the bounds are None, with the reason: a degenerate [v, v] would wrongly read as "excludes zero".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+LEVEL = 0.95
+RESAMPLES = 1000
+FRECHET_RESAMPLES = 200  # each FD resample is a covariance and an eigen-decomposition: fewer, still seconds
+MIN_POSITIVES = 5  # a classifier AUC from fewer positive images is shown as "too few (n)", never as a number
+
+REPRODUCED = "reproduced"
+OPPOSITE = "opposite"
+NOT_DISTINGUISHABLE = "not distinguishable here"
+
+Statistic = Callable[[np.ndarray], float]  # resampled item indices (n,) → one number (nan: undefined here)
+
+
+@dataclasses.dataclass(frozen=True)
+class Interval:
+    """A measured value with its confidence interval and how the interval was made.
+
+    `low`/`high` are None when no interval could be computed; `reason` then says why (e.g. "one training").
+    `method` starts with a short name, then details after ", " (e.g. "bootstrap over phrases, class-stratified,
+    1000 resamples, percentile"); `short_method` is the part before the first comma. `n` counts items or
+    trainings (a tuple of two for a difference of independent sets); `resamples` is how many bootstrap
+    resamples gave a finite statistic (None for t intervals).
+    """
+
+    value: float
+    low: float | None
+    high: float | None
+    level: float = LEVEL
+    method: str = ""
+    n: int | tuple[int, int] = 0
+    seed: int | None = None
+    resamples: int | None = None
+    reason: str = ""
+
+    @property
+    def has_bounds(self) -> bool:
+        return self.low is not None and self.high is not None
+
+    @property
+    def short_method(self) -> str:
+        return self.method.split(",", 1)[0]
+
+    def excludes_zero(self) -> bool:
+        """True when the whole interval lies strictly on one side of zero (never without bounds)."""
+        return self.has_bounds and (self.low > 0 or self.high < 0)
+
+    def text(self, digits: int = 2) -> str:
+        """E.g. "0.52 [0.41, 0.63]"; without bounds "0.52 (no interval: one training)"."""
+        value = _number(self.value, digits)
+        if not self.has_bounds:
+            return f"{value} (no interval: {self.reason or 'not computed'})"
+        return f"{value} [{_number(self.low, digits)}, {_number(self.high, digits)}]"
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["n"] = list(self.n) if isinstance(self.n, tuple) else self.n
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Interval:
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        if isinstance(kwargs.get("n"), list):
+            kwargs["n"] = tuple(kwargs["n"])
+        return cls(**kwargs)
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "n/a" if value is None or value != value else f"{value:.{digits}f}"
+
+
+def _without_bounds(value: float, method: str, n: Any, reason: str, **extra: Any) -> Interval:
+    return Interval(float(value), None, None, method=method, n=n, reason=reason, **extra)
+
+
+# --- resampling ------------------------------------------------------------------------------
+
+
+def _seed(seed: int | None) -> int:
+    """The seed actually used: a given one, or fresh entropy (recorded, so the run can be repeated)."""
+    return int(np.random.SeedSequence().entropy) if seed is None else int(seed)
+
+
+def resample_indices(
+    n_items: int, resamples: int, rng: np.random.Generator, strata: Sequence[Any] | np.ndarray | None = None
+) -> np.ndarray:
+    """(resamples, n_items) item indices drawn with replacement; with `strata`, within each stratum.
+
+    Stratified draws keep every stratum's count: position i of every resample holds an item of the same
+    stratum as item i, so `strata[indices[r]]` equals `strata` for every r.
+    """
+    if strata is None:
+        return rng.integers(0, n_items, size=(resamples, n_items))
+    strata = np.asarray(strata)
+    if strata.shape != (n_items,):
+        raise ValueError(f"strata must have one entry per item ({n_items}), got shape {strata.shape}")
+    # scipy.stats.bootstrap has no strata, hence this loop over strata.
+    out = np.empty((resamples, n_items), dtype=np.int64)
+    for stratum in np.unique(strata):  # sorted, so the draw order (and the result) is fixed by the seed
+        members = np.flatnonzero(strata == stratum)
+        out[:, members] = members[rng.integers(0, len(members), size=(resamples, len(members)))]
+    return out
+
+
+def _percentile(
+    value: float, draws: np.ndarray, level: float, method: str, n: Any, seed: int, requested: int
+) -> Interval:
+    finite = draws[np.isfinite(draws)]
+    if len(finite) < 2:
+        return _without_bounds(
+            value,
+            method,
+            n,
+            f"statistic undefined in {requested - len(finite)} of {requested} resamples",
+            seed=seed,
+            resamples=len(finite),
+        )
+    if len(finite) < requested:
+        method += f" ({requested - len(finite)} of {requested} resamples dropped: statistic undefined)"
+    tail = (1.0 - level) / 2.0 * 100.0
+    low, high = np.percentile(finite, [tail, 100.0 - tail])
+    return Interval(float(value), float(low), float(high), level, method, n, seed, len(finite))
+
+
+def _bootstrap_method(over: str, strata: Any, strata_name: str, resamples: int, paired: bool | None = None) -> str:
+    parts = [f"bootstrap over {over}"]
+    if paired is not None:
+        parts.append("paired" if paired else "independent sets")
+    if strata is not None:
+        parts.append(f"{strata_name}-stratified")
+    return ", ".join([*parts, f"{resamples} resamples", "percentile"])
+
+
+def bootstrap(
+    n_items: int,
+    statistic: Statistic,
+    strata: Sequence[Any] | np.ndarray | None = None,
+    resamples: int = RESAMPLES,
+    level: float = LEVEL,
+    seed: int | None = 0,
+    over: str = "items",
+    strata_name: str = "class",
+) -> Interval:
+    """Percentile bootstrap of `statistic` over items: the value is `statistic(arange(n))`, the interval the
+    central `level` of `statistic(indices)` over `resamples` resampled index arrays.
+
+    The statistic sees indices, not values, so one function serves a mean of per-phrase CNRs, a class
+    average, or a Fréchet distance recomputed on resampled feature rows. Resamples where it returns nan
+    (e.g. a class it needs is absent) are dropped and the count kept in the method and `resamples`.
+    Fewer than 2 items: the value without bounds (every resample would be the same item).
+    """
+    seed = _seed(seed)
+    method = _bootstrap_method(over, strata, strata_name, resamples)
+    value = float(statistic(np.arange(n_items))) if n_items > 0 else float("nan")
+    if n_items < 2:
+        return _without_bounds(value, method, n_items, f"{n_items} {over}: nothing to resample", seed=seed)
+    indices = resample_indices(n_items, resamples, np.random.default_rng(seed), strata)
+    draws = np.array([statistic(row) for row in indices], dtype=np.float64)
+    return _percentile(value, draws, level, method, n_items, seed, resamples)
+
+
+def bootstrap_mean(
+    values: Sequence[float] | np.ndarray,
+    strata: Sequence[Any] | np.ndarray | None = None,
+    resamples: int = RESAMPLES,
+    level: float = LEVEL,
+    seed: int | None = 0,
+    over: str = "items",
+    strata_name: str = "class",
+) -> Interval:
+    """Bootstrap interval of the mean of per-item `values` (e.g. per-phrase CNRs). With `strata` each class
+    keeps its count, so this is the sample-weighted class average's interval. Values must be finite."""
+    values = np.asarray(values, dtype=np.float64)
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"bootstrap_mean: {int(np.sum(~np.isfinite(values)))} non-finite values; drop them first")
+    return bootstrap(
+        len(values), lambda idx: float(values[idx].mean()), strata, resamples, level, seed, over, strata_name
+    )
+
+
+def bootstrap_difference(
+    a: Statistic,
+    b: Statistic,
+    n_items: int,
+    paired: bool,
+    n_items_b: int | None = None,
+    strata: Sequence[Any] | np.ndarray | None = None,
+    strata_b: Sequence[Any] | np.ndarray | None = None,
+    resamples: int = RESAMPLES,
+    level: float = LEVEL,
+    seed: int | None = 0,
+    over: str = "items",
+    strata_name: str = "class",
+) -> Interval:
+    """Bootstrap interval of a − b.
+
+    Paired (the same phrases grounded by two models): one index array per resample serves both, so the
+    items' own difficulty cancels. Independent (two image sets): each side is resampled separately
+    (`n_items_b`, `strata_b` for b; default: the same as a's).
+    """
+    seed = _seed(seed)
+    method = _bootstrap_method(over, strata, strata_name, resamples, paired)
+    n_b = n_items if (paired or n_items_b is None) else n_items_b
+    strata_b = strata if (paired or strata_b is None) else strata_b
+    n = n_items if paired else (n_items, n_b)
+    if min(n_items, n_b) < 1:
+        return _without_bounds(float("nan"), method, n, "no items", seed=seed)
+    value = float(a(np.arange(n_items))) - float(b(np.arange(n_b)))
+    if min(n_items, n_b) < 2:
+        return _without_bounds(value, method, n, f"fewer than 2 {over}: nothing to resample", seed=seed)
+    rng = np.random.default_rng(seed)
+    idx_a = resample_indices(n_items, resamples, rng, strata)
+    if paired:
+        draws = np.array([a(row) - b(row) for row in idx_a], dtype=np.float64)
+    else:
+        idx_b = resample_indices(n_b, resamples, rng, strata_b)
+        draws = np.array([a(ra) - b(rb) for ra, rb in zip(idx_a, idx_b, strict=True)], dtype=np.float64)
+    return _percentile(value, draws, level, method, n, seed, resamples)
+
+
+# --- over trainings --------------------------------------------------------------------------
+
+
+def trainings_interval(values: Sequence[float], level: float = LEVEL) -> Interval:
+    """Mean over trainings with a Student-t interval (sample std, ddof 1; df = n − 1). One training: the value
+    without bounds (a single training says nothing about how much another would differ)."""
+    from scipy import stats
+
+    values = np.asarray(values, dtype=np.float64)
+    n = len(values)
+    method = f"t over {n} trainings"
+    if n < 2:
+        value = float(values[0]) if n else float("nan")
+        return _without_bounds(value, method, n, "one training" if n else "no trainings")
+    mean = float(values.mean())
+    half = float(stats.t.ppf((1 + level) / 2, n - 1) * values.std(ddof=1) / math.sqrt(n))
+    return Interval(mean, mean - half, mean + half, level, method, n)
+
+
+def trainings_difference(a_values: Sequence[float], b_values: Sequence[float], level: float = LEVEL) -> Interval:
+    """Welch's t interval of mean(a) − mean(b) over trainings (unequal variances, Welch–Satterthwaite df).
+    Needs at least 2 trainings on each side; otherwise the difference without bounds."""
+    from scipy import stats
+
+    a = np.asarray(a_values, dtype=np.float64)
+    b = np.asarray(b_values, dtype=np.float64)
+    method = f"Welch t over trainings ({len(a)} vs {len(b)})"
+    n = (len(a), len(b))
+    if min(n) < 1:
+        return _without_bounds(float("nan"), method, n, "no trainings on one side")
+    value = float(a.mean() - b.mean())
+    if min(n) < 2:
+        return _without_bounds(value, method, n, "fewer than 2 trainings on one side")
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = math.sqrt(va + vb)
+    if se == 0.0:  # every training gave the same number on both sides: no spread was observed
+        return Interval(value, value, value, level, method + ", no spread observed", n)
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    half = float(stats.t.ppf((1 + level) / 2, df) * se)
+    return Interval(value, value - half, value + half, level, method, n)
+
+
+def difference_interval(
+    a_trainings: Sequence[float],
+    b_trainings: Sequence[float],
+    bootstrap_diff: Interval | Callable[[], Interval] | None = None,
+    level: float = LEVEL,
+) -> Interval:
+    """The interval a verdict on a − b should use: over trainings when both sides have ≥ 2 trainings (the
+    spread the paper's ± describes), otherwise the bootstrap over items (`bootstrap_diff`, an Interval or a
+    function making one, only called when needed). Its `method` says which was used."""
+    if min(len(a_trainings), len(b_trainings)) >= 2:
+        return trainings_difference(a_trainings, b_trainings, level)
+    if bootstrap_diff is None:
+        n = (len(a_trainings), len(b_trainings))
+        value = float(np.mean(a_trainings) - np.mean(b_trainings)) if min(n) else float("nan")
+        return _without_bounds(value, "no interval", n, "fewer than 2 trainings on one side and no bootstrap given")
+    return bootstrap_diff() if callable(bootstrap_diff) else bootstrap_diff
+
+
+# --- verdicts --------------------------------------------------------------------------------
+
+
+def verdict(diff: Interval, expected_sign: int) -> str:
+    """The verdict on a − b: "reproduced" when its interval excludes zero on the expected side (+1: a > b
+    expected, −1: a < b), "opposite" when it excludes zero on the other side, else "not distinguishable here".
+    No bounds (one training, one item): "not distinguishable here"."""
+    if expected_sign not in (1, -1):
+        raise ValueError(f"expected_sign must be +1 or -1, got {expected_sign!r}")
+    if not diff.excludes_zero():
+        return NOT_DISTINGUISHABLE
+    side = 1 if diff.low > 0 else -1
+    return REPRODUCED if side == expected_sign else OPPOSITE
+
+
+def verdict_text(diff: Interval, expected_sign: int, digits: int = 2, what: str = "difference") -> str:
+    """The verdict with its evidence, e.g. "not distinguishable here (difference 0.04 [-0.08, 0.15],
+    bootstrap over phrases)"."""
+    method = f", {diff.short_method}" if diff.short_method else ""
+    return f"{verdict(diff, expected_sign)} ({what} {diff.text(digits)}{method})"
+
+
+# --- Fréchet distance ------------------------------------------------------------------------
+
+
+def _fake_stats(fake: np.ndarray) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    from cxrdiff.metrics.fid import feature_statistics
+
+    return lambda idx: feature_statistics(fake[idx])
+
+
+def frechet_bootstrap(
+    real_features: Any,
+    fake_features: Any,
+    resamples: int = FRECHET_RESAMPLES,
+    level: float = LEVEL,
+    seed: int | None = 0,
+) -> Interval:
+    """Bootstrap interval of the Fréchet distance over the generated images: the fake feature rows are
+    resampled, the real rows are not (the real set is the fixed reference every model is measured against;
+    the interval is the spread due to which images a model happened to generate).
+
+    Each resample costs one covariance and one eigen-decomposition: 200 resamples of 200 × 64 features take
+    about 0.15 s, but at Inception's 2048 dimensions one distance takes seconds, hence FRECHET_RESAMPLES.
+
+    FD is never negative and a resample with repeated rows looks less like the real set, so the bootstrap
+    distribution sits above the value: the interval need not contain it, and "excludes zero" says nothing
+    here. Compare two models with `frechet_difference` (same real set, same n), where that shift cancels.
+    """
+    from cxrdiff.metrics.fid import feature_statistics, frechet_distance
+
+    real = np.asarray(real_features, dtype=np.float64)
+    fake = np.asarray(fake_features, dtype=np.float64)
+    real_stats = feature_statistics(real)
+    stats_of = _fake_stats(fake)
+    interval = bootstrap(
+        len(fake),
+        lambda idx: frechet_distance(real_stats, stats_of(idx)),
+        None,
+        resamples,
+        level,
+        seed,
+        over="generated images",
+    )
+    return dataclasses.replace(interval, method=interval.method + ", real features fixed")
+
+
+def frechet_difference(
+    real_features: Any,
+    fake_a: Any,
+    fake_b: Any,
+    resamples: int = FRECHET_RESAMPLES,
+    level: float = LEVEL,
+    seed: int | None = 0,
+) -> Interval:
+    """Bootstrap interval of FD(real, a) − FD(real, b): two generated sets against one real set, each
+    resampled independently, the real features fixed (as in `frechet_bootstrap`)."""
+    from cxrdiff.metrics.fid import feature_statistics, frechet_distance
+
+    real_stats = feature_statistics(np.asarray(real_features, dtype=np.float64))
+    a, b = np.asarray(fake_a, dtype=np.float64), np.asarray(fake_b, dtype=np.float64)
+    stats_a, stats_b = _fake_stats(a), _fake_stats(b)
+    interval = bootstrap_difference(
+        lambda idx: frechet_distance(real_stats, stats_a(idx)),
+        lambda idx: frechet_distance(real_stats, stats_b(idx)),
+        len(a),
+        paired=False,
+        n_items_b=len(b),
+        resamples=resamples,
+        level=level,
+        seed=seed,
+        over="generated images",
+    )
+    return dataclasses.replace(interval, method=interval.method + ", real features fixed")
+
+
+# --- classifier AUC --------------------------------------------------------------------------
+
+
+def classifier_auc_cell(positives: int, negatives: int, auc: float, digits: int = 1) -> str:
+    """What a table shows for a classifier AUC (%): the number, or "too few (n)" when fewer than
+    MIN_POSITIVES positive images stand behind it (an AUC from 2 images swings by 50 points with one image);
+    "no negatives" / "n/a" when it cannot be computed."""
+    if positives < MIN_POSITIVES:
+        return f"too few ({positives})"
+    if negatives < 1:
+        return "no negatives"
+    return _number(auc, digits)
