@@ -14,11 +14,65 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup, TyperOption
 
 from cxrdiff import __version__, choices
 from cxrdiff.errors import CxrdiffError
 
+STEP_CONFIGS = {  # command → the file and class of its config, whose field defaults `--help` shows
+    "phantom": ("phantom/config.py", "PhantomConfig"),
+    "prepare": ("prepare/config.py", "PrepareConfig"),
+    "finetune": ("finetune/config.py", "FinetuneConfig"),
+    "sample": ("sample.py", "SampleConfig"),
+    "ground": ("ground.py", "GroundConfig"),
+    "report": ("report/config.py", "ReportConfig"),
+    "pretrain-text": ("pretrain_text.py", "PretrainTextConfig"),
+}
+
+
+def config_defaults(file: str, class_name: str) -> dict[str, Any]:
+    """A config's literal field defaults, read from its source: importing the step would import numpy and
+    more, and `--help` and completion must stay instant. A test checks them against the dataclass."""
+    import ast
+
+    tree = ast.parse((Path(__file__).parent / file).read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name)
+    defaults: dict[str, Any] = {}
+    for node in cls.body:
+        if (
+            isinstance(node, ast.AnnAssign)
+            and node.value is not None
+            and "ClassVar" not in ast.unparse(node.annotation)
+        ):
+            try:
+                defaults[node.target.id] = ast.literal_eval(node.value)  # type: ignore[union-attr]
+            except ValueError:  # not a literal (a factory): nothing to show
+                continue
+    return {name: value for name, value in defaults.items() if value is not None}
+
+
+def show_config_defaults(command: Any, defaults: dict[str, Any]) -> None:
+    """Let `--help` show each option's default from its config. The options themselves default to None so that
+    a `--config` TOML value is not overridden by a flag that was never given; the config holds the real
+    defaults (the paper's where they are the paper's), and this shows them. On/off flags are left as they are."""
+    for param in command.params:
+        if isinstance(param, TyperOption) and not param.is_flag and param.default is None and param.name in defaults:
+            value = defaults[param.name]
+            param.show_default = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+class StepGroup(TyperGroup):
+    """Typer's group, with each step command's config defaults shown in its `--help`."""
+
+    def get_command(self, ctx: Any, name: str) -> Any:
+        command = super().get_command(ctx, name)
+        if command is not None and name in STEP_CONFIGS:
+            show_config_defaults(command, config_defaults(*STEP_CONFIGS[name]))
+        return command
+
+
 app = typer.Typer(
+    cls=StepGroup,
     name="cxrdiff",
     help="Fine-tune Stable Diffusion on chest X-rays and measure both accuracy (fidelity) and interpretability "
     "(phrase grounding from cross-attention).",
@@ -27,7 +81,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-model_app = typer.Typer(help="Build and inspect base-model folders.", no_args_is_help=True)
+model_app = typer.Typer(cls=StepGroup, help="Build and inspect base-model folders.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 
 _state = {"json": False}
@@ -121,14 +175,10 @@ DataFormat = choices.enum("DataFormat", choices.DataFormat)
 @app.command()
 def phantom(
     out: Annotated[Path, typer.Argument(help="Folder to write the MIMIC-CXR-shaped tree to.")],
-    patients: Annotated[
-        int | None, typer.Option(help="Number of patients (spread over p10..p19) [default: 100].")
-    ] = None,
-    seed: Annotated[int | None, typer.Option(help="Same seed, byte-identical tree [default: 0].")] = None,
-    size: Annotated[int | None, typer.Option(help="Image size in pixels (short side) [default: 512].")] = None,
-    dicom_fraction: Annotated[
-        float | None, typer.Option(help="Fraction of images also written as DICOM [default: 0.1].")
-    ] = None,
+    patients: Annotated[int | None, typer.Option(help="Number of patients (spread over p10..p19).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Same seed, byte-identical tree.")] = None,
+    size: Annotated[int | None, typer.Option(help="Image size in pixels (short side).")] = None,
+    dicom_fraction: Annotated[float | None, typer.Option(help="Fraction of images also written as DICOM.")] = None,
     preview: Annotated[
         bool | None, typer.Option("--preview", help="Also write preview.png: one example per finding, with boxes.")
     ] = None,
@@ -163,7 +213,7 @@ def prepare(
         bool | None, typer.Option("--exclude-ms-cxr-patients", help="Drop every patient with an MS-CXR image.")
     ] = None,
     test_no_finding_max: Annotated[
-        float | None, typer.Option(help="At most this fraction of the test prompts are 'No Finding' (default 0.1).")
+        float | None, typer.Option(help="At most this fraction of the test prompts are 'No Finding' .")
     ] = None,
     workers: Annotated[int | None, typer.Option(help="Image-decoding processes per GPU (default: from CPUs).")] = None,
     text_fallback: Annotated[
@@ -180,14 +230,12 @@ def prepare(
     coco: Annotated[
         Path | None, typer.Option(help="COCO root: annotations/{captions,instances}_{split}.json and {split}/.")
     ] = None,
-    coco_splits: Annotated[
-        str | None, typer.Option(help="TRAIN,TEST split names (default train2017,val2017; TEST = the test set).")
-    ] = None,
+    coco_splits: Annotated[str | None, typer.Option(help="TRAIN,TEST split names (TEST = the test set).")] = None,
     coco_words: Annotated[
         Path | None, typer.Option(help="CSV (category, word): synonyms that also name a category in a caption.")
     ] = None,
     coco_val_fraction: Annotated[
-        float | None, typer.Option(help="Share of TRAIN held out as validation, seeded (default 0.0983, the paper's).")
+        float | None, typer.Option(help="Share of TRAIN held out as validation, seeded (the paper's).")
     ] = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -214,15 +262,15 @@ def finetune(
     batch_size: Annotated[
         int | None, typer.Option(help="Global batch (per device × processes × accumulation).")
     ] = None,
-    per_device_batch_size: Annotated[int | None, typer.Option(help="Batch per device per micro-step.")] = None,
+    per_device_batch_size: Annotated[
+        int | None, typer.Option(help="Batch per device per micro-step; default: the largest up to 16 that divides.")
+    ] = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate (constant).")] = None,
     text_lr: Annotated[float | None, typer.Option(help="Text encoder learning rate; default: --lr.")] = None,
     ucg_no_finding: Annotated[
         float | None, typer.Option(help="P(empty prompt) for samples whose only label is No Finding.")
     ] = None,
-    ucg_caption: Annotated[
-        float | None, typer.Option(help="COCO data: P(empty prompt) for any caption [default: 0.1].")
-    ] = None,
+    ucg_caption: Annotated[float | None, typer.Option(help="COCO data: P(empty prompt) for any caption.")] = None,
     prompt_source: Annotated[str | None, typer.Option(help="impression | labels | file:PATH")] = None,
     mixed_precision: Annotated[Precision | None, typer.Option(help="Mixed precision of training.")] = None,
     gradient_checkpointing: Annotated[bool | None, typer.Option("--gradient-checkpointing")] = None,
@@ -275,7 +323,7 @@ def sample(
     scheduler: Annotated[Scheduler | None, typer.Option(help="Sampler (pndm: PLMS, the paper's).")] = None,
     seed: Annotated[int | None, typer.Option(help="Base seed; each image's seed derives from it.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per batch.")] = None,
-    limit: Annotated[int | None, typer.Option(help="Only the first N prompts.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N prompts (default: all).")] = None,
     prompt_column: Annotated[str | None, typer.Option(help="Column of --prompts holding the text.")] = None,
     mixed_precision: Annotated[SamplePrecision | None, typer.Option(help="auto: bf16 on CUDA, fp32 on CPU.")] = None,
     compile: Annotated[
@@ -314,7 +362,7 @@ def ground(
         BoxMode | None, typer.Option(help="union (an image's boxes of the class, paper), per-box, or per-phrase.")
     ] = None,
     frame: Annotated[Frame | None, typer.Option(help="prepared (paper, 512 crop) or the original image frame.")] = None,
-    limit: Annotated[int | None, typer.Option(help="Only the first N samples.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N samples (default: all).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per UNet batch.")] = None,
     min_word_count: Annotated[
         int | None, typer.Option(help="Word analysis: words in more than N phrases of a class (paper: 25).")
@@ -465,20 +513,20 @@ def model_pretrain_text(
         Path, typer.Argument(help="MIMIC-CXR-shaped folder (metadata CSV, files/ with images and reports).")
     ],
     out: Annotated[Path, typer.Argument(help="New folder for text_encoder/ + tokenizer/.")],
-    resolution: Annotated[int | None, typer.Option(help="Image size the image tower sees [default: 64].")] = None,
-    text_width: Annotated[int | None, typer.Option(help="Text encoder width [default: 32].")] = None,
-    text_layers: Annotated[int | None, typer.Option(help="Text encoder layers [default: 2].")] = None,
-    text_heads: Annotated[int | None, typer.Option(help="Text encoder attention heads [default: 2].")] = None,
-    steps: Annotated[int | None, typer.Option(help="Optimiser steps [default: 600].")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Image–text pairs per batch [default: 64].")] = None,
-    lr: Annotated[float | None, typer.Option(help="AdamW learning rate [default: 1e-3].")] = None,
-    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay [default: 0.1].")] = None,
+    resolution: Annotated[int | None, typer.Option(help="Image size the image tower sees.")] = None,
+    text_width: Annotated[int | None, typer.Option(help="Text encoder width.")] = None,
+    text_layers: Annotated[int | None, typer.Option(help="Text encoder layers.")] = None,
+    text_heads: Annotated[int | None, typer.Option(help="Text encoder attention heads.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimiser steps.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Image–text pairs per batch.")] = None,
+    lr: Annotated[float | None, typer.Option(help="AdamW learning rate.")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay.")] = None,
     held_out: Annotated[
-        int | None, typer.Option(help="Pairs (whole patients) kept out for the retrieval check [default: 200].")
+        int | None, typer.Option(help="Pairs (whole patients) kept out for the retrieval check.")
     ] = None,
     max_pairs: Annotated[int | None, typer.Option(help="Use at most this many pairs (default: all).")] = None,
-    checkpoint_every: Annotated[int | None, typer.Option(help="Save a resumable state every N steps [200].")] = None,
-    seed: Annotated[int | None, typer.Option(help="Initialisation, split and batch order [default: 0].")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="Save a resumable state every N steps.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Initialisation, split and batch order.")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """CLIP-style contrastive pretraining of a tiny text encoder (and a throw-away image tower) on image–report

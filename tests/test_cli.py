@@ -185,3 +185,74 @@ def test_completion_callback_completes_commands():
     env = {**os.environ, "_CXRDIFF_COMPLETE": "complete_bash", "COMP_WORDS": "cxrdiff gro", "COMP_CWORD": "1"}
     result = subprocess.run([sys.executable, "-m", "cxrdiff"], capture_output=True, text=True, env=env)
     assert result.returncode == 0 and result.stdout.split() == ["ground"]
+
+
+def _commands():
+    """Every (sub)command of the app as click objects, through the app's own group (which adds the defaults)."""
+    import typer
+    from typer.main import get_command
+
+    from cxrdiff.cli import app
+
+    root = get_command(app)
+    ctx = typer.Context(root)
+    for name in root.list_commands(ctx):
+        command = root.get_command(ctx, name)
+        if hasattr(command, "list_commands"):
+            sub_ctx = typer.Context(command, parent=ctx)
+            yield from ((f"{name} {n}", command.get_command(sub_ctx, n)) for n in command.list_commands(sub_ctx))
+        else:
+            yield name, command
+
+
+def _type_name(param):
+    """The option's value type (newer Typer keeps it as `bare_type()`, older as click's `type.name`)."""
+    bare = getattr(param, "bare_type", None)
+    return str(bare()) if callable(bare) else param.type.name
+
+
+def test_every_numeric_option_shows_its_default():
+    """A user reading `cxrdiff finetune --help` sees the paper's 5e-5, 256 and 0.3 beside --lr, --batch-size and
+    --ucg-no-finding; every int/float option shows a default, or its help says what the default is."""
+    from typer.core import TyperOption
+
+    missing, shown = [], {}
+    for name, command in _commands():
+        for param in command.params:
+            if (
+                not isinstance(param, TyperOption)
+                or param.required
+                or _type_name(param) not in ("int", "integer", "float")
+            ):
+                continue
+            text = param.show_default if isinstance(param.show_default, str) else None
+            if text is None and param.default is not None and param.show_default:
+                text = str(param.default)
+            shown[f"{name} --{param.name}"] = text
+            if text is None and "default" not in (param.help or "").lower():
+                missing.append(f"{name} --{param.name}")
+    assert not missing, missing
+    assert shown["finetune --lr"] == "5e-05" and shown["finetune --batch_size"] == "256"
+    assert shown["finetune --ucg_no_finding"] == "0.3" and shown["model pretrain-text --steps"] == "600"
+
+
+def test_help_renders_the_config_default():
+    result = run("finetune", "--help", env={"COLUMNS": "200", "PATH": ""})
+    line = next(x for x in result.stdout.splitlines() if "--lr " in x)
+    assert "5e-05" in line, line
+
+
+@pytest.mark.parametrize("command", sorted(STEPS))
+def test_help_defaults_are_the_configs(command):
+    """`--help` reads the defaults from the config's source (no import); they equal the dataclass's own."""
+    import dataclasses
+    import importlib
+
+    from cxrdiff.cli import STEP_CONFIGS, config_defaults
+
+    module_name, _, class_name = STEPS[command]
+    config_class = getattr(importlib.import_module(module_name), class_name)
+    fields = {
+        f.name: f.default for f in dataclasses.fields(config_class) if f.default not in (None, dataclasses.MISSING)
+    }
+    assert config_defaults(*STEP_CONFIGS[command.split()[-1]]) == fields
