@@ -513,6 +513,12 @@ def model_pretrain_text(
         Path, typer.Argument(help="MIMIC-CXR-shaped folder (metadata CSV, files/ with images and reports).")
     ],
     out: Annotated[Path, typer.Argument(help="New folder for text_encoder/ + tokenizer/.")],
+    ms_cxr: Annotated[
+        Path | None, typer.Option(help="MS-CXR box CSV: its images are left out (default: the one in DATA).")
+    ] = None,
+    text_fallback: Annotated[
+        TextFallback | None, typer.Option(help="Text for reports without IMPRESSION (none: left out, as prepare).")
+    ] = None,
     resolution: Annotated[int | None, typer.Option(help="Image size the image tower sees.")] = None,
     text_width: Annotated[int | None, typer.Option(help="Text encoder width.")] = None,
     text_layers: Annotated[int | None, typer.Option(help="Text encoder layers.")] = None,

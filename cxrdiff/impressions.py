@@ -99,6 +99,9 @@ SOURCES = ("impression", "findings", "last_paragraph", "none")
 FALLBACKS = ("findings", "last_paragraph")  # in the parser's order of preference, after the impression
 
 
+MIN_IMPRESSION_CHARS = 8  # the paper keeps impressions longer than 7 characters (prepare and pretrain-text)
+
+
 def normalise_whitespace(text: str) -> str:
     return " ".join(text.split())
 

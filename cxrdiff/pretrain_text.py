@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from cxrdiff.artifacts import StepFolder, atomic_dir, atomic_path, write_text
+from cxrdiff.choices import TextFallback
 from cxrdiff.config import settings, to_dict
 from cxrdiff.console import log, progress
 from cxrdiff.errors import InputError
@@ -36,6 +37,8 @@ class PretrainTextConfig:
 
     data: Path  # a MIMIC-CXR-shaped folder: metadata CSV, files/pXX/... images and reports
     out: Path
+    ms_cxr: Path | None = None  # MS-CXR's box CSV, whose images are left out; default: the one in --data (phantoms)
+    text_fallback: TextFallback = "none"  # as prepare: none = impressions only (the paper's training text)
     resolution: int = 64
     text_width: int = 32
     text_layers: int = 2
@@ -49,7 +52,7 @@ class PretrainTextConfig:
     checkpoint_every: int = 200
     seed: int = 0
 
-    NOT_SETTINGS: ClassVar[tuple[str, ...]] = ("out", "checkpoint_every")
+    NOT_SETTINGS: ClassVar[tuple[str, ...]] = ("out", "checkpoint_every", "ms_cxr")  # ms_cxr: by identity
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -62,41 +65,71 @@ class Pairs:
     images: np.ndarray
     texts: list[str]
     subjects: np.ndarray
+    dicom_ids: list[str] = dataclasses.field(default_factory=list)
 
     def subset(self, index: np.ndarray) -> Pairs:
-        return Pairs(self.images[index], [self.texts[i] for i in index], self.subjects[index])
+        ids = [self.dicom_ids[i] for i in index] if self.dicom_ids else []
+        return Pairs(self.images[index], [self.texts[i] for i in index], self.subjects[index], ids)
 
 
-def read_pairs(root: str | os.PathLike, resolution: int, limit: int | None = None) -> Pairs:
-    """Frontal images outside p19 (MIMIC's test patients) with their report's impression, as prepare reads
-    them; images without a usable impression or image file are left out."""
-    from cxrdiff.data import TEST_PATIENT_FOLDER, VIEWS_KEPT, files_root, find_table, patient_folder, read_metadata
+def ms_cxr_file(config: PretrainTextConfig) -> Path:
+    """The MS-CXR box CSV whose images pretraining leaves out: --ms-cxr, else the one a phantom tree holds."""
+    from cxrdiff.phantom.config import MS_CXR_FILE
+
+    path = Path(config.ms_cxr) if config.ms_cxr is not None else Path(config.data) / MS_CXR_FILE
+    if not path.is_file():
+        raise InputError(
+            f"--ms-cxr {path}: file not found; give MS-CXR's CSV so that its images (the grounding test set) are "
+            "not pretrained on"
+        )
+    return path
+
+
+def read_pairs(
+    root: str | os.PathLike, resolution: int, ms_cxr: str | os.PathLike, limit: int | None = None,
+    text_fallback: str = "none",
+) -> Pairs:  # fmt: skip
+    """Frontal training images with their report's text, chosen as `prepare` chooses its training rows: outside
+    p19 (MIMIC's test patients) and MS-CXR's images (the grounding test set), the impression (or the
+    `text_fallback` sections) longer than 7 characters; images without one, or without a file, are left out."""
+    from cxrdiff.data import (
+        TEST_PATIENT_FOLDER,
+        VIEWS_KEPT,
+        files_root,
+        find_table,
+        patient_folder,
+        read_metadata,
+        read_ms_cxr,
+    )
     from cxrdiff.images import load_grayscale, resize_center_crop
-    from cxrdiff.impressions import read_report, report_path
+    from cxrdiff.impressions import MIN_IMPRESSION_CHARS, read_report, report_path
+    from cxrdiff.prepare import text_fallbacks
 
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"--data {root}: not a folder")
+    held_out_images = set(read_ms_cxr(ms_cxr)["dicom_id"])
     meta = read_metadata(find_table(root, "metadata"))
     meta = meta[meta["ViewPosition"].isin(VIEWS_KEPT)].sort_values(["subject_id", "study_id", "dicom_id"])
-    files = files_root(root)
-    images, texts, subjects = [], [], []
+    files, fallbacks = files_root(root), text_fallbacks(text_fallback)
+    images, texts, subjects, ids = [], [], [], []
     for row in meta.itertuples():
-        if patient_folder(row.subject_id) == TEST_PATIENT_FOLDER:
+        if patient_folder(row.subject_id) == TEST_PATIENT_FOLDER or row.dicom_id in held_out_images:
             continue
-        text, _, fault = read_report(report_path(files, row.subject_id, row.study_id))
+        text, source, fault = read_report(report_path(files, row.subject_id, row.study_id), fallbacks)
         study = files / patient_folder(row.subject_id) / f"p{row.subject_id}" / f"s{row.study_id}"
         path = next((p for p in (study / f"{row.dicom_id}.jpg", study / f"{row.dicom_id}.dcm") if p.is_file()), None)
-        if fault or not text or path is None:
+        if fault or source == "none" or len(text) < MIN_IMPRESSION_CHARS or path is None:
             continue
         images.append(resize_center_crop(load_grayscale(path), resolution))
         texts.append(text)
         subjects.append(int(row.subject_id))
+        ids.append(str(row.dicom_id))
         if limit is not None and len(texts) >= limit:
             break
     if len(texts) < 8:
         raise InputError(f"--data {root}: only {len(texts)} usable image–report pairs (need at least 8)")
-    return Pairs(np.stack(images), texts, np.array(subjects))
+    return Pairs(np.stack(images), texts, np.array(subjects), ids)
 
 
 def split_held_out(pairs: Pairs, held_out: int, seed: int) -> tuple[Pairs, Pairs]:
@@ -301,11 +334,17 @@ def pretrain_text(config: PretrainTextConfig) -> dict[str, Any]:
             f"--steps {config.steps} / --batch-size {config.batch_size}: need ≥ 1 step and ≥ 2 pairs a batch"
         )
     out = Path(config.out)
-    folder = StepFolder.claim(out, STEP, settings(config, data=input_identity(config.data)))
+    from cxrdiff.data import find_table
+
+    find_table(Path(config.data), "metadata")  # the data folder's own fault first
+    ms_cxr = ms_cxr_file(config)
+    folder = StepFolder.claim(
+        out, STEP, settings(config, data=input_identity(config.data), ms_cxr=input_identity(ms_cxr))
+    )
     if folder.finished:
         return _result(out, folder.manifest or {})
     tokenizer = clip_tokenizer()
-    pairs = read_pairs(config.data, config.resolution, config.max_pairs)
+    pairs = read_pairs(config.data, config.resolution, ms_cxr, config.max_pairs, config.text_fallback)
     train, held_out = split_held_out(pairs, config.held_out, config.seed)
     towers = Towers(config, tokenizer)
     before = evaluate(towers, tokenizer, held_out)
@@ -327,7 +366,7 @@ def pretrain_text(config: PretrainTextConfig) -> dict[str, Any]:
         "loss": {"first": losses[0], "last": losses[-1], "last_50_mean": float(np.mean(losses[-50:]))},
     }
     manifest = folder.finish(
-        to_dict(config), inputs={"data": config.data}, seed=config.seed,
+        to_dict(config), inputs={"data": config.data, "ms_cxr": ms_cxr}, seed=config.seed,
         files=["text_encoder", "tokenizer", "losses.csv"], extra=extra,
     )  # fmt: skip
     (out / CHECKPOINT).unlink(missing_ok=True)

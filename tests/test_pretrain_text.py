@@ -132,3 +132,21 @@ def test_the_pretrained_encoder_goes_into_a_tiny_sd_folder_that_diffusers_loads(
     # the CLI's entry point turns this InputError into one line and exit code 2 (tests/test_cli.py checks that)
     assert isinstance(wrong.exception, InputError) and "width 32 does not match --text-width 64" in str(wrong.exception)
     assert not (tmp_path / "m2").exists()
+
+
+def test_pairs_are_prepares_training_rows(phantom_tree, phantom_prepared):
+    """Pretraining reads exactly the images prepare trains on: no p19 patient, no MS-CXR image (the grounding
+    test set), impressions only, longer than 7 characters."""
+    import pandas as pd
+
+    from cxrdiff.pretrain_text import read_pairs
+
+    pairs = read_pairs(phantom_tree, 64, phantom_tree / "MS_CXR_Local_Alignment_v1.0.0.csv")
+    trained = pd.concat([pd.read_parquet(p, columns=["dicom_id", "impression"])
+                         for p in sorted(phantom_prepared.glob("train-*.parquet"))])  # fmt: skip
+    ms_cxr = set(pd.read_csv(phantom_tree / "MS_CXR_Local_Alignment_v1.0.0.csv", dtype=str)["dicom_id"])
+    assert sorted(pairs.dicom_ids) == sorted(trained["dicom_id"]) and not set(pairs.dicom_ids) & ms_cxr
+    assert dict(zip(pairs.dicom_ids, pairs.texts, strict=True)) == dict(
+        zip(trained["dicom_id"], trained["impression"], strict=True)
+    )
+    assert not any(str(s).startswith("19") for s in pairs.subjects)

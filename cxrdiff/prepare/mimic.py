@@ -41,7 +41,7 @@ from cxrdiff.data import (
 )
 from cxrdiff.errors import InputError
 from cxrdiff.images import box_to_frame
-from cxrdiff.impressions import SOURCES, read_report, report_path
+from cxrdiff.impressions import MIN_IMPRESSION_CHARS, SOURCES, read_report, report_path
 from cxrdiff.models import check_model_folder, model_geometry, vae_fingerprint
 from cxrdiff.prepare.config import STEP, PrepareConfig, text_fallbacks
 from cxrdiff.prepare.encode import (
@@ -55,9 +55,6 @@ from cxrdiff.prepare.encode import (
     skipped_row,
 )
 from cxrdiff.speed import limit_cpu_threads
-
-MIN_IMPRESSION_CHARS = 8  # the paper keeps impressions longer than 7 characters
-
 
 # --- checks ---------------------------------------------------------------------------------
 
