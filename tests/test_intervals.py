@@ -149,15 +149,29 @@ def test_interval_round_trips_through_a_dict():
     assert interval.as_dict()["n"] == [5, 7]
 
 
+def test_frechet_reference_equals_scipy_frechet_distance():
+    """The eigenvalue route gives the same distance as sqrtm of the covariance product, with fewer rows than
+    dimensions (the Gram side) and more (the covariance side)."""
+    from cxrdiff.metrics.fid import feature_statistics, frechet_distance
+
+    rng = np.random.default_rng(3)
+    real = rng.normal(size=(300, 40)) @ rng.normal(size=(40, 40))
+    for n in (25, 400):
+        fake = rng.normal(size=(n, 40)) * 1.3 + 0.2
+        expected = frechet_distance(feature_statistics(real), feature_statistics(fake))
+        assert iv.FrechetReference(real).distance(fake) == pytest.approx(expected, rel=1e-7, abs=1e-7)
+
+
 def test_frechet_bootstrap_identical_and_shifted_sets():
     rng = np.random.default_rng(0)
     real = rng.normal(size=(200, 64))
     same = iv.frechet_bootstrap(real, real, seed=0)
     assert abs(same.value) < 1e-6
-    assert same.has_bounds and np.isfinite([same.low, same.high]).all() and 0 <= same.low < same.high
+    assert same.has_bounds and same.low < same.value < same.high  # a normal interval contains its value
     assert same.resamples == iv.FRECHET_RESAMPLES and "real features fixed" in same.method
     shifted = iv.frechet_bootstrap(real, rng.normal(size=(200, 64)) + 0.5, seed=0)
     assert shifted.excludes_zero() and shifted.low > same.high and shifted.value > 64 * 0.25
+    assert shifted.low < shifted.value < shifted.high
 
 
 def test_frechet_difference_tells_a_shifted_model_from_a_faithful_one():

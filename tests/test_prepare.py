@@ -161,7 +161,7 @@ def test_counts_at_every_filter(prepared):
     counts = manifest["counts"]
     assert counts["metadata"]["images"] == 16 and counts["metadata"]["frontal_images"] == 15
     assert counts["metadata"]["views"] == {"AP": 4, "LATERAL": 1, "PA": 11}
-    # impressions only (the paper's): the findings-only report b1 and the empty a3 are counted, not listed
+    # impressions only (the paper's): the findings-only report b1 and the empty a3 are counted and listed
     text_and_file_counts = {k: v for k, v in counts["train"].items() if "image" not in k or k == "frontal_images"}
     assert text_and_file_counts == {
         "frontal_images": 15, "held_out_test_folder": 5, "held_out_ms_cxr": 1, "candidates": 9,
@@ -189,8 +189,14 @@ def test_skipped_csv_names_each_fault(prepared):
     out, _ = prepared
     skipped = pd.read_csv(out / "skipped.csv", dtype={"dicom_id": str})
     reasons = dict(zip(skipped["dicom_id"], skipped["reason"], strict=True))
-    assert reasons == {"c1": "missing report", "f1": "image not found",
-                       "e1": "unreadable image", "h1": "box outside image"}  # fmt: skip
+    assert {k: v for k, v in reasons.items() if "impression" not in v} == {
+        "c1": "missing report", "f1": "image not found", "e1": "unreadable image", "h1": "box outside image"}  # fmt: skip
+    # the paper's text filters are listed too: every planned image that did not become a row has its line
+    dropped = {k for k, v in reasons.items() if "impression" in v}
+    assert len(dropped) == 3 and {reasons[k] for k in dropped} == {"no impression", "short impression"}
+    manifest = json.loads((out / "manifest.json").read_text())
+    train = manifest["counts"]["train"]
+    assert (skipped["part"] == "train").sum() == train["candidates"] - train["rows"]
     e1 = skipped[skipped["dicom_id"] == "e1"].iloc[0]
     assert e1["path"].endswith("e1.jpg") and "e1.jpg" in e1["detail"]
     f1 = skipped[skipped["dicom_id"] == "f1"].iloc[0]

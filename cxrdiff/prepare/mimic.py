@@ -165,12 +165,14 @@ def _with_prompts(frame, inputs: MimicInputs, part: str, counts: dict, skipped: 
             counts["missing_report" if fault == "missing report" else "unreadable_report"] += 1
             skipped.append(skipped_row(part, row, fault, path=report))
         elif source == "none" and not fallbacks:
-            counts["no_impression"] += 1  # the paper's filter (impressions only), not a fault: counted, not listed
+            counts["no_impression"] += 1  # the paper's filter (impressions only): counted and listed
+            skipped.append(skipped_row(part, row, "no impression", path=report))
         elif source == "none":
             counts["no_usable_text"] += 1
             skipped.append(skipped_row(part, row, "no usable text", path=report))
         elif len(text) < MIN_IMPRESSION_CHARS:
-            counts["short_impression"] += 1  # a filter of the paper's, not a fault: counted, not listed
+            counts["short_impression"] += 1  # a filter of the paper's: counted and listed
+            skipped.append(skipped_row(part, row, "short impression", f"{len(text)} characters", path=report))
         elif image is None:
             counts["image_not_found"] += 1
             expected = Path(report).with_suffix("") / f"{row['dicom_id']}.jpg"
