@@ -15,10 +15,30 @@ def test_auc_against_hand_made_scores():
     out = C.class_aucs({"Edema": [0.9, 0.8, 0.4], "Pneumonia": [0.5, 0.9]}, {"Edema": [0.1, 0.5], "Pneumonia": [0.5]})
     assert out["Edema"].value == pytest.approx(500 / 6)
     assert out["Pneumonia"].value == pytest.approx(75.0)
-    assert out["Average"].value == pytest.approx((500 / 6 + 75) / 2)
     assert out["Edema"].protocol == {"positives": 3, "negatives": 2}
+    # fewer than 5 positives: the AUC is kept (metrics.json) but has no interval and no place in the Average
+    assert out["Edema"].interval is None and "Average" not in out
     empty = C.class_aucs({"Edema": []}, {"Edema": [0.1]})
     assert np.isnan(empty["Edema"].value) and "Average" not in empty
+
+
+def test_auc_interval_and_average_from_five_or_more_positives():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    neg = rng.normal(size=40)
+    pos = {"Edema": rng.normal(1.0, 1.0, 30), "Pneumonia": rng.normal(0.0, 1.0, 6), "Atelectasis": rng.normal(2, 1, 3)}
+    out = C.class_aucs(pos, {c: neg for c in pos}, seed=1, resamples=400)
+    for c in pos:  # the rank-sum AUC is scikit-learn's
+        expected = 100 * roc_auc_score(np.r_[np.ones(len(pos[c])), np.zeros(40)], np.r_[pos[c], neg])
+        assert out[c].value == pytest.approx(expected)
+    edema, pneumonia = out["Edema"].interval, out["Pneumonia"].interval
+    assert edema["low"] < out["Edema"].value < edema["high"] and edema["low"] > 50  # a clear signal
+    assert pneumonia["low"] < 50 < pneumonia["high"]  # no signal, 6 positives: wide, straddles chance
+    assert edema["high"] - edema["low"] < pneumonia["high"] - pneumonia["low"]
+    assert out["Atelectasis"].interval is None  # 3 positives: too few
+    assert out["Average"].value == pytest.approx((out["Edema"].value + out["Pneumonia"].value) / 2)
+    assert out["Average"].protocol == {"classes": 2} and out["Average"].interval["low"] < out["Average"].value
 
 
 class MeanBrightness:

@@ -112,14 +112,14 @@ def test_fid_xrv_through_torch_fidelity_matches_direct_features(tmp_path, xrv_we
     expected = F.frechet_distance(F.feature_statistics(fr), F.feature_statistics(ff))
     assert score.value == pytest.approx(expected, rel=1e-4)
     cached = sorted(p.name for p in cache.iterdir())
-    assert len(cached) == 4 and all(F.XRV_EXTRACTOR in name for name in cached)
+    assert len(cached) == 2 and all(F.XRV_EXTRACTOR in name for name in cached)  # the two feature sets
     # same inputs: served from cache, same value; a changed image: new cache entries, new value
     assert F.fid_xrv(real, fake, weights=xrv_weights, cache_root=cache).value == score.value
     fake2 = fake.copy()
     fake2[0] = 255 - fake2[0]
     other = F.fid_xrv(real, fake2, weights=xrv_weights, cache_root=cache)
     assert other.value != pytest.approx(score.value, rel=1e-6)
-    assert len(list(cache.iterdir())) == 6
+    assert len(list(cache.iterdir())) == 3
 
 
 def test_bad_xrv_file_is_input_error(tmp_path):
@@ -158,6 +158,28 @@ def test_custom_features_fd_is_named_and_never_fid():
     assert score.value == pytest.approx(expected, rel=1e-4)
     with pytest.raises(ValueError, match="must not be called FID"):
         F.fd_features(real, fake, pooled, "FID (mine)")
+
+
+def test_fd_carries_its_bootstrap_interval_and_keeps_its_features(tmp_path):
+    """The interval is the one metrics.intervals computes on the same features (same seed), it contains the
+    value, and the features are saved for comparing two models."""
+    import torch
+
+    from cxrdiff.metrics.intervals import frechet_bootstrap
+
+    real, fake = _images(0, 12, 16), _images(1, 12, 16)
+
+    def pooled(x):
+        return torch.stack([x.mean(dim=(1, 2, 3)), x.std(dim=(1, 2, 3))], dim=1)
+
+    score = F.fd_features(real, fake, pooled, "FD (test features)", resamples=50, seed=3,
+                          keep_features=tmp_path / "f.npz")  # fmt: skip
+    kept = np.load(tmp_path / "f.npz")
+    again = frechet_bootstrap(kept["real"], kept["fake"], 50, seed=3)
+    assert kept["real"].shape == (12, 2) and score.interval["resamples"] == 50
+    assert score.interval["low"] == pytest.approx(again.low, rel=1e-4) and score.interval["low"] < score.value
+    assert score.value < score.interval["high"] and f"[{score.interval['low']:.1f}," in score.text()
+    assert F.fd_features(real, fake, pooled, "FD (test features)", resamples=0).interval is None
 
 
 @pytest.mark.slow

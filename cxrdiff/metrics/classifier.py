@@ -8,6 +8,7 @@ small CNN below on phantom images, since no X-ray classifier weights can ship wi
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 
 from cxrdiff.data import MS_CXR_CATEGORIES
 from cxrdiff.errors import InputError
+from cxrdiff.metrics.intervals import MIN_POSITIVES, RESAMPLES, Interval
 from cxrdiff.metrics.score import Score
 
 NO_FINDING = "No Finding"
@@ -51,27 +53,60 @@ def _images(images: Any) -> np.ndarray:
 
 
 def class_aucs(
-    scores_pos: Mapping[str, np.ndarray], scores_neg: Mapping[str, np.ndarray], name: str = "classifier AUC"
+    scores_pos: Mapping[str, np.ndarray],
+    scores_neg: Mapping[str, np.ndarray],
+    name: str = "classifier AUC",
+    seed: int = 0,
+    resamples: int = RESAMPLES,
 ) -> dict[str, Score]:
-    """Per class d: AUC (%) of score_d on d-images (positives) vs No-Finding images; plus "Average".
+    """Per class d: AUC (%) of score_d on d-images (positives) vs No-Finding images; plus "Average". Each with
+    a bootstrap interval over the images: positives and negatives resampled separately (each keeps its
+    count), the negatives once per resample for every class, as they are the same No-Finding images.
 
     `scores_pos[d]` / `scores_neg[d]`: the classifier's score for d on the d-images / No-Finding images.
+    A class with fewer than MIN_POSITIVES positives keeps its AUC in metrics.json, but tables show
+    "too few (n)" (`metrics.intervals.classifier_auc_cell`) and it stays out of the Average.
     """
-    from sklearn.metrics import roc_auc_score
-
+    rng = np.random.default_rng(seed)
     out: dict[str, Score] = {}
+    usable: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for cls, pos in scores_pos.items():
         pos, neg = np.asarray(pos, dtype=np.float64), np.asarray(scores_neg[cls], dtype=np.float64)
+        counts = {"positives": len(pos), "negatives": len(neg)}
         if len(pos) == 0 or len(neg) == 0:
-            out[cls] = Score(name, float("nan"), protocol={"positives": len(pos), "negatives": len(neg)})
+            out[cls] = Score(name, float("nan"), protocol=counts)
             continue
-        truth = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
-        auc = roc_auc_score(truth, np.r_[pos, neg]) * 100.0
-        out[cls] = Score(name, float(auc), unit="%", protocol={"positives": len(pos), "negatives": len(neg)})
-    values = [s.value for s in out.values() if s.value == s.value]
-    if values:
-        out["Average"] = Score(name, float(np.mean(values)), unit="%", protocol={"classes": len(values)})
+        out[cls] = Score(name, 100.0 * _auc(pos, neg), unit="%", protocol=counts)
+        if len(pos) >= MIN_POSITIVES:
+            usable[cls] = (pos, neg)
+    n_neg = len(next(iter(usable.values()))[1]) if usable else 0
+    neg_rows = rng.integers(0, max(n_neg, 1), size=(resamples, n_neg))
+    draws: dict[str, np.ndarray] = {}
+    for cls, (pos, neg) in usable.items():
+        pos_rows = rng.integers(0, len(pos), size=(resamples, len(pos)))
+        draws[cls] = np.array([100.0 * _auc(pos[p], neg[q]) for p, q in zip(pos_rows, neg_rows, strict=True)])
+        out[cls] = _bounded(out[cls], draws[cls], seed, resamples)
+    if usable:
+        value = float(np.mean([out[c].value for c in usable]))
+        out["Average"] = _bounded(Score(name, value, unit="%", protocol={"classes": len(usable)}),
+                                  np.mean(list(draws.values()), axis=0), seed, resamples)  # fmt: skip
     return out
+
+
+def _auc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """AUC of positives over negatives by the rank-sum identity (ties count half), as `roc_auc_score`."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(np.r_[pos, neg])
+    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2.0) / (len(pos) * len(neg)))
+
+
+def _bounded(score: Score, draws: np.ndarray, seed: int, resamples: int) -> Score:
+    low, high = np.percentile(draws, [2.5, 97.5])
+    method = f"bootstrap over images, positives and negatives resampled separately, {resamples} resamples, percentile"
+    interval = Interval(score.value, float(low), float(high), method=method, seed=seed, resamples=resamples,
+                        n=(score.protocol.get("positives", 0), score.protocol.get("negatives", 0)))  # fmt: skip
+    return dataclasses.replace(score, interval=interval.as_dict())
 
 
 def classifier_check(

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from cxrdiff.errors import InputError
+from cxrdiff.metrics.intervals import RESAMPLES, bootstrap_mean
 from cxrdiff.metrics.score import Score
 
 STANDARD_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, torchmetrics' default
@@ -92,8 +93,11 @@ def ms_ssim_pairs(a: np.ndarray, b: np.ndarray, params: MsSsimParams, batch_size
     return np.concatenate(out) if out else np.zeros(0)
 
 
-def diversity(groups: Sequence[Any], params: MsSsimParams | None = None) -> Score:
-    """MS-SSIM in %, mean ± std over prompts of the mean over each prompt's image pairs.
+def diversity(
+    groups: Sequence[Any], params: MsSsimParams | None = None, seed: int = 0, resamples: int = RESAMPLES
+) -> Score:
+    """MS-SSIM in %, mean ± std over prompts of the mean over each prompt's image pairs, with a bootstrap
+    interval of that mean over prompts (`seed`, `resamples`).
 
     `groups`: one entry per prompt, each its images (file paths or uint8 (n, H, W), n >= 2).
     """
@@ -124,4 +128,5 @@ def diversity(groups: Sequence[Any], params: MsSsimParams | None = None) -> Scor
             "pairs": "within each prompt only",
             "std": "over prompts (ddof=1)",
         },
+        interval=bootstrap_mean(per_prompt, resamples=resamples, seed=seed, over="prompts").as_dict(),
     )

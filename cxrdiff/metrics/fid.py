@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 
 from cxrdiff.artifacts import file_sha256
 from cxrdiff.errors import InputError
+from cxrdiff.metrics.intervals import FRECHET_RESAMPLES
 from cxrdiff.metrics.score import UNTRAINED_LABEL, Score
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's converted TF InceptionV3
@@ -299,13 +300,16 @@ def _torch_fidelity_fd(
     device: str,
     batch_size: int,
     **extra: Any,
-) -> float:
-    import torch_fidelity
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """torch-fidelity's Fréchet distance, and the two feature sets it was computed from (for the bootstrap):
+    the features are extracted (and cached) by torch-fidelity, the distance is its own statistics → metric."""
+    from torch_fidelity.metric_fid import fid_featuresdict_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.utils import create_feature_extractor, extract_featuresdict_from_input_id_cached
 
     register_extractors()
     weights_hash = file_sha256(weights) if weights is not None else f"random-seed-{RANDOM_SEED}"
     key = {**preprocessing, "extractor": extractor, "layer": layer, "weights_sha256": weights_hash, "size": size}
-    metrics = torch_fidelity.calculate_metrics(
+    kwargs = dict(
         input1=GreyImages(real, size),
         input2=GreyImages(fake, size),
         input1_cache_name=_cache_name(real, key),
@@ -322,7 +326,30 @@ def _torch_fidelity_fd(
         verbose=False,
         **extra,
     )
-    return float(metrics["frechet_inception_distance"])
+    network = create_feature_extractor(extractor, [layer], **kwargs)
+    features = [extract_featuresdict_from_input_id_cached(i, network, **kwargs) for i in (1, 2)]
+    stats = [fid_featuresdict_to_statistics(f, layer) for f in features]
+    value = float(fid_statistics_to_metric(stats[0], stats[1], False)["frechet_inception_distance"])
+    real_features, fake_features = (np.asarray(f[layer].double().cpu()) for f in features)
+    return value, real_features, fake_features
+
+
+def _with_interval(score: Score, real: np.ndarray, fake: np.ndarray, resamples: int, seed: int,
+                   keep: str | os.PathLike | None) -> Score:  # fmt: skip
+    """The score with its bootstrap interval over the generated images (metrics.intervals.frechet_bootstrap),
+    and the features saved to `keep` (NPZ: real, fake) for a later comparison of two models."""
+    import dataclasses
+
+    from cxrdiff.metrics.intervals import frechet_bootstrap
+
+    if keep is not None:
+        from cxrdiff.artifacts import atomic_path
+
+        with atomic_path(keep) as tmp, open(tmp, "wb") as handle:
+            np.savez(handle, real=real.astype(np.float32), fake=fake.astype(np.float32))
+    if resamples < 1:
+        return score
+    return dataclasses.replace(score, interval=frechet_bootstrap(real, fake, resamples, seed=seed).as_dict())
 
 
 def _check_sets(real: ImageSet, fake: ImageSet) -> None:
@@ -340,8 +367,12 @@ def fid(
     cache_root: str | os.PathLike | None = None,
     device: str = "cpu",
     batch_size: int = 32,
+    resamples: int = FRECHET_RESAMPLES,
+    seed: int = 0,
+    keep_features: str | os.PathLike | None = None,
 ) -> Score:
-    """FID on torch-fidelity's InceptionV3 (2048-d pool features; it resizes to 299 itself).
+    """FID on torch-fidelity's InceptionV3 (2048-d pool features; it resizes to 299 itself), with a bootstrap
+    interval over the generated images (`resamples`, 0: none) and the features kept in `keep_features`.
 
     Grey images are repeated to 3 channels and normalised once, inside torch-fidelity (the reference
     code normalised twice; we do not). Without weights and with `random_features`, the same network
@@ -350,20 +381,22 @@ def fid(
     _check_sets(real, fake)
     preprocessing = {"grey": "repeated to 3 channels", "inception": "torch-fidelity 299 px, (x-128)/128"}
     if weights is None and random_features and not default_inception_path().is_file():
-        value = _torch_fidelity_fd(
+        value, r, f = _torch_fidelity_fd(
             real, fake, RANDOM_INCEPTION_EXTRACTOR, "2048", None, preprocessing, size, cache_root, device, batch_size
         )
-        return Score(
+        score = Score(
             "FD (random InceptionV3)",
             value,
             label=UNTRAINED_LABEL,
             protocol={**preprocessing, "random_features": True, "seed": RANDOM_SEED, "n": [len(real), len(fake)]},
         )
+        return _with_interval(score, r, f, resamples, seed, keep_features)
     path = resolve_weights(weights, "inception")
-    value = _torch_fidelity_fd(
+    value, r, f = _torch_fidelity_fd(
         real, fake, "inception-v3-compat", "2048", path, preprocessing, size, cache_root, device, batch_size
     )
-    return Score("FID", value, protocol={**preprocessing, "weights": str(path), "n": [len(real), len(fake)]})
+    score = Score("FID", value, protocol={**preprocessing, "weights": str(path), "n": [len(real), len(fake)]})
+    return _with_interval(score, r, f, resamples, seed, keep_features)
 
 
 def fid_normalised_twice(
@@ -383,7 +416,7 @@ def fid_normalised_twice(
     untrained = weights is None and random_features and not default_inception_path().is_file()
     path = None if untrained else resolve_weights(weights, "inception")
     extractor = TWICE_RANDOM_EXTRACTOR if untrained else TWICE_EXTRACTOR
-    value = _torch_fidelity_fd(real, fake, extractor, "2048", path, preprocessing, size, None, device, batch_size)
+    value, _, _ = _torch_fidelity_fd(real, fake, extractor, "2048", path, preprocessing, size, None, device, batch_size)
     name = "FD (random InceptionV3, input normalised twice)" if untrained else "FID (input normalised twice)"
     protocol = {**preprocessing, "n": [len(real), len(fake)], "weights": str(path) if path else None}
     return Score(
@@ -400,9 +433,12 @@ def fid_xrv(
     cache_root: str | os.PathLike | None = None,
     device: str = "cpu",
     batch_size: int = 32,
+    resamples: int = FRECHET_RESAMPLES,
+    seed: int = 0,
+    keep_features: str | os.PathLike | None = None,
 ) -> Score:
     """FID_XRV: Fréchet distance on torchxrayvision DenseNet121 `features2` (1024-d), grey in
-    [-1024, 1024] at 224 px (resized by us)."""
+    [-1024, 1024] at 224 px (resized by us); interval and kept features as `fid`."""
     _check_sets(real, fake)
     preprocessing = {
         "grey": "channel mean",
@@ -410,7 +446,7 @@ def fid_xrv(
         "layer": "features2",
     }
     if weights is None and random_features and not default_xrv_path().is_file():
-        value = _torch_fidelity_fd(
+        value, r, f = _torch_fidelity_fd(
             real,
             fake,
             XRV_EXTRACTOR,
@@ -423,17 +459,18 @@ def fid_xrv(
             batch_size,
             cxrdiff_random_features=True,
         )
-        return Score(
+        score = Score(
             "FD (random DenseNet121)",
             value,
             label=UNTRAINED_LABEL,
             protocol={**preprocessing, "random_features": True, "seed": RANDOM_SEED, "n": [len(real), len(fake)]},
         )
+        return _with_interval(score, r, f, resamples, seed, keep_features)
     path = resolve_weights(weights, "xrv")
-    value = _torch_fidelity_fd(
+    value, r, f = _torch_fidelity_fd(
         real, fake, XRV_EXTRACTOR, "features2", path, preprocessing, size, cache_root, device, batch_size
     )
-    return Score(
+    score = Score(
         "FID_XRV",
         value,
         protocol={
@@ -443,6 +480,7 @@ def fid_xrv(
             "n": [len(real), len(fake)],
         },
     )
+    return _with_interval(score, r, f, resamples, seed, keep_features)
 
 
 def fd_features(
@@ -453,8 +491,12 @@ def fd_features(
     size: int | None = None,
     batch_size: int = 64,
     label: str = "",
+    resamples: int = FRECHET_RESAMPLES,
+    seed: int = 0,
+    keep_features: str | os.PathLike | None = None,
 ) -> Score:
-    """A Fréchet distance on a custom feature network, e.g. "FD (phantom classifier features)".
+    """A Fréchet distance on a custom feature network, e.g. "FD (phantom classifier features)"; interval and
+    kept features as `fid`.
 
     `features` maps float images (B, 1, H, W) in [0, 1] to (B, D). Never call the result FID: the name
     is the caller's and should say which features it used.
@@ -475,5 +517,7 @@ def fd_features(
                 out.append(np.asarray(torch.as_tensor(features(tensor)).detach().cpu().double()))  # (batch, dim)
         return np.concatenate(out)
 
-    value = frechet_distance(feature_statistics(extract(real)), feature_statistics(extract(fake)))
-    return Score(name, value, label=label, protocol={"features": name, "n": [len(real), len(fake)], "size": size})
+    real_features, fake_features = extract(real), extract(fake)
+    value = frechet_distance(feature_statistics(real_features), feature_statistics(fake_features))
+    score = Score(name, value, label=label, protocol={"features": name, "n": [len(real), len(fake)], "size": size})
+    return _with_interval(score, real_features, fake_features, resamples, seed, keep_features)

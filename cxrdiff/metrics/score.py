@@ -22,6 +22,7 @@ class Score:
     std: float | None = None
     unit: str = ""
     protocol: dict[str, Any] = dataclasses.field(default_factory=dict)
+    interval: dict[str, Any] | None = None  # metrics.intervals.Interval.as_dict(): its bounds and how it was made
 
     def __post_init__(self) -> None:
         if self.protocol.get("random_features") and UNTRAINED_LABEL not in self.label:
@@ -33,10 +34,14 @@ class Score:
         return f"{self.name} [{self.label}]" if self.label else self.name
 
     def text(self, digits: int = 1) -> str:
-        """The value as printed in tables, always followed by the label when there is one."""
+        """The value as printed in tables: "± std" where the metric has one (MS-SSIM's over prompts), then its
+        95% interval in brackets, always followed by the label when there is one."""
         number = f"{self.value:.{digits}f}" if self.value == self.value else "n/a"
         if self.std is not None:
             number += f" ± {self.std:.{digits}f}"
+        low, high = (self.interval or {}).get("low"), (self.interval or {}).get("high")
+        if low is not None and high is not None:
+            number += f" [{low:.{digits}f}, {high:.{digits}f}]"
         return number + (f" ({self.label})" if self.label else "")
 
     def as_dict(self) -> dict[str, Any]:
