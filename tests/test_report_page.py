@@ -25,13 +25,43 @@ def _run(frozen: bool | None, cnr: float, auc: float, fd: float, name: str = "FI
     }
 
 
+def _side(side: str, frozen: float, learnable: float, low: float, high: float, over: str = "bootstrap") -> dict:
+    """One half of a verdict as report/verdicts.py writes it: the difference's interval decides."""
+    from cxrdiff.metrics.intervals import Interval, verdict
+
+    sign = 1 if side == "interpretability" else -1
+    value = frozen - learnable if sign > 0 else learnable - frozen
+    method = (
+        "bootstrap over phrases, paired, class-stratified, 1000 resamples, percentile"
+        if over == "bootstrap"
+        else "Welch t over trainings (2 vs 2)"
+    )
+    diff = Interval(value, low, high, method=method, n=50 if over == "bootstrap" else (2, 2))
+    return {"side": side, "metric": "CNR" if sign > 0 else "FID_XRV", "frozen": frozen, "learnable": learnable,
+            "difference": diff.as_dict(), "expected_sign": sign, "verdict": verdict(diff, sign),
+            "over": over}  # fmt: skip
+
+
 def _metrics(frozen_fd: float = 12.0, learnable_fd: float = 9.0, frozen_cnr: float = 0.61) -> dict:
+    cnr_diff, fd_diff = frozen_cnr - 0.41, learnable_fd - frozen_fd
     return {
         "runs": {
             "frozen": _run(True, frozen_cnr, 0.81, frozen_fd),
             "learnable": _run(False, 0.41, 0.61, learnable_fd),
         },
         "settings": {"scheduler": "pndm", "sample_steps": 75, "guidance": 4.0, "n_fid": 5000, "ground_limit": None},
+        "verdicts": [
+            {
+                "base": None,
+                "frozen": "frozen",
+                "learnable": "learnable",
+                "trainings": [1, 1],
+                "sides": [
+                    _side("interpretability", frozen_cnr, 0.41, cnr_diff - 0.1, cnr_diff + 0.1),
+                    _side("fidelity", frozen_fd, learnable_fd, fd_diff - 1.0, fd_diff + 1.0),
+                ],
+            }
+        ],  # fmt: skip
     }
 
 
@@ -47,27 +77,54 @@ def test_headline_numbers_against_the_paper():
         "CNR 0.41 (paper 0.133, +0.28); AUC-ROC % 61.0 (paper 54, +7.0); FID_XRV 9.0 (paper 7.7, +1.3)."
     )
     assert lines[-1] == (
-        "**The trade-off (frozen: more interpretable, learnable: images closer to real) is reproduced here.**"
+        "**The trade-off (frozen: more interpretable, learnable: images closer to real) is reproduced here**: a half "
+        "counts as reproduced or opposite only when its 95% interval excludes zero."
+    )
+    assert lines[-3] == (
+        "Interpretability (the paper: the frozen text encoder grounds better than the learnable one): **reproduced** "
+        "(CNR 0.61 frozen vs 0.41 learnable; CNR frozen − learnable 0.20 [0.10, 0.30], bootstrap of one training "
+        "each, over phrases; the paper: CNR 0.92 vs 0.133)."
     )
     assert [r[0] for r in table.rows] == ["SDv2", "Finetune_L", "Finetune_F", "frozen", "learnable"]
     assert table.rows[2][1:] == ["published (Tables 1, 4)", "0.92", "79", "FID 75.5 / FID_XRV 10.1"]
 
 
+FID_SAID = "Fidelity (the paper: the learnable text encoder's images are closer to the real ones): "
+CNR_SAID = "Interpretability (the paper: the frozen text encoder grounds better than the learnable one): "
+
+
 @pytest.mark.parametrize(
     ("frozen_cnr", "frozen_fd", "verdict", "said"),
     [
-        (0.61, 8.0, "partly reproduced", "are not closer to the real ones"),  # learnable's images farther
-        (0.30, 8.0, "not reproduced", "does not ground better"),
-        (0.30, 12.0, "partly reproduced", "Fidelity: the learnable text encoder's images are closer"),
+        (0.61, 9.5, "partly reproduced", FID_SAID + "**not distinguishable here**"),  # FD 9 − 9.5 ± 1 holds 0
+        (0.61, 7.5, "mixed (one half reproduced, the other opposite)", FID_SAID + "**opposite**"),
+        (0.30, 8.0, "partly opposite", CNR_SAID + "**opposite**"),  # CNR 0.30 − 0.41 ± 0.1 excludes 0
+        (0.30, 12.0, "mixed (one half reproduced, the other opposite)", "**reproduced** (FID_XRV 12.0 frozen"),
+        (
+            0.45,
+            9.5,
+            "not distinguishable here",
+            "**not distinguishable here** (CNR 0.45 frozen vs 0.41 learnable; "
+            "CNR frozen − learnable 0.04 [-0.06, 0.14]",
+        ),  # fmt: skip
     ],
 )
 def test_headline_verdict_per_side(frozen_cnr, frozen_fd, verdict, said):
+    """A half is reproduced or opposite only when the difference's interval (here ± 0.1 CNR, ± 1 FD) excludes
+    zero on that side; a difference inside it is not distinguishable, whatever its sign."""
     lines, _ = page.headline(_metrics(frozen_fd=frozen_fd, frozen_cnr=frozen_cnr))
-    assert (
-        lines[-1]
-        == f"**The trade-off (frozen: more interpretable, learnable: images closer to real) is {verdict} here.**"
+    assert lines[-1].startswith(
+        f"**The trade-off (frozen: more interpretable, learnable: images closer to real) is {verdict} here**"
     )
     assert any(said in line for line in lines), lines
+
+
+def test_a_verdict_over_trainings_says_so():
+    metrics = _metrics()
+    metrics["verdicts"][0]["sides"] = [_side("interpretability", 0.61, 0.41, 0.05, 0.35, over="trainings")]
+    lines, _ = page.headline(metrics)
+    assert "CNR frozen − learnable 0.20 [0.05, 0.35], over 2 vs 2 trainings;" in lines[-2]
+    assert "is partly reproduced here" in lines[-1]  # one half measured
 
 
 def test_headline_fid_is_not_compared_and_a_lone_model_gets_no_verdict():
@@ -75,6 +132,7 @@ def test_headline_fid_is_not_compared_and_a_lone_model_gets_no_verdict():
     lines, _ = page.headline(metrics)
     assert "FID 80.0 (paper 75.5, not comparable: computed differently)" in lines[0]
     assert lines[-1].startswith("The trade-off needs one run with a frozen and one with a learnable text encoder")
+    assert "[" not in lines[0]  # no interval recorded: none printed (never a made-up ± 0)
 
 
 def test_a_labels_model_is_set_against_the_papers_table_7():
@@ -91,7 +149,7 @@ def test_a_labels_model_is_set_against_the_papers_table_7():
         "phrases that contain their label 0.50 (paper 0.8, -0.30); average CNR 0.26; AUC-ROC % 59.0; grounded "
         "only, as the paper measures it."
     )
-    assert "CNR 0.61 vs 0.41" in " ".join(lines)  # the verdict still sets the impression runs against each other
+    assert "CNR 0.61 frozen vs 0.41 learnable" in " ".join(lines)  # the verdict sets the impression runs apart
 
 
 def test_headline_speaks_of_setting_groups_when_there_are_any():
@@ -163,16 +221,17 @@ def test_a_table_no_section_claims_is_still_shown():
 
 
 def test_a_verdict_per_base_model_when_runs_start_from_several():
-    """The demo's --text-init both: frozen is set against learnable of the same base model only."""
+    """The demo's --text-init both: one block of verdicts per base model."""
     metrics = _metrics()
     token = {"token-frozen": _run(True, 0.30, 0.70, 8.0), "token-learnable": _run(False, 0.90, 0.85, 11.0)}
     metrics["runs"].update(token)
-    for name, run in metrics["runs"].items():
-        run["setting"] = {"base_model": "/demo/base-model-" + ("token-local" if "token" in name else "pretrained")}
+    metrics["verdicts"][0]["base"] = "/demo/base-model-pretrained"
+    metrics["verdicts"].append({"base": "/demo/base-model-token-local", "frozen": "token-frozen",
+                                "learnable": "token-learnable", "trainings": [1, 1],
+                                "sides": [_side("interpretability", 0.30, 0.90, -0.7, -0.5)]})  # fmt: skip
     lines, _ = page.headline(metrics)
     text = "\n".join(lines)
-    pretrained, token_local = text.split("*Fine-tuned from base-model-token-local")
-    assert "base-model-pretrained (frozen, learnable)" in pretrained
-    assert "CNR 0.61 vs 0.41" in pretrained and "**The trade-off" in pretrained and "is reproduced here" in pretrained
-    assert "(token-frozen, token-learnable)" in token_local
-    assert "CNR 0.30 vs 0.90" in token_local and "is not reproduced here" in token_local
+    pretrained, token_local = text.split("**Fine-tuned from base-model-token-local")
+    assert "base-model-pretrained (frozen vs learnable)" in pretrained and "is reproduced here" in pretrained
+    assert "(token-frozen vs token-learnable)" in token_local
+    assert "CNR 0.30 frozen vs 0.90 learnable" in token_local and "is partly opposite here" in token_local

@@ -114,6 +114,8 @@ def classifier_check(
     by_class: Mapping[str, Any],
     no_finding: Any,
     classes: Sequence[str] = MS_CXR_CATEGORIES,
+    seed: int = 0,
+    resamples: int = RESAMPLES,
 ) -> dict[str, Score]:
     """Run `classifier` on each class's images and the No-Finding images; AUC per class (see `class_aucs`).
 
@@ -131,7 +133,7 @@ def classifier_check(
         imgs = _images(by_class.get(cls, []))
         pos[cls] = classifier.scores(imgs)[:, idx] if len(imgs) else np.zeros(0)
         neg[cls] = neg_scores[:, idx]
-    return class_aucs(pos, neg, name=f"AUC ({classifier.name})")
+    return class_aucs(pos, neg, name=f"AUC ({classifier.name})", seed=seed, resamples=resamples)
 
 
 # --- torchxrayvision's classifier ------------------------------------------------------------

@@ -49,7 +49,9 @@ class ReportConfig:
     checkpoint_every: int = 1  # with checkpoints: every Nth kept checkpoint, counted back from the newest
     table4_p19_only: bool = False  # Table 4 from the p19 prompts only: the MS-CXR phrases are not sampled
     other_sources: OtherSources = "grounding"  # runs trained on labels / file: texts: Table 7's grounding only
-    seed: int = 0
+    seed: int = 0  # sampling, grounding and every bootstrap
+    resamples: int = 1000  # bootstrap resamples of the intervals over phrases, prompts and images
+    fd_resamples: int = 200  # over generated images for Fréchet distances (each is an eigen-decomposition)
     batch_size: int = 8
     device: str = "cpu"  # for the fidelity feature networks
     workers: int = 1  # runs measured side by side on a multi-core CPU (one process each; ignored with CUDA)

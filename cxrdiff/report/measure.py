@@ -5,6 +5,7 @@ identities (a changed key measures again).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -89,36 +90,54 @@ def scores_as_dicts(table: Mapping[str, Score]) -> dict[str, Any]:
     return {k: v.as_dict() for k, v in table.items()}
 
 
+def features_file(keep: Path, name: str) -> Path:
+    """Where the real and generated features behind a Fréchet distance are kept (for comparing two runs)."""
+    return keep / (re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower() + ".npz")
+
+
 def measure_run(
-    config: ReportConfig, samples: Path, diversity_dir: Path, real: Path, classifier: Any
+    config: ReportConfig, samples: Path, diversity_dir: Path, real: Path, classifier: Any, keep: Path | None = None
 ) -> dict[str, Any]:
-    """Fidelity of one run: Fréchet distances, MS-SSIM, classifier AUC; each a `Score` as a dict."""
+    """Fidelity of one run: Fréchet distances, MS-SSIM, classifier AUC; each a `Score` as a dict, with its
+    bootstrap interval. The real set has as many images as were generated (FD depends on the counts), at
+    most --n-fid. `keep`: a folder for the Fréchet distances' features (see `features_file`)."""
     from cxrdiff.metrics import classifier as clf
     from cxrdiff.metrics import diversity, fid
 
     table = read_table(samples / "samples.parquet")
     fake = [samples / f for f in table["file"]]
     size = image_size(fake[0])
-    test = read_table(real / "test.parquet").head(config.n_fid)
+    test = read_table(real / "test.parquet").head(min(config.n_fid, len(fake)))
     real_paths = [image_path(p, real) for p in test["image_path"]]
     cache = Path(config.out) / ".fidelity_cache"
-    kwargs = dict(random_features=config.random_features, size=size, cache_root=cache, device=config.device)
+    boot = dict(resamples=config.fd_resamples, seed=config.seed)
+    kwargs = dict(random_features=config.random_features, size=size, cache_root=cache, device=config.device, **boot)
+
+    def kept(name: str) -> Path | None:
+        return None if keep is None else features_file(keep, name)
+
     fidelity: list[Score] = []
     if config.fid:
-        fidelity.append(fid.fid(real_paths, fake, weights=config.inception_weights, **kwargs))
-    if config.fid_xrv:
-        fidelity.append(fid.fid_xrv(real_paths, fake, weights=config.xrv_weights, **kwargs))
-    if classifier is not None and hasattr(classifier, "features"):
         fidelity.append(
-            fid.fd_features(real_paths, fake, classifier.features, f"FD ({classifier.name} features)", size=size)
+            fid.fid(real_paths, fake, weights=config.inception_weights, keep_features=kept("fid"), **kwargs)
         )
+    if config.fid_xrv:
+        fidelity.append(
+            fid.fid_xrv(real_paths, fake, weights=config.xrv_weights, keep_features=kept("fid-xrv"), **kwargs)
+        )
+    if classifier is not None and hasattr(classifier, "features"):
+        name = f"FD ({classifier.name} features)"
+        score = fid.fd_features(
+            real_paths, fake, classifier.features, name, size=size, keep_features=kept(name), **boot
+        )
+        fidelity.append(score)
     div_table = read_table(diversity_dir / "samples.parquet")
     groups = [
         [diversity_dir / f for f in g.sort_values("repeat")["file"]] for _, g in div_table.groupby("prompt_index")
     ]
     result: dict[str, Any] = {
         "fidelity": [s.as_dict() for s in fidelity],
-        "diversity": diversity.diversity(groups).as_dict(),
+        "diversity": diversity.diversity(groups, seed=config.seed, resamples=config.resamples).as_dict(),
         "image_size": size,
         "n_generated": len(fake),
         "n_real": len(real_paths),
@@ -128,9 +147,10 @@ def measure_run(
         if no_finding:
             result["classifier"] = scores_as_dicts(
                 clf.classifier_check(
-                    classifier, {c: grey_images(p, size) for c, p in by_class.items()}, grey_images(no_finding, size)
+                    classifier, {c: grey_images(p, size) for c, p in by_class.items()}, grey_images(no_finding, size),
+                    seed=config.seed, resamples=config.resamples,
                 )
-            )
+            )  # fmt: skip
     return result
 
 
@@ -146,8 +166,9 @@ def measure_real(config: ReportConfig, real: Path, classifier: Any, size: int) -
     if not no_finding:
         return {}
     aucs = clf.classifier_check(
-        classifier, {c: grey_images(p, size) for c, p in by_class.items()}, grey_images(no_finding, size)
-    )
+        classifier, {c: grey_images(p, size) for c, p in by_class.items()}, grey_images(no_finding, size),
+        seed=config.seed, resamples=config.resamples,
+    )  # fmt: skip
     return {"classifier": scores_as_dicts(aucs)}
 
 
@@ -156,7 +177,17 @@ def metric_settings(config: ReportConfig, classifier: str | None) -> dict[str, A
     return {
         **{
             k: getattr(config, k)
-            for k in ("n_fid", "random_features", "fid", "fid_xrv", "diversity_prompts", "classifier_positives")
+            for k in (
+                "n_fid",
+                "random_features",
+                "fid",
+                "fid_xrv",
+                "diversity_prompts",
+                "classifier_positives",
+                "seed",
+                "resamples",
+                "fd_resamples",
+            )  # fmt: skip
         },
         "classifier": classifier,
         "weights": {"inception": identity(config.inception_weights), "xrv": identity(config.xrv_weights)},
@@ -176,7 +207,8 @@ def measured_once(
             "real": input_identity(real),
         }
     )
-    return cached(path, key, lambda: measure_run(config, samples, diversity, real, classifier))
+    keep = path.parent / ("features" + path.stem.removeprefix("metrics"))  # features/, features-ms-cxr/
+    return cached(path, key, lambda: measure_run(config, samples, diversity, real, classifier, keep))
 
 
 def measure_ms_cxr(

@@ -54,6 +54,7 @@ from cxrdiff.report.steps import (
 from cxrdiff.report.text_source import text_source_of
 from cxrdiff.report.trainings import GROUPED_BY, TRAININGS_DDOF, group_runs, run_summary
 from cxrdiff.report.trainings import groups as training_groups
+from cxrdiff.report.verdicts import grounding_intervals, verdicts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,12 +166,13 @@ def _report_run(
         if sampled
         else {"skipped": "grounding only: trained on another text than impressions (--other-sources)"},
         "grounding": _grounding_summary(ground_dir),
-        "grounding_per_phrase": _per_phrase(ground_dirs),
+        "grounding_per_phrase": _per_phrase(ground_dirs, config),
         "overlays": _overlays(ground_dir),
         **measured,
     }
     entry.update(setting=setting, text_source=text_source_of(ground_dir, setting["prompt_source"]))
     entry["eos"] = _eos(entry["grounding"])
+    entry["grounding_intervals"] = grounding_intervals(ground_dir, config.seed, config.resamples)
     return entry, done
 
 
@@ -226,7 +228,14 @@ def report_mimic(config: ReportConfig, classifier: Any = None, steps: Steps | No
         "real_folder": str(real.resolve()),
         "settings": to_dict(config),
         "classifier": checked.classifier,
+        "uncertainty": {
+            "level": 0.95,
+            "seed": config.seed,
+            "resamples": config.resamples,
+            "fd_resamples": config.fd_resamples,
+        },
     }
+    metrics["verdicts"] = verdicts(metrics, out, config.seed, config.resamples, config.fd_resamples)
     files = render(metrics, out)
     checked.folder.finish(
         config=to_dict(config),
@@ -257,12 +266,15 @@ def _grounding_summary(ground_dir: Path) -> dict[str, Any]:
     return summary
 
 
-def _per_phrase(ground_dirs: Mapping[str, Path]) -> dict[str, Any]:
-    """Table 3's grounding (per phrase): its per-class CNR and average, or a note that it is Table 1's."""
+def _per_phrase(ground_dirs: Mapping[str, Path], config: ReportConfig) -> dict[str, Any]:
+    """Table 3's grounding (per phrase): its per-class CNR and average with their intervals, or a note that it
+    is Table 1's."""
     if ground_dirs["per-phrase"] == ground_dirs["union"]:
         return {"same_as_union": True}
     summary = json.loads((ground_dirs["per-phrase"] / "summary.json").read_text())
-    return {"same_as_union": False, "classes": summary.get("classes", {}), "average": summary.get("average")}
+    intervals = grounding_intervals(ground_dirs["per-phrase"], config.seed, config.resamples)
+    return {"same_as_union": False, "classes": summary.get("classes", {}), "average": summary.get("average"),
+            "intervals": intervals}  # fmt: skip
 
 
 def _overlays(ground_dir: Path) -> dict[str, list[str]]:

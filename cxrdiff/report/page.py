@@ -85,6 +85,7 @@ def models(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
         out.append(
             {
                 "name": name,
+                "uncertainty": _uncertainty(metrics, name, entry, bool(groups)),
                 "kind": _kind(entry, bool(groups)),
                 "trainings": trainings,
                 "source": source,
@@ -98,6 +99,31 @@ def models(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _uncertainty(metrics: Mapping[str, Any], name: str, entry: Mapping[str, Any], group: bool) -> dict[str, Any]:
+    """CNR's and AUC-ROC's interval (Interval dicts): over trainings (t) for a group of two or more, else the
+    run's bootstrap over phrases."""
+    from cxrdiff.metrics.intervals import trainings_interval
+
+    runs = metrics.get("runs", {})
+    members = list(entry.get("runs", [name])) if group else [name]
+    if len(members) >= 2:
+        out = {}
+        for m in ("cnr", "auc_roc"):
+            values = [
+                (((runs[r].get("grounding") or {}).get("average") or {}).get(m) or {}).get("mean") for r in members
+            ]
+            out[m] = trainings_interval([v for v in values if v is not None]).as_dict()
+        return out
+    return ((runs.get(members[0]) or {}).get("grounding_intervals") or {}).get("average") or {}
+
+
+def interval_text(interval: Mapping[str, Any] | None, digits: int = 2, scale: float = 1.0) -> str:
+    """ " [low, high]" for an interval with bounds, else "" (a value is never shown with a fake ± 0)."""
+    if not interval or interval.get("low") is None or interval.get("high") is None:
+        return ""
+    return f" [{interval['low'] * scale:.{digits}f}, {interval['high'] * scale:.{digits}f}]"
+
+
 # --- the headline ----------------------------------------------------------------------------------
 
 
@@ -105,13 +131,16 @@ def _num(value: float | None, digits: int = 2, scale: float = 1.0) -> str:
     return "—" if value is None else f"{value * scale:.{digits}f}"
 
 
-def _against(value: float | None, published: float | None, digits: int, scale: float = 1.0) -> str:
-    """'0.61 (paper 0.920, -0.31)': the measured value, the paper's and how far apart."""
+def _against(
+    value: float | None, published: float | None, digits: int, scale: float = 1.0, interval: Any = None
+) -> str:
+    """'0.61 [0.52, 0.70] (paper 0.920, -0.31)': the measured value, its interval, the paper's, how far apart."""
     if value is None:
         return "not measured"
+    text = _num(value, digits, scale) + interval_text(interval, digits, scale)
     if published is None:
-        return _num(value, digits, scale)
-    return f"{_num(value, digits, scale)} (paper {published:g}, {value * scale - published:+.{digits}f})"
+        return text
+    return f"{text} (paper {published:g}, {value * scale - published:+.{digits}f})"
 
 
 def _fidelity_words(model: Mapping[str, Any], paper: str | None) -> str:
@@ -120,7 +149,7 @@ def _fidelity_words(model: Mapping[str, Any], paper: str | None) -> str:
     f = model.get("fidelity")
     if not f or f.get("value") is None:
         return "fidelity not measured"
-    text = f"{f.get('title', f['name'])} {f['value']:.1f}"
+    text = f"{f.get('title', f['name'])} {f['value']:.1f}" + interval_text(f.get("interval"), 1)
     published = PUBLISHED_FIDELITY.get(paper or "")
     if published and f["name"] == "FID_XRV" and not f.get("label"):
         return f"{text} (paper {published[1]:g}, {f['value'] - published[1]:+.1f})"
@@ -156,62 +185,57 @@ def _model_line(model: Mapping[str, Any]) -> str:
     kind = model["kind"] if model["kind"] in ("base model", "fine-tuned") else f"text encoder {model['kind']}"
     who = f"**{model['name']}** ({kind}{trainings}"
     who += f"; the paper's {paper})" if paper else ")"
-    cnr = _against(model["cnr"][0], average[2] if average else None, 2)
-    auc = _against(model["auc"][0], average[0] if average else None, 1, 100)
+    u = model.get("uncertainty") or {}
+    cnr = _against(model["cnr"][0], average[2] if average else None, 2, interval=u.get("cnr"))
+    auc = _against(model["auc"][0], average[0] if average else None, 1, 100, interval=u.get("auc_roc"))
     return f"{who}: CNR {cnr}; AUC-ROC % {auc}; {_fidelity_words(model, paper)}."
 
 
-def _pick(found: Sequence[Mapping[str, Any]], kind: str) -> Mapping[str, Any] | None:
-    """The model of a kind the trade-off is judged on: the one trained on impressions, as the paper's."""
-    of_kind = [m for m in found if m["kind"] == kind]
-    return next((m for m in of_kind if m.get("source") in (None, "impression")), of_kind[0] if of_kind else None)
+SIDE_WORDS = {  # (what the paper found, the measure, which way is better)
+    "interpretability": ("the frozen text encoder grounds better than the learnable one", "CNR frozen − learnable"),
+    "fidelity": ("the learnable text encoder's images are closer to the real ones", "learnable − frozen"),
+}
 
 
-def tradeoff_verdict(found: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The direction of the trade-off in words: frozen grounds better (higher CNR), learnable makes images
-    closer to real ones (lower distance), as in the paper; each side reproduced or not."""
-    frozen, learnable = _pick(found, "frozen"), _pick(found, "learnable")
-    if frozen is None or learnable is None:
-        return ["The trade-off needs one run with a frozen and one with a learnable text encoder; this report has "
-                + (", ".join(sorted({m["kind"] for m in found})) or "none") + "."]  # fmt: skip
-    lines, sides = [], []
-    f_cnr, l_cnr = frozen["cnr"][0], learnable["cnr"][0]
-    paper_f, paper_l = (PUBLISHED_LOCALIZATION[m]["Average"][2] for m in ("Finetune_F", "Finetune_L"))
-    if f_cnr is not None and l_cnr is not None:
-        ok = f_cnr > l_cnr
-        sides.append(ok)
-        lines.append(
-            f"Interpretability: the frozen text encoder {'grounds better' if ok else 'does not ground better'} than "
-            f"the learnable one (CNR {f_cnr:.2f} vs {l_cnr:.2f}; the paper: {paper_f:g} vs {paper_l:g}): "
-            f"{'reproduced' if ok else 'not reproduced'}."
-        )
-    ff, lf = frozen.get("fidelity"), learnable.get("fidelity")
-    if ff and lf and ff.get("value") is not None and lf.get("value") is not None and ff["name"] == lf["name"]:
-        ok = lf["value"] < ff["value"]
-        sides.append(ok)
-        untrained = " (from an untrained network: not evidence either way)" if ff.get("label") else ""
-        lines.append(
-            f"Fidelity: the learnable text encoder's images are {'closer to' if ok else 'not closer to'} the real "
-            f"ones ({ff.get('title', ff['name'])} {lf['value']:.1f} vs {ff['value']:.1f}, lower is closer; the "
-            f"paper's FID: {PUBLISHED_FIDELITY['Finetune_L'][0]:g} vs {PUBLISHED_FIDELITY['Finetune_F'][0]:g})"
-            f"{untrained}: {'reproduced' if ok else 'not reproduced'}."
-        )
-    verdict = "reproduced" if sides and all(sides) else "partly reproduced" if any(sides) else "not reproduced"
-    lines.append(f"**The trade-off (frozen: more interpretable, learnable: images closer to real) is {verdict} here.**")
-    return lines
+def side_line(side: Mapping[str, Any]) -> str:
+    """One half of the trade-off in words: the paper's finding, the two numbers, the difference with its
+    interval and how it was made, and the verdict, which is "reproduced" or "opposite" only when the
+    interval excludes zero."""
+    from cxrdiff.metrics.intervals import Interval
+
+    claim, measure = SIDE_WORDS[side["side"]]
+    diff = Interval.from_dict(side["difference"])
+    digits = 2 if side["side"] == "interpretability" else 1
+    over = (f"over {diff.n[0]} vs {diff.n[1]} trainings" if side["over"] == "trainings" else
+            "bootstrap of one training each, " + diff.short_method.removeprefix("bootstrap "))  # fmt: skip
+    paper = (f"the paper: CNR {PUBLISHED_LOCALIZATION['Finetune_F']['Average'][2]:g} vs "
+             f"{PUBLISHED_LOCALIZATION['Finetune_L']['Average'][2]:g}" if side["side"] == "interpretability" else
+             f"the paper's FID: {PUBLISHED_FIDELITY['Finetune_L'][0]:g} vs {PUBLISHED_FIDELITY['Finetune_F'][0]:g}, "
+             "lower is closer")  # fmt: skip
+    numbers = (f"{side['metric']} {side['frozen']:.{digits}f} frozen vs {side['learnable']:.{digits}f} learnable; "
+               f"{measure} {diff.text(digits)}, {over}; {paper}")  # fmt: skip
+    return f"{side['side'].capitalize()} (the paper: {claim}): **{side['verdict']}** ({numbers})."
 
 
-def verdicts(found: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The trade-off verdict; one per base model when the runs were fine-tuned from several (e.g. the demo's
-    pretrained and token-local text encoders), frozen set against learnable of the same start only."""
-    bases = list(dict.fromkeys(m["base"] for m in found if m.get("base") and m["kind"] in ("frozen", "learnable")))
-    if len(bases) < 2:
-        return tradeoff_verdict(found)
+def verdict_lines(metrics: Mapping[str, Any]) -> list[str]:
+    """The trade-off's verdicts (metrics.json's `verdicts`): one block per base model when the runs were
+    fine-tuned from several (e.g. the demo's pretrained and token-local text encoders)."""
+    from cxrdiff.report.verdicts import overall
+
+    found = metrics.get("verdicts")
+    if not found:
+        kinds = sorted({m["kind"] for m in models(metrics)})
+        return ["The trade-off needs one run with a frozen and one with a learnable text encoder fine-tuned from the "
+                f"same base model; this report has {', '.join(kinds) or 'none'}."]  # fmt: skip
     lines = []
-    for base in bases:
-        same = [m for m in found if m.get("base") == base]
-        lines.append(f"**Fine-tuned from {Path(base).name} ({', '.join(m['name'] for m in same)}):**")
-        lines += tradeoff_verdict(same)
+    for v in found:
+        if len(found) > 1:
+            lines.append(f"**Fine-tuned from {Path(str(v['base'])).name} ({v['frozen']} vs {v['learnable']}):**")
+        lines += [side_line(side) for side in v["sides"]]
+        lines.append(
+            f"**The trade-off (frozen: more interpretable, learnable: images closer to real) is {overall(v['sides'])} "
+            "here**: a half counts as reproduced or opposite only when its 95% interval excludes zero."
+        )
     return lines
 
 
@@ -219,7 +243,7 @@ def headline(metrics: Mapping[str, Any]) -> tuple[list[str], Table]:
     """The report's first lines: per model CNR, AUC and fidelity against the paper's, the trade-off verdict;
     and the same numbers as one small table with the paper's rows."""
     found = models(metrics)
-    lines = [_model_line(m) for m in found] + verdicts(found)
+    lines = [_model_line(m) for m in found] + verdict_lines(metrics)
     rows = []
     for paper, (fid_value, fid_xrv, _) in PUBLISHED_FIDELITY.items():
         auc, _, cnr = PUBLISHED_LOCALIZATION[paper]["Average"]
@@ -227,16 +251,22 @@ def headline(metrics: Mapping[str, Any]) -> tuple[list[str], Table]:
             [paper, "published (Tables 1, 4)", f"{cnr:g}", f"{auc:g}", f"FID {fid_value:g} / FID_XRV {fid_xrv:g}"]
         )
     for m in found:
-        cnr, std = m["cnr"]
-        cell = _num(cnr) + (f" ± {std:.2f}" if std else "")
+        (cnr, std), u = m["cnr"], m.get("uncertainty") or {}
+        cell = _num(cnr) + (f" ± {std:.2f}" if std else "") + interval_text(u.get("cnr"))
+        auc = _num(m["auc"][0], 1, 100) + interval_text(u.get("auc_roc"), 1, 100)
         f = m.get("fidelity")
-        fidelity = f"{f.get('title', f['name'])} {f['value']:.1f}" if f and f.get("value") is not None else "—"
-        rows.append([m["name"], f"this report ({m['kind']})", cell, _num(m["auc"][0], 1, 100), fidelity])
+        fidelity = "—"
+        if f and f.get("value") is not None:
+            spread = f" ± {f['std']:.1f}" if f.get("std") and m["trainings"] > 1 else ""
+            fidelity = f"{f.get('title', f['name'])} {f['value']:.1f}{spread}{interval_text(f.get('interval'), 1)}"
+        rows.append([m["name"], f"this report ({m['kind']})", cell, auc, fidelity])
     table = Table(
         "The trade-off in numbers: average CNR, AUC-ROC % and fidelity",
         ["model", "source", "CNR", "AUC-ROC %", "fidelity (lower is closer to real)"],
         rows,
-        "± over trainings when a setting has several. " + f"Published: {PAPER}.",
+        "± is the standard deviation over trainings when a setting has several; [ ] a 95% interval: over trainings "
+        "(t) for two or more, else a bootstrap over the phrases (CNR, AUC-ROC) or the generated images (fidelity) "
+        f"of the one training. Published: {PAPER}.",
     )
     return lines, table
 

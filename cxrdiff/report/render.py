@@ -20,6 +20,7 @@ from cxrdiff.data import MS_CXR_CATEGORIES
 from cxrdiff.metrics.score import UNTRAINED_LABEL, Score
 from cxrdiff.report import page
 from cxrdiff.report.document import Page, Table, html, markdown
+from cxrdiff.report.page import interval_text
 from cxrdiff.report.published import (
     CLASSIFIER_ORDER,
     PAPER,
@@ -33,6 +34,7 @@ from cxrdiff.report.published import (
     PUBLISHED_LOCALIZATION_STD,
     PUBLISHED_TEXT_SOURCE,
     PUBLISHED_WORDS,
+    SDV2_CNR_NOTE,
     WORDS_MIN_COUNT,
 )
 from cxrdiff.report.text_source import source_name
@@ -92,9 +94,12 @@ def _localization_table(runs: Mapping[str, Any]) -> Table:
     for c in [*MS_CXR_CATEGORIES, "Average"]:
         row = [c] + [_published_localization(m, c) for m in PUBLISHED_LOCALIZATION]
         for r in runs.values():
-            e = _grounding_entry(r, c)
+            e, iv = _grounding_entry(r, c), _grounding_interval(r, c)
             row.append(
-                " / ".join((_mean(e.get("auc_roc"), 100), _mean(e.get("top1"), 100), _mean(e.get("cnr"), 1, 2)))
+                " / ".join(
+                    _mean(e.get(m), scale, digits) + interval_text(iv.get(m), digits, scale)
+                    for m, scale, digits in (("auc_roc", 100, 1), ("top1", 100, 1), ("cnr", 1, 2))
+                )
                 if e
                 else "—"
             )
@@ -103,9 +108,16 @@ def _localization_table(runs: Mapping[str, Any]) -> Table:
         "Localization on MS-CXR: AUC-ROC % / Top-1 % / CNR",
         headers,
         rows,
-        f"Published: {PAPER}, Table 1 (± over three trainings; SDv2 has none). Measured ± (if any) is over "
-        "grounding seeds, not trainings. Boxes: the union of an image's boxes of the class.",
+        f"Published: {PAPER}, Table 1 (± over three trainings; SDv2 has none). {SDV2_CNR_NOTE} Measured: [ ] a 95% "
+        "bootstrap interval over the phrases (class-stratified for the Average); ± (if any) is over grounding "
+        "noise seeds, not trainings. Boxes: the union of an image's boxes of the class.",
     )
+
+
+def _grounding_interval(run: Mapping[str, Any], category: str) -> Mapping[str, Any]:
+    """A run's bootstrap intervals for one class (or the Average), by metric."""
+    found = run.get("grounding_intervals") or {}
+    return (found.get("average") if category == "Average" else (found.get("classes") or {}).get(category)) or {}
 
 
 def _published_localization(method: str, category: str) -> str:
@@ -125,8 +137,10 @@ def _cnr_table(runs: Mapping[str, Any]) -> Table:
         row = [c] + [_pub(PUBLISHED_CNR_METHODS[m][c]) for m in PUBLISHED_CNR_METHODS]
         for r in runs.values():
             per_phrase = r.get("grounding_per_phrase") or {"same_as_union": True}
-            e = _grounding_entry(r if per_phrase.get("same_as_union") else {"grounding": per_phrase}, c)
-            row.append(_mean(e.get("cnr"), 1, 2) if e else "—")
+            same = per_phrase.get("same_as_union")
+            e = _grounding_entry(r if same else {"grounding": per_phrase}, c)
+            iv = _grounding_interval(r if same else {"grounding_intervals": per_phrase.get("intervals")}, c)
+            row.append(_mean(e.get("cnr"), 1, 2) + interval_text(iv.get("cnr")) if e else "—")
         rows.append(row)
     same = all((r.get("grounding_per_phrase") or {"same_as_union": True}).get("same_as_union") for r in runs.values())
     boxes = "Measured per phrase (each phrase against its own boxes, `--boxes per-phrase`)" + (
