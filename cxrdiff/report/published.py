@@ -90,6 +90,13 @@ _T3 = {
     "BioViL-L": (1.17, 0.95, 1.45, 1.19, 0.96, 1.19, 0.74, 1.50, 1.142),
 }
 PUBLISHED_CNR_METHODS = {m: dict(zip(TABLE3_ORDER, v, strict=True)) for m, v in _T3.items()}
+COMPUTED_CELLS = {("ConVIRT", "Average")}  # not printed in the paper: the class mean of its printed cells, 0.818
+TABLE3_AVERAGE_NOTE = (
+    "Averages: the measured ones are weighted by phrases (each phrase counts once, as the paper's own 0.920 for "
+    "Finetune_F); the baselines' are class means of their printed cells (GLoRIA's class mean is 0.931 against "
+    "the printed 0.930; weighted by MS-CXR's phrase counts it would be 0.826). ConVIRT's Average is not printed "
+    "in the paper: 0.818 is computed here, as the class mean."
+)
 PUBLISHED_FIDELITY = {  # Table 4, prompts from MIMIC p19: FID, FID_XRV, MS-SSIM %
     "SDv2": (237.6, 104.9, 12.9),
     "Finetune_L": (61.9, 7.7, 10.3),
@@ -220,6 +227,19 @@ PROTOCOL = [
     "torchxrayvision's 'Effusion').",
     "Grounding: cross-attention maps of the class words, scored against MS-CXR boxes (AUC-ROC and Top-1 in %; "
     "CNR = (mean_in - mean_out) / sqrt(var_in + var_out), convention as recorded per run).",
+    "Sampling: diffusers' PNDM with PLMS steps, 75 steps, makes 76 UNet calls starting at t = 963; the paper's "
+    "PLMS code (the original Stable Diffusion repository's) made 77 starting at t = 989. The images differ by "
+    "this; their distribution should not by much.",
+    "Uncertainty: every measured number carries a 95% interval. Over the phrases (localization): a percentile "
+    "bootstrap, class-stratified for averages (each class keeps its count); over the generated images (Fréchet "
+    "distances): a bootstrap of the generated features against the fixed real ones, shown as value ± 1.96 "
+    "bootstrap s.d. (the resampled distances sit above the value, so percentiles would not contain it); over "
+    "prompts (MS-SSIM) and images (classifier AUC, positives and negatives resampled apart): percentile "
+    "bootstraps. Settings with two or more trainings: ± is the standard deviation over trainings and the "
+    "verdicts use Welch's t interval over trainings. The seed and resamples are in metrics.json (`uncertainty`).",
+    "Verdicts: a half of the trade-off is 'reproduced' or 'opposite' only when the 95% interval of the "
+    "difference (frozen − learnable CNR; learnable − frozen distance) excludes zero; otherwise 'not "
+    "distinguishable here'.",
 ]
 
 # Table 2: SD2 fine-tuned on MS-COCO captions (in-domain), batch 16 on one A100; FID on the official val split

@@ -17,12 +17,14 @@ import numpy as np
 
 from cxrdiff.artifacts import write_bytes, write_json, write_text
 from cxrdiff.data import MS_CXR_CATEGORIES
+from cxrdiff.metrics.intervals import MIN_POSITIVES, classifier_auc_cell
 from cxrdiff.metrics.score import UNTRAINED_LABEL, Score
 from cxrdiff.report import page
 from cxrdiff.report.document import Page, Table, html, markdown
 from cxrdiff.report.page import interval_text
 from cxrdiff.report.published import (
     CLASSIFIER_ORDER,
+    COMPUTED_CELLS,
     PAPER,
     PROTOCOL,
     PUBLISHED_CLASSIFIER,
@@ -35,6 +37,7 @@ from cxrdiff.report.published import (
     PUBLISHED_TEXT_SOURCE,
     PUBLISHED_WORDS,
     SDV2_CNR_NOTE,
+    TABLE3_AVERAGE_NOTE,
     WORDS_MIN_COUNT,
 )
 from cxrdiff.report.text_source import source_name
@@ -134,7 +137,8 @@ def _cnr_table(runs: Mapping[str, Any]) -> Table:
     headers = ["class"] + [f"{m} (published, Table 3)" for m in PUBLISHED_CNR_METHODS] + [f"{n} CNR" for n in runs]
     rows = []
     for c in [*MS_CXR_CATEGORIES, "Average"]:
-        row = [c] + [_pub(PUBLISHED_CNR_METHODS[m][c]) for m in PUBLISHED_CNR_METHODS]
+        row = [c] + [_pub(PUBLISHED_CNR_METHODS[m][c]) + (" (computed)" if (m, c) in COMPUTED_CELLS else "")
+                     for m in PUBLISHED_CNR_METHODS]  # fmt: skip
         for r in runs.values():
             per_phrase = r.get("grounding_per_phrase") or {"same_as_union": True}
             same = per_phrase.get("same_as_union")
@@ -150,7 +154,8 @@ def _cnr_table(runs: Mapping[str, Any]) -> Table:
         "CNR against published phrase-grounding methods",
         headers,
         rows,
-        f"Published: Table 3 of {PAPER}; BioViL-T reports 1.33 ± 0.04 average. {boxes}",
+        f"Published: Table 3 of {PAPER}; BioViL-T reports 1.33 ± 0.04 average. {boxes} {TABLE3_AVERAGE_NOTE} "
+        "Measured: [ ] a 95% bootstrap interval over the phrases.",
     )
 
 
@@ -187,29 +192,49 @@ def _fidelity_table(runs: Mapping[str, Any]) -> Table:
     return Table("Fidelity and diversity", headers, rows, note)
 
 
+def _classifier_cell(entry: Mapping[str, Any] | None) -> str:
+    """An AUC with its interval, or "too few (n)" when fewer than 5 positive images stand behind it."""
+    if not entry:
+        return "—"
+    positives = (entry.get("protocol") or {}).get("positives")
+    if positives is not None:
+        negatives = (entry.get("protocol") or {}).get("negatives", 0)
+        shown = classifier_auc_cell(positives, negatives, entry.get("value", float("nan")))
+        if not shown[:1].isdigit():
+            return shown
+    return _score_cell(entry)
+
+
+def _classifier_counts(name: str, aucs: Mapping[str, Any]) -> str:
+    counts = [f"{c} {aucs[c]['protocol']['positives']}" for c in CLASSIFIER_ORDER
+              if "positives" in (aucs.get(c) or {}).get("protocol", {})]  # fmt: skip
+    negatives = next((a["protocol"]["negatives"] for a in aucs.values() if "negatives" in a.get("protocol", {})), 0)
+    return f"{name}: {', '.join(counts)}; No Finding {negatives}"
+
+
 def _classifier_table(metrics: Mapping[str, Any]) -> Table:
     headers = ["images", "source", *CLASSIFIER_ORDER]
     rows = [[m, "published, Table 5"] + [_pub(v[c]) for c in CLASSIFIER_ORDER] for m, v in PUBLISHED_CLASSIFIER.items()]
+    measured = []
     if metrics.get("real", {}).get("classifier"):
-        rows.append(
-            ["real p19 (reference)", "this report"]
-            + [_score_cell(metrics["real"]["classifier"].get(c)) for c in CLASSIFIER_ORDER]
-        )
-    for n, r in metrics.get("runs", {}).items():
-        if r.get("classifier"):
-            rows.append([n, "this report"] + [_score_cell(r["classifier"].get(c)) for c in CLASSIFIER_ORDER])
+        measured.append(("real p19 (reference)", metrics["real"]["classifier"]))
+    measured += [(n, r["classifier"]) for n, r in metrics.get("runs", {}).items() if r.get("classifier")]
+    rows += [[n, "this report"] + [_classifier_cell(aucs.get(c)) for c in CLASSIFIER_ORDER] for n, aucs in measured]
     rule = (metrics.get("settings") or {}).get("classifier_positives", "only")
     positives = (
         "images whose only label is d, against images whose only label is No Finding (the paper's protocol)"
         if rule == "only"
         else "every image labelled d, against every image labelled No Finding (`--classifier-positives any`)"
     )
+    counts = "; ".join(_classifier_counts(n, aucs) for n, aucs in measured)
     return Table(
         "Classifier AUC %: class d vs No Finding",
         headers,
         rows,
-        f"Classifier here: {metrics.get('classifier') or 'none'}; positives: {positives}. Published: Table 5 of "
-        f"{PAPER}, torchxrayvision.",
+        f"Classifier here: {metrics.get('classifier') or 'none'}; positives: {positives}. [ ] a 95% bootstrap "
+        f"interval over the images; an AUC from fewer than {MIN_POSITIVES} positive images is shown as 'too few "
+        f"(n)' and left out of the Average. Images per class (positives): {counts or 'none'}. Published: Table 5 "
+        f"of {PAPER}, torchxrayvision.",
     )
 
 
@@ -286,8 +311,8 @@ def _group_label(name: str, group: Mapping[str, Any]) -> str:
 def _trainings_table(metrics: Mapping[str, Any]) -> Table | None:
     """Table 1 over trainings: each setting group's mean ± std of AUC-ROC %, Top-1 % and CNR."""
     groups = metrics.get("groups") or {}
-    if not groups:
-        return None
+    if not any(g.get("trainings", 1) >= 2 for g in groups.values()):
+        return None  # one training per setting: the table would repeat Table 1's runs
     published = [m for m in PUBLISHED_LOCALIZATION_STD]
     headers = ["class"] + [f"{m} (published, Table 1)" for m in published]
     headers += [f"{_group_label(g, v)} (this report)" for g, v in groups.items()]
