@@ -388,22 +388,35 @@ def _report(out: Path, runs: dict[str, list[Path]], prepared: Path, classifier: 
     return report(config, classifier=classifier)
 
 
-def _summary(metrics_path: Path) -> dict[str, dict[str, Any]]:
-    """The headline numbers per run: average CNR / AUC-ROC / Top-1 and the fidelity scores."""
+def _summary(metrics_path: Path) -> dict[str, Any]:
+    """The headline numbers per run, each with its 95% interval (a bootstrap over the run's phrases or images;
+    never a "± 0.00" for a single training), and the report's verdicts in one line each."""
     import json
 
+    from cxrdiff.report.verdicts import overall
+
     metrics = json.loads(metrics_path.read_text())
-    summary = {}
+    summary: dict[str, Any] = {}
     for name, run in metrics["runs"].items():
-        average = run["grounding"].get("average") or run["grounding"].get("classes", {}).get("Average", {})
+        average = run["grounding"].get("average") or {}
+        intervals = (run.get("grounding_intervals") or {}).get("average") or {}
         numbers = {
-            label: f"{average[key]['mean']:.2f} ± {average[key]['std']:.2f}"
+            label: _with_interval(average[key]["mean"], intervals.get(key), 2)
             for key, label in (("cnr", "CNR"), ("auc_roc", "AUC-ROC"), ("top1", "Top-1"))
             if key in average
         }
         for score in run.get("fidelity", []):
-            numbers[score["name"]] = f"{score['value']:.3f}"
+            numbers[score["name"]] = _with_interval(score["value"], score.get("interval"), 2)
         if run.get("diversity"):
-            numbers["MS-SSIM %"] = f"{run['diversity']['value']:.1f}"
+            numbers["MS-SSIM %"] = _with_interval(run["diversity"]["value"], run["diversity"].get("interval"), 1)
         summary[name] = numbers
+    for v in metrics.get("verdicts") or []:
+        sides = {s["side"]: s["verdict"] for s in v["sides"]}
+        summary[f"verdict: {v['frozen']} vs {v['learnable']}"] = {**sides, "trade-off": overall(v["sides"])}
     return summary
+
+
+def _with_interval(value: float, interval: dict[str, Any] | None, digits: int) -> str:
+    bounds = interval and interval.get("low") is not None and interval.get("high") is not None
+    text = f"{value:.{digits}f}"
+    return text + (f" [{interval['low']:.{digits}f}, {interval['high']:.{digits}f}]" if bounds else "")

@@ -59,6 +59,27 @@ def test_quick_demo_runs_the_whole_chain_and_reruns_nothing(tmp_path):
     eos = text.split("### EOS token vs class words")[1].split("###")[0]
     assert "| Finetune_F (2 trainings) | frozen |" in eos and "| 0.72 |" in eos
 
+    # every number with its uncertainty, verdicts only where the interval says so (issue: trustworthy verdicts)
+    for name, run in metrics["runs"].items():
+        cnr = run["grounding_intervals"]["average"]["cnr"]
+        assert cnr["low"] < cnr["value"] < cnr["high"] and "class-stratified" in cnr["method"]
+        if "fidelity" in run:
+            fd = run["fidelity"][0]["interval"]
+            assert fd["low"] < run["fidelity"][0]["value"] < fd["high"]
+            assert (
+                run["diversity"]["interval"]["low"] <= run["diversity"]["value"] <= run["diversity"]["interval"]["high"]
+            )
+    (verdict,) = metrics["verdicts"]  # Finetune_F against Finetune_L, two trainings each
+    assert [s["side"] for s in verdict["sides"]] == ["interpretability", "fidelity"]
+    for side in verdict["sides"]:
+        assert side["over"] == "trainings" and side["difference"]["method"].startswith("Welch t over trainings")
+        low, high = side["difference"]["low"], side["difference"]["high"]
+        expected = "not distinguishable here" if low <= 0 <= high else None
+        assert side["verdict"] == expected or (expected is None and side["verdict"] in ("reproduced", "opposite"))
+    headline = text.split("## Headline")[1].split("\n## ")[0]
+    assert "a half counts as reproduced or opposite only when its 95% interval excludes zero" in headline
+    assert "± 0.00" not in result.stderr and "verdict: Finetune_F vs Finetune_L" in result.stderr
+
     # the manifests chain: finetune records the prepared folder, which records the base model
     frozen = json.loads((out / "runs" / "pretrained-frozen-seed0" / "manifest.json").read_text())
     assert frozen["inputs"]["data"]["path"] == str((out / "prepared").resolve())

@@ -182,7 +182,8 @@ def _fidelity_table(runs: Mapping[str, Any]) -> Table:
     div = next((r["diversity"]["protocol"] for r in runs.values() if r.get("diversity")), None)
     note = (
         f"Published: Table 4 of {PAPER} (512 px, 5,000 images). {FID_NOT_COMPARABLE} This report's images "
-        "come from the MIMIC p19 prompts."
+        "come from the MIMIC p19 prompts. [ ] a 95% interval: Fréchet distances ± 1.96 bootstrap s.d. over the "
+        "generated images (real features fixed); MS-SSIM (± std over prompts, as the paper) a bootstrap over prompts."
     )
     if div:
         note += (
@@ -361,9 +362,16 @@ def _fidelity_sources_table(metrics: Mapping[str, Any]) -> Table | None:
                 continue  # not sampled (report --table4-p19-only, or a Table 7 run grounded only)
             cells = [_over(scores.get(n), 1, 1) for n in names]
             rows.append([_group_label(g, v), prompts, "this report", *cells, _over(v.get(f"diversity{suffix}"), 1, 1)])
+    counts = "; ".join(
+        f"{_group_label(g, v)}: {v.get('n_generated') or '?'} p19, {v.get('n_generated_ms_cxr') or '?'} MS-CXR"
+        for g, v in groups.items()
+        if v.get("n_generated")
+    )
     note = (
-        "Both prompt sources sampled and scored the same way (sampler, seeds, image count, the same real p19 "
-        f"images). {FID_NOT_COMPARABLE} " + _trainings_note(metrics)
+        "Both prompt sources sampled and scored the same way (sampler, seeds), each against as many real p19 "
+        "images as it has generated ones (a Fréchet distance depends on the counts; the paper compared 1,162 "
+        f"MS-CXR images with its 5,000 real ones). Generated images: {counts or 'see metrics.json'}. "
+        f"{FID_NOT_COMPARABLE} " + _trainings_note(metrics)
     )
     return Table("Fidelity and diversity by prompt source (Table 4, both columns)", headers, rows, note)
 

@@ -176,6 +176,8 @@ def aggregate(entries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "fidelity_ms_cxr": _scores(entries, "fidelity_ms_cxr"),
         "diversity": mean_std([(e.get("diversity") or {}).get("value") for e in entries]),
         "diversity_ms_cxr": mean_std([(e.get("diversity_ms_cxr") or {}).get("value") for e in entries]),
+        "n_generated": entries[0].get("n_generated"),
+        "n_generated_ms_cxr": entries[0].get("n_generated_ms_cxr"),
         "text_source": {
             "source": first.get("prompt_source"),
             "text_encoder": first.get("text_encoder"),
