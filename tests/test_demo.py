@@ -60,7 +60,7 @@ def test_quick_demo_runs_the_whole_chain_and_reruns_nothing(tmp_path):
     assert "| Finetune_F (2 trainings) | frozen |" in eos and "| 0.72 |" in eos
 
     # every number with its uncertainty, verdicts only where the interval says so (issue: trustworthy verdicts)
-    for name, run in metrics["runs"].items():
+    for run in metrics["runs"].values():
         cnr = run["grounding_intervals"]["average"]["cnr"]
         assert cnr["low"] < cnr["value"] < cnr["high"] and "class-stratified" in cnr["method"]
         if "fidelity" in run:
