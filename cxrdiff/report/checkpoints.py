@@ -145,15 +145,16 @@ def fidelity(config: ReportConfig, samples: Path, real: Path, classifier: Any) -
     table = read_table(samples / "samples.parquet")
     fake = [samples / f for f in table["file"]]
     size = image_size(fake[0])
-    test = read_table(real / "test.parquet").head(config.n_fid)
+    test = read_table(real / "test.parquet").head(min(config.n_fid, len(fake)))
     real_paths = [image_path(p, real) for p in test["image_path"]]
     cache = Path(config.out) / ".fidelity_cache"
-    kwargs = dict(random_features=config.random_features, size=size, cache_root=cache, device=config.device)
+    boot = dict(resamples=config.fd_resamples, seed=config.seed)
+    kwargs = dict(random_features=config.random_features, size=size, cache_root=cache, device=config.device, **boot)
     if config.fid:
         return fid.fid(real_paths, fake, weights=config.inception_weights, **kwargs).as_dict()
     if config.fid_xrv:
         return fid.fid_xrv(real_paths, fake, weights=config.xrv_weights, **kwargs).as_dict()
     if classifier is not None and hasattr(classifier, "features"):
         name = f"FD ({classifier.name} features)"
-        return fid.fd_features(real_paths, fake, classifier.features, name, size=size).as_dict()
+        return fid.fd_features(real_paths, fake, classifier.features, name, size=size, **boot).as_dict()
     return None

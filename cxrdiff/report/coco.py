@@ -23,8 +23,10 @@ from cxrdiff.errors import InputError
 from cxrdiff.report.checkpoints import selected
 from cxrdiff.report.config import STEP, ReportConfig, Steps
 from cxrdiff.report.document import Page, Table, html, markdown
+from cxrdiff.report.page import interval_text
 from cxrdiff.report.published import PUBLISHED_TABLE2
 from cxrdiff.report.steps import cached, default_steps, recorded_real, run_kind, run_names, run_step
+from cxrdiff.report.verdicts import grounding_intervals
 
 THUMBNAIL = 8  # the fidelity proxy without Inception weights: FD on 8×8 grey thumbnails (64 features)
 
@@ -73,7 +75,8 @@ def _fidelity(config: ReportConfig, samples: Path, real: Path) -> dict[str, Any]
     reference = _grey_real(real, config.n_fid, fake.shape[-1])
     if config.inception_weights is not None or fid.default_inception_path().is_file():
         cache = Path(config.out) / ".fidelity_cache"
-        score = fid.fid(reference, fake, weights=config.inception_weights, size=fake.shape[-1], cache_root=cache)
+        score = fid.fid(reference, fake, weights=config.inception_weights, size=fake.shape[-1], cache_root=cache,
+                        resamples=config.fd_resamples, seed=config.seed)  # fmt: skip
         return score.as_dict()
 
     def thumbnails(x: Any) -> Any:
@@ -81,8 +84,9 @@ def _fidelity(config: ReportConfig, samples: Path, real: Path) -> dict[str, Any]
 
     name = f"FD ({THUMBNAIL}×{THUMBNAIL} grey thumbnails)"
     return fid.fd_features(
-        reference, fake, thumbnails, name, label="no Inception weights: a pixel-level proxy"
-    ).as_dict()
+        reference, fake, thumbnails, name, label="no Inception weights: a pixel-level proxy",
+        resamples=config.fd_resamples, seed=config.seed,
+    ).as_dict()  # fmt: skip
 
 
 def _measure(config: ReportConfig, real: Path, folder: Path, model: Path, steps: Mapping[str, Any]) -> dict[str, Any]:
@@ -102,8 +106,9 @@ def _measure(config: ReportConfig, real: Path, folder: Path, model: Path, steps:
                         "inception_weights": str(config.inception_weights)})  # fmt: skip
     fidelity, _ = cached(folder / "metrics.json", key, lambda: {"fidelity": _fidelity(config, samples, real)})
     summary = json.loads((ground / "summary.json").read_text())
+    intervals = grounding_intervals(ground, config.seed, config.resamples)
     return {"fidelity": fidelity["fidelity"], "grounding": summary.get("average"), "classes": summary.get("classes"),
-            "recomputed": done}  # fmt: skip
+            "grounding_intervals": intervals, "recomputed": done}  # fmt: skip
 
 
 def report_coco(config: ReportConfig, classifier: Any = None, steps: Steps | None = None) -> dict[str, Any]:
@@ -153,7 +158,8 @@ PROTOCOL_COCO = (
     "Fidelity is FID when InceptionV3 weights are available, else a Fréchet distance on small grey thumbnails "
     "(named so; not comparable with any FID). Images are compared in grey, the mean of RGB, as `cxrdiff sample` "
     "writes them. AUC-ROC: the map of the caption's word that names the category against the union of its "
-    "instance masks (crowds included)."
+    "instance masks (crowds included). [ ] a 95% interval: a bootstrap over the test pairs (grounding) or the "
+    "generated images (fidelity, ± 1.96 bootstrap s.d.)."
 )
 
 
@@ -162,11 +168,13 @@ def table2_page(rows: list[dict[str, Any]]) -> Page:
     measured = []
     for r in rows:
         f, g = r["fidelity"] or {}, r["grounding"] or {}
+        iv = (r.get("grounding_intervals") or {}).get("average") or {}
         mean = {m: (g.get(m) or {}).get("mean") for m in ("auc_roc", "top1", "cnr")}
-        cnr = "–" if mean["cnr"] is None else f"{mean['cnr']:.2f}"
-        value = "–" if f.get("value") is None else f"{f['value']:.1f}"
+        cnr = "–" if mean["cnr"] is None else f"{mean['cnr']:.2f}" + interval_text(iv.get("cnr"))
+        value = "–" if f.get("value") is None else f"{f['value']:.2f}" + interval_text(f.get("interval"))
+        auc = _percent(mean["auc_roc"]) + interval_text(iv.get("auc_roc"), 1, 100)
         measured.append([str(r["run"]), str(r["text_encoder"]), str(r["step"]), str(f.get("name", "–")), value,
-                         _percent(mean["auc_roc"]), _percent(mean["top1"]), cnr, str(g.get("n", 0))])  # fmt: skip
+                         auc, _percent(mean["top1"]), cnr, str(g.get("n", 0))])  # fmt: skip
     headers = ["run", "text encoder", "step", "fidelity", "value", "AUC-ROC %", "Top-1 %", "CNR", "pairs"]
     tables = [
         Table("Measured", headers, measured),
