@@ -19,13 +19,13 @@ import math
 import re
 import shutil
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import numpy as np
 
 from cxrdiff.artifacts import StepFolder, atomic_path, input_identity, read_manifest, write_json
 from cxrdiff.choices import BoxMode, CnrKind, Frame, GroundDtype, GroundMode, LatentSampling
-from cxrdiff.config import settings, to_dict
+from cxrdiff.config import Range, check_ranges, settings, to_dict
 from cxrdiff.console import log, progress
 from cxrdiff.errors import InputError, RunError
 from cxrdiff.speed import limit_cpu_threads, set_tf32, speed_up_unet
@@ -60,19 +60,20 @@ class GroundConfig:
     image: Path | None = None  # single-image mode, with `prompt`
     prompt: str | None = None
     word: tuple[str, ...] | None = None
-    steps: int = 50
-    window: int = 40
+    steps: Annotated[int, Range(ge=1)] = 50
+    window: Annotated[int, Range(ge=1)] = 40
     mode: GroundMode = "noise"
-    guidance: float = 1.0
-    seed: int = 0
-    runs: int = 1
+    guidance: Annotated[float, Range(ge=1.0)] = 1.0
+    seed: Annotated[int, Range(ge=0)] = 0
+    runs: Annotated[int, Range(ge=1)] = 1
     cnr: CnrKind = "signed"
     boxes: BoxMode = "union"  # union: all boxes of the image and class; per-phrase: the phrase's; per-box: each
     frame: Frame = "prepared"
     latent: LatentSampling = "sample"  # sample: a posterior draw per sample and run (the reference code's)
-    limit: int | None = None
-    batch_size: int = 8
-    min_word_count: int = 25  # Table 6: words occurring more than this many times in a class's phrases
+    limit: Annotated[int | None, Range(ge=1)] = None
+    batch_size: Annotated[int, Range(ge=1)] = 8
+    # Table 6: words occurring more than this many times in a class's phrases
+    min_word_count: Annotated[int, Range(ge=0)] = 25
     overlays: bool = True
     dtype: GroundDtype = "auto"  # auto: bf16 on GPU, fp32 on CPU
     compile: bool = False  # speed levers (cxrdiff.speed): torch.compile the UNet,
@@ -117,20 +118,9 @@ def check_inputs(config: GroundConfig) -> None:
         raise InputError(f"--image {config.image}: --prompt is required with --image")
     if config.data is not None and config.prompt:
         raise InputError("--prompt: only with --image (the phrases come from --data)")
-    if config.steps < 1:
-        raise InputError(f"--steps {config.steps}: must be at least 1")
-    if not 1 <= config.window <= config.steps:
+    check_ranges(config)
+    if config.window > config.steps:
         raise InputError(f"--window {config.window}: must be between 1 and --steps ({config.steps})")
-    if config.guidance < 1.0:
-        raise InputError(f"--guidance {config.guidance}: must be at least 1 (1 = conditional text only)")
-    if config.runs < 1:
-        raise InputError(f"--runs {config.runs}: must be at least 1")
-    if config.limit is not None and config.limit < 1:
-        raise InputError(f"--limit {config.limit}: must be at least 1")
-    if config.batch_size < 1:
-        raise InputError(f"--batch-size {config.batch_size}: must be at least 1")
-    if config.min_word_count < 0:
-        raise InputError(f"--min-word-count {config.min_word_count}: must be at least 0")
     if config.image is not None and (config.frame != "prepared" or config.boxes != "union"):
         raise InputError("--frame/--boxes: only with --data (a single image has no boxes)")
     check_model_folder(config.model)

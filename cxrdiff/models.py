@@ -322,8 +322,13 @@ def tiny_components(spec: TinySpec = TinySpec(), seed: int = 0, text_encoder: An
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
 
-    if spec.resolution % 2 ** (len(spec.vae_channels) - 1):
-        raise InputError(f"--resolution {spec.resolution} is not a multiple of {2 ** (len(spec.vae_channels) - 1)}")
+    factor = 2 ** (len(spec.vae_channels) - 1)
+    smallest = factor * 2 ** len(spec.unet_channels)  # the UNet's deepest block still sees 2 × 2 cells
+    if spec.resolution < smallest or spec.resolution % factor:
+        raise InputError(
+            f"--resolution {spec.resolution}: must be a positive multiple of {factor} (the VAE's factor), "
+            f"at least {smallest}"
+        )
     tokenizer = clip_tokenizer()
     torch.manual_seed(seed)
     n = len(spec.unet_channels)
@@ -392,6 +397,7 @@ def write_tiny_model_cli(
         channels = tuple(int(c) for c in unet_channels.split(","))
     except ValueError:
         raise InputError(f"--unet-channels {unet_channels!r}: expected comma-separated integers") from None
+    check_tiny_numbers(channels, text_width, seed)
     if prediction_type not in ("epsilon", "v_prediction"):
         raise InputError(f"--prediction-type {prediction_type!r}: expected epsilon or v_prediction")
     if (Path(out) / MANIFEST).is_file():  # a step's folder: writing here would swap its weights under its manifest
@@ -412,6 +418,21 @@ def write_tiny_model_cli(
     else:
         write_tiny_model(out, spec, seed)
     return {"model": str(out), **describe(out)}
+
+
+def check_tiny_numbers(unet_channels: tuple[int, ...], text_width: int, seed: int) -> None:
+    """`model tiny`'s numbers (the resolution is checked against the VAE in `tiny_components`): widths that
+    build a UNet whose group norms divide them and a text encoder of two heads."""
+    groups = min(32, unet_channels[0]) if unet_channels else 0
+    if len(unet_channels) < 2 or groups < 1 or any(c < 1 or c % groups for c in unet_channels):
+        raise InputError(
+            f"--unet-channels {','.join(map(str, unet_channels))}: expected two or more positive widths, "
+            f"each a multiple of {max(groups, 1)} (the group norm's groups: the first width, at most 32)"
+        )
+    if text_width < 2 or text_width % 2:
+        raise InputError(f"--text-width {text_width}: must be a positive even number (two attention heads)")
+    if seed < 0:
+        raise InputError(f"--seed {seed}: must be at least 0")
 
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:

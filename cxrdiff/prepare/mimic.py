@@ -81,20 +81,21 @@ def check_mimic_inputs(config: PrepareConfig) -> MimicInputs:
     for name in ("mimic", "ms_cxr", "base_model", "out"):
         if getattr(config, name) is None:
             raise InputError(f"--{name.replace('_', '-')} is required")
-    for name in ("test_size", "batch_size", "shard_size"):
-        if getattr(config, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} {getattr(config, name)}: must be at least 1")
-    if not 0.0 <= config.test_no_finding_max <= 1.0:
-        raise InputError(f"--test-no-finding-max {config.test_no_finding_max}: must be between 0 and 1")
     mimic = Path(config.mimic)
     if not mimic.is_dir():
-        raise InputError(f"--mimic {mimic}: no such folder")
+        raise InputError(
+            f"--mimic {mimic}: "
+            + ("a file; give the MIMIC-CXR-JPG root folder" if mimic.exists() else "no such folder")
+        )
     files = files_root(mimic)
     if not any(files.glob("p1[0-9]")):
         raise InputError(f"--mimic {mimic}: no files/p10..p19 patient folders (is it the MIMIC-CXR-JPG root?)")
     reports = Path(config.reports) if config.reports is not None else mimic
     if not reports.is_dir():
-        raise InputError(f"--reports {reports}: no such folder")
+        raise InputError(
+            f"--reports {reports}: "
+            + ("a file; give the reports root folder" if reports.exists() else "no such folder")
+        )
     if not any(files_root(reports).glob("p1[0-9]/p*/s*.txt")):
         raise InputError(f"--reports {reports}: no report files (files/pXX/pN/sN.txt); give the MIMIC-CXR reports root")
     tables = {kind: find_table(mimic, kind) for kind in MIMIC_TABLES}
