@@ -164,7 +164,7 @@ def load_samples(config: GroundConfig) -> list[Sample]:
     try:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several types for a non-Parquet file
-        raise InputError(f"--data {path}: not a readable Parquet file ({exc})") from None
+        raise InputError(f"--data {path}: not a readable Parquet file ({str(exc).strip().splitlines()[0]})") from None
     if "mask_rle" in table.column_names:
         return _coco_samples(table, config, path)
     wanted = (*DATA_COLUMNS, "latent_logvar") if config.latent == "sample" else DATA_COLUMNS

@@ -14,12 +14,13 @@ import hashlib
 import json
 import math
 import os
+import pickle
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 from cxrdiff.artifacts import MANIFEST, atomic_dir, read_manifest
-from cxrdiff.errors import InputError
+from cxrdiff.errors import InputError, unsafe_pickle
 
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _PART_FILES = {
@@ -98,7 +99,46 @@ def check_model_folder(path: str | os.PathLike) -> Path:
             p.name in _WEIGHT_NAMES or p.name.endswith(".safetensors") for p in folder.iterdir()
         ):
             raise InputError(f"{folder}: no weight file ({' or '.join(_WEIGHT_NAMES[:2])})")
+    check_part_configs(path)
     return path
+
+
+def check_part_configs(path: Path) -> None:
+    """Build the UNet, VAE and text encoder from their configs on the meta device (no memory, no weights read;
+    well under a second for SD's sizes) and the scheduler from its own, so that a mistyped field
+    (`"latent_channels": "4"`) is refused here in one line naming the file, and `doctor` reports it, instead of a
+    TypeError deep in a step."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    builders = {
+        "unet": ("config.json", UNet2DConditionModel.from_config),
+        "vae": ("config.json", AutoencoderKL.from_config),
+        "text_encoder": ("config.json", lambda config: CLIPTextModel(CLIPTextConfig.from_dict(config))),
+    }
+    for part, (name, build) in builders.items():
+        file = path / part / name
+        try:
+            config = json.loads(file.read_text())
+            if not isinstance(config, dict):
+                raise TypeError("not a JSON object")
+            with torch.device("meta"):
+                build(config)
+        except Exception as exc:  # any failure to build from the file is the file's fault: say which file
+            raise InputError(f"{file}: cannot build the {part} from it ({_first_line(exc)})") from None
+    file = path / "scheduler" / "scheduler_config.json"
+    try:
+        _scheduler_class(path).from_config(json.loads(file.read_text()))
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"{file}: cannot build the scheduler from it ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def load_components(path: str | os.PathLike, device: Any = None, dtype: Any = None) -> Components:
@@ -118,8 +158,10 @@ def load_components(path: str | os.PathLike, device: Any = None, dtype: Any = No
     ):
         try:
             loaded[part] = load(path / part, local_files_only=True)
-        except (OSError, ValueError, json.JSONDecodeError, RuntimeError) as exc:
-            raise InputError(f"{path / part}: cannot load {part} ({str(exc).splitlines()[0]})") from None
+        except pickle.UnpicklingError:
+            raise unsafe_pickle(path / part) from None
+        except (OSError, ValueError, TypeError, json.JSONDecodeError, RuntimeError) as exc:
+            raise InputError(f"{path / part}: cannot load {part} ({_first_line(exc)})") from None
     comps = Components(**loaded, path=path)
     for module in (comps.unet, comps.vae, comps.text_encoder):
         module.eval().requires_grad_(False)

@@ -150,7 +150,12 @@ def _read_prompt_table(path: Path, column: str) -> SamplePrompts:
     if column not in names:
         raise InputError(f"--prompts {path}: no '{column}' column (has: {', '.join(names)})")
     keep = [column] + [c for c in (*ID_COLUMNS, *LABELS) if c in names]
-    table = pq.read_table(path, columns=keep)
+    try:
+        table = pq.read_table(path, columns=keep)
+    except Exception as exc:  # pyarrow raises several types (ArrowInvalid, OSError) for damaged pages
+        raise InputError(
+            f"--prompts {path}: not a readable Parquet file ({str(exc).strip().splitlines()[0]})"
+        ) from None
     texts = table.column(column).to_pylist()
     missing = sum(t is None for t in texts)
     if missing:

@@ -10,8 +10,10 @@ import sys
 import pytest
 
 
-def run_main(argv: list[str], capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> tuple[int, list[str]]:
-    """`cxrdiff ARGV` → (exit code, stderr's lines); stdout is left in `capsys` for the caller."""
+def run_main(
+    argv: list[object], capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> tuple[int, list[str], str]:
+    """`cxrdiff ARGV` → (exit code, stderr's lines, stdout)."""
     from cxrdiff.cli import main
 
     monkeypatch.setattr(sys, "argv", ["cxrdiff", *map(str, argv)])
@@ -19,4 +21,5 @@ def run_main(argv: list[str], capsys: pytest.CaptureFixture, monkeypatch: pytest
     with pytest.raises(SystemExit) as exit_info:
         main()
     code = exit_info.value.code
-    return (0 if code is None else int(code)), capsys.readouterr().err.strip().splitlines()
+    captured = capsys.readouterr()
+    return (0 if code is None else int(code)), captured.err.strip().splitlines(), captured.out

@@ -176,6 +176,6 @@ def test_cli_refuses_bad_numbers_with_one_line_and_exit_2(argv, line, tmp_path, 
     from cli_main import run_main
 
     argv = [str(tmp_path / "out") if word == "OUT" else word for word in argv]
-    code, err = run_main(argv, capsys, monkeypatch)
+    code, err, _ = run_main(argv, capsys, monkeypatch)
     assert code == 2 and len(err) == 1 and err[0].startswith(line), err
     assert not (tmp_path / "out").exists()

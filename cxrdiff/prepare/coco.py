@@ -61,7 +61,7 @@ def check_coco_inputs(config: PrepareConfig) -> CocoInputs:
         raise InputError("--mimic/--ms-cxr: not with --format coco (give --coco ROOT)")
     root = Path(config.coco)
     if not root.is_dir():
-        raise InputError(f"--coco {root}: no such folder")
+        raise InputError(f"--coco {root}: {'a file, not a folder' if root.exists() else 'no such folder'}")
     splits = parse_splits(config.coco_splits)
     for split in splits:
         split_files(root, split)

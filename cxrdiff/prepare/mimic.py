@@ -83,19 +83,15 @@ def check_mimic_inputs(config: PrepareConfig) -> MimicInputs:
             raise InputError(f"--{name.replace('_', '-')} is required")
     mimic = Path(config.mimic)
     if not mimic.is_dir():
-        raise InputError(
-            f"--mimic {mimic}: "
-            + ("a file; give the MIMIC-CXR-JPG root folder" if mimic.exists() else "no such folder")
-        )
+        what = "a file, not a folder" if mimic.exists() else "no such folder"
+        raise InputError(f"--mimic {mimic}: {what} (give the MIMIC-CXR-JPG root: files/ and the CSVs)")
     files = files_root(mimic)
     if not any(files.glob("p1[0-9]")):
         raise InputError(f"--mimic {mimic}: no files/p10..p19 patient folders (is it the MIMIC-CXR-JPG root?)")
     reports = Path(config.reports) if config.reports is not None else mimic
     if not reports.is_dir():
-        raise InputError(
-            f"--reports {reports}: "
-            + ("a file; give the reports root folder" if reports.exists() else "no such folder")
-        )
+        what = "a file, not a folder" if reports.exists() else "no such folder"
+        raise InputError(f"--reports {reports}: {what} (give the MIMIC-CXR reports root: files/pXX/...)")
     if not any(files_root(reports).glob("p1[0-9]/p*/s*.txt")):
         raise InputError(f"--reports {reports}: no report files (files/pXX/pN/sN.txt); give the MIMIC-CXR reports root")
     tables = {kind: find_table(mimic, kind) for kind in MIMIC_TABLES}
