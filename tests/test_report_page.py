@@ -176,3 +176,19 @@ def test_a_verdict_per_base_model_when_runs_start_from_several():
     assert "CNR 0.61 vs 0.41" in pretrained and "**The trade-off" in pretrained and "is reproduced here" in pretrained
     assert "(token-frozen, token-learnable)" in token_local
     assert "CNR 0.30 vs 0.90" in token_local and "is not reproduced here" in token_local
+
+
+def test_a_label_with_markup_shows_as_typed_in_both_pages(tmp_path):
+    """A --label (or run name) like `<b>x</b>*y*` is text: report.md escapes it, report.html too, and the page's
+    own **bold** around it still works."""
+    metrics = _metrics()
+    metrics["runs"] = {"<b>x</b>*y*" if n == "frozen" else n: r for n, r in metrics["runs"].items()}
+    render(metrics, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    headline = md.split("## Headline")[1].split("\n## ")[0]
+    assert "- **&lt;b>x&lt;/b>\\*y\\*** (text encoder frozen; the paper's Finetune_F): CNR 0.61" in headline
+    assert "| &lt;b>x&lt;/b>\\*y\\* | this report (frozen) | 0.61 |" in headline  # the table below it
+    assert "<b>" not in md and "*y*" not in md
+    page_html = (tmp_path / "report.html").read_text()
+    assert "<li><strong>&lt;b&gt;x&lt;/b&gt;*y*</strong> (text encoder frozen;" in page_html
+    assert "<td>&lt;b&gt;x&lt;/b&gt;*y*</td>" in page_html and "<b>x" not in page_html

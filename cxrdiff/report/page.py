@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cxrdiff.metrics.score import Score
-from cxrdiff.report.document import Table
+from cxrdiff.report.document import Table, literal
 from cxrdiff.report.published import PAPER, PUBLISHED_FIDELITY, PUBLISHED_LOCALIZATION, PUBLISHED_TEXT_SOURCE
 from cxrdiff.report.text_source import source_name
 
@@ -137,7 +137,8 @@ def _other_text_line(model: Mapping[str, Any]) -> str:
     published = PUBLISHED_TEXT_SOURCE.get(name)
     paper = None if published is None else published[0 if model["kind"] == "learnable" else 1]
     trainings = f", {model['trainings']} trainings" if model["trainings"] > 1 else ""
-    who = f"**{model['name']}** (text encoder {model['kind']}, trained on {source_name(source)}{trainings}"
+    trained_on = literal(source_name(source))
+    who = f"**{literal(model['name'])}** (text encoder {model['kind']}, trained on {trained_on}{trainings}"
     who += "; the paper's Table 7)" if paper is not None else ")"
     return (
         f"{who}: CNR on the phrases that contain their label {_against(model.get('text_cnr'), paper, 2)}; "
@@ -154,7 +155,7 @@ def _model_line(model: Mapping[str, Any]) -> str:
     average = PUBLISHED_LOCALIZATION.get(paper or "", {}).get("Average")
     trainings = f", {model['trainings']} trainings" if model["trainings"] > 1 else ""
     kind = model["kind"] if model["kind"] in ("base model", "fine-tuned") else f"text encoder {model['kind']}"
-    who = f"**{model['name']}** ({kind}{trainings}"
+    who = f"**{literal(model['name'])}** ({kind}{trainings}"
     who += f"; the paper's {paper})" if paper else ")"
     cnr = _against(model["cnr"][0], average[2] if average else None, 2)
     auc = _against(model["auc"][0], average[0] if average else None, 1, 100)
@@ -210,7 +211,8 @@ def verdicts(found: Sequence[Mapping[str, Any]]) -> list[str]:
     lines = []
     for base in bases:
         same = [m for m in found if m.get("base") == base]
-        lines.append(f"**Fine-tuned from {Path(base).name} ({', '.join(m['name'] for m in same)}):**")
+        names = ", ".join(literal(m["name"]) for m in same)
+        lines.append(f"**Fine-tuned from {literal(Path(base).name)} ({names}):**")
         lines += tradeoff_verdict(same)
     return lines
 
