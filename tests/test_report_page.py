@@ -192,3 +192,7 @@ def test_a_label_with_markup_shows_as_typed_in_both_pages(tmp_path):
     page_html = (tmp_path / "report.html").read_text()
     assert "<li><strong>&lt;b&gt;x&lt;/b&gt;*y*</strong> (text encoder frozen;" in page_html
     assert "<td>&lt;b&gt;x&lt;/b&gt;*y*</td>" in page_html and "<b>x" not in page_html
+    from cxrdiff.report.document import literal, strong
+
+    assert literal("[a](b) _c_ FID_XRV 0.6 [0.5, 0.7] &amp;") == "\\[a](b) \\_c\\_ FID_XRV 0.6 [0.5, 0.7] \\&amp;"
+    assert strong(f"**{literal('**z**')}** said") == "<strong>**z**</strong> said"  # escaped stars make no bold

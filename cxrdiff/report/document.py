@@ -25,10 +25,12 @@ def escape_markdown(text: str) -> str:
 
 def literal(text: str) -> str:
     """User-given text (a run name, a `--label`, a path) for a line with the page's own Markdown (`**bold**`):
-    what could start inline markup backslash-escaped (backslash, backtick, asterisk, brackets, tilde, an
-    underscore at a word's edge, an ampersand that begins an entity; `<` is `escape_markdown`'s), so `*y*` or `<b>x</b>` shows as typed in report.md, while
-    `FID_XRV` stays as it is. `strong` undoes the escapes for report.html."""
-    text = re.sub(r"([\\`*\[\]~])", r"\\\1", text)
+    what could start inline markup is backslash-escaped (backslash, backtick, asterisk, tilde, a bracket that
+    opens a link, an underscore at a word's edge, an ampersand that begins an entity; `<` is `escape_markdown`'s),
+    so `*y*` or `<b>x</b>` shows as typed in report.md while `FID_XRV` or `0.61 [0.5, 0.7]` stay as they are.
+    `strong` undoes the escapes for report.html."""
+    text = re.sub(r"([\\`*~])", r"\\\1", text)
+    text = re.sub(r"\[(?=[^\]]*\]\s*[\[(])", r"\\[", text)
     text = re.sub(r"(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])", r"\\_", text)
     return re.sub(r"&(?=#?\w+;)", r"\\&", text)
 
