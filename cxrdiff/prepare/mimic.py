@@ -373,6 +373,9 @@ def build_plan(config: PrepareConfig, inputs: MimicInputs, tokenizer: Any = None
     ms_rows = _ms_cxr_rows(ms, meta, inputs, ms_counts, skipped)
     ms_counts["planned"] = len(ms_rows)
     counts["ms_cxr"] = ms_counts
+    if not len(ms_rows):  # prepare can still train, but `ground` and `report` will have no phrase to score
+        why = "no rows (only a header)" if ms.empty else f"none of its {len(ms)} boxes is usable (see skipped.csv)"
+        log.warning("--ms-cxr %s: %s; ms_cxr.parquet will be empty: nothing to ground", inputs.ms_cxr, why)
 
     sources = {
         part: {s: int((frame["impression_source"] == s).sum()) for s in SOURCES}
