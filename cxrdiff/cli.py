@@ -1,7 +1,8 @@
 """The `cxrdiff` command line: options → a config → one call into the Python API → print the result.
 
 Heavy libraries (torch, diffusers) are imported inside the commands, so `--help` and shell
-completion stay instant. Results go to stdout (`--json` for machines); progress and logs to stderr.
+completion stay instant. Results go to stdout (`--json` for machines); progress and logs to stderr; a fault
+is one line on stderr and an exit code, Ctrl-C included (see `main`).
 """
 
 from __future__ import annotations
