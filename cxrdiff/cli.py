@@ -1,17 +1,19 @@
 """The `cxrdiff` command line: options → a config → one call into the Python API → print the result.
 
 Heavy libraries (torch, diffusers) are imported inside the commands, so `--help` and shell
-completion stay instant. Results go to stdout (`--json` for machines); progress and logs to stderr.
+completion stay instant. Results go to stdout (`--json` for machines); progress and logs to stderr; a fault
+is one line on stderr and an exit code, Ctrl-C included (see `main`).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from typer.core import TyperGroup, TyperOption
@@ -585,23 +587,82 @@ def completion_script(shell: str) -> str:
 
 
 def main() -> None:
-    """Entry point: expected errors become one line on stderr and an exit code; -v shows the traceback.
+    """Entry point: every expected failure is one line on stderr and an exit code; -v adds the traceback.
 
-    Click handles usage errors (exit 2) and Ctrl-C (exit 1) itself; a killed step resumes when re-run.
+    Exit codes: 0 done; 1 the run failed (RunError, or an unexpected error); 2 bad usage or input: an unknown
+    option or a bad value (`error: MESSAGE (see cxrdiff CMD --help)`), an InputError, or a path the step cannot
+    read or write (`error: PATH: reason`: no permission, a read-only or full disk, a file where a folder
+    belongs); 130 Ctrl-C. In `finetune` the first Ctrl-C finishes the current step, saves its checkpoint and
+    stops with a message (exit 130; SIGTERM/SIGUSR1 do the same with exit 1), and a second Ctrl-C aborts at
+    once; elsewhere Ctrl-C stops at once. A stopped or killed step resumes when the same command is re-run.
     """
     from cxrdiff.console import verbosity
 
     try:
-        app(prog_name="cxrdiff")
+        code = app(prog_name="cxrdiff", standalone_mode=False)
     except CxrdiffError as exc:
-        if verbosity() > 0:
-            import traceback
-
-            traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+        fail(str(exc), exc.exit_code)
+    except OSError as exc:
+        if exc.errno not in PATH_ERRNOS:
+            fail(f"{type(exc).__name__}: {first_line(exc)} (run with -v for the traceback)", 1)
+        fail(path_error(exc), 2)
+    except (KeyboardInterrupt, typer.Abort) as exc:  # Ctrl-C (older Typer: an Abort from it) or end of input
+        interrupted = isinstance(exc, KeyboardInterrupt) or isinstance(exc.__context__, KeyboardInterrupt)
+        fail(INTERRUPTED, 130) if interrupted else fail("aborted", 1)
     except Exception as exc:
+        if click_error(exc):
+            usage_error(exc)
         if verbosity() > 0:
             raise
-        print(f"error: {type(exc).__name__}: {exc} (run with -v for the traceback)", file=sys.stderr)
-        sys.exit(1)
+        fail(f"{type(exc).__name__}: {first_line(exc)} (run with -v for the traceback)", 1)
+    if code == 130:  # Typer turns a KeyboardInterrupt outside a step's own handling into Exit(130)
+        fail(INTERRUPTED, 130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+INTERRUPTED = "interrupted (Ctrl-C); re-run the same command to resume where the step left off"
+
+
+def click_error(exc: BaseException) -> bool:
+    """Click's exception for bad usage (Typer raises its own copy of Click's), told by its class name so that
+    neither's private modules are imported."""
+    return any(kind.__name__ == "ClickException" for kind in type(exc).__mro__)
+
+
+def usage_error(exc: Any) -> NoReturn:
+    """A usage error in one line that names the command's help (Click and Typer print a box of 4–6 lines)."""
+    if type(exc).__name__ == "NoArgsIsHelpError":  # `cxrdiff` or `cxrdiff model` alone: the help, shown
+        sys.exit(2)
+    ctx = getattr(exc, "ctx", None)
+    where = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+    fail(exc.format_message() + where, exc.exit_code, traceback_too=False)
+
+
+PATH_ERRNOS = {
+    errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST,
+    errno.ENOENT, errno.ENAMETOOLONG, errno.ELOOP,
+}  # fmt: skip
+
+
+def path_error(exc: OSError) -> str:
+    """`PATH: reason` of an operating-system error on a path (the reason in words, e.g. "Read-only file system")."""
+    where = " → ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
+    reason = exc.strerror or first_line(exc)
+    return f"{where}: {reason}" if where else reason
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def fail(message: str, code: int, traceback_too: bool = True) -> NoReturn:
+    """Print `error: MESSAGE` (after the traceback with -v) and exit with `code`."""
+    from cxrdiff.console import verbosity
+
+    if traceback_too and verbosity() > 0 and sys.exc_info()[0] is not None:
+        import traceback
+
+        traceback.print_exc()
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)

@@ -1,9 +1,16 @@
-"""Typed, frozen configs: defaults < `--config file.toml` < flags; unknown keys are errors."""
+"""Typed, frozen configs: defaults < `--config file.toml` < flags; unknown keys are errors.
+
+Every number field declares its allowed values beside its type, `Annotated[float, Range(gt=0)]`, so the range
+lives with the field and `--help`'s defaults (read from the source) stay plain literals. `load_config` checks
+TOML values and flags as they arrive (naming the file or the flag); `check_ranges`, which every step calls
+first, covers configs built in Python too. NaN and infinities are refused wherever a number is meant.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import tomllib
 import types
@@ -17,7 +24,74 @@ from cxrdiff.errors import InputError
 C = TypeVar("C")
 
 
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The allowed values of a number field: finite, and within the bounds given (None: no bound)."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def holds(self, value: float) -> bool:
+        return (
+            math.isfinite(value)
+            and (self.ge is None or value >= self.ge)
+            and (self.gt is None or value > self.gt)
+            and (self.le is None or value <= self.le)
+            and (self.lt is None or value < self.lt)
+        )
+
+    def text(self, integer: bool) -> str:
+        """What `holds` asks, in words: "at least 1" for an integer, "a finite number > 0" for a float."""
+        if integer and self.ge is not None and self.gt is None and self.lt is None:
+            return f"at least {self.ge}" if self.le is None else f"between {self.ge} and {self.le}"
+        if (self.ge, self.gt) != (None, None) and (self.le, self.lt) != (None, None):
+            low = f"[{self.ge:g}" if self.ge is not None else f"({self.gt:g}"
+            high = f"{self.le:g}]" if self.le is not None else f"{self.lt:g})"
+            return f"a finite number in {low}, {high}"
+        bounds = (("≥", self.ge), (">", self.gt), ("≤", self.le), ("<", self.lt))
+        return " ".join(["a finite number", *(f"{op} {v:g}" for op, v in bounds if v is not None)])
+
+
+def number_fields(cls: type) -> dict[str, tuple[type, Range | None]]:
+    """Each int or float field of a config class: its number type and its declared `Range` (None: none)."""
+    out: dict[str, tuple[type, Range | None]] = {}
+    for name, hint in typing.get_type_hints(cls, include_extras=True).items():
+        if name not in {f.name for f in dataclasses.fields(cls)}:  # type: ignore[arg-type]
+            continue
+        declared = next((m for m in getattr(hint, "__metadata__", ()) if isinstance(m, Range)), None)
+        base = _plain_hint(hint)
+        if typing.get_origin(base) in (typing.Union, types.UnionType):
+            base = next(a for a in typing.get_args(base) if a is not type(None))
+        if base in (int, float):
+            out[name] = (base, declared)
+    return out
+
+
+def check_value(name: str, value: Any, kind: type, declared: Range | None, where: str | None = None) -> None:
+    """Refuse a number outside its field's range, in one line naming the flag (or the file and key)."""
+    if value is None or declared is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not declared.holds(value):
+        label = f"--{name.replace('_', '-')} {value}" if where is None else f"{where}: '{name}' = {value!r}"
+        raise InputError(f"{label}: must be {declared.text(kind is int)}")
+
+
+def check_ranges(config: Any) -> None:
+    """Every number of a config within its declared range: each step calls this first, so a config built in
+    Python is checked as one from the command line is (there by `load_config`, naming the file or flag)."""
+    for name, (kind, declared) in number_fields(type(config)).items():
+        check_value(name, getattr(config, name), kind, declared)
+
+
+def _plain_hint(hint: Any) -> Any:
+    """A type hint without its `Annotated` extras."""
+    return typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Annotated else hint
+
+
 def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
+    hint = _plain_hint(hint)
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
@@ -60,6 +134,7 @@ def load_config(cls: type[C], file: str | os.PathLike | None = None, **flags: An
     """Build `cls` from its defaults, then a TOML file, then the flags that were given (not None)."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    numbers = number_fields(cls)
     values: dict[str, Any] = {}
     if file is not None:
         path = Path(file)
@@ -67,6 +142,12 @@ def load_config(cls: type[C], file: str | os.PathLike | None = None, **flags: An
             data = tomllib.loads(path.read_text())
         except FileNotFoundError:
             raise InputError(f"{path}: config file not found") from None
+        except IsADirectoryError:
+            raise InputError(f"{path}: is a folder; --config takes a TOML file") from None
+        except UnicodeDecodeError:
+            raise InputError(f"{path}: not a UTF-8 text file; --config takes a TOML file") from None
+        except OSError as exc:
+            raise InputError(f"{path}: cannot read the config file ({exc.strerror or exc})") from None
         except tomllib.TOMLDecodeError as exc:
             raise InputError(f"{path}: not valid TOML ({exc})") from None
         data = {k.replace("-", "_"): v for k, v in data.items()}
@@ -75,12 +156,17 @@ def load_config(cls: type[C], file: str | os.PathLike | None = None, **flags: An
             guesses = [f"{k} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(k, names, 1)) else k
                        for k in unknown]  # fmt: skip
             raise InputError(f"{path}: unknown key(s) {', '.join(guesses)}; known: {', '.join(sorted(names))}")
-        values.update({k: _coerce(k, v, hints[k], str(path)) for k, v in data.items()})
+        for k, v in data.items():
+            values[k] = _coerce(k, v, hints[k], str(path))
+            if k in numbers:
+                check_value(k, values[k], *numbers[k], where=str(path))
     for key, value in flags.items():
         if key not in names:
             raise InputError(f"unknown option '{key}'")
         if value is not None:
             values[key] = _coerce(key, value, hints[key], f"--{key.replace('_', '-')}")
+            if key in numbers:
+                check_value(key, values[key], *numbers[key])
     missing = [f.name for f in dataclasses.fields(cls) if f.name not in values and _required(f)]  # type: ignore[arg-type]
     if missing:
         where = f"{file}: " if file is not None else ""

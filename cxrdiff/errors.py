@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class CxrdiffError(Exception):
     """An expected failure: the CLI prints its one-line message, without a traceback."""
@@ -19,3 +21,13 @@ class RunError(CxrdiffError):
     """The run itself failed: NaN loss, a crashed worker (exit code 1)."""
 
     exit_code = 1
+
+
+def unsafe_pickle(folder: Path) -> InputError:
+    """Pickled weights that torch will not load with weights_only (loading them could run code): which file, and
+    what to do, in one line instead of torch's page of advice."""
+    names = ", ".join(p.name for p in sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pt"))) or "the weights"
+    return InputError(
+        f"{folder}: {names}: a pickle that is not loaded (it holds more than tensors, and loading it could run "
+        "code); save the weights as safetensors"
+    )

@@ -19,13 +19,13 @@ import math
 import re
 import shutil
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import numpy as np
 
-from cxrdiff.artifacts import StepFolder, atomic_path, input_identity, read_manifest, write_json
+from cxrdiff.artifacts import MANIFEST, StepFolder, atomic_path, input_identity, read_manifest, write_json
 from cxrdiff.choices import BoxMode, CnrKind, Frame, GroundDtype, GroundMode, LatentSampling
-from cxrdiff.config import settings, to_dict
+from cxrdiff.config import Range, check_ranges, settings, to_dict
 from cxrdiff.console import log, progress
 from cxrdiff.errors import InputError, RunError
 from cxrdiff.speed import limit_cpu_threads, set_tf32, speed_up_unet
@@ -60,19 +60,20 @@ class GroundConfig:
     image: Path | None = None  # single-image mode, with `prompt`
     prompt: str | None = None
     word: tuple[str, ...] | None = None
-    steps: int = 50
-    window: int = 40
+    steps: Annotated[int, Range(ge=1)] = 50
+    window: Annotated[int, Range(ge=1)] = 40
     mode: GroundMode = "noise"
-    guidance: float = 1.0
-    seed: int = 0
-    runs: int = 1
+    guidance: Annotated[float, Range(ge=1.0)] = 1.0
+    seed: Annotated[int, Range(ge=0)] = 0
+    runs: Annotated[int, Range(ge=1)] = 1
     cnr: CnrKind = "signed"
     boxes: BoxMode = "union"  # union: all boxes of the image and class; per-phrase: the phrase's; per-box: each
     frame: Frame = "prepared"
     latent: LatentSampling = "sample"  # sample: a posterior draw per sample and run (the reference code's)
-    limit: int | None = None
-    batch_size: int = 8
-    min_word_count: int = 25  # Table 6: words occurring more than this many times in a class's phrases
+    limit: Annotated[int | None, Range(ge=1)] = None
+    batch_size: Annotated[int, Range(ge=1)] = 8
+    # Table 6: words occurring more than this many times in a class's phrases
+    min_word_count: Annotated[int, Range(ge=0)] = 25
     overlays: bool = True
     dtype: GroundDtype = "auto"  # auto: bf16 on GPU, fp32 on CPU
     compile: bool = False  # speed levers (cxrdiff.speed): torch.compile the UNet,
@@ -117,20 +118,9 @@ def check_inputs(config: GroundConfig) -> None:
         raise InputError(f"--image {config.image}: --prompt is required with --image")
     if config.data is not None and config.prompt:
         raise InputError("--prompt: only with --image (the phrases come from --data)")
-    if config.steps < 1:
-        raise InputError(f"--steps {config.steps}: must be at least 1")
-    if not 1 <= config.window <= config.steps:
+    check_ranges(config)
+    if config.window > config.steps:
         raise InputError(f"--window {config.window}: must be between 1 and --steps ({config.steps})")
-    if config.guidance < 1.0:
-        raise InputError(f"--guidance {config.guidance}: must be at least 1 (1 = conditional text only)")
-    if config.runs < 1:
-        raise InputError(f"--runs {config.runs}: must be at least 1")
-    if config.limit is not None and config.limit < 1:
-        raise InputError(f"--limit {config.limit}: must be at least 1")
-    if config.batch_size < 1:
-        raise InputError(f"--batch-size {config.batch_size}: must be at least 1")
-    if config.min_word_count < 0:
-        raise InputError(f"--min-word-count {config.min_word_count}: must be at least 0")
     if config.image is not None and (config.frame != "prepared" or config.boxes != "union"):
         raise InputError("--frame/--boxes: only with --data (a single image has no boxes)")
     check_model_folder(config.model)
@@ -144,7 +134,7 @@ def _check_scaling_factor(config: GroundConfig) -> None:
     before any weight is read, unless `--allow-scaling-mismatch` (then the recorded factor is used)."""
     if config.data is None or not Path(config.data).is_file():
         return  # single-image mode encodes with the model's own VAE; a missing file is load_samples' error
-    recorded = read_manifest(Path(config.data).parent, "prepare").get("scaling_factor")
+    recorded = data_manifest(Path(config.data)).get("scaling_factor")
     vae_config = Path(config.model) / "vae" / "config.json"
     try:
         model_factor = float(json.loads(vae_config.read_text()).get("scaling_factor", 0.18215))
@@ -156,6 +146,17 @@ def _check_scaling_factor(config: GroundConfig) -> None:
         f"--data {config.data}: latents prepared with VAE scaling factor {recorded}, but --model {config.model} "
         f"has {model_factor}; prepare again with this model's VAE, or pass --allow-scaling-mismatch"
     )
+
+
+def data_manifest(data: Path) -> dict[str, Any]:
+    """The manifest of the prepare folder that holds `--data` (which is named when it is not in one)."""
+    folder = data.absolute().parent
+    if not (folder / MANIFEST).is_file():
+        raise InputError(
+            f"--data {data}: not in a `cxrdiff prepare` output folder (no {MANIFEST} beside it); "
+            "give the ms_cxr.parquet of a prepared folder"
+        )
+    return read_manifest(folder, "prepare")
 
 
 def load_samples(config: GroundConfig) -> list[Sample]:
@@ -170,11 +171,11 @@ def load_samples(config: GroundConfig) -> list[Sample]:
     path = Path(config.data)
     if not path.is_file():
         raise InputError(f"--data {path}: file not found (give ms_cxr.parquet from `cxrdiff prepare`)")
-    read_manifest(path.parent, "prepare")
+    data_manifest(path)
     try:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several types for a non-Parquet file
-        raise InputError(f"--data {path}: not a readable Parquet file ({exc})") from None
+        raise InputError(f"--data {path}: not a readable Parquet file ({str(exc).strip().splitlines()[0]})") from None
     if "mask_rle" in table.column_names:
         return _coco_samples(table, config, path)
     wanted = (*DATA_COLUMNS, "latent_logvar") if config.latent == "sample" else DATA_COLUMNS
@@ -491,6 +492,38 @@ def overlay(grey: np.ndarray, heat: np.ndarray, boxes: list[list[float]], alpha:
     return image
 
 
+MIN_OVERLAY = 256  # pixels on the short side of a single image's overlay, at the least
+
+
+def image_overlay(config: GroundConfig, heat: np.ndarray, frame_size: int, alpha: float = 0.45) -> bytes:
+    """`--image`'s overlay as PNG bytes: the image at its own size (the map taken back through prepare's resize
+    and crop; what the crop cut away shows 0), the phrase and the grounded words as its title, a colour bar.
+    The model's frame (64 px for the demo's model) is too small to read; an image under `MIN_OVERLAY` pixels
+    on its short side is enlarged by a whole factor, so each of its pixels stays a square."""
+    import io
+
+    from matplotlib.figure import Figure
+
+    from cxrdiff.images import load_grayscale
+
+    grey = load_grayscale(Path(str(config.image)))  # (H, W)
+    height, width = grey.shape
+    heat_map = to_original(to_frame(normalise(heat), frame_size), width, height)  # (H, W) in [0, 1]
+    dpi, factor = 100, -(-MIN_OVERLAY // min(height, width))  # the factor: 1 for an image of MIN_OVERLAY px or more
+    figure = Figure(figsize=(width * factor / dpi, height * factor / dpi), dpi=dpi)
+    axes = figure.add_axes((0.0, 0.0, 1.0, 1.0))  # the image fills the figure: one pixel per pixel
+    axes.imshow(grey, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    shown = axes.imshow(heat_map, cmap="jet", vmin=0.0, vmax=1.0, alpha=alpha, interpolation="nearest")
+    axes.set_axis_off()
+    words = ", ".join(config.word) if config.word else "every word"
+    axes.set_title(f"{config.prompt}\ncross-attention on: {words}", fontsize=10)
+    bar = figure.colorbar(shown, cax=figure.add_axes((1.02, 0.0, 0.03, 1.0)))
+    bar.set_label("attention, normalised", fontsize=8)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight", pad_inches=0.1)  # the title and bar outside
+    return buffer.getvalue()
+
+
 def _grey_image(sample: Sample, comps: Any, latent: Any, data_dir: Path | None, size: int) -> np.ndarray:
     """The image in the prepared frame: from its file when it can be found, else decoded from the latent."""
     import torch
@@ -592,7 +625,10 @@ def ground(config: GroundConfig) -> dict[str, Any]:
         seeds = [_sample_seed(config.seed + run, s.sample) for s in chunk]
         maps = capture_maps(comps, latents, context, config, seeds, uncond).float().cpu().numpy()  # (b, T, H, W)
         result = _score_chunk(chunk, maps, config, tokenizer, frame_size, run)
-        if run == 0 and config.overlays:
+        if run == 0 and config.overlays and config.image is not None:  # one image: drawn at its own size
+            with atomic_path(out / "overlays" / f"{chunk[0].sample}.png") as tmp:
+                tmp.write_bytes(image_overlay(config, next(iter(result["heatmaps"].values())), frame_size))
+        elif run == 0 and config.overlays:
             for s, heat, latent in zip(chunk, result["heatmaps"].values(), latents, strict=True):
                 grey = _grey_image(s, comps, latent, data_dir, frame_size)
                 with atomic_path(out / "overlays" / f"{s.sample}.png") as tmp:
@@ -620,7 +656,7 @@ def _encode_image(comps: Any, path: Path, device: Any, dtype: Any) -> tuple[np.n
 def _scaling_factor(config: GroundConfig, comps: Any) -> float:
     """The prepare manifest's scaling factor when it records one (it made the latents), else the model's."""
     if config.data is not None:
-        recorded = read_manifest(Path(config.data).parent, "prepare").get("scaling_factor")
+        recorded = data_manifest(Path(config.data)).get("scaling_factor")
         if recorded is not None:
             if not math.isclose(float(recorded), comps.scaling_factor):
                 log.warning(

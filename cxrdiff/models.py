@@ -14,12 +14,13 @@ import hashlib
 import json
 import math
 import os
+import pickle
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 from cxrdiff.artifacts import MANIFEST, atomic_dir, read_manifest
-from cxrdiff.errors import InputError
+from cxrdiff.errors import InputError, unsafe_pickle
 
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _PART_FILES = {
@@ -98,7 +99,51 @@ def check_model_folder(path: str | os.PathLike) -> Path:
             p.name in _WEIGHT_NAMES or p.name.endswith(".safetensors") for p in folder.iterdir()
         ):
             raise InputError(f"{folder}: no weight file ({' or '.join(_WEIGHT_NAMES[:2])})")
+    check_part_configs(path)
     return path
+
+
+_BUILT: set[str] = set()  # digests of the part configs already built in this process
+
+
+def check_part_configs(path: Path) -> None:
+    """Build the UNet, VAE and text encoder from their configs with empty weights (accelerate's
+    `init_empty_weights`, as `published_modules`: no memory, no weights read; about half a second for SD's
+    sizes, once per process for the same configs) and the scheduler from its own, so that a mistyped field
+    (`"latent_channels": "4"`) is refused here in one line naming the file, and `doctor` reports it, instead of
+    a TypeError deep in a step."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    builders = {
+        "unet": ("config.json", UNet2DConditionModel.from_config),
+        "vae": ("config.json", AutoencoderKL.from_config),
+        "text_encoder": ("config.json", lambda config: CLIPTextModel(CLIPTextConfig.from_dict(config))),
+        "scheduler": ("scheduler_config.json", lambda config: _scheduler_class(path).from_config(config)),
+    }
+    files = {part: path / part / name for part, (name, _) in builders.items()}
+    digest = hashlib.sha256(b"".join(file.read_bytes() + b"\0" for file in files.values()))
+    digest.update((path / "model_index.json").read_bytes())  # it names the scheduler's class
+    if digest.hexdigest() in _BUILT:
+        return
+    for part, (_, build) in builders.items():
+        try:
+            config = json.loads(files[part].read_text())
+            if not isinstance(config, dict):
+                raise TypeError("not a JSON object")
+            with init_empty_weights():
+                build(config)
+        except InputError:
+            raise
+        except Exception as exc:  # any failure to build from the file is the file's fault: say which file
+            raise InputError(f"{files[part]}: cannot build the {part} from it ({_first_line(exc)})") from None
+    _BUILT.add(digest.hexdigest())
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def load_components(path: str | os.PathLike, device: Any = None, dtype: Any = None) -> Components:
@@ -118,8 +163,10 @@ def load_components(path: str | os.PathLike, device: Any = None, dtype: Any = No
     ):
         try:
             loaded[part] = load(path / part, local_files_only=True)
-        except (OSError, ValueError, json.JSONDecodeError, RuntimeError) as exc:
-            raise InputError(f"{path / part}: cannot load {part} ({str(exc).splitlines()[0]})") from None
+        except pickle.UnpicklingError:
+            raise unsafe_pickle(path / part) from None
+        except (OSError, ValueError, TypeError, json.JSONDecodeError, RuntimeError) as exc:
+            raise InputError(f"{path / part}: cannot load {part} ({_first_line(exc)})") from None
     comps = Components(**loaded, path=path)
     for module in (comps.unet, comps.vae, comps.text_encoder):
         module.eval().requires_grad_(False)
@@ -322,8 +369,13 @@ def tiny_components(spec: TinySpec = TinySpec(), seed: int = 0, text_encoder: An
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
 
-    if spec.resolution % 2 ** (len(spec.vae_channels) - 1):
-        raise InputError(f"--resolution {spec.resolution} is not a multiple of {2 ** (len(spec.vae_channels) - 1)}")
+    factor = 2 ** (len(spec.vae_channels) - 1)
+    smallest = factor * 2 ** len(spec.unet_channels)  # the UNet's deepest block still sees 2 × 2 cells
+    if spec.resolution < smallest or spec.resolution % factor:
+        raise InputError(
+            f"--resolution {spec.resolution}: must be a positive multiple of {factor} (the VAE's factor), "
+            f"at least {smallest}"
+        )
     tokenizer = clip_tokenizer()
     torch.manual_seed(seed)
     n = len(spec.unet_channels)
@@ -392,6 +444,7 @@ def write_tiny_model_cli(
         channels = tuple(int(c) for c in unet_channels.split(","))
     except ValueError:
         raise InputError(f"--unet-channels {unet_channels!r}: expected comma-separated integers") from None
+    check_tiny_numbers(channels, text_width, seed)
     if prediction_type not in ("epsilon", "v_prediction"):
         raise InputError(f"--prediction-type {prediction_type!r}: expected epsilon or v_prediction")
     if (Path(out) / MANIFEST).is_file():  # a step's folder: writing here would swap its weights under its manifest
@@ -412,6 +465,21 @@ def write_tiny_model_cli(
     else:
         write_tiny_model(out, spec, seed)
     return {"model": str(out), **describe(out)}
+
+
+def check_tiny_numbers(unet_channels: tuple[int, ...], text_width: int, seed: int) -> None:
+    """`model tiny`'s numbers (the resolution is checked against the VAE in `tiny_components`): widths that
+    build a UNet whose group norms divide them and a text encoder of two heads."""
+    groups = min(32, unet_channels[0]) if unet_channels else 0
+    if len(unet_channels) < 2 or groups < 1 or any(c < 1 or c % groups for c in unet_channels):
+        raise InputError(
+            f"--unet-channels {','.join(map(str, unet_channels))}: expected two or more positive widths, "
+            f"each a multiple of {max(groups, 1)} (the group norm's groups: the first width, at most 32)"
+        )
+    if text_width < 2 or text_width % 2:
+        raise InputError(f"--text-width {text_width}: must be a positive even number (two attention heads)")
+    if seed < 0:
+        raise InputError(f"--seed {seed}: must be at least 0")
 
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:

@@ -17,13 +17,13 @@ import dataclasses
 import math
 import os
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import numpy as np
 
 from cxrdiff.artifacts import StepFolder, atomic_dir, atomic_path, write_text
 from cxrdiff.choices import TextFallback
-from cxrdiff.config import settings, to_dict
+from cxrdiff.config import Range, check_ranges, settings, to_dict
 from cxrdiff.console import log, progress
 from cxrdiff.errors import InputError
 
@@ -39,18 +39,18 @@ class PretrainTextConfig:
     out: Path
     ms_cxr: Path | None = None  # MS-CXR's box CSV, whose images are left out; default: the one in --data (phantoms)
     text_fallback: TextFallback = "none"  # as prepare: none = impressions only (the paper's training text)
-    resolution: int = 64
-    text_width: int = 32
-    text_layers: int = 2
-    text_heads: int = 2
-    steps: int = 600
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    held_out: int = 200  # pairs (whole patients) kept out of training for the retrieval check
-    max_pairs: int | None = None
-    checkpoint_every: int = 200
-    seed: int = 0
+    resolution: Annotated[int, Range(ge=16)] = 64
+    text_width: Annotated[int, Range(ge=1)] = 32
+    text_layers: Annotated[int, Range(ge=1)] = 2
+    text_heads: Annotated[int, Range(ge=1)] = 2
+    steps: Annotated[int, Range(ge=1)] = 600
+    batch_size: Annotated[int, Range(ge=2)] = 64
+    lr: Annotated[float, Range(gt=0.0)] = 1e-3
+    weight_decay: Annotated[float, Range(ge=0.0)] = 0.1
+    held_out: Annotated[int, Range(ge=1)] = 200  # pairs (whole patients) kept out of training for the retrieval check
+    max_pairs: Annotated[int | None, Range(ge=8)] = None
+    checkpoint_every: Annotated[int, Range(ge=1)] = 200
+    seed: Annotated[int, Range(ge=0)] = 0
 
     NOT_SETTINGS: ClassVar[tuple[str, ...]] = ("out", "checkpoint_every", "ms_cxr")  # ms_cxr: by identity
 
@@ -329,10 +329,9 @@ def pretrain_text(config: PretrainTextConfig) -> dict[str, Any]:
     from cxrdiff.artifacts import input_identity
     from cxrdiff.models import clip_tokenizer
 
-    if config.steps < 1 or config.batch_size < 2:
-        raise InputError(
-            f"--steps {config.steps} / --batch-size {config.batch_size}: need ≥ 1 step and ≥ 2 pairs a batch"
-        )
+    check_ranges(config)
+    if config.text_width % config.text_heads:
+        raise InputError(f"--text-width {config.text_width}: not divisible by --text-heads {config.text_heads}")
     out = Path(config.out)
     from cxrdiff.data import find_table
 

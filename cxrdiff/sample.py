@@ -20,13 +20,13 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, ClassVar, get_args
+from typing import Annotated, Any, ClassVar, get_args
 
 import numpy as np
 
 from cxrdiff.artifacts import MANIFEST, StepFolder, atomic_path, input_identity, read_manifest
 from cxrdiff.choices import SamplePrecision, Scheduler
-from cxrdiff.config import settings, to_dict
+from cxrdiff.config import Range, check_ranges, settings, to_dict
 from cxrdiff.console import log, progress
 from cxrdiff.data import LABELS
 from cxrdiff.errors import InputError, RunError
@@ -65,13 +65,13 @@ class SampleConfig:
     prompts_file: Path | None = None
     prompt: str | None = None
     prompt_column: str = "impression"
-    n_per_prompt: int = 1
-    steps: int = 75
-    guidance: float = 4.0
+    n_per_prompt: Annotated[int, Range(ge=1)] = 1
+    steps: Annotated[int, Range(ge=1)] = 75
+    guidance: Annotated[float, Range(ge=1.0)] = 4.0
     scheduler: Scheduler = "pndm"
-    seed: int = 0
-    batch_size: int = 8
-    limit: int | None = None
+    seed: Annotated[int, Range(ge=0)] = 0
+    batch_size: Annotated[int, Range(ge=1)] = 8
+    limit: Annotated[int | None, Range(ge=1)] = None
     mixed_precision: SamplePrecision = "auto"  # auto = bf16 on CUDA, fp32 on CPU
     device: str | None = None  # default: accelerate's device for this process
     compile: bool = False  # speed levers (cxrdiff.speed): torch.compile the UNet,
@@ -150,7 +150,12 @@ def _read_prompt_table(path: Path, column: str) -> SamplePrompts:
     if column not in names:
         raise InputError(f"--prompts {path}: no '{column}' column (has: {', '.join(names)})")
     keep = [column] + [c for c in (*ID_COLUMNS, *LABELS) if c in names]
-    table = pq.read_table(path, columns=keep)
+    try:
+        table = pq.read_table(path, columns=keep)
+    except Exception as exc:  # pyarrow raises several types (ArrowInvalid, OSError) for damaged pages
+        raise InputError(
+            f"--prompts {path}: not a readable Parquet file ({str(exc).strip().splitlines()[0]})"
+        ) from None
     texts = table.column(column).to_pylist()
     missing = sum(t is None for t in texts)
     if missing:
@@ -167,11 +172,7 @@ def check_inputs(config: SampleConfig) -> SamplePrompts:
         raise InputError("--model is required (a finetune output or a diffusers base-model folder)")
     if config.out is None:
         raise InputError("--out is required (the folder for the images)")
-    for name in ("n_per_prompt", "steps", "batch_size"):
-        if getattr(config, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} {getattr(config, name)}: must be at least 1")
-    if config.limit is not None and config.limit < 1:
-        raise InputError(f"--limit {config.limit}: must be at least 1")
+    check_ranges(config)
     if config.scheduler not in SCHEDULERS:
         raise InputError(f"--scheduler {config.scheduler!r}: expected one of {', '.join(SCHEDULERS)}")
     if config.mixed_precision not in PRECISIONS:

@@ -7,11 +7,12 @@ wants. One reader per kind of encoder lives here, so that `models` and the steps
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
 from cxrdiff.artifacts import read_manifest
-from cxrdiff.errors import InputError
+from cxrdiff.errors import InputError, unsafe_pickle
 
 
 def load_text_encoder(folder: str | os.PathLike, width: int | None = None) -> Any:
@@ -22,7 +23,9 @@ def load_text_encoder(folder: str | os.PathLike, width: int | None = None) -> An
     read_manifest(folder, "pretrain-text")
     try:
         encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True)
-    except (OSError, ValueError) as exc:
+    except pickle.UnpicklingError:
+        raise unsafe_pickle(folder / "text_encoder") from None
+    except (OSError, ValueError, TypeError) as exc:
         raise InputError(
             f"{folder / 'text_encoder'}: cannot load the text encoder ({str(exc).splitlines()[0]})"
         ) from None

@@ -76,9 +76,9 @@ STEPS = {  # command → (module, step function, config class)
 }
 
 
-def _options(command_function, tmp_path):
+def _options(command_function, tmp_path, config_class=None):
     """For each option of a command (read from its typed signature): the argv words that give it a
-    non-default value, and the value its config field should then hold."""
+    non-default value within the config field's declared range, and the value its config field should then hold."""
     import enum
     import inspect
     import types
@@ -100,6 +100,8 @@ def _options(command_function, tmp_path):
             raw, cast = [str(tmp_path / f"{name}-{i}") for i in range(2 if many else 1)], Path
         else:
             raw = {int: ["7"], float: ["0.25"], bool: [], str: [f"{name}-a", f"{name}-b"][: 2 if many else 1]}[item]
+            if item in (int, float) and config_class is not None and not _allows(config_class, name, item(raw[0])):
+                raw = {int: ["40"], float: ["1.25"]}[item]
             cast = item
         value = True if item is bool else tuple(cast(v) for v in raw) if many else cast(raw[0])
         if isinstance(info, typer.models.ArgumentInfo):
@@ -128,7 +130,8 @@ def test_every_option_reaches_its_config_field(command, tmp_path, monkeypatch):
     received = []
     monkeypatch.setattr(module, function, lambda config: received.append(config) or {"ok": True})
     argv, expected = command.split(), {}
-    for name, words, value in _options(getattr(cli, "_".join(argv).replace("-", "_")), tmp_path):
+    config_type = getattr(module, config_class)
+    for name, words, value in _options(getattr(cli, "_".join(argv).replace("-", "_")), tmp_path, config_type):
         argv += words
         expected[name] = value
     result = CliRunner().invoke(app, argv)
@@ -139,6 +142,13 @@ def test_every_option_reaches_its_config_field(command, tmp_path, monkeypatch):
         assert getattr(config, name) == value, f"--{name}: {getattr(config, name)!r} != {value!r}"
         if name not in _required(config):  # the value given is not the default (else the check proves nothing)
             assert value != getattr(type(config)(**_required(config)), name), f"--{name}: the default was given"
+
+
+def _allows(config_class, name, value):
+    from cxrdiff.config import number_fields
+
+    declared = number_fields(config_class)[name][1]
+    return declared is None or declared.holds(value)
 
 
 def _required(config):

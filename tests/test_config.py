@@ -89,3 +89,93 @@ def test_a_missing_or_mistyped_field_names_the_field_and_the_file(tmp_path):
         file.write_text(text)
         with pytest.raises(InputError, match=r"run.toml: " + re.escape(message)):
             load_config(Required, file)
+
+
+# --- number ranges: every number field of every step's config declares one -----------------------
+
+
+def _step_configs():
+    import importlib
+
+    from cxrdiff.cli import STEP_CONFIGS
+
+    for command, (file, class_name) in sorted(STEP_CONFIGS.items()):
+        module = "cxrdiff." + file.removesuffix(".py").replace("/", ".")
+        yield command, getattr(importlib.import_module(module), class_name)
+
+
+def test_every_number_field_of_every_config_declares_a_range_its_default_keeps():
+    from cxrdiff.config import number_fields
+
+    seen = 0
+    for command, cls in _step_configs():
+        for name, (kind, declared) in number_fields(cls).items():
+            assert declared is not None, f"{command}: {cls.__name__}.{name} ({kind.__name__}) has no Range"
+            default = next(f.default for f in dataclasses.fields(cls) if f.name == name)
+            assert default is None or declared.holds(default), f"{cls.__name__}.{name}: default {default} refused"
+            seen += 1
+    assert seen >= 60  # the seven configs' int and float fields, optional ones included
+
+
+def test_a_range_refuses_nan_infinity_and_values_outside_in_one_line(tmp_path):
+    from cxrdiff.config import check_ranges
+    from cxrdiff.finetune import FinetuneConfig
+    from cxrdiff.ground import GroundConfig
+    from cxrdiff.sample import SampleConfig
+
+    for value, shown in ((float("nan"), "nan"), (0.0, "0.0"), (-5.0, "-5.0"), (float("inf"), "inf")):
+        with pytest.raises(InputError, match=rf"^--guidance {shown}: must be a finite number ≥ 1$"):
+            load_config(SampleConfig, None, guidance=value)
+        with pytest.raises(InputError, match=rf"^--guidance {shown}: must be a finite number ≥ 1$"):
+            check_ranges(GroundConfig(guidance=value))  # built in Python: the step's own check
+    assert load_config(SampleConfig, None, guidance=1.0).guidance == 1.0  # the bound itself is allowed
+    with pytest.raises(InputError, match=r"^--lr inf: must be a finite number > 0$"):
+        load_config(FinetuneConfig, None, lr=float("inf"))
+    with pytest.raises(InputError, match=r"^--max-grad-norm -1.0: must be a finite number ≥ 0$"):
+        load_config(FinetuneConfig, None, max_grad_norm=-1.0)
+    with pytest.raises(InputError, match=r"^--keep-checkpoints 0: must be at least 1$"):
+        check_ranges(FinetuneConfig(keep_checkpoints=0))
+    file = tmp_path / "run.toml"
+    file.write_text("ema_decay = 5.0\n")
+    with pytest.raises(InputError, match=r"run.toml: 'ema_decay' = 5.0: must be a finite number in \[0, 1\]$"):
+        load_config(FinetuneConfig, file)
+    file.write_text("ucg_no_finding = nan\n")  # TOML has nan and inf literals
+    with pytest.raises(InputError, match=r"run.toml: 'ucg_no_finding' = nan: must be a finite number in \[0, 1\]$"):
+        load_config(FinetuneConfig, file)
+    check_ranges(FinetuneConfig(ema_decay=1.0, max_grad_norm=0.0))  # bounds inside: no error
+
+
+def test_a_step_refuses_a_python_built_config_out_of_range_before_touching_anything(tmp_path):
+    from cxrdiff.finetune import FinetuneConfig, finetune
+    from cxrdiff.sample import SampleConfig, sample
+
+    with pytest.raises(InputError, match=r"^--guidance nan: must be"):
+        sample(SampleConfig(model=tmp_path / "m", out=tmp_path / "s", prompt="x", guidance=float("nan")))
+    config = FinetuneConfig(data=tmp_path, base_model=tmp_path, out=tmp_path / "f", frozen_text=True, ema_decay=5.0)
+    with pytest.raises(InputError, match=r"^--ema-decay 5.0: must be a finite number in \[0, 1\]$"):
+        finetune(config)
+    assert not (tmp_path / "s").exists() and not (tmp_path / "f").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, line",
+    [
+        (["sample", "--guidance", "nan"], "error: --guidance nan: must be a finite number ≥ 1"),
+        (["sample", "--guidance", "0"], "error: --guidance 0.0: must be a finite number ≥ 1"),
+        (["sample", "--guidance", "-5"], "error: --guidance -5.0: must be a finite number ≥ 1"),
+        (["ground", "--guidance", "nan"], "error: --guidance nan: must be a finite number ≥ 1"),
+        (["finetune", "--lr", "inf"], "error: --lr inf: must be a finite number > 0"),
+        (["finetune", "--max-grad-norm", "-1"], "error: --max-grad-norm -1.0: must be a finite number ≥ 0"),
+        (["model", "tiny", "OUT", "--resolution", "0"], "error: --resolution 0: must be a positive multiple of 4"),
+        (["model", "tiny", "OUT", "--resolution", "-8"], "error: --resolution -8: must be a positive multiple of 4"),
+        (["model", "tiny", "OUT", "--unet-channels", "32,48"], "error: --unet-channels 32,48: expected two or more"),
+        (["model", "tiny", "OUT", "--text-width", "31"], "error: --text-width 31: must be a positive even number"),
+    ],
+)
+def test_cli_refuses_bad_numbers_with_one_line_and_exit_2(argv, line, tmp_path, capsys, monkeypatch):
+    from cli_main import run_main
+
+    argv = [str(tmp_path / "out") if word == "OUT" else word for word in argv]
+    code, err, _ = run_main(argv, capsys, monkeypatch)
+    assert code == 2 and len(err) == 1 and err[0].startswith(line), err
+    assert not (tmp_path / "out").exists()

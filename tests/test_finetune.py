@@ -417,3 +417,48 @@ def test_a_stopped_run_resumes_and_a_finished_one_extends_with_more_steps(tmp_pa
     assert json.loads((out / "manifest.json").read_text())["steps"] == 3
     assert not (out / ".cxrdiff-claim.json").exists()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002", "step-0000003"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_the_current_step_says_so_and_a_rerun_resumes_there(tmp_path, prepared, tiny_model, monkeypatch):
+    """The first Ctrl-C (SIGINT) finishes the step it interrupts, saves its checkpoint (none is due: every 1000)
+    and stops with exit 130 and one line naming the step; the same command then resumes at that step."""
+    import re
+    import signal
+    import time
+
+    import cxrdiff.finetune.loop as loop
+
+    out = tmp_path / "run"
+    args = ["--data", str(prepared), "--base-model", str(tiny_model), "--out", str(out), "--frozen-text"]
+    args += ["--steps", "1000", "--batch-size", "4", "--per-device-batch-size", "2", "--checkpoint-every", "1000"]
+    env = {**os.environ, "CI": "1", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "cxrdiff", "finetune", *args, "--log-every", "1"],
+                               stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    try:
+        lines, deadline = [], time.monotonic() + 240
+        while time.monotonic() < deadline and not any(re.search(r"step \d+/1000 loss", x) for x in lines):
+            lines.append(process.stderr.readline())  # a log line per step: the loop is running
+        process.send_signal(signal.SIGINT)
+        _, rest = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    stderr = "".join(lines) + rest
+    assert process.returncode == 130, stderr[-2000:]
+    assert "Ctrl-C: finishing this step, saving it and stopping" in stderr
+    last = stderr.strip().splitlines()[-1]
+    match = re.fullmatch(r"error: stopped by Ctrl-C after step (\d+), saved in (\S+); re-run the same command to "
+                         r"resume", last)  # fmt: skip
+    assert match, last
+    step = int(match[1])
+    assert Path(match[2]) == out / "checkpoints" / f"step-{step:07d}" and (Path(match[2]) / "state.json").is_file()
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step-{step:07d}"]  # the stop's own save
+    assert [r["step"] for r in _log(out)] == list(range(1, step + 1)) and not (out / "manifest.json").exists()
+
+    ran = []
+    monkeypatch.setattr(loop, "train_step", lambda *a, real=loop.train_step: ran.append(a[-1]) or real(*a))
+    config = _config(prepared, tiny_model, out, steps=step + 1, checkpoint_every=1000)  # steps: not a setting
+    assert finetune(config)["steps"] == step + 1
+    assert ran == [step]  # resumed at the saved step: only the one step left was trained
+    if step + 1 <= len(PINNED_FROZEN_LOSSES):  # exact resume: the same losses as an uninterrupted run
+        assert [r["loss"] for r in _log(out)] == pytest.approx(PINNED_FROZEN_LOSSES[: step + 1], rel=1e-4)

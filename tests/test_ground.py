@@ -270,12 +270,15 @@ def test_single_image_word_not_in_prompt(tiny_model, tmp_path, monkeypatch):
         ground(dataclasses.replace(config, image=tmp_path / "missing.png"))
 
 
-def test_data_errors(tiny_model, ms_cxr, tmp_path):
+def test_data_errors(tiny_model, ms_cxr, tmp_path, monkeypatch):
     bad = tmp_path / "bad"
     bad.mkdir()
     pd.read_parquet(ms_cxr).drop(columns=["boxes"]).to_parquet(bad / "ms_cxr.parquet")
-    with pytest.raises(InputError, match="no manifest.json"):
+    with pytest.raises(InputError, match=r"ms_cxr.parquet: not in a `cxrdiff prepare` output folder \(no manifest"):
         ground(_config(tiny_model, tmp_path / "o", data=bad / "ms_cxr.parquet"))
+    monkeypatch.chdir(bad)  # a file given by its bare name: the folder is named, not "."
+    with pytest.raises(InputError, match=r"^--data ms_cxr.parquet: not in a `cxrdiff prepare` output folder"):
+        ground(_config(tiny_model, tmp_path / "o", data=Path("ms_cxr.parquet")))
     write_manifest(bad, "prepare")
     with pytest.raises(InputError, match="missing column"):
         ground(_config(tiny_model, tmp_path / "o", data=bad / "ms_cxr.parquet"))
@@ -309,8 +312,8 @@ def test_single_image_cli(tiny_model, tmp_path, tokenizer):
         assert maps.files == ["000000"] and maps["000000"].shape == (16, 16)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["tokens"] == _spans(tokenizer, prompt, "effusion")[0]
-    with Image.open(out / "overlays" / "000000.png") as png:
-        assert png.size == (64, 64) and png.mode == "RGB"
+    with Image.open(out / "overlays" / "000000.png") as png:  # the 80 × 64 image enlarged 4 times, title, bar
+        assert 4 * WIDTH < png.size[0] < 4 * WIDTH + 200 and 4 * HEIGHT < png.size[1] < 4 * HEIGHT + 80, png.size
     assert json.loads((out / "manifest.json").read_text())["step"] == "ground"
 
 
@@ -516,3 +519,30 @@ def test_single_image_from_pacs_a_dicom_without_suffix(tiny_model, tmp_path, com
     with torch.no_grad():
         expected = comps.vae.encode(to_model_input(resize_center_crop(load_grayscale(image), 64))).latent_dist.mean
     np.testing.assert_allclose(latent[0], expected[0].numpy(), atol=1e-5)  # (mean, logvar)[0]
+
+
+def test_a_single_images_overlay_is_drawn_at_the_images_own_size(tmp_path):
+    """--image's overlay: the image's pixels one for one (here 384 × 256, not the model's 64 px frame), the map
+    taken back through prepare's centre crop (the cut-away sides show 0), a title and a colour bar beside."""
+    import io
+
+    from PIL import Image
+
+    from cxrdiff.ground import image_overlay
+
+    Image.fromarray(np.full((256, 384), 128, np.uint8)).save(tmp_path / "wide.png")
+    heat = np.zeros((16, 16), np.float32)
+    heat[:, 8:] = 1.0  # the right half of the frame, which is the image's middle 256 columns (64 cut each side)
+    config = GroundConfig(image=tmp_path / "wide.png", prompt="mild cardiomegaly", word=("cardiomegaly",))
+    with Image.open(io.BytesIO(image_overlay(config, heat, 64))) as png:
+        rgb = np.asarray(png.convert("RGB")).astype(int)
+    assert 384 < rgb.shape[1] < 384 + 120 and 256 < rgb.shape[0] < 256 + 80, rgb.shape  # title above, bar right
+    is_hot = rgb[..., 0] > rgb[..., 2] + 40  # jet's 1 (dark red) over the grey
+    is_cold = rgb[..., 2] > rgb[..., 0] + 40  # jet's 0 (dark blue) over the grey
+    rows = np.flatnonzero(is_hot.sum(axis=1) > 100)  # the image's rows: >100 hot pixels (the bar has a few)
+    assert 250 <= len(rows) <= 256  # the image is 256 px high, one pixel per pixel
+    row = rows[len(rows) // 2]
+    hot, cold = np.flatnonzero(is_hot[row]), np.flatnonzero(is_cold[row])
+    assert 120 <= len(hot) <= 136  # the crop's right 128 columns (blended over a few at the edge)
+    assert 185 <= len(cold[cold < hot.min()]) <= 195  # 64 cut away + the crop's left 128 columns, at 0
+    assert 60 <= len(cold[(cold > hot.max()) & (cold < hot.max() + 80)]) <= 66  # the right 64 cut away: 0

@@ -350,7 +350,7 @@ def test_strangers_and_other_steps_folders_are_refused(tmp_path):
 def test_bad_numbers_are_refused_before_the_folder_is_touched(tmp_path):
     bad = [({"patients": 0}, "--patients"), ({"size": 16}, "--size"), ({"dicom_fraction": 1.5}, "--dicom-fraction")]
     for changes, flag in bad:
-        with pytest.raises(InputError, match=f"^{flag}: must be"):
+        with pytest.raises(InputError, match=rf"^{flag} \S+: must be"):
             make_phantom(_small(tmp_path / "x", **changes))
     assert not (tmp_path / "x").exists()
 

@@ -189,8 +189,8 @@ def test_skipped_csv_names_each_fault(prepared):
     out, _ = prepared
     skipped = pd.read_csv(out / "skipped.csv", dtype={"dicom_id": str})
     reasons = dict(zip(skipped["dicom_id"], skipped["reason"], strict=True))
-    assert {k: v for k, v in reasons.items() if "impression" not in v} == {
-        "c1": "missing report", "f1": "image not found", "e1": "unreadable image", "h1": "box outside image"}  # fmt: skip
+    faults = {"c1": "missing report", "f1": "image not found", "e1": "unreadable image", "h1": "box outside image"}
+    assert {k: v for k, v in reasons.items() if "impression" not in v} == faults
     # the paper's text filters are listed too: every planned image that did not become a row has its line
     dropped = {k for k, v in reasons.items() if "impression" in v}
     assert len(dropped) == 3 and {reasons[k] for k in dropped} == {"no impression", "short impression"}
@@ -636,3 +636,26 @@ def test_prepare_a_tree_of_real_dicoms_among_phantom_jpgs(phantom_tree, phantom_
         assert nearly(latent(train, dicom_id), latent(from_jpg, dicom_id)), dicom_id
         other = latent(from_jpg, before["dicom_id"][others[-1]])  # another phantom image, for scale: far apart
         assert np.abs(other - latent(from_jpg, dicom_id)).mean() > 0.3 * other.std()
+
+
+def test_an_ms_cxr_csv_with_only_a_header_is_said_out_loud(tree, tiny_model, tmp_path, capsys, monkeypatch):
+    from cxrdiff import console
+    from cxrdiff.prepare.mimic import build_plan, check_mimic_inputs
+
+    monkeypatch.setattr(console.err, "width", 400)  # one log line, unwrapped
+    header = tmp_path / "ms_cxr.csv"
+    header.write_text((tree / "MS_CXR_Local_Alignment_v1.0.0.csv").read_text().splitlines()[0] + "\n")
+    config = _config(tree, tiny_model, tmp_path / "out", ms_cxr=header)
+    capsys.readouterr()
+    plan = build_plan(config, check_mimic_inputs(config))
+    assert plan["counts"]["ms_cxr"]["planned"] == 0 and plan["counts"]["train"]  # training data is still there
+    assert f"--ms-cxr {header}: no rows (only a header); ms_cxr.parquet will be empty" in capsys.readouterr().err
+
+
+def test_mimic_naming_a_file_says_so(tree, tiny_model, tmp_path):
+    table = tree / "mimic-cxr-2.0.0-metadata.csv.gz"
+    with pytest.raises(InputError, match=rf"^--mimic {table}: a file, not a folder \(give the MIMIC-CXR-JPG root"):
+        prepare(_config(table, tiny_model, tmp_path / "out"))
+    with pytest.raises(InputError, match=rf"^--mimic {tmp_path / 'none'}: no such folder"):
+        prepare(_config(tmp_path / "none", tiny_model, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

@@ -235,3 +235,23 @@ def test_a_verdict_per_base_model_when_runs_start_from_several():
     assert "base-model-pretrained (frozen vs learnable)" in pretrained and "is reproduced here" in pretrained
     assert "(token-frozen vs token-learnable)" in token_local
     assert "CNR 0.30 frozen vs 0.90 learnable" in token_local and "is partly opposite here" in token_local
+
+
+def test_a_label_with_markup_shows_as_typed_in_both_pages(tmp_path):
+    """A --label (or run name) like `<b>x</b>*y*` is text: report.md escapes it, report.html too, and the page's
+    own **bold** around it still works."""
+    metrics = _metrics()
+    metrics["runs"] = {"<b>x</b>*y*" if n == "frozen" else n: r for n, r in metrics["runs"].items()}
+    render(metrics, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    headline = md.split("## Headline")[1].split("\n## ")[0]
+    assert "- **&lt;b>x&lt;/b>\\*y\\*** (text encoder frozen; the paper's Finetune_F): CNR 0.61" in headline
+    assert "| &lt;b>x&lt;/b>\\*y\\* | this report (frozen) | 0.61 |" in headline  # the table below it
+    assert "<b>" not in md and "*y*" not in md
+    page_html = (tmp_path / "report.html").read_text()
+    assert "<li><strong>&lt;b&gt;x&lt;/b&gt;*y*</strong> (text encoder frozen;" in page_html
+    assert "<td>&lt;b&gt;x&lt;/b&gt;*y*</td>" in page_html and "<b>x" not in page_html
+    from cxrdiff.report.document import literal, strong
+
+    assert literal("[a](b) _c_ FID_XRV 0.6 [0.5, 0.7] &amp;") == "\\[a](b) \\_c\\_ FID_XRV 0.6 [0.5, 0.7] \\&amp;"
+    assert strong(f"**{literal('**z**')}** said") == "<strong>**z**</strong> said"  # escaped stars make no bold

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
+
+from cxrdiff.config import Range
 
 STEP = "finetune"
 
@@ -48,31 +50,33 @@ class FinetuneConfig:
     base_model: Path | None = None
     out: Path | None = None
     frozen_text: bool | None = None
-    steps: int | None = None
-    batch_size: int = 256
-    per_device_batch_size: int | None = None
-    lr: float = 5e-5
-    text_lr: float | None = None
-    ucg_no_finding: float = 0.3
-    ucg_caption: float = 0.1  # COCO data (prepare --format coco): P(empty prompt) for any caption, the common rule
+    steps: Annotated[int | None, Range(ge=1)] = None
+    batch_size: Annotated[int, Range(ge=1)] = 256
+    per_device_batch_size: Annotated[int | None, Range(ge=1)] = None
+    lr: Annotated[float, Range(gt=0.0)] = 5e-5
+    text_lr: Annotated[float | None, Range(gt=0.0)] = None
+    ucg_no_finding: Annotated[float, Range(ge=0.0, le=1.0)] = 0.3
+    # COCO data (prepare --format coco): P(empty prompt) for any caption, the common rule
+    ucg_caption: Annotated[float, Range(ge=0.0, le=1.0)] = 0.1
     prompt_source: str = "impression"
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
+    checkpoint_every: Annotated[int, Range(ge=1)] = 500
+    keep_checkpoints: Annotated[int, Range(ge=1)] = 2
     ema: bool = False
-    ema_decay: float = 0.9999
+    ema_decay: Annotated[float, Range(ge=0.0, le=1.0)] = 0.9999
     export_weights: Literal["raw", "ema"] = "raw"
-    seed: int = 0
-    max_grad_norm: float = 1.0
-    snr_gamma: float | None = None
+    seed: Annotated[int, Range(ge=0)] = 0
+    max_grad_norm: Annotated[float, Range(ge=0.0)] = 1.0
+    snr_gamma: Annotated[float | None, Range(gt=0.0)] = None
     latent_sampling: Literal["sample", "mean"] = "sample"
-    weight_decay: float = 0.01
-    log_every: int = 10
+    weight_decay: Annotated[float, Range(ge=0.0)] = 0.01
+    log_every: Annotated[int, Range(ge=1)] = 10
     validation_prompts: tuple[str, ...] = ()
-    validate_every: int = 0
-    validation_steps: int = 25
-    stop_after_step: int | None = None  # act as if preempted after this step (tests, SLURM drills)
+    validate_every: Annotated[int, Range(ge=0)] = 0
+    validation_steps: Annotated[int, Range(ge=1)] = 25
+    # act as if preempted after this step (tests, SLURM drills)
+    stop_after_step: Annotated[int | None, Range(ge=1)] = None
     # speed levers (cxrdiff.speed): same results up to float noise, so a resumed run may change them
     compile: bool = False  # torch.compile the UNet
     fused_adamw: bool = False  # fused AdamW kernel (GPUs)

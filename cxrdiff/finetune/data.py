@@ -91,6 +91,12 @@ def fixed_size_binary(column: Any, shape: tuple[int, ...]) -> np.ndarray:
     return data.view("<f2").reshape(n, *shape)
 
 
+def unreadable_shard(shard: Path, exc: Exception) -> InputError:
+    """A shard pyarrow cannot read, named, with the first line of pyarrow's reason."""
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return InputError(f"{shard}: not a readable prepared shard ({reason}); re-run `cxrdiff prepare` into a new folder")
+
+
 class TrainData:
     """Rows in a seeded permutation per epoch; sample g of the run is row perm[epoch(g)][g mod rows].
 
@@ -108,13 +114,16 @@ class TrainData:
         self.shape, self.seed, self.rank, self.world = tuple(shape), seed, rank, world
         self.columns = ["latent_mean", "latent_logvar"] if with_logvar else ["latent_mean"]
         counts, impressions, labels = [], [], []
-        self.captions = "captions" in pq.read_schema(self.shards[0]).names  # COCO: every caption, no labels
+        try:
+            self.captions = "captions" in pq.read_schema(self.shards[0]).names  # COCO: every caption, no labels
+        except Exception as exc:  # pyarrow raises several types for a bad file
+            raise unreadable_shard(self.shards[0], exc) from None
         text_column, label_columns = ("captions", []) if self.captions else ("impression", list(LABELS))
         for shard in self.shards:
             try:
                 table = pq.read_table(shard, columns=[text_column, "latent_shape", *label_columns])
             except Exception as exc:  # pyarrow raises several types for missing columns and bad files
-                raise InputError(f"{shard}: not a readable prepared shard ({str(exc).splitlines()[0]})") from None
+                raise unreadable_shard(shard, exc) from None
             if table.num_rows and tuple(table.column("latent_shape")[0].as_py()) != self.shape:
                 raise InputError(f"{shard}: latent_shape {table.column('latent_shape')[0]} != {list(self.shape)}")
             counts.append(table.num_rows)
@@ -149,10 +158,15 @@ class TrainData:
         shard_of = np.searchsorted(self.offsets, rows[order], side="right") - 1
         for s in np.unique(shard_of):
             pick = order[shard_of == s]
-            table = pq.read_table(self.shards[s], columns=self.columns, memory_map=True)
             local = rows[pick] - self.offsets[s]
-            for c, name in enumerate(self.columns):
-                latents[pick, c] = fixed_size_binary(table.column(name).take(local), self.shape)
+            try:  # the latents are read here, per epoch: a shard damaged after the first read fails now
+                table = pq.read_table(self.shards[s], columns=self.columns, memory_map=True)
+                for c, name in enumerate(self.columns):
+                    latents[pick, c] = fixed_size_binary(table.column(name).take(local), self.shape)
+            except InputError:
+                raise
+            except Exception as exc:  # pyarrow raises several types (ArrowInvalid, OSError) for damaged pages
+                raise unreadable_shard(self.shards[s], exc) from None
         return first, rows, latents
 
     def _epoch(self, epoch: int) -> tuple[int, np.ndarray, np.ndarray]:

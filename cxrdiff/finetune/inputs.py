@@ -14,7 +14,7 @@ from cxrdiff.artifacts import (
     input_identity,
     read_manifest,
 )
-from cxrdiff.config import settings
+from cxrdiff.config import check_ranges, settings
 from cxrdiff.console import log
 from cxrdiff.errors import InputError
 from cxrdiff.finetune.checkpoints import Checkpoints
@@ -76,33 +76,17 @@ def check_prepared(data: Path, model: Path) -> dict[str, Any]:
 
 
 def with_defaults(config: FinetuneConfig) -> FinetuneConfig:
-    """Fill derived defaults (steps, text lr) and refuse bad values, before anything heavy happens."""
+    """Fill derived defaults (steps, text lr) and refuse bad values (each number's declared `Range`),
+    before anything heavy happens."""
     for name in ("data", "base_model", "out"):
         if getattr(config, name) is None:
             raise InputError(f"--{name.replace('_', '-')} is required")
     if config.frozen_text is None:
         raise InputError("choose --frozen-text (Finetune_F) or --learnable-text (Finetune_L)")
+    check_ranges(config)
     steps = config.steps if config.steps is not None else DEFAULT_STEPS[config.frozen_text]
-    for name, value, low in (
-        ("steps", steps, 1),
-        ("checkpoint-every", config.checkpoint_every, 1),
-        ("keep-checkpoints", config.keep_checkpoints, 1),
-        ("log-every", config.log_every, 1),
-        ("validate-every", config.validate_every, 0),
-    ):
-        if value < low:
-            raise InputError(f"--{name} {value}: must be at least {low}")
-    for name, value in (("lr", config.lr), ("text-lr", config.text_lr)):
-        if value is not None and not value > 0:
-            raise InputError(f"--{name} {value}: must be positive")
-    if not 0.0 <= config.ucg_no_finding <= 1.0:
-        raise InputError(f"--ucg-no-finding {config.ucg_no_finding}: must be a probability in [0, 1]")
-    if not 0.0 <= config.ucg_caption <= 1.0:
-        raise InputError(f"--ucg-caption {config.ucg_caption}: must be a probability in [0, 1]")
     if config.export_weights == "ema" and not config.ema:
         raise InputError("--export-weights ema needs --ema")
-    if config.snr_gamma is not None and not config.snr_gamma > 0:
-        raise InputError(f"--snr-gamma {config.snr_gamma}: must be positive")
     return dataclasses.replace(config, steps=steps, text_lr=config.text_lr if config.text_lr is not None else config.lr)
 
 

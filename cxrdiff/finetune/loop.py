@@ -1,6 +1,7 @@
 """The training loop: resume at the newest checkpoint, then per step the micro-steps (prompts with the UCG rule,
 latent draw, noise, timestep, loss, backward), the optimizer step, the log line, checkpoints and the signal
-check that lets SLURM preemption stop every rank at the same step."""
+check that lets SLURM preemption (SIGTERM, SIGUSR1) or Ctrl-C (SIGINT) stop every rank at the same step with
+that step saved."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -59,7 +61,7 @@ def train(run: TrainingRun, checkpoints: Checkpoints, start: int) -> float:
     train_log = TrainLog(run)
     last_loss = float("nan")
     try:
-        with StopFlag() as stop:
+        with StopFlag(announce=run.main) as stop:
             for step in steps:
                 last_loss = train_step(run, checkpoints, train_log, stop, step)
     finally:
@@ -88,7 +90,9 @@ def train_step(run: TrainingRun, checkpoints: Checkpoints, train_log: TrainLog, 
     if config.validation_prompts and config.validate_every and done % config.validate_every == 0:
         validate(run, done)
     if preempted:
-        raise RunError(f"stopped by a signal after step {done}; re-run the same command to resume")
+        by, error = ("Ctrl-C", Interrupted) if stop.raised == signal.SIGINT else ("a signal", RunError)
+        saved = checkpoints.path(done)
+        raise error(f"stopped by {by} after step {done}, saved in {saved}; re-run the same command to resume")
     return stats.loss
 
 
@@ -192,18 +196,35 @@ def stop_on_nan(
     raise RunError(f"loss is {loss} at step {step + 1}; the last good state (step {step}) is in {path}")
 
 
-class StopFlag:
-    """SIGTERM / SIGUSR1 (SLURM preemption) only set a flag; ranks agree on it at a step boundary."""
+class Interrupted(RunError):
+    """Stopped by Ctrl-C, the current step saved: exit code 130, the shell's code for SIGINT."""
 
-    def __init__(self) -> None:
+    exit_code = 130
+
+
+class StopFlag:
+    """SIGTERM / SIGUSR1 (SLURM preemption) and a first Ctrl-C (SIGINT) only set a flag; ranks agree on it at a
+    step boundary, so every rank saves the same step. A second Ctrl-C aborts at once (KeyboardInterrupt): the
+    current step is lost and a re-run resumes from the last checkpoint saved."""
+
+    def __init__(self, announce: bool = True) -> None:
         self.raised: int | None = None
+        self.announce = announce
         self._old: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.raised = signum
+        if signum == signal.SIGINT and self.raised == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now
+        if signum == signal.SIGINT and self.announce:
+            print(
+                "\nCtrl-C: finishing this step, saving it and stopping (Ctrl-C again stops at once, losing the step)",
+                file=sys.stderr,
+                flush=True,
+            )
+        self.raised = self.raised or signum
 
     def __enter__(self) -> StopFlag:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             with contextlib.suppress(ValueError):  # not the main thread: signals cannot be caught here
                 self._old[sig] = signal.signal(sig, self._handle)
         return self

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 from cxrdiff.artifacts import StepFolder
 from cxrdiff.choices import PhantomKind
-from cxrdiff.config import settings
-from cxrdiff.errors import InputError
+from cxrdiff.config import Range, check_ranges, settings
 
 STEP = "phantom"
 MS_CXR_FILE = "MS_CXR_Local_Alignment_v1.0.0.csv"
@@ -21,12 +20,13 @@ class PhantomConfig:
     """What `cxrdiff phantom` writes; the same settings write the same bytes (`out` and `workers` aside)."""
 
     out: Path
-    patients: int = 100
-    seed: int = 0
-    size: int = 512
-    dicom_fraction: float = 0.1
+    patients: Annotated[int, Range(ge=1)] = 100
+    seed: Annotated[int, Range(ge=0)] = 0
+    size: Annotated[int, Range(ge=32)] = 512
+    dicom_fraction: Annotated[float, Range(ge=0.0, le=1.0)] = 0.1
     preview: bool = False
-    workers: int | None = None  # image processes; None: as many as pay for themselves, 0 or 1: this one
+    # image processes; None: as many as pay for themselves, 0 or 1: this one
+    workers: Annotated[int | None, Range(ge=0)] = None
     kind: PhantomKind = "mimic"  # coco: a COCO-layout set (cxrdiff.phantom.coco)
 
     NOT_SETTINGS: ClassVar[tuple[str, ...]] = ("out", "workers")
@@ -35,13 +35,8 @@ class PhantomConfig:
 
 
 def check_numbers(config: PhantomConfig) -> None:
-    """Refuse bad numbers before anything is drawn."""
-    if config.patients < 1:
-        raise InputError(f"--patients: must be at least 1, got {config.patients}")
-    if config.size < 32:
-        raise InputError(f"--size: must be at least 32 pixels, got {config.size}")
-    if not 0.0 <= config.dicom_fraction <= 1.0:
-        raise InputError(f"--dicom-fraction: must be between 0 and 1, got {config.dicom_fraction}")
+    """Refuse bad numbers (each field's declared `Range`) before anything is drawn."""
+    check_ranges(config)
 
 
 def claim(config: PhantomConfig) -> StepFolder:

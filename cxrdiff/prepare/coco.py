@@ -59,14 +59,9 @@ def check_coco_inputs(config: PrepareConfig) -> CocoInputs:
             raise InputError(f"--{name.replace('_', '-')} is required with --format coco")
     if config.mimic is not None or config.ms_cxr is not None:
         raise InputError("--mimic/--ms-cxr: not with --format coco (give --coco ROOT)")
-    if not 0.0 <= config.coco_val_fraction < 1.0:
-        raise InputError(f"--coco-val-fraction {config.coco_val_fraction}: must be in [0, 1)")
-    for name in ("batch_size", "shard_size"):
-        if getattr(config, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} {getattr(config, name)}: must be at least 1")
     root = Path(config.coco)
     if not root.is_dir():
-        raise InputError(f"--coco {root}: no such folder")
+        raise InputError(f"--coco {root}: {'a file, not a folder' if root.exists() else 'no such folder'}")
     splits = parse_splits(config.coco_splits)
     for split in splits:
         split_files(root, split)

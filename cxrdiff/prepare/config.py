@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 from cxrdiff.choices import DataFormat, DicomContrast, TextFallback
+from cxrdiff.config import Range
 
 STEP = "prepare"
 
@@ -30,14 +31,16 @@ class PrepareConfig:
     ms_cxr: Path | None = None
     base_model: Path | None = None
     out: Path | None = None
-    resolution: int | None = None
-    test_size: int = 5000
-    seed: int = 0
-    batch_size: int = 16
-    shard_size: int = 4096
+    resolution: Annotated[int | None, Range(ge=1)] = None
+    test_size: Annotated[int, Range(ge=1)] = 5000
+    seed: Annotated[int, Range(ge=0)] = 0
+    batch_size: Annotated[int, Range(ge=1)] = 16
+    shard_size: Annotated[int, Range(ge=1)] = 4096
     exclude_ms_cxr_patients: bool = False
-    test_no_finding_max: float = 0.1  # at most this fraction of the test prompts are "No Finding"
-    workers: int | None = None  # image-decoding processes per accelerate process; None: from the CPU count
+    # at most this fraction of the test prompts are "No Finding"
+    test_no_finding_max: Annotated[float, Range(ge=0.0, le=1.0)] = 0.1
+    # image-decoding processes per accelerate process; None: from the CPU count
+    workers: Annotated[int | None, Range(ge=0)] = None
     dicom_contrast: DicomContrast = "mimic-jpg"  # DICOM → 8 bit: MIMIC-CXR-JPG's conversion, or the file's window
     text_fallback: TextFallback = "none"  # none: a report without an IMPRESSION is dropped (the paper's choice)
     # --format coco (cxrdiff.prepare.coco): a COCO-layout root instead of MIMIC-CXR
@@ -45,7 +48,8 @@ class PrepareConfig:
     coco: Path | None = None  # COCO root: annotations/{captions,instances}_{split}.json and {split}/ images
     coco_splits: str = "train2017,val2017"  # TRAIN,TEST: the official train split (→ train + val) and the test split
     coco_words: Path | None = None  # CSV (category, word): synonyms that also name a category in a test caption
-    coco_val_fraction: float = 0.0983  # share of the train split held out for validation (10,702 of 108,871)
+    # share of the train split held out for validation (10,702 of 108,871)
+    coco_val_fraction: Annotated[float, Range(ge=0.0, lt=1.0)] = 0.0983
 
 
 def text_fallbacks(choice: str) -> tuple[str, ...]:

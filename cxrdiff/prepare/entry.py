@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from cxrdiff.config import check_ranges
 from cxrdiff.prepare.coco import check_coco_inputs, prepare_coco
 from cxrdiff.prepare.config import PrepareConfig
 from cxrdiff.prepare.mimic import check_mimic_inputs, prepare_mimic
@@ -28,9 +29,11 @@ FORMATS: dict[str, Format] = {
 
 def check_inputs(config: PrepareConfig) -> Any:
     """Every structural fault of the inputs, before any image, report or weight is read."""
+    check_ranges(config)
     return FORMATS[config.format].check_inputs(config)
 
 
 def prepare(config: PrepareConfig) -> dict[str, Any]:
     """Run the step (or resume it); return the counts and paths."""
+    check_ranges(config)
     return FORMATS[config.format].prepare(config)

@@ -81,20 +81,17 @@ def check_mimic_inputs(config: PrepareConfig) -> MimicInputs:
     for name in ("mimic", "ms_cxr", "base_model", "out"):
         if getattr(config, name) is None:
             raise InputError(f"--{name.replace('_', '-')} is required")
-    for name in ("test_size", "batch_size", "shard_size"):
-        if getattr(config, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} {getattr(config, name)}: must be at least 1")
-    if not 0.0 <= config.test_no_finding_max <= 1.0:
-        raise InputError(f"--test-no-finding-max {config.test_no_finding_max}: must be between 0 and 1")
     mimic = Path(config.mimic)
     if not mimic.is_dir():
-        raise InputError(f"--mimic {mimic}: no such folder")
+        what = "a file, not a folder" if mimic.exists() else "no such folder"
+        raise InputError(f"--mimic {mimic}: {what} (give the MIMIC-CXR-JPG root: files/ and the CSVs)")
     files = files_root(mimic)
     if not any(files.glob("p1[0-9]")):
         raise InputError(f"--mimic {mimic}: no files/p10..p19 patient folders (is it the MIMIC-CXR-JPG root?)")
     reports = Path(config.reports) if config.reports is not None else mimic
     if not reports.is_dir():
-        raise InputError(f"--reports {reports}: no such folder")
+        what = "a file, not a folder" if reports.exists() else "no such folder"
+        raise InputError(f"--reports {reports}: {what} (give the MIMIC-CXR reports root: files/pXX/...)")
     if not any(files_root(reports).glob("p1[0-9]/p*/s*.txt")):
         raise InputError(f"--reports {reports}: no report files (files/pXX/pN/sN.txt); give the MIMIC-CXR reports root")
     tables = {kind: find_table(mimic, kind) for kind in MIMIC_TABLES}
@@ -378,6 +375,9 @@ def build_plan(config: PrepareConfig, inputs: MimicInputs, tokenizer: Any = None
     ms_rows = _ms_cxr_rows(ms, meta, inputs, ms_counts, skipped)
     ms_counts["planned"] = len(ms_rows)
     counts["ms_cxr"] = ms_counts
+    if not len(ms_rows):  # prepare can still train, but `ground` and `report` will have no phrase to score
+        why = "no rows (only a header)" if ms.empty else f"none of its {len(ms)} boxes is usable (see skipped.csv)"
+        log.warning("--ms-cxr %s: %s; ms_cxr.parquet will be empty: nothing to ground", inputs.ms_cxr, why)
 
     sources = {
         part: {s: int((frame["impression_source"] == s).sum()) for s in SOURCES}

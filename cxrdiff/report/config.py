@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 from cxrdiff.choices import ClassifierPositives, OtherSources
+from cxrdiff.config import Range
 
 STEP = "report"
 
@@ -30,28 +31,33 @@ class ReportConfig:
     real: Path | None = None  # prepared folder: test.parquet (real p19 images, prompts), ms_cxr.parquet
     inception_weights: Path | None = None
     xrv_weights: Path | None = None
-    n_fid: int = 5000
-    diversity_prompts: int = 100
+    n_fid: Annotated[int, Range(ge=2)] = 5000
+    diversity_prompts: Annotated[int, Range(ge=1)] = 100
     random_features: bool = False
     names: tuple[str, ...] = ()  # display names, one per run; default: the folder names
     label: tuple[str, ...] = ()  # NAME=DIR: names the setting group of the run in DIR (groups: trainings.py)
     fid: bool = True  # FID on InceptionV3 (needs weights or random_features)
     fid_xrv: bool = True  # FID_XRV and the torchxrayvision classifier check (needs weights or random_features)
-    sample_steps: int = 75
-    guidance: float = 4.0
+    sample_steps: Annotated[int, Range(ge=1)] = 75
+    guidance: Annotated[float, Range(ge=1.0)] = 4.0
     scheduler: str = "pndm"
-    ground_steps: int = 50
-    ground_window: int = 40
-    ground_limit: int | None = None
-    min_word_count: int = 25  # Table 6: a word ranks in a class when it occurs in more than this many phrases
+    ground_steps: Annotated[int, Range(ge=1)] = 50
+    ground_window: Annotated[int, Range(ge=1)] = 40
+    ground_limit: Annotated[int | None, Range(ge=1)] = None
+    # Table 6: a word ranks in a class when it occurs in more than this many phrases
+    min_word_count: Annotated[int, Range(ge=0)] = 25
     classifier_positives: ClassifierPositives = "only"  # only: d is the image's only label (the paper's)
     checkpoints: bool = False  # also evaluate each run's kept checkpoints: CNR and fidelity over training steps
-    checkpoint_every: int = 1  # with checkpoints: every Nth kept checkpoint, counted back from the newest
+    # with checkpoints: every Nth kept checkpoint, counted back from the newest
+    checkpoint_every: Annotated[int, Range(ge=1)] = 1
     table4_p19_only: bool = False  # Table 4 from the p19 prompts only: the MS-CXR phrases are not sampled
     other_sources: OtherSources = "grounding"  # runs trained on labels / file: texts: Table 7's grounding only
-    seed: int = 0  # sampling, grounding and every bootstrap
-    resamples: int = 1000  # bootstrap resamples of the intervals over phrases, prompts and images
-    fd_resamples: int = 200  # over generated images for Fréchet distances (each is an eigen-decomposition)
-    batch_size: int = 8
+    seed: Annotated[int, Range(ge=0)] = 0  # sampling, grounding and every bootstrap
+    # bootstrap resamples of the intervals over phrases, prompts and images
+    resamples: Annotated[int, Range(ge=10)] = 1000
+    # over generated images for Fréchet distances (each is one eigen-decomposition); 0: no interval
+    fd_resamples: Annotated[int, Range(ge=0)] = 200
+    batch_size: Annotated[int, Range(ge=1)] = 8
     device: str = "cpu"  # for the fidelity feature networks
-    workers: int = 1  # runs measured side by side on a multi-core CPU (one process each; ignored with CUDA)
+    # runs measured side by side on a multi-core CPU (one process each; ignored with CUDA)
+    workers: Annotated[int, Range(ge=1)] = 1

@@ -23,6 +23,32 @@ def escape_markdown(text: str) -> str:
     return text.replace("<", "&lt;")
 
 
+def literal(text: str) -> str:
+    """User-given text (a run name, a `--label`, a path) for a line with the page's own Markdown (`**bold**`):
+    what could start inline markup is backslash-escaped (backslash, backtick, asterisk, tilde, a bracket that
+    opens a link, an underscore at a word's edge, an ampersand that begins an entity; `<` is `escape_markdown`'s),
+    so `*y*` or `<b>x</b>` shows as typed in report.md while `FID_XRV` or `0.61 [0.5, 0.7]` stay as they are.
+    `strong` undoes the escapes for report.html."""
+    text = re.sub(r"([\\`*~])", r"\\\1", text)
+    text = re.sub(r"\[(?=[^\]]*\]\s*[\[(])", r"\\[", text)
+    text = re.sub(r"(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])", r"\\_", text)
+    return re.sub(r"&(?=#?\w+;)", r"\\&", text)
+
+
+def strong(text: str) -> str:
+    """A line of `markdown`'s headline as HTML: escaped, the page's **bold** as <strong>, `literal`'s backslash
+    escapes undone (an escaped `*` never makes bold)."""
+    kept: list[str] = []
+
+    def keep(match: re.Match[str]) -> str:  # an escaped character waits outside the bold rule, as a NUL-marked slot
+        kept.append(match[1])
+        return f"\0{len(kept) - 1}\0"
+
+    marked = re.sub(r"\\(.)", keep, text)
+    bold = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", html_lib.escape(marked))
+    return re.sub("\0(\\d+)\0", lambda m: html_lib.escape(kept[int(m[1])]), bold)
+
+
 @dataclasses.dataclass
 class Table:
     title: str
@@ -32,11 +58,14 @@ class Table:
     kind: str = "measured"  # "settings": what was run, no published counterpart
 
     def markdown(self) -> str:
-        """GitHub-flavoured Markdown; `<` escaped, since GitHub drops what looks like an HTML tag (`<EOS>`)."""
+        """GitHub-flavoured Markdown; headers and cells are text (run names, labels): `literal`, and `<` escaped, since
+        GitHub drops what looks like an HTML tag (`<EOS>`)."""
         lines = [f"### {escape_markdown(self.title)}", ""]
-        lines.append("| " + " | ".join(escape_markdown(h) for h in self.headers) + " |")
+        lines.append("| " + " | ".join(escape_markdown(literal(h)) for h in self.headers) + " |")
         lines.append("|" + "---|" * len(self.headers))
-        lines += ["| " + " | ".join(escape_markdown(c).replace("|", "/") for c in row) + " |" for row in self.rows]
+        lines += [
+            "| " + " | ".join(escape_markdown(literal(c.replace("|", "/"))) for c in row) + " |" for row in self.rows
+        ]
         if self.note:
             lines += ["", f"*{escape_markdown(self.note)}*"]
         return "\n".join(lines) + "\n"
@@ -88,11 +117,6 @@ def markdown(doc: Page) -> str:
         md += ["## Protocol", ""] + ([escape_markdown(doc.sources), ""] if doc.sources else [])
         md += [f"- {escape_markdown(p)}" for p in doc.protocol]
     return "\n".join(md) + "\n"
-
-
-def strong(text: str) -> str:
-    """Escaped text with Markdown's **bold** as <strong>."""
-    return re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", html_lib.escape(text))
 
 
 def html(doc: Page) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from cxrdiff.config import check_ranges
 from cxrdiff.formats import data_format
 from cxrdiff.report.coco import report_coco
 from cxrdiff.report.config import ReportConfig, Steps
@@ -25,5 +26,6 @@ def report(config: ReportConfig, classifier: Any = None, steps: Steps | None = N
     of torchxrayvision's. `steps` maps "sample" / "ground" to (function, config class); by default
     `cxrdiff.sample` and `cxrdiff.ground` (tests pass stand-ins).
     """
+    check_ranges(config)
     real = recorded_real(config)
     return REPORTS[data_format(real)](config, classifier, steps)

@@ -26,7 +26,7 @@ from cxrdiff.artifacts import (
     read_manifest,
     settings_key,
 )
-from cxrdiff.config import settings, to_dict
+from cxrdiff.config import check_ranges, settings, to_dict
 from cxrdiff.errors import InputError
 from cxrdiff.report.checkpoints import checkpoint_curve
 from cxrdiff.report.config import STEP, ReportConfig, Steps
@@ -80,14 +80,7 @@ def check_inputs(config: ReportConfig, classifier: Any = None) -> Checked:
         raise InputError("--out: required (the report folder)")
     for r in config.runs:
         run_kind(Path(r))
-    if config.n_fid < 2 or config.diversity_prompts < 1:
-        raise InputError(f"--n-fid {config.n_fid} / --diversity-prompts {config.diversity_prompts}: too small")
-    if config.min_word_count < 0:
-        raise InputError(f"--min-word-count {config.min_word_count}: must be at least 0")
-    if config.workers < 1:
-        raise InputError(f"--workers {config.workers}: must be at least 1")
-    if config.checkpoint_every < 1:
-        raise InputError(f"--checkpoint-every {config.checkpoint_every}: must be at least 1")
+    check_ranges(config)  # also here: the MIMIC report is called directly too
     from cxrdiff.metrics.fid import resolve_weights
 
     if not config.random_features:  # check weights before any sampling starts

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cxrdiff.metrics.score import Score
-from cxrdiff.report.document import Table
+from cxrdiff.report.document import Table, literal
 from cxrdiff.report.published import PAPER, PUBLISHED_FIDELITY, PUBLISHED_LOCALIZATION, PUBLISHED_TEXT_SOURCE
 from cxrdiff.report.text_source import source_name
 
@@ -166,7 +166,8 @@ def _other_text_line(model: Mapping[str, Any]) -> str:
     published = PUBLISHED_TEXT_SOURCE.get(name)
     paper = None if published is None else published[0 if model["kind"] == "learnable" else 1]
     trainings = f", {model['trainings']} trainings" if model["trainings"] > 1 else ""
-    who = f"**{model['name']}** (text encoder {model['kind']}, trained on {source_name(source)}{trainings}"
+    trained_on = literal(source_name(source))
+    who = f"**{literal(model['name'])}** (text encoder {model['kind']}, trained on {trained_on}{trainings}"
     who += "; the paper's Table 7)" if paper is not None else ")"
     return (
         f"{who}: CNR on the phrases that contain their label {_against(model.get('text_cnr'), paper, 2)}; "
@@ -183,7 +184,7 @@ def _model_line(model: Mapping[str, Any]) -> str:
     average = PUBLISHED_LOCALIZATION.get(paper or "", {}).get("Average")
     trainings = f", {model['trainings']} trainings" if model["trainings"] > 1 else ""
     kind = model["kind"] if model["kind"] in ("base model", "fine-tuned") else f"text encoder {model['kind']}"
-    who = f"**{model['name']}** ({kind}{trainings}"
+    who = f"**{literal(model['name'])}** ({kind}{trainings}"
     who += f"; the paper's {paper})" if paper else ")"
     u = model.get("uncertainty") or {}
     cnr = _against(model["cnr"][0], average[2] if average else None, 2, interval=u.get("cnr"))
@@ -230,7 +231,8 @@ def verdict_lines(metrics: Mapping[str, Any]) -> list[str]:
     lines = []
     for v in found:
         if len(found) > 1:
-            lines.append(f"**Fine-tuned from {Path(str(v['base'])).name} ({v['frozen']} vs {v['learnable']}):**")
+            names = f"{literal(v['frozen'])} vs {literal(v['learnable'])}"
+            lines.append(f"**Fine-tuned from {literal(Path(str(v['base'])).name)} ({names}):**")
         lines += [side_line(side) for side in v["sides"]]
         lines.append(
             f"**The trade-off (frozen: more interpretable, learnable: images closer to real) is {overall(v['sides'])} "
