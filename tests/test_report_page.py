@@ -113,8 +113,9 @@ def test_headline_verdict_per_side(frozen_cnr, frozen_fd, verdict, said):
     """A half is reproduced or opposite only when the difference's interval (here ± 0.1 CNR, ± 1 FD) excludes
     zero on that side; a difference inside it is not distinguishable, whatever its sign."""
     lines, _ = page.headline(_metrics(frozen_fd=frozen_fd, frozen_cnr=frozen_cnr))
+    said = verdict if verdict.endswith(" here") else f"{verdict} here"  # never "here here"
     assert lines[-1].startswith(
-        f"**The trade-off (frozen: more interpretable, learnable: images closer to real) is {verdict} here**"
+        f"**The trade-off (frozen: more interpretable, learnable: images closer to real) is {said}**"
     )
     assert any(said in line for line in lines), lines
 
@@ -169,7 +170,7 @@ def test_headline_speaks_of_setting_groups_when_there_are_any():
         lines[1]
         == "**sd** (base model; the paper's SDv2): CNR not measured; AUC-ROC % not measured; fidelity not measured."
     )
-    assert "FID_XRV 11.0 (paper 10.1, +0.9)" in lines[0]
+    assert "FID_XRV 11.0 ± 1.0 (paper 10.1, +0.9)" in lines[0]  # ± over its 2 trainings
     assert table.rows[-2][:3] == ["frozen-impression", "this report (frozen)", "0.70 ± 0.10"]
 
 

@@ -72,7 +72,9 @@ def models(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
         average = (entry.get("grounding") or {}).get("average") or {}
         if groups:
             first = next(iter((entry.get("fidelity") or {}).items()), None)
-            fidelity = None if first is None else {"name": first[0], **first[1], "value": first[1].get("mean")}
+            spread = _uncertainty(metrics, name, entry, True).get("fidelity")
+            fidelity = None if first is None else {"name": first[0], **first[1], "value": first[1].get("mean"),
+                                                   "interval": spread}  # fmt: skip
             trainings = entry.get("trainings", 1)
             source = (entry.get("setting") or {}).get("prompt_source")
             text_cnr = ((entry.get("text_source") or {}).get("cnr") or {}).get("mean")
@@ -149,7 +151,8 @@ def _fidelity_words(model: Mapping[str, Any], paper: str | None) -> str:
     f = model.get("fidelity")
     if not f or f.get("value") is None:
         return "fidelity not measured"
-    text = f"{f.get('title', f['name'])} {f['value']:.1f}" + interval_text(f.get("interval"), 1)
+    spread = f" ± {f['std']:.1f}" if f.get("std") and (f.get("n") or 1) > 1 else ""
+    text = f"{f.get('title', f['name'])} {f['value']:.1f}{spread}" + interval_text(f.get("interval"), 1)
     published = PUBLISHED_FIDELITY.get(paper or "")
     if published and f["name"] == "FID_XRV" and not f.get("label"):
         return f"{text} (paper {published[1]:g}, {f['value'] - published[1]:+.1f})"
@@ -234,9 +237,11 @@ def verdict_lines(metrics: Mapping[str, Any]) -> list[str]:
             names = f"{literal(v['frozen'])} vs {literal(v['learnable'])}"
             lines.append(f"**Fine-tuned from {literal(Path(str(v['base'])).name)} ({names}):**")
         lines += [side_line(side) for side in v["sides"]]
+        said = overall(v["sides"])
+        said += "" if said.endswith(" here") else " here"
         lines.append(
-            f"**The trade-off (frozen: more interpretable, learnable: images closer to real) is {overall(v['sides'])} "
-            "here**: a half counts as reproduced or opposite only when its 95% interval excludes zero."
+            f"**The trade-off (frozen: more interpretable, learnable: images closer to real) is {said}**: a half "
+            "counts as reproduced or opposite only when its 95% interval excludes zero."
         )
     return lines
 
