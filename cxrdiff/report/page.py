@@ -23,6 +23,7 @@ PUBLISHED_STEPS = {"Finetune_F": 30_000, "Finetune_L": 60_000}  # the paper's tr
 # A table no section claims lands in the last, "Other measurements".
 SECTIONS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
     ("Localization on MS-CXR (Tables 1 and 3)", ("cnr-by-class", "grounding"), ("Localization", "CNR against")),
+    ("Text encoders", ("text-encoders",), ("By text encoder",)),
     ("Fidelity and diversity (Tables 4 and 5)", (), ("Fidelity", "Classifier")),
     ("Over training (checkpoints)", ("checkpoints",), ("Over training",)),
     ("Words (Table 6) and the end-of-text token", (), ("Word analysis", "EOS")),
@@ -36,6 +37,8 @@ CAPTIONS = {
     "image, MS-CXR boxes drawn.",
     "checkpoints": "Average CNR and fidelity of each run's kept checkpoints against training steps, frozen and "
     "learnable on one figure (the newest point of each run is the run's own model).",
+    "text-encoders": "Average CNR, AUC-ROC % and fidelity by text encoder, frozen (blue) and learnable (orange); "
+    "setting groups trained on impressions, error bars over trainings where a group has several.",
 }
 
 
@@ -86,6 +89,7 @@ def models(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
             {
                 "name": name,
                 "kind": _kind(entry, bool(groups)),
+                "encoder": (entry.get("setting") or {}).get("encoder"),  # None: the base model's own CLIP
                 "trainings": trainings,
                 "source": source,
                 "base": (entry.get("setting") or {}).get("base_model"),
@@ -136,8 +140,10 @@ def _other_text_line(model: Mapping[str, Any]) -> str:
     name = "synthetic impressions" if source.startswith("file:") else source_name(source)
     published = PUBLISHED_TEXT_SOURCE.get(name)
     paper = None if published is None else published[0 if model["kind"] == "learnable" else 1]
+    if model.get("encoder"):  # the paper's Table 7 is of SD2's own CLIP
+        paper = None
     trainings = f", {model['trainings']} trainings" if model["trainings"] > 1 else ""
-    who = f"**{model['name']}** (text encoder {model['kind']}, trained on {source_name(source)}{trainings}"
+    who = f"**{model['name']}** (text encoder {_encoder_words(model)}, trained on {source_name(source)}{trainings}"
     who += "; the paper's Table 7)" if paper is not None else ")"
     return (
         f"{who}: CNR on the phrases that contain their label {_against(model.get('text_cnr'), paper, 2)}; "
@@ -147,13 +153,20 @@ def _other_text_line(model: Mapping[str, Any]) -> str:
     )
 
 
+def _encoder_words(model: Mapping[str, Any]) -> str:
+    """'frozen', or with another encoder than the base model's: 'tiny-bert, frozen'."""
+    return f"{model['encoder']}, {model['kind']}" if model.get("encoder") else str(model["kind"])
+
+
 def _model_line(model: Mapping[str, Any]) -> str:
     if model.get("source") not in (None, "impression") and model["kind"] in ("frozen", "learnable"):
         return _other_text_line(model)
-    paper = PUBLISHED_OF.get(model["kind"])
+    paper = None if model.get("encoder") else PUBLISHED_OF.get(model["kind"])  # the paper's: SD2's own CLIP
     average = PUBLISHED_LOCALIZATION.get(paper or "", {}).get("Average")
     trainings = f", {model['trainings']} trainings" if model["trainings"] > 1 else ""
-    kind = model["kind"] if model["kind"] in ("base model", "fine-tuned") else f"text encoder {model['kind']}"
+    kind = model["kind"] if model["kind"] in ("base model", "fine-tuned") else f"text encoder {_encoder_words(model)}"
+    if model.get("encoder") and model["kind"] in ("base model", "fine-tuned"):
+        kind += f", text encoder {model['encoder']}"
     who = f"**{model['name']}** ({kind}{trainings}"
     who += f"; the paper's {paper})" if paper else ")"
     cnr = _against(model["cnr"][0], average[2] if average else None, 2)
@@ -202,15 +215,18 @@ def tradeoff_verdict(found: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def verdicts(found: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The trade-off verdict; one per base model when the runs were fine-tuned from several (e.g. the demo's
-    pretrained and token-local text encoders), frozen set against learnable of the same start only."""
-    bases = list(dict.fromkeys(m["base"] for m in found if m.get("base") and m["kind"] in ("frozen", "learnable")))
-    if len(bases) < 2:
+    """The trade-off verdict; one per start when the runs were fine-tuned from several base models (e.g. the
+    demo's pretrained and token-local text encoders) or conditioned on several text encoders (`finetune
+    --text-encoder`): frozen set against learnable of the same base model and text encoder only."""
+    tuned = [m for m in found if m.get("base") and m["kind"] in ("frozen", "learnable")]
+    starts = list(dict.fromkeys((m["base"], m.get("encoder")) for m in tuned))
+    if len(starts) < 2:
         return tradeoff_verdict(found)
     lines = []
-    for base in bases:
-        same = [m for m in found if m.get("base") == base]
-        lines.append(f"**Fine-tuned from {Path(base).name} ({', '.join(m['name'] for m in same)}):**")
+    for base, encoder in starts:
+        same = [m for m in found if m.get("base") == base and m.get("encoder") == encoder]
+        start = f"{Path(base).name}" + (f" with text encoder {encoder}" if encoder else "")
+        lines.append(f"**Fine-tuned from {start} ({', '.join(m['name'] for m in same)}):**")
         lines += tradeoff_verdict(same)
     return lines
 
@@ -231,7 +247,7 @@ def headline(metrics: Mapping[str, Any]) -> tuple[list[str], Table]:
         cell = _num(cnr) + (f" ± {std:.2f}" if std else "")
         f = m.get("fidelity")
         fidelity = f"{f.get('title', f['name'])} {f['value']:.1f}" if f and f.get("value") is not None else "—"
-        rows.append([m["name"], f"this report ({m['kind']})", cell, _num(m["auc"][0], 1, 100), fidelity])
+        rows.append([m["name"], f"this report ({_encoder_words(m)})", cell, _num(m["auc"][0], 1, 100), fidelity])
     table = Table(
         "The trade-off in numbers: average CNR, AUC-ROC % and fidelity",
         ["model", "source", "CNR", "AUC-ROC %", "fidelity (lower is closer to real)"],
@@ -257,6 +273,8 @@ def settings_tables(metrics: Mapping[str, Any]) -> list[Table]:
                 name,
                 str(r.get("kind", "—")),
                 encoder,
+                s.get("encoder") or ("CLIP (base model's)" if frozen is not None else "—"),
+                str(s.get("trained") or "—"),
                 str(s.get("prompt_source") or "—"),
                 str(t.get("steps") if t.get("steps") is not None else "—"),
                 str(t.get("lr") if t.get("lr") is not None else "—"),
@@ -266,7 +284,18 @@ def settings_tables(metrics: Mapping[str, Any]) -> list[Table]:
         )
     runs = Table(
         "Runs",
-        ["run", "kind", "text encoder", "training text", "steps", "learning rate", "seed", "folder"],
+        [
+            "run",
+            "kind",
+            "text encoder",
+            "conditioning",
+            "trained",
+            "training text",
+            "steps",
+            "learning rate",
+            "seed",
+            "folder",
+        ],  # fmt: skip
         rows,
         kind="settings",
     )
