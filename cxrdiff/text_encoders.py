@@ -18,6 +18,7 @@ padding mask, as it was pretrained.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -274,8 +275,8 @@ def _open_clip_tower(source: Source) -> tuple[Any, Any, int]:
     except Exception as exc:  # open_clip raises many types (its config names a hub model, missing weights, ...)
         raise InputError(
             f"--text-encoder {source.folder}: open_clip cannot load it offline ({_first_line(exc)}); a text tower "
-            "built on a Hugging Face model needs that model's config and tokenizer in a local folder named by "
-            f"{OPEN_CLIP_CONFIG}'s hf_model_name / hf_tokenizer_name"
+            f"built on a Hugging Face model needs that model's config.json in a local folder named by "
+            f"{OPEN_CLIP_CONFIG}'s hf_model_name, and its tokenizer files in {source.folder}"
         ) from None
     tower = getattr(model, "text", None)
     transformer = getattr(tower, "transformer", None)
@@ -300,8 +301,9 @@ def _context_length(tokenizer: Any, config: Any, name: str) -> int:
 
 
 def _with_context(tokenizer: Any, context: int, name: str) -> Any:
-    """The tokenizer with its context length stated (saved with it), and a padding token (its end token when
-    it has none, as Generate to Ground does)."""
+    """A copy of the tokenizer (the loaded one is shared) with its context length stated (saved with it), and a
+    padding token (its end token when it has none, as Generate to Ground does)."""
+    tokenizer = copy.deepcopy(tokenizer)
     tokenizer.model_max_length = int(context)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -433,7 +435,7 @@ def load_tokenizer(folder: str | os.PathLike, clip: bool | None = None, trust_re
     if clip is None:
         config = folder / "tokenizer_config.json"
         named = json.loads(config.read_text()).get("tokenizer_class", "") if config.is_file() else ""
-        clip = str(named).startswith("CLIPTokenizer") or (folder / "merges.txt").is_file() and not named
+        clip = str(named).startswith("CLIPTokenizer") or ((folder / "merges.txt").is_file() and not named)
     if trust_remote_code is None:
         record = read_record(folder.parent)
         trust_remote_code = record is not None and record.trust_remote_code

@@ -156,6 +156,43 @@ def test_the_diffusers_and_pretrain_text_layout_is_found(tiny_bert, tmp_path):
     assert open_text_encoder(nested, 32).record.width == 24
 
 
+def open_clip_folder(folder, text_cfg, tokenizer_from=None):
+    """A tiny open_clip model saved as open_clip loads a local folder (`local-dir:`): open_clip_config.json,
+    open_clip_model.safetensors and, for a Hugging Face tower, the tokenizer files beside them."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "head_width": 32,
+                                          "patch_size": 16}, "text_cfg": text_cfg}  # fmt: skip
+    model = (open_clip.CustomTextCLIP if "hf_model_name" in text_cfg else open_clip.CLIP)(**cfg)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors")
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+    for name in ("tokenizer.json", "tokenizer_config.json") if tokenizer_from else ():
+        shutil.copy(tokenizer_from / name, folder / name)
+    return model
+
+
+def test_an_open_clip_tower_on_a_hugging_face_model_is_kept_in_hugging_face_form(tiny_bert, tmp_path):
+    """BiomedCLIP's shape: an open_clip model whose text tower is a Hugging Face BERT (here the tiny one, named
+    by its local folder); the tower's transformer is the encoder, at open_clip's context length."""
+    text_cfg = {"hf_model_name": str(tiny_bert), "hf_tokenizer_name": str(tiny_bert), "hf_proj_type": "linear",
+                "hf_pooler_type": "cls_pooler", "context_length": 48}  # fmt: skip
+    model = open_clip_folder(tmp_path / "biomedclip-like", text_cfg, tokenizer_from=tiny_bert)
+    parts = open_text_encoder(tmp_path / "biomedclip-like", 32)
+    assert (parts.record.origin, parts.record.kind, parts.record.width, parts.record.context_length) == (
+        "open_clip", "transformers", 24, 48,
+    )  # fmt: skip
+    tokens = parts.tokenizer([PROMPT], return_tensors="pt")
+    with torch.no_grad():  # the saved tower's weights (not the tiny BERT's own)
+        theirs = model.text.transformer(**tokens).last_hidden_state
+        assert torch.equal(parts.encoder(**tokens).last_hidden_state, theirs)
+    native = {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1}
+    open_clip_folder(tmp_path / "openclip-native", native)
+    with pytest.raises(InputError, match="open_clip's own transformer, not a Hugging Face model"):
+        open_text_encoder(tmp_path / "openclip-native", 32)
+
+
 # --- the model folder ---------------------------------------------------------------------------------
 
 
