@@ -362,6 +362,10 @@ def test_bert_chain_prepare_finetune_sample_ground_checkpoint_report(phantom_pre
     sample(SampleConfig(model=learnable, out=samples, prompts=phantom_prepared / "test.parquet", limit=2, steps=2))
     table = pd.read_parquet(samples / "samples.parquet")
     assert len(table) == 2 and all((samples / f).is_file() for f in table["file"])
+    assert not table["truncated"].any()
+    long = tmp_path / "long"  # 70 words: past the tiny BERT's own 64-token context, recorded as truncated
+    sample(SampleConfig(model=learnable, out=long, prompt=" ".join(["effusion"] * 70), steps=1))
+    assert pd.read_parquet(long / "samples.parquet")["truncated"].tolist() == [True]
 
     out = tmp_path / "ground"
     ground(GroundConfig(model=frozen, out=out, data=phantom_prepared / "ms_cxr.parquet", steps=3, window=2, limit=4,
