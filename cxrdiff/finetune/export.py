@@ -17,7 +17,7 @@ from cxrdiff.config import to_dict
 from cxrdiff.finetune.config import CHECKPOINTS
 from cxrdiff.finetune.training import TrainingRun
 from cxrdiff.models import Components
-from cxrdiff.text_encoders import fresh_like, label, state_part, trained_parts
+from cxrdiff.text_encoders import fresh_like, label, new_projection, state_part, trained_parts
 
 
 def conditioning(run: TrainingRun) -> dict[str, Any]:
@@ -35,8 +35,6 @@ def trained_projection(comps: Components, state: dict[str, Any]) -> Any:
     """The text projection with its trained weights from the run's state (None without one)."""
     if comps.text_projection is None:
         return None
-    from cxrdiff.text_encoders import new_projection
-
     record = comps.text_record
     projection = new_projection(record.width, record.cross_attention_dim, seed=0)
     projection.load_state_dict(state_part(state, "text_projection."))
