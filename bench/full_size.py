@@ -1,9 +1,12 @@
 """SD2-base's exact architecture (random weights) through every step on a CPU: seconds and peak RAM per step.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/full_size.py [--model DIR] [--resolution 512] [--json FILE]
+        [--text-encoder-like bert-base] [--stages "model random,phantom,prepare,finetune step,ground"]
 
 Steps, each in a fresh process (its peak RSS is the step's peak memory, read with wait4):
-- `model random`: `cxrdiff model random --like sd2-base` (skipped with --model);
+- `model random`: `cxrdiff model random --like sd2-base` (skipped with --model); with `--text-encoder-like
+  bert-base`, conditioned on a random BERT-base (109 M parameters, context 512) through a learned 768 → 1024
+  map, as `finetune --text-encoder` conditions on CXR-BERT or RadBERT;
 - `phantom`: a few phantom patients at the resolution (not a model step; listed for completeness);
 - `prepare`: VAE-encode the phantom's images (`cxrdiff.prepare`);
 - `finetune step`: one optimizer step of `cxrdiff.finetune`'s own loop (frozen text, gradient checkpointing,
@@ -11,6 +14,7 @@ Steps, each in a fresh process (its peak RSS is the step's peak memory, read wit
   run adds;
 - `ground`: `cxrdiff.ground` on one MS-CXR-style phrase, a few DDIM steps, capture on all 16 layers;
 - `sample`: `cxrdiff.sample`, one image, a few PLMS steps, guidance 4.
+`--stages` runs only the named ones (the model stage's folder is needed by the others unless --model).
 Results: a table on stdout, and with --json the same as JSON. docs/performance.md keeps the numbers.
 """
 
@@ -29,7 +33,7 @@ from pathlib import Path
 def stage_model(work: Path, args: argparse.Namespace) -> dict:
     from cxrdiff.models import write_random_model
 
-    return write_random_model(work / "sd2-base", "sd2-base", seed=0)
+    return write_random_model(work / "sd2-base", "sd2-base", seed=0, text_encoder_like=args.text_encoder_like)
 
 
 def stage_phantom(work: Path, args: argparse.Namespace) -> dict:
@@ -144,6 +148,8 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=6)
     parser.add_argument("--ground-steps", type=int, default=4)
     parser.add_argument("--sample-steps", type=int, default=3)
+    parser.add_argument("--text-encoder-like", choices=["bert-base"], default=None, help="a BERT-base encoder")
+    parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages to run, in order")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--stage", choices=list(STAGES), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)
@@ -155,19 +161,26 @@ def main() -> None:
 
     passed = [f"--{k}={getattr(args, k)}" for k in ("resolution", "patients", "ground_steps", "sample_steps")]
     passed = [p.replace("_", "-", 1) for p in passed] + ([f"--model={args.model}"] if args.model else [])
+    passed += [f"--text-encoder-like={args.text_encoder_like}"] if args.text_encoder_like else []
+    chosen = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in STAGES]
+    if unknown:
+        raise SystemExit(f"--stages: unknown {', '.join(unknown)} (known: {', '.join(STAGES)})")
     with tempfile.TemporaryDirectory(prefix="cxrdiff-full-size-") as tmp:
         rows = [
             run_stage(name, Path(tmp), passed)
             for name in STAGES
-            if not (name == "model random" and args.model is not None)
+            if name in chosen and not (name == "model random" and args.model is not None)
         ]
     threads = os.environ.get("OMP_NUM_THREADS", "default")
-    print(f"resolution {args.resolution}, OMP_NUM_THREADS={threads}, {os.cpu_count()} CPUs")
+    encoder = f", text encoder like {args.text_encoder_like}" if args.text_encoder_like else ""
+    print(f"resolution {args.resolution}, OMP_NUM_THREADS={threads}, {os.cpu_count()} CPUs{encoder}")
     print(f"{'step':<15} {'seconds':>8} {'peak RSS GB':>12}")
     for row in rows:
         print(f"{row['step']:<15} {row['seconds']:>8} {row['peak_rss_gb']:>12}")
     if args.json:
-        args.json.write_text(json.dumps({"resolution": args.resolution, "threads": threads, "steps": rows}, indent=2))
+        summary = {"resolution": args.resolution, "threads": threads, "text_encoder_like": args.text_encoder_like}
+        args.json.write_text(json.dumps({**summary, "steps": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ Frame = Literal["prepared", "original"]
 GroundDtype = Literal["auto", "float32", "bfloat16", "float16"]
 PredictionType = Literal["epsilon", "v_prediction"]
 PublishedModel = Literal["sd2-base", "sd2-768", "sd15"]  # `cxrdiff model random --like`
+PublishedTextEncoder = Literal["bert-base"]  # `cxrdiff model random --text-encoder-like`
 TextInit = Literal["pretrained", "token-local", "both"]  # `cxrdiff demo --text-init`: the tiny text encoder's start
 PhantomKind = Literal["mimic", "coco"]  # `cxrdiff phantom --kind`: a MIMIC-CXR-shaped tree or a COCO-layout set
 DataFormat = Literal["mimic", "coco"]  # `cxrdiff prepare --format`

@@ -29,6 +29,7 @@ STEP_CONFIGS = {  # command → the file and class of its config, whose field de
     "ground": ("ground.py", "GroundConfig"),
     "report": ("report/config.py", "ReportConfig"),
     "pretrain-text": ("pretrain_text.py", "PretrainTextConfig"),
+    "pretrain-bert": ("pretrain_bert.py", "PretrainBertConfig"),
 }
 
 
@@ -169,6 +170,7 @@ OtherSources = choices.enum("OtherSources", choices.OtherSources)
 Frame = choices.enum("Frame", choices.Frame)
 PredictionType = choices.enum("PredictionType", choices.PredictionType)
 PublishedModel = choices.enum("PublishedModel", choices.PublishedModel)
+PublishedTextEncoder = choices.enum("PublishedTextEncoder", choices.PublishedTextEncoder)
 TextInit = choices.enum("TextInit", choices.TextInit)
 PhantomKind = choices.enum("PhantomKind", choices.PhantomKind)
 DataFormat = choices.enum("DataFormat", choices.DataFormat)
@@ -257,6 +259,17 @@ def finetune(
     frozen_text: Annotated[
         bool | None,
         typer.Option("--frozen-text/--learnable-text", help="Freeze the text encoder (Finetune_F) or train it (_L)."),
+    ] = None,
+    text_encoder: Annotated[
+        Path | None,
+        typer.Option(
+            help="Condition on this local Hugging Face text model folder (CXR-BERT, RadBERT, BiomedCLIP, ...) "
+            "instead of the base model's CLIP; a linear map to the UNet's width is learnt where widths differ."
+        ),
+    ] = None,
+    trust_remote_code: Annotated[
+        bool | None,
+        typer.Option("--trust-remote-code", help="Let --text-encoder run the model code shipped in its folder."),
     ] = None,
     steps: Annotated[
         int | None, typer.Option(help="Optimizer steps; default 30,000 frozen / 60,000 learnable.")
@@ -452,6 +465,13 @@ def demo(
         typer.Option(help="The tiny text encoder: contrastively pretrained, token-local by construction, or both."),
     ] = TextInit.pretrained,
     trainings: Annotated[int, typer.Option(help="Fine-tunings per model (seeds 0..N-1), for ± over trainings.")] = 1,
+    text_encoders: Annotated[
+        str,
+        typer.Option(
+            help="Text encoders to fine-tune with, comma-separated: clip (the tiny CLIP), bert (a tiny "
+            "BERT pretrained on the reports, frozen and learnable beside it)."
+        ),
+    ] = "clip",
     coco: Annotated[
         bool, typer.Option("--coco", help="The in-domain chain (Table 2) on a COCO-layout phantom instead.")
     ] = False,
@@ -462,7 +482,8 @@ def demo(
         return
     from cxrdiff.demo import demo as run_demo
 
-    print_result(run_demo(out=out, quick=quick, text_init=text_init.value, trainings=trainings))
+    encoders = tuple(e.strip() for e in text_encoders.split(",") if e.strip())
+    print_result(run_demo(out=out, quick=quick, text_init=text_init.value, trainings=trainings, text_encoders=encoders))
 
 
 def _demo_coco(out: Path, quick: bool) -> None:
@@ -545,16 +566,54 @@ def model_pretrain_text(
     run_step(pretrain_text, PretrainTextConfig, options)
 
 
+@model_app.command("pretrain-bert")
+def model_pretrain_bert(
+    data: Annotated[Path, typer.Argument(help="MIMIC-CXR-shaped folder (metadata CSV, files/ with reports).")],
+    out: Annotated[Path, typer.Argument(help="New folder for the Hugging Face text model (and its tokenizer).")],
+    ms_cxr: Annotated[
+        Path | None, typer.Option(help="MS-CXR box CSV: its images' reports are left out (default: the one in DATA).")
+    ] = None,
+    text_fallback: Annotated[
+        TextFallback | None, typer.Option(help="Text for reports without IMPRESSION (none: left out, as prepare).")
+    ] = None,
+    width: Annotated[int | None, typer.Option(help="Hidden size.")] = None,
+    layers: Annotated[int | None, typer.Option(help="Transformer layers.")] = None,
+    heads: Annotated[int | None, typer.Option(help="Attention heads.")] = None,
+    vocab_size: Annotated[int | None, typer.Option(help="WordPiece vocabulary size (trained on the texts).")] = None,
+    context_length: Annotated[int | None, typer.Option(help="Token positions (the encoder's context).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimiser steps.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Texts per batch.")] = None,
+    lr: Annotated[float | None, typer.Option(help="AdamW learning rate.")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay.")] = None,
+    mask_probability: Annotated[float | None, typer.Option(help="Share of word tokens masked (BERT: 0.15).")] = None,
+    held_out: Annotated[int | None, typer.Option(help="Texts (whole patients) kept out for the check.")] = None,
+    max_pairs: Annotated[int | None, typer.Option(help="Use at most this many reports (default: all).")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="Save a resumable state every N steps.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Initialisation, split, batch order and masks.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Masked-language-model pretraining of a tiny BERT (WordPiece vocabulary trained too) on report texts, for
+    `finetune --text-encoder`; prints held-out masked-token accuracy beside the most-frequent-token guess."""
+    options = dict(locals())
+    from cxrdiff.pretrain_bert import PretrainBertConfig, pretrain_bert
+
+    run_step(pretrain_bert, PretrainBertConfig, options)
+
+
 @model_app.command("random")
 def model_random(
     out: Annotated[Path, typer.Argument(help="New folder for the diffusers pipeline.")],
     like: Annotated[PublishedModel, typer.Option(help="Published architecture and configs to copy.")],
     seed: Annotated[int, typer.Option(help="Weight initialisation seed.")] = 0,
+    text_encoder_like: Annotated[
+        PublishedTextEncoder | None,
+        typer.Option(help="Condition on a random text encoder of this shape instead (with a linear width map)."),
+    ] = None,
 ) -> None:
     """Write a released model's exact architecture and configs with seeded random weights (no download)."""
     from cxrdiff.models import write_random_model
 
-    print_result(write_random_model(out, like.value, seed))
+    print_result(write_random_model(out, like.value, seed, text_encoder_like and text_encoder_like.value))
 
 
 @model_app.command("info")

@@ -63,6 +63,8 @@ class DemoPlan:
 
 
 TEXT_INITS = ("pretrained", "token-local")  # `demo --text-init`; "both" runs the two side by side
+TEXT_ENCODERS = ("clip", "bert")  # `demo --text-encoders`: the tiny CLIP (the default) and a tiny BERT beside it
+BERT_NAMES = {"frozen": "Finetune_F (BERT)", "learnable": "Finetune_L (BERT)"}
 PRETRAIN_SEED_OFFSET = 1000  # the pretraining phantom is another draw: seed + 1000, so no image is shared
 
 
@@ -122,17 +124,47 @@ def _fitted_vae(out: Path, phantom: Path, plan: DemoPlan) -> Path:
     return path
 
 
-def _pretrained_text(out: Path, plan: DemoPlan) -> Path:
-    """`cxrdiff model pretrain-text` on a second phantom draw (another seed), so that the fine-tuning
+def _pretrain_phantom(out: Path, plan: DemoPlan) -> Path:
+    """The second phantom draw (another seed) the text encoders are pretrained on, so that the fine-tuning
     images and reports are not the pretraining ones."""
     from cxrdiff.phantom import PhantomConfig, make_phantom
-    from cxrdiff.pretrain_text import PretrainTextConfig, pretrain_text
 
     pairs = out / "phantom-pretrain"
     seed = plan.seed + PRETRAIN_SEED_OFFSET
     make_phantom(
         PhantomConfig(pairs, patients=plan.pretrain_patients, seed=seed, size=plan.image_size, dicom_fraction=0.0)
     )
+    return pairs
+
+
+def _pretrained_bert(out: Path, plan: DemoPlan) -> Path:
+    """`cxrdiff model pretrain-bert` on the pretraining phantom: a tiny BERT (masked language modelling, the
+    objective chosen before any run) for the `--text-encoders bert` runs."""
+    from cxrdiff.pretrain_bert import PretrainBertConfig, pretrain_bert
+
+    folder = out / "tiny-bert"
+    result = pretrain_bert(
+        PretrainBertConfig(
+            data=_pretrain_phantom(out, plan),
+            out=folder,
+            steps=plan.pretrain_steps,
+            batch_size=plan.pretrain_batch_size,
+            seed=plan.seed,
+        )
+    )
+    log.info(
+        "BERT pretrained: held-out masked-token top-1 %.3f (most frequent token %.3f)",
+        result["masked_top1"],
+        result["majority"],
+    )
+    return folder
+
+
+def _pretrained_text(out: Path, plan: DemoPlan) -> Path:
+    """`cxrdiff model pretrain-text` on the pretraining phantom."""
+    from cxrdiff.pretrain_text import PretrainTextConfig, pretrain_text
+
+    pairs = _pretrain_phantom(out, plan)
     folder = out / "text-encoder"
     result = pretrain_text(
         PretrainTextConfig(
@@ -182,18 +214,27 @@ def run_names(inits: tuple[str, ...]) -> dict[tuple[str, str], str]:
 
 
 def demo(
-    out: Path = Path("cxrdiff-demo"), quick: bool = False, text_init: str = "pretrained", trainings: int = 1
+    out: Path = Path("cxrdiff-demo"),
+    quick: bool = False,
+    text_init: str = "pretrained",
+    trainings: int = 1,
+    text_encoders: tuple[str, ...] = ("clip",),
 ) -> dict[str, Any]:
     """Run the chain; every step skips what an earlier (or interrupted) demo already finished.
 
     `text_init`: pretrained (the default), token-local, or both (side by side in one report);
-    `trainings`: fine-tunings per model, seeds 0..N-1 (the report's ± over trainings)."""
+    `trainings`: fine-tunings per model, seeds 0..N-1 (the report's ± over trainings);
+    `text_encoders`: clip (the tiny CLIP of `text_init`), bert (a tiny BERT pretrained on the reports, fine-tuned
+    frozen and learnable from the same base model through `finetune --text-encoder`), or both."""
     from cxrdiff.console import err
 
     if text_init not in (*TEXT_INITS, "both"):
         raise InputError(f"--text-init {text_init!r}: expected one of {', '.join(TEXT_INITS)}, both")
     if trainings < 1:
         raise InputError(f"--trainings {trainings}: expected at least 1")
+    unknown = [e for e in text_encoders if e not in TEXT_ENCODERS]
+    if unknown or not text_encoders:
+        raise InputError(f"--text-encoders {','.join(text_encoders)}: expected some of {', '.join(TEXT_ENCODERS)}")
     inits = TEXT_INITS if text_init == "both" else (text_init,)
     plan = DemoPlan.quick() if quick else DemoPlan()
     out = Path(out)
@@ -211,6 +252,11 @@ def demo(
         err.rule(f"text encoder: contrastive pretraining on another phantom draw ({plan.pretrain_steps} steps)")
         text_encoder = _pretrained_text(out, plan)
         clock.done("pretrain text")
+    bert = None
+    if "bert" in text_encoders:
+        err.rule(f"text encoder: a tiny BERT, masked language modelling on the reports ({plan.pretrain_steps} steps)")
+        bert = _pretrained_bert(out, plan)
+        clock.done("pretrain BERT")
     err.rule("tiny base model (VAE fitted to the phantom images)")
     vae = _fitted_vae(out, phantom, plan)
     bases = {init: _base_model(out, init, vae, text_encoder, plan) for init in inits}
@@ -218,8 +264,10 @@ def demo(
     err.rule("prepare")
     prepared = _prepare(out, phantom, bases[inits[0]], plan)
     clock.done("prepare")
-    err.rule(f"finetune: {len(inits) * 2} models × {trainings} trainings, {plan.finetune_steps} steps each")
-    runs, jobs = _planned_runs(out, prepared, bases, inits, trainings, plan)
+    models = (len(inits) if "clip" in text_encoders else 0) * 2 + (2 if bert else 0)
+    err.rule(f"finetune: {models} models × {trainings} trainings, {plan.finetune_steps} steps each")
+    clip_inits = inits if "clip" in text_encoders else ()
+    runs, jobs = _planned_runs(out, prepared, bases, clip_inits, trainings, plan, bert=bert)
     finetune_all(jobs)
     clock.done("finetune")
     err.rule("phantom pathology classifier (fidelity features and classifier check)")
@@ -288,10 +336,17 @@ def _prepare(out: Path, phantom: Path, base: Path, plan: DemoPlan) -> Path:
 
 
 def _planned_runs(
-    out: Path, prepared: Path, bases: dict[str, Path], inits: tuple[str, ...], trainings: int, plan: DemoPlan
+    out: Path,
+    prepared: Path,
+    bases: dict[str, Path],
+    inits: tuple[str, ...],
+    trainings: int,
+    plan: DemoPlan,
+    bert: Path | None = None,
 ) -> tuple[dict[str, list[Path]], list[Any]]:
     """Every fine-tuning of the demo: each model `trainings` times (seeds 0..N-1) on impressions and, with
-    N ≥ 2, once more (seed 0) on the class labels (Table 7 measured). Returns the report's groups and the
+    N ≥ 2, once more (seed 0) on the class labels (Table 7 measured); with `bert`, the BERT-conditioned pair
+    (frozen, learnable) from the first base model, on impressions. Returns the report's groups and the
     configs to train."""
     runs: dict[str, list[Path]] = {}
     jobs = []
@@ -304,6 +359,14 @@ def _planned_runs(
                 _finetune_config(out / "runs" / folder, prepared, bases[init], kind == "frozen", plan, seed, source)
             )
             runs.setdefault(group, []).append(out / "runs" / folder)
+    if bert is not None:
+        base = next(iter(bases.values()))
+        for kind, name in BERT_NAMES.items():
+            for seed in range(trainings):
+                folder = out / "runs" / f"bert-{kind}-seed{seed}"
+                config = _finetune_config(folder, prepared, base, kind == "frozen", plan, seed, "impression")
+                jobs.append(dataclasses.replace(config, text_encoder=bert))
+                runs.setdefault(name, []).append(folder)
     return dict(sorted(runs.items(), key=lambda item: "(labels)" in item[0])), jobs
 
 

@@ -281,9 +281,9 @@ def choose_tokens(tokenizer: Any, sample: Sample, words: tuple[str, ...] | None)
     phrase (no start, end or padding).
     """
     from cxrdiff.data import CLASS_WORDS
-    from cxrdiff.tokens import content_positions, prompt_words, word_token_spans
+    from cxrdiff.tokens import content_positions, prompt_words, text_limit, word_token_spans
 
-    limit = tokenizer.model_max_length - 1
+    limit = text_limit(tokenizer)
     if words:
         positions = sorted(
             {
@@ -320,16 +320,19 @@ def choose_tokens(tokenizer: Any, sample: Sample, words: tuple[str, ...] | None)
 
 def word_positions(tokenizer: Any, phrase: str) -> dict[str, int]:
     """Table 6 candidates: each distinct word as written (case kept, edge punctuation removed) at its first
-    token, plus the start and end tokens. "Small" and "small" are two words, as in the paper's table."""
-    from cxrdiff.tokens import prompt_token_count, prompt_words
+    token, plus the start and end tokens (CLIP's start/end of text, BERT's [CLS] and [SEP]). "Small" and
+    "small" are two words, as in the paper's table."""
+    from cxrdiff.tokens import prompt_token_count, prompt_words, special_counts, text_limit
 
-    limit = tokenizer.model_max_length - 1
-    found = {SPECIAL[0]: 0}
+    leading, trailing = special_counts(tokenizer)
+    limit = text_limit(tokenizer)
+    found = {SPECIAL[0]: 0} if leading else {}
     for w in prompt_words(tokenizer, phrase):
         written = _AS_WRITTEN.match(w.text).group(1) or w.text  # type: ignore[union-attr]
         if written not in found and w.start < min(w.stop, limit):
             found[written] = w.start
-    found[SPECIAL[1]] = min(1 + prompt_token_count(tokenizer, phrase), limit)
+    if trailing:
+        found[SPECIAL[1]] = min(leading + prompt_token_count(tokenizer, phrase), limit)
     return found
 
 
@@ -354,13 +357,11 @@ def grounded_latent(sample: Sample, config: GroundConfig, run: int) -> np.ndarra
 
 
 def encode_text(comps: Any, prompts: list[str], device: Any) -> Any:
-    import torch
+    """The UNet's context for `prompts` (batch, tokens, dim): the model's text encoder as it was trained
+    (`text_encoders.encode`: SD's CLIP as diffusers, or the run's own encoder and projection)."""
+    from cxrdiff.text_encoders import encode
 
-    ids = comps.tokenizer(
-        prompts, padding="max_length", max_length=comps.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids.to(device)  # (batch, tokens)
-    with torch.no_grad():
-        return comps.text_encoder(ids)[0]  # (batch, tokens, dim)
+    return encode(comps.text, prompts, device)
 
 
 def capture_maps(comps: Any, latents: Any, context: Any, config: GroundConfig, seeds: list[int], uncond: Any = None):
@@ -569,7 +570,7 @@ def ground(config: GroundConfig) -> dict[str, Any]:
     out = Path(config.out)
     samples = load_samples(config)
     if config.word:
-        from cxrdiff.models import load_tokenizer
+        from cxrdiff.text_encoders import load_tokenizer
         from cxrdiff.tokens import word_token_spans
 
         tokenizer = load_tokenizer(Path(config.model) / "tokenizer")

@@ -21,6 +21,17 @@ from typing import Any
 
 from cxrdiff.artifacts import MANIFEST, atomic_dir, read_manifest
 from cxrdiff.errors import InputError, unsafe_pickle
+from cxrdiff.text_encoders import (
+    PUBLISHED_TEXT_ENCODERS,
+    RECORD,
+    TextEncoderRecord,
+    TextParts,
+    label,
+    load_text_parts,
+    new_projection,
+    published_text_encoder,
+    save_text_parts,
+)
 
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _PART_FILES = {
@@ -48,6 +59,23 @@ class Components:
     tokenizer: Any
     scheduler: Any
     path: Path | None = None
+    text_projection: Any = None  # the learned map from a text encoder's width to the UNet's, where they differ
+    text_record: Any = None  # text_encoders.TextEncoderRecord; None: SD's own CLIP pair
+
+    @property
+    def text(self) -> TextParts:
+        """The text side as `text_encoders` takes it (encoder, tokenizer, projection, record)."""
+        return TextParts(self.text_encoder, self.tokenizer, self.text_projection, self.text_record)
+
+    def use_text(self, parts: TextParts) -> None:
+        """Condition on another text side (`finetune --text-encoder`)."""
+        self.text_encoder, self.tokenizer = parts.encoder, parts.tokenizer
+        self.text_projection, self.text_record = parts.projection, parts.record
+
+    @property
+    def native(self) -> bool:
+        """Whether diffusers' StableDiffusionPipeline encodes prompts for these components by itself."""
+        return self.text_record is None or self.text_record.native
 
     @property
     def vae_scale_factor(self) -> int:
@@ -150,15 +178,12 @@ def load_components(path: str | os.PathLike, device: Any = None, dtype: Any = No
     """Load a local SD folder offline; malformed parts are one-line errors naming the part."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
 
     path = check_model_folder(path)
     loaded: dict[str, Any] = {}
     for part, load in (
         ("unet", UNet2DConditionModel.from_pretrained),
         ("vae", AutoencoderKL.from_pretrained),
-        ("text_encoder", CLIPTextModel.from_pretrained),
-        ("tokenizer", lambda folder, **_: load_tokenizer(folder)),
         ("scheduler", _scheduler_class(path).from_pretrained),
     ):
         try:
@@ -167,41 +192,29 @@ def load_components(path: str | os.PathLike, device: Any = None, dtype: Any = No
             raise unsafe_pickle(path / part) from None
         except (OSError, ValueError, TypeError, json.JSONDecodeError, RuntimeError) as exc:
             raise InputError(f"{path / part}: cannot load {part} ({_first_line(exc)})") from None
-    comps = Components(**loaded, path=path)
-    for module in (comps.unet, comps.vae, comps.text_encoder):
+    text = load_text_parts(path)  # SD's CLIP pair, or what the folder's text encoder record names
+    comps = Components(**loaded, text_encoder=text.encoder, tokenizer=text.tokenizer, path=path)
+    comps.use_text(text)
+    for module in (comps.unet, comps.vae, comps.text_encoder, comps.text_projection):
+        if module is None:
+            continue
         module.eval().requires_grad_(False)
         if device is not None or dtype is not None:
             module.to(device=device, dtype=dtype)
-    if comps.text_encoder.config.hidden_size != comps.unet.config.cross_attention_dim:
+    width = text.record.cross_attention_dim if text.projection is not None else text_width(comps.text_encoder)
+    if width != comps.unet.config.cross_attention_dim:
         raise InputError(
-            f"{path}: text encoder width {comps.text_encoder.config.hidden_size} does not match the UNet's "
+            f"{path}: text encoder width {width} does not match the UNet's "
             f"cross_attention_dim {comps.unet.config.cross_attention_dim}"
         )
     torch.set_grad_enabled(True)
     return comps
 
 
-_TOKENIZERS: dict[str, Any] = {}  # content digest of a tokenizer folder → the loaded tokenizer
-
-
-def load_tokenizer(folder: str | os.PathLike) -> Any:
-    """A folder's CLIP tokenizer, loaded once per process for each distinct content.
-
-    Loading one takes about half a second (its vocabulary is parsed several times), and every fine-tuned
-    run carries its own copy of the same files, so a report that samples and grounds many runs would
-    otherwise spend minutes on it. The cache key is the files' bytes (a few ms to hash), so an edited
-    tokenizer is loaded afresh. The tokenizer returned is shared: treat it as read-only.
-    """
-    from transformers import CLIPTokenizer
-
-    folder = Path(folder)
-    digest = hashlib.sha256()
-    for file in sorted(f for f in folder.iterdir() if f.is_file()):
-        digest.update(file.name.encode() + b"\0" + file.read_bytes())
-    key = digest.hexdigest()
-    if key not in _TOKENIZERS:
-        _TOKENIZERS[key] = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
-    return _TOKENIZERS[key]
+def text_width(encoder: Any) -> int:
+    """A text encoder's hidden size from its config (hidden_size, or d_model for T5-like encoders)."""
+    config = encoder.config
+    return int(getattr(config, "hidden_size", None) or config.d_model)
 
 
 def load_pipeline(path: str | os.PathLike, scheduler: Any = None, device: Any = None, dtype: Any = None) -> Any:
@@ -209,14 +222,16 @@ def load_pipeline(path: str | os.PathLike, scheduler: Any = None, device: Any = 
     return pipeline(load_components(path, device=device, dtype=dtype), scheduler)
 
 
-def pipeline(comps: Components, scheduler: Any = None) -> Any:
-    """The components as a `StableDiffusionPipeline` (no safety checker: these are radiographs)."""
+def pipeline(comps: Components, scheduler: Any = None, text: bool = True) -> Any:
+    """The components as a `StableDiffusionPipeline` (no safety checker: these are radiographs); `text=False`
+    leaves the text encoder and tokenizer out (a folder whose prompts are encoded by `text_encoders.encode`
+    and given to the pipeline as `prompt_embeds`)."""
     from diffusers import StableDiffusionPipeline
 
     return StableDiffusionPipeline(
         vae=comps.vae,
-        text_encoder=comps.text_encoder,
-        tokenizer=comps.tokenizer,
+        text_encoder=comps.text_encoder if text else None,
+        tokenizer=comps.tokenizer if text else None,
         unet=comps.unet,
         scheduler=scheduler or comps.scheduler,
         safety_checker=None,
@@ -238,19 +253,36 @@ def _scheduler_class(path: str | os.PathLike) -> Any:
 
 
 def save_components(comps: Components, out: str | os.PathLike, scheduler: Any = None) -> Path:
-    """Write a diffusers SD folder that `StableDiffusionPipeline.from_pretrained(out)` loads.
+    """Write a diffusers SD folder that `StableDiffusionPipeline.from_pretrained(out)` loads. With another text
+    encoder than SD's CLIP (or a projection), model_index.json names none ([null, null]): the pipeline loads
+    without one and takes `prompt_embeds`; `text_encoder/`, `tokenizer/`, `text_projection/` and the record are
+    written by `text_encoders.save_text_parts` (README, "Text encoders").
 
     Written to a temporary folder and renamed, so a killed save never leaves a half model.
     """
     out = Path(out)
-    pipe = pipeline(comps, scheduler)
-    with atomic_dir(out) as tmp:
+    pipe = pipeline(comps, scheduler, text=comps.native)
+    with atomic_dir(out) as tmp, _quiet_diffusers(not comps.native):  # it warns that None parts are not saved
         pipe.save_pretrained(tmp, safe_serialization=True)
+        save_text_parts(comps.text, tmp, plain=comps.native)
         keep = [p for p in out.iterdir()] if out.is_dir() else []
         for extra in keep:  # files beside the model (manifest, logs) survive a re-save
-            if not (tmp / extra.name).exists() and extra.is_file():
+            if not (tmp / extra.name).exists() and extra.is_file() and extra.name != RECORD:
                 (tmp / extra.name).write_bytes(extra.read_bytes())
     return out
+
+
+@contextlib.contextmanager
+def _quiet_diffusers(quiet: bool) -> Any:
+    from diffusers.utils import logging as diffusers_logging
+
+    before = diffusers_logging.get_verbosity()
+    if quiet:
+        diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(before)
 
 
 def model_geometry(base_model: Path, resolution: int | None) -> tuple[int, tuple[int, int, int], float]:
@@ -490,6 +522,8 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         "latent_shape": list(comps.latent_shape),
         "prediction_type": comps.prediction_type,
         "scaling_factor": comps.scaling_factor,
+        "text_encoder": label(comps.text_record),
+        "text_projection": comps.text_projection is not None,
         "context_length": int(comps.tokenizer.model_max_length),
         "vocab_size": len(comps.tokenizer),
         **{f"{part}_parameters": n for part, n in parameter_counts(comps).items()},
@@ -656,8 +690,10 @@ def fill_random(module: Any, generator: Any) -> Any:
     return module
 
 
-def random_components(like: str, seed: int = 0) -> Components:
-    """A published architecture (`sd2-base`, `sd2-768`, `sd15`) with seeded random weights."""
+def random_components(like: str, seed: int = 0, text_encoder_like: str | None = None) -> Components:
+    """A published architecture (`sd2-base`, `sd2-768`, `sd15`) with seeded random weights; `text_encoder_like`
+    (`bert-base`) conditions it on a random encoder of that shape instead of its CLIP, through a learned
+    linear map to the UNet's width (as `finetune --text-encoder` would)."""
     import diffusers
     import torch
 
@@ -665,29 +701,83 @@ def random_components(like: str, seed: int = 0) -> Components:
     if spec is None:
         raise InputError(f"--like {like!r}: expected one of {', '.join(PUBLISHED)}")
     generator = torch.Generator().manual_seed(seed)
-    modules = {part: fill_random(m, generator) for part, m in published_modules(like).items()}
-    tokenizer = clip_tokenizer()
-    if spec["pad_token"] != tokenizer.pad_token:
+    modules = published_modules(like)
+    if text_encoder_like is not None:
+        modules["text_encoder"] = published_text_encoder(text_encoder_like)
+    modules = {part: fill_random(m, generator) for part, m in modules.items()}
+    tokenizer = clip_tokenizer() if text_encoder_like is None else bert_base_tokenizer()
+    if text_encoder_like is None and spec["pad_token"] != tokenizer.pad_token:
         tokenizer.pad_token = spec["pad_token"]
     name, scheduler_config = spec["scheduler"]
     scheduler = getattr(diffusers, name).from_config(scheduler_config)
-    return Components(**modules, tokenizer=tokenizer, scheduler=scheduler)
+    comps = Components(**modules, tokenizer=tokenizer, scheduler=scheduler)
+    if text_encoder_like is not None:
+        width, cross = text_width(comps.text_encoder), int(spec["unet"]["cross_attention_dim"])
+        record = TextEncoderRecord(
+            kind="transformers", name=f"{text_encoder_like} (random)", origin="random", model_type="bert",
+            identity=f"random {text_encoder_like}, seed {seed}", width=width, cross_attention_dim=cross,
+            projection=width != cross, context_length=int(tokenizer.model_max_length), attention_mask=True,
+            trust_remote_code=False,
+        )  # fmt: skip
+        projection = new_projection(width, cross, seed) if record.projection else None
+        comps.use_text(TextParts(comps.text_encoder, tokenizer, projection, record))
+    return comps
 
 
-def write_random_model(out: str | os.PathLike, like: str, seed: int = 0) -> dict[str, Any]:
-    """`cxrdiff model random OUT --like sd2-base`: a diffusers folder of that architecture, random weights."""
+def bert_base_tokenizer() -> Any:
+    """A WordPiece tokenizer of BERT-base's size (30,522 entries, context 512), built offline: BERT's special
+    tokens, every letter, digit and ASCII punctuation mark alone and as a '##' continuation (so any text
+    tokenizes), then CLIP's whole words in its vocabulary's order, padded with [unusedN] as BERT's own."""
+    import string
+
+    from cxrdiff.text_encoders import BERT_SPECIALS, vocabulary_tokenizer
+
+    size = PUBLISHED_TEXT_ENCODERS["bert-base"]["config"]["vocab_size"]
+    with gzip.open(_clip_bpe()) as handle:
+        merges = handle.read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    singles = list(string.ascii_lowercase + string.digits + string.punctuation)
+    vocab = [*BERT_SPECIALS, *singles, *(f"##{c}" for c in string.ascii_lowercase + string.digits)]
+    seen = set(vocab)
+    for merge in merges:
+        word = "".join(merge.split())
+        if word.endswith("</w>") and word[:-4].isascii() and word[:-4].isalnum() and word[:-4] not in seen:
+            vocab.append(word[:-4])
+            seen.add(word[:-4])
+        if len(vocab) == size:
+            break
+    vocab += [f"[unused{i}]" for i in range(size - len(vocab))]
+    return vocabulary_tokenizer(vocab, PUBLISHED_TEXT_ENCODERS["bert-base"]["config"]["max_position_embeddings"])
+
+
+def _clip_bpe() -> str:
+    from open_clip.tokenizer import default_bpe
+
+    return default_bpe()
+
+
+def write_random_model(
+    out: str | os.PathLike, like: str, seed: int = 0, text_encoder_like: str | None = None
+) -> dict[str, Any]:
+    """`cxrdiff model random OUT --like sd2-base [--text-encoder-like bert-base]`: a diffusers folder of that
+    architecture, random weights."""
     if (Path(out) / MANIFEST).is_file():
         step = read_manifest(out).get("step")
         raise InputError(f"{out}: is a '{step}' folder; give a new folder for the random model")
     if Path(out).exists() and any(Path(out).iterdir()):
         raise InputError(f"{out}: not empty; give a new folder for the random model")
-    comps = random_components(like, seed)
+    comps = random_components(like, seed, text_encoder_like)
     counts = parameter_counts(comps)
     save_components(comps, out)
-    return {"model": str(out), "like": like, "seed": seed, **{f"{k}_parameters": v for k, v in counts.items()}}
+    described = {"like": like, "seed": seed} | ({"text_encoder_like": text_encoder_like} if text_encoder_like else {})
+    return {"model": str(out), **described, **{f"{k}_parameters": v for k, v in counts.items()}}
 
 
 def parameter_counts(comps: Any) -> dict[str, int]:
-    """Parameters of the UNet, the text encoder and the VAE (`comps` or a dict of those modules)."""
+    """Parameters of the UNet, the text encoder and the VAE (`comps` or a dict of those modules), and of the
+    text projection where there is one."""
     parts = comps if isinstance(comps, dict) else {p: getattr(comps, p) for p in ("unet", "text_encoder", "vae")}
-    return {part: sum(p.numel() for p in parts[part].parameters()) for part in ("unet", "text_encoder", "vae")}
+    counts = {part: sum(p.numel() for p in parts[part].parameters()) for part in ("unet", "text_encoder", "vae")}
+    projection = None if isinstance(comps, dict) else comps.text_projection
+    if projection is not None:
+        counts["text_projection"] = sum(p.numel() for p in projection.parameters())
+    return counts

@@ -310,11 +310,15 @@ def _generate(
     """Run the pipeline on batches of (prompt, generator) and write each image as it is done."""
     import torch
 
-    from cxrdiff.models import load_pipeline
+    from cxrdiff.models import load_components, pipeline
+    from cxrdiff.text_encoders import encode
 
-    pipe = load_pipeline(config.model, scheduler=make_scheduler(config.model, config.scheduler)).to(device)
+    comps = load_components(config.model)
+    pipe = pipeline(comps, scheduler=make_scheduler(config.model, config.scheduler)).to(device)
     if dtype != torch.float32:  # cast only when asked: diffusers warns on any `to(dtype=...)`
         pipe.to(dtype=dtype)
+    if comps.text_projection is not None:  # not a pipeline part: moved with it by hand
+        comps.text_projection.to(device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     set_tf32(config.tf32)
     speed_up_unet(pipe.unet, compile=config.compile, channels_last=config.channels_last)
@@ -325,9 +329,15 @@ def _generate(
             torch.Generator().manual_seed(image_seed(config.seed, i // config.n_per_prompt, i % config.n_per_prompt))
             for i in batch
         ]
+        if comps.native:  # SD's own CLIP pair: the pipeline encodes the prompts, as diffusers users do
+            text: dict[str, Any] = {"prompt": texts, "negative_prompt": [""] * len(batch)}
+        else:  # another text encoder (finetune --text-encoder): encoded here, given as embeddings
+            text = {
+                "prompt_embeds": encode(comps.text, texts, device, dtype),
+                "negative_prompt_embeds": encode(comps.text, [""] * len(batch), device, dtype),
+            }
         images = pipe(
-            texts,
-            negative_prompt=[""] * len(batch),
+            **text,
             generator=generators,
             num_inference_steps=config.steps,
             guidance_scale=config.guidance,
@@ -349,7 +359,7 @@ def write_png(path: Path, grey: np.ndarray) -> None:
 def _prompts_over_context(model: Path, texts: list[str]) -> list[bool]:
     """Per prompt: longer than the text encoder's context (start and end tokens included), so the pipeline's
     tokenizer keeps only its first tokens. Logged and stored (`truncated`), never silent."""
-    from cxrdiff.models import load_tokenizer
+    from cxrdiff.text_encoders import load_tokenizer
 
     tokenizer = load_tokenizer(Path(model) / "tokenizer")
     limit = int(tokenizer.model_max_length)

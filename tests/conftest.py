@@ -57,3 +57,22 @@ def phantom_prepared(phantom_tree, tiny_model, tmp_path_factory):
     )
     prepare(config)
     return out
+
+
+@pytest.fixture(scope="session")
+def phantom_texts(phantom_prepared):
+    """The impressions of `phantom_prepared`'s training shards (phantom report text)."""
+    import pyarrow.parquet as pq
+
+    shards = sorted(phantom_prepared.glob("train-*.parquet"))
+    return [t for shard in shards for t in pq.read_table(shard, columns=["impression"]).column(0).to_pylist()]
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(phantom_texts, tmp_path_factory):
+    """A tiny random BERT (width 24, unlike the tiny UNet's 32) with a 120-entry WordPiece tokenizer trained
+    offline on phantom text (so rarer words split into several pieces), context 64, as a local Hugging Face
+    folder; tests must not modify it."""
+    from cxrdiff.text_encoders import write_tiny_bert
+
+    return write_tiny_bert(tmp_path_factory.mktemp("bert") / "tiny-bert", phantom_texts, vocab_size=120)

@@ -73,6 +73,7 @@ STEPS = {  # command → (module, step function, config class)
     "ground": ("cxrdiff.ground", "ground", "GroundConfig"),
     "report": ("cxrdiff.report", "report", "ReportConfig"),
     "model pretrain-text": ("cxrdiff.pretrain_text", "pretrain_text", "PretrainTextConfig"),
+    "model pretrain-bert": ("cxrdiff.pretrain_bert", "pretrain_bert", "PretrainBertConfig"),
 }
 
 

@@ -104,3 +104,24 @@ def test_demo_refuses_another_steps_folder(tmp_path):
     with pytest.raises(InputError, match="is a 'finetune' folder"):
         demo(tmp_path, quick=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]
+
+
+def test_demo_text_encoders_plan_the_bert_pair_beside_clip(tmp_path):
+    """`--text-encoders clip,bert`: the BERT pair (frozen, learnable) from the first base model, conditioned
+    through `finetune --text-encoder`, beside the CLIP runs; an unknown encoder is refused before any work."""
+    from cxrdiff.demo import DemoPlan, _planned_runs, demo
+    from cxrdiff.errors import InputError
+
+    bases = {"pretrained": tmp_path / "base-model-pretrained"}
+    runs, jobs = _planned_runs(tmp_path, tmp_path / "prepared", bases, ("pretrained",), 1, DemoPlan.quick(),
+                               bert=tmp_path / "tiny-bert")  # fmt: skip
+    assert list(runs) == ["Finetune_F", "Finetune_L", "Finetune_F (BERT)", "Finetune_L (BERT)"]
+    by_out = {job.out.name: job for job in jobs}
+    assert (
+        by_out["bert-frozen-seed0"].text_encoder == tmp_path / "tiny-bert" and by_out["bert-frozen-seed0"].frozen_text
+    )
+    assert not by_out["bert-learnable-seed0"].frozen_text and by_out["pretrained-frozen-seed0"].text_encoder is None
+    assert {job.base_model for job in jobs} == {bases["pretrained"]}
+    with pytest.raises(InputError, match="--text-encoders clip,gpt: expected some of clip, bert"):
+        demo(tmp_path / "demo", quick=True, text_encoders=("clip", "gpt"))
+    assert not (tmp_path / "demo").exists()

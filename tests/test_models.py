@@ -81,7 +81,7 @@ def test_malformed_folder_is_a_one_line_error(tiny_model, tmp_path, damage, mess
 def test_tokenizer_is_loaded_once_per_content(tiny_model, tmp_path):
     # a copy of the same files (every fine-tuned run carries one) reuses the loaded tokenizer; a changed
     # file is loaded afresh and behaves as changed
-    from cxrdiff.models import load_tokenizer
+    from cxrdiff.text_encoders import load_tokenizer
 
     copy = tmp_path / "copy"
     shutil.copytree(tiny_model / "tokenizer", copy)

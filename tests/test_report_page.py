@@ -203,7 +203,7 @@ def test_page_layout_settings_conventions_and_sections(tmp_path):
     assert "| Finetune_F (published) | 30,000 | 0.92 | 79 | FID 75.5 |" in over
     assert "| frozen | 10 | 0.30 | — | FID_XRV 20.0 |" in over
     settings = md.split("\n## Runs and settings")[1].split("\n## ")[0]
-    assert "| frozen | finetune | frozen | — | 30 | 5e-05 | 0 | x |" in settings
+    assert "| frozen | finetune | frozen | CLIP (base model's) | — | — | 30 | 5e-05 | 0 | x |" in settings
     assert "| sampler | pndm |" in settings and "| grounded phrases (limit) | — |" in settings
     assert "{" not in settings  # no JSON dumps
     assert md.count("Grounding cnr: signed") == 1  # the convention of both runs, named once

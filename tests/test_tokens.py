@@ -111,3 +111,75 @@ def test_sd15_padding_with_the_end_token_gives_the_same_positions(tokenizer):
     assert ids.count(sd15.eos_token_id) > 1  # every pad is an end token now
     assert word_positions(sd15, prompt)[SPECIAL[1]] == ids.index(sd15.eos_token_id) == 7  # ple ural ef fusion
     assert content_positions(sd15, prompt) == content_positions(tokenizer, prompt) == [1, 2, 3, 4, 5, 6]
+
+
+# --- every tokenizer: the offset mapping, and BERT's WordPiece ---------------------------------------------
+
+TRICKY = [
+    "Mild pulmonary edema; small bilateral effusions (R>L). ___ x-ray",
+    "Effusion! No pneumothorax!",
+    "patient's right-sided PICC line tip; 2.5 cm nodule (new)",
+    "  leading and  double   spaces  ",
+    "ET-tube 3.4cm above the carina.",
+    "Re-demonstrated L>R opacities, ?pneumonia vs. atelectasis",
+    "café au lait, naïve İstanbul résumé",
+    "...",
+    "",
+    "No acute cardiopulmonary process.\nStable cardiomegaly.",
+]
+
+
+def test_offsets_give_the_word_wise_positions_on_clip_exactly(tokenizer, phantom_texts, phantom_tree):
+    """The fast tokenizers' offset mapping (used for every tokenizer that has one) reproduces the word-wise
+    positions cxrdiff used for CLIP on every phantom impression and MS-CXR phrase and on hand-made hard cases."""
+    from cxrdiff.data import read_ms_cxr
+    from cxrdiff.tokens import prompt_words_by_offsets, prompt_words_by_word
+
+    phrases = list(read_ms_cxr(phantom_tree / "MS_CXR_Local_Alignment_v1.0.0.csv")["label_text"])
+    prompts = [*TRICKY, *phantom_texts, *phrases]
+    assert tokenizer.is_fast and len(prompts) > 40
+    for prompt in prompts:
+        assert prompt_words_by_offsets(tokenizer, prompt) == prompt_words_by_word(tokenizer, prompt), prompt
+    cardiomegaly = prompt_words_by_offsets(tokenizer, "Moderate cardiomegaly.")[1]
+    assert (cardiomegaly.bare, cardiomegaly.positions) == ("cardiomegaly", [2, 3, 4, 5])
+
+
+@pytest.fixture(scope="module")
+def bert_tokenizer(tiny_bert):
+    from cxrdiff.text_encoders import load_tokenizer
+
+    return load_tokenizer(tiny_bert)
+
+
+def test_a_word_split_into_wordpiece_pieces(bert_tokenizer):
+    """'cardiomegaly' in several WordPiece pieces (cardi ##ome ...): all its positions, its punctuation not;
+    [CLS] and [SEP] play the start and end tokens."""
+    from cxrdiff.ground import SPECIAL, word_positions
+    from cxrdiff.tokens import prompt_words_by_word
+
+    tok = bert_tokenizer
+    prompt = "Moderate cardiomegaly, no effusion."
+    (span,) = word_token_spans(tok, prompt, "cardiomegaly")
+    ids = tok(prompt).input_ids
+    pieces = tok.convert_ids_to_tokens([ids[p] for p in span])
+    assert len(pieces) >= 3 and not pieces[0].startswith("##") and all(p.startswith("##") for p in pieces[1:])
+    assert "".join(p.removeprefix("##") for p in pieces) == "cardiomegaly"
+    assert tok.convert_ids_to_tokens([ids[span[-1] + 1]]) == [","]  # the comma follows, outside the span
+    assert span[0] == len(tok("Moderate", add_special_tokens=False).input_ids) + 1
+    assert prompt_words(tok, prompt) == prompt_words_by_word(tok, prompt)  # both ways agree on WordPiece too
+    found = word_positions(tok, prompt)
+    assert ids[found[SPECIAL[0]]] == tok.cls_token_id and ids[found[SPECIAL[1]]] == tok.sep_token_id
+    assert found[SPECIAL[1]] == len(ids) - 1 and found["cardiomegaly"] == span[0]
+    assert content_positions(tok, prompt) == list(range(1, len(ids) - 1))
+
+
+def test_bert_context_is_its_own_and_truncation_is_never_silent(bert_tokenizer):
+    tok = bert_tokenizer
+    assert tok.model_max_length == 64
+    prompt = " ".join(["normal"] * 70) + " cardiomegaly"
+    with pytest.raises(InputError, match="beyond the 62 text tokens"):
+        word_token_spans(tok, prompt, "cardiomegaly")
+    assert word_token_spans(tok, prompt, "cardiomegaly", truncation="drop", missing="empty") == []
+    per_word = len(tok("normal", add_special_tokens=False).input_ids)
+    kept = word_token_spans(tok, prompt, "normal", truncation="drop")
+    assert len(kept) == 62 // per_word and kept[-1][-1] <= 62

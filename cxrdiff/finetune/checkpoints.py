@@ -186,6 +186,8 @@ def export_checkpoint(run: str | os.PathLike, step: int, out: str | os.PathLike)
     comps = load_components(run)
     state = load_file(path / "model.safetensors")
     comps.text_encoder.load_state_dict({k[13:]: v for k, v in state.items() if k.startswith("text_encoder.")})
+    if comps.text_projection is not None:  # a text encoder of another width than the UNet's: its learned map
+        comps.text_projection.load_state_dict({k[16:]: v for k, v in state.items() if k.startswith("text_projection.")})
     if weights == "ema":
         comps.unet.load_state_dict(load_file(path / "ema.safetensors"))
     else:

@@ -44,12 +44,16 @@ class FinetuneConfig:
         "fused_adamw",
         "tf32",
         "channels_last",
+        "text_encoder",  # by identity (the hash of its files), see inputs.run_settings
+        "trust_remote_code",  # permission to run the encoder's own code, not a change of what is trained
     )
 
     data: Path | None = None
     base_model: Path | None = None
     out: Path | None = None
     frozen_text: bool | None = None
+    text_encoder: Path | None = None  # a local Hugging Face text model to condition on (default: the base model's)
+    trust_remote_code: bool = False  # let a --text-encoder whose model code ships in its folder run that code
     steps: Annotated[int | None, Range(ge=1)] = None
     batch_size: Annotated[int, Range(ge=1)] = 256
     per_device_batch_size: Annotated[int | None, Range(ge=1)] = None

@@ -3,6 +3,7 @@ parts; the EMA beside) written part by part, then the manifest, last, which mark
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -16,6 +17,29 @@ from cxrdiff.config import to_dict
 from cxrdiff.finetune.config import CHECKPOINTS
 from cxrdiff.finetune.training import TrainingRun
 from cxrdiff.models import Components
+from cxrdiff.text_encoders import fresh_like, label, new_projection, state_part, trained_parts
+
+
+def conditioning(run: TrainingRun) -> dict[str, Any]:
+    """The manifest's record of the text side: which encoder (its record, None: the base model's CLIP pair)
+    and what fine-tuning trained."""
+    record = run.comps.text_record
+    return {
+        "encoder": label(record),
+        "record": None if record is None else record.to_dict(),
+        "trained": trained_parts(record, learnable=not run.config.frozen_text),
+    }
+
+
+def trained_projection(comps: Components, state: dict[str, Any]) -> Any:
+    """The text projection with its trained weights from the run's state (None without one)."""
+    if comps.text_projection is None:
+        return None
+    record = comps.text_record
+    projection = new_projection(record.width, record.cross_attention_dim, seed=0)
+    projection.load_state_dict(state_part(state, "text_projection."))
+    return projection
+
 
 RESULT_KEYS = ("steps", "text_encoder", "weights", "final_loss")
 
@@ -31,6 +55,7 @@ def export_run(run: TrainingRun, folder: StepFolder, last_loss: float) -> dict[s
     extra = {
         "steps": config.steps,
         "text_encoder": "frozen" if config.frozen_text else "learnable",
+        "conditioning": conditioning(run),
         "weights": config.export_weights,
         "ema": config.ema,
         "global_batch_size": config.batch_size,
@@ -64,7 +89,6 @@ def export_run(run: TrainingRun, folder: StepFolder, last_loss: float) -> dict[s
 def write_pipeline(run: TrainingRun, state: dict[str, Any]) -> None:
     """Base parts + trained UNet (+ text encoder if learnable); with --ema the other UNet beside it."""
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel
 
     from cxrdiff.models import save_components
 
@@ -79,9 +103,12 @@ def write_pipeline(run: TrainingRun, state: dict[str, Any]) -> None:
             unet, ema_unet = ema_unet, unet
     text = comps.text_encoder
     if not config.frozen_text:
-        text = CLIPTextModel(comps.text_encoder.config)
-        text.load_state_dict({k[13:]: v for k, v in state.items() if k.startswith("text_encoder.")})
+        text = fresh_like(comps.text_encoder)
+        text.load_state_dict(state_part(state, "text_encoder."))
     parts = Components(unet=unet, vae=comps.vae.to("cpu"), text_encoder=text, tokenizer=comps.tokenizer, scheduler=None)
+    parts.use_text(
+        dataclasses.replace(parts.text, projection=trained_projection(comps, state), record=comps.text_record)
+    )
     tmp = out / ".pipeline"
     save_components(parts, tmp, scheduler=comps.scheduler)
     if ema_unet is not None:

@@ -97,9 +97,18 @@ def run_settings(config: FinetuneConfig) -> dict[str, Any]:
     if source.startswith("file:"):
         source = f"file:{input_identity(source[5:])}"
     identities = {"data": input_identity(config.data), "base_model": input_identity(config.base_model)}
+    if config.text_encoder is not None:  # absent otherwise, so that runs on the base model's encoder keep their key
+        identities["text_encoder"] = text_encoder_identity(config.text_encoder)
     mine = settings(config, prompt_source=source, **identities)
     unused = "ucg_no_finding" if data_format(config.data) == "coco" else "ucg_caption"  # the other data's UCG rule
     return {k: v for k, v in mine.items() if k != unused}
+
+
+def text_encoder_identity(folder: Path) -> str:
+    """A --text-encoder folder's identity: the hash of its weights, config and tokenizer files."""
+    from cxrdiff.text_encoders import find_source, source_identity
+
+    return source_identity(find_source(folder))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +128,10 @@ def check_inputs(config: FinetuneConfig) -> Inputs:
     model_dir = check_model_folder(config.base_model)
     check_prepared(Path(config.data), model_dir)
     check_prompt_source(config.prompt_source)
+    if config.text_encoder is not None:
+        from cxrdiff.text_encoders import check_remote_code, find_source
+
+        check_remote_code(find_source(config.text_encoder), config.trust_remote_code)
     if data_format(config.data) == "coco" and config.prompt_source != "impression":
         raise InputError(f"--prompt-source {config.prompt_source}: COCO data trains on its captions (impression)")
     folder = StepFolder.claim(config.out, STEP, run_settings(config), create=False)

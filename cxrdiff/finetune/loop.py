@@ -26,6 +26,7 @@ from cxrdiff.finetune.checkpoints import Checkpoints, rng_state
 from cxrdiff.finetune.config import STEP, TRAIN_LOG
 from cxrdiff.finetune.training import TrainingRun
 from cxrdiff.finetune.validation import validate
+from cxrdiff.text_encoders import wants_mask
 
 
 def resume(run: TrainingRun, checkpoints: Checkpoints) -> int:
@@ -147,8 +148,7 @@ def micro_step(run: TrainingRun, step: int, micro: int) -> tuple[Any, int, int]:
     noisy = scheduler.add_noise(latents, noise, t)
     prediction = scheduler.config.prediction_type
     target = noise if prediction == "epsilon" else scheduler.get_velocity(latents, noise, t)
-    use_mask = bool(getattr(run.comps.text_encoder.config, "use_attention_mask", False))
-    mask = tokens.attention_mask.to(device) if use_mask else None
+    mask = tokens.attention_mask.to(device) if wants_mask(run.comps.text) else None  # BERTs: yes; SD's CLIP: no
     sync = contextlib.nullcontext() if micro == run.accum - 1 else accelerator.no_sync(run.model)
     with sync:
         with accelerator.autocast():

@@ -20,16 +20,22 @@ from cxrdiff.models import Components
 def text_to_noise_class() -> type:
     import torch
 
-    class TextToNoise(torch.nn.Module):
-        """UNet and text encoder in one module, so DDP, FSDP and DeepSpeed wrap, sync and save one model."""
+    from cxrdiff.text_encoders import hidden_states
 
-        def __init__(self, unet: Any, text_encoder: Any, train_text: bool):
+    class TextToNoise(torch.nn.Module):
+        """UNet and text encoder in one module, so DDP, FSDP and DeepSpeed wrap, sync and save one model; with a
+        text encoder of another width than the UNet's, the learned map between them (`text_projection`)."""
+
+        def __init__(self, unet: Any, text_encoder: Any, train_text: bool, text_projection: Any = None):
             super().__init__()
             self.unet, self.text_encoder, self.train_text = unet, text_encoder, train_text
+            self.text_projection = text_projection  # trained with the UNet, frozen encoder or not
 
         def forward(self, noisy: Any, timesteps: Any, input_ids: Any, attention_mask: Any = None) -> Any:
             with contextlib.nullcontext() if self.train_text else torch.no_grad():
-                hidden = self.text_encoder(input_ids, attention_mask=attention_mask)[0]  # (batch, tokens, width)
+                hidden = hidden_states(self.text_encoder, input_ids, attention_mask)  # (batch, tokens, width)
+            if self.text_projection is not None:
+                hidden = self.text_projection(hidden)  # (batch, tokens, cross-attention dim)
             return self.unet(noisy, timesteps, encoder_hidden_states=hidden).sample  # (batch, C, H, W)
 
     return TextToNoise
@@ -86,6 +92,11 @@ def load_run(config: FinetuneConfig, model_dir: Path, accelerator: Any, per_devi
 
     rank, world = accelerator.process_index, accelerator.num_processes
     comps = load_components(model_dir)
+    if config.text_encoder is not None:  # another text encoder than the base model's (finetune --text-encoder)
+        from cxrdiff.text_encoders import open_text_encoder
+
+        cross = int(comps.unet.config.cross_attention_dim)
+        comps.use_text(open_text_encoder(config.text_encoder, cross, config.trust_remote_code, seed=config.seed))
     with_logvar = config.latent_sampling == "sample"
     data = TrainData(Path(config.data), comps.latent_shape, config.seed, rank, world, with_logvar=with_logvar)
     ucg = config.ucg_caption if data.captions else config.ucg_no_finding
@@ -130,10 +141,13 @@ def build_model(config: FinetuneConfig, comps: Components, accelerator: Any) -> 
         if not config.frozen_text:
             text_encoder.gradient_checkpointing_enable()
     speed_up_unet(unet, compile=config.compile, channels_last=config.channels_last)
-    model = text_to_noise_class()(unet, text_encoder, train_text=not config.frozen_text)
+    projection = comps.text_projection
+    model = text_to_noise_class()(unet, text_encoder, train_text=not config.frozen_text, text_projection=projection)
     groups = [{"params": list(unet.parameters()), "lr": config.lr}]
     if not config.frozen_text:
         groups.append({"params": list(text_encoder.parameters()), "lr": config.text_lr})
+    if projection is not None:  # the width map learns with the UNet, at its rate (last group: logs read [1])
+        groups.append({"params": list(projection.train().requires_grad_(True).parameters()), "lr": config.lr})
     optimizer = torch.optim.AdamW(
         groups, betas=(0.9, 0.999), weight_decay=config.weight_decay, eps=1e-8, fused=config.fused_adamw or None
     )

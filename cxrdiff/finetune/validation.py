@@ -6,6 +6,7 @@ from cxrdiff.artifacts import (
     atomic_path,
 )
 from cxrdiff.finetune.training import TrainingRun
+from cxrdiff.text_encoders import TextParts, encode
 
 
 def validate(run: TrainingRun, step: int) -> None:
@@ -17,6 +18,7 @@ def validate(run: TrainingRun, step: int) -> None:
         from diffusers import StableDiffusionPipeline
 
         inner = accelerator.unwrap_model(run.model)
+        text = TextParts(inner.text_encoder, comps.tokenizer, inner.text_projection, comps.text_record)
         pipe = StableDiffusionPipeline(
             vae=comps.vae.to(accelerator.device),
             text_encoder=inner.text_encoder,
@@ -34,7 +36,13 @@ def validate(run: TrainingRun, step: int) -> None:
         with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
             for i, prompt in enumerate(config.validation_prompts):
                 generator = torch.Generator(accelerator.device).manual_seed(config.seed + i)
-                image = pipe(prompt, num_inference_steps=config.validation_steps, generator=generator).images[0]
+                embeds = [encode(text, [p], accelerator.device) for p in (prompt, "")]  # the run's own encoding
+                image = pipe(
+                    prompt_embeds=embeds[0],
+                    negative_prompt_embeds=embeds[1],
+                    num_inference_steps=config.validation_steps,
+                    generator=generator,
+                ).images[0]
                 with atomic_path(folder / f"{i:02d}.png") as tmp:
                     image.save(tmp, format="PNG")
         inner.unet.train()

@@ -177,7 +177,7 @@ def load_vae(base_model: Path, device: Any) -> Any:
 
 def load_base_tokenizer(base_model: Path) -> Any:
     """The base model's tokenizer (for marking prompts longer than its context)."""
-    from cxrdiff.models import load_tokenizer
+    from cxrdiff.text_encoders import load_tokenizer
 
     try:
         return load_tokenizer(base_model / "tokenizer")

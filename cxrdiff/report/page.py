@@ -23,6 +23,7 @@ PUBLISHED_STEPS = {"Finetune_F": 30_000, "Finetune_L": 60_000}  # the paper's tr
 # A table no section claims lands in the last, "Other measurements".
 SECTIONS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
     ("Localization on MS-CXR (Tables 1 and 3)", ("cnr-by-class", "grounding"), ("Localization", "CNR against")),
+    ("Text encoders", ("text-encoders",), ("By text encoder",)),
     ("Fidelity and diversity (Tables 4 and 5)", (), ("Fidelity", "Classifier")),
     ("Over training (checkpoints)", ("checkpoints",), ("Over training",)),
     ("Words (Table 6) and the end-of-text token", (), ("Word analysis", "EOS")),
@@ -36,6 +37,8 @@ CAPTIONS = {
     "image, MS-CXR boxes drawn.",
     "checkpoints": "Average CNR and fidelity of each run's kept checkpoints against training steps, frozen and "
     "learnable on one figure (the newest point of each run is the run's own model).",
+    "text-encoders": "Average CNR, AUC-ROC % and fidelity by text encoder, frozen (blue) and learnable (orange); "
+    "setting groups trained on impressions, error bars over trainings where a group has several.",
 }
 
 
@@ -89,6 +92,7 @@ def models(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "name": name,
                 "uncertainty": _uncertainty(metrics, name, entry, bool(groups)),
                 "kind": _kind(entry, bool(groups)),
+                "encoder": (entry.get("setting") or {}).get("encoder"),  # None: the base model's own CLIP
                 "trainings": trainings,
                 "source": source,
                 "base": (entry.get("setting") or {}).get("base_model"),
@@ -168,9 +172,11 @@ def _other_text_line(model: Mapping[str, Any]) -> str:
     name = "synthetic impressions" if source.startswith("file:") else source_name(source)
     published = PUBLISHED_TEXT_SOURCE.get(name)
     paper = None if published is None else published[0 if model["kind"] == "learnable" else 1]
+    if model.get("encoder"):  # the paper's Table 7 is of SD2's own CLIP
+        paper = None
     trainings = f", {model['trainings']} trainings" if model["trainings"] > 1 else ""
     trained_on = literal(source_name(source))
-    who = f"**{literal(model['name'])}** (text encoder {model['kind']}, trained on {trained_on}{trainings}"
+    who = f"**{literal(model['name'])}** (text encoder {_encoder_words(model)}, trained on {trained_on}{trainings}"
     who += "; the paper's Table 7)" if paper is not None else ")"
     return (
         f"{who}: CNR on the phrases that contain their label {_against(model.get('text_cnr'), paper, 2)}; "
@@ -180,13 +186,20 @@ def _other_text_line(model: Mapping[str, Any]) -> str:
     )
 
 
+def _encoder_words(model: Mapping[str, Any]) -> str:
+    """'frozen', or with another encoder than the base model's: 'tiny-bert, frozen'."""
+    return f"{model['encoder']}, {model['kind']}" if model.get("encoder") else str(model["kind"])
+
+
 def _model_line(model: Mapping[str, Any]) -> str:
     if model.get("source") not in (None, "impression") and model["kind"] in ("frozen", "learnable"):
         return _other_text_line(model)
-    paper = PUBLISHED_OF.get(model["kind"])
+    paper = None if model.get("encoder") else PUBLISHED_OF.get(model["kind"])  # the paper's: SD2's own CLIP
     average = PUBLISHED_LOCALIZATION.get(paper or "", {}).get("Average")
     trainings = f", {model['trainings']} trainings" if model["trainings"] > 1 else ""
-    kind = model["kind"] if model["kind"] in ("base model", "fine-tuned") else f"text encoder {model['kind']}"
+    kind = model["kind"] if model["kind"] in ("base model", "fine-tuned") else f"text encoder {_encoder_words(model)}"
+    if model.get("encoder") and model["kind"] in ("base model", "fine-tuned"):
+        kind += f", text encoder {model['encoder']}"
     who = f"**{literal(model['name'])}** ({kind}{trainings}"
     who += f"; the paper's {paper})" if paper else ")"
     u = model.get("uncertainty") or {}
@@ -233,9 +246,11 @@ def verdict_lines(metrics: Mapping[str, Any]) -> list[str]:
                 f"same base model; this report has {', '.join(kinds) or 'none'}."]  # fmt: skip
     lines = []
     for v in found:
-        if len(found) > 1:
+        if len(found) > 1 or v.get("encoder"):  # several starts, or another encoder than the base model's CLIP
             names = f"{literal(v['frozen'])} vs {literal(v['learnable'])}"
-            lines.append(f"**Fine-tuned from {literal(Path(str(v['base'])).name)} ({names}):**")
+            start = literal(Path(str(v["base"])).name)
+            start += f" with text encoder {literal(v['encoder'])}" if v.get("encoder") else ""
+            lines.append(f"**Fine-tuned from {start} ({names}):**")
         lines += [side_line(side) for side in v["sides"]]
         said = overall(v["sides"])
         said += "" if said.endswith(" here") else " here"
@@ -266,7 +281,7 @@ def headline(metrics: Mapping[str, Any]) -> tuple[list[str], Table]:
         if f and f.get("value") is not None:
             spread = f" ± {f['std']:.1f}" if f.get("std") and m["trainings"] > 1 else ""
             fidelity = f"{f.get('title', f['name'])} {f['value']:.1f}{spread}{interval_text(f.get('interval'), 1)}"
-        rows.append([m["name"], f"this report ({m['kind']})", cell, auc, fidelity])
+        rows.append([m["name"], f"this report ({_encoder_words(m)})", cell, auc, fidelity])
     table = Table(
         "The trade-off in numbers: average CNR, AUC-ROC % and fidelity",
         ["model", "source", "CNR", "AUC-ROC %", "fidelity (lower is closer to real)"],
@@ -294,6 +309,8 @@ def settings_tables(metrics: Mapping[str, Any]) -> list[Table]:
                 name,
                 str(r.get("kind", "—")),
                 encoder,
+                s.get("encoder") or ("CLIP (base model's)" if frozen is not None else "—"),
+                str(s.get("trained") or "—"),
                 str(s.get("prompt_source") or "—"),
                 str(t.get("steps") if t.get("steps") is not None else "—"),
                 str(t.get("lr") if t.get("lr") is not None else "—"),
@@ -303,7 +320,18 @@ def settings_tables(metrics: Mapping[str, Any]) -> list[Table]:
         )
     runs = Table(
         "Runs",
-        ["run", "kind", "text encoder", "training text", "steps", "learning rate", "seed", "folder"],
+        [
+            "run",
+            "kind",
+            "text encoder",
+            "conditioning",
+            "trained",
+            "training text",
+            "steps",
+            "learning rate",
+            "seed",
+            "folder",
+        ],  # fmt: skip
         rows,
         kind="settings",
     )

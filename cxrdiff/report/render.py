@@ -80,6 +80,7 @@ def tables(metrics: Mapping[str, Any]) -> list[Table]:
         _eos_table(metrics),
         _text_source_table(),
         _text_source_measured_table(metrics),
+        _encoder_table(metrics),
     ]
     return [t for t in listed if t is not None]
 
@@ -398,6 +399,92 @@ def _text_source_measured_table(metrics: Mapping[str, Any]) -> Table | None:
     return Table("CNR by training text (Table 7, measured)", ["text", "learnable", "frozen"], rows, note)
 
 
+def encoder_rows(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The setting groups by text encoder × frozen/learnable, when some run was conditioned on another text
+    encoder than its base model's (`finetune --text-encoder`); else none. Each: encoder, kind, the group's
+    name, trainings, what was trained and its CNR, AUC-ROC and first fidelity score over trainings."""
+    groups = metrics.get("groups") or {}
+    if not any((v.get("setting") or {}).get("encoder") for v in groups.values()):
+        return []
+    from cxrdiff.text_encoders import label
+
+    rows = []
+    for g, v in groups.items():
+        setting = v.get("setting") or {}
+        average = (v.get("grounding") or {}).get("average") or {}
+        fidelity = next(iter((v.get("fidelity") or {}).items()), None)
+        rows.append(
+            {
+                "encoder": setting.get("encoder") or label(None),
+                "kind": setting.get("text_encoder") or "base model",
+                "group": g,
+                "trainings": v.get("trainings", 1),
+                "trained": setting.get("trained") or "—",
+                "source": setting.get("prompt_source"),
+                "cnr": average.get("cnr"),
+                "auc_roc": average.get("auc_roc"),
+                "fidelity": None if fidelity is None else {"name": fidelity[0], **fidelity[1]},
+            }
+        )
+    order = {"frozen": 0, "learnable": 1, "base model": 2}
+    return sorted(rows, key=lambda r: (r["encoder"], order.get(r["kind"], 3), r["group"]))
+
+
+def _encoder_table(metrics: Mapping[str, Any]) -> Table | None:
+    """CNR, AUC-ROC and fidelity by text encoder × frozen/learnable (runs conditioned on other encoders)."""
+    rows = encoder_rows(metrics)
+    if not rows:
+        return None
+    body = []
+    for r in rows:
+        f = r["fidelity"]
+        fidelity = f"{f.get('title', f['name'])} {_over(f, 1, 1)}" if f and f.get("mean") is not None else "—"
+        text = "" if r["source"] in (None, "impression") else f", {source_name(r['source'])}"
+        body.append([r["encoder"], r["kind"] + text, _group_label(r["group"], r), r["trained"],
+                     _over(r["cnr"]), _over(r["auc_roc"], 100, 1), fidelity])  # fmt: skip
+    return Table(
+        "By text encoder: average CNR, AUC-ROC % and fidelity, frozen and learnable",
+        ["text encoder", "kind", "model", "trained", "CNR", "AUC-ROC %", "fidelity (lower is closer to real)"],
+        body,
+        "Each row a setting group (its runs differ only in seed). The base model's CLIP is SD's own text encoder; "
+        "another encoder's hidden states reach the UNet through a learned linear map where its width differs "
+        '(docs/method.md, "Text encoders"). ' + _trainings_note(metrics),
+    )
+
+
+def text_encoder_figure(metrics: Mapping[str, Any]) -> bytes | None:
+    """Three panels (CNR, AUC-ROC %, fidelity): per text encoder, a bar for frozen and one for learnable
+    (impression-trained groups), error bars over trainings."""
+    rows = [r for r in encoder_rows(metrics) if r["kind"] in KIND_COLOURS and r["source"] in (None, "impression")]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    encoders = list(dict.fromkeys(r["encoder"] for r in rows))
+    fidelity_title = next((r["fidelity"].get("title", r["fidelity"]["name"]) for r in rows if r["fidelity"]), None)
+    panels = (
+        ("CNR (average)", lambda r: r["cnr"], 1.0),
+        ("AUC-ROC % (average)", lambda r: r["auc_roc"], 100.0),
+        (f"{fidelity_title or 'fidelity'} (lower is closer to real)", lambda r: r["fidelity"], 1.0),
+    )
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), layout="constrained")
+    x = np.arange(len(encoders))
+    for ax, (title, pick, scale) in zip(axes, panels, strict=True):
+        for i, kind in enumerate(KIND_COLOURS):
+            cells = [next((pick(r) for r in rows if r["encoder"] == e and r["kind"] == kind), None) for e in encoders]
+            means = [np.nan if not c or c.get("mean") is None else c["mean"] * scale for c in cells]
+            stds = [0.0 if not c or not c.get("std") else c["std"] * scale for c in cells]
+            ax.bar(x + (i - 0.5) * 0.38, means, 0.38, yerr=stds, capsize=3, color=KIND_COLOURS[kind], label=kind)
+        ax.set_xticks(x, encoders, fontsize=8)
+        ax.set_title(title, fontsize=9)
+    axes[0].axhline(0, color="black", linewidth=0.6)
+    axes[0].legend(fontsize=7, title="text encoder", title_fontsize=7)
+    return _png(fig)
+
+
 def _other_sources_note(metrics: Mapping[str, Any]) -> str:
     """How runs trained on another text than impressions were measured (`report --other-sources`)."""
     if (metrics.get("settings") or {}).get("other_sources", "grounding") == "full":
@@ -626,6 +713,7 @@ def render(metrics: Mapping[str, Any], out: str | os.PathLike) -> list[Path]:
         "cnr-by-class": by_class,
         "checkpoints": (checkpoint_figure(metrics), page.CAPTIONS["checkpoints"]),
         "grounding": (grounding_figure(metrics), page.CAPTIONS["grounding"]),
+        "text-encoders": (text_encoder_figure(metrics), page.CAPTIONS["text-encoders"]),
     }
     figures = {name: fig for name, fig in made.items() if fig is not None and fig[0] is not None}
     write_json(out / "metrics.json", metrics)

@@ -82,17 +82,18 @@ def compared_models(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
         first = runs.get(members[0], {})
         setting = entry.get("setting") or first.get("setting") or {}
         found.append({"name": name, "kind": _kind(entry) or _kind(first), "base": setting.get("base_model"),
-                      "source": setting.get("prompt_source"), "runs": members})  # fmt: skip
+                      "encoder": setting.get("encoder"), "source": setting.get("prompt_source"),
+                      "runs": members})  # fmt: skip
     return found
 
 
 def pairs(metrics: Mapping[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """(frozen, learnable) per base model, trained on impressions (the paper's comparison); a model trained on
-    other texts stands in only when no impression-trained one of its kind exists."""
+    """(frozen, learnable) per base model and text encoder, trained on impressions (the paper's comparison); a
+    model trained on other texts stands in only when no impression-trained one of its kind exists."""
     found = compared_models(metrics)
     out = []
-    for base in dict.fromkeys(m["base"] for m in found):
-        same = [m for m in found if m["base"] == base]
+    for start in dict.fromkeys((m["base"], m["encoder"]) for m in found):
+        same = [m for m in found if (m["base"], m["encoder"]) == start]
         chosen = []
         for kind in ("frozen", "learnable"):
             of_kind = [m for m in same if m["kind"] == kind]
@@ -184,7 +185,8 @@ def verdicts(
     for frozen, learnable in pairs(metrics):
         sides = [side_verdict(metrics, out, frozen, learnable, side, seed, resamples, fd_resamples)
                  for side in ("interpretability", "fidelity")]  # fmt: skip
-        found.append({"base": frozen["base"], "frozen": frozen["name"], "learnable": learnable["name"],
+        found.append({"base": frozen["base"], "encoder": frozen["encoder"], "frozen": frozen["name"],
+                      "learnable": learnable["name"],
                       "trainings": [len(frozen["runs"]), len(learnable["runs"])],
                       "sides": [s for s in sides if s is not None]})  # fmt: skip
     return found
