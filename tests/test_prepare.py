@@ -366,6 +366,52 @@ def test_changed_settings_on_a_used_folder_are_refused(prepared, tree, tiny_mode
         prepare(_config(tree, tiny_model, out, test_size=2))
 
 
+def test_a_base_model_with_other_vae_weights_is_not_already_prepared(prepared, tree, tiny_model, tmp_path):
+    """Same configs, same file sizes, other VAE weights: prepare does not call the folder finished, and
+    finetune does not train on its latents."""
+    import shutil
+
+    from cxrdiff.artifacts import OtherSettings
+    from cxrdiff.finetune.inputs import check_prepared
+    from cxrdiff.models import tiny_components
+    from cxrdiff.prepare.mimic import check_mimic_inputs
+
+    out, _ = prepared
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    tiny_components(seed=1).vae.save_pretrained(model / "vae")
+    with pytest.raises(OtherSettings, match=r"finished 'prepare' run made with other settings \(vae 'sha256\+weights:"):
+        check_mimic_inputs(_config(tree, model, out))
+    with pytest.raises(InputError, match="latents were made by a different VAE"):
+        check_prepared(out, model)
+    assert check_prepared(out, tiny_model)["step"] == "prepare"
+
+
+def test_a_folder_prepared_before_fingerprints_covered_the_weights(prepared, tree, tiny_model, tmp_path, caplog):
+    """Its recorded fingerprint (config, names, sizes) is named as such by prepare, and still compared by
+    finetune, which warns that the weights are unverified."""
+    import shutil
+
+    from cxrdiff.artifacts import OtherSettings, settings_key
+    from cxrdiff.finetune.inputs import check_prepared
+    from cxrdiff.models import names_and_sizes_fingerprint
+
+    old = tmp_path / "old"
+    shutil.copytree(prepared[0], old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["settings"]["vae"] = manifest["vae_fingerprint"] = names_and_sizes_fingerprint(tiny_model)
+    manifest["settings_key"] = settings_key(manifest["settings"])
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(OtherSettings, match=r"prepared by an earlier cxrdiff, whose VAE fingerprint does not cover"):
+        prepare(_config(tree, tiny_model, old))
+    check_prepared(old, tiny_model)
+    assert "cannot verify that its latents came from" in caplog.text and "VAE weights" in caplog.text
+    manifest["vae_fingerprint"] = "sha256:" + "0" * 64
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match="latents were made by a different VAE"):
+        check_prepared(old, tiny_model)
+
+
 def test_cli_exit_code_and_message_for_a_missing_column(tree, tiny_model, tmp_path):
     bad = tmp_path / "ms.csv"
     pd.read_csv(tree / "MS_CXR_Local_Alignment_v1.0.0.csv").drop(columns="image_width").to_csv(bad, index=False)
@@ -630,3 +676,4 @@ def test_prepare_a_tree_of_real_dicoms_among_phantom_jpgs(phantom_tree, phantom_
         assert nearly(latent(train, dicom_id), latent(from_jpg, dicom_id)), dicom_id
         other = latent(from_jpg, before["dicom_id"][others[-1]])  # another phantom image, for scale: far apart
         assert np.abs(other - latent(from_jpg, dicom_id)).mean() > 0.3 * other.std()
+

@@ -43,7 +43,7 @@ from cxrdiff.errors import InputError
 from cxrdiff.images import box_to_frame
 from cxrdiff.impressions import MIN_IMPRESSION_CHARS, SOURCES, read_report, report_path
 from cxrdiff.models import check_model_folder, model_geometry, vae_fingerprint
-from cxrdiff.prepare.config import STEP, PrepareConfig, text_fallbacks
+from cxrdiff.prepare.config import STEP, PrepareConfig, check_out, text_fallbacks
 from cxrdiff.prepare.encode import (
     SKIPPED_COLUMNS,
     STATE,
@@ -118,7 +118,7 @@ def check_mimic_inputs(config: PrepareConfig) -> MimicInputs:
         scaling_factor=scaling_factor,
         text_fallback=config.text_fallback,
     )
-    StepFolder.claim(out, STEP, prepare_settings(config, inputs), create=False)  # the kind of folder, early
+    check_out(out, prepare_settings(config, inputs))  # the kind of folder, early
     return inputs
 
 
