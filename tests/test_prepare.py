@@ -412,6 +412,48 @@ def test_a_folder_prepared_before_fingerprints_covered_the_weights(prepared, tre
         check_prepared(old, tiny_model)
 
 
+def test_ids_that_are_paths_are_refused_before_any_file_is_read(tree, tiny_model, tmp_path):
+    """An id is joined into a path (files/pXX/pN/sN/<dicom_id>.jpg): '../' in one would read (and encode)
+    an image outside the data folder. Each table is checked as it is read, one line naming file, column
+    and value."""
+    import shutil
+
+    from cxrdiff.artifacts import CLAIM
+
+    escape = "../../../../../outside/x"  # from files/p12/p12000008/s50000009/: beside the data folder
+    ms = pd.read_csv(tree / "MS_CXR_Local_Alignment_v1.0.0.csv")
+    ms.loc[0, "dicom_id"] = escape
+    bad_ms = tmp_path / "ms.csv"
+    ms.to_csv(bad_ms, index=False)
+    line = (
+        f"{bad_ms}: column 'dicom_id' has {escape!r}, not an image id (letters, digits, '-' and '_', such as "
+        "MIMIC's five groups of 8 hex digits)"
+    )
+    out = tmp_path / "out"
+    run = subprocess.run(
+        [sys.executable, "-m", "cxrdiff", "prepare", "--mimic", str(tree), "--ms-cxr", str(bad_ms),
+         "--base-model", str(tiny_model), "--out", str(out), "--workers", "0"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2 and run.stderr == f"error: {line}\n"
+    with pytest.raises(InputError) as refused:
+        prepare(_config(tree, tiny_model, out, ms_cxr=bad_ms))
+    assert str(refused.value) == line
+    assert [p.name for p in out.iterdir()] == [CLAIM]  # the tables are read once claimed; nothing else written
+
+    copy = tmp_path / "mimic"
+    shutil.copytree(tree, copy)
+    metadata = copy / "mimic-cxr-2.0.0-metadata.csv.gz"
+    table = pd.read_csv(metadata, dtype={"dicom_id": str})
+    for column, value, kind in (("dicom_id", "a1/../../b1", "an image id"), ("subject_id", "p1000/1", "an id")):
+        changed = table.astype({column: object})
+        changed.loc[0, column] = value
+        changed.to_csv(metadata, index=False)
+        with pytest.raises(InputError, match=rf"^{metadata}: column '{column}' has '{value}', not {kind} "):
+            prepare(_config(copy, tiny_model, out, reports=tree))
+        assert [p.name for p in out.iterdir()] == [CLAIM]
+
+
 def test_cli_exit_code_and_message_for_a_missing_column(tree, tiny_model, tmp_path):
     bad = tmp_path / "ms.csv"
     pd.read_csv(tree / "MS_CXR_Local_Alignment_v1.0.0.csv").drop(columns="image_width").to_csv(bad, index=False)

@@ -247,7 +247,12 @@ def _ms_cxr_rows(ms, meta, inputs: MimicInputs, counts: dict, skipped: list):
             subject, study = (int(v) for v in ids.loc[pair["dicom_id"]])
         elif isinstance(pair.get("path"), str) and len(Path(pair["path"]).parts) >= 3:
             parts = Path(pair["path"]).parts
-            subject, study = parse_id(parts[-3]), parse_id(parts[-2])  # .../p{subject}/s{study}/{dicom}.jpg
+            try:
+                subject, study = parse_id(parts[-3]), parse_id(parts[-2])  # .../p{subject}/s{study}/{dicom}.jpg
+            except ValueError:
+                raise InputError(
+                    f"{inputs.ms_cxr}: column 'path' has {pair['path']!r}, not files/pXX/p<subject>/s<study>/<id>.jpg"
+                ) from None
         row = {**pair, "subject_id": subject, "study_id": study}
         boxes = np.array(json.loads(pair["boxes_original"]), dtype=np.float64)
         width, height = pair["image_width"], pair["image_height"]
