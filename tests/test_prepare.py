@@ -4,8 +4,11 @@ and structural errors before any work."""
 
 import gzip
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -719,3 +722,88 @@ def test_prepare_a_tree_of_real_dicoms_among_phantom_jpgs(phantom_tree, phantom_
         other = latent(from_jpg, before["dicom_id"][others[-1]])  # another phantom image, for scale: far apart
         assert np.abs(other - latent(from_jpg, dicom_id)).mean() > 0.3 * other.std()
 
+
+# --- a killed prepare leaves no worker behind ------------------------------------------------------
+
+# prepare with its VAE stalled at the first batch of the train unit (64 rows, 8 batches): the loader
+# workers decode ahead meanwhile and fill the result pipe that nobody reads
+STALLED_PREPARE = """
+import sys, time
+from pathlib import Path
+import cxrdiff.prepare.encode as encode
+import cxrdiff.prepare.mimic as mimic
+
+marker, encode_unit, encode_batch, unit = Path(sys.argv[1]), mimic.encode_unit, encode.encode_batch, []
+
+def recorded(acc, vae, rows, name, *args, **kwargs):
+    unit[:] = [name]
+    return encode_unit(acc, vae, rows, name, *args, **kwargs)
+
+def stalled(vae, pixels):
+    if unit[0].startswith("train-"):
+        marker.touch()
+        time.sleep(300)
+    return encode_batch(vae, pixels)
+
+mimic.encode_unit, encode.encode_batch = recorded, stalled
+sys.argv = ["cxrdiff", *sys.argv[2:]]
+from cxrdiff.cli import main
+main()
+"""
+
+
+def _state(pid: int) -> str | None:
+    """A process's state letter, None when it is gone (a zombie counts as gone: it holds no memory)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    state = stat[stat.rindex(")") + 2]
+    return None if state in "ZX" else state
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads /proc (Linux)")
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_a_killed_prepare_leaves_no_loader_worker_running(phantom_tree, tiny_model, tmp_path, signum):
+    marker = tmp_path / "stalled"
+    argv = ["prepare", "--mimic", str(phantom_tree), "--ms-cxr", str(phantom_tree / MS_CXR_FILE),
+            "--base-model", str(tiny_model), "--out", str(tmp_path / "out"), "--test-size", "8",
+            "--test-no-finding-max", "0.25", "--batch-size", "8", "--shard-size", "64", "--workers", "2"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    log = (tmp_path / "stderr").open("w")
+    proc = subprocess.Popen([sys.executable, "-c", STALLED_PREPARE, str(marker), *argv], env=env,
+                            stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not (marker.exists() and len(workers) == 2) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+            workers = _children(proc.pid)
+        assert marker.exists() and len(workers) == 2, (workers, proc.poll(), (tmp_path / "stderr").read_text())
+        time.sleep(1.0)  # the workers decode ahead and fill the pipe the stalled parent no longer reads
+        os.kill(proc.pid, signum)
+        assert proc.wait(timeout=30) == -signum
+        deadline = time.monotonic() + 10
+        while any(_state(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [w for w in workers if _state(w)] == []
+    finally:
+        for pid in [proc.pid, *workers]:
+            if _state(pid):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
