@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from cxrdiff.choices import ClassifierPositives, OtherSources
+from cxrdiff.errors import InputError
 
 STEP = "report"
 
@@ -53,3 +54,21 @@ class ReportConfig:
     batch_size: int = 8
     device: str = "cpu"  # for the fidelity feature networks
     workers: int = 1  # runs measured side by side on a multi-core CPU (one process each; ignored with CUDA)
+
+
+def check_name(name: str, where: str) -> str:
+    """A run or group name becomes a folder (`runs/<name>/`): a plain name only, never a path."""
+    if (
+        not name
+        or name in (".", "..")
+        or any(sep in name for sep in ("/", "\\"))
+        or name.startswith("-")
+        or name != name.strip()
+        or not name.isprintable()
+        or len(name.encode()) > 200
+    ):
+        raise InputError(
+            f"{where}: {name!r} is not a plain name (a run's name is a folder name: no '/' or '\\', not '.' or "
+            "'..', no leading '-' or spaces, printable, at most 200 bytes)"
+        )
+    return name
