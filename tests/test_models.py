@@ -143,7 +143,7 @@ def test_vae_fingerprint_sees_the_weights_not_only_their_sizes(tiny_model, tmp_p
 
     tiny_components(seed=1).vae.save_pretrained(model / "vae")  # another VAE of the same shapes
     assert weights.stat().st_size == (tiny_model / "vae" / weights.name).stat().st_size
-    assert names_and_sizes_fingerprint(model) == names_and_sizes_fingerprint(tiny_model)  # all that earlier versions saw
+    assert names_and_sizes_fingerprint(model) == names_and_sizes_fingerprint(tiny_model)  # all earlier versions saw
     assert vae_fingerprint(model) != vae_fingerprint(tiny_model)
 
 

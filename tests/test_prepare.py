@@ -182,7 +182,7 @@ def test_counts_at_every_filter(prepared):
     assert manifest["prompts_over_context"] == {"train": 0, "test": 0, "context_length": 77}
     assert manifest["resolution"] == 64 and manifest["latent_shape"] == [4, 16, 16]
     assert manifest["latent_storage"] == "mean+logvar" and manifest["scaling_factor"] == pytest.approx(0.18215)
-    assert manifest["vae_fingerprint"].startswith("sha256:") and manifest["config"]["resolution"] == 64
+    assert manifest["vae_fingerprint"].startswith("sha256+weights:") and manifest["config"]["resolution"] == 64
     shards = [f"train-{k:05d}.parquet" for k in range(2)]  # 4 planned rows in shards of 2
     assert manifest["shards"] == shards and result["train_shards"] == 2
     assert set(manifest["files"]) == {*shards, "test.parquet", "ms_cxr.parquet", "skipped.csv"}
