@@ -8,11 +8,14 @@ step name so that a folder of the wrong kind is refused with a message, not misr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
 import os
 import shutil
+import socket
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,13 @@ from typing import Any
 from cxrdiff import __version__
 from cxrdiff.errors import InputError
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: claims are judged by their pid and host alone
+    fcntl = None
+
 MANIFEST = "manifest.json"
+_HOST = socket.gethostname()
 
 
 def _tmp_name(path: Path) -> Path:
@@ -194,12 +203,24 @@ def _jsonable(settings: Mapping[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(dict(settings), sort_keys=True, default=_json_default))
 
 
+class InUse(InputError):
+    """The folder is claimed by a process that is still running (never removed or taken over)."""
+
+
 class StepFolder:
     """An `--out` folder claimed by one step: new, this step's unfinished run (resume), or finished.
 
     `claim` refuses, with one line naming what is there, a file, a stranger's folder, another step's
-    folder, and this step's folder made with other settings. A step then writes its files atomically and
-    calls `finish`, which writes the manifest last (with the settings and their key).
+    folder, this step's folder made with other settings, and a folder a running process has claimed
+    (`InUse`, whatever its settings: two processes never write one folder). A step then writes its files
+    atomically and calls `finish`, which writes the manifest last (with the settings and their key).
+
+    The claim file appears whole and already locked (written under a temporary name, locked, then
+    hard-linked into place, which fails when a claim is there), and its owner holds an exclusive `flock`
+    on it until `finish` or its exit: the kernel drops the lock when the process dies, however it dies,
+    so a locked claim is a live run and an unlocked one a leftover that the next run of the same settings
+    resumes. Where the file system has no locks, the claim's pid and host decide (a claim from another
+    host then counts as live).
     """
 
     def __init__(self, out: Path, step: str, settings: dict[str, Any], state: str, manifest: dict | None) -> None:
@@ -221,11 +242,14 @@ class StepFolder:
         create: bool = True,
         take_over: bool = False,
     ) -> StepFolder:
-        """Claim `out` for `step` with these settings (see the class docstring); `create=False` only checks.
+        """Claim `out` for `step` with these settings (see the class docstring); `create=False` only checks
+        what the folder holds (not whether its claim is live: the other processes of an `accelerate` run
+        check what their main process claimed).
 
         `take_over=True`: this step's folder made with other settings is not refused but restarted as an
         unfinished run with these settings (its manifest removed, its files left for the step to reuse or
-        replace) — for a step whose outputs are all re-derived on every run, such as the report."""
+        replace) — for a step whose outputs are all re-derived on every run, such as the report. A folder
+        in use by a running process is refused all the same."""
         out, settings = Path(out), _jsonable(settings)
         key = settings_key(settings)
         if take_over:
@@ -239,32 +263,45 @@ class StepFolder:
                 return folder
         if out.exists() and not out.is_dir():
             raise InputError(f"--out {out}: exists and is not a folder")
-        if (out / MANIFEST).is_file():
-            manifest = read_manifest(out, step)
-            _refuse_other(
-                out, step, "a finished", manifest.get("settings"), manifest.get("settings_key"), settings, key
-            )
-            return cls(out, step, settings, "finished", manifest)
-        claim = _read_claim(out)
-        entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-        if claim is not None and entries != [CLAIM]:
-            if claim.get("step") != step:
-                raise InputError(f"--out {out}: holds an unfinished '{claim.get('step')}' run; choose a new folder")
-            _refuse_other(out, step, "an unfinished", claim.get("settings"), claim.get("key"), settings, key)
-            return cls(out, step, settings, "resume", None)
-        strangers = [name for name in entries if name != CLAIM]
-        if strangers:
-            shown = ", ".join(strangers[:3]) + (", ..." if len(strangers) > 3 else "")
-            raise InputError(f"--out {out}: not empty and not a '{step}' folder (has {shown}); choose a new folder")
-        folder = cls(out, step, settings, "new", None)
-        if create:
-            write_json(out / CLAIM, {"step": step, "key": key, "settings": settings})
-        return folder
+        for _ in range(_CLAIM_TRIES):
+            found = _inspect_claim(out) if out.is_dir() else None
+            if create and found is not None and found.owner == "live":
+                _refuse_in_use(out, step, found, settings, key)
+            if (out / MANIFEST).is_file():
+                manifest = read_manifest(out, step)
+                _refuse_other(
+                    out, step, "a finished", manifest.get("settings"), manifest.get("settings_key"), settings, key
+                )
+                return cls(out, step, settings, "finished", manifest)
+            entries = sorted(p.name for p in out.iterdir() if not p.name.startswith(CLAIM)) if out.is_dir() else []
+            if found is not None and entries:  # an unfinished run whose process is gone (or is this one)
+                claim = found.data
+                if claim.get("step") != step:
+                    raise InputError(f"--out {out}: holds an unfinished '{claim.get('step')}' run; choose a new folder")
+                _refuse_other(out, step, "an unfinished", claim.get("settings"), claim.get("key"), settings, key)
+                folder = cls(out, step, settings, "resume", None)
+            elif entries:
+                shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+                raise InputError(f"--out {out}: not empty and not a '{step}' folder (has {shown}); choose a new folder")
+            else:  # empty, or only a claim nobody is running: nothing written yet, so nothing to mix
+                folder = cls(out, step, settings, "new", None)
+            if not create or (found is not None and found.owner == "this process" and found.data.get("key") == key):
+                return folder
+            if _take(out, _claim_record(step, key, settings), found):
+                return folder
+        raise InputError(f"--out {out}: other processes keep claiming and releasing it; try again")
 
     def reopen(self) -> None:
         """Make this folder an unfinished run again (a finished run extended, a report re-rendered): the
-        claim is written first, then the manifest removed, so the folder is never without an owner."""
-        write_json(self.out / CLAIM, {"step": self.step, "key": self.key, "settings": self.settings})
+        claim is taken first, then the manifest removed, so the folder is never without an owner."""
+        for _ in range(_CLAIM_TRIES):
+            found = _inspect_claim(self.out)
+            if found is not None and found.owner == "live":
+                _refuse_in_use(self.out, self.step, found, self.settings, self.key)
+            if _take(self.out, _claim_record(self.step, self.key, self.settings), found):
+                break
+        else:
+            raise InputError(f"--out {self.out}: other processes keep claiming and releasing it; try again")
         (self.out / MANIFEST).unlink(missing_ok=True)
         self.state, self.manifest = "resume", None
 
@@ -276,7 +313,7 @@ class StepFolder:
         files: list[str] | None = None,
         extra: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Write the manifest (last, once every listed file is complete) and drop the claim."""
+        """Write the manifest (last, once every listed file is complete), then drop the claim and its lock."""
         manifest = write_manifest(
             self.out,
             self.step,
@@ -286,20 +323,188 @@ class StepFolder:
             files=files,
             extra={**dict(extra or {}), "settings": self.settings, "settings_key": self.key},
         )
+        found = _inspect_claim(self.out)
         with contextlib.suppress(FileNotFoundError):
             (self.out / CLAIM).unlink()
+        if found is not None:
+            _release(found.ident)
         self.state, self.manifest = "finished", manifest
         return manifest
 
 
-def _read_claim(out: Path) -> dict[str, Any] | None:
+# --- the claim file: created whole and locked, live while locked ---------------------------------
+
+_CLAIM_TRIES = 20  # rounds of look-and-take before giving up on a folder that other processes keep changing
+_HELD: dict[tuple[int, int], int] = {}  # (st_dev, st_ino) of a claim file this process holds → its locked fd
+
+
+@dataclasses.dataclass(frozen=True)
+class _Found:
+    data: dict[str, Any]
+    owner: str  # "this process" | "live" (another running process) | "none" (a leftover)
+    ident: tuple[int, int]
+
+
+def _claim_record(step: str, key: str, settings: dict[str, Any]) -> dict[str, Any]:
+    started = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+    return {"step": step, "key": key, "settings": settings, "pid": os.getpid(), "host": _HOST, "started": started}
+
+
+def _inspect_claim(out: Path) -> _Found | None:
+    """The claim in `out` (None when there is none) and who holds it."""
     path = out / CLAIM
-    if not path.is_file():
-        return None
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InputError(f"{path}: unreadable; delete it if the folder is yours") from None
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise InputError(f"{path}: unreadable ({exc.strerror}); delete it if the folder is yours") from None
+    try:
+        ident = _ident(fd)
+        try:
+            with os.fdopen(os.dup(fd), "rb") as handle:
+                data = json.loads(handle.read())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):  # OSError: a folder by that name
+            data = None
+        if not isinstance(data, dict):
+            raise InputError(f"{path}: unreadable; delete it if the folder is yours")
+        if ident in _HELD:
+            return _Found(data, "this process", ident)
+        return _Found(data, "live" if _locked_elsewhere(fd, data) else "none", ident)
+    finally:
+        os.close(fd)
+
+
+def _locked_elsewhere(fd: int, data: Mapping[str, Any]) -> bool:
+    """Whether another process holds the claim open `fd` refers to: its lock, else (no locks here) its pid."""
+    if fcntl is None:
+        return _pid_running(data)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # a file system without locks (some network mounts)
+        return _pid_running(data)
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return False
+
+
+def _pid_running(data: Mapping[str, Any]) -> bool:
+    pid = data.get("pid")
+    if not isinstance(pid, int):
+        return False  # a claim from before pids were recorded: its run is long gone
+    if data.get("host") != _HOST:
+        return True  # cannot tell: the message says to delete the claim if that run is gone
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid != os.getpid()
+
+
+def _lock(fd: int, block_for: float = 0.0) -> bool:
+    """An exclusive lock on `fd`: False when another process holds one; True also where there are no locks."""
+    if fcntl is None:
+        return True
+    deadline = time.monotonic() + block_for
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        except OSError:
+            return True
+
+
+def _take(out: Path, record: dict[str, Any], found: _Found | None) -> bool:
+    """Put this process's claim in place of `found` (None: where there is no claim), atomically; False
+    when another process changed the claim meanwhile (the caller looks again)."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / CLAIM
+    old_fd = None
+    if found is not None and found.ident not in _HELD:
+        try:
+            old_fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        # a brief wait: someone only testing the lock holds it shared for a moment
+        if not _lock(old_fd, block_for=0.2) or _ident(old_fd) != found.ident:
+            os.close(old_fd)
+            return False
+    try:
+        if found is not None and _path_ident(path) != found.ident:
+            return False  # replaced since we looked
+        tmp = out / f"{CLAIM}.tmp-{os.getpid()}"
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            _lock(fd)
+            os.write(fd, (json.dumps(record, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
+            os.fsync(fd)
+            if found is None:
+                try:
+                    os.link(tmp, path)  # fails when a claim appeared since we looked: create-exclusive
+                except FileExistsError:
+                    os.close(fd)
+                    return False
+                finally:
+                    tmp.unlink()
+            else:
+                os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+        _HELD[_ident(fd)] = fd
+        if found is not None:
+            _release(found.ident)
+        return True
+    finally:
+        if old_fd is not None:
+            os.close(old_fd)
+
+
+def _release(ident: tuple[int, int]) -> None:
+    fd = _HELD.pop(ident, None)
+    if fd is not None:
+        os.close(fd)
+
+
+def _ident(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _path_ident(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _refuse_in_use(out: Path, step: str, found: _Found, settings: dict, key: str) -> None:
+    claim = found.data
+    who = f"process {claim.get('pid', '?')} on {claim.get('host', '?')}"
+    if claim.get("host") not in (None, _HOST) and fcntl is None:
+        who += f" (delete {out / CLAIM} if that run is gone)"
+    if claim.get("step") != step:
+        raise InUse(f"--out {out}: in use by {who}, an unfinished '{claim.get('step')}' run; choose a new folder")
+    if claim.get("key") != key:
+        diff = _changed(dict(claim.get("settings") or {}), settings)
+        raise InUse(f"--out {out}: in use by {who}, a '{step}' run with other settings ({diff}); choose a new folder")
+    raise InUse(
+        f"--out {out}: in use by {who}, a '{step}' run with these settings; let it finish (a re-run then "
+        "finds it finished), or stop it and re-run to resume"
+    )
 
 
 def _refuse_other(
@@ -308,19 +513,20 @@ def _refuse_other(
     if old_key == key:
         return
     old = dict(old or {})
+    detail = _changed(old, new) if old else "settings not recorded: made by cxrdiff 0.1"
+    raise OtherSettings(
+        f"--out {out}: holds {what} '{step}' run made with other settings ({detail}); choose a new folder"
+    )
+
+
+def _changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    """Up to four changed settings as `name old → new`."""
     changed = [
         f"{k} {_short(old.get(k))} → {_short(new.get(k))}"
         for k in sorted(set(old) | set(new))
         if old.get(k) != new.get(k)
     ]
-    detail = (
-        "; ".join(changed[:4]) + ("; ..." if len(changed) > 4 else "")
-        if old
-        else "settings not recorded: made by cxrdiff 0.1"
-    )
-    raise OtherSettings(
-        f"--out {out}: holds {what} '{step}' run made with other settings ({detail}); choose a new folder"
-    )
+    return "; ".join(changed[:4]) + ("; ..." if len(changed) > 4 else "")
 
 
 def _short(value: Any) -> str:

@@ -66,7 +66,10 @@ def read_split(root: str | os.PathLike, split: str) -> dict[str, Any]:
     instances = _load_json(instances_path, ("images", "annotations", "categories"))
     images = {}
     for image in instances["images"]:
-        images[int(image["id"])] = {"path": str(folder / image["file_name"]), "width": int(image["width"]),
+        name = str(image["file_name"])
+        if name in ("", ".", "..") or Path(name).name != name or "\\" in name:  # joined to the split's folder
+            raise InputError(f"{instances_path}: image {image['id']}: file_name {name!r} is not a file name")
+        images[int(image["id"])] = {"path": str(folder / name), "width": int(image["width"]),
                                     "height": int(image["height"])}  # fmt: skip
     texts: dict[int, list[str]] = {}
     for ann in captions["annotations"]:

@@ -7,6 +7,7 @@ and readable with nothing but numpy (`latent_from_bytes`).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -155,13 +156,40 @@ def read_table(path: str | os.PathLike, required: Sequence[str], optional: Seque
         raise InputError(f"{path}: not a readable CSV ({type(exc).__name__}: {exc})") from None
     for column in ("subject_id", "study_id"):
         if column in frame.columns:
-            try:
-                frame[column] = frame[column].map(parse_id).astype("int64")
-            except (TypeError, ValueError):
-                raise InputError(f"{path}: column '{column}' has a value that is not an id") from None
+            frame[column] = _ids(path, column, frame[column])
     if "dicom_id" in frame.columns:
         frame["dicom_id"] = frame["dicom_id"].astype(str).str.strip()
+        bad = ~frame["dicom_id"].str.fullmatch(IMAGE_ID)
+        if bad.any():
+            raise InputError(
+                f"{path}: column 'dicom_id' has {frame['dicom_id'][bad].iloc[0]!r}, not an image id (letters, "
+                "digits, '-' and '_', such as MIMIC's five groups of 8 hex digits)"
+            )
     return frame
+
+
+# An image id becomes a file name (files/pXX/pN/sN/<dicom_id>.jpg): MIMIC's are five groups of 8 hex digits
+# joined by '-'; anything of letters, digits, '-' and '_' is taken, never a path ('/', '..').
+IMAGE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+
+
+def _ids(path: Path, column: str, values):
+    """A subject or study id column as int64 (they become folder names); one line naming the first bad value."""
+
+    def bad(value: object) -> bool:
+        try:
+            return not 0 <= parse_id(value) < 2**63
+        except (TypeError, ValueError, OverflowError):
+            return True
+
+    try:
+        ids = values.map(parse_id).astype("int64")
+    except (TypeError, ValueError, OverflowError):
+        ids = None
+    if ids is None or (ids < 0).any():
+        value = next(v for v in values if bad(v))
+        raise InputError(f"{path}: column '{column}' has {value!r}, not an id (a whole number, 'p' or 's' first)")
+    return ids
 
 
 def read_metadata(path: str | os.PathLike):

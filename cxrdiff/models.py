@@ -19,7 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from cxrdiff.artifacts import MANIFEST, atomic_dir, read_manifest
+from cxrdiff.artifacts import MANIFEST, atomic_dir, file_sha256, read_manifest
 from cxrdiff.errors import InputError, unsafe_pickle
 from cxrdiff.text_encoders import (
     PUBLISHED_TEXT_ENCODERS,
@@ -306,14 +306,42 @@ def model_geometry(base_model: Path, resolution: int | None) -> tuple[int, tuple
     return resolution, latent_shape, float(getattr(vae, "scaling_factor", 0.18215))
 
 
+FINGERPRINT_PREFIX = "sha256+weights:"  # earlier versions wrote "sha256:" over names and sizes only
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) → sha256, for this process
+
+
 def vae_fingerprint(base_model: str | os.PathLike) -> str:
-    """sha256 of the VAE's config.json and its weight files' names and sizes: cheap, and enough for a
-    later step to refuse latents made by another VAE."""
+    """sha256 of the VAE's config.json and its weight files' names and contents: a later step refuses
+    latents made by another VAE, even one of the same size. Each file's hash is kept for this process by
+    (path, size, mtime), so an SD VAE's 335 MB are read once per run."""
+    vae = Path(base_model) / "vae"
+    digest = hashlib.sha256((vae / "config.json").read_bytes())
+    for weights in sorted(p for p in vae.iterdir() if p.suffix in (".safetensors", ".bin")):
+        digest.update(f"{weights.name}:{_content_hash(weights)}".encode())
+    return FINGERPRINT_PREFIX + digest.hexdigest()
+
+
+def fingerprint_covers_weights(fingerprint: str) -> bool:
+    """False for a fingerprint written by an earlier cxrdiff (config, file names and sizes only)."""
+    return fingerprint.startswith(FINGERPRINT_PREFIX)
+
+
+def names_and_sizes_fingerprint(base_model: str | os.PathLike) -> str:
+    """The fingerprint earlier versions recorded (config, weight file names and sizes): what a folder
+    prepared by them can still be compared with."""
     vae = Path(base_model) / "vae"
     digest = hashlib.sha256((vae / "config.json").read_bytes())
     for weights in sorted(p for p in vae.iterdir() if p.suffix in (".safetensors", ".bin")):
         digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
     return "sha256:" + digest.hexdigest()
+
+
+def _content_hash(path: Path) -> str:
+    stat = path.stat()
+    key = (os.fspath(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        _FILE_HASHES[key] = file_sha256(path)
+    return _FILE_HASHES[key]
 
 
 # --- the tiny model -------------------------------------------------------------------------
@@ -462,6 +490,15 @@ def write_tiny_model(out: str | os.PathLike, spec: TinySpec = TinySpec(), seed: 
     return save_components(tiny_components(spec, seed), out)
 
 
+def refuse_existing(out: str | os.PathLike, what: str) -> None:
+    """A model is written into a new (or empty) folder only: never over the weights of another."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder; give a new folder for {what}")
+    if out.is_dir() and any(out.iterdir()):
+        raise InputError(f"{out}: not empty; give a new folder for {what}")
+
+
 def write_tiny_model_cli(
     out: Path,
     resolution: int,
@@ -482,6 +519,7 @@ def write_tiny_model_cli(
     if (Path(out) / MANIFEST).is_file():  # a step's folder: writing here would swap its weights under its manifest
         step = read_manifest(out).get("step")
         raise InputError(f"{out}: is a '{step}' folder; give a new folder for the tiny model")
+    refuse_existing(out, "the tiny model")  # a model folder: data prepared with its VAE would go stale
     heads = tuple(max(1, c // 16) for c in channels)
     spec = TinySpec(
         resolution=resolution,
@@ -763,8 +801,7 @@ def write_random_model(
     if (Path(out) / MANIFEST).is_file():
         step = read_manifest(out).get("step")
         raise InputError(f"{out}: is a '{step}' folder; give a new folder for the random model")
-    if Path(out).exists() and any(Path(out).iterdir()):
-        raise InputError(f"{out}: not empty; give a new folder for the random model")
+    refuse_existing(out, "the random model")
     comps = random_components(like, seed, text_encoder_like)
     counts = parameter_counts(comps)
     save_components(comps, out)

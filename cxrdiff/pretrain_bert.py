@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import numpy as np
 
 from cxrdiff.artifacts import StepFolder, atomic_dir, atomic_path, input_identity, write_text
 from cxrdiff.choices import TextFallback
-from cxrdiff.config import settings, to_dict
+from cxrdiff.config import Range, check_ranges, settings, to_dict
 from cxrdiff.console import log, progress
 from cxrdiff.errors import InputError
 
@@ -39,45 +39,31 @@ class PretrainBertConfig:
     out: Path
     ms_cxr: Path | None = None  # MS-CXR's box CSV, whose images' reports are left out; default: the one in --data
     text_fallback: TextFallback = "none"
-    width: int = 48  # differs from the tiny UNet's 32 on purpose: the demo's runs learn the width map
-    layers: int = 2
-    heads: int = 2
-    vocab_size: int = 1000
-    context_length: int = 128
-    steps: int = 600
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    mask_probability: float = 0.15
-    held_out: int = 200
-    max_pairs: int | None = None
-    checkpoint_every: int = 200
-    seed: int = 0
+    width: Annotated[int, Range(ge=2)] = (
+        48  # differs from the tiny UNet's 32 on purpose: the demo's runs learn the width map
+    )
+    layers: Annotated[int, Range(ge=1)] = 2
+    heads: Annotated[int, Range(ge=1)] = 2
+    vocab_size: Annotated[int, Range(ge=16)] = 1000
+    context_length: Annotated[int, Range(ge=8)] = 128
+    steps: Annotated[int, Range(ge=1)] = 600
+    batch_size: Annotated[int, Range(ge=2)] = 64
+    lr: Annotated[float, Range(gt=0.0)] = 1e-3
+    weight_decay: Annotated[float, Range(ge=0.0)] = 0.01
+    mask_probability: Annotated[float, Range(gt=0.0, lt=1.0)] = 0.15
+    held_out: Annotated[int, Range(ge=1)] = 200
+    max_pairs: Annotated[int | None, Range(ge=8)] = None
+    checkpoint_every: Annotated[int, Range(ge=1)] = 200
+    seed: Annotated[int, Range(ge=0)] = 0
 
     NOT_SETTINGS: ClassVar[tuple[str, ...]] = ("out", "checkpoint_every", "ms_cxr")  # ms_cxr: by identity
 
 
 def check_config(config: PretrainBertConfig) -> None:
-    for name, value, low in (
-        ("width", config.width, 2),
-        ("layers", config.layers, 1),
-        ("heads", config.heads, 1),
-        ("vocab-size", config.vocab_size, 16),
-        ("context-length", config.context_length, 8),
-        ("steps", config.steps, 1),
-        ("batch-size", config.batch_size, 2),
-        ("held-out", config.held_out, 1),
-        ("checkpoint-every", config.checkpoint_every, 1),
-    ):
-        if value < low:
-            raise InputError(f"--{name} {value}: must be at least {low}")
+    """Every number in its range (`Range` beside each field), then what the ranges cannot say alone."""
+    check_ranges(config)
     if config.width % config.heads:
         raise InputError(f"--width {config.width}: must be a multiple of --heads {config.heads}")
-    if not 0.0 < config.mask_probability < 1.0:
-        raise InputError(f"--mask-probability {config.mask_probability}: must lie in (0, 1)")
-    for name, value in (("lr", config.lr), ("weight-decay", config.weight_decay)):
-        if not value >= 0 or (name == "lr" and value == 0):
-            raise InputError(f"--{name} {value}: must be {'positive' if name == 'lr' else 'at least 0'}")
 
 
 def masked_batch(tokenizer: Any, texts: list[str], probability: float, seed: int) -> dict[str, Any]:

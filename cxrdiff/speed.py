@@ -83,6 +83,16 @@ def limit_cpu_threads(device: Any, processes: int | None = None) -> int | None:
     return threads
 
 
+def start_worker(threads: int) -> None:
+    """A `side_by_side` worker: dies with its parent (a killed run leaves none), uses `threads` threads."""
+    import torch
+
+    from cxrdiff.processes import die_with_parent
+
+    die_with_parent()
+    torch.set_num_threads(threads)
+
+
 def side_by_side(fn: Any, jobs: list[tuple[Any, ...]], workers: int | None = None) -> list[Any]:
     """`fn(*job)` for every job, in order; on a multi-core CPU as many side by side as there are cores, in
     spawned processes with cores // workers PyTorch threads each, so the processes never oversubscribe.
@@ -101,8 +111,6 @@ def side_by_side(fn: Any, jobs: list[tuple[Any, ...]], workers: int | None = Non
         return [fn(*job) for job in jobs]
     threads = max(1, cpu_cores() // workers)
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(
-        workers, mp_context=context, initializer=torch.set_num_threads, initargs=(threads,)
-    ) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=start_worker, initargs=(threads,)) as pool:
         futures = [pool.submit(fn, *job) for job in jobs]
         return [future.result() for future in futures]

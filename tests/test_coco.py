@@ -211,6 +211,22 @@ def test_prepare_coco_bad_input_names_the_file(tmp_path, tiny_model):
         parse_splits("train2017")
 
 
+@pytest.mark.parametrize("name", ["../../secret.jpg", "/etc/hosts", "..", "a\\b.jpg"])
+def test_a_coco_file_name_that_is_a_path_is_refused(tmp_path, name):
+    """file_name is joined to the split's folder: a path in it would read an image from elsewhere."""
+    from cxrdiff.coco import read_split
+
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "val2017").mkdir()
+    image = {"id": 7, "file_name": name, "width": 8, "height": 8}
+    (tmp_path / "annotations" / "captions_val2017.json").write_text(json.dumps({"images": [image], "annotations": []}))
+    instances = tmp_path / "annotations" / "instances_val2017.json"
+    instances.write_text(json.dumps({"images": [image], "annotations": [], "categories": []}))
+    with pytest.raises(InputError) as refused:
+        read_split(tmp_path, "val2017")
+    assert str(refused.value) == f"{instances}: image 7: file_name {name!r} is not a file name"
+
+
 def test_ground_reads_coco_rows(coco_prepared, tiny_model, tokenizer, tmp_path):
     """`ground --data coco_test.parquet`: each row's caption, the matched word's tokens as the map, and the
     decoded mask as the region it is scored against; MIMIC-only conventions are refused."""

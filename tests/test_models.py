@@ -113,6 +113,40 @@ def test_model_tiny_refuses_a_step_folder(tmp_path):
     assert not (run / "unet").exists()
 
 
+def test_model_tiny_refuses_an_existing_model_folder_keeping_its_weights(tiny_model, tmp_path):
+    """Writing a tiny model over a model folder would swap the VAE under data prepared with it."""
+    import subprocess
+    import sys
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    before = {p: p.read_bytes() for p in model.rglob("*") if p.is_file()}
+    done = subprocess.run([sys.executable, "-m", "cxrdiff", "model", "tiny", str(model), "--seed", "1"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr == f"error: {model}: not empty; give a new folder for the tiny model\n"
+    assert {p: p.read_bytes() for p in model.rglob("*") if p.is_file()} == before
+
+
+def test_vae_fingerprint_sees_the_weights_not_only_their_sizes(tiny_model, tmp_path):
+    import hashlib
+
+    from cxrdiff.models import names_and_sizes_fingerprint, vae_fingerprint
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    weights = model / "vae" / "diffusion_pytorch_model.safetensors"
+    config = (model / "vae" / "config.json").read_bytes()
+    expected = hashlib.sha256(config)
+    expected.update(f"diffusion_pytorch_model.safetensors:{hashlib.sha256(weights.read_bytes()).hexdigest()}".encode())
+    assert vae_fingerprint(model) == "sha256+weights:" + expected.hexdigest() == vae_fingerprint(tiny_model)
+
+    tiny_components(seed=1).vae.save_pretrained(model / "vae")  # another VAE of the same shapes
+    assert weights.stat().st_size == (tiny_model / "vae" / weights.name).stat().st_size
+    assert names_and_sizes_fingerprint(model) == names_and_sizes_fingerprint(tiny_model)  # all earlier versions saw
+    assert vae_fingerprint(model) != vae_fingerprint(tiny_model)
+
+
 # --- published architectures (`cxrdiff model random --like`) ----------------------------------
 # The released folders' configs, typed here from the Hub's config files, and the released parameter counts.
 

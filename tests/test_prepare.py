@@ -4,8 +4,11 @@ and structural errors before any work."""
 
 import gzip
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -179,7 +182,7 @@ def test_counts_at_every_filter(prepared):
     assert manifest["prompts_over_context"] == {"train": 0, "test": 0, "context_length": 77}
     assert manifest["resolution"] == 64 and manifest["latent_shape"] == [4, 16, 16]
     assert manifest["latent_storage"] == "mean+logvar" and manifest["scaling_factor"] == pytest.approx(0.18215)
-    assert manifest["vae_fingerprint"].startswith("sha256:") and manifest["config"]["resolution"] == 64
+    assert manifest["vae_fingerprint"].startswith("sha256+weights:") and manifest["config"]["resolution"] == 64
     shards = [f"train-{k:05d}.parquet" for k in range(2)]  # 4 planned rows in shards of 2
     assert manifest["shards"] == shards and result["train_shards"] == 2
     assert set(manifest["files"]) == {*shards, "test.parquet", "ms_cxr.parquet", "skipped.csv"}
@@ -370,6 +373,94 @@ def test_changed_settings_on_a_used_folder_are_refused(prepared, tree, tiny_mode
     out, _ = prepared
     with pytest.raises(InputError, match=r"finished 'prepare' run made with other settings \(test_size 3 → 2\)"):
         prepare(_config(tree, tiny_model, out, test_size=2))
+
+
+def test_a_base_model_with_other_vae_weights_is_not_already_prepared(prepared, tree, tiny_model, tmp_path):
+    """Same configs, same file sizes, other VAE weights: prepare does not call the folder finished, and
+    finetune does not train on its latents."""
+    import shutil
+
+    from cxrdiff.artifacts import OtherSettings
+    from cxrdiff.finetune.inputs import check_prepared
+    from cxrdiff.models import tiny_components
+    from cxrdiff.prepare.mimic import check_mimic_inputs
+
+    out, _ = prepared
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    tiny_components(seed=1).vae.save_pretrained(model / "vae")
+    with pytest.raises(OtherSettings, match=r"finished 'prepare' run made with other settings \(vae 'sha256\+weights:"):
+        check_mimic_inputs(_config(tree, model, out))
+    with pytest.raises(InputError, match="latents were made by a different VAE"):
+        check_prepared(out, model)
+    assert check_prepared(out, tiny_model)["step"] == "prepare"
+
+
+def test_a_folder_prepared_before_fingerprints_covered_the_weights(prepared, tree, tiny_model, tmp_path, caplog):
+    """Its recorded fingerprint (config, names, sizes) is named as such by prepare, and still compared by
+    finetune, which warns that the weights are unverified."""
+    import shutil
+
+    from cxrdiff.artifacts import OtherSettings, settings_key
+    from cxrdiff.finetune.inputs import check_prepared
+    from cxrdiff.models import names_and_sizes_fingerprint
+
+    old = tmp_path / "old"
+    shutil.copytree(prepared[0], old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["settings"]["vae"] = manifest["vae_fingerprint"] = names_and_sizes_fingerprint(tiny_model)
+    manifest["settings_key"] = settings_key(manifest["settings"])
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(OtherSettings, match=r"prepared by an earlier cxrdiff, whose VAE fingerprint does not cover"):
+        prepare(_config(tree, tiny_model, old))
+    check_prepared(old, tiny_model)
+    assert "cannot verify that its latents came from" in caplog.text and "VAE weights" in caplog.text
+    manifest["vae_fingerprint"] = "sha256:" + "0" * 64
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match="latents were made by a different VAE"):
+        check_prepared(old, tiny_model)
+
+
+def test_ids_that_are_paths_are_refused_before_any_file_is_read(tree, tiny_model, tmp_path):
+    """An id is joined into a path (files/pXX/pN/sN/<dicom_id>.jpg): '../' in one would read (and encode)
+    an image outside the data folder. Each table is checked as it is read, one line naming file, column
+    and value."""
+    import shutil
+
+    from cxrdiff.artifacts import CLAIM
+
+    escape = "../../../../../outside/x"  # from files/p12/p12000008/s50000009/: beside the data folder
+    ms = pd.read_csv(tree / "MS_CXR_Local_Alignment_v1.0.0.csv")
+    ms.loc[0, "dicom_id"] = escape
+    bad_ms = tmp_path / "ms.csv"
+    ms.to_csv(bad_ms, index=False)
+    line = (
+        f"{bad_ms}: column 'dicom_id' has {escape!r}, not an image id (letters, digits, '-' and '_', such as "
+        "MIMIC's five groups of 8 hex digits)"
+    )
+    out = tmp_path / "out"
+    run = subprocess.run(
+        [sys.executable, "-m", "cxrdiff", "prepare", "--mimic", str(tree), "--ms-cxr", str(bad_ms),
+         "--base-model", str(tiny_model), "--out", str(out), "--workers", "0"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2 and run.stderr == f"error: {line}\n"
+    with pytest.raises(InputError) as refused:
+        prepare(_config(tree, tiny_model, out, ms_cxr=bad_ms))
+    assert str(refused.value) == line
+    assert [p.name for p in out.iterdir()] == [CLAIM]  # the tables are read once claimed; nothing else written
+
+    copy = tmp_path / "mimic"
+    shutil.copytree(tree, copy)
+    metadata = copy / "mimic-cxr-2.0.0-metadata.csv.gz"
+    table = pd.read_csv(metadata, dtype={"dicom_id": str})
+    for column, value, kind in (("dicom_id", "a1/../../b1", "an image id"), ("subject_id", "p1000/1", "an id")):
+        changed = table.astype({column: object})
+        changed.loc[0, column] = value
+        changed.to_csv(metadata, index=False)
+        with pytest.raises(InputError, match=rf"^{metadata}: column '{column}' has '{value}', not {kind} "):
+            prepare(_config(copy, tiny_model, out, reports=tree))
+        assert [p.name for p in out.iterdir()] == [CLAIM]
 
 
 def test_cli_exit_code_and_message_for_a_missing_column(tree, tiny_model, tmp_path):
@@ -659,3 +750,89 @@ def test_mimic_naming_a_file_says_so(tree, tiny_model, tmp_path):
     with pytest.raises(InputError, match=rf"^--mimic {tmp_path / 'none'}: no such folder"):
         prepare(_config(tmp_path / "none", tiny_model, tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+# --- a killed prepare leaves no worker behind ------------------------------------------------------
+
+# prepare with its VAE stalled at the first batch of the train unit (64 rows, 8 batches): the loader
+# workers decode ahead meanwhile and fill the result pipe that nobody reads
+STALLED_PREPARE = """
+import sys, time
+from pathlib import Path
+import cxrdiff.prepare.encode as encode
+import cxrdiff.prepare.mimic as mimic
+
+marker, encode_unit, encode_batch, unit = Path(sys.argv[1]), mimic.encode_unit, encode.encode_batch, []
+
+def recorded(acc, vae, rows, name, *args, **kwargs):
+    unit[:] = [name]
+    return encode_unit(acc, vae, rows, name, *args, **kwargs)
+
+def stalled(vae, pixels):
+    if unit[0].startswith("train-"):
+        marker.touch()
+        time.sleep(300)
+    return encode_batch(vae, pixels)
+
+mimic.encode_unit, encode.encode_batch = recorded, stalled
+sys.argv = ["cxrdiff", *sys.argv[2:]]
+from cxrdiff.cli import main
+main()
+"""
+
+
+def _state(pid: int) -> str | None:
+    """A process's state letter, None when it is gone (a zombie counts as gone: it holds no memory)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    state = stat[stat.rindex(")") + 2]
+    return None if state in "ZX" else state
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads /proc (Linux)")
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_a_killed_prepare_leaves_no_loader_worker_running(phantom_tree, tiny_model, tmp_path, signum):
+    marker = tmp_path / "stalled"
+    argv = ["prepare", "--mimic", str(phantom_tree), "--ms-cxr", str(phantom_tree / MS_CXR_FILE),
+            "--base-model", str(tiny_model), "--out", str(tmp_path / "out"), "--test-size", "8",
+            "--test-no-finding-max", "0.25", "--batch-size", "8", "--shard-size", "64", "--workers", "2"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    log = (tmp_path / "stderr").open("w")
+    proc = subprocess.Popen([sys.executable, "-c", STALLED_PREPARE, str(marker), *argv], env=env,
+                            stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not (marker.exists() and len(workers) == 2) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+            workers = _children(proc.pid)
+        assert marker.exists() and len(workers) == 2, (workers, proc.poll(), (tmp_path / "stderr").read_text())
+        time.sleep(1.0)  # the workers decode ahead and fill the pipe the stalled parent no longer reads
+        os.kill(proc.pid, signum)
+        assert proc.wait(timeout=30) == -signum
+        deadline = time.monotonic() + 10
+        while any(_state(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [w for w in workers if _state(w)] == []
+    finally:
+        for pid in [proc.pid, *workers]:
+            if _state(pid):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+        log.close()

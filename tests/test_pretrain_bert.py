@@ -34,7 +34,7 @@ def test_masking_is_bert_s_and_depends_on_the_seed_only(tiny_bert):
 def test_bad_values_are_refused_before_any_work(tmp_path):
     for change, message in (
         ({"width": 50, "heads": 3}, "--width 50: must be a multiple of --heads 3"),
-        ({"mask_probability": 1.0}, r"--mask-probability 1.0: must lie in \(0, 1\)"),
+        ({"mask_probability": 1.0}, r"--mask-probability 1.0: must be a finite number in \(0, 1\)"),
         ({"steps": 0}, "--steps 0: must be at least 1"),
     ):
         with pytest.raises(InputError, match=message):

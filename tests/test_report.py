@@ -8,6 +8,8 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -467,3 +469,47 @@ def test_report_refuses_a_strangers_folder_and_takes_up_its_own_interrupted_run(
         and len(calls.sample) == 4
     )
     assert json.loads((out / "manifest.json").read_text())["settings"]["ground_steps"] == 25
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", "..", ".", "-x", " a", "a\nb", "a\\b", ""])
+def test_run_and_group_names_are_names_not_paths(tmp_path, tiny_model, name):
+    """A run's name is its folder under runs/: a path would make (and remove) folders outside --out."""
+    from cxrdiff.errors import InputError
+
+    real = _prepared(tmp_path / "prepared", n=4)
+    out = tmp_path / "deep" / "report"
+    config = dict(runs=(tiny_model,), out=out, real=real, fid=False, fid_xrv=False)
+    rule = (
+        "is not a plain name (a run's name is a folder name: no '/' or '\\', not '.' or '..', no leading '-' or "
+        "spaces, printable, at most 200 bytes)"
+    )
+    with pytest.raises(InputError) as refused:
+        report(ReportConfig(**config, names=(name,)), steps=_stub_steps(Calls()))
+    assert str(refused.value) == f"names: {name!r} {rule}"
+    label = f"{name}={tiny_model}"
+    if name and name == name.strip():  # --label strips NAME; an empty one is refused as NAME=DIR syntax
+        with pytest.raises(InputError) as refused:
+            report(ReportConfig(**config, label=(label,)), steps=_stub_steps(Calls()))
+        assert str(refused.value) == f"--label {label!r}: {name!r} {rule}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]  # nothing made, in --out or beside it
+
+
+def test_a_run_given_as_dot_is_named_after_its_folder(tmp_path, tiny_model, monkeypatch):
+    from cxrdiff.report.steps import run_names
+
+    monkeypatch.chdir(tiny_model)
+    assert run_names(ReportConfig(runs=(Path("."),))) == ("tiny",)  # not '' (runs/samples) or '..'
+
+
+def test_report_cli_refuses_a_name_that_is_a_path_with_one_line(tmp_path, tiny_model):
+    real = _prepared(tmp_path / "prepared", n=4)
+    config = tmp_path / "report.toml"
+    config.write_text('names = ["../../x"]\nfid = false\nfid_xrv = false\n')
+    out = tmp_path / "report"
+    done = subprocess.run(
+        [sys.executable, "-m", "cxrdiff", "report", str(tiny_model), "--real", str(real), "--out", str(out),
+         "--config", str(config)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr
+    assert done.stderr.startswith("error: names: '../../x' is not a plain name") and not out.exists()

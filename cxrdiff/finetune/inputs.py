@@ -21,7 +21,13 @@ from cxrdiff.finetune.checkpoints import Checkpoints
 from cxrdiff.finetune.config import DEFAULT_STEPS, STEP, FinetuneConfig
 from cxrdiff.finetune.data import check_prompt_source
 from cxrdiff.formats import data_format
-from cxrdiff.models import check_model_folder, model_geometry, vae_fingerprint
+from cxrdiff.models import (
+    check_model_folder,
+    fingerprint_covers_weights,
+    model_geometry,
+    names_and_sizes_fingerprint,
+    vae_fingerprint,
+)
 
 
 def batch_plan(batch_size: int, per_device: int | None, processes: int) -> tuple[int, int]:
@@ -64,10 +70,21 @@ def check_prepared(data: Path, model: Path) -> dict[str, Any]:
             f"--data {data}: VAE scaling factor {known['scaling_factor']} differs from --base-model {model}'s "
             f"{scaling_factor}; prepare the data with this base model"
         )
-    stored, mine = known.get("vae_fingerprint"), vae_fingerprint(model)
+    stored = known.get("vae_fingerprint")
     if stored is None:
         log.warning(f"{data / MANIFEST}: cannot verify that its latents came from {model}'s VAE (no fingerprint)")
-    elif stored != mine:
+    elif not fingerprint_covers_weights(stored):  # an earlier cxrdiff's: what it covers can still be compared
+        if stored != names_and_sizes_fingerprint(model):
+            raise InputError(
+                f"--data {data}: latents were made by a different VAE than --base-model {model}'s "
+                "(vae_fingerprint differs); prepare the data with this base model"
+            )
+        log.warning(
+            f"{data / MANIFEST}: prepared by an earlier cxrdiff, whose VAE fingerprint covers file names and "
+            f"sizes but not the weights: cannot verify that its latents came from {model}'s VAE weights; "
+            "prepare again to be sure"
+        )
+    elif stored != vae_fingerprint(model):
         raise InputError(
             f"--data {data}: latents were made by a different VAE than --base-model {model}'s "
             "(vae_fingerprint differs); prepare the data with this base model"

@@ -375,7 +375,9 @@ def _run_images(out: Path, tasks: list[dict], workers: int | None, progress) -> 
         return [_image_worker(job) for job in progress(jobs, description="phantom images")]
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(workers) as pool:
+    from cxrdiff.processes import die_with_parent
+
+    with ProcessPoolExecutor(workers, initializer=die_with_parent) as pool:
         return list(
             progress(pool.map(_image_worker, jobs, chunksize=16), total=len(jobs), description="phantom images")
         )

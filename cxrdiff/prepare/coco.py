@@ -34,7 +34,7 @@ from cxrdiff.config import settings, to_dict
 from cxrdiff.console import log
 from cxrdiff.errors import InputError
 from cxrdiff.models import check_model_folder, model_geometry, vae_fingerprint
-from cxrdiff.prepare.config import STEP, PrepareConfig
+from cxrdiff.prepare.config import STEP, PrepareConfig, check_out
 from cxrdiff.prepare.encode import SKIPPED_COLUMNS, STATE, Layout, encode_unit, load_vae, loader_workers
 from cxrdiff.speed import limit_cpu_threads
 
@@ -70,7 +70,7 @@ def check_coco_inputs(config: PrepareConfig) -> CocoInputs:
     base_model = check_model_folder(config.base_model)
     resolution, latent_shape, scaling_factor = model_geometry(base_model, config.resolution)
     inputs = CocoInputs(root.absolute(), splits, base_model, Path(config.out), resolution, latent_shape, scaling_factor)
-    StepFolder.claim(inputs.out, STEP, coco_settings(config, inputs), create=False)
+    check_out(inputs.out, coco_settings(config, inputs))
     return inputs
 
 

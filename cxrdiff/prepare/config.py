@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
-from typing import Annotated, ClassVar
+from typing import Annotated, Any, ClassVar
 
+from cxrdiff.artifacts import CLAIM, MANIFEST, OtherSettings, StepFolder
 from cxrdiff.choices import DataFormat, DicomContrast, TextFallback
 from cxrdiff.config import Range
+from cxrdiff.models import fingerprint_covers_weights
 
 STEP = "prepare"
 
@@ -55,3 +58,25 @@ class PrepareConfig:
 def text_fallbacks(choice: str) -> tuple[str, ...]:
     """`--text-fallback` → the parser's fallback sources, in its order ("last-paragraph" → "last_paragraph")."""
     return () if choice == "none" else tuple(part.replace("-", "_") for part in choice.split(","))
+
+
+def check_out(out: Path, wanted: dict[str, Any]) -> None:
+    """What `--out` holds, checked before any work (nothing is claimed yet). A folder prepared by an earlier
+    cxrdiff, whose VAE fingerprint did not cover the weights, is named as such rather than as 'other
+    settings' (its recorded `vae` differs from every fingerprint this version makes)."""
+    try:
+        StepFolder.claim(out, STEP, wanted, create=False)
+    except OtherSettings:
+        recorded = None
+        for name in (MANIFEST, CLAIM):
+            try:
+                recorded = json.loads((Path(out) / name).read_text()).get("settings", {}).get("vae")
+                break
+            except (OSError, ValueError, AttributeError):
+                continue
+        if isinstance(recorded, str) and not fingerprint_covers_weights(recorded):
+            raise OtherSettings(
+                f"--out {out}: prepared by an earlier cxrdiff, whose VAE fingerprint does not cover the VAE's "
+                "weights; prepare into a new folder"
+            ) from None
+        raise

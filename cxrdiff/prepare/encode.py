@@ -25,6 +25,7 @@ from cxrdiff.data import (
 from cxrdiff.errors import InputError
 from cxrdiff.images import ImageRefused, load_grayscale, load_rgb, resize_center_crop, to_model_input
 from cxrdiff.prepare.config import PrepareConfig
+from cxrdiff.processes import loader_worker_init
 
 STATE = ".prepare"  # plan and per-unit skip lists; hidden, not part of the artifact
 MAX_UPSCALE = 2  # an image whose short side is under half the resolution is skipped ("image too small")
@@ -130,6 +131,7 @@ def encode_unit(
         num_workers=workers,
         collate_fn=list,
         shuffle=False,
+        worker_init_fn=loader_worker_init,  # a killed prepare leaves no worker behind
     )
     batches = progress(loader, total=len(loader), description=f"encode {unit}") if acc.is_main_process else loader
     tables, skipped = [], []

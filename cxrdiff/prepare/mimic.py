@@ -43,7 +43,7 @@ from cxrdiff.errors import InputError
 from cxrdiff.images import box_to_frame
 from cxrdiff.impressions import MIN_IMPRESSION_CHARS, SOURCES, read_report, report_path
 from cxrdiff.models import check_model_folder, model_geometry, vae_fingerprint
-from cxrdiff.prepare.config import STEP, PrepareConfig, text_fallbacks
+from cxrdiff.prepare.config import STEP, PrepareConfig, check_out, text_fallbacks
 from cxrdiff.prepare.encode import (
     SKIPPED_COLUMNS,
     STATE,
@@ -115,7 +115,7 @@ def check_mimic_inputs(config: PrepareConfig) -> MimicInputs:
         scaling_factor=scaling_factor,
         text_fallback=config.text_fallback,
     )
-    StepFolder.claim(out, STEP, prepare_settings(config, inputs), create=False)  # the kind of folder, early
+    check_out(out, prepare_settings(config, inputs))  # the kind of folder, early
     return inputs
 
 
@@ -246,7 +246,12 @@ def _ms_cxr_rows(ms, meta, inputs: MimicInputs, counts: dict, skipped: list):
             subject, study = (int(v) for v in ids.loc[pair["dicom_id"]])
         elif isinstance(pair.get("path"), str) and len(Path(pair["path"]).parts) >= 3:
             parts = Path(pair["path"]).parts
-            subject, study = parse_id(parts[-3]), parse_id(parts[-2])  # .../p{subject}/s{study}/{dicom}.jpg
+            try:
+                subject, study = parse_id(parts[-3]), parse_id(parts[-2])  # .../p{subject}/s{study}/{dicom}.jpg
+            except ValueError:
+                raise InputError(
+                    f"{inputs.ms_cxr}: column 'path' has {pair['path']!r}, not files/pXX/p<subject>/s<study>/<id>.jpg"
+                ) from None
         row = {**pair, "subject_id": subject, "study_id": study}
         boxes = np.array(json.loads(pair["boxes_original"]), dtype=np.float64)
         width, height = pair["image_width"], pair["image_height"]

@@ -9,6 +9,7 @@ from typing import Annotated, Any, ClassVar
 
 from cxrdiff.choices import ClassifierPositives, OtherSources
 from cxrdiff.config import Range
+from cxrdiff.errors import InputError
 
 STEP = "report"
 
@@ -61,3 +62,21 @@ class ReportConfig:
     device: str = "cpu"  # for the fidelity feature networks
     # runs measured side by side on a multi-core CPU (one process each; ignored with CUDA)
     workers: Annotated[int, Range(ge=1)] = 1
+
+
+def check_name(name: str, where: str) -> str:
+    """A run or group name becomes a folder (`runs/<name>/`): a plain name only, never a path."""
+    if (
+        not name
+        or name in (".", "..")
+        or any(sep in name for sep in ("/", "\\"))
+        or name.startswith("-")
+        or name != name.strip()
+        or not name.isprintable()
+        or len(name.encode()) > 200
+    ):
+        raise InputError(
+            f"{where}: {name!r} is not a plain name (a run's name is a folder name: no '/' or '\\', not '.' or "
+            "'..', no leading '-' or spaces, printable, at most 200 bytes)"
+        )
+    return name

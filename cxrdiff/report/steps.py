@@ -6,6 +6,7 @@ once; one made with other settings is removed and made again), and the small rea
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -21,7 +22,7 @@ from cxrdiff.artifacts import (
 )
 from cxrdiff.console import log
 from cxrdiff.errors import InputError
-from cxrdiff.report.config import ReportConfig, StepFn, Steps
+from cxrdiff.report.config import ReportConfig, StepFn, Steps, check_name
 
 
 def default_steps() -> dict[str, tuple[StepFn, type]]:
@@ -97,7 +98,11 @@ def identity(path: Path | None) -> str | None:
 
 
 def run_names(config: ReportConfig) -> tuple[str, ...]:
-    names = tuple(config.names) if config.names else tuple(Path(r).name for r in config.runs)
+    """Each run's name (its folder under `runs/`): `names`, else the run folder's own name."""
+    if config.names:
+        names = tuple(check_name(str(n), "names") for n in config.names)
+    else:
+        names = tuple(check_name(Path(os.path.abspath(r)).name, f"run {r}") for r in config.runs)
     if len(names) != len(config.runs):
         raise InputError(f"names: {len(names)} given for {len(config.runs)} runs")
     if len(set(names)) != len(names):

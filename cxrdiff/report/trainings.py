@@ -22,6 +22,7 @@ import numpy as np
 
 from cxrdiff.artifacts import MANIFEST, input_identity, read_manifest
 from cxrdiff.errors import InputError
+from cxrdiff.report.config import check_name
 
 TRAININGS_DDOF = 1
 GROUND_METRICS = ("auc_roc", "top1", "cnr")
@@ -100,7 +101,7 @@ def parse_labels(labels: Sequence[str], runs: Sequence[Path]) -> dict[int, str]:
         path = Path(folder.strip()).resolve()
         if path not in resolved:
             raise InputError(f"--label {text!r}: {folder.strip()} is not one of the RUN folders")
-        out[resolved.index(path)] = name.strip()
+        out[resolved.index(path)] = check_name(name.strip(), f"--label {text!r}")
     return out
 
 
