@@ -60,7 +60,7 @@ class FinetuneConfig:
     gradient_checkpointing: bool = False
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
-    ema: bool = False
+    ema: bool = False  # with LoRA: an EMA of the UNet's adapters (what trains)
     ema_decay: float = 0.9999
     export_weights: Literal["raw", "ema"] = "raw"
     seed: int = 0
@@ -72,6 +72,13 @@ class FinetuneConfig:
     validation_prompts: tuple[str, ...] = ()
     validate_every: int = 0
     validation_steps: int = 25
+    # LoRA (cxrdiff.finetune.lora): None trains every weight (the paper); R adds rank-R adapters and trains
+    # only them (the UNet's at `lora_targets`; with a learnable text encoder its attention projections too)
+    lora_rank: int | None = None
+    lora_alpha: float | None = None  # the adapters' scale is alpha / rank; default: the rank (scale 1)
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")  # the UNet's attention projections
+    text_lora_rank: int | None = None  # the text encoder's adapters (--learnable-text); default: lora_rank
     stop_after_step: int | None = None  # act as if preempted after this step (tests, SLURM drills)
     # speed levers (cxrdiff.speed): same results up to float noise, so a resumed run may change them
     compile: bool = False  # torch.compile the UNet

@@ -20,6 +20,7 @@ from cxrdiff.errors import InputError
 from cxrdiff.finetune.checkpoints import Checkpoints
 from cxrdiff.finetune.config import DEFAULT_STEPS, STEP, FinetuneConfig
 from cxrdiff.finetune.data import check_prompt_source
+from cxrdiff.finetune.lora import LORA_FIELDS, TrainingMode, check_targets, check_values
 from cxrdiff.formats import data_format
 from cxrdiff.models import check_model_folder, model_geometry, vae_fingerprint
 
@@ -103,19 +104,22 @@ def with_defaults(config: FinetuneConfig) -> FinetuneConfig:
         raise InputError("--export-weights ema needs --ema")
     if config.snr_gamma is not None and not config.snr_gamma > 0:
         raise InputError(f"--snr-gamma {config.snr_gamma}: must be positive")
+    check_values(config)
     return dataclasses.replace(config, steps=steps, text_lr=config.text_lr if config.text_lr is not None else config.lr)
 
 
 def run_settings(config: FinetuneConfig) -> dict[str, Any]:
     """What a run folder's settings key is made of: the config less its NOT_SETTINGS, with the data, the
-    base model and a prompt file by identity (a re-prepared data folder is another run)."""
+    base model and a prompt file by identity (a re-prepared data folder is another run), and the training mode's
+    settings (LoRA's rank, alpha, dropout and targets; nothing for full fine-tuning)."""
     source = config.prompt_source
     if source.startswith("file:"):
         source = f"file:{input_identity(source[5:])}"
     identities = {"data": input_identity(config.data), "base_model": input_identity(config.base_model)}
     mine = settings(config, prompt_source=source, **identities)
     unused = "ucg_no_finding" if data_format(config.data) == "coco" else "ucg_caption"  # the other data's UCG rule
-    return {k: v for k, v in mine.items() if k != unused}
+    mode = TrainingMode.of_config(config).settings()
+    return {k: v for k, v in mine.items() if k != unused and k not in LORA_FIELDS} | mode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +139,7 @@ def check_inputs(config: FinetuneConfig) -> Inputs:
     model_dir = check_model_folder(config.base_model)
     check_prepared(Path(config.data), model_dir)
     check_prompt_source(config.prompt_source)
+    check_targets(TrainingMode.of_config(config), model_dir)
     if data_format(config.data) == "coco" and config.prompt_source != "impression":
         raise InputError(f"--prompt-source {config.prompt_source}: COCO data trains on its captions (impression)")
     folder = StepFolder.claim(config.out, STEP, run_settings(config), create=False)

@@ -30,8 +30,8 @@ SECTIONS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
 )
 CAPTIONS = {
     "trade-off": "CNR (interpretability) against fidelity (lower is closer to real images): left the paper's three "
-    "models (Tables 1 and 4), right every run (small) and setting group (large, ± over trainings) of this report; "
-    "dotted lines mark the paper's average CNR of Finetune_F and Finetune_L.",
+    "models (Tables 1 and 4), right every run (small) and setting group (large, ± over trainings) of this report, "
+    "LoRA runs as triangles; dotted lines mark the paper's average CNR of Finetune_F and Finetune_L.",
     "grounding": "One overlay per class (columns) for each run (rows): the class words' cross-attention map over the "
     "image, MS-CXR boxes drawn.",
     "checkpoints": "Average CNR and fidelity of each run's kept checkpoints against training steps, frozen and "
@@ -44,8 +44,12 @@ CAPTIONS = {
 
 def _kind(entry: Mapping[str, Any], group: bool) -> str:
     """frozen / learnable / base model, from a group's setting or a run's training record (a group records
-    no text encoder only for base models)."""
-    encoder = (entry.get("setting") or {}).get("text_encoder")
+    no text encoder only for base models); a LoRA run is its own kind ('frozen + LoRA r16'), which the paper
+    has no counterpart of and the trade-off verdict does not take for the paper's models."""
+    setting = entry.get("setting") or {}
+    encoder = setting.get("text_encoder")
+    if encoder and setting.get("training") not in (None, "full"):
+        return f"{encoder} + {setting['training']}"
     if encoder:
         return str(encoder)
     frozen = (entry.get("training") or {}).get("frozen_text")
@@ -256,7 +260,7 @@ def settings_tables(metrics: Mapping[str, Any]) -> list[Table]:
             [
                 name,
                 str(r.get("kind", "—")),
-                encoder,
+                encoder + (f" + {s['training']}" if s.get("training") not in (None, "full") else ""),  # LoRA
                 str(s.get("prompt_source") or "—"),
                 str(t.get("steps") if t.get("steps") is not None else "—"),
                 str(t.get("lr") if t.get("lr") is not None else "—"),

@@ -61,15 +61,20 @@ def run_setting(run: Path) -> dict[str, Any]:
 
 
 def run_summary(run: Path) -> dict[str, Any]:
-    """A run's setting in words for the report: text encoder, text source, steps, seed (null: a base model)."""
+    """A run's setting in words for the report: text encoder, what trained (`full` or e.g. `LoRA r16`: the
+    manifest's training mode), text source, steps, seed (null: a base model)."""
+    from cxrdiff.finetune.lora import TrainingMode
+
     run = Path(run)
     if not (run / MANIFEST).is_file():
-        return {"text_encoder": None, "prompt_source": None, "steps": None, "seed": None, "base_model": None}
+        return {"text_encoder": None, "training": None, "prompt_source": None, "steps": None, "seed": None,
+                "base_model": None}  # fmt: skip
     manifest = read_manifest(run)
     config = manifest.get("config", {})
     frozen = config.get("frozen_text")
     return {
         "text_encoder": None if frozen is None else ("frozen" if frozen else "learnable"),
+        "training": TrainingMode.of_manifest(manifest).label() or "full",
         "prompt_source": config.get("prompt_source", "impression"),
         "steps": manifest.get("steps", config.get("steps")),
         "seed": config.get("seed", manifest.get("seed")),
@@ -121,11 +126,13 @@ def group_runs(runs: Sequence[Path], names: Sequence[str], labels: Sequence[str]
 
 
 def _default_names(summaries: Sequence[Mapping[str, Any]], taken: set[str]) -> list[str]:
-    """Names in words: 'frozen' / 'learnable' / 'base model', then the text source, then the steps, and a
-    number last, each added only where the shorter names would clash."""
+    """Names in words: 'frozen' / 'learnable' / 'base model' (with what trained when not every weight: 'frozen +
+    LoRA r16'), then the text source, then the steps, and a number last, each added only where the shorter names
+    would clash."""
 
     def words(s: Mapping[str, Any], depth: int) -> str:
-        parts = [s["text_encoder"] or "base model"]
+        lora = s.get("training") not in (None, "full") and s["text_encoder"]
+        parts = [f"{s['text_encoder']} + {s['training']}" if lora else s["text_encoder"] or "base model"]
         if depth >= 1 and s["prompt_source"] not in (None, "impression"):
             parts.append(str(s["prompt_source"]))
         if depth >= 2 and s["steps"] is not None:
