@@ -466,6 +466,9 @@ def demo(
     coco: Annotated[
         bool, typer.Option("--coco", help="The in-domain chain (Table 2) on a COCO-layout phantom instead.")
     ] = False,
+    lora: Annotated[
+        bool, typer.Option("--lora", help="LoRA fine-tunes (rank 16, frozen and learnable) beside the full ones.")
+    ] = False,
 ) -> None:
     """Run the whole chain on phantom data and a tiny model, and write the report."""
     if coco:
@@ -473,7 +476,7 @@ def demo(
         return
     from cxrdiff.demo import demo as run_demo
 
-    print_result(run_demo(out=out, quick=quick, text_init=text_init.value, trainings=trainings))
+    print_result(run_demo(out=out, quick=quick, text_init=text_init.value, trainings=trainings, lora=lora))
 
 
 def _demo_coco(out: Path, quick: bool) -> None:

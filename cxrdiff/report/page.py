@@ -202,6 +202,28 @@ def tradeoff_verdict(found: Sequence[Mapping[str, Any]]) -> list[str]:
         )
     verdict = "reproduced" if sides and all(sides) else "partly reproduced" if any(sides) else "not reproduced"
     lines.append(f"**The trade-off (frozen: more interpretable, learnable: images closer to real) is {verdict} here.**")
+    return lines + lora_lines(found, frozen, learnable)
+
+
+def lora_lines(
+    found: Sequence[Mapping[str, Any]], frozen: Mapping[str, Any], learnable: Mapping[str, Any]
+) -> list[str]:
+    """Where each LoRA model sits on the trade-off, beside the full fine-tunes (a third point: weights, and with a
+    learnable text encoder the text encoder, that may move only a little)."""
+    lines = []
+    for m in found:
+        if "LoRA" not in m["kind"]:
+            continue
+        cnr, f_cnr, l_cnr = m["cnr"][0], frozen["cnr"][0], learnable["cnr"][0]
+        text = f"LoRA, **{m['name']}**: CNR {_num(cnr)} (full frozen {_num(f_cnr)}, full learnable {_num(l_cnr)})"
+        fid, ff, lf = m.get("fidelity"), frozen.get("fidelity"), learnable.get("fidelity")
+        if (
+            all(f and f.get("value") is not None for f in (fid, ff, lf))
+            and len({fid["name"], ff["name"], lf["name"]}) == 1
+        ):
+            title = fid.get("title", fid["name"])
+            text += f"; {title} {fid['value']:.1f} (frozen {ff['value']:.1f}, learnable {lf['value']:.1f})"
+        lines.append(text + ".")
     return lines
 
 
