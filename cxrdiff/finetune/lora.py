@@ -188,6 +188,7 @@ def set_trainable(mode: TrainingMode, unet: Any, text_encoder: Any, train_text: 
         unet.requires_grad_(True)
         text_encoder.requires_grad_(train_text)
         return
+    text_encoder.requires_grad_(False)  # frozen unless it gets adapters
     add_adapters(mode, unet, text_encoder if train_text else None, seed)
 
 
