@@ -231,3 +231,20 @@ def test_frozen_text_keeps_the_text_encoder_and_trains_the_unet_adapters_only(pr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["parameters"]["text_encoder"]["trainable"] == 0 and manifest["parameters"]["trainable"] == 9984
     assert "text_targets" not in manifest["training_mode"] and manifest["training_mode"]["text_rank"] is None
+
+
+def test_sd2_base_adapter_counts_are_the_hand_computed_ones():
+    """SD2-base's architecture on the meta device (nothing allocated). Per transformer block of width d, rank r:
+    self-attention 4 projections d → d, 4 · r · 2d; cross-attention to_q and to_out 2 · r · 2d, to_k and to_v
+    2 · r · (1024 + d): 14rd + 2048r. Blocks: 5 at 320, 5 at 640, 6 at 1280 (16): 14r · 12480 + 16 · 2048r =
+    207,488r. The text encoder: 23 layers × 4 projections × r × 2048 = 188,416r."""
+    from cxrdiff.finetune.lora import parameter_counts, set_trainable
+    from cxrdiff.models import PUBLISHED, published_modules
+
+    modules = published_modules("sd2-base")
+    mode = TrainingMode("lora", 4, 4.0, 0.0, ("to_q", "to_k", "to_v", "to_out.0"), 4, 4.0)
+    set_trainable(mode, modules["unet"], modules["text_encoder"], train_text=True, seed=0)
+    counts = parameter_counts(modules["unet"], modules["text_encoder"])
+    assert counts["unet"]["trainable"] == 207_488 * 4 and counts["text_encoder"]["trainable"] == 188_416 * 4
+    base = PUBLISHED["sd2-base"]["parameters"]
+    assert counts["total"] == base["unet"] + base["text_encoder"] + (207_488 + 188_416) * 4
