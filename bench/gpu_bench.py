@@ -6,6 +6,8 @@ Measures, each through cxrdiff's own code, with peak GPU memory (max_memory_allo
 - VAE encoding (`prepare`) images/s;
 - training images/s at batch 16 and 32, gradient checkpointing off/on, --compile off/on (bf16 mixed
   precision, fused AdamW, TF32), timed over a few steps after warm-up steps (which include compiling);
+- full fine-tuning against LoRA (`finetune --lora-rank`, rank 4, 16, 64; UNet only and UNet + text encoder) at
+  batch 16, checkpointing and compile off: images/s, peak memory and trainable parameters;
 - sampling images/s (`sample`: PLMS 75 steps, guidance 4, batch 16), end to end (load + generate + write);
 - grounding seconds per image (`ground`: 50 DDIM steps, the last 40 captured, batch 8), end to end.
 Training configurations run in order of importance until --budget-s is spent; the rest are listed as
@@ -22,15 +24,24 @@ import platform
 import time
 from pathlib import Path
 
-TRAIN_CONFIGS = [  # (batch, gradient checkpointing, compile), most wanted first
-    (16, False, False),
-    (32, False, False),
-    (16, True, False),
-    (32, True, False),
-    (16, False, True),
-    (32, False, True),
-    (16, True, True),
-    (32, True, True),
+# (batch, gradient checkpointing, compile, LoRA rank or None: full, text encoder trained), most wanted first
+TRAIN_CONFIGS = [
+    (16, False, False, None, False),
+    (32, False, False, None, False),
+    # full fine-tuning (the first row; with the text encoder here) against LoRA, UNet only and UNet + text encoder
+    (16, False, False, None, True),
+    (16, False, False, 4, False),
+    (16, False, False, 4, True),
+    (16, False, False, 16, False),
+    (16, False, False, 16, True),
+    (16, False, False, 64, False),
+    (16, False, False, 64, True),
+    (16, True, False, None, False),
+    (32, True, False, None, False),
+    (16, False, True, None, False),
+    (32, False, True, None, False),
+    (16, True, True, None, False),
+    (32, True, True, None, False),
 ]
 
 
@@ -98,8 +109,11 @@ def make_inputs(work: Path, args: argparse.Namespace) -> tuple[Path, dict]:
     return model, row
 
 
-def train_row(work: Path, model: Path, batch: int, checkpointing: bool, compile: bool, args) -> dict:
-    """Images/s of `cxrdiff finetune`'s own step at this batch (one process, bf16, fused AdamW, TF32)."""
+def train_row(
+    work: Path, model: Path, batch: int, checkpointing: bool, compile: bool, rank: int | None, text: bool, args
+) -> dict:
+    """Images/s of `cxrdiff finetune`'s own step at this batch (one process, bf16, fused AdamW, TF32), full or
+    LoRA (`rank`), text encoder frozen or trained."""
     import torch
 
     from cxrdiff import finetune as ft
@@ -107,8 +121,8 @@ def train_row(work: Path, model: Path, batch: int, checkpointing: bool, compile:
     config = ft.FinetuneConfig(
         data=work / "prepared",
         base_model=model,
-        out=work / f"train-{batch}-{checkpointing}-{compile}",
-        frozen_text=True,
+        out=work / f"train-{batch}-{checkpointing}-{compile}-{rank}-{text}",
+        frozen_text=not text,
         steps=args.warmup + args.steps,
         batch_size=batch,
         per_device_batch_size=batch,
@@ -117,6 +131,7 @@ def train_row(work: Path, model: Path, batch: int, checkpointing: bool, compile:
         compile=compile,
         fused_adamw=True,
         tf32=True,
+        lora_rank=rank,
     )
     torch._dynamo.reset()
     _reset_peak()
@@ -133,16 +148,21 @@ def train_row(work: Path, model: Path, batch: int, checkpointing: bool, compile:
             ft.optimizer_step(run)
         _sync()
         seconds = time.perf_counter() - start
+    trainable = accelerator.unwrap_model(run.model).parameter_counts["trainable"]
     row = {
         "what": f"train {args.resolution} px bf16, batch {batch}, checkpointing {'on' if checkpointing else 'off'}, "
-        f"compile {'on' if compile else 'off'}",
+        f"compile {'on' if compile else 'off'}, {_training_words(rank, text)}",
         "value": round(args.steps * batch / seconds, 2),
         "unit": "images/s",
         "peak_gb": _peak_gb(),
-        "note": f"{args.steps} steps after {args.warmup} warm-up steps ({warm:.0f} s)",
+        "note": f"{args.steps} steps after {args.warmup} warm-up steps ({warm:.0f} s); {trainable:,} trainable",
     }
     del run
     return row
+
+
+def _training_words(rank: int | None, text: bool) -> str:
+    return ("full" if rank is None else f"LoRA r{rank}") + (" + text encoder" if text else ", text frozen")
 
 
 def sample_row(work: Path, model: Path, args) -> dict:
@@ -233,7 +253,8 @@ def main() -> None:
     args.prompts, args.sample_batch, args.sample_steps = (32, 16, 75) if full else (4, 2, 3)
     args.ground_images, args.ground_batch = (16, 8) if full else (2, 2)
     args.ground_steps, args.ground_window = (50, 40) if full else (4, 3)
-    train_configs = TRAIN_CONFIGS if full else [(2, c, k) for _, c, k in TRAIN_CONFIGS[::2]]
+    plain = [(2, c, k, r, t) for _, c, k, r, t in TRAIN_CONFIGS if r is None and not t]  # full, text frozen
+    train_configs = TRAIN_CONFIGS if full else [*plain[::2], (2, False, False, 16, True)]
     import shutil
 
     import torch
@@ -258,12 +279,13 @@ def main() -> None:
         model, encode = make_inputs(work, args)
         rows += [encode, sample_row(work, model, args), ground_row(work, model, args)]
         write_results(args.out, meta, rows)  # something to show even if training is cut short
-        for batch, checkpointing, compile in train_configs:
+        for batch, checkpointing, compile, rank, text in train_configs:
             if time.perf_counter() - began > args.budget_s:
-                what = f"train batch {batch}, checkpointing {checkpointing}, compile {compile}"
+                what = f"train batch {batch}, checkpointing {checkpointing}, compile {compile}, "
+                what += _training_words(rank, text)
                 rows.append({"what": what, "value": None, "unit": "images/s", "peak_gb": None, "note": "skipped"})
                 continue
-            rows.append(train_row(work, model, batch, checkpointing, compile, args))
+            rows.append(train_row(work, model, batch, checkpointing, compile, rank, text, args))
             write_results(args.out, meta, rows)
     finally:
         meta["seconds"] = round(time.perf_counter() - began, 1)

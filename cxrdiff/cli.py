@@ -315,9 +315,22 @@ def finetune(
         bool | None, typer.Option("--channels-last", help="NHWC memory format for the UNet.")
     ] = None,
     fused_adamw: Annotated[bool | None, typer.Option("--fused-adamw", help="The fused AdamW kernel.")] = None,
+    lora_rank: Annotated[
+        int | None, typer.Option(help="Train rank-R LoRA adapters instead of every weight (default: full).")
+    ] = None,
+    lora_alpha: Annotated[float | None, typer.Option(help="LoRA scale alpha / rank; default: the rank.")] = None,
+    lora_dropout: Annotated[float | None, typer.Option(help="Dropout on the LoRA adapters' input.")] = None,
+    lora_targets: Annotated[
+        list[str] | None,
+        typer.Option("--lora-target", help="UNet module (name or name suffix) to adapt; repeat for several."),
+    ] = None,
+    text_lora_rank: Annotated[
+        int | None, typer.Option(help="With --learnable-text: the text encoder's LoRA rank; default: --lora-rank.")
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Fine-tune the UNet (and, with --learnable-text, the text encoder) on prepared latents."""
+    """Fine-tune the UNet (and, with --learnable-text, the text encoder) on prepared latents; with --lora-rank,
+    LoRA adapters of them."""
     options = dict(locals())  # the flags, before the imports below add names
     from cxrdiff.finetune import FinetuneConfig
     from cxrdiff.finetune import finetune as step
@@ -475,6 +488,9 @@ def demo(
     coco: Annotated[
         bool, typer.Option("--coco", help="The in-domain chain (Table 2) on a COCO-layout phantom instead.")
     ] = False,
+    lora: Annotated[
+        bool, typer.Option("--lora", help="LoRA fine-tunes (rank 16, frozen and learnable) beside the full ones.")
+    ] = False,
 ) -> None:
     """Run the whole chain on phantom data and a tiny model, and write the report."""
     if coco:
@@ -483,7 +499,11 @@ def demo(
     from cxrdiff.demo import demo as run_demo
 
     encoders = tuple(e.strip() for e in text_encoders.split(",") if e.strip())
-    print_result(run_demo(out=out, quick=quick, text_init=text_init.value, trainings=trainings, text_encoders=encoders))
+    print_result(
+        run_demo(
+            out=out, quick=quick, text_init=text_init.value, trainings=trainings, text_encoders=encoders, lora=lora
+        )
+    )
 
 
 def _demo_coco(out: Path, quick: bool) -> None:

@@ -43,6 +43,9 @@ class DemoPlan:
     diversity_prompts: int = 16
     test_size: int = 200
     seed: int = 0
+    # `demo --lora`: the rank of the LoRA runs beside the full fine-tunes, fixed before any LoRA outcome was seen
+    # (docs/method.md, "LoRA"): the middle of Generate to Ground's 4-256 and the issue's example; alpha = rank
+    lora_rank: int = 16
 
     @classmethod
     def quick(cls) -> DemoPlan:
@@ -203,13 +206,19 @@ def _base_model(out: Path, init: str, vae: Path, text_encoder: Path | None, plan
     return base
 
 
-def run_names(inits: tuple[str, ...]) -> dict[tuple[str, str], str]:
+def run_names(inits: tuple[str, ...], lora_rank: int | None = None) -> dict[tuple[str, str], str]:
     """(init, frozen|learnable) → the report's name: the paper's Finetune_F / Finetune_L for the pretrained
-    encoder (its analogue of SD2's), the init named beside it otherwise."""
+    encoder (its analogue of SD2's), the init named beside it otherwise; with `lora_rank`, also (init,
+    frozen-lora|learnable-lora) → 'Finetune_F + LoRA r16' (UNet adapters; learnable: the text encoder's too)."""
     names = {}
     for init in inits:
         for kind, short in (("frozen", "F"), ("learnable", "L")):
             names[init, kind] = f"Finetune_{short}" if init == "pretrained" else f"Finetune_{short} ({init})"
+        if lora_rank is not None:
+            for kind in ("frozen", "learnable"):
+                full = names[init, kind]
+                lora = f"LoRA r{lora_rank}"
+                names[init, f"{kind}-lora"] = f"{full[:-1]}, {lora})" if full.endswith(")") else f"{full} + {lora}"
     return names
 
 
@@ -219,13 +228,15 @@ def demo(
     text_init: str = "pretrained",
     trainings: int = 1,
     text_encoders: tuple[str, ...] = ("clip",),
+    lora: bool = False,
 ) -> dict[str, Any]:
     """Run the chain; every step skips what an earlier (or interrupted) demo already finished.
 
     `text_init`: pretrained (the default), token-local, or both (side by side in one report);
     `trainings`: fine-tunings per model, seeds 0..N-1 (the report's ± over trainings);
     `text_encoders`: clip (the tiny CLIP of `text_init`), bert (a tiny BERT pretrained on the reports, fine-tuned
-    frozen and learnable from the same base model through `finetune --text-encoder`), or both."""
+    frozen and learnable from the same base model through `finetune --text-encoder`), or both; `lora`: LoRA runs
+    (rank `DemoPlan.lora_rank`) beside the full CLIP fine-tunes, frozen and learnable, as many trainings each."""
     from cxrdiff.console import err
 
     if text_init not in (*TEXT_INITS, "both"):
@@ -264,10 +275,10 @@ def demo(
     err.rule("prepare")
     prepared = _prepare(out, phantom, bases[inits[0]], plan)
     clock.done("prepare")
-    models = (len(inits) if "clip" in text_encoders else 0) * 2 + (2 if bert else 0)
-    err.rule(f"finetune: {models} models × {trainings} trainings, {plan.finetune_steps} steps each")
     clip_inits = inits if "clip" in text_encoders else ()
-    runs, jobs = _planned_runs(out, prepared, bases, clip_inits, trainings, plan, bert=bert)
+    models = len(clip_inits) * (4 if lora else 2) + (2 if bert else 0)
+    err.rule(f"finetune: {models} models × {trainings} trainings, {plan.finetune_steps} steps each")
+    runs, jobs = planned_runs(out, prepared, bases, clip_inits, trainings, plan, lora=lora, bert=bert)
     finetune_all(jobs)
     clock.done("finetune")
     err.rule("phantom pathology classifier (fidelity features and classifier check)")
@@ -335,29 +346,34 @@ def _prepare(out: Path, phantom: Path, base: Path, plan: DemoPlan) -> Path:
     return prepared
 
 
-def _planned_runs(
+def planned_runs(
     out: Path,
     prepared: Path,
     bases: dict[str, Path],
     inits: tuple[str, ...],
     trainings: int,
     plan: DemoPlan,
+    lora: bool = False,
     bert: Path | None = None,
 ) -> tuple[dict[str, list[Path]], list[Any]]:
     """Every fine-tuning of the demo: each model `trainings` times (seeds 0..N-1) on impressions and, with
-    N ≥ 2, once more (seed 0) on the class labels (Table 7 measured); with `bert`, the BERT-conditioned pair
-    (frozen, learnable) from the first base model, on impressions. Returns the report's groups and the
-    configs to train."""
+    N ≥ 2, once more (seed 0) on the class labels (Table 7 measured); with `lora`, the LoRA models on
+    impressions only; with `bert`, the BERT-conditioned pair (frozen, learnable) from the first base model, on
+    impressions. Returns the report's groups and the configs to train."""
     runs: dict[str, list[Path]] = {}
     jobs = []
-    for (init, kind), name in run_names(inits).items():
-        variants = [(name, f"{init}-{kind}-seed{seed}", seed, "impression") for seed in range(trainings)]
-        if trainings > 1:
-            variants.append((f"{name} (labels)", f"{init}-{kind}-labels-seed0", 0, "labels"))
+    for (init, kind), name in run_names(inits, plan.lora_rank if lora else None).items():
+        text, _, lora_kind = kind.partition("-")
+        rank = plan.lora_rank if lora_kind else None
+        tag = f"{text}-lora{rank}" if rank else text
+        variants = [(name, f"{init}-{tag}-seed{seed}", seed, "impression") for seed in range(trainings)]
+        if trainings > 1 and not rank:
+            variants.append((f"{name} (labels)", f"{init}-{tag}-labels-seed0", 0, "labels"))
         for group, folder, seed, source in variants:
-            jobs.append(
-                _finetune_config(out / "runs" / folder, prepared, bases[init], kind == "frozen", plan, seed, source)
+            config = _finetune_config(
+                out / "runs" / folder, prepared, bases[init], text == "frozen", plan, seed, source
             )
+            jobs.append(dataclasses.replace(config, lora_rank=rank))
             runs.setdefault(group, []).append(out / "runs" / folder)
     if bert is not None:
         base = next(iter(bases.values()))

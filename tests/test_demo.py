@@ -109,11 +109,11 @@ def test_demo_refuses_another_steps_folder(tmp_path):
 def test_demo_text_encoders_plan_the_bert_pair_beside_clip(tmp_path):
     """`--text-encoders clip,bert`: the BERT pair (frozen, learnable) from the first base model, conditioned
     through `finetune --text-encoder`, beside the CLIP runs; an unknown encoder is refused before any work."""
-    from cxrdiff.demo import DemoPlan, _planned_runs, demo
+    from cxrdiff.demo import DemoPlan, demo, planned_runs
     from cxrdiff.errors import InputError
 
     bases = {"pretrained": tmp_path / "base-model-pretrained"}
-    runs, jobs = _planned_runs(tmp_path, tmp_path / "prepared", bases, ("pretrained",), 1, DemoPlan.quick(),
+    runs, jobs = planned_runs(tmp_path, tmp_path / "prepared", bases, ("pretrained",), 1, DemoPlan.quick(),
                                bert=tmp_path / "tiny-bert")  # fmt: skip
     assert list(runs) == ["Finetune_F", "Finetune_L", "Finetune_F (BERT)", "Finetune_L (BERT)"]
     by_out = {job.out.name: job for job in jobs}
@@ -125,3 +125,28 @@ def test_demo_text_encoders_plan_the_bert_pair_beside_clip(tmp_path):
     with pytest.raises(InputError, match="--text-encoders clip,gpt: expected some of clip, bert"):
         demo(tmp_path / "demo", quick=True, text_encoders=("clip", "gpt"))
     assert not (tmp_path / "demo").exists()
+
+
+def test_demo_lora_adds_lora_runs_and_leaves_the_default_plan_alone(tmp_path):
+    from cxrdiff.demo import DemoPlan, planned_runs
+
+    base = {"pretrained": tmp_path / "base"}
+    runs, jobs = planned_runs(tmp_path, tmp_path / "prepared", base, ("pretrained",), 2, DemoPlan.quick())
+    assert list(runs) == ["Finetune_F", "Finetune_L", "Finetune_F (labels)", "Finetune_L (labels)"]
+    assert all(job.lora_rank is None for job in jobs)
+    with_lora, lora_jobs = planned_runs(
+        tmp_path, tmp_path / "prepared", base, ("pretrained",), 2, DemoPlan.quick(), lora=True
+    )
+    assert lora_jobs[: len(jobs)] == jobs  # the full fine-tunes are the default demo's, untouched
+    assert list(with_lora) == [
+        "Finetune_F", "Finetune_L", "Finetune_F + LoRA r16", "Finetune_L + LoRA r16",
+        "Finetune_F (labels)", "Finetune_L (labels)",
+    ]  # fmt: skip
+    lora = [job for job in lora_jobs if job.lora_rank is not None]
+    assert [(j.out.name, j.frozen_text, j.lora_rank, j.seed) for j in lora] == [
+        ("pretrained-frozen-lora16-seed0", True, 16, 0),
+        ("pretrained-frozen-lora16-seed1", True, 16, 1),
+        ("pretrained-learnable-lora16-seed0", False, 16, 0),
+        ("pretrained-learnable-lora16-seed1", False, 16, 1),
+    ]
+    assert all(j.lr == DemoPlan.quick().lr and j.steps == DemoPlan.quick().finetune_steps for j in lora)

@@ -153,6 +153,27 @@ def test_a_labels_model_is_set_against_the_papers_table_7():
     assert "CNR 0.61 frozen vs 0.41 learnable" in " ".join(lines)  # the verdict sets the impression runs apart
 
 
+def test_a_lora_model_is_its_own_kind_and_a_third_point_beside_the_full_fine_tunes():
+    metrics = _metrics()
+    lora = _run(False, 0.52, 0.70, 10.5)
+    lora["setting"] = {"text_encoder": "learnable", "training": "LoRA r16", "prompt_source": "impression"}
+    metrics["runs"]["learnable + LoRA r16"] = lora
+    lines, table = page.headline(metrics)
+    # no published counterpart: the paper trained every weight
+    assert lines[2] == (
+        "**learnable + LoRA r16** (text encoder learnable + LoRA r16): CNR 0.52; AUC-ROC % 70.0; "
+        "FID_XRV 10.5 (no published counterpart)."
+    )
+    assert "CNR 0.61 frozen vs 0.41 learnable" in " ".join(lines)  # the verdict: the full fine-tunes only
+    assert lines[-1] == (
+        "LoRA, **learnable + LoRA r16**: CNR 0.52 (full frozen 0.61, full learnable 0.41); "
+        "FID_XRV 10.5 (frozen 12.0, learnable 9.0)."
+    )
+    assert table.rows[-1][:2] == ["learnable + LoRA r16", "this report (learnable + LoRA r16)"]
+    settings = next(t for t in page.settings_tables(metrics) if t.title == "Runs")
+    assert settings.rows[-1][2] == "learnable + LoRA r16"
+
+
 def test_headline_speaks_of_setting_groups_when_there_are_any():
     metrics = _metrics()
     metrics["groups"] = {

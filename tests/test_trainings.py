@@ -65,6 +65,40 @@ def test_labels_are_checked(tmp_path):
         group_runs(runs, names, labels=(f"F={tmp_path / 'a'}", f"F={tmp_path / 'c'}"))
 
 
+def _lora_run(folder, seed: int, rank: int, text_rank: int | None = None, **changes):
+    """A LoRA fine-tune's folder: the LoRA fields in its settings and its training mode in the manifest, as
+    finetune writes them."""
+    mode = {"kind": "lora", "rank": rank, "alpha": float(rank), "dropout": 0.0, "targets": ["to_q"],
+            "text_rank": text_rank, "text_alpha": None if text_rank is None else float(text_rank)}  # fmt: skip
+    settings = {**SETTINGS, **changes, "seed": seed, "lora_rank": rank, "text_lora_rank": text_rank}
+    config = {**settings, "steps": 100, "out": str(folder), "lora_rank": rank}
+    extra = {"settings": settings, "steps": 100, "training_mode": mode}
+    write_manifest(folder, "finetune", config=config, seed=seed, extra=extra)
+    return folder
+
+
+def test_lora_runs_are_their_own_groups_named_by_rank(tmp_path):
+    runs = [
+        _run(tmp_path / "f0", 0),
+        _lora_run(tmp_path / "r16a", 0, 16),
+        _run(tmp_path / "f1", 1),
+        _lora_run(tmp_path / "r16b", 1, 16),
+        _lora_run(tmp_path / "r4", 0, 4),
+        _lora_run(tmp_path / "l16", 0, 16, text_rank=16, frozen_text=False),
+        _lora_run(tmp_path / "l16t8", 0, 16, text_rank=8, frozen_text=False),
+    ]
+    grouped = group_runs(runs, [r.name for r in runs])
+    assert grouped == {
+        "frozen": ["f0", "f1"],  # full fine-tunes keep their name
+        "frozen + LoRA r16": ["r16a", "r16b"],
+        "frozen + LoRA r4": ["r4"],
+        "learnable + LoRA r16": ["l16"],
+        "learnable + LoRA r16, text r8": ["l16t8"],
+    }
+    named = group_runs(runs, [r.name for r in runs], labels=(f"Finetune_F + LoRA r16={tmp_path / 'r16b'}",))
+    assert named["Finetune_F + LoRA r16"] == ["r16a", "r16b"]
+
+
 DIVERSITY_PROTOCOL = {"scales": 3, "kernel_size": 11, "sigma": 1.5, "data_range": 255.0, "prompts": 2}
 
 

@@ -3,7 +3,8 @@
 Reads top-down: `entry` (the step: check, claim, load, resume, train, export) over `inputs` (every check
 before weights are read), `training` (what one process trains with), `loop` (the steps), `checkpoints`
 (resumable states, and a kept one exported as a model), `export` (the pipeline folder and manifest) and
-`validation`; `data` feeds the loop, `config` holds what the step is asked for.
+`validation`; `data` feeds the loop, `config` holds what the step is asked for, `lora` what trains (full or
+LoRA adapters: `TrainingMode`) and the adapters themselves.
 """
 
 from cxrdiff.finetune.checkpoints import CHECKPOINT_STEP, Checkpoints, checkpoint_identity, export_checkpoint
@@ -12,6 +13,7 @@ from cxrdiff.finetune.data import NO_FINDING, TrainData, TrainingText, check_pro
 from cxrdiff.finetune.entry import finetune, plan_batch, start_accelerator
 from cxrdiff.finetune.inputs import Inputs, batch_plan, check_inputs, check_prepared, run_settings
 from cxrdiff.finetune.loop import StopFlag, accumulate, optimizer_step
+from cxrdiff.finetune.lora import TrainingMode
 from cxrdiff.finetune.training import TrainingRun, load_run
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "StopFlag",
     "TrainData",
     "TrainingRun",
+    "TrainingMode",
     "TrainingText",
     "accumulate",
     "batch_plan",

@@ -22,6 +22,7 @@ from cxrdiff.artifacts import (
 from cxrdiff.config import to_dict
 from cxrdiff.errors import InputError
 from cxrdiff.finetune.config import CHECKPOINTS, STEP
+from cxrdiff.finetune.lora import TrainingMode, add_adapters, export_adapters
 from cxrdiff.finetune.training import TrainingRun
 
 
@@ -165,8 +166,8 @@ def export_checkpoint(run: str | os.PathLike, step: int, out: str | os.PathLike)
     """Write the kept checkpoint `step` of a finished run as a model folder (a `checkpoint` step folder):
     the run's VAE, tokenizer and scheduler with the checkpoint's UNet and text encoder, the UNet's EMA when
     the run exported EMA weights; so `sample` and `ground` read it as they read the run. The weights are
-    exactly those the run's own export would have written at that step. Returns at once when `out` holds
-    this checkpoint's export already."""
+    exactly those the run's own export would have written at that step (a LoRA run's: its adapters file, and
+    the adapters merged). Returns at once when `out` holds this checkpoint's export already."""
     from safetensors.torch import load_file
 
     from cxrdiff.models import load_components, save_components
@@ -184,14 +185,18 @@ def export_checkpoint(run: str | os.PathLike, step: int, out: str | os.PathLike)
     if folder.finished:
         return {"out": str(out), "step": step}
     comps = load_components(run)
+    mode = TrainingMode.of_manifest(manifest)
+    add_adapters(mode, comps.unet, comps.text_encoder)  # LoRA: the layers the run trained, so that its state loads
     state = load_file(path / "model.safetensors")
     comps.text_encoder.load_state_dict({k[13:]: v for k, v in state.items() if k.startswith("text_encoder.")})
     if comps.text_projection is not None:  # a text encoder of another width than the UNet's: its learned map
         comps.text_projection.load_state_dict({k[16:]: v for k, v in state.items() if k.startswith("text_projection.")})
-    if weights == "ema":
-        comps.unet.load_state_dict(load_file(path / "ema.safetensors"))
-    else:
-        comps.unet.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("unet.")})
+    comps.unet.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("unet.")})
+    if weights == "ema":  # what the EMA follows: every UNet weight, or a LoRA run's UNet adapters
+        unexpected = comps.unet.load_state_dict(load_file(path / "ema.safetensors"), strict=False).unexpected_keys
+        if unexpected:
+            raise InputError(f"{path / 'ema.safetensors'}: weights the run's UNet does not have ({unexpected[0]}, ...)")
+    comps.unet, comps.text_encoder = export_adapters(out, mode, comps.unet, comps.text_encoder)
     save_components(comps, out)
     files = [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and not p.name.startswith(".")]
     folder.finish(
@@ -199,6 +204,11 @@ def export_checkpoint(run: str | os.PathLike, step: int, out: str | os.PathLike)
         inputs={"run": run},
         seed=manifest.get("seed"),
         files=files,
-        extra={"steps": step, "text_encoder": manifest.get("text_encoder"), "weights": weights},
+        extra={
+            "steps": step,
+            "text_encoder": manifest.get("text_encoder"),
+            "weights": weights,
+            "training_mode": mode.record(manifest.get("training_mode", {}).get("text_targets", ())),
+        },
     )
     return {"out": str(out), "step": step}

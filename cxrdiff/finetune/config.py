@@ -67,7 +67,7 @@ class FinetuneConfig:
     gradient_checkpointing: bool = False
     checkpoint_every: Annotated[int, Range(ge=1)] = 500
     keep_checkpoints: Annotated[int, Range(ge=1)] = 2
-    ema: bool = False
+    ema: bool = False  # with LoRA: an EMA of the UNet's adapters (what trains)
     ema_decay: Annotated[float, Range(ge=0.0, le=1.0)] = 0.9999
     export_weights: Literal["raw", "ema"] = "raw"
     seed: Annotated[int, Range(ge=0)] = 0
@@ -79,6 +79,15 @@ class FinetuneConfig:
     validation_prompts: tuple[str, ...] = ()
     validate_every: Annotated[int, Range(ge=0)] = 0
     validation_steps: Annotated[int, Range(ge=1)] = 25
+    # LoRA (cxrdiff.finetune.lora): None trains every weight (the paper); R adds rank-R adapters and trains
+    # only them (the UNet's at `lora_targets`; with a learnable text encoder its attention projections too)
+    lora_rank: Annotated[int | None, Range(ge=1)] = None
+    # the adapters' scale is alpha / rank; default: the rank (scale 1)
+    lora_alpha: Annotated[float | None, Range(gt=0.0)] = None
+    lora_dropout: Annotated[float, Range(ge=0.0, lt=1.0)] = 0.0
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")  # the UNet's attention projections
+    # the text encoder's adapters (--learnable-text); default: lora_rank
+    text_lora_rank: Annotated[int | None, Range(ge=1)] = None
     # act as if preempted after this step (tests, SLURM drills)
     stop_after_step: Annotated[int | None, Range(ge=1)] = None
     # speed levers (cxrdiff.speed): same results up to float noise, so a resumed run may change them

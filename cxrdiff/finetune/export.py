@@ -15,6 +15,7 @@ from cxrdiff.artifacts import (
 )
 from cxrdiff.config import to_dict
 from cxrdiff.finetune.config import CHECKPOINTS
+from cxrdiff.finetune.lora import add_adapters, export_adapters, merged, text_targets, trainable
 from cxrdiff.finetune.training import TrainingRun
 from cxrdiff.models import Components
 from cxrdiff.text_encoders import fresh_like, label, new_projection, state_part, trained_parts
@@ -66,6 +67,8 @@ def export_run(run: TrainingRun, folder: StepFolder, last_loss: float) -> dict[s
         "prediction_type": run.comps.prediction_type,
         "latent_sampling": config.latent_sampling,
         "final_loss": last_loss,
+        "training_mode": run.mode.record(text_targets(run.comps.text_encoder) if run.mode.text_rank else ()),
+        "parameters": run.accelerator.unwrap_model(run.model).parameter_counts,
         "ucg_rule": {"eligible": "any caption", "p": config.ucg_caption}
         if run.data.captions
         else {"eligible": "samples whose only positive label is No Finding", "p": config.ucg_no_finding},
@@ -87,33 +90,42 @@ def export_run(run: TrainingRun, folder: StepFolder, last_loss: float) -> dict[s
 
 
 def write_pipeline(run: TrainingRun, state: dict[str, Any]) -> None:
-    """Base parts + trained UNet (+ text encoder if learnable); with --ema the other UNet beside it."""
+    """Base parts + trained UNet (+ text encoder if learnable); with --ema the other UNet beside it. LoRA: the
+    modules are rebuilt with their adapters, the adapters file written, and the merged weights saved."""
     from diffusers import UNet2DConditionModel
 
     from cxrdiff.models import save_components
 
-    comps, config, out = run.comps, run.config, run.out
+    comps, config, out, mode = run.comps, run.config, run.out, run.mode
+    unet_state = {k[5:]: v for k, v in state.items() if k.startswith("unet.")}
     unet = UNet2DConditionModel.from_config(comps.unet.config)
-    unet.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("unet.")})
+    add_adapters(mode, unet)  # LoRA: the layers the run trained, so that its state loads
+    unet.load_state_dict(unet_state)
     ema_unet = None
     if run.ema is not None:
         ema_unet = UNet2DConditionModel.from_config(comps.unet.config)
-        run.ema.copy_to(ema_unet.parameters())
+        add_adapters(mode, ema_unet)
+        ema_unet.load_state_dict(unet_state)  # what the EMA does not follow (LoRA: the base weights)
+        run.ema.copy_to([p for _, p in trainable(ema_unet)])
         if config.export_weights == "ema":
             unet, ema_unet = ema_unet, unet
     text = comps.text_encoder
     if not config.frozen_text:
         text = fresh_like(comps.text_encoder)
+        add_adapters(mode, text_encoder=text)
         text.load_state_dict(state_part(state, "text_encoder."))
+    tmp = out / ".pipeline"
+    shutil.rmtree(tmp, ignore_errors=True)  # what a killed export left
+    tmp.mkdir()
+    unet, text = export_adapters(tmp, mode, unet, text)  # LoRA: the adapters file, then the merged modules
     parts = Components(unet=unet, vae=comps.vae.to("cpu"), text_encoder=text, tokenizer=comps.tokenizer, scheduler=None)
     parts.use_text(
         dataclasses.replace(parts.text, projection=trained_projection(comps, state), record=comps.text_record)
     )
-    tmp = out / ".pipeline"
     save_components(parts, tmp, scheduler=comps.scheduler)
     if ema_unet is not None:
         other = "unet_raw" if config.export_weights == "ema" else "unet_ema"
-        ema_unet.save_pretrained(tmp / other, safe_serialization=True)
+        merged(ema_unet).save_pretrained(tmp / other, safe_serialization=True)
     for item in sorted(tmp.iterdir()):  # each part lands whole (rename); the manifest, last, marks completion
         target = out / item.name
         if target.is_dir():

@@ -20,6 +20,7 @@ from cxrdiff.errors import InputError
 from cxrdiff.finetune.checkpoints import Checkpoints
 from cxrdiff.finetune.config import DEFAULT_STEPS, STEP, FinetuneConfig
 from cxrdiff.finetune.data import check_prompt_source
+from cxrdiff.finetune.lora import LORA_FIELDS, TrainingMode, check_targets, check_values
 from cxrdiff.formats import data_format
 from cxrdiff.models import (
     check_model_folder,
@@ -104,12 +105,14 @@ def with_defaults(config: FinetuneConfig) -> FinetuneConfig:
     steps = config.steps if config.steps is not None else DEFAULT_STEPS[config.frozen_text]
     if config.export_weights == "ema" and not config.ema:
         raise InputError("--export-weights ema needs --ema")
+    check_values(config)
     return dataclasses.replace(config, steps=steps, text_lr=config.text_lr if config.text_lr is not None else config.lr)
 
 
 def run_settings(config: FinetuneConfig) -> dict[str, Any]:
     """What a run folder's settings key is made of: the config less its NOT_SETTINGS, with the data, the
-    base model and a prompt file by identity (a re-prepared data folder is another run)."""
+    base model and a prompt file by identity (a re-prepared data folder is another run), and the training mode's
+    settings (LoRA's rank, alpha, dropout and targets; nothing for full fine-tuning)."""
     source = config.prompt_source
     if source.startswith("file:"):
         source = f"file:{input_identity(source[5:])}"
@@ -118,7 +121,8 @@ def run_settings(config: FinetuneConfig) -> dict[str, Any]:
         identities["text_encoder"] = text_encoder_identity(config.text_encoder)
     mine = settings(config, prompt_source=source, **identities)
     unused = "ucg_no_finding" if data_format(config.data) == "coco" else "ucg_caption"  # the other data's UCG rule
-    return {k: v for k, v in mine.items() if k != unused}
+    mode = TrainingMode.of_config(config).settings()
+    return {k: v for k, v in mine.items() if k != unused and k not in LORA_FIELDS} | mode
 
 
 def text_encoder_identity(folder: Path) -> str:
@@ -149,6 +153,7 @@ def check_inputs(config: FinetuneConfig) -> Inputs:
         from cxrdiff.text_encoders import check_remote_code, find_source
 
         check_remote_code(find_source(config.text_encoder), config.trust_remote_code)
+    check_targets(TrainingMode.of_config(config), model_dir)
     if data_format(config.data) == "coco" and config.prompt_source != "impression":
         raise InputError(f"--prompt-source {config.prompt_source}: COCO data trains on its captions (impression)")
     folder = StepFolder.claim(config.out, STEP, run_settings(config), create=False)

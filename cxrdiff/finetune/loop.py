@@ -181,7 +181,7 @@ def optimizer_step(run: TrainingRun) -> Any:
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     if run.ema is not None:
-        run.ema.step(run.accelerator.unwrap_model(run.model).unet.parameters())
+        run.ema.step(run.ema_parameters())
     return grad_norm
 
 

@@ -11,9 +11,11 @@ from typing import Any
 
 import numpy as np
 
+from cxrdiff.console import log
 from cxrdiff.errors import InputError
 from cxrdiff.finetune.config import FinetuneConfig
 from cxrdiff.finetune.data import TrainData, TrainingText
+from cxrdiff.finetune.lora import TrainingMode, parameter_counts, set_trainable, trainable
 from cxrdiff.models import Components
 
 
@@ -30,6 +32,7 @@ def text_to_noise_class() -> type:
             super().__init__()
             self.unet, self.text_encoder, self.train_text = unet, text_encoder, train_text
             self.text_projection = text_projection  # trained with the UNet, frozen encoder or not
+            self.parameter_counts = parameter_counts(unet, text_encoder)  # before a wrapper may shard them
 
         def forward(self, noisy: Any, timesteps: Any, input_ids: Any, attention_mask: Any = None) -> Any:
             with contextlib.nullcontext() if self.train_text else torch.no_grad():
@@ -80,8 +83,16 @@ class TrainingRun:
     def device(self) -> Any:
         return self.accelerator.device
 
+    @property
+    def mode(self) -> TrainingMode:
+        return TrainingMode.of_config(self.config)
+
     def unet_names(self) -> list[str]:
-        return [n for n, _ in self.accelerator.unwrap_model(self.model).unet.named_parameters()]
+        """The names of the UNet parameters that train (all; with LoRA its adapters): what the EMA follows."""
+        return [n for n, _ in trainable(self.accelerator.unwrap_model(self.model).unet)]
+
+    def ema_parameters(self) -> list[Any]:
+        return [p for _, p in trainable(self.accelerator.unwrap_model(self.model).unet)]
 
 
 def load_run(config: FinetuneConfig, model_dir: Path, accelerator: Any, per_device: int, accum: int) -> TrainingRun:
@@ -126,16 +137,18 @@ def load_run(config: FinetuneConfig, model_dir: Path, accelerator: Any, per_devi
 
 
 def build_model(config: FinetuneConfig, comps: Components, accelerator: Any) -> tuple[Any, Any, Any, Any]:
-    """UNet and text encoder as one prepared module (the text encoder trained only when learnable),
-    AdamW at a constant learning rate as the paper, and the UNet's EMA with --ema."""
+    """UNet and text encoder as one prepared module (the text encoder trained only when learnable; with LoRA only
+    the adapters train), AdamW at a constant learning rate as the paper, and the UNet's EMA with --ema (of what
+    trains: with LoRA, the UNet's adapters)."""
     import torch
 
     from cxrdiff.speed import set_tf32, speed_up_unet
 
     set_tf32(config.tf32)
     unet, text_encoder = comps.unet, comps.text_encoder
-    unet.train().requires_grad_(True)
-    text_encoder.train(not config.frozen_text).requires_grad_(not config.frozen_text)
+    unet.train()
+    text_encoder.train(not config.frozen_text)
+    set_trainable(TrainingMode.of_config(config), unet, text_encoder, not config.frozen_text, config.seed)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if not config.frozen_text:
@@ -143,9 +156,11 @@ def build_model(config: FinetuneConfig, comps: Components, accelerator: Any) -> 
     speed_up_unet(unet, compile=config.compile, channels_last=config.channels_last)
     projection = comps.text_projection
     model = text_to_noise_class()(unet, text_encoder, train_text=not config.frozen_text, text_projection=projection)
-    groups = [{"params": list(unet.parameters()), "lr": config.lr}]
+    if accelerator.is_main_process:
+        log_parameters(model.parameter_counts)
+    groups = [{"params": [p for _, p in trainable(unet)], "lr": config.lr}]
     if not config.frozen_text:
-        groups.append({"params": list(text_encoder.parameters()), "lr": config.text_lr})
+        groups.append({"params": [p for _, p in trainable(text_encoder)], "lr": config.text_lr})
     if projection is not None:  # the width map learns with the UNet, at its rate (last group: logs read [1])
         groups.append({"params": list(projection.train().requires_grad_(True).parameters()), "lr": config.lr})
     optimizer = torch.optim.AdamW(
@@ -157,9 +172,16 @@ def build_model(config: FinetuneConfig, comps: Components, accelerator: Any) -> 
     if config.ema:
         from diffusers.training_utils import EMAModel
 
-        ema = EMAModel(accelerator.unwrap_model(model).unet.parameters(), decay=config.ema_decay)
+        ema = EMAModel([p for _, p in trainable(accelerator.unwrap_model(model).unet)], decay=config.ema_decay)
         ema.to(accelerator.device)
     return model, optimizer, lr_scheduler, ema
+
+
+def log_parameters(counts: dict[str, Any]) -> None:
+    unet, text = counts["unet"]["trainable"], counts["text_encoder"]["trainable"]
+    log.info(
+        f"trainable parameters: {counts['trainable']:,} of {counts['total']:,} (UNet {unet:,}, text encoder {text:,})"
+    )
 
 
 def seeded_generators(seed: int, rank: int, device: Any) -> tuple[Any, np.random.Generator]:

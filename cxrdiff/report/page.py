@@ -31,8 +31,8 @@ SECTIONS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
 )
 CAPTIONS = {
     "trade-off": "CNR (interpretability) against fidelity (lower is closer to real images): left the paper's three "
-    "models (Tables 1 and 4), right every run (small) and setting group (large, ± over trainings) of this report; "
-    "dotted lines mark the paper's average CNR of Finetune_F and Finetune_L.",
+    "models (Tables 1 and 4), right every run (small) and setting group (large, ± over trainings) of this report, "
+    "LoRA runs as triangles; dotted lines mark the paper's average CNR of Finetune_F and Finetune_L.",
     "grounding": "One overlay per class (columns) for each run (rows): the class words' cross-attention map over the "
     "image, MS-CXR boxes drawn.",
     "checkpoints": "Average CNR and fidelity of each run's kept checkpoints against training steps, frozen and "
@@ -47,8 +47,12 @@ CAPTIONS = {
 
 def _kind(entry: Mapping[str, Any], group: bool) -> str:
     """frozen / learnable / base model, from a group's setting or a run's training record (a group records
-    no text encoder only for base models)."""
-    encoder = (entry.get("setting") or {}).get("text_encoder")
+    no text encoder only for base models); a LoRA run is its own kind ('frozen + LoRA r16'), which the paper
+    has no counterpart of and the trade-off verdict does not take for the paper's models."""
+    setting = entry.get("setting") or {}
+    encoder = setting.get("text_encoder")
+    if encoder and setting.get("training") not in (None, "full"):
+        return f"{encoder} + {setting['training']}"
     if encoder:
         return str(encoder)
     frozen = (entry.get("training") or {}).get("frozen_text")
@@ -234,6 +238,28 @@ def side_line(side: Mapping[str, Any]) -> str:
     return f"{side['side'].capitalize()} (the paper: {claim}): **{side['verdict']}** ({numbers})."
 
 
+def lora_lines(
+    found: Sequence[Mapping[str, Any]], frozen: Mapping[str, Any], learnable: Mapping[str, Any]
+) -> list[str]:
+    """Where each LoRA model sits on the trade-off, beside the full fine-tunes (a third point: weights, and with a
+    learnable text encoder the text encoder, that may move only a little)."""
+    lines = []
+    for m in found:
+        if "LoRA" not in m["kind"]:
+            continue
+        cnr, f_cnr, l_cnr = m["cnr"][0], frozen["cnr"][0], learnable["cnr"][0]
+        text = f"LoRA, **{m['name']}**: CNR {_num(cnr)} (full frozen {_num(f_cnr)}, full learnable {_num(l_cnr)})"
+        fid, ff, lf = m.get("fidelity"), frozen.get("fidelity"), learnable.get("fidelity")
+        if (
+            all(f and f.get("value") is not None for f in (fid, ff, lf))
+            and len({fid["name"], ff["name"], lf["name"]}) == 1
+        ):
+            title = fid.get("title", fid["name"])
+            text += f"; {title} {fid['value']:.1f} (frozen {ff['value']:.1f}, learnable {lf['value']:.1f})"
+        lines.append(text + ".")
+    return lines
+
+
 def verdict_lines(metrics: Mapping[str, Any]) -> list[str]:
     """The trade-off's verdicts (metrics.json's `verdicts`): one block per base model when the runs were
     fine-tuned from several (e.g. the demo's pretrained and token-local text encoders)."""
@@ -258,6 +284,9 @@ def verdict_lines(metrics: Mapping[str, Any]) -> list[str]:
             f"**The trade-off (frozen: more interpretable, learnable: images closer to real) is {said}**: a half "
             "counts as reproduced or opposite only when its 95% interval excludes zero."
         )
+        by_name = {m["name"]: m for m in models(metrics)}
+        if v["frozen"] in by_name and v["learnable"] in by_name:
+            lines += lora_lines(list(by_name.values()), by_name[v["frozen"]], by_name[v["learnable"]])
     return lines
 
 
@@ -308,7 +337,7 @@ def settings_tables(metrics: Mapping[str, Any]) -> list[Table]:
             [
                 name,
                 str(r.get("kind", "—")),
-                encoder,
+                encoder + (f" + {s['training']}" if s.get("training") not in (None, "full") else ""),  # LoRA
                 s.get("encoder") or ("CLIP (base model's)" if frozen is not None else "—"),
                 str(s.get("trained") or "—"),
                 str(s.get("prompt_source") or "—"),

@@ -505,8 +505,9 @@ def _eos_table(metrics: Mapping[str, Any]) -> Table | None:
     for g, v in groups.items():
         eos = v.get("eos") or {}
         encoder = (v.get("setting") or {}).get("text_encoder")
-        impressions = (v.get("setting") or {}).get("prompt_source") == "impression"  # the paper's models
-        paper = published.get(encoder or "") if impressions else None
+        setting = v.get("setting") or {}  # the paper's models: every weight trained, on impressions
+        paper_model = setting.get("prompt_source") == "impression" and setting.get("training", "full") == "full"
+        paper = published.get(encoder or "") if paper_model else None
         rows.append(
             [
                 _group_label(g, v),
@@ -557,7 +558,8 @@ def tradeoff_figure(metrics: Mapping[str, Any]) -> bytes:
         if cnr is None or fid_entry is None:
             continue
         ylabel = Score.from_dict(fid_entry).title
-        right.scatter(cnr, fid_entry["value"], s=18, alpha=0.7)
+        lora = (r.get("setting") or {}).get("training") not in (None, "full")  # LoRA runs: triangles
+        right.scatter(cnr, fid_entry["value"], s=18, alpha=0.7, marker="^" if lora else "o")
         right.annotate(n, (cnr, fid_entry["value"]), xytext=(4, 4), **_LABEL)
     for g, v in (metrics.get("groups") or {}).items():
         if v.get("trainings", 0) < 2:  # a group of one training is its run, drawn above
@@ -566,9 +568,9 @@ def tradeoff_figure(metrics: Mapping[str, Any]) -> bytes:
         first = next(iter((v.get("fidelity") or {}).values()), None)
         if cnr.get("mean") is None or first is None or first.get("mean") is None:
             continue
-        right.errorbar(
-            cnr["mean"], first["mean"], xerr=cnr.get("std") or 0, yerr=first.get("std") or 0, fmt="o", ms=9, capsize=3
-        )
+        lora = (v.get("setting") or {}).get("training") not in (None, "full")
+        right.errorbar(cnr["mean"], first["mean"], xerr=cnr.get("std") or 0, yerr=first.get("std") or 0,
+                       fmt="^" if lora else "o", ms=9, capsize=3)  # fmt: skip
         right.annotate(f"{g} (mean)", (cnr["mean"], first["mean"]), xytext=(4, -12), fontweight="bold", **_LABEL)
     for m, style in (("Finetune_F", ":"), ("Finetune_L", "-.")):
         x = PUBLISHED_LOCALIZATION[m]["Average"][2]

@@ -63,16 +63,18 @@ def run_setting(run: Path) -> dict[str, Any]:
 
 def run_summary(run: Path) -> dict[str, Any]:
     """A run's setting in words for the report: text encoder frozen or learnable, which encoder (`encoder`: the
-    name of one given to `finetune --text-encoder`, None for the base model's own CLIP), what was trained, text
-    source, steps, seed (null: a base model)."""
+    name of one given to `finetune --text-encoder`, None for the base model's own CLIP), what was trained
+    (`trained`: the parts; `training`: `full` or e.g. `LoRA r16`, the manifest's training mode), text source,
+    steps, seed (null: a base model)."""
+    from cxrdiff.finetune.lora import TrainingMode
     from cxrdiff.text_encoders import read_record, trained_parts
 
     run = Path(run)
     record = read_record(run)
     encoder = None if record is None else record.name
     if not (run / MANIFEST).is_file():
-        return {"text_encoder": None, "encoder": encoder, "trained": None, "prompt_source": None, "steps": None,
-                "seed": None, "base_model": None}  # fmt: skip
+        return {"text_encoder": None, "encoder": encoder, "trained": None, "training": None, "prompt_source": None,
+                "steps": None, "seed": None, "base_model": None}  # fmt: skip
     manifest = read_manifest(run)
     config = manifest.get("config", {})
     frozen = config.get("frozen_text")
@@ -83,6 +85,7 @@ def run_summary(run: Path) -> dict[str, Any]:
         "text_encoder": None if frozen is None else ("frozen" if frozen else "learnable"),
         "encoder": encoder,
         "trained": trained,
+        "training": TrainingMode.of_manifest(manifest).label() or "full",
         "prompt_source": config.get("prompt_source", "impression"),
         "steps": manifest.get("steps", config.get("steps")),
         "seed": config.get("seed", manifest.get("seed")),
@@ -135,11 +138,12 @@ def group_runs(runs: Sequence[Path], names: Sequence[str], labels: Sequence[str]
 
 def _default_names(summaries: Sequence[Mapping[str, Any]], taken: set[str]) -> list[str]:
     """Names in words: 'frozen' / 'learnable' / 'base model' (with the text encoder's name when it is not the
-    base model's own), then the text source, then the steps, and a number last, each added only where the
-    shorter names would clash."""
+    base model's own, and what trained when not every weight: 'frozen + LoRA r16'), then the text source, then
+    the steps, and a number last, each added only where the shorter names would clash."""
 
     def words(s: Mapping[str, Any], depth: int) -> str:
-        parts = [s["text_encoder"] or "base model"]
+        lora = s.get("training") not in (None, "full") and s["text_encoder"]
+        parts = [f"{s['text_encoder']} + {s['training']}" if lora else s["text_encoder"] or "base model"]
         if s.get("encoder"):
             parts[0] = f"{s['encoder']}, {parts[0]}"
         if depth >= 1 and s["prompt_source"] not in (None, "impression"):

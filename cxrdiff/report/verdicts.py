@@ -81,7 +81,10 @@ def compared_models(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
         members = list(entry.get("runs", [name])) if groups else [name]
         first = runs.get(members[0], {})
         setting = entry.get("setting") or first.get("setting") or {}
-        found.append({"name": name, "kind": _kind(entry) or _kind(first), "base": setting.get("base_model"),
+        kind = _kind(entry) or _kind(first)
+        if setting.get("training") not in (None, "full"):  # LoRA: a third point, not one of the paper's two models
+            kind = f"{kind} + {setting['training']}"
+        found.append({"name": name, "kind": kind, "base": setting.get("base_model"),
                       "encoder": setting.get("encoder"), "source": setting.get("prompt_source"),
                       "runs": members})  # fmt: skip
     return found
