@@ -99,6 +99,8 @@ def with_defaults(config: FinetuneConfig) -> FinetuneConfig:
         raise InputError(f"--ucg-no-finding {config.ucg_no_finding}: must be a probability in [0, 1]")
     if not 0.0 <= config.ucg_caption <= 1.0:
         raise InputError(f"--ucg-caption {config.ucg_caption}: must be a probability in [0, 1]")
+    if config.deid_markers not in ("keep", "strip"):
+        raise InputError(f"--deid-markers {config.deid_markers!r}: expected keep or strip")
     if config.export_weights == "ema" and not config.ema:
         raise InputError("--export-weights ema needs --ema")
     if config.snr_gamma is not None and not config.snr_gamma > 0:
@@ -108,14 +110,17 @@ def with_defaults(config: FinetuneConfig) -> FinetuneConfig:
 
 def run_settings(config: FinetuneConfig) -> dict[str, Any]:
     """What a run folder's settings key is made of: the config less its NOT_SETTINGS, with the data, the
-    base model and a prompt file by identity (a re-prepared data folder is another run)."""
+    base model and a prompt file by identity (a re-prepared data folder is another run); `deid_markers` only
+    when it is not the default "keep"."""
     source = config.prompt_source
     if source.startswith("file:"):
         source = f"file:{input_identity(source[5:])}"
     identities = {"data": input_identity(config.data), "base_model": input_identity(config.base_model)}
     mine = settings(config, prompt_source=source, **identities)
-    unused = "ucg_no_finding" if data_format(config.data) == "coco" else "ucg_caption"  # the other data's UCG rule
-    return {k: v for k, v in mine.items() if k != unused}
+    unused = {"ucg_no_finding" if data_format(config.data) == "coco" else "ucg_caption"}  # the other data's UCG rule
+    if mine.get("deid_markers", "keep") == "keep":  # the default joins no key: run folders from before keep theirs
+        unused.add("deid_markers")
+    return {k: v for k, v in mine.items() if k not in unused}
 
 
 @dataclasses.dataclass(frozen=True)

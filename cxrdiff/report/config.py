@@ -53,3 +53,22 @@ class ReportConfig:
     batch_size: int = 8
     device: str = "cpu"  # for the fidelity feature networks
     workers: int = 1  # runs measured side by side on a multi-core CPU (one process each; ignored with CUDA)
+    # Today's benchmarks (report/benchmark.py, docs/method.md "Feature networks"): FD, KID and precision / recall /
+    # density / coverage on each feature network, overall and per class. Networks: inception, xrv, classifier,
+    # hf:DIR or hf:NAME=DIR (a local Hugging Face vision model, e.g. RadDino); () = those the FDs above use.
+    features: tuple[str, ...] = ()
+    min_class_images: int = 25  # per class: measured when both sides have at least this many images (>= 2)
+    kid_subsets: int = 100  # torch-fidelity's default (>= 1)
+    kid_subset_size: int = 1000  # torch-fidelity's default, clipped to the smaller set (>= 2)
+    prdc_k: int = 5  # neighbourhood of precision / recall / density / coverage (CheXGenBench: 5; >= 1)
+    # Privacy (report/privacy.py, docs/method.md "Privacy"): each generated image's nearest training image, a copy
+    # rate calibrated on the held-out test images, the closest pairs, Dutt et al.'s memorization score per prompt.
+    no_privacy: bool = False
+    privacy_features: str = ""  # the network for the nearest-training search; "" = the first of `features`
+    privacy_max_train: int | None = None  # training images searched (a seeded sample; None = all; >= 1)
+    privacy_quantile: float = 0.95  # copy threshold: this quantile of held-out test similarities, in (0, 1)
+    privacy_pixels: int = 64  # pixel correlation at this size (8 to 512)
+    privacy_pairs: int = 6  # closest pairs shown per run and measure (1 to 50)
+    memorization_prompts: int = 16  # training prompts scored, and as many held-out ones (0: off; <= 1000)
+    memorization_noise: int = 4  # noise draws per prompt (Dutt et al.: 4; 1 to 64)
+    memorization_steps: int = 50  # DDIM steps the score averages over (1 to 1000)

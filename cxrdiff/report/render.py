@@ -19,7 +19,9 @@ from cxrdiff.artifacts import write_bytes, write_json, write_text
 from cxrdiff.data import MS_CXR_CATEGORIES
 from cxrdiff.metrics.score import UNTRAINED_LABEL, Score
 from cxrdiff.report import page
+from cxrdiff.report.benchmark import benchmark_tables
 from cxrdiff.report.document import Page, Table, html, markdown
+from cxrdiff.report.privacy import privacy_figures, privacy_tables
 from cxrdiff.report.published import (
     CLASSIFIER_ORDER,
     PAPER,
@@ -71,6 +73,8 @@ def tables(metrics: Mapping[str, Any]) -> list[Table]:
         _fidelity_table(runs),
         _fidelity_sources_table(metrics),
         _classifier_table(metrics),
+        *benchmark_tables(metrics),
+        *privacy_tables(metrics),
         _word_table(runs),
         _eos_table(metrics),
         _text_source_table(),
@@ -580,6 +584,7 @@ def render(metrics: Mapping[str, Any], out: str | os.PathLike) -> list[Path]:
         "checkpoints": (checkpoint_figure(metrics), page.CAPTIONS["checkpoints"]),
         "grounding": (grounding_figure(metrics), page.CAPTIONS["grounding"]),
     }
+    made.update(privacy_figures(metrics))
     figures = {name: fig for name, fig in made.items() if fig is not None and fig[0] is not None}
     write_json(out / "metrics.json", metrics)
     for name, (png, _) in figures.items():
