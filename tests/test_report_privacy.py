@@ -162,7 +162,23 @@ class PooledPixels:
 
 
 @pytest.fixture(scope="module")
-def reported(prepared, tiny_model, tmp_path_factory):
+def tiny_dino(tmp_path_factory):
+    """A randomly initialised one-layer DINOv2 folder with its image processor (RadDino's kind, no download)."""
+    import torch
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    folder = tmp_path_factory.mktemp("hf") / "dinov2"
+    torch.manual_seed(0)
+    config = Dinov2Config(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=28, patch_size=14
+    )
+    Dinov2Model(config).save_pretrained(folder)
+    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reported(prepared, tiny_model, tiny_dino, tmp_path_factory):
     root = tmp_path_factory.mktemp("report-privacy")
     copier = shutil.copytree(tiny_model, root / "copier")
     calls: list[str] = []
@@ -175,6 +191,7 @@ def reported(prepared, tiny_model, tmp_path_factory):
         n_fid=N_TEST,
         diversity_prompts=2,
         table4_p19_only=True,
+        features=("classifier", f"hf:RadDino={tiny_dino}"),
         min_class_images=5,
         kid_subsets=20,
         privacy_pixels=16,
@@ -232,8 +249,11 @@ def test_benchmark_numbers_are_the_metrics_on_the_features(reported, prepared):
     from cxrdiff.metrics.fid import feature_statistics, frechet_distance
 
     bench = reported["metrics"]["runs"]["tiny"]["benchmark"]
-    (network,) = bench["networks"]
-    assert network["network"] == "pooled pixels features"
+    network, raddino = bench["networks"]
+    assert network["network"] == "pooled pixels features" and raddino["network"] == "RadDino"
+    assert {s["name"] for s in raddino["scores"]} == {
+        f"{m} (RadDino)" for m in ("FD", "KID", "precision", "recall", "density", "coverage")
+    }  # the network named in every metric; FID and KID are Inception's alone
     scores = {s["name"]: s for s in network["scores"]}
     assert set(scores) == {
         f"{m} (pooled pixels features)" for m in ("FD", "KID", "precision", "recall", "density", "coverage")
@@ -257,6 +277,7 @@ def test_benchmark_numbers_are_the_metrics_on_the_features(reported, prepared):
     # per class: Edema and No Finding have 15 images on each side (>= 5); other classes none
     per_class = bench["per_class"]
     assert per_class["Edema"]["n_real"] == per_class["Edema"]["n_generated"] == 15
+    assert [n["network"] for n in per_class["Edema"]["networks"]] == ["pooled pixels features", "RadDino"]
     edema = {s["name"]: s["value"] for s in per_class["Edema"]["networks"][0]["scores"]}
     odd = [i for i in range(N_TEST) if i % 2]
     fd_edema = frechet_distance(feature_statistics(real[odd]), feature_statistics(fake[odd]))
@@ -277,6 +298,7 @@ def test_report_shows_the_tables_and_the_pairs(reported):
     assert "### Fidelity on feature networks" in fidelity and "| SD V2 | published, CheXGenBench" in fidelity
     assert "194.72" in fidelity and "FD (RadDino)" in fidelity
     assert "### Fidelity per class on feature networks" in fidelity and "| tiny | Edema | 15 / 15 |" in fidelity
+    assert "| tiny | this report | RadDino |" in fidelity and "| copier | Edema | 15 / 15 | RadDino |" in fidelity
     figure = Image.open(out / "privacy-pairs.png")
     assert figure.size[0] > 400 and figure.size[1] > 200  # 2 runs × 2 measures of 3 pairs
     assert "data:image/png;base64," in (out / "report.html").read_text()
@@ -295,3 +317,114 @@ def test_rerun_reuses_and_a_privacy_option_remeasures_only_privacy(reported):
     assert metrics["runs"]["copier"]["privacy"]["copy_rate"]["quantile"] == 0.9
     cache = sorted(p.name.split("-")[0] for p in (reported["out"] / ".features_cache").iterdir())
     assert cache.count("pixels") == 4  # training, held-out and two runs' generated images, read once each
+
+
+def test_bad_options_are_refused_before_the_report_folder_is_claimed(prepared, tiny_model, tmp_path):
+    from cxrdiff.errors import InputError
+
+    base = dict(runs=(tiny_model,), out=tmp_path / "report", real=prepared, fid=False, fid_xrv=False)
+    cases = [
+        ({"min_class_images": 1}, "--min-class-images 1: must be at least 2"),
+        ({"privacy_pixels": 4}, "--privacy-pixels 4: must be from 8 to 512"),
+        ({"memorization_noise": 0}, "--memorization-noise 0: must be from 1 to 64"),
+        ({"privacy_quantile": 1.0}, r"--privacy-quantile 1.0: must be in \(0, 1\)"),
+        ({"features": ("resnet",)}, "--features 'resnet': expected inception, xrv, classifier, hf:DIR or hf:NAME=DIR"),
+        ({"features": (f"hf:{tmp_path / 'nowhere'}",)}, "nowhere: no such local model folder"),
+        ({"features": (f"hf:RadDino={tmp_path}",)}, "not a Hugging Face model folder"),
+        ({"features": ("classifier",)}, "--features classifier: the report has no classifier with features"),
+        ({"privacy_features": "xrv"}, "torchxrayvision densenet121-res224-all weights"),
+    ]
+    for options, message in cases:
+        with pytest.raises(InputError, match=message) as error:
+            report(ReportConfig(**base, **options), steps=stub_steps([]))
+        assert "\n" not in str(error.value)
+    assert not (tmp_path / "report").exists()
+
+
+def test_default_networks_are_the_frechet_distances_own(tiny_model):
+    from cxrdiff.report.features import feature_specs, parse_spec, privacy_spec
+
+    assert [s.text for s in feature_specs(ReportConfig())] == ["inception", "xrv"]
+    assert [s.text for s in feature_specs(ReportConfig(fid=False), PooledPixels())] == ["xrv", "classifier"]
+    assert feature_specs(ReportConfig(fid=False, fid_xrv=False)) == []
+    assert privacy_spec(ReportConfig(fid=False, privacy_features="classifier")).kind == "classifier"
+    spec = parse_spec("hf:RadDino=/models/rad-dino")
+    assert (spec.kind, spec.name, str(spec.folder)) == ("hf", "RadDino", "/models/rad-dino")
+    assert parse_spec("hf:/models/a=b/rad-dino").folder.name == "rad-dino"  # '=' inside a path is no name
+
+
+def test_nearest_in_blocks_is_the_search_over_the_whole_set(monkeypatch):
+    import cxrdiff.report.privacy as P
+    from cxrdiff.metrics.privacy import nearest_training, pixel_correlation
+
+    monkeypatch.setattr(P, "TRAIN_CHUNK", 7)
+    rng = np.random.default_rng(3)
+    train, queries = rng.normal(size=(30, 5)), rng.normal(size=(9, 5))
+    queries[4] = train[23]
+    blocks, whole = P.nearest_in_blocks(queries, train, False), nearest_training(queries, train)
+    np.testing.assert_array_equal(blocks.index, whole.index)
+    np.testing.assert_allclose(blocks.similarity, whole.similarity)
+    assert blocks.index[4] == 23
+    images, gen = rng.uniform(0, 255, (30, 6, 6)), rng.uniform(0, 255, (5, 6, 6))
+    np.testing.assert_array_equal(P.nearest_in_blocks(gen, images, True).index, pixel_correlation(gen, images).index)
+
+
+def test_word_shares_and_the_words_that_carry_the_score(tokenizer):
+    from cxrdiff.report.privacy import word_attribution, word_shares
+
+    mass = np.zeros(77)
+    mass[0] = 5.0  # the start token: left out
+    mass[1], mass[2], mass[3], mass[4], mass[5] = 1.0, 2.0, 1.0, 0.5, 0.5  # mild | ___ , | ede ma
+    shares = word_shares(tokenizer, "mild ___, edema", mass)
+    assert shares == [("___", pytest.approx(0.6)), ("mild", pytest.approx(0.2)), ("edema", pytest.approx(0.2))]
+    scored = [
+        {"prompt": "a", "score": 3.0, "words": [["___", 0.5], ["edema", 0.5]]},
+        {"prompt": "b", "score": 1.0, "words": [["___", 1.0]]},
+    ]
+    # ___: 3 · 0.5 + 1 · 1.0 = 2.5 of the summed 4.0; edema: 1.5 of 4.0
+    assert word_attribution(scored) == [
+        {"word": "___", "share": 0.625, "prompts": 2},
+        {"word": "edema", "share": 0.375, "prompts": 1},
+    ]
+
+
+def test_copy_rate_over_checkpoints(reported, prepared):
+    from cxrdiff.artifacts import write_manifest
+    from cxrdiff.report.privacy import copy_rates_over_training, over_training_figure, privacy_tables
+
+    config = ReportConfig(**reported["config"])
+    name = "copier"
+    entry = reported["metrics"]["runs"][name]
+    train = pd.read_parquet(prepared / "train-00000.parquet")
+    samples = reported["out"] / "runs" / name / "checkpoints" / "step-0000002" / "samples"
+    samples.mkdir(parents=True)
+    files = []
+    for i in range(12):  # an early checkpoint: a third of its images are copies
+        grey = texture(9000 + i, (SIZE, SIZE))
+        if i % 3 == 0:
+            source = Image.open(train["image_path"][i]).convert("L")
+            grey = np.asarray(source.resize((SIZE, SIZE), Image.BILINEAR))
+        Image.fromarray(grey).save(samples / f"{i:06d}.png")
+        files.append(f"{i:06d}.png")
+    pd.DataFrame({"file": files, "prompt": ["p"] * 12}).to_parquet(samples / "samples.parquet")
+    write_manifest(samples, "sample")
+    cell = {"cnr": {"mean": 0.4}}
+    points = [
+        {"step": 2, "source": "checkpoint", "grounding": cell, "fidelity": None},
+        {"step": 4, "source": "the run's final model", "grounding": cell, "fidelity": None},
+        {"step": 3, "source": "checkpoint", "grounding": cell, "fidelity": None},  # its samples are missing
+    ]
+    done: list[str] = []
+    copy_rates_over_training(config, name, entry, points, prepared, PooledPixels(), done)
+    assert done == ["privacy 2"]
+    assert points[0]["copy_rate_pixels"]["copies"] == 4 and points[0]["copy_rate_pixels"]["n"] == 12
+    assert points[1]["copy_rate"] == entry["privacy"]["copy_rate"]  # the final point is the run's own
+    assert "copy_rate" not in points[2]
+    copy_rates_over_training(config, name, entry, points, prepared, PooledPixels(), done)
+    assert done == ["privacy 2"]  # cached beside the checkpoint's samples
+    metrics = {"runs": {name: {**entry, "checkpoints": points[:2]}}}
+    (over,) = [t for t in privacy_tables(metrics) if t.title.startswith("Privacy over training")]
+    assert over.rows[0][:4] == ["copier", "2", "33.3 [13.8, 60.9]", "33.3 [13.8, 60.9]"]
+    assert over.rows[1][0] == "copier (final model)" and over.rows[1][2].startswith("100.0")
+    png, caption = over_training_figure(metrics)
+    assert png.startswith(b"\x89PNG") and "Wilson" in caption

@@ -594,10 +594,14 @@ def _png(fig: Any) -> bytes:
     return buffer.getvalue()
 
 
-def _grey(path: str) -> np.ndarray | None:
-    from cxrdiff.images import load_grayscale
+def _grey(path: str, size: int | None = None) -> np.ndarray | None:
+    """The image, in the square frame of `size` px when given (a training image as it was compared)."""
+    from cxrdiff.images import load_grayscale, resize_center_crop
 
-    return load_grayscale(path) if Path(path).is_file() else None
+    if not Path(path).is_file():
+        return None
+    grey = load_grayscale(path)
+    return grey if size is None or grey.shape == (size, size) else resize_center_crop(grey, size)
 
 
 def pairs_figure(metrics: Mapping[str, Any]) -> tuple[bytes, str] | None:
@@ -628,7 +632,8 @@ def pairs_figure(metrics: Mapping[str, Any]) -> tuple[bytes, str] | None:
                     ax.axis("off")
                     continue
                 pair = pairs[j]
-                grey = _grey(pair[key])
+                generated = _grey(pair["generated"])
+                grey = generated if side == 0 else _grey(pair[key], None if generated is None else generated.shape[0])
                 if grey is not None:
                     ax.imshow(grey, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
                 colour = "red" if pair["copy"] else "black"
@@ -643,11 +648,12 @@ def pairs_figure(metrics: Mapping[str, Any]) -> tuple[bytes, str] | None:
                         loc="left",
                     )
                 else:
-                    ax.set_title("training", fontsize=6, color="grey", loc="right")
+                    ax.set_title("nearest training", fontsize=6, color="grey", loc="right")
         axes[i][0].set_ylabel(label, fontsize=6, rotation=0, ha="right", va="center")
     caption = (
-        "The closest pairs of each run: generated image | its nearest training image, most similar first, per measure "
-        "(features: cosine; pixels: Pearson correlation); red and marked 'copy' above the calibrated threshold."
+        "The closest pairs of each run: generated image | its nearest training image (in the frame it was compared "
+        "in), most similar first, per measure (features: cosine; pixels: Pearson correlation); red and marked 'copy' "
+        "above the calibrated threshold."
     )
     return _png(fig), caption
 
