@@ -428,3 +428,15 @@ def test_copy_rate_over_checkpoints(reported, prepared):
     assert over.rows[1][0] == "copier (final model)" and over.rows[1][2].startswith("100.0")
     png, caption = over_training_figure(metrics)
     assert png.startswith(b"\x89PNG") and "Wilson" in caption
+
+
+def test_privacy_is_skipped_with_its_reason_when_it_cannot_be_calibrated(prepared, tmp_path):
+    from cxrdiff.report.privacy import measure_privacy_once, privacy_unavailable
+
+    assert privacy_unavailable(ReportConfig(), prepared) is None  # 30 held-out images calibrate 0.95 (19 needed)
+    strict = ReportConfig(out=tmp_path, privacy_quantile=0.99)
+    reason = "30 held-out test images cannot calibrate --privacy-quantile 0.99 (it needs 99 or more)"
+    done: list[str] = []
+    assert measure_privacy_once(strict, prepared, tmp_path, prepared, prepared, None, done) == {"skipped": reason}
+    assert privacy_unavailable(ReportConfig(), prepared / "images") == "the prepared folder has no train shards"
+    assert done == [] and not (tmp_path / "privacy.json").exists()

@@ -23,7 +23,14 @@ from cxrdiff.artifacts import input_identity, settings_key
 from cxrdiff.metrics.score import Score
 from cxrdiff.report.config import ReportConfig
 from cxrdiff.report.document import Table
-from cxrdiff.report.features import CACHE, FeatureNetwork, cached_features, feature_specs, load_network
+from cxrdiff.report.features import (
+    CACHE,
+    FeatureNetwork,
+    cached_features,
+    feature_specs,
+    load_network,
+    spec_identity,
+)
 from cxrdiff.report.measure import classifier_key, label_groups
 from cxrdiff.report.steps import cached, identity, image_path, image_size, read_table
 
@@ -38,7 +45,7 @@ DIGITS = {"FD": 1, "KID": 4, "precision": 3, "recall": 3, "density": 3, "coverag
 
 def benchmark_settings(config: ReportConfig, classifier: Any = None) -> dict[str, Any]:
     """What decides the benchmark's numbers besides the folders measured."""
-    networks = [s.text for s in feature_specs(config, classifier)]
+    networks = [spec_identity(s) for s in feature_specs(config, classifier)]
     keys = ("n_fid", "min_class_images", "kid_subsets", "kid_subset_size", "prdc_k", "classifier_positives", "seed")
     return {"networks": networks, **{k: getattr(config, k) for k in keys}}
 

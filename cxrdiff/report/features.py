@@ -90,6 +90,12 @@ def privacy_spec(config: ReportConfig, classifier: Any = None) -> NetworkSpec | 
     return specs[0] if specs else None
 
 
+def spec_identity(spec: NetworkSpec) -> str:
+    """What a network contributes to a cache key before it is loaded: its spec, and for a Hugging Face folder
+    its contents (the weights of inception / xrv and the classifier join the keys on their own)."""
+    return f"{spec.text}@{folder_digest(spec.folder)}" if spec.kind == "hf" and spec.folder else spec.text
+
+
 def check_spec(spec: NetworkSpec, config: ReportConfig, classifier: Any, option: str) -> None:
     """Refuse a network that cannot load, before any step runs (weights are not read)."""
     from cxrdiff.metrics.fid import default_inception_path, default_xrv_path, resolve_weights
@@ -154,7 +160,8 @@ def weights_digest(path: Path) -> str:
     return _FILE_DIGESTS[key]
 
 
-def _folder_digest(folder: Path) -> str:
+def folder_digest(folder: Path) -> str:
+    """A model folder's contents by file name and sha256 (each file hashed once per process)."""
     digest = hashlib.sha256()
     for file in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
         digest.update(file.relative_to(folder).as_posix().encode() + b"\0" + weights_digest(file).encode())
@@ -219,7 +226,7 @@ def load_network(spec: NetworkSpec, config: ReportConfig, classifier: Any = None
 
         model = HfVisionFeatures(spec.folder, device=config.device)
         name = spec.name or model.name
-        identity = f"hf:{_folder_digest(Path(spec.folder))}"
+        identity = f"hf:{folder_digest(Path(spec.folder))}"
         return FeatureNetwork(spec, name, identity, protocol=model.protocol, model=model, device=config.device)
     from torch_fidelity.utils import create_feature_extractor
 

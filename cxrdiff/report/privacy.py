@@ -34,7 +34,14 @@ from cxrdiff.console import log
 from cxrdiff.metrics.privacy import Nearest, copy_rate, copy_threshold, nearest_training, pixel_correlation
 from cxrdiff.report.config import ReportConfig
 from cxrdiff.report.document import Table
-from cxrdiff.report.features import CACHE, cached_features, cached_pixels, load_network, privacy_spec
+from cxrdiff.report.features import (
+    CACHE,
+    cached_features,
+    cached_pixels,
+    load_network,
+    privacy_spec,
+    spec_identity,
+)
 from cxrdiff.report.measure import classifier_key
 from cxrdiff.report.steps import cached, identity, image_path, image_size, read_table
 
@@ -49,7 +56,7 @@ def privacy_settings(config: ReportConfig, classifier: Any = None) -> dict[str, 
     keys = ("privacy_max_train", "privacy_quantile", "privacy_pixels", "privacy_pairs", "seed", "guidance")
     keys += ("memorization_prompts", "memorization_noise", "memorization_steps", "random_features")
     return {
-        "network": None if spec is None else spec.text,
+        "network": None if spec is None else spec_identity(spec),
         "classifier": classifier_key(config, classifier),
         "weights": {"inception": identity(config.inception_weights), "xrv": identity(config.xrv_weights)},
         **{k: getattr(config, k) for k in keys},
@@ -68,6 +75,24 @@ def missing_training_images(real: Path) -> str | None:
         return "the prepared folder has no train shards"
     if "image_path" not in pq.read_schema(shards[0]).names:
         return "the train shards record no image_path (prepared by an older cxrdiff)"
+    return None
+
+
+def privacy_unavailable(config: ReportConfig, real: Path) -> str | None:
+    """Why the privacy measures cannot run on this prepared folder (no training images, or too few held-out
+    images to calibrate the copy threshold), or None."""
+    import math
+
+    import pyarrow.parquet as pq
+
+    reason = missing_training_images(real)
+    if reason is not None:
+        return reason
+    held_out = pq.read_metadata(Path(real) / "test.parquet").num_rows
+    q = config.privacy_quantile
+    need = math.ceil(q / (1 - q))
+    if held_out < need:
+        return f"{held_out} held-out test images cannot calibrate --privacy-quantile {q:g} (it needs {need} or more)"
     return None
 
 
@@ -171,7 +196,7 @@ def measure_privacy(
 ) -> dict[str, Any]:
     """The privacy entry of one sample folder: copy rates (features, pixels), the closest pairs and, when
     `model` is given and --memorization-prompts > 0, the memorization score."""
-    reason = missing_training_images(real)
+    reason = privacy_unavailable(config, real)
     if reason is not None:
         return {"skipped": reason}
     table = read_table(samples / "samples.parquet")
@@ -237,10 +262,11 @@ def measure_privacy_once(
     config: ReportConfig, run: Path, folder: Path, samples: Path, real: Path, classifier: Any, done: list[str]
 ) -> dict[str, Any]:
     """`measure_privacy` of a run's p19 samples, cached in `folder/privacy.json`; "privacy" joins `done` when
-    measured now. Nothing is measured (and the reason is returned) with --no-privacy or without training images."""
+    measured now. Nothing is measured (and the reason is returned) with --no-privacy, without training images or
+    with too few held-out images for the threshold."""
     if config.no_privacy:
         return {"skipped": "--no-privacy"}
-    reason = missing_training_images(real)
+    reason = privacy_unavailable(config, real)
     if reason is not None:
         log.info("report: no privacy measures: %s", reason)
         return {"skipped": reason}
