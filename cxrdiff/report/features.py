@@ -102,10 +102,13 @@ def check_spec(spec: NetworkSpec, config: ReportConfig, classifier: Any, option:
 
     if spec.kind == "classifier" and not has_features(classifier):
         raise InputError(f"{option} classifier: the report has no classifier with features (give one in the API)")
-    if spec.kind == "inception" and not (config.random_features and not default_inception_path().is_file()):
-        resolve_weights(config.inception_weights, "inception")
-    if spec.kind == "xrv" and not (config.random_features and not default_xrv_path().is_file()):
-        resolve_weights(config.xrv_weights, "xrv")
+    for kind, given, default in (
+        ("inception", config.inception_weights, default_inception_path()),
+        ("xrv", config.xrv_weights, default_xrv_path()),
+    ):
+        untrained = config.random_features and given is None and not default.is_file()  # as `load_network` decides
+        if spec.kind == kind and not untrained:
+            resolve_weights(given, kind)
     if spec.kind == "hf":
         folder = spec.folder
         if folder is None or not folder.is_dir():
