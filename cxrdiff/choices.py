@@ -29,6 +29,8 @@ TextInit = Literal["pretrained", "token-local", "both"]  # `cxrdiff demo --text-
 PhantomKind = Literal["mimic", "coco"]  # `cxrdiff phantom --kind`: a MIMIC-CXR-shaped tree or a COCO-layout set
 DataFormat = Literal["mimic", "coco"]  # `cxrdiff prepare --format`
 DicomContrast = Literal["mimic-jpg", "window"]  # mimic-jpg: MIMIC-CXR-JPG's own conversion; window: the file's window
+# finetune: MIMIC's de-identification markers ("___") in the training text: kept (as the paper trained) or stripped
+DeidMarkers = Literal["keep", "strip"]
 
 
 def enum(name: str, choices: object) -> type[StrEnum]:

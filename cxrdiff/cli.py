@@ -174,6 +174,7 @@ PublishedTextEncoder = choices.enum("PublishedTextEncoder", choices.PublishedTex
 TextInit = choices.enum("TextInit", choices.TextInit)
 PhantomKind = choices.enum("PhantomKind", choices.PhantomKind)
 DataFormat = choices.enum("DataFormat", choices.DataFormat)
+DeidMarkers = choices.enum("DeidMarkers", choices.DeidMarkers)
 
 
 @app.command()
@@ -327,6 +328,10 @@ def finetune(
     text_lora_rank: Annotated[
         int | None, typer.Option(help="With --learnable-text: the text encoder's LoRA rank; default: --lora-rank.")
     ] = None,
+    deid_markers: Annotated[
+        DeidMarkers | None,
+        typer.Option(help='MIMIC\'s "___" de-identification markers in the training text: keep (paper) or strip.'),
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Fine-tune the UNet (and, with --learnable-text, the text encoder) on prepared latents; with --lora-rank,
@@ -459,6 +464,38 @@ def report(
     workers: Annotated[
         int | None, typer.Option(help="Runs measured side by side on a multi-core CPU (one process each).")
     ] = None,
+    features: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Feature network for FD, KID, precision/recall/density/coverage: inception, xrv, classifier, hf:DIR "
+            "or hf:NAME=DIR (a local Hugging Face model, e.g. RadDino; CLS token). Repeatable; default: the FDs' own."
+        ),
+    ] = None,
+    min_class_images: Annotated[
+        int | None, typer.Option(help="Per-class metrics where real and generated images each number this many.")
+    ] = None,
+    kid_subsets: Annotated[int | None, typer.Option(help="KID: random subsets averaged.")] = None,
+    kid_subset_size: Annotated[int | None, typer.Option(help="KID: images per subset (clipped to the sets).")] = None,
+    prdc_k: Annotated[int | None, typer.Option(help="Precision/recall/density/coverage neighbourhood k.")] = None,
+    no_privacy: Annotated[
+        bool | None, typer.Option("--no-privacy", help="Skip the privacy section (nearest training images).")
+    ] = None,
+    privacy_features: Annotated[
+        str | None, typer.Option(help="Network of the nearest-training search (a --features value; default: first).")
+    ] = None,
+    privacy_max_train: Annotated[
+        int | None, typer.Option(help="Search a seeded sample of N training images (default: all).")
+    ] = None,
+    privacy_quantile: Annotated[
+        float | None, typer.Option(help="Copy threshold: this quantile of held-out test images' similarities.")
+    ] = None,
+    privacy_pixels: Annotated[int | None, typer.Option(help="Pixel correlation at this image size.")] = None,
+    privacy_pairs: Annotated[int | None, typer.Option(help="Closest pairs shown per run and measure.")] = None,
+    memorization_prompts: Annotated[
+        int | None, typer.Option(help="Memorization score: training prompts (and as many held-out; 0: off).")
+    ] = None,
+    memorization_noise: Annotated[int | None, typer.Option(help="Memorization score: noise draws per prompt.")] = None,
+    memorization_steps: Annotated[int | None, typer.Option(help="Memorization score: DDIM steps averaged.")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Measure both sides of the trade-off and write report.md / report.html / metrics.json."""

@@ -463,6 +463,13 @@ def _report(out: Path, runs: dict[str, list[Path]], prepared: Path, classifier: 
         checkpoints=any(len(group) > 1 for group in runs.values()),
         table4_p19_only=all(len(group) == 1 for group in runs.values()),
         workers=cpu_cores(),  # side by side on a multi-core CPU, as the fine-tunes
+        # today's benchmarks and the privacy section on the phantom classifier's features and the pixels, kept to
+        # seconds: classes of 10 images or more, the memorization score on 4 prompts, one noise draw, few steps
+        min_class_images=10,
+        privacy_pairs=4,
+        memorization_prompts=4,
+        memorization_noise=1,
+        memorization_steps=plan.sample_steps,
     )
     return report(config, classifier=classifier)
 

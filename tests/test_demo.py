@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 
 
@@ -23,6 +24,7 @@ def test_quick_demo_runs_the_whole_chain_and_reruns_nothing(tmp_path):
 
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     assert len(metrics["runs"]) == 6
+    held_out = len(pd.read_parquet(out / "prepared" / "test.parquet"))  # every p19 row calibrates the copy rate
     for name, run in metrics["runs"].items():
         assert run["training"]["frozen_text"] is name.startswith("Finetune_F")
         average = run["grounding"]["average"]
@@ -35,6 +37,13 @@ def test_quick_demo_runs_the_whole_chain_and_reruns_nothing(tmp_path):
         assert 0 < run["diversity"]["value"] <= 100 and 0 < run["diversity_ms_cxr"]["value"] <= 100
         assert run["fidelity_ms_cxr"][0]["name"] == fidelity["name"]
         assert [p["step"] for p in run["checkpoints"]] == [30, 60]  # the curve over training
+        # today's benchmarks and the privacy section, on the phantom classifier's features
+        assert run["benchmark"]["networks"][0]["network"] == "phantom classifier features"
+        copies = run["privacy"]["copy_rate"]
+        assert copies["measure"] == "cosine on phantom classifier features" and 0 <= copies["rate"] <= 1
+        assert run["privacy"]["copy_rate_pixels"]["held_out_images"] == held_out and run["privacy"]["pairs"]["pixels"]
+        assert run["privacy"]["memorization"]["training"]["n"] == 4
+        assert all(p["copy_rate"]["n"] == held_out for p in run["checkpoints"])  # the privacy side of the curve
     groups = metrics["groups"]
     assert set(groups) == {"Finetune_F", "Finetune_L", "Finetune_F (labels)", "Finetune_L (labels)"}
     for name in ("Finetune_F", "Finetune_L"):
@@ -56,6 +65,9 @@ def test_quick_demo_runs_the_whole_chain_and_reruns_nothing(tmp_path):
     table_7 = text.split("### CNR by training text (Table 7, measured)")[1].split("###")[0]
     rows = {line.split(" | ")[0].strip("| "): line for line in table_7.splitlines() if line.startswith("| ")}
     assert "(Finetune_F (2 trainings)" in rows["impressions"] and "(Finetune_L (labels)" in rows["class labels"]
+    privacy = text.split("## Privacy: does the model copy its training images?")[1].split("\n## ")[0]
+    assert "![privacy-pairs](privacy-pairs.png)" in privacy and "### Privacy over training" in privacy
+    assert "### Fidelity on feature networks" in text and (out / "report" / "privacy-pairs.png").is_file()
     eos = text.split("### EOS token vs class words")[1].split("###")[0]
     assert "| Finetune_F (2 trainings) | frozen |" in eos and "| 0.72 |" in eos
 

@@ -331,7 +331,8 @@ def test_rerun_recomputes_nothing_then_what_changed(tmp_path, tiny_model):
     assert calls.sample == ["samples", "diversity", "samples-ms-cxr", "diversity-ms-cxr"]
     assert calls.ground == ["ground"]
     assert (
-        first["recomputed"]["tiny"] == "samples,diversity,ground,metrics,samples-ms-cxr,diversity-ms-cxr,metrics-ms-cxr"
+        first["recomputed"]["tiny"]
+        == "samples,diversity,ground,metrics,benchmark,samples-ms-cxr,diversity-ms-cxr,metrics-ms-cxr"
     )
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
     run = metrics["runs"]["tiny"]
@@ -362,7 +363,7 @@ def test_rerun_recomputes_nothing_then_what_changed(tmp_path, tiny_model):
     changed = report(ReportConfig(**base, ground_steps=25), classifier=Brightness(), steps=steps)
     assert (
         changed["recomputed"]["tiny"]
-        == "samples,diversity,ground,metrics,samples-ms-cxr,diversity-ms-cxr,metrics-ms-cxr"
+        == "samples,diversity,ground,metrics,benchmark,samples-ms-cxr,diversity-ms-cxr,metrics-ms-cxr"
     )
 
 

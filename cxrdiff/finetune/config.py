@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
+from cxrdiff.choices import DeidMarkers
 from cxrdiff.config import Range
 
 STEP = "finetune"
@@ -95,3 +96,6 @@ class FinetuneConfig:
     fused_adamw: bool = False  # fused AdamW kernel (GPUs)
     tf32: bool = False  # TF32 matmuls and convolutions (NVIDIA GPUs)
     channels_last: bool = False  # NHWC memory format for the UNet
+    # "___" (MIMIC's de-identification marker) in the training text: keep (the paper's; then not part of the
+    # settings key, so earlier run folders keep theirs) or strip it and the spaces around it (its effect measured)
+    deid_markers: DeidMarkers = "keep"

@@ -3,6 +3,7 @@ and the text of each row with the unconditional-guidance rule (`TrainingText`)."
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -14,15 +15,37 @@ from cxrdiff.data import LABELS
 from cxrdiff.errors import InputError
 
 NO_FINDING = "No Finding"
+DEID_MARKER = re.compile(r"[ \t]*(?:_{3,}[ \t]*)+")  # MIMIC's de-identification placeholders "___", their spaces
+BEFORE_PUNCTUATION = re.compile(r"[ \t]*(?:_{3,}[ \t]*)+(?=[,.;:!?)]|$)")
+
+
+def strip_deid_markers(text: str) -> str:
+    """The text without MIMIC's "___" markers: a marker before punctuation or at the end goes with its spaces
+    ("Compared to ___." → "Compared to."), one between words leaves one space ("Dr. ___ was" → "Dr. was"); a text
+    left without a letter or digit ("___." → ".") is the empty prompt."""
+    stripped = DEID_MARKER.sub(" ", BEFORE_PUNCTUATION.sub("", text)).strip()
+    return stripped if any(c.isalnum() for c in stripped) else ""
 
 
 class TrainingText:
     """The training text of each row (impression, class names, or a random alternative per class),
     with the unconditional-guidance rule: samples whose only positive label is No Finding get "".
-    COCO rows (`any_row`) hold every caption of their image: one is drawn per step, and any row may get ""."""
+    COCO rows (`any_row`) hold every caption of their image: one is drawn per step, and any row may get "".
+    `deid_markers="strip"` removes MIMIC's "___" markers from every text (`strip_deid_markers`)."""
 
-    def __init__(self, source: str, impressions: Sequence[Any], labels: np.ndarray, ucg: float, any_row=False):
+    def __init__(
+        self,
+        source: str,
+        impressions: Sequence[Any],
+        labels: np.ndarray,
+        ucg: float,
+        any_row=False,
+        deid_markers: str = "keep",
+    ):
+        if deid_markers not in ("keep", "strip"):
+            raise InputError(f"--deid-markers {deid_markers!r}: expected keep or strip")
         self.source, self.impressions, self.ucg = source, impressions, ucg
+        self.strip = deid_markers == "strip"
         self.positive = labels == 1.0  # (rows, 14); NaN, 0 and -1 (uncertain) are not positive
         nf = LABELS.index(NO_FINDING)
         self.no_finding_only = self.positive[:, nf] & (self.positive.sum(axis=1) == 1)  # (rows,)
@@ -30,6 +53,11 @@ class TrainingText:
         self.alternatives = check_prompt_source(source)
 
     def text(self, row: int, rng: np.random.Generator) -> str:
+        text = self.drawn(row, rng)
+        return strip_deid_markers(text) if self.strip else text
+
+    def drawn(self, row: int, rng: np.random.Generator) -> str:
+        """The row's text as the source gives it (markers kept)."""
         if self.source == "impression":
             value = self.impressions[row]
             if isinstance(value, list | tuple):  # COCO: every caption of the image, one drawn per step

@@ -103,6 +103,8 @@ def with_defaults(config: FinetuneConfig) -> FinetuneConfig:
         raise InputError("choose --frozen-text (Finetune_F) or --learnable-text (Finetune_L)")
     check_ranges(config)
     steps = config.steps if config.steps is not None else DEFAULT_STEPS[config.frozen_text]
+    if config.deid_markers not in ("keep", "strip"):
+        raise InputError(f"--deid-markers {config.deid_markers!r}: expected keep or strip")
     if config.export_weights == "ema" and not config.ema:
         raise InputError("--export-weights ema needs --ema")
     check_values(config)
@@ -111,8 +113,9 @@ def with_defaults(config: FinetuneConfig) -> FinetuneConfig:
 
 def run_settings(config: FinetuneConfig) -> dict[str, Any]:
     """What a run folder's settings key is made of: the config less its NOT_SETTINGS, with the data, the
-    base model and a prompt file by identity (a re-prepared data folder is another run), and the training mode's
-    settings (LoRA's rank, alpha, dropout and targets; nothing for full fine-tuning)."""
+    base model and a prompt file by identity (a re-prepared data folder is another run), the training mode's
+    settings (LoRA's rank, alpha, dropout and targets; nothing for full fine-tuning), and `deid_markers` only
+    when it is not the default "keep"."""
     source = config.prompt_source
     if source.startswith("file:"):
         source = f"file:{input_identity(source[5:])}"
@@ -120,9 +123,11 @@ def run_settings(config: FinetuneConfig) -> dict[str, Any]:
     if config.text_encoder is not None:  # absent otherwise, so that runs on the base model's encoder keep their key
         identities["text_encoder"] = text_encoder_identity(config.text_encoder)
     mine = settings(config, prompt_source=source, **identities)
-    unused = "ucg_no_finding" if data_format(config.data) == "coco" else "ucg_caption"  # the other data's UCG rule
+    unused = {"ucg_no_finding" if data_format(config.data) == "coco" else "ucg_caption"}  # the other data's UCG rule
+    if mine.get("deid_markers", "keep") == "keep":  # the default joins no key: run folders from before keep theirs
+        unused.add("deid_markers")
     mode = TrainingMode.of_config(config).settings()
-    return {k: v for k, v in mine.items() if k != unused and k not in LORA_FIELDS} | mode
+    return {k: v for k, v in mine.items() if k not in unused and k not in LORA_FIELDS} | mode
 
 
 def text_encoder_identity(folder: Path) -> str:

@@ -111,7 +111,14 @@ def load_run(config: FinetuneConfig, model_dir: Path, accelerator: Any, per_devi
     with_logvar = config.latent_sampling == "sample"
     data = TrainData(Path(config.data), comps.latent_shape, config.seed, rank, world, with_logvar=with_logvar)
     ucg = config.ucg_caption if data.captions else config.ucg_no_finding
-    text = TrainingText(config.prompt_source, data.impressions, data.labels, ucg, any_row=data.captions)
+    text = TrainingText(
+        config.prompt_source,
+        data.impressions,
+        data.labels,
+        ucg,
+        any_row=data.captions,
+        deid_markers=config.deid_markers,
+    )
     model, optimizer, lr_scheduler, ema = build_model(config, comps, accelerator)
     noise_scheduler = DDPMScheduler.from_config(comps.scheduler.config)
     prediction = noise_scheduler.config.prediction_type

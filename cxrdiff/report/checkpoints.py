@@ -20,6 +20,7 @@ from cxrdiff.artifacts import MANIFEST, OtherSettings, input_identity, read_mani
 from cxrdiff.console import log
 from cxrdiff.errors import InputError
 from cxrdiff.report.config import ReportConfig, Steps
+from cxrdiff.report.privacy import copy_rates_over_training
 from cxrdiff.report.steps import (
     cached,
     grounding_only,
@@ -68,6 +69,7 @@ def checkpoint_curve(
         points.append(_checkpoint_point(config, run, step, folder, real, steps, classifier, metric, done))
     if not points:
         log.info("report: %s keeps no checkpoints; no curve over training", name)
+    copy_rates_over_training(config, name, entry, points, real, classifier, done)  # the privacy side of the front
     entry["checkpoints"] = points
     return ",".join(done) or "nothing"
 

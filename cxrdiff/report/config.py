@@ -63,6 +63,31 @@ class ReportConfig:
     # runs measured side by side on a multi-core CPU (one process each; ignored with CUDA)
     workers: Annotated[int, Range(ge=1)] = 1
 
+    # Today's benchmarks (report/benchmark.py, docs/method.md "Feature networks"): FD, KID and precision / recall /
+    # density / coverage on each feature network, overall and per class. Networks: inception, xrv, classifier,
+    # hf:DIR or hf:NAME=DIR (a local Hugging Face vision model, e.g. RadDino); () = those the FDs above use.
+    features: tuple[str, ...] = ()
+    # per class: measured when both sides have at least this many images
+    min_class_images: Annotated[int, Range(ge=2)] = 25
+    kid_subsets: Annotated[int, Range(ge=1)] = 100  # torch-fidelity's default
+    kid_subset_size: Annotated[int, Range(ge=2)] = 1000  # torch-fidelity's default, clipped to the smaller set
+    # neighbourhood of precision / recall / density / coverage (CheXGenBench: 5)
+    prdc_k: Annotated[int, Range(ge=1)] = 5
+    # Privacy (report/privacy.py, docs/method.md "Privacy"): each generated image's nearest training image, a copy
+    # rate calibrated on the held-out test images, the closest pairs, Dutt et al.'s memorization score per prompt.
+    no_privacy: bool = False
+    privacy_features: str = ""  # the network for the nearest-training search; "" = the first of `features`
+    # training images searched (a seeded sample; None = all)
+    privacy_max_train: Annotated[int | None, Range(ge=1)] = None
+    # copy threshold: this quantile of held-out test similarities
+    privacy_quantile: Annotated[float, Range(gt=0.0, lt=1.0)] = 0.95
+    privacy_pixels: Annotated[int, Range(ge=8, le=512)] = 64  # pixel correlation at this size
+    privacy_pairs: Annotated[int, Range(ge=1, le=50)] = 6  # closest pairs shown per run and measure
+    # training prompts scored, and as many held-out ones (0: off)
+    memorization_prompts: Annotated[int, Range(ge=0, le=1000)] = 16
+    memorization_noise: Annotated[int, Range(ge=1, le=64)] = 4  # noise draws per prompt (Dutt et al.: 4)
+    memorization_steps: Annotated[int, Range(ge=1, le=1000)] = 50  # DDIM steps the score averages over
+
 
 def check_name(name: str, where: str) -> str:
     """A run or group name becomes a folder (`runs/<name>/`): a plain name only, never a path."""

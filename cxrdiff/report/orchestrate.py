@@ -28,8 +28,10 @@ from cxrdiff.artifacts import (
 )
 from cxrdiff.config import check_ranges, settings, to_dict
 from cxrdiff.errors import InputError
+from cxrdiff.report.benchmark import measure_benchmark_once
 from cxrdiff.report.checkpoints import checkpoint_curve
 from cxrdiff.report.config import STEP, ReportConfig, Steps
+from cxrdiff.report.features import check_options
 from cxrdiff.report.measure import (
     classifier_key,
     load_classifier,
@@ -38,6 +40,7 @@ from cxrdiff.report.measure import (
     measured_once,
     metric_settings,
 )
+from cxrdiff.report.privacy import measure_privacy_once
 from cxrdiff.report.render import render
 from cxrdiff.report.steps import (
     cached,
@@ -88,6 +91,7 @@ def check_inputs(config: ReportConfig, classifier: Any = None) -> Checked:
             resolve_weights(config.inception_weights, "inception")
         if config.fid_xrv:
             resolve_weights(config.xrv_weights, "xrv")
+    check_options(config, classifier)  # today's benchmarks and privacy: ranges and feature networks
     real = real_folder(config)
     names = run_names(config)
     groups = group_runs(config.runs, names, config.label)
@@ -139,6 +143,8 @@ def _report_run(
         measured, fresh = measured_once(config, folder / "metrics.json", metric, samples, diversity, real, classifier)
         if fresh:
             done.append("metrics")
+        measured["benchmark"] = measure_benchmark_once(config, folder, samples, real, classifier, done)
+        measured["privacy"] = measure_privacy_once(config, run, folder, samples, real, classifier, done)
         if not config.table4_p19_only:
             ms_cxr, ms_done = measure_ms_cxr(config, run, folder, real, steps, classifier, metric)
             measured.update(ms_cxr)

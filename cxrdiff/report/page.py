@@ -25,6 +25,7 @@ SECTIONS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
     ("Localization on MS-CXR (Tables 1 and 3)", ("cnr-by-class", "grounding"), ("Localization", "CNR against")),
     ("Text encoders", ("text-encoders",), ("By text encoder",)),
     ("Fidelity and diversity (Tables 4 and 5)", (), ("Fidelity", "Classifier")),
+    ("Privacy: does the model copy its training images?", ("privacy-pairs", "privacy-over-training"), ("Privacy",)),
     ("Over training (checkpoints)", ("checkpoints",), ("Over training",)),
     ("Words (Table 6) and the end-of-text token", (), ("Word analysis", "EOS")),
     ("Training text (Table 7)", (), ("CNR by training text",)),

@@ -20,8 +20,10 @@ from cxrdiff.data import MS_CXR_CATEGORIES
 from cxrdiff.metrics.intervals import MIN_POSITIVES, classifier_auc_cell
 from cxrdiff.metrics.score import UNTRAINED_LABEL, Score
 from cxrdiff.report import page
+from cxrdiff.report.benchmark import benchmark_tables
 from cxrdiff.report.document import Page, Table, html, markdown
 from cxrdiff.report.page import interval_text
+from cxrdiff.report.privacy import privacy_figures, privacy_tables
 from cxrdiff.report.published import (
     CLASSIFIER_ORDER,
     COMPUTED_CELLS,
@@ -76,6 +78,8 @@ def tables(metrics: Mapping[str, Any]) -> list[Table]:
         _fidelity_table(runs),
         _fidelity_sources_table(metrics),
         _classifier_table(metrics),
+        *benchmark_tables(metrics),
+        *privacy_tables(metrics),
         _word_table(runs),
         _eos_table(metrics),
         _text_source_table(),
@@ -717,6 +721,7 @@ def render(metrics: Mapping[str, Any], out: str | os.PathLike) -> list[Path]:
         "grounding": (grounding_figure(metrics), page.CAPTIONS["grounding"]),
         "text-encoders": (text_encoder_figure(metrics), page.CAPTIONS["text-encoders"]),
     }
+    made.update(privacy_figures(metrics))
     figures = {name: fig for name, fig in made.items() if fig is not None and fig[0] is not None}
     write_json(out / "metrics.json", metrics)
     for name, (png, _) in figures.items():
