@@ -21,7 +21,6 @@ ClassifierPositives = Literal["only", "any"]  # only: d is the image's only labe
 # measured them) or also sampled and scored for fidelity
 OtherSources = Literal["grounding", "full"]
 Frame = Literal["prepared", "original"]
-GroundDtype = Literal["auto", "float32", "bfloat16", "float16"]
 PredictionType = Literal["epsilon", "v_prediction"]
 PublishedModel = Literal["sd2-base", "sd2-768", "sd15"]  # `cxrdiff model random --like`
 PublishedTextEncoder = Literal["bert-base"]  # `cxrdiff model random --text-encoder-like`

@@ -389,7 +389,9 @@ def ground(
     mode: Annotated[GroundMode | None, typer.Option(help="noise (paper) or invert (DDIM inversion).")] = None,
     guidance: Annotated[float | None, typer.Option(help="Guidance scale (1 = conditional only).")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
-    runs: Annotated[int | None, typer.Option(help="Repeat with this many seeds; mean ± std.")] = None,
+    noise_seeds: Annotated[
+        int | None, typer.Option(help="Repeat the grounding with this many noise seeds; mean ± std over them.")
+    ] = None,
     cnr: Annotated[CnrKind | None, typer.Option(help="signed (paper) or abs (BioViL).")] = None,
     boxes: Annotated[
         BoxMode | None, typer.Option(help="union (an image's boxes of the class, paper), per-box, or per-phrase.")

@@ -24,7 +24,7 @@ from typing import Annotated, Any, ClassVar
 import numpy as np
 
 from cxrdiff.artifacts import MANIFEST, StepFolder, atomic_path, input_identity, read_manifest, write_json
-from cxrdiff.choices import BoxMode, CnrKind, Frame, GroundDtype, GroundMode, LatentSampling
+from cxrdiff.choices import BoxMode, CnrKind, Frame, GroundMode, LatentSampling, SamplePrecision
 from cxrdiff.config import Range, check_ranges, settings, to_dict
 from cxrdiff.console import log, progress
 from cxrdiff.errors import InputError, RunError
@@ -65,7 +65,7 @@ class GroundConfig:
     mode: GroundMode = "noise"
     guidance: Annotated[float, Range(ge=1.0)] = 1.0
     seed: Annotated[int, Range(ge=0)] = 0
-    runs: Annotated[int, Range(ge=1)] = 1
+    noise_seeds: Annotated[int, Range(ge=1)] = 1  # the grounding repeated with seeds seed..seed+N-1; mean ± std
     cnr: CnrKind = "signed"
     boxes: BoxMode = "union"  # union: all boxes of the image and class; per-phrase: the phrase's; per-box: each
     frame: Frame = "prepared"
@@ -75,7 +75,7 @@ class GroundConfig:
     # Table 6: words occurring more than this many times in a class's phrases
     min_word_count: Annotated[int, Range(ge=0)] = 25
     overlays: bool = True
-    dtype: GroundDtype = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    precision: SamplePrecision = "auto"  # as sample's: auto = bf16 on CUDA, fp32 (no) on CPU
     compile: bool = False  # speed levers (cxrdiff.speed): torch.compile the UNet,
     tf32: bool = False  # TF32 matmuls (NVIDIA GPUs),
     channels_last: bool = False  # NHWC UNet
@@ -83,7 +83,7 @@ class GroundConfig:
 
 
 @dataclasses.dataclass
-class Sample:
+class GroundingInput:
     """One image + phrase (+ boxes for one category) to ground."""
 
     sample: str
@@ -159,13 +159,13 @@ def data_manifest(data: Path) -> dict[str, Any]:
     return read_manifest(folder, "prepare")
 
 
-def load_samples(config: GroundConfig) -> list[Sample]:
+def load_samples(config: GroundConfig) -> list[GroundingInput]:
     """The samples to ground: rows of ms_cxr.parquet (checked) or the single image."""
     if config.image is not None:
         from cxrdiff.images import load_grayscale
 
         load_grayscale(config.image)  # unreadable → InputError now, not after loading weights
-        return [Sample(sample="000000", phrase=str(config.prompt), latent=None, image_path=str(config.image))]
+        return [GroundingInput(sample="000000", phrase=str(config.prompt), latent=None, image_path=str(config.image))]
     import pyarrow.parquet as pq
 
     path = Path(config.data)
@@ -193,7 +193,7 @@ def load_samples(config: GroundConfig) -> list[Sample]:
         shape = tuple(int(s) for s in row["latent_shape"])
         shapes.add(shape)
         samples.append(
-            Sample(
+            GroundingInput(
                 sample=f"{i:06d}",
                 phrase=str(row["label_text"]),
                 latent=latent_from_bytes(row["latent_mean"], shape),
@@ -215,7 +215,7 @@ def load_samples(config: GroundConfig) -> list[Sample]:
 COCO_COLUMNS = ("image_id", "category_name", "caption", "word", "mask_rle", "latent_mean", "latent_shape")
 
 
-def _coco_samples(table: Any, config: GroundConfig, path: Path) -> list[Sample]:
+def _coco_samples(table: Any, config: GroundConfig, path: Path) -> list[GroundingInput]:
     """Rows of a `prepare --format coco` coco_test.parquet: the caption, its matched word and the category's
     mask (COCO RLE, prepared frame). Masks exist only in the prepared frame and are one region per row."""
     from cxrdiff.coco import decode_rle
@@ -236,7 +236,7 @@ def _coco_samples(table: Any, config: GroundConfig, path: Path) -> list[Sample]:
     for i, row in enumerate(rows):
         shape = tuple(int(v) for v in row["latent_shape"])
         samples.append(
-            Sample(
+            GroundingInput(
                 sample=f"{i:06d}",
                 phrase=str(row["caption"]),
                 latent=latent_from_bytes(row["latent_mean"], shape),
@@ -255,7 +255,7 @@ def _coco_samples(table: Any, config: GroundConfig, path: Path) -> list[Sample]:
     return samples
 
 
-def _union_boxes(samples: list[Sample]) -> list[Sample]:
+def _union_boxes(samples: list[GroundingInput]) -> list[GroundingInput]:
     """`--boxes union`: every phrase of an image and class is scored against all of that pair's boxes (the
     paper's segmentation protocol), not only its own phrase's (`per-phrase`, the phrase-grounding one)."""
     boxes: dict[tuple[str, str], list[list[float]]] = {}
@@ -273,7 +273,7 @@ def _union_boxes(samples: list[Sample]) -> list[Sample]:
 # --- tokens -----------------------------------------------------------------------------------
 
 
-def choose_tokens(tokenizer: Any, sample: Sample, words: tuple[str, ...] | None) -> tuple[list[int], str]:
+def choose_tokens(tokenizer: Any, sample: GroundingInput, words: tuple[str, ...] | None) -> tuple[list[int], str]:
     """Token positions whose maps are averaged, and where they came from ("word", "class" or "all").
 
     With `words`, every occurrence of each; otherwise a COCO row's matched word (its first occurrence), or
@@ -346,7 +346,7 @@ def _sample_seed(seed: int, sample: str) -> int:
     return int(np.random.SeedSequence([seed, int(sample)]).generate_state(1)[0])
 
 
-def grounded_latent(sample: Sample, config: GroundConfig, run: int) -> np.ndarray:
+def grounded_latent(sample: GroundingInput, config: GroundConfig, run: int) -> np.ndarray:
     """The unscaled latent a run grounds: the posterior mean, or (`--latent sample`, the reference code's
     choice) a draw mean + exp(logvar / 2) · ε with ε seeded by (seed + run, sample), apart from the noise."""
     if config.latent == "mean" or sample.logvar is None:
@@ -439,13 +439,13 @@ def to_original(frame_map: np.ndarray, width: int, height: int) -> np.ndarray:
     return out[0, 0].numpy()  # (height, width)
 
 
-def scoring_maps(sample: Sample, heat: np.ndarray, frame_size: int, frame: str) -> np.ndarray:
+def scoring_maps(sample: GroundingInput, heat: np.ndarray, frame_size: int, frame: str) -> np.ndarray:
     """Normalised latent map → the frame it is scored in."""
     frame_map = to_frame(normalise(heat), frame_size)
     return frame_map if frame == "prepared" else to_original(frame_map, sample.width, sample.height)
 
 
-def masks(sample: Sample, frame_size: int, config: GroundConfig) -> list[tuple[int | None, np.ndarray]]:
+def masks(sample: GroundingInput, frame_size: int, config: GroundConfig) -> list[tuple[int | None, np.ndarray]]:
     """(box index or None for the union, boolean mask) in the scoring frame."""
     from cxrdiff.images import boxes_mask
 
@@ -525,7 +525,7 @@ def image_overlay(config: GroundConfig, heat: np.ndarray, frame_size: int, alpha
     return buffer.getvalue()
 
 
-def _grey_image(sample: Sample, comps: Any, latent: Any, data_dir: Path | None, size: int) -> np.ndarray:
+def _grey_image(sample: GroundingInput, comps: Any, latent: Any, data_dir: Path | None, size: int) -> np.ndarray:
     """The image in the prepared frame: from its file when it can be found, else decoded from the latent."""
     import torch
 
@@ -545,18 +545,25 @@ def _grey_image(sample: Sample, comps: Any, latent: Any, data_dir: Path | None, 
 # --- the run ----------------------------------------------------------------------------------
 
 
+# The settings key keeps the names and values folders were made with before the fields were renamed
+# (`runs` → `noise_seeds`; `dtype` float32 / bfloat16 / float16 → `precision` no / bf16 / fp16, as sample's).
+KEY_PRECISION = {"auto": "auto", "no": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
 def ground_settings(config: GroundConfig) -> dict[str, Any]:
     """The settings key's content: the config, with the model, data and image by their identity."""
     given = {name: input_identity(getattr(config, name)) for name in ("data", "image") if getattr(config, name)}
-    return settings(config, model=input_identity(config.model), **given)
+    chosen = settings(config, model=input_identity(config.model), **given)
+    chosen["runs"], chosen["dtype"] = chosen.pop("noise_seeds"), KEY_PRECISION[chosen.pop("precision")]
+    return chosen
 
 
 def _dtype(config: GroundConfig, device: Any) -> Any:
     import torch
 
-    if config.dtype == "auto":
+    if config.precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, config.dtype)
+    return {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[config.precision]
 
 
 def ground(config: GroundConfig) -> dict[str, Any]:
@@ -613,7 +620,7 @@ def ground(config: GroundConfig) -> dict[str, Any]:
     chunks = [samples[i : i + config.batch_size] for i in range(0, len(samples), config.batch_size)]
     todo = [
         (run, c)
-        for run in range(config.runs)
+        for run in range(config.noise_seeds)
         for c in range(len(chunks))
         if (run * len(chunks) + c) % state.num_processes == state.process_index
         and not (parts / f"r{run:03d}-c{c:05d}.json").is_file()
@@ -727,7 +734,7 @@ def _merge(folder, parts, config, n_chunks, samples, frame_size) -> dict[str, An
 
     out = folder.out
     heatmaps, rows, words, skipped = {}, [], [], []
-    for run in range(config.runs):
+    for run in range(config.noise_seeds):
         for c in range(n_chunks):
             name = f"r{run:03d}-c{c:05d}"
             if not (parts / f"{name}.json").is_file():
@@ -737,7 +744,7 @@ def _merge(folder, parts, config, n_chunks, samples, frame_size) -> dict[str, An
             words += part["words"]
             skipped += part["skipped"]
             with np.load(parts / f"{name}.npz") as maps:
-                heatmaps.update({f"{k}_r{run}" if config.runs > 1 else k: maps[k] for k in maps.files})
+                heatmaps.update({f"{k}_r{run}" if config.noise_seeds > 1 else k: maps[k] for k in maps.files})
     with atomic_path(out / "heatmaps.npz") as tmp, open(tmp, "wb") as handle:
         np.savez_compressed(handle, **heatmaps)
     files = ["heatmaps.npz"]
@@ -756,7 +763,7 @@ def _merge(folder, parts, config, n_chunks, samples, frame_size) -> dict[str, An
             if config.latent == "mean"
             else "a VAE posterior sample, seeded per sample and run",
             "boxes_rule": BOX_RULES[config.boxes],
-            "seeds": [config.seed + r for r in range(config.runs)],
+            "seeds": [config.seed + r for r in range(config.noise_seeds)],
         },
         "skipped": skipped,
     }
@@ -768,7 +775,7 @@ def _merge(folder, parts, config, n_chunks, samples, frame_size) -> dict[str, An
         scores = pd.DataFrame(rows, columns=_SCORE_COLUMNS)
         _write_parquet(scores, out / "scores.parquet")
         files.append("scores.parquet")
-        summary.update(_tables(scores, config.runs))
+        summary.update(_tables(scores, config.noise_seeds))
         word_table = pd.DataFrame(words, columns=["run", "sample", "category", "word", "cnr"])
         _write_parquet(word_table, out / "words.parquet")
         files.append("words.parquet")

@@ -85,7 +85,7 @@ def _config(tiny_model, out, **kw):
 @pytest.mark.slow
 def test_end_to_end_writes_every_output(tiny_model, ms_cxr, tmp_path, tokenizer):
     out = tmp_path / "ground"
-    config = _config(tiny_model, out, data=ms_cxr, runs=2, batch_size=len(ROWS), min_word_count=1)
+    config = _config(tiny_model, out, data=ms_cxr, noise_seeds=2, batch_size=len(ROWS), min_word_count=1)
     result = ground(config)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["step"] == "ground"
@@ -231,9 +231,9 @@ def test_capture_maps_guidance_and_invert_restore_the_unet(comps, ms_cxr, tmp_pa
 
 
 def test_token_choice_rules(tokenizer):
-    from cxrdiff.ground import Sample
+    from cxrdiff.ground import GroundingInput
 
-    s = Sample(sample="000000", phrase="Mild cardiac enlargement", latent=None, category="Cardiomegaly")
+    s = GroundingInput(sample="000000", phrase="Mild cardiac enlargement", latent=None, category="Cardiomegaly")
     assert choose_tokens(tokenizer, s, None) == (_spans(tokenizer, s.phrase, "cardiac")[0], "class")
     assert choose_tokens(tokenizer, s, ("enlargement",)) == (_spans(tokenizer, s.phrase, "enlargement")[0], "word")
     positions, source = choose_tokens(tokenizer, s, ("effusion",))  # absent word: all word tokens
@@ -422,19 +422,19 @@ def test_word_analysis_counts_per_class_keeps_case_and_honours_the_threshold():
 
 
 def test_grounded_latent_mean_or_a_seeded_posterior_draw():
-    from cxrdiff.ground import Sample, grounded_latent
+    from cxrdiff.ground import GroundingInput, grounded_latent
 
     rng = np.random.default_rng(0)
     mean = rng.normal(size=(4, 8, 8)).astype(np.float32)
     logvar = np.full((4, 8, 8), np.log(0.25), np.float32)  # std 0.5
-    sample = Sample(sample="000007", phrase="x", latent=mean, logvar=logvar)
+    sample = GroundingInput(sample="000007", phrase="x", latent=mean, logvar=logvar)
     assert grounded_latent(sample, GroundConfig(latent="mean"), run=0) is mean
     drawn = grounded_latent(sample, GroundConfig(latent="sample", seed=3), run=1)
     eps = np.random.default_rng(np.random.SeedSequence([3 + 1, 7, 1])).standard_normal((4, 8, 8), dtype=np.float32)
     np.testing.assert_allclose(drawn, mean + 0.5 * eps, rtol=1e-6)
     assert np.array_equal(drawn, grounded_latent(sample, GroundConfig(latent="sample", seed=3), run=1))
     assert not np.allclose(drawn, grounded_latent(sample, GroundConfig(latent="sample", seed=3), run=0))
-    other = Sample(sample="000008", phrase="x", latent=mean, logvar=logvar)
+    other = GroundingInput(sample="000008", phrase="x", latent=mean, logvar=logvar)
     assert not np.allclose(drawn, grounded_latent(other, GroundConfig(latent="sample", seed=3), run=1))
 
 
@@ -546,3 +546,13 @@ def test_a_single_images_overlay_is_drawn_at_the_images_own_size(tmp_path):
     assert 120 <= len(hot) <= 136  # the crop's right 128 columns (blended over a few at the edge)
     assert 185 <= len(cold[cold < hot.min()]) <= 195  # 64 cut away + the crop's left 128 columns, at 0
     assert 60 <= len(cold[(cold > hot.max()) & (cold < hot.max() + 80)]) <= 66  # the right 64 cut away: 0
+
+
+def test_renamed_fields_keep_the_settings_key_folders_were_made_with(tiny_model, tmp_path):
+    """`runs` is now `noise_seeds` and `dtype` float32/bfloat16/float16 is `precision` no/bf16/fp16 (sample's
+    spelling); a folder grounded before the renames keeps its key, so it is resumed or reused, never refused."""
+    from cxrdiff.ground import GroundConfig, ground_settings
+
+    key = ground_settings(GroundConfig(model=tiny_model, out=tmp_path / "g", noise_seeds=3, precision="bf16"))
+    assert (key["runs"], key["dtype"]) == (3, "bfloat16") and "noise_seeds" not in key and "precision" not in key
+    assert ground_settings(GroundConfig(model=tiny_model, out=tmp_path / "g"))["dtype"] == "auto"

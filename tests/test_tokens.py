@@ -79,14 +79,14 @@ PAD_PROMPTS = ["small left pleural effusion", "Effusion! No pneumothorax!", "car
 
 @pytest.mark.parametrize("prompt", PAD_PROMPTS)
 def test_sd2_padding_is_never_a_word_token_and_eos_is_the_first_end_token(tokenizer, prompt):
-    from cxrdiff.ground import SPECIAL, Sample, choose_tokens, word_positions
+    from cxrdiff.ground import SPECIAL, GroundingInput, choose_tokens, word_positions
 
     ids = _ids(tokenizer, prompt)
     eos = ids.index(tokenizer.eos_token_id)
     assert tokenizer.pad_token == "!" and set(ids[eos + 1 :]) == {0}  # "!" pads after the one end token
     assert content_positions(tokenizer, prompt) == list(range(1, eos))
     assert word_positions(tokenizer, prompt)[SPECIAL[1]] == eos
-    positions, source = choose_tokens(tokenizer, Sample("1", prompt, None, category="Atelectasis"), None)
+    positions, source = choose_tokens(tokenizer, GroundingInput("1", prompt, None, category="Atelectasis"), None)
     assert source == "all" and positions == list(range(1, eos))
 
 
