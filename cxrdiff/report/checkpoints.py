@@ -25,9 +25,6 @@ from cxrdiff.report.steps import (
     cached,
     grounding_only,
     grounding_settings,
-    image_path,
-    image_size,
-    read_table,
     run_step,
 )
 
@@ -143,15 +140,10 @@ def fidelity(config: ReportConfig, samples: Path, real: Path, classifier: Any) -
     """The first fidelity number the report measures for a run (FID, else FID_XRV, else the classifier's
     feature distance), so a checkpoint's point and its run's are the same measure; None when none is on."""
     from cxrdiff.metrics import fid
+    from cxrdiff.report.measure import fidelity_sets
 
-    table = read_table(samples / "samples.parquet")
-    fake = [samples / f for f in table["file"]]
-    size = image_size(fake[0])
-    test = read_table(real / "test.parquet").head(min(config.n_fid, len(fake)))
-    real_paths = [image_path(p, real) for p in test["image_path"]]
-    cache = Path(config.out) / ".fidelity_cache"
-    boot = dict(resamples=config.fd_resamples, seed=config.seed)
-    kwargs = dict(random_features=config.random_features, size=size, cache_root=cache, device=config.device, **boot)
+    fake, real_paths, size, kwargs = fidelity_sets(config, samples, real)
+    boot = {k: kwargs[k] for k in ("resamples", "seed")}
     if config.fid:
         return fid.fid(real_paths, fake, weights=config.inception_weights, **kwargs).as_dict()
     if config.fid_xrv:

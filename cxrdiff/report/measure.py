@@ -95,6 +95,19 @@ def features_file(keep: Path, name: str) -> Path:
     return keep / (re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower() + ".npz")
 
 
+def fidelity_sets(config: ReportConfig, samples: Path, real: Path) -> tuple[list[Path], list[Path], int, dict]:
+    """A sample folder's images, as many real test images (at most --n-fid: a Fréchet distance depends on the
+    counts), their size, and what every Fréchet distance takes besides (caches, device, the bootstrap)."""
+    table = read_table(samples / "samples.parquet")
+    fake = [samples / f for f in table["file"]]
+    size = image_size(fake[0])
+    test = read_table(real / "test.parquet").head(min(config.n_fid, len(fake)))
+    real_paths = [image_path(p, real) for p in test["image_path"]]
+    kwargs = dict(random_features=config.random_features, size=size, cache_root=Path(config.out) / ".fidelity_cache",
+                  device=config.device, resamples=config.fd_resamples, seed=config.seed)  # fmt: skip
+    return fake, real_paths, size, kwargs
+
+
 def measure_run(
     config: ReportConfig, samples: Path, diversity_dir: Path, real: Path, classifier: Any, keep: Path | None = None
 ) -> dict[str, Any]:
@@ -105,13 +118,8 @@ def measure_run(
     from cxrdiff.metrics import diversity, fid
 
     table = read_table(samples / "samples.parquet")
-    fake = [samples / f for f in table["file"]]
-    size = image_size(fake[0])
-    test = read_table(real / "test.parquet").head(min(config.n_fid, len(fake)))
-    real_paths = [image_path(p, real) for p in test["image_path"]]
-    cache = Path(config.out) / ".fidelity_cache"
+    fake, real_paths, size, kwargs = fidelity_sets(config, samples, real)
     boot = dict(resamples=config.fd_resamples, seed=config.seed)
-    kwargs = dict(random_features=config.random_features, size=size, cache_root=cache, device=config.device, **boot)
 
     def kept(name: str) -> Path | None:
         return None if keep is None else features_file(keep, name)
