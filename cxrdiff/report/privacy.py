@@ -530,7 +530,7 @@ def privacy_tables(metrics: Mapping[str, Any]) -> list[Table]:
                 ]
             )
     searched = first.get("searched", "all")
-    tables = [
+    copy = [
         Table(
             "Privacy: copy rate against the training set",
             [
@@ -551,6 +551,12 @@ def privacy_tables(metrics: Mapping[str, Any]) -> list[Table]:
             "nearest training image (cosine of features, or Pearson correlation of pixels).",
         )
     ]
+    return [*copy, *_memorization_table(runs), *_over_training_table(metrics, q)]
+
+
+def _memorization_table(runs: Mapping[str, Any]) -> list[Table]:
+    """Dutt et al.'s score per prompt: training texts against held-out prompts, and the words that carry it."""
+    tables: list[Table] = []
     memorized = {n: p["memorization"] for n, p in runs.items() if (p.get("memorization") or {}).get("training")}
     if memorized:
         rows = []
@@ -578,6 +584,12 @@ def privacy_tables(metrics: Mapping[str, Any]) -> list[Table]:
                 "summed score.",
             )
         )
+    return tables
+
+
+def _over_training_table(metrics: Mapping[str, Any], q: float) -> list[Table]:
+    """The copy rate of each kept checkpoint beside its CNR and fidelity (with --checkpoints)."""
+    tables: list[Table] = []
     rows = []
     for name, r in metrics.get("runs", {}).items():
         for point in r.get("checkpoints") or []:
