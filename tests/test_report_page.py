@@ -277,3 +277,21 @@ def test_a_label_with_markup_shows_as_typed_in_both_pages(tmp_path):
 
     assert literal("[a](b) _c_ FID_XRV 0.6 [0.5, 0.7] &amp;") == "\\[a](b) \\_c\\_ FID_XRV 0.6 [0.5, 0.7] \\&amp;"
     assert strong(f"**{literal('**z**')}** said") == "<strong>**z**</strong> said"  # escaped stars make no bold
+
+
+def test_a_groups_numbers_carry_their_t_interval_over_trainings():
+    """Two trainings with FID_XRV 10 and 12: mean 11, std √2, t(0.975, 1) = 12.706 → 11 ± 12.7."""
+    metrics = _metrics()
+    metrics["runs"] = {"f0": _run(True, 0.6, 0.8, 10.0), "f1": _run(True, 0.7, 0.8, 12.0)}
+    metrics["groups"] = {
+        "F": {
+            "runs": ["f0", "f1"],
+            "trainings": 2,
+            "setting": {"text_encoder": "frozen", "prompt_source": "impression"},
+            "grounding": {"average": {"cnr": {"mean": 0.65, "std": 0.0707, "n": 2}, "auc_roc": {"mean": 0.8, "n": 2}}},
+            "fidelity": {"FID_XRV": {"mean": 11.0, "std": 2**0.5, "n": 2, "title": "FID_XRV", "label": ""}},
+        }
+    }
+    lines, _ = page.headline(metrics)
+    assert "FID_XRV 11.0 ± 1.4 [-1.7, 23.7] (paper 10.1, +0.9)" in lines[0]
+    assert "CNR 0.65 [0.01, 1.29]" in lines[0]  # 0.65 ± 12.706 × 0.05

@@ -111,8 +111,8 @@ def models(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def _uncertainty(metrics: Mapping[str, Any], name: str, entry: Mapping[str, Any], group: bool) -> dict[str, Any]:
-    """CNR's and AUC-ROC's interval (Interval dicts): over trainings (t) for a group of two or more, else the
-    run's bootstrap over phrases."""
+    """CNR's, AUC-ROC's and the first fidelity number's interval (Interval dicts): over trainings (t) for a group
+    of two or more, else the run's bootstrap over phrases."""
     from cxrdiff.metrics.intervals import trainings_interval
 
     runs = metrics.get("runs", {})
@@ -124,6 +124,10 @@ def _uncertainty(metrics: Mapping[str, Any], name: str, entry: Mapping[str, Any]
                 (((runs[r].get("grounding") or {}).get("average") or {}).get(m) or {}).get("mean") for r in members
             ]
             out[m] = trainings_interval([v for v in values if v is not None]).as_dict()
+        first = next(iter(entry.get("fidelity") or {}), None)
+        if first is not None:
+            values = [f.get("value") for r in members for f in runs[r].get("fidelity") or [] if f.get("name") == first]
+            out["fidelity"] = trainings_interval([v for v in values if v is not None]).as_dict()
         return out
     return ((runs.get(members[0]) or {}).get("grounding_intervals") or {}).get("average") or {}
 
