@@ -83,7 +83,9 @@ def test_headline_numbers_against_the_paper():
     assert lines[-3] == (
         "Interpretability (the paper: the frozen text encoder grounds better than the learnable one): **reproduced** "
         "(CNR 0.61 frozen vs 0.41 learnable; CNR frozen − learnable 0.20 [0.10, 0.30], bootstrap of one training "
-        "each, over phrases; the paper: CNR 0.92 vs 0.133)."
+        "each, over phrases; with one training each, the interval holds which phrases or images were drawn, not how "
+        "another training (or machine) would differ: train each model twice or more (--seed); the paper: CNR 0.92 vs "
+        "0.133)."
     )
     assert [r[0] for r in table.rows] == ["SDv2", "Finetune_L", "Finetune_F", "frozen", "learnable"]
     assert table.rows[2][1:] == ["published (Tables 1, 4)", "0.92", "79", "FID 75.5 / FID_XRV 10.1"]

@@ -238,8 +238,14 @@ def side_line(side: Mapping[str, Any]) -> str:
              f"{PUBLISHED_LOCALIZATION['Finetune_L']['Average'][2]:g}" if side["side"] == "interpretability" else
              f"the paper's FID: {PUBLISHED_FIDELITY['Finetune_L'][0]:g} vs {PUBLISHED_FIDELITY['Finetune_F'][0]:g}, "
              "lower is closer")  # fmt: skip
+    caveat = (
+        "; with one training each, the interval holds which phrases or images were drawn, not how another "
+        "training (or machine) would differ: give --trainings 2 or more"
+        if side["over"] != "trainings"
+        else ""
+    )
     numbers = (f"{side['metric']} {side['frozen']:.{digits}f} frozen vs {side['learnable']:.{digits}f} learnable; "
-               f"{measure} {diff.text(digits)}, {over}; {paper}")  # fmt: skip
+               f"{measure} {diff.text(digits)}, {over}{caveat}; {paper}")  # fmt: skip
     return f"{side['side'].capitalize()} (the paper: {claim}): **{side['verdict']}** ({numbers})."
 
 
