@@ -240,7 +240,7 @@ def side_line(side: Mapping[str, Any]) -> str:
              "lower is closer")  # fmt: skip
     caveat = (
         "; with one training each, the interval holds which phrases or images were drawn, not how another "
-        "training (or machine) would differ: give --trainings 2 or more"
+        "training (or machine) would differ: train each model twice or more (--seed)"
         if side["over"] != "trainings"
         else ""
     )
