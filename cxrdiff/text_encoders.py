@@ -374,6 +374,8 @@ def load_text_parts(model: str | os.PathLike) -> TextParts:
                 encoder = AutoModel.from_pretrained(
                     part, local_files_only=True, trust_remote_code=record.trust_remote_code
                 )
+    except pickle.UnpicklingError:  # weights_only refused a pickle that holds more than tensors
+        raise unsafe_pickle(part) from None
     except (OSError, ValueError, KeyError, ImportError, RuntimeError, json.JSONDecodeError) as exc:
         raise InputError(f"{part}: cannot load text_encoder ({_first_line(exc)})") from None
     try:
