@@ -297,3 +297,25 @@ def test_a_groups_numbers_carry_their_t_interval_over_trainings():
     lines, _ = page.headline(metrics)
     assert "FID_XRV 11.0 ± 1.4 [-1.7, 23.7] (paper 10.1, +0.9)" in lines[0]
     assert "CNR 0.65 [0.01, 1.29]" in lines[0]  # 0.65 ± 12.706 × 0.05
+
+
+def test_a_group_of_one_training_shows_its_runs_bootstrap_intervals():
+    """The demo labels every model, so even one training is a group: its numbers carry the run's own bootstrap
+    intervals (phrases for CNR, generated images for the distance), never a bare value."""
+    from cxrdiff.metrics.intervals import Interval
+
+    metrics = _metrics()
+    run = metrics["runs"]["frozen"]
+    run["fidelity"][0]["interval"] = Interval(12.0, 10.5, 13.5).as_dict()
+    run["grounding_intervals"] = {"average": {"cnr": Interval(0.61, 0.5, 0.7).as_dict()}}
+    metrics["groups"] = {
+        "F": {
+            "runs": ["frozen"],
+            "trainings": 1,
+            "setting": {"text_encoder": "frozen", "prompt_source": "impression"},
+            "grounding": {"average": {"cnr": {"mean": 0.61, "std": 0.0, "n": 1}, "auc_roc": {"mean": 0.81, "n": 1}}},
+            "fidelity": {"FID_XRV": {"mean": 12.0, "std": 0.0, "n": 1, "title": "FID_XRV", "label": ""}},
+        }
+    }
+    lines, _ = page.headline(metrics)
+    assert "CNR 0.61 [0.50, 0.70] (paper 0.92" in lines[0] and "FID_XRV 12.0 [10.5, 13.5] (paper 10.1" in lines[0]

@@ -129,7 +129,12 @@ def _uncertainty(metrics: Mapping[str, Any], name: str, entry: Mapping[str, Any]
             values = [f.get("value") for r in members for f in runs[r].get("fidelity") or [] if f.get("name") == first]
             out["fidelity"] = trainings_interval([v for v in values if v is not None]).as_dict()
         return out
-    return ((runs.get(members[0]) or {}).get("grounding_intervals") or {}).get("average") or {}
+    run = runs.get(members[0]) or {}
+    out = dict(((run.get("grounding_intervals") or {}).get("average")) or {})
+    first = (run.get("fidelity") or [None])[0]
+    if first is not None and first.get("interval"):
+        out["fidelity"] = first["interval"]  # the one training's bootstrap over its generated images
+    return out
 
 
 def interval_text(interval: Mapping[str, Any] | None, digits: int = 2, scale: float = 1.0) -> str:
