@@ -32,7 +32,8 @@ SECTIONS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
 )
 CAPTIONS = {
     "trade-off": "CNR (interpretability) against fidelity (lower is closer to real images): left the paper's three "
-    "models (Tables 1 and 4), right every run (small) and setting group (large, ± over trainings) of this report, "
+    "models (Tables 1 and 4), right every run (small, bars: its 95% bootstrap intervals) and setting group (large, "
+    "± over trainings) of this report, "
     "LoRA runs as triangles; dotted lines mark the paper's average CNR of Finetune_F and Finetune_L.",
     "grounding": "One overlay per class (columns) for each run (rows): the class words' cross-attention map over the "
     "image, MS-CXR boxes drawn.",

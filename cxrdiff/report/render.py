@@ -305,7 +305,7 @@ def _trainings_note(metrics: Mapping[str, Any]) -> str:
     return (
         f"± = standard deviation over trainings of one setting (ddof = {ddof}; runs grouped by their manifests' "
         "settings, all but the seed), as the paper's Table 1; no ± with one training. Grounding noise seeds "
-        "(`ground --runs`) are a separate source of variance, not included."
+        "(`ground --noise-seeds`) are a separate source of variance, not included."
     )
 
 
@@ -543,7 +543,8 @@ _LABEL = {"textcoords": "offset points", "fontsize": 7}
 
 def tradeoff_figure(metrics: Mapping[str, Any]) -> bytes:
     """Fidelity against CNR: the paper's three models (Tables 1, 4) on the left; on the right every run of
-    this report (small) and every setting group (large, ± over trainings), the paper's CNRs as dotted lines.
+    this report (small, with its 95% bootstrap intervals) and every setting group (large, ± over trainings),
+    the paper's CNRs as dotted lines.
     Two panels because the paper's FID and this report's measure need not be the same distance."""
     import matplotlib
 
@@ -563,7 +564,10 @@ def tradeoff_figure(metrics: Mapping[str, Any]) -> bytes:
             continue
         ylabel = Score.from_dict(fid_entry).title
         lora = (r.get("setting") or {}).get("training") not in (None, "full")  # LoRA runs: triangles
-        right.scatter(cnr, fid_entry["value"], s=18, alpha=0.7, marker="^" if lora else "o")
+        xerr = _half_widths(cnr, ((r.get("grounding_intervals") or {}).get("average") or {}).get("cnr"))
+        yerr = _half_widths(fid_entry["value"], fid_entry.get("interval"))
+        right.errorbar(cnr, fid_entry["value"], xerr=xerr, yerr=yerr, fmt="^" if lora else "o", ms=4, alpha=0.7,
+                       capsize=2, elinewidth=0.8)  # fmt: skip
         right.annotate(n, (cnr, fid_entry["value"]), xytext=(4, 4), **_LABEL)
     for g, v in (metrics.get("groups") or {}).items():
         if v.get("trainings", 0) < 2:  # a group of one training is its run, drawn above
@@ -582,6 +586,13 @@ def tradeoff_figure(metrics: Mapping[str, Any]) -> bytes:
     right.legend(fontsize=7, loc="best")
     right.set(xlabel="CNR (average)", ylabel=ylabel or "fidelity", title="this report (lower is closer to real)")
     return _png(fig)
+
+
+def _half_widths(value: float, interval: Mapping[str, Any] | None) -> Any:
+    """An interval as matplotlib's (2, 1) error-bar lengths below and above the value; None without one."""
+    if not interval or interval.get("low") is None or interval.get("high") is None:
+        return None
+    return [[max(value - interval["low"], 0.0)], [max(interval["high"] - value, 0.0)]]
 
 
 KIND_COLOURS = {"frozen": "tab:blue", "learnable": "tab:orange"}  # the paper's model of that kind alike
@@ -638,7 +649,11 @@ def cnr_by_class_figure(metrics: Mapping[str, Any]) -> tuple[bytes, str] | None:
     ax.axhline(0, color="black", linewidth=0.6)
     ax.set(ylabel="CNR", title="CNR per class")
     ax.legend(fontsize=7, ncol=2)
-    over = "trainings (each setting group's std)" if groups else "grounding noise seeds (`--runs`; 0 with one seed)"
+    over = (
+        "trainings (each setting group's std)"
+        if groups
+        else "grounding noise seeds (`--noise-seeds`; none with one seed: the tables' intervals are over phrases)"
+    )
     caption = (
         "Per-class CNR, this report's models beside the paper's (hatched, Table 1, ± over three trainings; frozen "
         "text encoders in blue, learnable in orange). "
