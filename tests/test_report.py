@@ -191,41 +191,12 @@ def _stub_steps(calls: Calls):
     """Stand-ins for cxrdiff.sample / cxrdiff.ground that write folders of the same shape and own them
     with StepFolder as the real steps do: a finished folder with the same settings returns at once, one
     made with other settings raises OtherSettings."""
-    import dataclasses
-    from typing import ClassVar
 
     import pandas as pd
+    from stand_in_configs import GroundConfig, SampleConfig
 
     from cxrdiff.artifacts import StepFolder, input_identity
     from cxrdiff.config import settings, to_dict
-
-    @dataclasses.dataclass(frozen=True)
-    class SampleConfig:
-        NOT_SETTINGS: ClassVar[tuple[str, ...]] = ("out", "batch_size")
-        model: object = None
-        out: object = None
-        prompts: object = None
-        prompt_column: str = "impression"
-        n_per_prompt: int = 1
-        limit: int | None = None
-        steps: int = 75
-        guidance: float = 4.0
-        scheduler: str = "pndm"
-        seed: int = 0
-        batch_size: int = 8
-
-    @dataclasses.dataclass(frozen=True)
-    class GroundConfig:
-        NOT_SETTINGS: ClassVar[tuple[str, ...]] = ("out",)
-        model: object = None
-        out: object = None
-        data: object = None
-        steps: int = 50
-        window: int = 40
-        seed: int = 0
-        limit: int | None = None
-        min_word_count: int = 25
-        boxes: str = "union"
 
     def claim(cfg, step, **inputs):
         identities = {k: input_identity(v) for k, v in inputs.items()}

@@ -3,10 +3,8 @@ stand-in sample / ground steps: one run "copies" training images (planted), the 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
-from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -66,33 +64,7 @@ def stub_steps(calls: list[str]):
     """sample: a run whose folder is named 'copier' returns training images (resized, slightly noisy), any other
     fresh textures; ground: a fixed summary. Both own their folders as the real steps do."""
 
-    @dataclasses.dataclass(frozen=True)
-    class SampleConfig:
-        NOT_SETTINGS: ClassVar[tuple[str, ...]] = ("out", "batch_size")
-        model: object = None
-        out: object = None
-        prompts: object = None
-        prompt_column: str = "impression"
-        n_per_prompt: int = 1
-        limit: int | None = None
-        steps: int = 75
-        guidance: float = 4.0
-        scheduler: str = "pndm"
-        seed: int = 0
-        batch_size: int = 8
-
-    @dataclasses.dataclass(frozen=True)
-    class GroundConfig:
-        NOT_SETTINGS: ClassVar[tuple[str, ...]] = ("out",)
-        model: object = None
-        out: object = None
-        data: object = None
-        steps: int = 50
-        window: int = 40
-        seed: int = 0
-        limit: int | None = None
-        min_word_count: int = 25
-        boxes: str = "union"
+    from stand_in_configs import GroundConfig, SampleConfig
 
     def claim(cfg, step):
         keys = settings(
