@@ -35,7 +35,7 @@ from cxrdiff.console import log
 from cxrdiff.errors import InputError
 from cxrdiff.models import check_model_folder, model_geometry, vae_fingerprint
 from cxrdiff.prepare.config import STEP, PrepareConfig, check_out
-from cxrdiff.prepare.encode import SKIPPED_COLUMNS, STATE, Layout, encode_unit, load_vae, loader_workers
+from cxrdiff.prepare.encode import SKIPPED_COLUMNS, STATE, Layout, encode_unit, latent_record, load_vae, loader_workers
 from cxrdiff.speed import limit_cpu_threads
 
 SPLIT_FILE = "coco_split.csv"  # image_id, part (train / val / test): the seeded division, recorded
@@ -270,12 +270,7 @@ def _finish(folder: StepFolder, config: Any, inputs: CocoInputs, plan: dict[str,
         extra={
             "format": "coco",
             "coco_splits": list(inputs.splits),
-            "resolution": inputs.resolution,
-            "latent_shape": list(inputs.latent_shape),
-            "scaling_factor": inputs.scaling_factor,
-            "latent_storage": "mean+logvar",
-            "latent_dtype": "float16",
-            "vae_fingerprint": vae_fingerprint(inputs.base_model),
+            **latent_record(inputs.base_model, inputs.resolution, inputs.latent_shape, inputs.scaling_factor),
             "shards": shards,
             "counts": counts,
             "synonyms": plan["synonyms"],

@@ -166,6 +166,21 @@ def encode_unit(
     acc.wait_for_everyone()
 
 
+def latent_record(base_model: Path, resolution: int, latent_shape: Any, scaling_factor: float) -> dict[str, Any]:
+    """The prepared latents' geometry and provenance, as every format's manifest records them (finetune and
+    ground check them against the base model they are given)."""
+    from cxrdiff.models import vae_fingerprint
+
+    return {
+        "resolution": resolution,
+        "latent_shape": list(latent_shape),
+        "scaling_factor": scaling_factor,
+        "latent_storage": "mean+logvar",
+        "latent_dtype": "float16",
+        "vae_fingerprint": vae_fingerprint(base_model),
+    }
+
+
 def load_vae(base_model: Path, device: Any) -> Any:
     """The base model's VAE in float32, frozen; one line naming the folder when it cannot be loaded."""
     from diffusers import AutoencoderKL
