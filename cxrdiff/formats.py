@@ -1,23 +1,59 @@
 """The data format of a prepared folder (MIMIC-CXR or COCO's layout), chosen once by `prepare --format` and
-recorded in its manifest; every later step asks `data_format` and hands over to its own module for that
-format, so no step sniffs columns or files to guess it.
+recorded in its manifest. Every later step reads it once (`format_record`) and asks the record what it needs
+to know (its UCG rule, the prompt sources it trains on, whether its grounding set holds boxes or masks);
+what a step does per format sits in that step's registry (prepare's `FORMATS`, ground's `READERS`, report's
+`REPORTS`), keyed by the format's name. No step compares a format's name or sniffs columns to guess it.
 
-A new format: `DataFormat` gains a name, and each step that reads data gains one module for it (a phantom
-writer, a prepare reader, a report), registered in that step's table of formats.
+A new format: `choices.DataFormat` gains a name, `FORMATS` here gains its record, and each step's registry
+gains one entry (one new module per step); `tests/test_formats.py` fails while one is missing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import get_args
+from typing import Literal, get_args
 
 from cxrdiff.artifacts import MANIFEST
 from cxrdiff.choices import DataFormat
+from cxrdiff.errors import InputError
 
 DATA_FORMATS: tuple[str, ...] = get_args(DataFormat)
 DEFAULT_FORMAT = DATA_FORMATS[0]  # folders made before formats were recorded are MIMIC ones
+
+
+@dataclasses.dataclass(frozen=True)
+class FormatRecord:
+    """What the steps after `prepare` need to know of a data format."""
+
+    name: str
+    ucg_field: str  # finetune's config field of this format's unconditional-guidance rule
+    prompt_sources: tuple[str, ...] | None  # the `--prompt-source`s its text allows (None: every one)
+    prompt_rule: str  # why the others are refused, for the error message
+    regions: Literal["boxes", "masks"]  # what its grounding set scores a map against
+    label: str  # its name in messages
+
+
+FORMATS: dict[str, FormatRecord] = {
+    "mimic": FormatRecord(
+        name="mimic",
+        ucg_field="ucg_no_finding",
+        prompt_sources=None,
+        prompt_rule="",
+        regions="boxes",
+        label="MIMIC-CXR",
+    ),
+    "coco": FormatRecord(
+        name="coco",
+        ucg_field="ucg_caption",
+        prompt_sources=("impression",),
+        prompt_rule="COCO data trains on its captions (impression)",
+        regions="masks",
+        label="COCO",
+    ),
+}
 
 
 def data_format(prepared: str | os.PathLike | None) -> str:
@@ -30,3 +66,11 @@ def data_format(prepared: str | os.PathLike | None) -> str:
     except (OSError, ValueError):
         return DEFAULT_FORMAT
     return str(manifest.get("format", DEFAULT_FORMAT))
+
+
+def format_record(prepared: str | os.PathLike | None) -> FormatRecord:
+    """The record of the format the folder's manifest names (see `data_format`)."""
+    name = data_format(prepared)
+    if name not in FORMATS:
+        raise InputError(f"{prepared}: format {name!r} in its {MANIFEST} is not one of {', '.join(FORMATS)}")
+    return FORMATS[name]

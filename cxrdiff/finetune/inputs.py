@@ -21,7 +21,7 @@ from cxrdiff.finetune.checkpoints import Checkpoints
 from cxrdiff.finetune.config import DEFAULT_STEPS, STEP, FinetuneConfig
 from cxrdiff.finetune.data import check_prompt_source
 from cxrdiff.finetune.lora import LORA_FIELDS, TrainingMode, check_targets, check_values
-from cxrdiff.formats import data_format
+from cxrdiff.formats import FORMATS, format_record
 from cxrdiff.models import (
     check_model_folder,
     fingerprint_covers_weights,
@@ -123,7 +123,8 @@ def run_settings(config: FinetuneConfig) -> dict[str, Any]:
     if config.text_encoder is not None:  # absent otherwise, so that runs on the base model's encoder keep their key
         identities["text_encoder"] = text_encoder_identity(config.text_encoder)
     mine = settings(config, prompt_source=source, **identities)
-    unused = {"ucg_no_finding" if data_format(config.data) == "coco" else "ucg_caption"}  # the other data's UCG rule
+    own = format_record(config.data).ucg_field
+    unused = {f.ucg_field for f in FORMATS.values()} - {own}  # the other formats' UCG rules
     if mine.get("deid_markers", "keep") == "keep":  # the default joins no key: run folders from before keep theirs
         unused.add("deid_markers")
     mode = TrainingMode.of_config(config).settings()
@@ -159,8 +160,9 @@ def check_inputs(config: FinetuneConfig) -> Inputs:
 
         check_remote_code(find_source(config.text_encoder), config.trust_remote_code)
     check_targets(TrainingMode.of_config(config), model_dir)
-    if data_format(config.data) == "coco" and config.prompt_source != "impression":
-        raise InputError(f"--prompt-source {config.prompt_source}: COCO data trains on its captions (impression)")
+    record = format_record(config.data)
+    if record.prompt_sources is not None and config.prompt_source not in record.prompt_sources:
+        raise InputError(f"--prompt-source {config.prompt_source}: {record.prompt_rule}")
     folder = StepFolder.claim(config.out, STEP, run_settings(config), create=False)
     if folder.state != "new":
         Checkpoints(folder.out).check(config.steps)
