@@ -500,6 +500,13 @@ def encode(parts: TextParts, prompts: list[str], device: Any, dtype: Any = None)
     return embeds if dtype is None else embeds.to(dtype)
 
 
+def encode_text(comps: Any, prompts: list[str], device: Any) -> Any:
+    """The UNet's context for `prompts` (batch, tokens, dim) from loaded components (`models.Components`): the
+    model's text encoder as it was trained (SD's CLIP as diffusers, or the run's own encoder and projection).
+    Shared by `ground` and the report's memorization scores."""
+    return encode(comps.text, prompts, device)
+
+
 def label(record: TextEncoderRecord | None) -> str:
     """How reports name a model's text encoder."""
     return "CLIP (base model's)" if record is None else record.name

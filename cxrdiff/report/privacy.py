@@ -371,9 +371,9 @@ def score_prompts(comps: Any, prompts: Sequence[str], config: ReportConfig, devi
     from diffusers import DDIMScheduler
 
     from cxrdiff.attention import AttentionCapture
-    from cxrdiff.ground import encode_text
     from cxrdiff.metrics.privacy import memorization_score
     from cxrdiff.sample import image_seed
+    from cxrdiff.text_encoders import encode_text
 
     scheduler = DDIMScheduler.from_config(comps.scheduler.config, clip_sample=False)
     uncond = encode_text(comps, [""], device)  # (1, tokens, dim)
