@@ -29,8 +29,8 @@ from pathlib import Path
 def _setup(model: Path, batch: int):
     import torch
 
-    from cxrdiff.ground import encode_text
     from cxrdiff.models import load_components
+    from cxrdiff.text_encoders import encode_text
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else None

@@ -26,7 +26,7 @@ STEP_CONFIGS = {  # command → the file and class of its config, whose field de
     "prepare": ("prepare/config.py", "PrepareConfig"),
     "finetune": ("finetune/config.py", "FinetuneConfig"),
     "sample": ("sample.py", "SampleConfig"),
-    "ground": ("ground.py", "GroundConfig"),
+    "ground": ("ground/config.py", "GroundConfig"),
     "report": ("report/config.py", "ReportConfig"),
     "pretrain-text": ("pretrain_text.py", "PretrainTextConfig"),
     "pretrain-bert": ("pretrain_bert.py", "PretrainBertConfig"),

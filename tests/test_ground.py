@@ -14,8 +14,9 @@ import torch
 
 from cxrdiff.artifacts import OtherSettings, write_manifest
 from cxrdiff.errors import InputError
-from cxrdiff.ground import GroundConfig, capture_maps, choose_tokens, encode_text, ground
+from cxrdiff.ground import GroundConfig, capture_maps, choose_tokens, ground
 from cxrdiff.metrics.localization import auc_roc, cnr
+from cxrdiff.text_encoders import encode_text
 
 # (category, phrase, boxes in the original 80×64 image as x, y, w, h)
 ROWS = [
@@ -318,7 +319,7 @@ def test_single_image_cli(tiny_model, tmp_path, tokenizer):
 
 
 def test_killed_run_resumes_finished_batches(tiny_model, ms_cxr, tmp_path, monkeypatch):
-    import cxrdiff.ground as ground_module
+    import cxrdiff.ground.capture as ground_module
 
     calls = []
     real = ground_module.capture_maps
@@ -513,9 +514,9 @@ def test_single_image_from_pacs_a_dicom_without_suffix(tiny_model, tmp_path, com
     ground(GroundConfig(model=tiny_model, out=out, image=image, prompt="left effusion", steps=2, window=2))
     with np.load(out / "heatmaps.npz") as maps:
         assert maps["000000"].shape == (16, 16)
-    import cxrdiff.ground as ground_module
+    from cxrdiff.ground.single import encode_image
 
-    latent = ground_module._encode_image(comps, image, torch.device("cpu"), torch.float32)
+    latent = encode_image(comps, image, torch.device("cpu"), torch.float32)
     with torch.no_grad():
         expected = comps.vae.encode(to_model_input(resize_center_crop(load_grayscale(image), 64))).latent_dist.mean
     np.testing.assert_allclose(latent[0], expected[0].numpy(), atol=1e-5)  # (mean, logvar)[0]
