@@ -25,21 +25,26 @@ def _run(frozen: bool | None, cnr: float, auc: float, fd: float, name: str = "FI
     }
 
 
-def _side(side: str, frozen: float, learnable: float, low: float, high: float, over: str = "bootstrap") -> dict:
-    """One half of a verdict as report/verdicts.py writes it: the difference's interval decides."""
+def _side(side: str, frozen: float, learnable: float, low: float, high: float, over: str = "trainings") -> dict:
+    """One half of a verdict as report/verdicts.py writes it: over trainings the difference's interval decides
+    (its p-value the normal one of that interval); over one training's phrases there is no verdict."""
+    from scipy import stats
+
     from cxrdiff.metrics.intervals import Interval, verdict
 
     sign = 1 if side == "interpretability" else -1
     value = frozen - learnable if sign > 0 else learnable - frozen
-    method = (
-        "bootstrap over phrases, paired, class-stratified, 1000 resamples, percentile"
-        if over == "bootstrap"
-        else "Welch t over trainings (2 vs 2)"
-    )
-    diff = Interval(value, low, high, method=method, n=50 if over == "bootstrap" else (2, 2))
+    if over == "bootstrap":
+        diff = Interval(value, low, high, method="bootstrap over phrases, paired, class-stratified, 1000 resamples, "
+                        "percentile", n=50)  # fmt: skip
+        return {"side": side, "metric": "CNR" if sign > 0 else "FID_XRV", "frozen": frozen, "learnable": learnable,
+                "difference": diff.as_dict(), "expected_sign": sign, "over": over, "compared": ["frozen", "learnable"],
+                "verdict": "no verdict (one training per model; a verdict needs 2+ trainings per model)"}  # fmt: skip
+    diff = Interval(value, low, high, method="Welch t over trainings (2 vs 2)", n=(2, 2))
+    p = float(2 * stats.norm.sf(abs(value) / ((high - low) / 3.92)))
     return {"side": side, "metric": "CNR" if sign > 0 else "FID_XRV", "frozen": frozen, "learnable": learnable,
             "difference": diff.as_dict(), "expected_sign": sign, "verdict": verdict(diff, sign),
-            "over": over}  # fmt: skip
+            "over": over, "p_value": p, "spread": [0.1, 0.1]}  # fmt: skip
 
 
 def _metrics(frozen_fd: float = 12.0, learnable_fd: float = 9.0, frozen_cnr: float = 0.61) -> dict:
@@ -78,29 +83,45 @@ def test_headline_numbers_against_the_paper():
     )
     assert lines[-1] == (
         "**The trade-off (frozen: more interpretable, learnable: images closer to real) is reproduced here**: a half "
-        "counts as reproduced or opposite only when its 95% interval excludes zero."
+        "counts as reproduced or opposite only when its 95% interval over trainings excludes zero; a claim on one "
+        "half alone passes Holm's correction over the halves shown."
     )
     assert lines[-3] == (
-        "Interpretability (the paper: the frozen text encoder grounds better than the learnable one): **reproduced** "
-        "(CNR 0.61 frozen vs 0.41 learnable; CNR frozen − learnable 0.20 [0.10, 0.30], bootstrap of one training "
-        "each, over phrases; with one training each, the interval holds which phrases or images were drawn, not how "
-        "another training (or machine) would differ: train each model twice or more (--seed); the paper: CNR 0.92 vs "
-        "0.133)."
+        "Interpretability (the paper: the frozen text encoder's maps have the higher CNR): **reproduced** "
+        "(CNR 0.61 frozen vs 0.41 learnable; CNR frozen − learnable 0.20 [0.10, 0.30], over 2 vs 2 trainings "
+        "(Welch's t); the paper: CNR 0.92 vs 0.133)."
     )
+    assert lines[-2].endswith("the paper's FID: 61.9 vs 75.5 on 5,000 images, lower is closer).")
     assert [r[0] for r in table.rows] == ["SDv2", "Finetune_L", "Finetune_F", "frozen", "learnable"]
     assert table.rows[2][1:] == ["published (Tables 1, 4)", "0.92", "79", "FID 75.5 / FID_XRV 10.1"]
 
 
+def test_one_training_per_model_gives_no_verdict_word_anywhere():
+    """The same numbers from one training each: the interval over this training's phrases, and no verdict."""
+    metrics = _metrics()
+    metrics["verdicts"][0]["sides"] = [
+        _side("interpretability", 0.61, 0.41, 0.10, 0.30, over="bootstrap"),
+        _side("fidelity", 12.0, 9.0, -4.0, -2.0, over="bootstrap"),
+    ]
+    lines, _ = page.headline(metrics)
+    said = " ".join(lines[2:]).lower()
+    assert not any(word in said for word in ("reproduced", "opposite", "better")), said
+    assert "CNR frozen − learnable 0.20 [0.10, 0.30], 95% interval over this training's phrases (frozen and " \
+        "learnable; bootstrap, paired, class-stratified, 1000 resamples, percentile)" in lines[-3]
+    assert lines[-1].startswith("**The trade-off (frozen: more interpretable, learnable: images closer to real): no "
+                                "verdict (one training per model; a verdict needs 2+ trainings per model).**")
+
+
 FID_SAID = "Fidelity (the paper: the learnable text encoder's images are closer to the real ones): "
-CNR_SAID = "Interpretability (the paper: the frozen text encoder grounds better than the learnable one): "
+CNR_SAID = "Interpretability (the paper: the frozen text encoder's maps have the higher CNR): "
 
 
 @pytest.mark.parametrize(
     ("frozen_cnr", "frozen_fd", "verdict", "said"),
     [
-        (0.61, 9.5, "partly reproduced", FID_SAID + "**not distinguishable here**"),  # FD 9 − 9.5 ± 1 holds 0
+        (0.61, 9.5, "partly reproduced (Holm over the halves shown)", FID_SAID + "**not distinguishable here**"),
         (0.61, 7.5, "mixed (one half reproduced, the other opposite)", FID_SAID + "**opposite**"),
-        (0.30, 8.0, "partly opposite", CNR_SAID + "**opposite**"),  # CNR 0.30 − 0.41 ± 0.1 excludes 0
+        (0.25, 8.0, "partly opposite (Holm over the halves shown)", CNR_SAID + "**opposite**"),  # −0.16 ± 0.1
         (0.30, 12.0, "mixed (one half reproduced, the other opposite)", "**reproduced** (FID_XRV 12.0 frozen"),
         (
             0.45,
@@ -115,7 +136,7 @@ def test_headline_verdict_per_side(frozen_cnr, frozen_fd, verdict, said):
     """A half is reproduced or opposite only when the difference's interval (here ± 0.1 CNR, ± 1 FD) excludes
     zero on that side; a difference inside it is not distinguishable, whatever its sign."""
     lines, _ = page.headline(_metrics(frozen_fd=frozen_fd, frozen_cnr=frozen_cnr))
-    said = verdict if verdict.endswith(" here") else f"{verdict} here"  # never "here here"
+    said = verdict if verdict.endswith((" here", ")")) else f"{verdict} here"  # never "here here"
     assert lines[-1].startswith(
         f"**The trade-off (frozen: more interpretable, learnable: images closer to real) is {said}**"
     )
@@ -126,8 +147,8 @@ def test_a_verdict_over_trainings_says_so():
     metrics = _metrics()
     metrics["verdicts"][0]["sides"] = [_side("interpretability", 0.61, 0.41, 0.05, 0.35, over="trainings")]
     lines, _ = page.headline(metrics)
-    assert "CNR frozen − learnable 0.20 [0.05, 0.35], over 2 vs 2 trainings;" in lines[-2]
-    assert "is partly reproduced here" in lines[-1]  # one half measured
+    assert "CNR frozen − learnable 0.20 [0.05, 0.35], over 2 vs 2 trainings (Welch's t);" in lines[-2]
+    assert "is partly reproduced (Holm over the halves shown)**" in lines[-1]  # one half measured
 
 
 def test_headline_fid_is_not_compared_and_a_lone_model_gets_no_verdict():
@@ -258,7 +279,7 @@ def test_a_verdict_per_base_model_when_runs_start_from_several():
     pretrained, token_local = text.split("**Fine-tuned from base-model-token-local")
     assert "base-model-pretrained (frozen vs learnable)" in pretrained and "is reproduced here" in pretrained
     assert "(token-frozen vs token-learnable)" in token_local
-    assert "CNR 0.30 frozen vs 0.90 learnable" in token_local and "is partly opposite here" in token_local
+    assert "CNR 0.30 frozen vs 0.90 learnable" in token_local and "is partly opposite (Holm" in token_local
 
 
 def test_a_label_with_markup_shows_as_typed_in_both_pages(tmp_path):

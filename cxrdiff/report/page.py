@@ -223,36 +223,41 @@ def _model_line(model: Mapping[str, Any]) -> str:
     return f"{who}: CNR {cnr}; AUC-ROC % {auc}; {_fidelity_words(model, paper)}."
 
 
-SIDE_WORDS = {  # (what the paper found, the measure, which way is better)
-    "interpretability": ("the frozen text encoder grounds better than the learnable one", "CNR frozen − learnable"),
+SIDE_WORDS = {  # (what the paper found, the measure, which way is expected)
+    "interpretability": ("the frozen text encoder's maps have the higher CNR", "CNR frozen − learnable"),
     "fidelity": ("the learnable text encoder's images are closer to the real ones", "learnable − frozen"),
 }
 
 
 def side_line(side: Mapping[str, Any]) -> str:
     """One half of the trade-off in words: the paper's finding, the two numbers, the difference with its
-    interval and how it was made, and the verdict, which is "reproduced" or "opposite" only when the
-    interval excludes zero."""
+    interval and what it is over, and the verdict (`report.verdicts`: a verdict word only over 2+ trainings
+    per model, and only when the interval excludes zero)."""
     from cxrdiff.metrics.intervals import Interval
+    from cxrdiff.report.verdicts import evidence_words, power_words
 
     claim, measure = SIDE_WORDS[side["side"]]
     diff = Interval.from_dict(side["difference"])
     digits = 2 if side["side"] == "interpretability" else 1
-    over = (f"over {diff.n[0]} vs {diff.n[1]} trainings" if side["over"] == "trainings" else
-            "bootstrap of one training each, " + diff.short_method.removeprefix("bootstrap "))  # fmt: skip
     paper = (f"the paper: CNR {PUBLISHED_LOCALIZATION['Finetune_F']['Average'][2]:g} vs "
              f"{PUBLISHED_LOCALIZATION['Finetune_L']['Average'][2]:g}" if side["side"] == "interpretability" else
-             f"the paper's FID: {PUBLISHED_FIDELITY['Finetune_L'][0]:g} vs {PUBLISHED_FIDELITY['Finetune_F'][0]:g}, "
-             "lower is closer")  # fmt: skip
-    caveat = (
-        "; with one training each, the interval holds which phrases or images were drawn, not how another "
-        "training (or machine) would differ: train each model twice or more (--seed)"
-        if side["over"] != "trainings"
-        else ""
-    )
+             f"the paper's FID: {PUBLISHED_FIDELITY['Finetune_L'][0]:g} vs {PUBLISHED_FIDELITY['Finetune_F'][0]:g} "
+             f"on 5,000 images, lower is closer{_n_images(side)}")  # fmt: skip
+    infinity = side.get("infinity")
+    if infinity:
+        paper += f"; bias-corrected FD∞ {infinity['frozen']:.1f} frozen vs {infinity['learnable']:.1f} learnable"
+    power = "; " + power_words(side, digits) if side.get("power") else ""
     numbers = (f"{side['metric']} {side['frozen']:.{digits}f} frozen vs {side['learnable']:.{digits}f} learnable; "
-               f"{measure} {diff.text(digits)}, {over}{caveat}; {paper}")  # fmt: skip
+               f"{measure} {diff.text(digits)}, {evidence_words(side)}{power}; {paper}")  # fmt: skip
     return f"{side['side'].capitalize()} (the paper: {claim}): **{side['verdict']}** ({numbers})."
+
+
+def _n_images(side: Mapping[str, Any]) -> str:
+    """How many images the distances here rest on (a distance at n sits above the one at 5,000 by O(d/n))."""
+    n = side.get("images") or (None, None)
+    if None in n:
+        return ""
+    return f"; here {n[0]} images frozen vs {n[1]} learnable" if n[0] != n[1] else f"; here {n[0]} images each"
 
 
 def lora_lines(
@@ -280,7 +285,7 @@ def lora_lines(
 def verdict_lines(metrics: Mapping[str, Any]) -> list[str]:
     """The trade-off's verdicts (metrics.json's `verdicts`): one block per base model when the runs were
     fine-tuned from several (e.g. the demo's pretrained and token-local text encoders)."""
-    from cxrdiff.report.verdicts import overall
+    from cxrdiff.report.verdicts import trade_off_words
 
     found = metrics.get("verdicts")
     if not found:
@@ -295,12 +300,7 @@ def verdict_lines(metrics: Mapping[str, Any]) -> list[str]:
             start += f" with text encoder {literal(v['encoder'])}" if v.get("encoder") else ""
             lines.append(f"**Fine-tuned from {start} ({names}):**")
         lines += [side_line(side) for side in v["sides"]]
-        said = overall(v["sides"])
-        said += "" if said.endswith(" here") else " here"
-        lines.append(
-            f"**The trade-off (frozen: more interpretable, learnable: images closer to real) is {said}**: a half "
-            "counts as reproduced or opposite only when its 95% interval excludes zero."
-        )
+        lines.append(trade_off_words(v))
         by_name = {m["name"]: m for m in models(metrics)}
         if v["frozen"] in by_name and v["learnable"] in by_name:
             lines += lora_lines(list(by_name.values()), by_name[v["frozen"]], by_name[v["learnable"]])
