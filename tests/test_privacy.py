@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -189,3 +191,51 @@ def test_memorization_score_by_hand_on_the_first_step(tiny_unet):
     everything = memorization_score(tiny_unet, latents, cond, uncond, scheduler, timesteps=4)
     assert everything.shape == (2,) and (everything > 0).all() and not np.allclose(everything, one)
     assert scheduler.num_inference_steps is None  # the caller's scheduler was not touched
+
+
+def test_copy_count_test_holds_its_level_where_the_wilson_rule_does_not():
+    """Known truth: a copy-free model (generated and held-out similarities from one law). With 300 held-out
+    images the threshold's own noise makes the Wilson interval sit above 5 % in about 3 runs in 10; the exact
+    BetaBinomial test rejects in at most about 5 %. A model that copies 10 % of its images is found."""
+    from cxrdiff.metrics.privacy import copy_count_test, copy_rate, copy_threshold
+
+    rng = np.random.default_rng(0)
+    wilson = exact = found = 0
+    runs = 400
+    for _ in range(runs):
+        held_out, generated = rng.random(300), rng.random(2000)
+        threshold = copy_threshold(held_out, 0.95)
+        rate = copy_rate(generated, threshold)
+        wilson += rate.low > 0.05
+        exact += copy_count_test(rate.copies, rate.n, 300, 0.95) < 0.05
+        copier = np.where(rng.random(2000) < 0.10, 1.0, generated)  # 10 % exact copies (similarity 1)
+        found += copy_count_test(copy_rate(copier, threshold).copies, 2000, 300, 0.95) < 0.05
+    assert wilson / runs > 0.15  # the rule it replaces: a copy-free model called "above 5 %" far too often
+    assert exact / runs <= 0.065  # 5 % and Monte-Carlo error (s.e. 1.1 %)
+    assert found / runs > 0.95
+
+
+def test_copy_count_law_is_the_simulated_one():
+    """The p-value of the expected count is about a half, and the law's mean is n_gen (1 − k / (n_cal + 1))."""
+    from scipy.stats import betabinom
+
+    from cxrdiff.metrics.privacy import copy_count_test
+
+    k = math.ceil(0.95 * 301)  # 286
+    assert betabinom.mean(1000, 301 - k, k) == pytest.approx(1000 * (301 - k) / 301)
+    rng = np.random.default_rng(1)
+    counts = [int((rng.random(1000) > np.sort(rng.random(300))[k - 1]).sum()) for _ in range(4000)]
+    assert np.mean(counts) == pytest.approx(1000 * 15 / 301, rel=0.03)
+    share = np.mean([c >= 80 for c in counts])  # simulated P(count ≥ 80) against the law's
+    assert copy_count_test(80, 1000, 300) == pytest.approx(share, abs=0.01)
+    with pytest.raises(InputError, match="not a count"):
+        copy_count_test(5, 4, 300)
+
+
+def test_similarity_test_tells_farther_images_from_exchangeable_ones():
+    from cxrdiff.metrics.privacy import similarity_test
+
+    rng = np.random.default_rng(2)
+    held_out = rng.normal(0.8, 0.05, 300)
+    assert similarity_test(rng.normal(0.8, 0.05, 500), held_out)[1] > 0.01
+    assert similarity_test(rng.normal(0.7, 0.05, 500), held_out)[1] < 1e-6  # farther from training: differs

@@ -6,7 +6,9 @@ Three measurements, each with its rule written down:
   - `copy_threshold` + `copy_rate`: "copy" is calibrated on real held-out test images, which the model
     never saw: a generated image is a copy when it is closer to its nearest training image than a share
     `quantile` of held-out test images are to theirs. A model that does not copy produces copies at the
-    nominal rate 1 - quantile (5 % for 0.95); the rate comes with a Wilson binomial interval.
+    nominal rate 1 - quantile (5 % for 0.95) on average; the rate comes with a Wilson binomial interval, and
+    whether it exceeds the nominal rate is an exact one-sided test (`copy_count_test`) that includes the
+    threshold's own calibration noise.
   - `memorization_score`: Wen et al. (ICLR 2024) / Dutt et al. (arXiv 2502.07516): how strongly the text
     pulls the noise prediction, ||ε(x_t, c) − ε(x_t, ∅)||₂, averaged over the sampling steps.
 
@@ -152,10 +154,10 @@ class CopyRate(NamedTuple):
 
 def copy_rate(gen_sims: Any, threshold: float, confidence: float = 0.95) -> CopyRate:
     """Share of generated images whose nearest-training similarity exceeds `threshold` (strictly), with a
-    Wilson score interval (scipy `binomtest(...).proportion_ci(method="wilson")`). Compare it with the
-    nominal rate 1 − quantile that the threshold was calibrated for: an interval above it means copies.
-    The interval covers the generated sample only, not the threshold's calibration noise: with 300 held-out
-    images it held the nominal 5 % in ~88 % of simulated copy-free runs; calibrate on ≥ 1000 when possible."""
+    Wilson score interval (scipy `binomtest(...).proportion_ci(method="wilson")`). The interval covers the
+    generated sample only, not the threshold's calibration noise, so it does not decide "above the nominal
+    rate": a copy-free model lands above 5 % in 8 % (5,000 held-out) to 27 % (300 held-out) of runs by that
+    rule. `copy_count_test` decides it."""
     from scipy.stats import binomtest
 
     sims = np.asarray(gen_sims, dtype=np.float64).ravel()
@@ -166,6 +168,36 @@ def copy_rate(gen_sims: Any, threshold: float, confidence: float = 0.95) -> Copy
     return CopyRate(
         copies / len(sims), float(interval.low), float(interval.high), copies, len(sims), threshold, confidence
     )
+
+
+def copy_count_test(copies: int, n_generated: int, n_held_out: int, quantile: float = 0.95) -> float:
+    """One-sided p-value that a model copies more than a copy-free one would, from the exact law of the copy
+    count with the threshold calibrated as `copy_threshold` does.
+
+    Assumption (exchangeability): a copy-free model's similarities to the training set are draws from the same
+    continuous law as the held-out images'. The threshold is then the k-th smallest of n_cal such draws,
+    k = ⌈quantile·(n_cal + 1)⌉, so the chance p that one generated image exceeds it is Beta(n_cal + 1 − k, k)
+    and, given p, the count is Binomial(n_gen, p): the count is BetaBinomial(n_gen, n_cal + 1 − k, k)
+    (scipy.stats.betabinom), which holds the threshold's calibration noise the Wilson interval leaves out."""
+    from scipy.stats import betabinom
+
+    if not 0 <= copies <= n_generated or n_held_out < 1:
+        raise InputError(f"copy count {copies} of {n_generated} generated, {n_held_out} held-out: not a count")
+    k = math.ceil(quantile * (n_held_out + 1))
+    if k > n_held_out:
+        raise InputError(f"{n_held_out} held-out test images cannot calibrate quantile {quantile}")
+    return float(betabinom.sf(copies - 1, n_generated, n_held_out + 1 - k, k))
+
+
+def similarity_test(gen_sims: Any, held_out_sims: Any) -> tuple[float, float]:
+    """Two-sample Kolmogorov–Smirnov test (scipy `ks_2samp`, two-sided) of generated against held-out
+    similarities to the training set: (statistic, p-value). Under the exchangeability `copy_count_test`
+    assumes the two laws are one; a small p-value says they differ, in whichever direction the medians show
+    (generated images farther from the training set than real ones is a difference too)."""
+    from scipy.stats import ks_2samp
+
+    result = ks_2samp(np.asarray(gen_sims, dtype=np.float64).ravel(), np.asarray(held_out_sims).ravel())
+    return float(result.statistic), float(result.pvalue)
 
 
 # --- memorization score ----------------------------------------------------------------------

@@ -6,8 +6,10 @@ one network (`--privacy-features`, default the first `--features` network) and b
 pixels (`--privacy-pixels` px). What counts as a copy is calibrated on the real held-out test images (p19
 patients, never trained on): the threshold is the split-conformal `--privacy-quantile` of their nearest-training
 similarities (`metrics.privacy.copy_threshold`), and the copy rate is the share of generated images above it,
-with a Wilson interval. A model that copies nothing lands near the nominal 1 − quantile (5 %); the run's entry
-of metrics.json holds it under "privacy" → "copy_rate" (features) and "copy_rate_pixels".
+with a Wilson interval. A model that copies nothing lands near the nominal 1 − quantile (5 %); whether a run copies
+more is the exact one-sided test `metrics.privacy.copy_count_test` (calibration noise included), and whether its
+similarities follow the held-out images' law a two-sample KS test. The run's entry of metrics.json holds it under
+"privacy" → "copy_rate" (features) and "copy_rate_pixels".
 
 The closest pairs (generated | nearest training image, with their similarity) are drawn, since a person judges
 a copy by looking; Dutt et al.'s memorization score (‖ε(x_t, c) − ε(x_t, ∅)‖ over a DDIM trajectory) is scored
@@ -31,7 +33,15 @@ import numpy as np
 
 from cxrdiff.artifacts import MANIFEST, input_identity, read_manifest, settings_key
 from cxrdiff.console import log
-from cxrdiff.metrics.privacy import Nearest, copy_rate, copy_threshold, nearest_training, pixel_correlation
+from cxrdiff.metrics.privacy import (
+    Nearest,
+    copy_count_test,
+    copy_rate,
+    copy_threshold,
+    nearest_training,
+    pixel_correlation,
+    similarity_test,
+)
 from cxrdiff.report.config import ReportConfig
 from cxrdiff.report.document import Table
 from cxrdiff.report.features import (
@@ -150,6 +160,7 @@ def copy_measure(
     test_near = nearest_in_blocks(held_out, train, pixels)
     threshold = copy_threshold(test_near.similarity, quantile)
     rate = copy_rate(gen_near.similarity, threshold)
+    statistic, p_same = similarity_test(gen_near.similarity, test_near.similarity)
     entry = {
         **what,
         **rate._asdict(),
@@ -159,6 +170,10 @@ def copy_measure(
         "generated_median": float(np.median(gen_near.similarity)),
         "held_out_median": float(np.median(test_near.similarity)),
         "interval": "Wilson score interval over the generated images (the threshold's calibration noise not included)",
+        # exact one-sided test of "more copies than a copy-free model", calibration noise included
+        "copy_test_p": copy_count_test(rate.copies, rate.n, len(held_out), quantile),
+        "copy_test": "BetaBinomial(n_gen, n_cal + 1 − k, k) law of the copy count under exchangeability",
+        "similarity_test": {"ks": statistic, "p_value": p_same, "test": "two-sample Kolmogorov–Smirnov, two-sided"},
     }
     return entry, gen_near
 
@@ -510,6 +525,8 @@ def privacy_tables(metrics: Mapping[str, Any]) -> list[Table]:
             "—",
             "—",
             "—",
+            "—",
+            "—",
         ]
     ]
     for name, p in runs.items():
@@ -527,6 +544,8 @@ def privacy_tables(metrics: Mapping[str, Any]) -> list[Table]:
                     f"{e['threshold']:.3f}",
                     f"{e['generated_median']:.3f}",
                     f"{e['held_out_median']:.3f}",
+                    _p_value(e.get("copy_test_p")),
+                    _p_value((e.get("similarity_test") or {}).get("p_value")),
                 ]
             )
     searched = first.get("searched", "all")
@@ -542,16 +561,28 @@ def privacy_tables(metrics: Mapping[str, Any]) -> list[Table]:
                 "threshold",
                 "median: generated → training",
                 "median: held-out → training",
+                "p: more copies than copy-free",
+                "p: same law as held-out (KS)",
             ],
             rows,
             f"A generated image is a copy when it is closer to its nearest training image (searched: {searched}, "
             f"{first.get('training_images', '?')} images) than {q:.0%} of the {first.get('held_out_images', '?')} "
             "real held-out test images are to theirs (the split-conformal quantile); a model that copies nothing gives "
-            f"about {1 - q:.0%}. Interval: Wilson, over the generated images. Medians: each image's similarity to its "
-            "nearest training image (cosine of features, or Pearson correlation of pixels).",
+            f"about {1 - q:.0%}. Interval: Wilson, over the generated images (the threshold's own noise not in it). "
+            "'More copies than copy-free': the exact one-sided p-value of the copy count, whose law for a model that "
+            "copies nothing is BetaBinomial(generated, held-out + 1 − k, k) with k the threshold's rank, assuming its "
+            "images are as close to the training set as fresh real ones (exchangeable); 'same law': a two-sample "
+            "Kolmogorov–Smirnov test of that assumption (the medians say which way they differ). Medians: each "
+            "image's similarity to its nearest training image (cosine of features, or Pearson correlation of pixels).",
         )
     ]
     return [*copy, *_memorization_table(runs), *_over_training_table(metrics, q)]
+
+
+def _p_value(p: float | None) -> str:
+    if p is None:
+        return "—"
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def _memorization_table(runs: Mapping[str, Any]) -> list[Table]:
