@@ -106,10 +106,14 @@ def test_one_training_per_model_gives_no_verdict_word_anywhere():
     lines, _ = page.headline(metrics)
     said = " ".join(lines[2:]).lower()
     assert not any(word in said for word in ("reproduced", "opposite", "better")), said
-    assert "CNR frozen − learnable 0.20 [0.10, 0.30], 95% interval over this training's phrases (frozen and " \
+    assert (
+        "CNR frozen − learnable 0.20 [0.10, 0.30], 95% interval over this training's phrases (frozen and "
         "learnable; bootstrap, paired, class-stratified, 1000 resamples, percentile)" in lines[-3]
-    assert lines[-1].startswith("**The trade-off (frozen: more interpretable, learnable: images closer to real): no "
-                                "verdict (one training per model; a verdict needs 2+ trainings per model).**")
+    )
+    assert lines[-1].startswith(
+        "**The trade-off (frozen: more interpretable, learnable: images closer to real): no "
+        "verdict (one training per model; a verdict needs 2+ trainings per model).**"
+    )
 
 
 FID_SAID = "Fidelity (the paper: the learnable text encoder's images are closer to the real ones): "
