@@ -476,10 +476,11 @@ def _report(out: Path, runs: dict[str, list[Path]], prepared: Path, classifier: 
 
 def _summary(metrics_path: Path) -> dict[str, Any]:
     """The headline numbers per run, each with its 95% interval (a bootstrap over the run's phrases or images;
-    never a "± 0.00" for a single training), and the report's verdicts in one line each."""
+    never a "± 0.00" for a single training), and the report's verdicts in one line each: with one training per
+    model no verdict word, the difference over this training's phrases or images instead."""
     import json
 
-    from cxrdiff.report.verdicts import overall
+    from cxrdiff.report.verdicts import overall, summary_words
 
     metrics = json.loads(metrics_path.read_text())
     summary: dict[str, Any] = {}
@@ -497,8 +498,9 @@ def _summary(metrics_path: Path) -> dict[str, Any]:
             numbers["MS-SSIM %"] = _with_interval(run["diversity"]["value"], run["diversity"].get("interval"), 1)
         summary[name] = numbers
     for v in metrics.get("verdicts") or []:
-        sides = {s["side"]: s["verdict"] for s in v["sides"]}
-        summary[f"verdict: {v['frozen']} vs {v['learnable']}"] = {**sides, "trade-off": overall(v["sides"])}
+        sides = {s["side"]: summary_words(s) for s in v["sides"]}
+        said = v.get("overall") or overall(v["sides"])
+        summary[f"verdict: {v['frozen']} vs {v['learnable']}"] = {**sides, "trade-off": said}
     return summary
 
 

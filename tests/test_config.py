@@ -179,3 +179,12 @@ def test_cli_refuses_bad_numbers_with_one_line_and_exit_2(argv, line, tmp_path, 
     code, err, _ = run_main(argv, capsys, monkeypatch)
     assert code == 2 and len(err) == 1 and err[0].startswith(line), err
     assert not (tmp_path / "out").exists()
+
+
+def test_report_refuses_fewer_than_200_resamples():
+    """The 2.5 % and 97.5 % percentiles of fewer resamples rest on a handful of draws each."""
+    from cxrdiff.report.config import ReportConfig
+
+    with pytest.raises(InputError, match=r"^--resamples 199: must be at least 200$"):
+        load_config(ReportConfig, None, resamples=199)
+    assert load_config(ReportConfig, None, resamples=200).resamples == 200

@@ -52,6 +52,17 @@ def test_runs_group_by_setting_but_the_seed_never_by_folder_name(tmp_path):
     assert named["Finetune_F"] == ["learnable", "b", "c"] and named["Finetune_L"] == ["frozen", "e"]
 
 
+def test_a_group_whose_members_share_a_seed_or_a_folder_is_refused(tmp_path):
+    """One training counted twice would give a zero (or halved) spread and a verdict from it."""
+    a, b = _run(tmp_path / "a", 0), _run(tmp_path / "b", 0)
+    with pytest.raises(InputError, match=rf"^{b}: shares seed 0 with {a}; trainings of one setting need distinct"):
+        group_runs([a, b], ["a", "b"])
+    with pytest.raises(InputError, match=rf"^{a}: is given twice"):
+        group_runs([a, a], ["x", "y"])
+    other = _run(tmp_path / "c", 0, frozen_text=False)  # seed 0 in another setting: fine
+    assert group_runs([a, other], ["a", "c"]) == {"frozen": ["a"], "learnable": ["c"]}
+
+
 def test_labels_are_checked(tmp_path):
     runs = [_run(tmp_path / "a", 0), _run(tmp_path / "b", 1), _run(tmp_path / "c", 0, frozen_text=False)]
     names = ["a", "b", "c"]

@@ -192,3 +192,26 @@ def test_two_trainings_each_use_welch(tmp_path):
     assert interp["verdict"] == "reproduced" and interp["difference"]["method"].startswith("Welch")
     # FD learnable − frozen = 7 − 11 = −4 with spread 1 on each side: Welch's interval excludes zero
     assert fid["difference"]["value"] == pytest.approx(-4.0) and fid["verdict"] == "reproduced"
+
+
+def test_the_demo_summary_with_one_training_has_no_verdict_word(tmp_path):
+    """`cxrdiff demo` prints this summary: from one training each, with runs that differ beyond their phrases'
+    noise (it printed "interpretability opposite"), it shows the difference and says no verdict."""
+    import json
+
+    from cxrdiff.demo import _summary
+
+    metrics = _one_each(tmp_path, 0.4, 0.6)
+    metrics["verdicts"] = verdicts(metrics, tmp_path, seed=0, resamples=400, fd_resamples=100)
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps(metrics))
+    summary = _summary(path)
+    said = summary["verdict: frozen vs learnable"]
+    text = json.dumps(summary).lower()
+    assert not any(word in text for word in VERDICT_WORDS), text
+    diff = Interval.from_dict(metrics["verdicts"][0]["sides"][0]["difference"])
+    assert diff.excludes_zero() and said["interpretability"] == (
+        "no verdict (one training per model; a verdict needs 2+ trainings per model): CNR difference "
+        f"{diff.text(2)} over this training's phrases"
+    )
+    assert said["trade-off"].startswith("no verdict") and "over this training's generated images" in said["fidelity"]

@@ -10,6 +10,7 @@ from typing import Annotated, Any, ClassVar
 from cxrdiff.choices import ClassifierPositives, OtherSources
 from cxrdiff.config import Range
 from cxrdiff.errors import InputError
+from cxrdiff.metrics.intervals import MIN_RESAMPLES
 
 STEP = "report"
 
@@ -54,8 +55,8 @@ class ReportConfig:
     table4_p19_only: bool = False  # Table 4 from the p19 prompts only: the MS-CXR phrases are not sampled
     other_sources: OtherSources = "grounding"  # runs trained on labels / file: texts: Table 7's grounding only
     seed: Annotated[int, Range(ge=0)] = 0  # sampling, grounding and every bootstrap
-    # bootstrap resamples of the intervals over phrases, prompts and images
-    resamples: Annotated[int, Range(ge=10)] = 1000
+    # bootstrap resamples of the intervals over phrases, prompts and images (fewer than 200: too noisy percentiles)
+    resamples: Annotated[int, Range(ge=MIN_RESAMPLES)] = 1000
     # over generated images for Fréchet distances (each is one eigen-decomposition); 0: no interval
     fd_resamples: Annotated[int, Range(ge=0)] = 200
     batch_size: Annotated[int, Range(ge=1)] = 8

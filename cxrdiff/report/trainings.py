@@ -127,6 +127,7 @@ def group_runs(runs: Sequence[Path], names: Sequence[str], labels: Sequence[str]
     if len(set(named.values())) != len(named):
         raise InputError("--label: one NAME given to runs of different settings (they are never pooled)")
     summaries = [run_summary(Path(r)) for r in runs]
+    _refuse_repeats(runs, keys, summaries)
     first_run = {g: keys.index(g) for g in range(len(distinct))}
     default = _default_names([summaries[first_run[g]] for g in range(len(distinct))], set(named.values()))
     group_names = [named.get(g, default[g]) for g in range(len(distinct))]
@@ -134,6 +135,21 @@ def group_runs(runs: Sequence[Path], names: Sequence[str], labels: Sequence[str]
     for name, g in zip(names, keys, strict=True):
         out[group_names[g]].append(name)
     return out
+
+
+def _refuse_repeats(runs: Sequence[Path], keys: Sequence[int], summaries: Sequence[Mapping[str, Any]]) -> None:
+    """Two members of one group with one seed, or one folder given twice, are one training counted twice: its
+    spread over "trainings" would be zero or halved, and a verdict over them unfounded."""
+    seen: dict[tuple[int, Any], Path] = {}
+    for run, group, summary in zip(runs, keys, summaries, strict=True):
+        folder = Path(run).resolve()
+        for key in ((group, folder), (group, ("seed", summary["seed"]))):
+            if key[1] == ("seed", None):
+                continue
+            if key in seen:
+                what = "is given twice" if key[1] == folder else f"shares seed {summary['seed']} with {seen[key]}"
+                raise InputError(f"{run}: {what}; trainings of one setting need distinct folders and seeds")
+            seen[key] = Path(run)
 
 
 def _default_names(summaries: Sequence[Mapping[str, Any]], taken: set[str]) -> list[str]:

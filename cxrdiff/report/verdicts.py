@@ -318,6 +318,16 @@ def power_words(side: Mapping[str, Any], digits: int = 2) -> str:
     )
 
 
+def summary_words(side: Mapping[str, Any], digits: int = 2) -> str:
+    """One half in one line for a console: the verdict (or why none), then the difference with its interval and
+    what the interval is over, e.g. "no verdict (one training per model; ...): difference 0.20 [0.10, 0.30]
+    over this training's phrases"."""
+    diff = Interval.from_dict(side["difference"])
+    items = "phrases" if side["side"] == "interpretability" else "generated images"
+    over = "over trainings" if side["over"] == "trainings" else f"over this training's {items}"
+    return f"{side['verdict']}: {side['metric']} difference {diff.text(digits)} {over}"
+
+
 def trade_off_words(found: Mapping[str, Any]) -> str:
     """The trade-off's closing line, bold where it is a verdict; with one training per model it says what a
     verdict would need instead."""
