@@ -215,3 +215,27 @@ def test_the_demo_summary_with_one_training_has_no_verdict_word(tmp_path):
         f"{diff.text(2)} over this training's phrases"
     )
     assert said["trade-off"].startswith("no verdict") and "over this training's generated images" in said["fidelity"]
+
+
+def test_holm_runs_over_every_half_of_every_base_model(tmp_path):
+    """--text-init both: two base models, four halves shown; a one-half claim must pass Holm over all four."""
+    from scipy import stats
+
+    from cxrdiff.metrics.intervals import holm
+
+    frozen_cnr = {"/a": [0.60, 0.66, 0.72], "/b": [0.60, 0.62, 0.64]}
+    learnable_cnr = {"/a": [0.40, 0.52, 0.48], "/b": [0.50, 0.70, 0.55]}
+    runs, groups = {}, {}
+    for base in ("/a", "/b"):
+        for kind, cnrs in (("frozen", frozen_cnr[base]), ("learnable", learnable_cnr[base])):
+            names = [f"{base}{kind}{s}" for s in range(3)]
+            runs |= {n: _entry(kind == "frozen", c, 10.0 + 0.3 * s, base) for s, (n, c) in enumerate(zip(names, cnrs))}
+            groups[f"{base}{kind}"] = {"runs": names, "setting": {"text_encoder": kind, "base_model": base}}
+    found = verdicts({"runs": runs, "groups": groups}, tmp_path, seed=0)
+    sides = [s for v in found for s in v["sides"]]
+    p_values = [s["p_value"] for s in sides]
+    assert p_values[0] == pytest.approx(stats.ttest_ind(frozen_cnr["/a"], learnable_cnr["/a"], equal_var=False).pvalue)
+    assert [s["p_holm"] for s in sides] == pytest.approx(holm(p_values))
+    first = found[0]
+    assert first["sides"][0]["verdict"] == "reproduced" and 0.0125 < p_values[0] < 0.05  # alone: p < 0.05 ...
+    assert first["overall"] == "not distinguishable here"  # ... but not after Holm over the four halves

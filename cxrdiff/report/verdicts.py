@@ -245,16 +245,22 @@ def verdicts(
     fd_resamples: int = FRECHET_RESAMPLES,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """metrics.json's `verdicts`: per base model, the frozen and learnable model, both halves' verdicts and the
-    trade-off's (`overall`, Holm over the halves for a one-half claim)."""
+    trade-off's (`overall`). Every half with a Welch p-value gets its Holm-adjusted one (`p_holm`) over all the
+    halves shown, of every base model (the demo's --text-init both, --text-encoders clip,bert), for the one-half
+    claims."""
     found = []
     for frozen, learnable in pairs(metrics):
         sides = [side_verdict(metrics, out, frozen, learnable, side, seed, resamples, fd_resamples)
                  for side in ("interpretability", "fidelity")]  # fmt: skip
-        sides = [s for s in sides if s is not None]
         found.append({"base": frozen["base"], "encoder": frozen["encoder"], "frozen": frozen["name"],
                       "learnable": learnable["name"],
                       "trainings": [len(frozen["runs"]), len(learnable["runs"])],
-                      "sides": sides, "overall": overall(sides)})  # fmt: skip
+                      "sides": [s for s in sides if s is not None]})  # fmt: skip
+    shown = [s for v in found for s in v["sides"] if s.get("p_value") is not None]
+    for side, adjusted in zip(shown, holm([s["p_value"] for s in shown]) if shown else [], strict=True):
+        side["p_holm"] = adjusted
+    for v in found:
+        v["overall"] = overall(v["sides"])
     return found
 
 
@@ -262,7 +268,8 @@ def overall(sides: Sequence[Mapping[str, Any]]) -> str:
     """The trade-off's verdict from its halves. "reproduced" / "opposite" / "mixed" need both halves judged so
     (each at 5 %: a claim that both hold needs no correction). A one-half claim ("partly reproduced") is a
     union over the halves shown, so the half must pass Holm's correction over them (its Holm-adjusted Welch
-    p-value below 5 %). No half with a verdict (one training per model): "no verdict", never a verdict word."""
+    p-value below 5 %: `p_holm` when `verdicts` adjusted over every base model's halves, else over these).
+    No half with a verdict (one training per model): "no verdict", never a verdict word."""
     judged = [s for s in sides if not str(s["verdict"]).startswith(NO_VERDICT)]
     if not judged:
         reasons = sorted({str(s["verdict"]) for s in sides})
@@ -275,8 +282,10 @@ def overall(sides: Sequence[Mapping[str, Any]]) -> str:
             return OPPOSITE
         if set(found) == {REPRODUCED, OPPOSITE}:
             return "mixed (one half reproduced, the other opposite)"
-    p_values = [s.get("p_value") for s in sides]
-    adjusted = holm([1.0 if p is None else p for p in p_values]) if len(sides) > 1 else [p_values[0] or 1.0]
+    if all("p_holm" in s or s.get("p_value") is None for s in sides):  # adjusted over every half shown
+        adjusted = [s.get("p_holm", 1.0) for s in sides]
+    else:
+        adjusted = holm([1.0 if s.get("p_value") is None else s["p_value"] for s in sides])
     kept = {s["verdict"] for s, p in zip(sides, adjusted, strict=True) if p < 1.0 - LEVEL}
     if REPRODUCED in kept:
         return "partly reproduced (Holm over the halves shown)"
