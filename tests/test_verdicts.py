@@ -229,7 +229,10 @@ def test_holm_runs_over_every_half_of_every_base_model(tmp_path):
     for base in ("/a", "/b"):
         for kind, cnrs in (("frozen", frozen_cnr[base]), ("learnable", learnable_cnr[base])):
             names = [f"{base}{kind}{s}" for s in range(3)]
-            runs |= {n: _entry(kind == "frozen", c, 10.0 + 0.3 * s, base) for s, (n, c) in enumerate(zip(names, cnrs))}
+            runs |= {
+                n: _entry(kind == "frozen", c, 10.0 + 0.3 * s, base)
+                for s, (n, c) in enumerate(zip(names, cnrs, strict=True))
+            }
             groups[f"{base}{kind}"] = {"runs": names, "setting": {"text_encoder": kind, "base_model": base}}
     found = verdicts({"runs": runs, "groups": groups}, tmp_path, seed=0)
     sides = [s for v in found for s in v["sides"]]
