@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cxrdiff.errors import InputError
-from cxrdiff.metrics.distribution import HfVisionFeatures, kid, prdc
+from cxrdiff.metrics.distribution import HfVisionFeatures, kid, kid_interval, prdc
 
 
 def _gaussian(n: int, dim: int = 16, shift: float = 0.0, seed: int = 0) -> np.ndarray:
@@ -55,6 +55,38 @@ def test_kid_clips_the_subset_size_to_the_smaller_set():
         kid(_gaussian(10, dim=3), _gaussian(10, dim=4))
     with pytest.raises(InputError, match="at least 2"):
         kid(_gaussian(1), _gaussian(10))
+
+
+def test_kid_of_small_sets_gets_a_bootstrap_interval_not_a_zero_std():
+    """≤ 1,000 images a side: torch-fidelity's every subset is the whole set and its "±" is exactly 0. The
+    bootstrap over generated images (real fixed) gives the same value and a real interval."""
+    real, fake = _gaussian(150, seed=0), _gaussian(120, shift=0.2, seed=1)
+    whole = kid(real, fake, subsets=5, subset_size=1000)
+    assert whole.subset_size == 120
+    same_size = kid(real[:120], fake, subsets=5, subset_size=1000)
+    assert same_size.std == pytest.approx(0.0, abs=1e-12)  # the "± 0.0000" the report printed
+    interval = kid_interval(real[:120], fake, resamples=300, seed=0)
+    assert interval.value == pytest.approx(same_size.mean, rel=1e-9)
+    assert interval.low < interval.value < interval.high and "generated images" in interval.method
+    alike = kid_interval(real[:120], _gaussian(120, seed=2), resamples=300, seed=0)
+    assert alike.low < 0 < alike.high and interval.low > alike.high
+
+
+def test_benchmark_kid_of_small_sets_carries_the_interval(tmp_path):
+    from types import SimpleNamespace
+
+    from cxrdiff.report.benchmark import network_scores
+    from cxrdiff.report.config import ReportConfig
+
+    network = SimpleNamespace(label="", protocol={}, metric_name=lambda m: f"{m} (x)")
+    config = ReportConfig(out=tmp_path, kid_subsets=3, prdc_k=2, fd_resamples=200)
+    scores = {s["name"]: s for s in network_scores(network, _gaussian(80), _gaussian(80, shift=0.3, seed=1), config)}
+    kid_score = scores["KID (x)"]
+    assert (
+        kid_score["std"] is None and kid_score["interval"]["low"] < kid_score["value"] < kid_score["interval"]["high"]
+    )
+    larger = {s["name"]: s for s in network_scores(network, _gaussian(80), _gaussian(40, seed=1), config)}["KID (x)"]
+    assert larger["std"] > 0 and larger["interval"] is None  # real subsets of 40 of 80 differ: their std is one
 
 
 # --- precision, recall, density, coverage ----------------------------------------------------
