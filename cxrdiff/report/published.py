@@ -230,16 +230,23 @@ PROTOCOL = [
     "Sampling: diffusers' PNDM with PLMS steps, 75 steps, makes 76 UNet calls starting at t = 963; the paper's "
     "PLMS code (the original Stable Diffusion repository's) made 77 starting at t = 989. The images differ by "
     "this; their distribution should not by much.",
-    "Uncertainty: every measured number carries a 95% interval. Over the phrases (localization): a percentile "
-    "bootstrap, class-stratified for averages (each class keeps its count); over the generated images (Fréchet "
-    "distances): a bootstrap of the generated features against the fixed real ones, shown as value ± 1.96 "
-    "bootstrap s.d. (the resampled distances sit above the value, so percentiles would not contain it); over "
-    "prompts (MS-SSIM) and images (classifier AUC, positives and negatives resampled apart): percentile "
-    "bootstraps. Settings with two or more trainings: ± is the standard deviation over trainings and the "
-    "verdicts use Welch's t interval over trainings. The seed and resamples are in metrics.json (`uncertainty`).",
-    "Verdicts: a half of the trade-off is 'reproduced' or 'opposite' only when the 95% interval of the "
-    "difference (frozen − learnable CNR; learnable − frozen distance) excludes zero; otherwise 'not "
-    "distinguishable here'.",
+    "Uncertainty: 95% intervals. Over the phrases (localization): a percentile bootstrap, class-stratified for "
+    "averages (each class keeps its count); a class of fewer than 10 phrases shows 'too few (n)'. Over the generated "
+    "images (Fréchet distances): a bootstrap of the generated features against the fixed real ones, value ± 1.96 "
+    "bootstrap s.d.; it is the spread of the distance at this n, which sits above the 5,000-image one by "
+    "O(dimension / n), so it is no interval for the paper's number: compare distances at equal n (the differences "
+    "are paired, same prompts and noise), or by the bias-corrected FD∞ the verdict prints. KID: std over subsets, or "
+    "for sets no larger than a subset a bootstrap over the generated images. Over prompts (MS-SSIM) and images "
+    "(classifier AUC, positives and negatives resampled apart): percentile bootstraps. Without an interval: "
+    "precision / recall / density / coverage, EOS CNR, Table 7 and the word table (single values). Settings with "
+    "two or more trainings: ± is the standard deviation over trainings. The seed and resamples are in metrics.json "
+    "(`uncertainty`).",
+    "Verdicts: a verdict needs 2+ trainings per model. A half of the trade-off is judged in the paper's direction or "
+    "against it only when the 95% Welch interval over trainings of the difference (frozen − learnable CNR; learnable "
+    "− frozen distance) excludes zero; otherwise 'not distinguishable here', with the trainings per model that "
+    "would detect the observed difference with 80% power. A claim on one half alone passes Holm's correction over "
+    "every half shown. With one training per model, or 2+ against 1, the same two runs' difference is shown over this "
+    "training's phrases or images, and no verdict.",
 ]
 
 # Table 2: SD2 fine-tuned on MS-COCO captions (in-domain), batch 16 on one A100; FID on the official val split
