@@ -516,9 +516,13 @@ def demo(
         TextInit,
         typer.Option(help="The tiny text encoder: contrastively pretrained, token-local by construction, or both."),
     ] = TextInit.pretrained,
-    trainings: Annotated[int, typer.Option(help="Fine-tunings per model (seeds 0..N-1), for ± over trainings; a verdict "
-                                                 "needs 2+ (at the README's spread 3 detect its CNR difference with "
-                                                 "27% power, 7 with 80%).")] = 1,  # fmt: skip
+    trainings: Annotated[
+        int,
+        typer.Option(
+            help="Fine-tunings per model (seeds 0..N-1), for ± over trainings; a verdict needs 2+ (at the README's "
+            "spread 3 detect its CNR difference with 27% power, 7 with 80%)."
+        ),
+    ] = 1,
     text_encoders: Annotated[
         str,
         typer.Option(
