@@ -344,3 +344,11 @@ def test_a_group_of_one_training_shows_its_runs_bootstrap_intervals():
     }
     lines, _ = page.headline(metrics)
     assert "CNR 0.61 [0.50, 0.70] (paper 0.92" in lines[0] and "FID_XRV 12.0 [10.5, 13.5] (paper 10.1" in lines[0]
+
+
+def test_a_distance_set_beside_the_papers_says_on_how_many_images():
+    metrics = _metrics()
+    metrics["runs"]["frozen"]["fidelity"] = [Score("FID_XRV", 12.0, protocol={"n": [300, 200]}).as_dict()]
+    lines, _ = page.headline(metrics)
+    assert "FID_XRV 12.0 (paper 10.1, +1.9; here 200 images, the paper's 5,000)" in lines[0]
+    assert "FID_XRV 9.0 (paper 7.7, +1.3)." in lines[1]  # n not recorded: nothing made up

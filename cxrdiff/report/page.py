@@ -174,7 +174,9 @@ def _fidelity_words(model: Mapping[str, Any], paper: str | None) -> str:
     text = f"{f.get('title', f['name'])} {f['value']:.1f}{spread}" + interval_text(f.get("interval"), 1)
     published = PUBLISHED_FIDELITY.get(paper or "")
     if published and f["name"] == "FID_XRV" and not f.get("label"):
-        return f"{text} (paper {published[1]:g}, {f['value'] - published[1]:+.1f})"
+        n = ((f.get("protocol") or {}).get("n") or [None, None])[1]  # FD at n sits above FD at 5,000 by O(d/n)
+        here = f"; here {n} images, the paper's 5,000" if n and n != 5000 else ""
+        return f"{text} (paper {published[1]:g}, {f['value'] - published[1]:+.1f}{here})"
     if published and f["name"] == "FID" and not f.get("label"):
         return f"{text} (paper {published[0]:g}, not comparable: computed differently)"
     return f"{text} (no published counterpart)"
