@@ -352,3 +352,12 @@ def test_a_distance_set_beside_the_papers_says_on_how_many_images():
     lines, _ = page.headline(metrics)
     assert "FID_XRV 12.0 (paper 10.1, +1.9; here 200 images, the paper's 5,000)" in lines[0]
     assert "FID_XRV 9.0 (paper 7.7, +1.3)." in lines[1]  # n not recorded: nothing made up
+
+
+def test_a_class_of_too_few_phrases_says_so_instead_of_an_interval():
+    from cxrdiff.metrics.intervals import Interval
+
+    few = Interval(0.4, None, None, method="bootstrap over phrases", n=7, reason="too few (7)").as_dict()
+    assert page.interval_text(few) == " [too few (7)]"
+    assert page.interval_text(Interval(0.4, 0.3, 0.5).as_dict()) == " [0.30, 0.50]"
+    assert page.interval_text(Interval(0.4, None, None, reason="one training").as_dict()) == ""

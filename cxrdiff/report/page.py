@@ -139,7 +139,10 @@ def _uncertainty(metrics: Mapping[str, Any], name: str, entry: Mapping[str, Any]
 
 
 def interval_text(interval: Mapping[str, Any] | None, digits: int = 2, scale: float = 1.0) -> str:
-    """ " [low, high]" for an interval with bounds, else "" (a value is never shown with a fake ± 0)."""
+    """ " [low, high]" for an interval with bounds, " [too few (n)]" for one withheld for want of items (a class
+    of fewer than 10 phrases), else "" (a value is never shown with a fake ± 0)."""
+    if interval and str(interval.get("reason", "")).startswith("too few"):
+        return f" [{interval['reason']}]"
     if not interval or interval.get("low") is None or interval.get("high") is None:
         return ""
     return f" [{interval['low'] * scale:.{digits}f}, {interval['high'] * scale:.{digits}f}]"
