@@ -33,7 +33,9 @@ class GroundConfig:
     steps: Annotated[int, Range(ge=1)] = 50
     window: Annotated[int, Range(ge=1)] = 40
     mode: GroundMode = "noise"
-    guidance: Annotated[float, Range(ge=1.0)] = 1.0
+    # classifier-free guidance of the grounding pass (invert mode steps with it); above MAX_GUIDANCE the
+    # guided latents overflow to NaN (1e30 did), so the range ends there
+    guidance: Annotated[float, Range(ge=1.0, le=50.0)] = 1.0
     seed: Annotated[int, Range(ge=0)] = 0
     noise_seeds: Annotated[int, Range(ge=1)] = 1  # the grounding repeated with seeds seed..seed+N-1; mean ± std
     cnr: CnrKind = "signed"
@@ -69,6 +71,9 @@ class GroundingInput:
     image_path: str = ""
     mask: np.ndarray | None = None  # a mask format's region in the prepared frame (then `boxes` are unused)
     word: str = ""  # the caption's word that names the category, where the format records one (its tokens are the map)
+    # the side of the patient the phrase names (`metrics.laterality.named_side`), where the format's pictures are
+    # radiographs with the patient's left on the image's right: "left", "right", "bilateral"; "" none, or no patient
+    side: str = ""
 
 
 # The settings key keeps the names and values folders were made with before the fields were renamed

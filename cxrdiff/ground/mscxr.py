@@ -8,6 +8,7 @@ from typing import Any
 
 from cxrdiff.ground.config import GroundConfig, GroundingInput
 from cxrdiff.ground.rows import check_one_shape, checked_rows, row_latents
+from cxrdiff.metrics.laterality import named_side
 
 DATA_COLUMNS = (
     "dicom_id",
@@ -28,10 +29,11 @@ def read_mscxr(table: Any, config: GroundConfig, path: Path) -> list[GroundingIn
     samples = []
     for i, row in enumerate(checked_rows(table, DATA_COLUMNS, config, path, "an ms_cxr.parquet")):
         latent, logvar = row_latents(row, config)
+        phrase = str(row["label_text"])
         samples.append(
             GroundingInput(
                 sample=f"{i:06d}",
-                phrase=str(row["label_text"]),
+                phrase=phrase,
                 latent=latent,
                 logvar=logvar,
                 dicom_id=str(row["dicom_id"]),
@@ -41,6 +43,7 @@ def read_mscxr(table: Any, config: GroundConfig, path: Path) -> list[GroundingIn
                 width=int(row["image_width"]),
                 height=int(row["image_height"]),
                 image_path=str(row.get("image_path") or ""),
+                side=named_side(phrase),
             )
         )
     check_one_shape(samples, path)

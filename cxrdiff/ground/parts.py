@@ -14,7 +14,14 @@ from cxrdiff.artifacts import StepFolder, atomic_path, write_json
 from cxrdiff.config import to_dict
 from cxrdiff.errors import RunError
 from cxrdiff.ground.config import GroundConfig, GroundingInput
-from cxrdiff.ground.tables import SCORE_COLUMNS, conventions, tables, word_analysis, write_parquet
+from cxrdiff.ground.tables import (
+    SCORE_COLUMNS,
+    conventions,
+    laterality_summary,
+    tables,
+    word_analysis,
+    write_parquet,
+)
 
 
 def part_name(run: int, c: int) -> str:
@@ -77,11 +84,14 @@ def merge(folder: StepFolder, parts: Path, config: GroundConfig, n_chunks: int, 
         summary["tokens"] = rows[0]["tokens"]
         summary["token_source"] = rows[0]["token_source"]
         summary["phrase"] = rows[0]["phrase"]
+        value = rows[0]["laterality"]
+        summary["side"], summary["laterality"] = rows[0]["side"], value if np.isfinite(value) else None
     else:
         scores = pd.DataFrame(rows, columns=SCORE_COLUMNS)
         write_parquet(scores, out / "scores.parquet")
         files.append("scores.parquet")
         summary.update(tables(scores, config.noise_seeds))
+        summary["laterality"] = laterality_summary(scores, config.noise_seeds)
         word_table = pd.DataFrame(words, columns=["run", "sample", "category", "word", "cnr"])
         write_parquet(word_table, out / "words.parquet")
         files.append("words.parquet")

@@ -10,6 +10,7 @@ import numpy as np
 from cxrdiff.errors import InputError
 from cxrdiff.ground.config import GroundConfig, GroundingInput
 from cxrdiff.ground.tokens import choose_tokens, ids_at, word_positions
+from cxrdiff.metrics.laterality import SIDES, laterality
 
 
 def normalise(heat: np.ndarray) -> np.ndarray:
@@ -83,6 +84,14 @@ def score(heat: np.ndarray, mask: np.ndarray, config: GroundConfig) -> dict[str,
     }
 
 
+def phrase_laterality(sample: GroundingInput, heat: np.ndarray, frame_size: int) -> float:
+    """The share of the normalised map's mass on the side of the patient the phrase names, in the prepared frame
+    (its midline is the image's: the crop is centred), whatever `--frame` scores in; NaN for no single side."""
+    if sample.side not in SIDES:
+        return float("nan")
+    return laterality(to_frame(normalise(heat), frame_size), sample.side)
+
+
 def score_chunk(
     chunk: list[GroundingInput], maps: np.ndarray, config: GroundConfig, tokenizer: Any, frame_size: int, run: int
 ) -> dict[str, Any]:
@@ -92,8 +101,9 @@ def score_chunk(
         positions, source = choose_tokens(tokenizer, s, config.word)
         heat = token_maps[positions].mean(axis=0)  # (H, W)
         heatmaps[s.sample] = heat
+        sided = {"side": s.side, "laterality": phrase_laterality(s, heat, frame_size)}
         if config.image is not None:
-            rows.append({"sample": s.sample, "phrase": s.phrase, "tokens": positions, "token_source": source})
+            rows.append({"sample": s.sample, "phrase": s.phrase, "tokens": positions, "token_source": source, **sided})
             continue
         frame_map = scoring_maps(s, heat, frame_size, config.frame)
         base = {
@@ -105,6 +115,7 @@ def score_chunk(
             "tokens": positions,
             "token_text": " ".join(tokenizer.convert_ids_to_tokens(ids_at(tokenizer, s.phrase, positions))),
             "token_source": source,
+            **sided,
         }
         union = None
         for box, mask in masks(s, frame_size, config):

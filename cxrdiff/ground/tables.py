@@ -50,6 +50,8 @@ SCORE_COLUMNS = [
     "auc_roc",
     "top1",
     "cnr",
+    "side",
+    "laterality",
 ]
 METRICS = ("auc_roc", "top1", "cnr")
 
@@ -80,6 +82,22 @@ def tables(scores: Any, runs: int) -> dict[str, Any]:
         }
     average = {"n": int(len(per_run[0])), **{m: mean_std([float(s[m].mean()) for s in per_run]) for m in METRICS}}
     return {"classes": classes, "average": average}
+
+
+def laterality_summary(scores: Any, runs: int) -> dict[str, Any]:
+    """summary.json's laterality: the phrases by the side they name, and over the sided ones (each counted once
+    per run, whatever its boxes) the mean laterality and the share on the named side, mean ± std over runs."""
+    from cxrdiff.metrics.laterality import LATERALITY_RULE, SIDES, side_counts
+
+    result: dict[str, Any] = {"rule": LATERALITY_RULE, "counts": side_counts(scores) if len(scores) else {}}
+    sided = scores[scores["side"].isin(SIDES)].drop_duplicates(["run", "sample"])
+    result["n"] = int(sided["sample"].nunique())
+    if not result["n"]:
+        return {**result, "mean": None, "on_named_side": None}
+    per_run = [sided[sided["run"] == r]["laterality"] for r in range(runs)]
+    result["mean"] = mean_std([float(v.mean()) for v in per_run])
+    result["on_named_side"] = mean_std([float((v > 0.5).mean()) for v in per_run])
+    return result
 
 
 def word_analysis(words: Any, min_count: int) -> dict[str, Any]:
@@ -122,6 +140,10 @@ def step_result(out: Path, summary: dict[str, Any]) -> dict[str, Any]:
         for m in METRICS:
             result[m] = round(average[m]["mean"], 4)
             result[f"{m}_std"] = round(average[m]["std"], 4)
+    laterality = summary.get("laterality")
+    if isinstance(laterality, dict) and laterality.get("mean"):
+        result["laterality"] = round(laterality["mean"]["mean"], 4)
+        result["laterality_phrases"] = laterality["n"]
     result["heatmaps"] = str(out / "heatmaps.npz")
     if (out / "scores.parquet").is_file():
         result["scores"] = str(out / "scores.parquet")
