@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from cxrdiff.console import log
-from cxrdiff.errors import InputError
+from cxrdiff.errors import InputError, RunError
 from cxrdiff.ground.config import GroundConfig, GroundingInput
 from cxrdiff.ground.inputs import data_manifest
 from cxrdiff.ground.single import encode_image
@@ -88,7 +88,41 @@ def capture_batch(chunk: list[GroundingInput], run: int, model: Model, config: G
     context = encode_text(model.comps, [s.phrase for s in chunk], model.device)  # (b, tokens, dim)
     seeds = [sample_seed(config.seed + run, s.sample) for s in chunk]
     maps = capture_maps(model.comps, latents, context, config, seeds, model.uncond).float().cpu().numpy()
+    check_finite(maps, chunk, model, config)
     return maps, latents
+
+
+def check_finite(maps: np.ndarray, chunk: list[GroundingInput], model: Model, config: GroundConfig) -> None:
+    """Maps holding NaN or inf stop the run (a RunError, exit 1: the model or its numbers failed, not the
+    input's form), naming the first such phrase and the cause. Scored, a NaN map would read as chance (AUC 0.5,
+    CNR 0)."""
+    bad = [i for i, m in enumerate(maps) if not np.isfinite(m).all()]  # maps: (b, tokens, H, W)
+    if not bad:
+        return
+    s = chunk[bad[0]]
+    raise RunError(
+        f"sample {s.sample} ({s.phrase!r}): the cross-attention maps are not finite (NaN or inf) in "
+        f"{len(bad)} of {len(chunk)} phrases of this batch: {non_finite_cause(s, model, config)}"
+    )
+
+
+def non_finite_cause(sample: GroundingInput, model: Model, config: GroundConfig) -> str:
+    """Why a map went non-finite: the sample's latent, a weight of the UNet or text encoder (or the VAE that
+    encoded `--image`), else an overflow of the activations."""
+    import torch
+
+    if sample.latent is not None and not np.isfinite(sample.latent).all():
+        return "its latent is not finite" + (f" (--data {config.data})" if config.data is not None else "")
+    parts = [("UNet", model.comps.unet), ("text encoder", model.comps.text_encoder)]
+    parts += [("VAE", model.comps.vae)] if config.image is not None else []
+    for part, module in parts:
+        for name, weight in module.named_parameters() if module is not None else ():
+            if not torch.isfinite(weight).all():
+                return f"the model's {part} weight {name} is not finite"
+    return (
+        f"the UNet's activations overflowed (--mode {config.mode}, --guidance {config.guidance:g}, "
+        f"--precision {config.precision}); try --precision no"
+    )
 
 
 def sample_seed(seed: int, sample: str) -> int:
