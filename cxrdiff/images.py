@@ -227,6 +227,14 @@ def mimic_cxr_jpg(pixels: np.ndarray, photometric: str = "MONOCHROME2") -> np.nd
     return equalize_histogram(grey)
 
 
+MAX_UPSCALE = 2  # an image whose short side is under half the model's resolution is refused ("image too small")
+
+
+def too_small(width: int, height: int, resolution: int) -> bool:
+    """Whether putting the image in the model's frame would enlarge its short side more than MAX_UPSCALE times."""
+    return min(width, height) * MAX_UPSCALE < resolution
+
+
 def crop_geometry(width: int, height: int, resolution: int) -> tuple[float, float, float]:
     """(scale, left, top): resize by `scale` so the short side is `resolution`, then crop at (left, top)."""
     scale = resolution / min(width, height)

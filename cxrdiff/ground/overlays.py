@@ -10,6 +10,7 @@ import numpy as np
 
 from cxrdiff.artifacts import atomic_path
 from cxrdiff.errors import InputError
+from cxrdiff.figures import bounded_scale
 from cxrdiff.ground.config import GroundConfig, GroundingInput
 from cxrdiff.ground.score import normalise, to_frame, to_original
 
@@ -50,7 +51,8 @@ def image_overlay(config: GroundConfig, heat: np.ndarray, frame_size: int, alpha
     """`--image`'s overlay as PNG bytes: the image at its own size (the map taken back through prepare's resize
     and crop; what the crop cut away shows 0), the phrase and the grounded words as its title, a colour bar.
     The model's frame (64 px for the demo's model) is too small to read; an image under `MIN_OVERLAY` pixels
-    on its short side is enlarged by a whole factor, so each of its pixels stays a square."""
+    on its short side is enlarged by a whole factor, so each of its pixels stays a square; a long image is drawn
+    smaller, so that the figure's longest side stays within `figures.MAX_FIGURE_PIXELS`."""
     import io
 
     from matplotlib.figure import Figure
@@ -61,10 +63,12 @@ def image_overlay(config: GroundConfig, heat: np.ndarray, frame_size: int, alpha
     height, width = grey.shape
     heat_map = to_original(to_frame(normalise(heat), frame_size), width, height)  # (H, W) in [0, 1]
     dpi, factor = 100, -(-MIN_OVERLAY // min(height, width))  # the factor: 1 for an image of MIN_OVERLAY px or more
-    figure = Figure(figsize=(width * factor / dpi, height * factor / dpi), dpi=dpi)
-    axes = figure.add_axes((0.0, 0.0, 1.0, 1.0))  # the image fills the figure: one pixel per pixel
-    axes.imshow(grey, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-    shown = axes.imshow(heat_map, cmap="jet", vmin=0.0, vmax=1.0, alpha=alpha, interpolation="nearest")
+    scale = bounded_scale(width, height, factor)
+    figure = Figure(figsize=(width * scale / dpi, height * scale / dpi), dpi=dpi)
+    axes = figure.add_axes((0.0, 0.0, 1.0, 1.0))  # the image fills the figure: `scale` pixels per pixel
+    drawing = "nearest" if scale >= 1 else "antialiased"
+    axes.imshow(grey, cmap="gray", vmin=0, vmax=255, interpolation=drawing)
+    shown = axes.imshow(heat_map, cmap="jet", vmin=0.0, vmax=1.0, alpha=alpha, interpolation=drawing)
     axes.set_axis_off()
     words = ", ".join(config.word) if config.word else "every word"
     axes.set_title(f"{config.prompt}\ncross-attention on: {words}", fontsize=10)

@@ -23,12 +23,11 @@ from cxrdiff.data import (
     latent_to_bytes,
 )
 from cxrdiff.errors import InputError
-from cxrdiff.images import ImageRefused, load_grayscale, load_rgb, resize_center_crop, to_model_input
+from cxrdiff.images import ImageRefused, load_grayscale, load_rgb, resize_center_crop, to_model_input, too_small
 from cxrdiff.prepare.config import PrepareConfig
 from cxrdiff.processes import loader_worker_init
 
 STATE = ".prepare"  # plan and per-unit skip lists; hidden, not part of the artifact
-MAX_UPSCALE = 2  # an image whose short side is under half the resolution is skipped ("image too small")
 SKIPPED_COLUMNS = ("part", "dicom_id", "subject_id", "study_id", "reason", "detail", "path")
 
 
@@ -73,7 +72,7 @@ class ImageSet:
         try:
             image = load_rgb(path) if self.rgb else load_grayscale(path, self.dicom_contrast)
             height, width = image.shape[:2]
-            if min(height, width) * MAX_UPSCALE < self.resolution:
+            if too_small(width, height, self.resolution):
                 raise ImageRefused(path, "image too small", f"{width}x{height} for resolution {self.resolution}")
             return i, resize_center_crop(image, self.resolution), width, height, "", ""
         except ImageRefused as exc:

@@ -33,6 +33,7 @@ import numpy as np
 
 from cxrdiff.artifacts import MANIFEST, input_identity, read_manifest, settings_key
 from cxrdiff.console import log
+from cxrdiff.figures import bounded_dpi
 from cxrdiff.metrics.privacy import (
     Nearest,
     copy_count_test,
@@ -658,7 +659,7 @@ def _png(fig: Any) -> bytes:
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buffer, format="png", dpi=bounded_dpi(fig, 110), bbox_inches="tight")
     plt.close(fig)
     return buffer.getvalue()
 
