@@ -204,6 +204,15 @@ def test_planted_attention_is_found(tiny_model, ms_cxr, tmp_path, tokenizer, mon
     scores = pd.read_parquet(out / "scores.parquet")
     assert list(scores["tokens"][0]) == span and scores["token_source"][0] == "word"
     assert scores["cnr"][0] > 0  # the box lies in the lower right
+    # "left" effusion, attention planted on the image's right (the patient's left): laterality above 0.5, and
+    # the stored value is the share of the stored map's mass right of the midline, computed here by hand
+    frame = to_frame(normalise(heat), 64)
+    assert scores["side"][0] == "left"
+    assert scores["laterality"][0] == pytest.approx(frame[:, 32:].sum() / frame.sum()) and scores["laterality"][0] > 0.6
+    summary = json.loads((out / "summary.json").read_text())["laterality"]
+    assert summary["counts"] == {"left": 1, "right": 0, "bilateral": 0, "none": 0} and summary["n"] == 1
+    assert summary["mean"] == {"mean": pytest.approx(scores["laterality"][0]), "std": 0.0}
+    assert summary["on_named_side"]["mean"] == 1.0
 
 
 def test_capture_maps_guidance_and_invert_restore_the_unet(comps, ms_cxr, tmp_path):
@@ -557,3 +566,65 @@ def test_renamed_fields_keep_the_settings_key_folders_were_made_with(tiny_model,
     key = ground_settings(GroundConfig(model=tiny_model, out=tmp_path / "g", noise_seeds=3, precision="bf16"))
     assert (key["runs"], key["dtype"]) == (3, "bfloat16") and "noise_seeds" not in key and "precision" not in key
     assert ground_settings(GroundConfig(model=tiny_model, out=tmp_path / "g"))["dtype"] == "auto"
+
+
+def test_a_model_with_a_nan_weight_is_an_error_naming_the_phrase_not_chance(tiny_model, ms_cxr, tmp_path):
+    """One NaN weight makes every attention map NaN: that must stop the run (exit 1) naming the phrase and the
+    cause, not score AUC 0.5 / CNR 0 as if the model had looked nowhere in particular."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from cxrdiff.errors import RunError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    weights_file = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(weights_file)
+    weights["conv_in.weight"][0, 0, 0, 0] = float("nan")
+    save_file(weights, weights_file)
+    out = tmp_path / "g"
+    expected = r"sample 000000 \('Small left pleural effusion\.'\): .*not finite.*UNet weight conv_in\.weight"
+    with pytest.raises(RunError, match=expected):
+        ground(_config(broken, out, data=ms_cxr, limit=1, steps=2, window=1, overlays=False))
+    assert RunError.exit_code == 1
+    assert not (out / "scores.parquet").exists() and not (out / "manifest.json").exists()
+
+
+def test_absurd_guidance_is_a_range_error(tiny_model, ms_cxr, tmp_path):
+    with pytest.raises(InputError, match=r"--guidance.*1e\+30"):
+        ground(_config(tiny_model, tmp_path / "o", data=ms_cxr, mode="invert", guidance=1e30))
+
+
+@pytest.mark.parametrize(("width", "height"), [(1, 3000), (31, 64)])
+def test_an_image_below_the_models_resolution_is_refused_before_weights(tiny_model, tmp_path, monkeypatch, width,
+                                                                         height):  # fmt: skip
+    """The tiny model's frame is 64 px: an image whose short side is under 32 px is refused as prepare refuses it
+    (a 1 × 3,000 px image would otherwise be enlarged 64 times into a 768,066 px tall overlay)."""
+    from PIL import Image
+
+    import cxrdiff.models
+
+    image = tmp_path / "thin.png"
+    Image.fromarray(np.full((height, width), 100, np.uint8)).save(image)
+    monkeypatch.setattr(cxrdiff.models, "load_components", None)  # must fail before any weight is read
+    config = GroundConfig(model=tiny_model, out=tmp_path / "o", image=image, prompt="left effusion")
+    with pytest.raises(InputError, match=rf"^--image {image}: {width}x{height} px is too small for the model's 64 px"):
+        ground(config)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_long_images_overlay_is_bounded(tmp_path):
+    """An image of 40 × 6,000 px (allowed: its short side is over half the frame) would be drawn 7 times enlarged,
+    42,000 px tall; the overlay's longest side stays within the figure bound, titles and colour bar included."""
+    import io
+
+    from PIL import Image
+
+    from cxrdiff.figures import MAX_FIGURE_PIXELS
+    from cxrdiff.ground import image_overlay
+
+    Image.fromarray(np.full((6000, 40), 128, np.uint8)).save(tmp_path / "long.png")
+    config = GroundConfig(image=tmp_path / "long.png", prompt="left effusion")
+    with Image.open(io.BytesIO(image_overlay(config, np.ones((16, 16), np.float32), 64))) as png:
+        assert MAX_FIGURE_PIXELS * 0.9 < max(png.size) <= MAX_FIGURE_PIXELS + 100, png.size  # + the title's margin

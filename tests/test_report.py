@@ -485,3 +485,53 @@ def test_report_cli_refuses_a_name_that_is_a_path_with_one_line(tmp_path, tiny_m
     )  # fmt: skip
     assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr
     assert done.stderr.startswith("error: names: '../../x' is not a plain name") and not out.exists()
+
+
+def test_laterality_table_sits_in_the_localization_section_and_metrics_json(tmp_path):
+    """Per run: the laterality and the share on the named side with their bootstrap intervals, beside CNR; a run
+    with under 10 sided phrases shows "too few (n)"; metrics.json keeps the entry as measured."""
+    import pandas as pd
+
+    from cxrdiff.metrics.laterality import laterality_intervals
+
+    def scores(values):
+        rows = [{"run": 0, "sample": f"{i:06d}", "side": "left" if i % 2 else "right", "laterality": v}
+                for i, v in enumerate(values)]  # fmt: skip
+        return pd.DataFrame([*rows, {"run": 0, "sample": "999999", "side": "bilateral", "laterality": np.nan}])
+
+    metrics = _metrics(tmp_path, untrained=False)
+    values = [0.9, 0.8, 0.7, 0.6, 0.4, 0.9, 0.8, 0.7, 0.6, 0.3, 0.75, 0.65]
+    metrics["runs"]["frozen"]["laterality"] = laterality_intervals(scores(values), seed=0)
+    metrics["runs"]["learnable"]["laterality"] = laterality_intervals(scores([0.9] * 4), seed=0)
+    metrics["runs"]["frozen"]["grounding_intervals"] = {"average": {"cnr": {"value": 0.61, "low": 0.5, "high": 0.7}}}
+    render(metrics, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    localization = md.split("\n## Localization on MS-CXR (Tables 1 and 3)")[1].split("\n## ")[0]
+    table = localization.split("### Localization: laterality")[1].split("###")[0]
+    lows = laterality_intervals(scores(values), seed=0)
+    mean, share = lows["mean"], lows["on_named_side"]
+    assert mean["value"] == pytest.approx(np.mean(values)) and share["value"] == pytest.approx(10 / 12)
+    expected = (
+        f"| frozen | 12 (6 left, 6 right; 1 bilateral excluded) | {np.mean(values):.2f} [{mean['low']:.2f}, "
+        f"{mean['high']:.2f}] | 83.3 [{share['low'] * 100:.1f}, {share['high'] * 100:.1f}] | 0.61 [0.50, 0.70] |"
+    )
+    assert expected in table, table
+    assert "| learnable | 4 (2 left, 2 right; 1 bilateral excluded) | too few (4) | too few (4) | — |" in table
+    saved = json.loads((tmp_path / "metrics.json").read_text())["runs"]
+    assert saved["frozen"]["laterality"]["mean"]["value"] == pytest.approx(np.mean(values))
+    assert saved["learnable"]["laterality"]["too_few"] is True
+
+
+def test_a_grid_of_many_runs_is_a_bounded_figure(tmp_path):
+    """The overlay grid grows with the runs (2.8 inches each at 110 dpi): 20 runs would be 6,160 px tall; every
+    report figure stays within the figure bound."""
+    import io
+
+    from cxrdiff.figures import MAX_FIGURE_PIXELS
+    from cxrdiff.report.render import grounding_figure
+
+    metrics = _metrics(tmp_path, untrained=False)
+    run = metrics["runs"]["frozen"]
+    metrics["runs"] = {f"run{i}": run for i in range(20)}
+    with Image.open(io.BytesIO(grounding_figure(metrics))) as png:
+        assert 2000 < max(png.size) <= MAX_FIGURE_PIXELS, png.size

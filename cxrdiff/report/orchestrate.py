@@ -32,6 +32,7 @@ from cxrdiff.report.benchmark import measure_benchmark_once
 from cxrdiff.report.checkpoints import checkpoint_curve
 from cxrdiff.report.config import STEP, ReportConfig, Steps
 from cxrdiff.report.features import check_options
+from cxrdiff.report.laterality import measure_laterality
 from cxrdiff.report.measure import (
     classifier_key,
     load_classifier,
@@ -172,6 +173,7 @@ def _report_run(
     entry.update(setting=setting, text_source=text_source_of(ground_dir, setting["prompt_source"]))
     entry["eos"] = _eos(entry["grounding"])
     entry["grounding_intervals"] = grounding_intervals(ground_dir, config.seed, config.resamples)
+    entry["laterality"] = measure_laterality(ground_dir, config.seed, config.resamples)
     return entry, done
 
 

@@ -17,11 +17,13 @@ import numpy as np
 
 from cxrdiff.artifacts import write_bytes, write_json, write_text
 from cxrdiff.data import MS_CXR_CATEGORIES
+from cxrdiff.figures import bounded_dpi
 from cxrdiff.metrics.intervals import MIN_POSITIVES, classifier_auc_cell
 from cxrdiff.metrics.score import UNTRAINED_LABEL, Score
 from cxrdiff.report import page
 from cxrdiff.report.benchmark import benchmark_tables
 from cxrdiff.report.document import Page, Table, html, markdown
+from cxrdiff.report.laterality import laterality_table
 from cxrdiff.report.page import interval_text
 from cxrdiff.report.privacy import privacy_figures, privacy_tables
 from cxrdiff.report.published import (
@@ -73,6 +75,7 @@ def tables(metrics: Mapping[str, Any]) -> list[Table]:
     runs = metrics.get("runs", {})
     listed = [
         _localization_table(runs),
+        laterality_table(runs),
         _trainings_table(metrics),
         _cnr_table(runs),
         _fidelity_table(runs),
@@ -533,7 +536,7 @@ def _png(fig: Any) -> bytes:
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buffer, format="png", dpi=bounded_dpi(fig, 110), bbox_inches="tight")
     plt.close(fig)
     return buffer.getvalue()
 
