@@ -492,6 +492,12 @@ def _summary(metrics_path: Path) -> dict[str, Any]:
             for key, label in (("cnr", "CNR"), ("auc_roc", "AUC-ROC"), ("top1", "Top-1"))
             if key in average
         }
+        laterality = run.get("laterality") or {}
+        if laterality.get("measured"):
+            mean = laterality.get("mean")
+            numbers["laterality"] = (
+                _with_interval(mean["value"], mean, 2) if mean else f"too few ({laterality.get('n', 0)})"
+            )
         for score in run.get("fidelity", []):
             numbers[score["name"]] = _with_interval(score["value"], score.get("interval"), 2)
         if run.get("diversity"):

@@ -104,6 +104,10 @@ def test_end_to_end_writes_every_output(tiny_model, ms_cxr, tmp_path, tokenizer)
     expected = [p for w in ("pleural", "effusion") for span in _spans(tokenizer, ROWS[0][1], w) for p in span]
     assert list(first["tokens"]) == expected
     assert first["token_text"] == " ".join(tokenizer.tokenize("pleural effusion"))
+    sides = scores[scores["run"] == 0]["side"].tolist()
+    assert sides == ["left", "", "bilateral", "right", "right"]  # ROWS' phrases: bilateral and unsided have no value
+    assert scores["laterality"].isna().tolist() == [s not in ("left", "right") for s in sides] * 2
+    assert json.loads((out / "summary.json").read_text())["laterality"]["n"] == 3
     fallback = scores[scores["category"] == "Pneumonia"].iloc[0]
     assert fallback["token_source"] == "all" and len(fallback["tokens"]) == len(ROWS[3][1].split())
 

@@ -33,8 +33,8 @@ class GroundConfig:
     steps: Annotated[int, Range(ge=1)] = 50
     window: Annotated[int, Range(ge=1)] = 40
     mode: GroundMode = "noise"
-    # classifier-free guidance of the grounding pass (invert mode steps with it); above MAX_GUIDANCE the
-    # guided latents overflow to NaN (1e30 did), so the range ends there
+    # classifier-free guidance of the grounding pass (invert mode steps with it); far above the usual 1-20 the
+    # guided latents overflow to NaN (1e30 did), so the range ends at 50
     guidance: Annotated[float, Range(ge=1.0, le=50.0)] = 1.0
     seed: Annotated[int, Range(ge=0)] = 0
     noise_seeds: Annotated[int, Range(ge=1)] = 1  # the grounding repeated with seeds seed..seed+N-1; mean ± std
