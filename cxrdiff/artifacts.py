@@ -187,11 +187,64 @@ class OtherSettings(InputError):
 
 
 def input_identity(path: str | os.PathLike) -> str:
-    """What an input contributes to a settings key: a step folder's manifest hash (so a retrained model or
-    re-prepared data changes the key), else the resolved path (a base model, a CSV, a single image)."""
+    """What an input contributes to a settings key: its content, never its path alone.
+
+    A step folder (and a Parquet table in one) counts by the sha256 of its manifest, which the step rewrites
+    whenever it rewrites its files (so a retrained model or re-prepared data changes the key); any other
+    file by the sha256 of its bytes; any other folder (a base model) by `folder_fingerprint`."""
     path = Path(path)
-    folder = path.parent if path.is_file() else path
-    return manifest_hash(folder) or os.fspath(path.resolve())
+    if path.is_file():
+        if path.suffix == ".parquet" and (found := manifest_hash(path.parent)):
+            return found
+        return "sha256:" + content_hash(path)
+    if found := manifest_hash(path):
+        return found
+    if path.is_dir():
+        return folder_fingerprint(path)
+    return os.fspath(path.resolve())  # absent: the step that reads it refuses it
+
+
+FOLDER_PREFIX = "files:"
+_HEAD_BYTES = 1 << 20  # files up to this size are hashed whole; larger ones by their header or first MiB
+_FILE_HASHES: dict[tuple[str, int, int, int], str] = {}  # (path, size, mtime_ns, inode) → sha256, this process
+
+
+def content_hash(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, kept for this process by (path, size, mtime, inode): a file read twice in
+    one run (the VAE's weights, a prompt file) is hashed once."""
+    path = Path(path)
+    stat = path.stat()
+    key = (os.fspath(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    if key not in _FILE_HASHES:
+        _FILE_HASHES[key] = file_sha256(path)
+    return _FILE_HASHES[key]
+
+
+def folder_fingerprint(folder: str | os.PathLike) -> str:
+    """A cheap fingerprint of a folder without a manifest (a base model): per file (hidden ones left out)
+    its relative path, size and modification time, and the sha256 of its first MiB (a safetensors file's
+    whole header, with every tensor's name, dtype, shape and offset). A model rebuilt, re-downloaded or
+    replaced in place gets new times, so a new fingerprint; reading a few MiB keeps it cheap for 5 GB of
+    weights (hashing them whole would take a minute per step)."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if any(part.startswith(".") for part in rel.split("/")):
+            continue
+        stat = path.stat()
+        digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\0{_head_hash(path)}\n".encode())
+    return FOLDER_PREFIX + digest.hexdigest()
+
+
+def _head_hash(path: Path) -> str:
+    with open(path, "rb") as handle:
+        head = handle.read(_HEAD_BYTES)
+        if path.suffix == ".safetensors" and len(head) >= 8:  # the JSON header may be longer than a MiB
+            size = int.from_bytes(head[:8], "little")
+            if 8 + size > len(head) and size < 1 << 30:
+                head += handle.read(8 + size - len(head))
+    return hashlib.sha256(head).hexdigest()
 
 
 def settings_key(settings: Mapping[str, Any]) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from cxrdiff.artifacts import MANIFEST, atomic_dir, file_sha256, read_manifest
+from cxrdiff.artifacts import MANIFEST, atomic_dir, content_hash, read_manifest
 from cxrdiff.errors import InputError, unsafe_pickle
 from cxrdiff.text_encoders import (
     PUBLISHED_TEXT_ENCODERS,
@@ -307,7 +307,6 @@ def model_geometry(base_model: Path, resolution: int | None) -> tuple[int, tuple
 
 
 FINGERPRINT_PREFIX = "sha256+weights:"  # earlier versions wrote "sha256:" over names and sizes only
-_FILE_HASHES: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) → sha256, for this process
 
 
 def vae_fingerprint(base_model: str | os.PathLike) -> str:
@@ -317,7 +316,7 @@ def vae_fingerprint(base_model: str | os.PathLike) -> str:
     vae = Path(base_model) / "vae"
     digest = hashlib.sha256((vae / "config.json").read_bytes())
     for weights in sorted(p for p in vae.iterdir() if p.suffix in (".safetensors", ".bin")):
-        digest.update(f"{weights.name}:{_content_hash(weights)}".encode())
+        digest.update(f"{weights.name}:{content_hash(weights)}".encode())
     return FINGERPRINT_PREFIX + digest.hexdigest()
 
 
@@ -334,14 +333,6 @@ def names_and_sizes_fingerprint(base_model: str | os.PathLike) -> str:
     for weights in sorted(p for p in vae.iterdir() if p.suffix in (".safetensors", ".bin")):
         digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
     return "sha256:" + digest.hexdigest()
-
-
-def _content_hash(path: Path) -> str:
-    stat = path.stat()
-    key = (os.fspath(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _FILE_HASHES:
-        _FILE_HASHES[key] = file_sha256(path)
-    return _FILE_HASHES[key]
 
 
 # --- the tiny model -------------------------------------------------------------------------

@@ -1,6 +1,9 @@
 """Manifests and atomic writes."""
 
+import hashlib
 import json
+import os
+import shutil
 
 import pytest
 
@@ -170,16 +173,45 @@ def test_claim_with_nothing_done_yet_may_be_retaken_with_other_settings(tmp_path
     assert StepFolder.claim(out, "finetune", {}).state == "new"
 
 
-def test_input_identity_is_the_manifest_hash_of_a_step_folder_else_the_path(tmp_path):
+def test_input_identity_is_the_manifest_hash_of_a_step_folder_else_the_content(tmp_path):
     from cxrdiff.artifacts import input_identity
 
     folder = tmp_path / "prepared"
     write_manifest(folder, "prepare", files=[])
     (folder / "test.parquet").write_bytes(b"x")
     assert input_identity(folder) == manifest_hash(folder) == input_identity(folder / "test.parquet")
+    image = tmp_path / "x.png"
+    image.write_bytes(b"first")
+    assert input_identity(image) == "sha256:" + hashlib.sha256(b"first").hexdigest()
     plain = tmp_path / "model"
-    plain.mkdir()
-    assert input_identity(plain) == str(plain.resolve())
+    (plain / "unet").mkdir(parents=True)
+    weights = plain / "unet" / "model.safetensors"
+    weights.write_bytes(b"A" * 100)
+    before = input_identity(plain)
+    assert before.startswith("files:") and input_identity(tmp_path / "model") == before  # stable
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(plain, moved)  # copy2 keeps times: the same content is the same input wherever it is
+    assert input_identity(moved) == before
+    image.write_bytes(b"other")  # replaced in place: same path, new key
+    assert input_identity(image) != "sha256:" + hashlib.sha256(b"first").hexdigest()
+
+
+def test_input_identity_changes_when_a_model_is_rebuilt_in_place(tmp_path):
+    """Same path, same file sizes, same safetensors headers (another seed): a new identity all the same."""
+    from cxrdiff.artifacts import input_identity
+
+    model = tmp_path / "base"
+    (model / "unet").mkdir(parents=True)
+    weights = model / "unet" / "model.safetensors"
+    weights.write_bytes(b"A" * 100)
+    os.utime(weights, ns=(1_000_000_000_000, 1_000_000_000_000))
+    before = input_identity(model)
+    weights.write_bytes(b"B" * 100)
+    rebuilt = input_identity(model)
+    assert rebuilt != before
+    (model / ".cache").mkdir()  # hidden files (a download tool's) are not the model
+    (model / ".cache" / "x").write_text("y")
+    assert input_identity(model) == rebuilt
 
 
 def test_take_over_restarts_own_folder_with_other_settings_but_still_refuses_strangers(tmp_path):

@@ -189,6 +189,21 @@ def test_refuses_to_mix_settings_or_folder_kinds(reference_run, tmp_path, tiny_m
         sample(SampleConfig(model=tiny_model, out=tmp_path / "o", prompts_file=tmp_path / "empty.txt"))
 
 
+def test_a_model_rebuilt_in_place_is_another_input(tmp_path):
+    """`rm -rf base; cxrdiff model tiny base --seed 7`: same path, same sizes; the unfinished (or finished)
+    sample folder of the old model is refused, not resumed with the new one's images."""
+    from cxrdiff.models import write_tiny_model
+
+    model = tmp_path / "base"
+    write_tiny_model(model, seed=0)
+    config = SampleConfig(model=model, out=tmp_path / "s", prompt="effusion", n_per_prompt=1, steps=1)
+    sample(config)
+    shutil.rmtree(model)
+    write_tiny_model(model, seed=7)
+    with pytest.raises(InputError, match=r"other settings \(model "):
+        sample(config)
+
+
 def test_prompts_file_one_per_line(tiny_model, tmp_path):
     (tmp_path / "p.txt").write_text(f"{PROMPTS[0]}\n\n{PROMPTS[1]}\n")
     result = sample(SampleConfig(model=tiny_model, out=tmp_path / "o", prompts_file=tmp_path / "p.txt", steps=1))
