@@ -131,6 +131,18 @@ def check_model_folder(path: str | os.PathLike) -> Path:
     return path
 
 
+def check_sampling_steps(model: str | os.PathLike, steps: int, flag: str = "--steps") -> None:
+    """Refuse more sampling steps than the scheduler was trained with (diffusers would fail only after the
+    weights are loaded): one line naming the limit, before anything is read or claimed."""
+    config = Path(model) / "scheduler" / "scheduler_config.json"
+    try:
+        trained = int(json.loads(config.read_text()).get("num_train_timesteps", 1000))
+    except (OSError, json.JSONDecodeError, TypeError, ValueError) as exc:
+        raise InputError(f"{config}: unreadable ({exc})") from None
+    if steps > trained:
+        raise InputError(f"{flag} {steps}: above the {trained} steps the scheduler was trained with ({config})")
+
+
 _BUILT: set[str] = set()  # digests of the part configs already built in this process
 
 

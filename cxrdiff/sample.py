@@ -31,7 +31,7 @@ from cxrdiff.console import log, progress
 from cxrdiff.data import LABELS
 from cxrdiff.errors import InputError, RunError
 from cxrdiff.images import grey_from_pipeline
-from cxrdiff.models import check_model_folder
+from cxrdiff.models import check_model_folder, check_sampling_steps
 from cxrdiff.speed import limit_cpu_threads, set_tf32, speed_up_unet
 
 # diffusers scheduler class and the overrides of the folder's scheduler config that make the named sampler
@@ -181,6 +181,7 @@ def check_inputs(config: SampleConfig) -> SamplePrompts:
     if (model / MANIFEST).is_file():
         read_manifest(model, ("finetune", "checkpoint"))  # a prepare/sample folder given as --model is refused
     check_model_folder(model)
+    check_sampling_steps(model, config.steps)
     return read_prompts(config)
 
 

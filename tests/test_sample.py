@@ -219,6 +219,7 @@ def test_prompts_file_one_per_line(tiny_model, tmp_path):
         (["--out", "{tmp}/o", "--prompt", "a", "--prompts-file", "{tmp}/p.txt"], "got --prompts-file, --prompt"),
         (["--model", "{tmp}/nowhere", "--out", "{tmp}/o", "--prompt", "a"], "model folder not found"),
         (["--out", "{tmp}/o", "--prompts", "{tmp}/bad.parquet"], "no 'impression' column"),
+        (["--out", "{tmp}/o", "--prompt", "a", "--steps", "2000"], "--steps 2000: above the 1000 steps the scheduler"),
     ],
 )
 def test_cli_errors_exit_2_with_one_line(args, message, tiny_model, tmp_path):
