@@ -58,27 +58,51 @@ def _load_json(path: Path, keys: Iterable[str]) -> dict[str, Any]:
     return data
 
 
+def unique_records(records: list[dict[str, Any]], path: Path, what: str, dropped: list[dict[str, Any]]) -> list:
+    """COCO records (images, annotations) less those that repeat an earlier record with the same `id` whole:
+    dropped and appended to `dropped` as skipped.csv rows (reason `duplicate row`), as
+    `cxrdiff.data.drop_duplicate_rows` does for tables; two different records with one `id` are refused."""
+    seen: dict[Any, tuple[int, dict[str, Any]]] = {}
+    kept = []
+    for position, record in enumerate(records):
+        ident = record.get("id")
+        if ident is not None and ident in seen:
+            first, earlier = seen[ident]
+            if earlier != record:
+                raise InputError(f"{path}: {what} {first} and {position} share id {ident} but differ; keep one")
+            image = record.get("image_id", ident)
+            dropped.append({"part": path.name, "dicom_id": str(image), "subject_id": -1, "study_id": -1,
+                            "reason": "duplicate row", "detail": f"{what} {position} repeats {what} {first}",
+                            "path": os.fspath(path)})  # fmt: skip
+            continue
+        if ident is not None:
+            seen[ident] = (position, record)
+        kept.append(record)
+    return kept
+
+
 def read_split(root: str | os.PathLike, split: str) -> dict[str, Any]:
     """A split's images (id → file, width, height), captions (id → list, file order), annotations
-    (id → instances) and categories (id → name)."""
+    (id → instances) and categories (id → name); `duplicates`: the records dropped as repeats."""
     captions_path, instances_path, folder = split_files(root, split)
     captions = _load_json(captions_path, ("images", "annotations"))
     instances = _load_json(instances_path, ("images", "annotations", "categories"))
+    dropped: list[dict[str, Any]] = []
     images = {}
-    for image in instances["images"]:
+    for image in unique_records(instances["images"], instances_path, "image", dropped):
         name = str(image["file_name"])
         if name in ("", ".", "..") or Path(name).name != name or "\\" in name:  # joined to the split's folder
             raise InputError(f"{instances_path}: image {image['id']}: file_name {name!r} is not a file name")
         images[int(image["id"])] = {"path": str(folder / name), "width": int(image["width"]),
                                     "height": int(image["height"])}  # fmt: skip
     texts: dict[int, list[str]] = {}
-    for ann in captions["annotations"]:
+    for ann in unique_records(captions["annotations"], captions_path, "annotation", dropped):
         texts.setdefault(int(ann["image_id"]), []).append(" ".join(str(ann["caption"]).split()))
     objects: dict[int, list[dict[str, Any]]] = {}
-    for ann in instances["annotations"]:
+    for ann in unique_records(instances["annotations"], instances_path, "annotation", dropped):
         objects.setdefault(int(ann["image_id"]), []).append(ann)
     categories = {int(c["id"]): str(c["name"]) for c in instances["categories"]}
-    return {"images": images, "captions": texts, "objects": objects, "categories": categories}
+    return {"images": images, "captions": texts, "objects": objects, "categories": categories, "duplicates": dropped}
 
 
 def read_words(path: str | os.PathLike | None, categories: Iterable[str]) -> dict[str, tuple[str, ...]]:

@@ -144,10 +144,15 @@ def check_columns(path: str | os.PathLike, required: Sequence[str]) -> list[str]
     return columns
 
 
-def read_table(path: str | os.PathLike, required: Sequence[str], optional: Sequence[str] = ()):
-    """A MIMIC / MS-CXR CSV (plain or .gz) as a DataFrame of the named columns; ids as int64."""
+def read_table(
+    path: str | os.PathLike, required: Sequence[str], optional: Sequence[str] = (), unique: Sequence[str] = ()
+):
+    """A MIMIC / MS-CXR CSV (plain or .gz) as a DataFrame of the named columns; ids as int64; rows repeated
+    whole dropped (`drop_duplicate_rows`, listed in `frame.attrs["duplicates"]`), rows that share `unique`
+    but differ elsewhere refused."""
     import pandas as pd
 
+    path = Path(path)
     columns = check_columns(path, required)
     usecols = [*required, *(c for c in optional if c in columns and c not in required)]
     try:
@@ -158,6 +163,8 @@ def read_table(path: str | os.PathLike, required: Sequence[str], optional: Seque
         if column in frame.columns:
             frame[column] = _ids(path, column, frame[column])
     if "dicom_id" in frame.columns:
+        if frame["dicom_id"].isna().any():
+            raise InputError(f"{path}: line {csv_line(frame['dicom_id'].isna().idxmax())}: column 'dicom_id' is empty")
         frame["dicom_id"] = frame["dicom_id"].astype(str).str.strip()
         bad = ~frame["dicom_id"].str.fullmatch(IMAGE_ID)
         if bad.any():
@@ -165,7 +172,56 @@ def read_table(path: str | os.PathLike, required: Sequence[str], optional: Seque
                 f"{path}: column 'dicom_id' has {frame['dicom_id'][bad].iloc[0]!r}, not an image id (letters, "
                 "digits, '-' and '_', such as MIMIC's five groups of 8 hex digits)"
             )
-    return frame
+    return drop_duplicate_rows(frame, path, unique)
+
+
+def _id_or_none(value: object) -> int:
+    return int(value) if value is not None and value == value else -1  # skipped.csv's "no id"
+
+
+def csv_line(index: int) -> int:
+    """The file line of a CSV row read with pandas' default index (the header is line 1)."""
+    return int(index) + 2
+
+
+def drop_duplicate_rows(frame, path: str | os.PathLike, unique: Sequence[str] = (), part: str | None = None):
+    """`frame` without rows that repeat an earlier row whole (a table concatenated twice, a copied line):
+    dropped, not refused, because they carry nothing new and keeping them would count an image, study or
+    box twice. Each is listed in `frame.attrs["duplicates"]` as a skipped.csv row (reason `duplicate row`,
+    the file lines in `detail`) for the step to write. Rows that share the `unique` columns but differ
+    elsewhere are refused (one line naming the file, both lines and the key): which one is right is not
+    ours to guess. Any tabular reader (MIMIC, MS-CXR, COCO, NIH, Open-i, a plain CSV) calls this."""
+    repeated = frame.duplicated(keep="first")
+    rows = []
+    if repeated.any():
+        groups = frame.groupby(list(frame.columns), dropna=False, sort=False).ngroup()
+        first_index = {g: i for i, g in reversed(list(groups.items()))}
+        for index in frame.index[repeated]:
+            row = frame.loc[index]
+            rows.append(
+                {
+                    "part": part or Path(path).name,
+                    "dicom_id": str(row.get("dicom_id", row.get("image_id", ""))),
+                    "subject_id": _id_or_none(row.get("subject_id")),
+                    "study_id": _id_or_none(row.get("study_id")),
+                    "reason": "duplicate row",
+                    "detail": f"line {csv_line(index)} repeats line {csv_line(first_index[groups[index]])}",
+                    "path": os.fspath(path),
+                }
+            )
+    kept = frame[~repeated]
+    if unique:
+        clash = kept.duplicated(list(unique), keep=False)
+        if clash.any():
+            lines = [csv_line(i) for i in kept.index[clash][:2]]
+            key = ", ".join(f"{c} {kept.loc[kept.index[clash][0], c]}" for c in unique)
+            raise InputError(
+                f"{path}: lines {lines[0]} and {lines[1]} share {key} but differ; keep one (cxrdiff drops only"
+                " rows repeated whole)"
+            )
+    kept = kept.copy()
+    kept.attrs["duplicates"] = rows
+    return kept
 
 
 # An image id becomes a file name (files/pXX/pN/sN/<dicom_id>.jpg): MIMIC's are five groups of 8 hex digits
@@ -194,35 +250,44 @@ def _ids(path: Path, column: str, values):
 
 def read_metadata(path: str | os.PathLike):
     """mimic-cxr-2.0.0-metadata.csv: one row per image (dicom_id, subject_id, study_id, ViewPosition, Rows, Columns)."""
-    frame = read_table(path, METADATA_COLUMNS, optional=("Rows", "Columns"))
+    frame = read_table(path, METADATA_COLUMNS, optional=("Rows", "Columns"), unique=("dicom_id",))
     frame["ViewPosition"] = frame["ViewPosition"].fillna("").astype(str).str.strip()
     return frame
 
 
 def read_split(path: str | os.PathLike):
     """mimic-cxr-2.0.0-split.csv: the official train/validate/test split per image."""
-    return read_table(path, SPLIT_COLUMNS)
+    return read_table(path, SPLIT_COLUMNS, unique=("dicom_id",))
 
 
 def read_chexpert(path: str | os.PathLike):
     """mimic-cxr-2.0.0-chexpert.csv: 14 labels per study as float32 (1, 0, -1 uncertain, NaN blank)."""
-    frame = read_table(path, CHEXPERT_COLUMNS)
+    frame = read_table(path, CHEXPERT_COLUMNS, unique=("subject_id", "study_id"))
     for label in LABELS:
         try:
             frame[label] = frame[label].astype("float32")
         except (TypeError, ValueError):
             raise InputError(f"{path}: column '{label}' has a value that is not 1, 0, -1 or blank") from None
-    if frame.duplicated(["subject_id", "study_id"]).any():
-        raise InputError(f"{path}: more than one row for a study")
     return frame
 
 
 def read_ms_cxr(path: str | os.PathLike):
-    """MS_CXR_Local_Alignment CSV: one row per box (x, y, w, h in original pixels); v1.1.0's `split` kept."""
+    """MS_CXR_Local_Alignment CSV: one row per box (x, y, w, h in original pixels); v1.1.0's `split` kept.
+    A box repeated whole is dropped (it would be scored twice); an empty or non-number cell is refused."""
+    import pandas as pd
+
     frame = read_table(path, MS_CXR_COLUMNS, optional=("path", "split"))
+    for column in ("category_name", "label_text"):
+        empty = frame[column].isna() | frame[column].astype(str).str.strip().eq("")
+        if empty.any():
+            raise InputError(f"{path}: line {csv_line(empty.idxmax())}: column '{column}' is empty")
     for column in ("x", "y", "w", "h", "image_width", "image_height"):
-        try:
-            frame[column] = frame[column].astype("float64")
-        except (TypeError, ValueError):
-            raise InputError(f"{path}: column '{column}' has a value that is not a number") from None
+        numbers = pd.to_numeric(frame[column], errors="coerce").astype("float64")
+        bad = numbers.isna() | ~np.isfinite(numbers)
+        if bad.any():
+            index = bad.idxmax()
+            value = frame.loc[index, column]
+            what = "is empty" if value != value or not str(value).strip() else f"has {value!r}, not a number"
+            raise InputError(f"{path}: line {csv_line(index)}: column '{column}' {what}")
+        frame[column] = numbers
     return frame

@@ -227,6 +227,34 @@ def test_a_coco_file_name_that_is_a_path_is_refused(tmp_path, name):
     assert str(refused.value) == f"{instances}: image 7: file_name {name!r} is not a file name"
 
 
+def test_repeated_coco_records_are_dropped_and_listed_conflicting_ones_refused(tmp_path):
+    """A caption or instance listed twice would be drawn twice as often, an image twice a second test row."""
+    from cxrdiff.coco import read_split
+
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "val2017").mkdir()
+    image = {"id": 7, "file_name": "a.jpg", "width": 8, "height": 8}
+    caption = {"id": 1, "image_id": 7, "caption": "a dog"}
+    box = {"id": 5, "image_id": 7, "category_id": 18, "segmentation": [[0, 0, 4, 0, 4, 4]], "iscrowd": 0}
+    captions = tmp_path / "annotations" / "captions_val2017.json"
+    captions.write_text(json.dumps({"images": [image], "annotations": [caption, caption]}))
+    instances = tmp_path / "annotations" / "instances_val2017.json"
+    categories = [{"id": 18, "name": "dog"}]
+    instances.write_text(json.dumps({"images": [image, image], "annotations": [box, box], "categories": categories}))
+    split = read_split(tmp_path, "val2017")
+    assert split["captions"] == {7: ["a dog"]} and len(split["objects"][7]) == 1 and list(split["images"]) == [7]
+    details = [(d["part"], d["reason"], d["detail"]) for d in split["duplicates"]]
+    assert details == [
+        ("instances_val2017.json", "duplicate row", "image 1 repeats image 0"),
+        ("captions_val2017.json", "duplicate row", "annotation 1 repeats annotation 0"),
+        ("instances_val2017.json", "duplicate row", "annotation 1 repeats annotation 0"),
+    ]
+    other = {**caption, "caption": "a cat"}
+    captions.write_text(json.dumps({"images": [image], "annotations": [caption, other]}))
+    with pytest.raises(InputError, match=rf"^{captions}: annotation 0 and 1 share id 1 but differ; keep one$"):
+        read_split(tmp_path, "val2017")
+
+
 def test_ground_reads_coco_rows(coco_prepared, tiny_model, tokenizer, tmp_path):
     """`ground --data coco_test.parquet`: each row's caption, the matched word's tokens as the map, and the
     decoded mask as the region it is scored against; MIMIC-only conventions are refused."""

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from cxrdiff.artifacts import CLAIM
 from cxrdiff.data import LABELS, latent_from_bytes, patient_folder
 from cxrdiff.errors import InputError
 from cxrdiff.images import boxes_mask, equalize_histogram, load_grayscale, resize_center_crop, to_model_input
@@ -741,6 +742,73 @@ def test_an_ms_cxr_csv_with_only_a_header_is_said_out_loud(tree, tiny_model, tmp
     plan = build_plan(config, check_mimic_inputs(config))
     assert plan["counts"]["ms_cxr"]["planned"] == 0 and plan["counts"]["train"]  # training data is still there
     assert f"--ms-cxr {header}: no rows (only a header); ms_cxr.parquet will be empty" in capsys.readouterr().err
+
+
+def _doubled(tree, tmp_path, **edits):
+    """A copy of `tree` whose tables are edited by `edits` (file name → function of the DataFrame)."""
+    import shutil
+
+    copy = tmp_path / "mimic"
+    shutil.copytree(tree, copy)
+    for name, edit in edits.items():
+        frame = pd.read_csv(copy / name, dtype={"dicom_id": str})
+        with gzip.open(copy / name, "wt") if name.endswith(".gz") else open(copy / name, "w") as handle:
+            edit(frame).to_csv(handle, index=False)
+    return copy
+
+
+def test_rows_repeated_whole_are_dropped_and_listed_in_every_table(prepared, tree, tiny_model, tmp_path):
+    """Doubled metadata (91 → 182 training rows before) and a doubled MS-CXR box (scored twice before)."""
+    from cxrdiff.prepare.mimic import build_plan, check_mimic_inputs
+
+    twice = lambda frame: pd.concat([frame, frame], ignore_index=True)  # noqa: E731
+    names = ("mimic-cxr-2.0.0-metadata.csv.gz", "mimic-cxr-2.0.0-split.csv", "mimic-cxr-2.0.0-chexpert.csv.gz")
+    ms_name = "MS_CXR_Local_Alignment_v1.0.0.csv"
+    copy = _doubled(tree, tmp_path, **{n: twice for n in names}, **{ms_name: lambda f: pd.concat([f, f.iloc[[0]]])})
+    config = _config(copy, tiny_model, tmp_path / "out", ms_cxr=copy / ms_name)
+    plan = build_plan(config, check_mimic_inputs(config))
+    clean = build_plan(
+        _config(tree, tiny_model, tmp_path / "o2"), check_mimic_inputs(_config(tree, tiny_model, tmp_path / "o2"))
+    )
+    assert plan["counts"]["duplicate_rows"] == {"metadata": 16, "split": 16, "chexpert": 14, "ms_cxr": 1}
+    assert clean["counts"]["duplicate_rows"] == {"metadata": 0, "split": 0, "chexpert": 0, "ms_cxr": 0}
+    assert plan["counts"]["train"]["planned"] == clean["counts"]["train"]["planned"] == 4
+    ms = plan["items"][plan["items"]["unit"] == "ms_cxr"]
+    assert [len(json.loads(b)) for b in ms["boxes_original"]] == [1, 2]  # the effusion's two boxes, not three
+    duplicates = [r for r in plan["skipped"] if r["reason"] == "duplicate row"]
+    assert len(duplicates) == 47
+    last = duplicates[-1]
+    assert (last["part"], last["dicom_id"], last["detail"]) == (ms_name, "h1", "line 6 repeats line 2")
+    assert last["path"] == str(copy / ms_name)
+
+
+def test_rows_that_share_a_key_but_differ_are_refused(tree, tiny_model, tmp_path):
+    name = "mimic-cxr-2.0.0-metadata.csv.gz"
+    other_view = lambda f: pd.concat([f, f.iloc[[0]].assign(ViewPosition="AP")], ignore_index=True)  # noqa: E731
+    copy = _doubled(tree, tmp_path, **{name: other_view})
+    with pytest.raises(InputError, match=rf"^{copy / name}: lines 2 and 18 share dicom_id a1 but differ; keep one"):
+        prepare(_config(copy, tiny_model, tmp_path / "out"))
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [CLAIM]  # nothing stored
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "said"),
+    [("w", "", "is empty"), ("image_width", "wide", "has 'wide', not a number"), ("label_text", " ", "is empty")],
+)
+def test_an_empty_or_non_number_ms_cxr_cell_is_one_line_naming_row_and_column(
+    tree, tiny_model, tmp_path, column, value, said
+):
+    name = "MS_CXR_Local_Alignment_v1.0.0.csv"
+    lines = (tree / name).read_text().splitlines()
+    header = lines[0].split(",")
+    cells = lines[3].split(",")
+    cells[header.index(column)] = value
+    lines[3] = ",".join(cells)
+    bad = tmp_path / "ms.csv"
+    bad.write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError, match=rf"^{bad}: line 4: column '{column}' {said}$"):
+        prepare(_config(tree, tiny_model, tmp_path / "out", ms_cxr=bad))
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [CLAIM]  # nothing stored
 
 
 def test_mimic_naming_a_file_says_so(tree, tiny_model, tmp_path):

@@ -158,6 +158,10 @@ def build_coco_plan(config: Any, inputs: CocoInputs) -> dict[str, Any]:
     train_split, test_split = (read_split(inputs.root, s) for s in inputs.splits)
     synonyms = read_words(config.coco_words, test_split["categories"].values())
     counts: dict[str, Any] = {"train_split": {}, "test_split": {}}
+    duplicates = train_split["duplicates"] + test_split["duplicates"]
+    counts["duplicate_rows"] = len(duplicates)
+    if duplicates:
+        log.warning("--coco %s: %d repeated record(s) dropped (listed in skipped.csv)", inputs.root, len(duplicates))
     train, val = _train_rows(train_split, config.coco_val_fraction, config.seed, counts["train_split"])
     test_images, pairs = _test_rows(test_split, synonyms, inputs.resolution, counts["test_split"])
     image = ["image_path", "image_width", "image_height"]
@@ -171,7 +175,7 @@ def build_coco_plan(config: Any, inputs: CocoInputs) -> dict[str, Any]:
         units[f"train-{k:05d}"] = frame.iloc[k * config.shard_size : (k + 1) * config.shard_size]
     division = [{"image_id": r["image_id"], "part": part} for part, rows in (("train", train), ("val", val))
                 for r in rows] + [{"image_id": r["image_id"], "part": "test"} for r in test_images]  # fmt: skip
-    return {"units": units, "counts": counts, "division": division, "synonyms": synonyms}
+    return {"units": units, "counts": counts, "division": division, "synonyms": synonyms, "skipped": duplicates}
 
 
 # --- the step -------------------------------------------------------------------------------
@@ -210,7 +214,8 @@ def _plan(config: Any, inputs: CocoInputs) -> dict[str, Any]:
     write_text(
         inputs.out / SPLIT_FILE, pd.DataFrame(plan["division"], columns=["image_id", "part"]).to_csv(index=False)
     )
-    saved = {"units": list(plan["units"]), "counts": plan["counts"], "synonyms": plan["synonyms"]}
+    saved = {"units": list(plan["units"]), "counts": plan["counts"], "synonyms": plan["synonyms"],
+             "skipped": plan["skipped"]}  # fmt: skip
     write_json(state / "plan.json", saved)
     return saved
 
@@ -253,7 +258,7 @@ def _finish(folder: StepFolder, config: Any, inputs: CocoInputs, plan: dict[str,
     import pyarrow.parquet as pq
 
     out, state = inputs.out, inputs.out / STATE
-    rows, skipped = {}, []
+    rows, skipped = {}, list(plan.get("skipped", []))
     for unit in plan["units"]:
         rows[unit] = pq.read_metadata(out / f"{unit}.parquet").num_rows
         skipped += json.loads((state / f"{unit}.skipped.json").read_text())

@@ -326,7 +326,15 @@ def build_plan(config: PrepareConfig, inputs: MimicInputs, tokenizer: Any = None
     chexpert = read_chexpert(inputs.tables["chexpert"])
     ms = read_ms_cxr(inputs.ms_cxr)
     skipped: list[dict[str, Any]] = []
+    duplicates = {}
+    for kind, table in (("metadata", meta), ("split", split), ("chexpert", chexpert), ("ms_cxr", ms)):
+        duplicates[kind] = len(table.attrs.get("duplicates", []))
+        skipped.extend(table.attrs.get("duplicates", []))
+        if duplicates[kind]:
+            where = inputs.tables.get(kind, inputs.ms_cxr)
+            log.warning("%s: %d duplicate row(s) dropped (listed in skipped.csv)", where, duplicates[kind])
     counts: dict[str, Any] = {
+        "duplicate_rows": duplicates,
         "metadata": {
             "images": len(meta),
             "studies": int(meta["study_id"].nunique()),
