@@ -419,6 +419,42 @@ def test_a_stopped_run_resumes_and_a_finished_one_extends_with_more_steps(tmp_pa
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002", "step-0000003"]
 
 
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_a_truncated_checkpoint_is_named_and_the_previous_one_taken(tmp_path, prepared, tiny_model, frozen_run, caplog):
+    """A cut model.safetensors in the newest checkpoint: extending the finished run falls back to the one
+    before (said, naming the file) and trains on exactly as the run would have; with every checkpoint cut,
+    the extension is refused naming the file, and the finished run's manifest is still there."""
+    import shutil
+
+    from cxrdiff.finetune import export_checkpoint
+
+    out = tmp_path / "run"
+    shutil.copytree(frozen_run[0], out)
+    cut = out / "checkpoints" / "step-0000003" / "model.safetensors"
+    _truncate(cut)
+    with pytest.raises(InputError, match=rf"^{cut}: damaged, truncated or unreadable .*intact: 2\)$"):
+        export_checkpoint(out, 3, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+    reference = [r["loss"] for r in _log(frozen_run[0])]
+    with caplog.at_level("WARNING"):
+        assert finetune(_config(prepared, tiny_model, out, steps=4))["steps"] == 4
+    assert f"{cut}: damaged, truncated or unreadable" in caplog.text and "step-0000002, instead" in caplog.text
+    assert [r["loss"] for r in _log(out)][:3] == reference  # step 3 trained again from step 2's state
+
+    again = tmp_path / "again"
+    shutil.copytree(frozen_run[0], again)
+    for step in ("step-0000002", "step-0000003"):
+        _truncate(again / "checkpoints" / step / "optimizer.bin")
+    before = (again / "manifest.json").read_bytes()
+    first = again / "checkpoints" / "step-0000002" / "optimizer.bin"
+    with pytest.raises(InputError, match=rf"^{first}: damaged, .* keeps no earlier checkpoint: delete "):
+        finetune(_config(prepared, tiny_model, again, steps=4))
+    assert (again / "manifest.json").read_bytes() == before
+
+
 @pytest.mark.slow
 def test_ctrl_c_saves_the_current_step_says_so_and_a_rerun_resumes_there(tmp_path, prepared, tiny_model, monkeypatch):
     """The first Ctrl-C (SIGINT) finishes the step it interrupts, saves its checkpoint (none is due: every 1000)

@@ -20,6 +20,7 @@ from cxrdiff.artifacts import (
     read_manifest,
 )
 from cxrdiff.config import to_dict
+from cxrdiff.console import log
 from cxrdiff.errors import InputError
 from cxrdiff.finetune.config import CHECKPOINTS, STEP
 from cxrdiff.finetune.lora import TrainingMode, add_adapters, export_adapters
@@ -49,12 +50,25 @@ class Checkpoints:
         return sorted(f for f in found if (f[1] / "state.json").is_file())
 
     def latest(self) -> tuple[int, Path] | None:
+        """The newest complete checkpoint whose files read whole (`checkpoint_fault`)."""
         saved = self.saved()
+        while saved and checkpoint_fault(saved[-1][1]) is not None:
+            saved.pop()
         return saved[-1] if saved else None
 
     def check(self, steps: int, processes: int | None = None) -> None:
-        """Refuse resuming a run already past `steps`, or one saved by another number of processes."""
-        latest = self.latest()
+        """Refuse resuming a run already past `steps`, or one saved by another number of processes; a newest
+        checkpoint with a damaged file is named and the one before it taken (said), or, with none before
+        it, refused, all before the run's manifest is touched."""
+        saved = self.saved()
+        while saved and (fault := checkpoint_fault(saved[-1][1])) is not None:
+            damaged = saved.pop()[1]
+            if not saved:
+                raise InputError(f"{fault}; {self.out} keeps no earlier checkpoint: delete {damaged} to train from "
+                                 "step 0 (or restore the file)")  # fmt: skip
+            log.warning(f"{fault}; resuming from the previous checkpoint, {saved[-1][1].name}, instead "
+                        f"(it replaces {damaged.name} when training reaches that step)")  # fmt: skip
+        latest = saved[-1] if saved else None
         if latest is None:
             return
         step, path = latest
@@ -105,6 +119,31 @@ class Checkpoints:
             run.ema.load_state_dict({**own["ema"], "shadow_params": [shadow[n] for n in run.unet_names()]})
             run.ema.to(run.device)
         set_rng_state(own, run.gen, run.np_gen)
+
+
+def checkpoint_fault(path: Path) -> str | None:
+    """What makes a checkpoint unreadable, as `FILE: what` (None when every file reads whole): a safetensors
+    file whose header or data is cut short (safetensors' own check, no tensor read), a torch file
+    (`optimizer.bin`, `rng-R.pt`, ...: zip archives) without its directory, an unreadable `state.json`.
+    A file cut by a full disk or a copy that stopped is found here, before anything is loaded or removed."""
+    import zipfile
+
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(path.iterdir()):
+        try:
+            if file.suffix == ".safetensors":
+                with safe_open(file, "pt"):
+                    pass
+            elif file.suffix in (".bin", ".pt", ".pkl"):
+                with zipfile.ZipFile(file):
+                    pass
+            elif file.name == "state.json":
+                json.loads(file.read_text())
+        except (SafetensorError, zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+            why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return f"{file}: damaged, truncated or unreadable ({why})"
+    return None
 
 
 def save_ema(run: TrainingRun, folder: Path) -> dict[str, Any]:
@@ -179,6 +218,9 @@ def export_checkpoint(run: str | os.PathLike, step: int, out: str | os.PathLike)
         have = ", ".join(str(s) for s in kept) or "none"
         raise InputError(f"{run}: no kept checkpoint at step {step} (kept: {have})")
     path, weights = kept[step], manifest.get("weights", "raw")
+    if (fault := checkpoint_fault(path)) is not None:
+        others = ", ".join(str(s) for s in kept if s != step and checkpoint_fault(kept[s]) is None) or "none"
+        raise InputError(f"{fault}; export another kept checkpoint (intact: {others})")
     wanted = {"run": os.fspath(run.resolve()), "step": step, "weights": weights}
     wanted["checkpoint"] = checkpoint_identity(path)
     folder = StepFolder.claim(out, CHECKPOINT_STEP, wanted)

@@ -341,7 +341,7 @@ def build_plan(config: PrepareConfig, inputs: MimicInputs, tokenizer: Any = None
             "patients": int(meta["subject_id"].nunique()),
             "views": {str(k): int(v) for k, v in meta["ViewPosition"].value_counts().sort_index().items()},
             "official_split": {str(k): int(v) for k, v in split["split"].value_counts().sort_index().items()},
-        }
+        },
     }
     frontal = meta[meta["ViewPosition"].isin(VIEWS_KEPT)].rename(columns={"ViewPosition": "view"})
     frontal = frontal.merge(chexpert, on=["subject_id", "study_id"], how="left", indicator=True)
