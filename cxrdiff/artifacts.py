@@ -177,6 +177,28 @@ def read_manifest(folder: str | os.PathLike, step: str | tuple[str, ...] | None 
     return manifest
 
 
+def damaged_file(folder: str | os.PathLike) -> str | None:
+    """What is wrong with a finished step folder's files, as `FILE: what` (None when nothing is): a file its
+    manifest lists that is missing or not of the listed size, or a Parquet table whose footer does not read
+    (a cut copy, a disk error). Cheap: sizes and footers only. A step reusing a folder checks it first."""
+    import pyarrow.parquet as pq
+
+    folder = Path(folder)
+    listed = read_manifest(folder).get("files") or {}
+    for name, size in sorted(listed.items()):
+        path = folder / name
+        if not path.is_file():
+            return f"{path}: missing (listed in {folder / MANIFEST})"
+        if isinstance(size, int) and path.stat().st_size != size:
+            return f"{path}: {path.stat().st_size} bytes, {size} when written"
+        if path.suffix == ".parquet":
+            try:
+                pq.read_metadata(path)
+            except Exception as exc:  # pyarrow raises ArrowInvalid, OSError and others for a damaged file
+                return f"{path}: not a readable Parquet file ({str(exc).strip().splitlines()[0]})"
+    return None
+
+
 # --- the one way a step owns its --out folder ---------------------------------------------------
 
 CLAIM = ".cxrdiff-claim.json"  # hidden: written when a step starts a folder, replaced by the manifest's key

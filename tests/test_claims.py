@@ -211,3 +211,42 @@ def test_two_sample_commands_on_one_folder_one_runs_the_other_is_refused(tiny_mo
     table = pd.read_parquet(out / "samples.parquet")
     assert manifest["settings"]["steps"] == winner and table["steps"].tolist() == [winner] * 4
     assert sorted(p.name for p in out.glob("*.png")) == [f"{i:06d}.png" for i in range(4)]
+
+
+def test_the_report_verifies_a_finished_step_folder_before_reusing_it(tmp_path, caplog):
+    """A finished sample folder whose samples.parquet was cut ("up to date", then ArrowInvalid before): made
+    again, saying which file was damaged; a step that keeps writing a damaged file is named, with the folder
+    to delete."""
+    import pandas as pd
+
+    from cxrdiff.report.steps import run_step
+
+    out = tmp_path / "runs" / "a" / "samples"
+    calls = []
+
+    def step(config, cut=False):
+        folder = StepFolder.claim(config.out, "sample", {"steps": 5})
+        if folder.finished:
+            return
+        calls.append(1)
+        pd.DataFrame({"index": [0, 1]}).to_parquet(config.out / "samples.parquet")
+        folder.finish(config={}, files=["samples.parquet"])
+        if cut:
+            table = config.out / "samples.parquet"
+            table.write_bytes(table.read_bytes()[:-20] + bytes(20))  # same size, footer gone
+
+    config = type("C", (), {"out": out})()
+    done: list[str] = []
+    run_step("samples", step, config, done)
+    table = out / "samples.parquet"
+    table.write_bytes(table.read_bytes()[: table.stat().st_size // 2])
+    with caplog.at_level("WARNING"):
+        run_step("samples", step, config, done)
+    assert f"{table}: " in caplog.text and "making samples in" in caplog.text
+    assert len(calls) == 2 and done == ["samples", "samples"]
+    assert pd.read_parquet(table)["index"].tolist() == [0, 1]
+    other = tmp_path / "runs" / "b" / "samples"
+    with pytest.raises(
+        InputError, match=rf"^{other / 'samples.parquet'}: not a readable Parquet file .*; delete {other} and"
+    ):
+        run_step("samples", lambda c: step(c, cut=True), type("C", (), {"out": other})(), [])

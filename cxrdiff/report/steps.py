@@ -15,6 +15,7 @@ from typing import Any
 from cxrdiff.artifacts import (
     MANIFEST,
     OtherSettings,
+    damaged_file,
     input_identity,
     manifest_hash,
     read_manifest,
@@ -46,7 +47,15 @@ def run_step(name: str, fn: StepFn, config: Any, done: list[str]) -> Path:
     after = manifest_hash(out)
     if after is None:
         raise InputError(f"{out}: the {name} step finished without a manifest")
-    if after == before:
+    fault, reused = damaged_file(out), after == before
+    if fault is not None and reused:  # a finished folder it was about to reuse: made again
+        log.warning("report: %s; making %s in %s again", fault, name, out)
+        shutil.rmtree(out)
+        fn(config)
+        fault, reused = damaged_file(out), False
+    if fault is not None:
+        raise InputError(f"{fault}; delete {out} and run the report again")
+    if reused:
         log.info("report: %s is up to date in %s", name, out)
     else:
         done.append(name)
