@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
+import glob
 import hashlib
 import json
 import os
@@ -36,10 +37,48 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+def _target(path: str | os.PathLike) -> Path:
+    """Where a write to `path` lands: through a symlink (an --out linked to a larger disk) into its target,
+    never replacing the link by a real file or folder beside it."""
+    return Path(os.path.realpath(path))
+
+
+def _pid_gone(name: str) -> bool:
+    """Whether the process that named a temporary `.NAME.tmp-PID` / `.NAME.old-PID` has ended."""
+    pid = name.rsplit("-", 1)[-1]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def clean_stale(path: Path) -> None:
+    """Remove what a killed writer of `path` left beside it (`.NAME.tmp-PID`, and `.NAME.old-PID` once
+    `path` is back); when the kill fell between the two renames of `atomic_dir`, so that only the old
+    folder is there, put it back."""
+    if not path.parent.is_dir():
+        return
+    for leftover in sorted(path.parent.glob(f".{glob.escape(path.name)}.*-*")):
+        kind = leftover.name[len(path.name) + 2 :].rsplit("-", 1)[0]
+        if kind not in ("tmp", "old") or not _pid_gone(leftover.name):
+            continue
+        if kind == "old" and not os.path.lexists(path):
+            os.replace(leftover, path)
+        elif leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
-    path = Path(path)
+    path = _target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
     try:
@@ -54,9 +93,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder that becomes `path` (replacing an old one) only when complete."""
-    path = Path(path)
+    """Yield a temporary folder that becomes `path` (replacing an old one) only when complete; what a killed
+    earlier writer left beside `path` is cleaned first (`clean_stale`)."""
+    path = _target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(path)
     tmp = _tmp_name(path)
     if tmp.exists():
         shutil.rmtree(tmp)

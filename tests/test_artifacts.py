@@ -54,6 +54,46 @@ def test_atomic_dir(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
+def test_atomic_dir_writes_through_a_symlinked_target(tmp_path):
+    """A model written into a linked --out lands in the link's target (the larger disk), the link stays."""
+    disk = tmp_path / "big" / "model"
+    disk.mkdir(parents=True)
+    link = tmp_path / "model"
+    link.symlink_to(disk)
+    for text in ("1", "2"):  # a new folder, then a re-save over it
+        with atomic_dir(link) as tmp:
+            (tmp / "w").write_text(text)
+    assert link.is_symlink() and (disk / "w").read_text() == "2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big", "model"]
+    assert sorted(p.name for p in (tmp_path / "big").iterdir()) == ["model"]
+    with atomic_path(tmp_path / "model" / "f.txt") as tmp:
+        tmp.write_text("x")
+    assert (disk / "f.txt").read_text() == "x"
+
+
+def test_what_a_killed_writer_left_is_cleaned_on_the_next_run(tmp_path):
+    """A SIGKILL during a save leaves `.NAME.tmp-PID` (and between atomic_dir's renames, only `.NAME.old-PID`):
+    the next write removes the first and puts the second back. A live process's temporaries are left alone."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    target = tmp_path / "model"
+    (tmp_path / f".model.tmp-{pid}").mkdir()
+    (tmp_path / f".model.tmp-{pid}" / "half.safetensors").write_bytes(b"x")
+    (tmp_path / f".model.old-{pid}").mkdir()
+    (tmp_path / f".model.old-{pid}" / "w").write_text("before")
+    (tmp_path / f".model.tmp-{os.getppid()}").mkdir()  # a running process's
+    (tmp_path / ".other.tmp-1").mkdir()  # another target's
+    with atomic_dir(target) as tmp:  # the old folder is put back first, then replaced as usual
+        assert (target / "w").read_text() == "before"
+        (tmp / "w").write_text("after")
+    assert (target / "w").read_text() == "after"
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == [f".model.tmp-{os.getppid()}", ".other.tmp-1", "model"]
+
+
 def test_manifest_round_trip_and_inputs(tmp_path):
     first = tmp_path / "prepared"
     first.mkdir()

@@ -113,6 +113,20 @@ def test_model_tiny_refuses_a_step_folder(tmp_path):
     assert not (run / "unet").exists()
 
 
+def test_model_tiny_into_a_symlinked_folder_writes_through_the_link(tmp_path):
+    """`--out` linked to another disk: the model lands in the target, the link stays, nothing is left beside."""
+    from cxrdiff.models import write_tiny_model_cli
+
+    disk = tmp_path / "disk" / "tiny"
+    disk.mkdir(parents=True)
+    link = tmp_path / "tiny"
+    link.symlink_to(disk, target_is_directory=True)
+    write_tiny_model_cli(link, 32, "32,64", 32, "epsilon", 0)
+    assert link.is_symlink() and (disk / "model_index.json").is_file() and (disk / "unet").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "tiny"]
+    assert sorted(p.name for p in disk.parent.iterdir()) == ["tiny"]
+
+
 def test_model_tiny_refuses_an_existing_model_folder_keeping_its_weights(tiny_model, tmp_path):
     """Writing a tiny model over a model folder would swap the VAE under data prepared with it."""
     import subprocess
