@@ -35,5 +35,9 @@ def die_with_parent() -> bool:
 
 
 def loader_worker_init(worker_id: int) -> None:
-    """A torch DataLoader `worker_init_fn`: the worker dies with its parent."""
+    """A torch DataLoader `worker_init_fn`: the worker dies with its parent and ignores Ctrl-C. A terminal
+    sends SIGINT to the whole process group: a worker that died of it would make the parent fail with
+    "DataLoader worker exited unexpectedly" instead of stopping as interrupted (exit 130, the work kept);
+    the parent alone handles it and ends its workers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent()

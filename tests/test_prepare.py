@@ -782,6 +782,22 @@ def test_rows_repeated_whole_are_dropped_and_listed_in_every_table(prepared, tre
     assert last["path"] == str(copy / ms_name)
 
 
+def test_a_prepare_that_ends_with_no_rows_says_so(tree, tiny_model, tmp_path, capsys, monkeypatch):
+    """Every image missing: the run finishes (its counts and skipped.csv say why) and warns, naming the parts."""
+    from cxrdiff import console
+
+    monkeypatch.setattr(console.err, "width", 400)  # one log line, unwrapped
+    copy = _doubled(tree, tmp_path)
+    for image in [*copy.rglob("*.jpg"), *copy.rglob("*.dcm")]:
+        image.unlink()
+    out = tmp_path / "out"
+    capsys.readouterr()
+    result = prepare(_config(copy, tiny_model, out))
+    assert (result["train_rows"], result["test_rows"], result["ms_cxr_rows"]) == (0, 0, 0)
+    assert f"prepare {out}: no rows in train, test, ms_cxr; every candidate was left out" in capsys.readouterr().err
+    assert (pd.read_csv(out / "skipped.csv")["reason"] == "image not found").sum() >= 6
+
+
 def test_rows_that_share_a_key_but_differ_are_refused(tree, tiny_model, tmp_path):
     name = "mimic-cxr-2.0.0-metadata.csv.gz"
     other_view = lambda f: pd.concat([f, f.iloc[[0]].assign(ViewPosition="AP")], ignore_index=True)  # noqa: E731
@@ -818,6 +834,74 @@ def test_mimic_naming_a_file_says_so(tree, tiny_model, tmp_path):
     with pytest.raises(InputError, match=rf"^--mimic {tmp_path / 'none'}: no such folder"):
         prepare(_config(tmp_path / "none", tiny_model, tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+# prepare whose loader workers stall on the train unit's images: the parent waits on them, as it does
+# while decoding outpaces nothing (a slow disk, large DICOMs)
+STALLED_WORKERS = """
+import sys, time
+from pathlib import Path
+import cxrdiff.prepare.encode as encode
+import cxrdiff.prepare.mimic as mimic
+
+marker, encode_unit, getitem, unit = Path(sys.argv[1]), mimic.encode_unit, encode.ImageSet.__getitem__, []
+
+def recorded(acc, vae, rows, name, *args, **kwargs):
+    unit[:] = [name]
+    return encode_unit(acc, vae, rows, name, *args, **kwargs)
+
+def stalled(self, i):
+    if unit[0].startswith("train-"):
+        marker.touch()
+        time.sleep(300)
+    return getitem(self, i)
+
+mimic.encode_unit, encode.ImageSet.__getitem__ = recorded, stalled
+sys.argv = ["cxrdiff", *sys.argv[2:]]
+from cxrdiff.cli import main
+main()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads /proc (Linux)")
+def test_ctrl_c_in_a_terminal_during_prepare_with_workers_is_interrupted_exit_130(phantom_tree, tiny_model, tmp_path):
+    """A terminal's Ctrl-C reaches the whole process group, workers included: "interrupted", exit 130, no
+    traceback, the finished units kept and no worker left (before: "DataLoader worker exited unexpectedly")."""
+    marker = tmp_path / "stalled"
+    argv = ["prepare", "--mimic", str(phantom_tree), "--ms-cxr", str(phantom_tree / MS_CXR_FILE),
+            "--base-model", str(tiny_model), "--out", str(tmp_path / "out"), "--test-size", "8",
+            "--test-no-finding-max", "0.25", "--batch-size", "8", "--shard-size", "64", "--workers", "2"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", STALLED_WORKERS, str(marker), *argv], env=env, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not (marker.exists() and len(workers) == 2) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+            workers = _children(proc.pid)
+        assert marker.exists() and len(workers) == 2, (workers, proc.poll())
+        # what the terminal does: SIGINT to the whole foreground group; which process handles it first is
+        # the kernel's choice, so here the workers do, and the parent later than torch's 5 s status check
+        for worker in workers:
+            os.kill(worker, signal.SIGINT)
+        time.sleep(7.0)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 130, stderr
+        assert "Traceback" not in stderr and "exited unexpectedly" not in stderr, stderr
+        assert stderr.strip().splitlines()[-1].startswith("error: interrupted (Ctrl-C)"), stderr
+        assert (tmp_path / "out" / "test.parquet").is_file()  # the units finished before are kept
+        deadline = time.monotonic() + 10
+        while any(_state(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [w for w in workers if _state(w)] == []
+    finally:
+        for pid in [proc.pid, *workers]:
+            if _state(pid):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
 
 
 # --- a killed prepare leaves no worker behind ------------------------------------------------------

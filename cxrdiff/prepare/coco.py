@@ -35,7 +35,16 @@ from cxrdiff.console import log
 from cxrdiff.errors import InputError
 from cxrdiff.models import check_model_folder, model_geometry, vae_fingerprint
 from cxrdiff.prepare.config import STEP, PrepareConfig, check_out
-from cxrdiff.prepare.encode import SKIPPED_COLUMNS, STATE, Layout, encode_unit, latent_record, load_vae, loader_workers
+from cxrdiff.prepare.encode import (
+    SKIPPED_COLUMNS,
+    STATE,
+    Layout,
+    encode_unit,
+    latent_record,
+    load_vae,
+    loader_workers,
+    warn_empty_parts,
+)
 from cxrdiff.speed import limit_cpu_threads
 
 SPLIT_FILE = "coco_split.csv"  # image_id, part (train / val / test): the seeded division, recorded
@@ -249,7 +258,9 @@ def prepare_coco(config: PrepareConfig) -> dict[str, Any]:
                         loader_workers(config, acc.num_processes), LAYOUT)  # fmt: skip
     if not acc.is_main_process:
         return {}
-    return _finish(folder, config, inputs, plan) | {"seconds": round(time.perf_counter() - start, 1)}
+    result = _finish(folder, config, inputs, plan)
+    warn_empty_parts(inputs.out, {part: result[f"{part}_rows"] for part in ("train", "test", "coco_test")})
+    return result | {"seconds": round(time.perf_counter() - start, 1)}
 
 
 def _finish(folder: StepFolder, config: Any, inputs: CocoInputs, plan: dict[str, Any]) -> dict[str, Any]:

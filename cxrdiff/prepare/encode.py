@@ -18,7 +18,7 @@ import numpy as np
 
 from cxrdiff.artifacts import atomic_path, write_json
 from cxrdiff.choices import DicomContrast
-from cxrdiff.console import progress
+from cxrdiff.console import log, progress
 from cxrdiff.data import (
     latent_to_bytes,
 )
@@ -206,3 +206,13 @@ def loader_workers(config: PrepareConfig, processes: int) -> int:
     if config.workers is not None:
         return max(0, config.workers)
     return max(0, min(8, (os.cpu_count() or 1) // processes - 1))
+
+
+def warn_empty_parts(out: Path, rows: dict[str, int]) -> list[str]:
+    """Say out loud which prepared parts ended with no rows (every candidate skipped or filtered): a later
+    `finetune`, `sample` or `ground` on them would have nothing to read. Returns those parts."""
+    empty = [part for part, n in rows.items() if not n]
+    if empty:
+        log.warning("prepare %s: no rows in %s; every candidate was left out (reasons in %s and the manifest's "
+                    "counts)", out, ", ".join(empty), out / "skipped.csv")  # fmt: skip
+    return empty

@@ -54,6 +54,7 @@ from cxrdiff.prepare.encode import (
     load_vae,
     loader_workers,
     skipped_row,
+    warn_empty_parts,
 )
 from cxrdiff.speed import limit_cpu_threads
 
@@ -538,6 +539,7 @@ def prepare_mimic(config: PrepareConfig) -> dict[str, Any]:
         return {}
     now = time.perf_counter()
     result = _finish(folder, config, inputs, plan, now - start)
+    warn_empty_parts(inputs.out, {part: result[f"{part}_rows"] for part in ("train", "test", "ms_cxr")})
     return result | {"encode_seconds": round(now - encode_start, 2)}
 
 
