@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
+import errno
 import glob
 import hashlib
 import json
@@ -75,6 +76,19 @@ def clean_stale(path: Path) -> None:
             leftover.unlink(missing_ok=True)
 
 
+def _naming(exc: OSError, path: Path) -> OSError:
+    """`exc` with the path being written when it names none (a full disk fails a write() on an open file,
+    which knows no name), so the one-line error says where: `PATH: No space left on device`."""
+    if exc.filename is not None:
+        return exc
+    code = exc.errno
+    if code is None and "No space left on device" in str(exc):  # pyarrow's write errors carry no errno
+        code = errno.ENOSPC
+    if code is None:
+        return exc
+    return type(exc)(code, os.strerror(code), os.fspath(path))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
@@ -84,6 +98,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as exc:
+        named = _naming(exc, path)
+        if named is exc:
+            raise
+        raise named from exc
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -111,6 +130,11 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
+    except OSError as exc:
+        named = _naming(exc, path)
+        if named is exc:
+            raise
+        raise named from exc
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -201,6 +225,14 @@ def read_manifest(folder: str | os.PathLike, step: str | tuple[str, ...] | None 
     path = folder / MANIFEST
     if not path.is_file():
         wanted = f"a '{step}' output folder" if isinstance(step, str) else "a cxrdiff output folder"
+        unfinished = _claimed_step(folder)
+        if unfinished is not None:
+            steps = (step,) if isinstance(step, str) else tuple(step or ())
+            other = f", not {wanted}" if steps and unfinished not in steps else ""
+            raise InputError(
+                f"{folder}: an unfinished '{unfinished}' run{other} (no {MANIFEST} yet); re-run the same "
+                f"`cxrdiff {unfinished}` command to finish it"
+            )
         raise InputError(f"{folder}: no {MANIFEST}; expected {wanted}")
     try:
         manifest = json.loads(path.read_text())
@@ -238,6 +270,15 @@ def damaged_file(folder: str | os.PathLike) -> str | None:
             except Exception as exc:  # pyarrow raises ArrowInvalid, OSError and others for a damaged file
                 return f"{path}: not a readable Parquet file ({str(exc).strip().splitlines()[0]})"
     return None
+
+
+def _claimed_step(folder: Path) -> str | None:
+    """The step whose unfinished run holds `folder` (its claim file), None when there is no readable claim."""
+    try:
+        claim = json.loads((folder / CLAIM).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return str(claim["step"]) if isinstance(claim, dict) and claim.get("step") else None
 
 
 # --- the one way a step owns its --out folder ---------------------------------------------------

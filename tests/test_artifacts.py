@@ -94,6 +94,26 @@ def test_what_a_killed_writer_left_is_cleaned_on_the_next_run(tmp_path):
     assert left == [f".model.tmp-{os.getppid()}", ".other.tmp-1", "model"]
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(28, "No space left on device"),
+        OSError("Error writing bytes to file. Detail: [errno 28] No space left on device"),
+    ],
+)  # the second: pyarrow's
+def test_a_full_disk_names_the_path_being_written(tmp_path, error):
+    from cxrdiff.cli import path_error
+
+    target = tmp_path / "out" / "train-00000.parquet"
+    for writer in (atomic_path, atomic_dir):
+        with pytest.raises(OSError) as caught, writer(target):
+            raise error
+        assert caught.value.errno == 28 and path_error(caught.value) == f"{target}: No space left on device"
+    with pytest.raises(OSError) as caught, atomic_path(target):
+        raise OSError(13, "Permission denied", "/elsewhere")  # a path already named is kept
+    assert caught.value.filename == "/elsewhere"
+
+
 def test_manifest_round_trip_and_inputs(tmp_path):
     first = tmp_path / "prepared"
     first.mkdir()

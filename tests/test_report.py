@@ -398,6 +398,39 @@ def test_report_refuses_bad_inputs_before_work(tmp_path, tiny_model):
         report(ReportConfig(runs=(tiny_model,), out=tmp_path / "r", real=tiny_model, fid=False, fid_xrv=False))
 
 
+def test_too_few_test_images_and_an_unfinished_prepare_folder_are_refused_before_sampling(tmp_path, tiny_model):
+    """One held-out image: FID cannot be measured; refused before any run is sampled (not after). A prepare
+    folder still being written is called unfinished, not "not a prepare folder". Equal run names point at
+    the `names` key that exists (there is no --names flag)."""
+    import pandas as pd
+
+    from cxrdiff.artifacts import CLAIM
+    from cxrdiff.errors import InputError
+
+    real = _prepared(tmp_path / "prepared", n=1)
+    calls = Calls()
+    config = ReportConfig(runs=(tiny_model,), out=tmp_path / "r", real=real, fid=False, fid_xrv=False)
+    with pytest.raises(InputError, match=r"test.parquet holds 1 image\(s\); the fidelity metrics need at least 2"):
+        report(config, steps=_stub_steps(calls))
+    assert not (tmp_path / "r").exists() and calls.sample == [] and calls.ground == []
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    pd.DataFrame({"x": [1]}).to_parquet(unfinished / "test.parquet")
+    (unfinished / CLAIM).write_text(json.dumps({"step": "prepare", "key": "k", "settings": {}}))
+    with pytest.raises(InputError) as refused:
+        report(ReportConfig(runs=(tiny_model,), out=tmp_path / "r", real=unfinished, fid=False, fid_xrv=False))
+    assert str(refused.value) == (
+        f"{unfinished}: an unfinished 'prepare' run (no manifest.json yet); re-run the same `cxrdiff prepare` "
+        "command to finish it"
+    )
+    twin = tmp_path / "b" / tiny_model.name
+    twin.parent.mkdir()
+    twin.symlink_to(tiny_model)
+    with pytest.raises(InputError, match=r"names are not unique .*`names = \[...\]` in a --config TOML file"):
+        report(ReportConfig(runs=(tiny_model, twin), out=tmp_path / "r", real=_prepared(tmp_path / "p2", n=4),
+                            fid=False, fid_xrv=False), steps=_stub_steps(Calls()))  # fmt: skip
+
+
 def test_report_refuses_another_steps_folder_as_out(tmp_path, tiny_model):
     """--out pointing at a prepare (or finetune) folder must not overwrite that folder's manifest."""
     from cxrdiff.errors import InputError

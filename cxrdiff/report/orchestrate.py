@@ -126,7 +126,18 @@ def real_folder(config: ReportConfig) -> Path:
     for name in ("test.parquet", "ms_cxr.parquet"):
         if not (real / name).is_file():
             raise InputError(f"--real {real}: no {name} (expected a `cxrdiff prepare` output folder)")
+    import pyarrow.parquet as pq
+
+    held_out = pq.read_metadata(real / "test.parquet").num_rows
+    if held_out < MIN_TEST_IMAGES:  # refused here, not after every run has been sampled
+        raise InputError(
+            f"--real {real}: test.parquet holds {held_out} image(s); the fidelity metrics need at least "
+            f"{MIN_TEST_IMAGES} (prepare with a larger --test-size, or on more p19 studies)"
+        )
     return real
+
+
+MIN_TEST_IMAGES = 2  # a Fréchet distance's covariance needs two images on each side
 
 
 def _report_run(

@@ -115,7 +115,10 @@ def run_names(config: ReportConfig) -> tuple[str, ...]:
     if len(names) != len(config.runs):
         raise InputError(f"names: {len(names)} given for {len(config.runs)} runs")
     if len(set(names)) != len(names):
-        raise InputError(f"runs: names are not unique ({', '.join(names)}); pass names")
+        raise InputError(
+            f"runs: names are not unique ({', '.join(names)}); give each run its own with `names = [...]` in a "
+            "--config TOML file, or rename the run folders"
+        )
     return names
 
 
