@@ -839,7 +839,7 @@ def test_mimic_naming_a_file_says_so(tree, tiny_model, tmp_path):
 # prepare whose loader workers stall on the train unit's images: the parent waits on them, as it does
 # while decoding outpaces nothing (a slow disk, large DICOMs)
 STALLED_WORKERS = """
-import sys, time
+import os, sys, time
 from pathlib import Path
 import cxrdiff.prepare.encode as encode
 import cxrdiff.prepare.mimic as mimic
@@ -852,7 +852,7 @@ def recorded(acc, vae, rows, name, *args, **kwargs):
 
 def stalled(self, i):
     if unit[0].startswith("train-"):
-        marker.touch()
+        (marker / str(os.getpid())).touch()  # this worker is decoding (its init has run)
         time.sleep(300)
     return getitem(self, i)
 
@@ -869,6 +869,7 @@ def test_ctrl_c_in_a_terminal_during_prepare_with_workers_is_interrupted_exit_13
     """A terminal's Ctrl-C reaches the whole process group, workers included: "interrupted", exit 130, no
     traceback, the finished units kept and no worker left (before: "DataLoader worker exited unexpectedly")."""
     marker = tmp_path / "stalled"
+    marker.mkdir()
     argv = ["prepare", "--mimic", str(phantom_tree), "--ms-cxr", str(phantom_tree / MS_CXR_FILE),
             "--base-model", str(tiny_model), "--out", str(tmp_path / "out"), "--test-size", "8",
             "--test-no-finding-max", "0.25", "--batch-size", "8", "--shard-size", "64", "--workers", "2"]  # fmt: skip
@@ -878,10 +879,10 @@ def test_ctrl_c_in_a_terminal_during_prepare_with_workers_is_interrupted_exit_13
     workers: list[int] = []
     try:
         deadline = time.monotonic() + 120
-        while not (marker.exists() and len(workers) == 2) and proc.poll() is None and time.monotonic() < deadline:
+        while len(workers) < 2 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-            workers = _children(proc.pid)
-        assert marker.exists() and len(workers) == 2, (workers, proc.poll())
+            workers = [int(p.name) for p in marker.iterdir()]
+        assert len(workers) == 2 and set(workers) <= set(_children(proc.pid)), (workers, proc.poll())
         # what the terminal does: SIGINT to the whole foreground group; which process handles it first is
         # the kernel's choice, so here the workers do, and the parent later than torch's 5 s status check
         for worker in workers:
