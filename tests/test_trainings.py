@@ -224,6 +224,9 @@ def test_report_groups_fake_trainings_and_never_pools_settings(tmp_path, tiny_mo
         result = ground_fn(cfg)
         seed = json.loads((cfg.model / "manifest.json").read_text())["seed"]
         (cfg.out / "summary.json").write_text(json.dumps(_grounding(0.1 * seed)))
+        manifest = json.loads((cfg.out / "manifest.json").read_text())  # as if the step had written it so
+        manifest["files"]["summary.json"] = (cfg.out / "summary.json").stat().st_size
+        (cfg.out / "manifest.json").write_text(json.dumps(manifest))
         return result
 
     config = ReportConfig(
