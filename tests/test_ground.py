@@ -262,6 +262,7 @@ def test_token_choice_rules(tokenizer):
         ({"image": Path("x.png"), "prompt": "a"}, "exactly one of --data"),
         ({"prompt": "a"}, "--prompt"),
         ({"steps": 0}, "--steps"),
+        ({"steps": 2000, "window": 40}, "--steps 2000: above the 1000 steps the scheduler"),
     ],
 )
 def test_usage_errors(tiny_model, ms_cxr, tmp_path, change, message):

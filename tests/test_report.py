@@ -362,8 +362,8 @@ def test_table_3_is_grounded_per_phrase_when_an_image_class_has_two_phrases(tmp_
     table_1 = md.split("### Localization")[1].split("###")[0]
     edema_3 = next(line for line in table_3.splitlines() if line.startswith("| Edema |"))
     edema_1 = next(line for line in table_1.splitlines() if line.startswith("| Edema |"))
-    # the stand-in's summary (± over its noise seeds) and its per-phrase scores' bootstrap interval, each its own
-    assert edema_3.endswith("| 0.80 ± 0.10 [0.90, 1.00] |") and edema_1.endswith("/ 0.50 ± 0.10 [0.60, 0.70] |")
+    # the stand-in's summary (± over its noise seeds), each its own; 2 phrases are too few for an interval
+    assert edema_3.endswith("| 0.80 ± 0.10 [too few (2)] |") and edema_1.endswith("/ 0.50 ± 0.10 [too few (2)] |")
 
 
 def test_classifier_positives_only_or_any():

@@ -26,7 +26,7 @@ READERS: dict[str, Callable[[Any, GroundConfig, Path], list[GroundingInput]]] = 
 
 def check_inputs(config: GroundConfig) -> None:
     """Every usage error, before any weight is read."""
-    from cxrdiff.models import check_model_folder
+    from cxrdiff.models import check_model_folder, check_sampling_steps
 
     if config.model is None:
         raise InputError("--model: required (a diffusers Stable Diffusion folder)")
@@ -44,6 +44,7 @@ def check_inputs(config: GroundConfig) -> None:
     if config.image is not None and (config.frame != "prepared" or config.boxes != "union"):
         raise InputError("--frame/--boxes: only with --data (a single image has no boxes)")
     check_model_folder(config.model)
+    check_sampling_steps(config.model, config.steps)
     check_scaling_factor(config)
     StepFolder.claim(config.out, STEP, ground_settings(config), create=False)  # the kind of folder, early
 
