@@ -442,6 +442,10 @@ def report(
         ClassifierPositives | None,
         typer.Option(help="only: images whose only label is d (paper); any: every image labelled d."),
     ] = None,
+    classifier_prompts_per_class: Annotated[
+        int | None,
+        typer.Option(help="Classifier check on its own set: K prompts per class and K No Finding (default: p19)."),
+    ] = None,
     min_word_count: Annotated[
         int | None, typer.Option(help="Word analysis: words in more than N phrases of a class (paper: 25).")
     ] = None,

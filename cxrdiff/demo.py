@@ -42,6 +42,9 @@ class DemoPlan:
     n_fid: int = 200
     diversity_prompts: int = 16
     test_size: int = 200
+    # the classifier check's own prompt set (report --classifier-prompts-per-class): 10 generated images per class
+    # and 10 No Finding, where the ~72 p19 test images hold 1 to 5 per class whose only label is the class
+    classifier_prompts_per_class: int = 10
     seed: int = 0
     # `demo --lora`: the rank of the LoRA runs beside the full fine-tunes, fixed before any LoRA outcome was seen
     # (docs/method.md, "LoRA"): the middle of Generate to Ground's 4-256 and the issue's example; alpha = rank
@@ -62,6 +65,7 @@ class DemoPlan:
             n_fid=24,
             diversity_prompts=4,
             test_size=24,
+            classifier_prompts_per_class=5,
         )
 
 
@@ -457,6 +461,7 @@ def _report(out: Path, runs: dict[str, list[Path]], prepared: Path, classifier: 
         ground_steps=plan.ground_steps,
         ground_window=plan.ground_window,
         min_word_count=scaled_min_word_count(phrases),
+        classifier_prompts_per_class=plan.classifier_prompts_per_class,
         seed=plan.seed,
         batch_size=16,
         # every experiment with --trainings ≥ 2: the curve over training and Table 4's MS-CXR column

@@ -38,7 +38,8 @@ def test_auc_interval_and_average_from_five_or_more_positives():
     assert edema["high"] - edema["low"] < pneumonia["high"] - pneumonia["low"]
     assert out["Atelectasis"].interval is None  # 3 positives: too few
     assert out["Average"].value == pytest.approx((out["Edema"].value + out["Pneumonia"].value) / 2)
-    assert out["Average"].protocol == {"classes": 2} and out["Average"].interval["low"] < out["Average"].value
+    assert out["Average"].protocol == {"classes": 2, "positives": 36, "negatives": 40}  # Edema 30 + Pneumonia 6
+    assert out["Average"].interval["low"] < out["Average"].value
 
 
 class MeanBrightness:

@@ -3,6 +3,7 @@ and the orchestration's reuse rule (nothing recomputed when nothing changed; wha
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -383,6 +384,75 @@ def test_classifier_positives_only_or_any():
     assert by_class == {"Edema": ["a"], "Pneumonia": []} and no_finding == ["c"]
     by_class, no_finding = _label_groups(pd.DataFrame(rows), paths, "any")
     assert by_class == {"Edema": ["a", "b"], "Pneumonia": ["b"]} and no_finding == ["c", "d"]
+
+
+def test_balanced_prompts_hold_k_per_class_with_its_labels():
+    import pandas as pd
+
+    from cxrdiff.report.classifier_set import balanced_prompts
+    from cxrdiff.report.measure import label_groups
+
+    nan = float("nan")
+    rows = [  # Edema alone ×2, Edema with Pneumonia, Pneumonia alone, No Finding alone ×3; no Cardiomegaly
+        {"impression": f"p{i}", "Edema": e, "Pneumonia": p, "Cardiomegaly": 0.0, "No Finding": nf, "latent": b"x"}
+        for i, (e, p, nf) in enumerate(
+            [(1.0, nan, nan), (1.0, nan, nan), (1.0, 1.0, nan), (nan, 1.0, nan), (nan, nan, 1.0), (nan, 0.0, 1.0),
+             (nan, nan, 1.0)]
+        )
+    ]  # fmt: skip
+    test = pd.DataFrame(rows)
+    table = balanced_prompts(test, 4, "only", seed=3)
+    assert table["classifier_class"].value_counts().to_dict() == {"Edema": 4, "Pneumonia": 4, "No Finding": 4}
+    assert "latent" not in table and list(table.columns[:3]) == ["classifier_class", "source_row", "impression"]
+    for cls, group in table.groupby("classifier_class"):
+        assert (group[cls] == 1.0).all()
+        assert ((group[["Edema", "Pneumonia", "Cardiomegaly", "No Finding"]] == 1.0).sum(axis=1) == 1).all()
+        assert (test.loc[group["source_row"], "impression"].to_list() == group["impression"]).all()
+    # every candidate row before any repeats: Edema's 2 rows twice each, No Finding's 3 rows each at least once
+    assert sorted(table.query("classifier_class == 'Edema'")["source_row"]) == [0, 0, 1, 1]
+    assert set(table.query("classifier_class == 'No Finding'")["source_row"]) == {4, 5, 6}
+    assert set(table.query("classifier_class == 'Pneumonia'")["source_row"]) == {3}
+    # the report counts them back with the same rule: K per class, K No Finding
+    by_class, no_finding = label_groups(table, list(range(len(table))), "only")
+    assert {c: len(v) for c, v in by_class.items()} == {"Edema": 4, "Pneumonia": 4, "Cardiomegaly": 0}
+    assert len(no_finding) == 4
+    anyway = balanced_prompts(test, 3, "any", seed=3)
+    assert set(anyway.query("classifier_class == 'Edema'")["source_row"]) == {0, 1, 2}
+    assert set(anyway.query("classifier_class == 'Pneumonia'")["source_row"]) == {2, 3}
+    assert balanced_prompts(test, 4, "only", seed=3).equals(table)  # seeded
+
+
+def test_classifier_check_on_its_own_prompt_set_and_counts_read_back(tmp_path, tiny_model):
+    """With --classifier-prompts-per-class 8 the generated row rests on 8 Edema and 8 No-Finding images (6 of
+    each in the test set, so two are repeated), the real row on the test set's 6 and 6; the table's note
+    reads what each cell rests on back from metrics.json."""
+    real = _prepared(tmp_path / "prepared", n=12)
+    calls = Calls()
+    config = ReportConfig(runs=(tiny_model,), out=tmp_path / "r", real=real, fid=False, fid_xrv=False, n_fid=12,
+                          diversity_prompts=2, classifier_prompts_per_class=8)  # fmt: skip
+    first = report(config, classifier=Brightness(), steps=_stub_steps(calls))
+    assert calls.sample == ["samples", "diversity", "samples-classifier", "samples-ms-cxr", "diversity-ms-cxr"]
+    assert "samples-classifier" in first["recomputed"]["tiny"] and "metrics-classifier" in first["recomputed"]["tiny"]
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    edema = metrics["runs"]["tiny"]["classifier"]["Edema"]
+    assert edema["protocol"] == {"positives": 8, "negatives": 8} and edema["value"] > 90
+    average = metrics["runs"]["tiny"]["classifier"]["Average"]
+    assert average["protocol"] == {"classes": 1, "positives": 8, "negatives": 8}
+    assert metrics["real"]["classifier"]["Edema"]["protocol"] == {"positives": 6, "negatives": 6}
+    assert metrics["settings"]["classifier_prompts_per_class"] == 8
+    rendered = tmp_path / "again"
+    render(json.loads((tmp_path / "r" / "metrics.json").read_text()), rendered)  # from the file alone
+    note = (rendered / "report.md").read_text().split("### Classifier AUC")[1].split("###")[0]
+    assert "real p19 (reference): Edema 6; No Finding 6; Average over 1 classes" in note
+    assert "tiny: Edema 8; No Finding 8; Average over 1 classes" in note
+    assert "8 prompts per class and 8 No Finding" in note
+    again = report(config, classifier=Brightness(), steps=_stub_steps(calls))
+    assert again["recomputed"]["tiny"] == "nothing" and len(calls.sample) == 5
+    nine = dataclasses.replace(config, classifier_prompts_per_class=9)
+    report(nine, classifier=Brightness(), steps=_stub_steps(calls))
+    assert calls.sample[5:] == ["samples-classifier"]  # another set: made again, the p19 samples kept
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert metrics["runs"]["tiny"]["classifier"]["Edema"]["protocol"] == {"positives": 9, "negatives": 9}
 
 
 def test_report_refuses_bad_inputs_before_work(tmp_path, tiny_model):

@@ -65,7 +65,8 @@ def class_aucs(
 
     `scores_pos[d]` / `scores_neg[d]`: the classifier's score for d on the d-images / No-Finding images.
     A class with fewer than MIN_POSITIVES positives keeps its AUC in metrics.json, but tables show
-    "too few (n)" (`metrics.intervals.classifier_auc_cell`) and it stays out of the Average.
+    "too few (n)" (`metrics.intervals.classifier_auc_cell`) and it stays out of the Average. Each score's
+    protocol names what it rests on: positives and negatives (the Average: its classes, their positives summed).
     """
     rng = np.random.default_rng(seed)
     out: dict[str, Score] = {}
@@ -88,7 +89,8 @@ def class_aucs(
         out[cls] = _bounded(out[cls], draws[cls], seed, resamples)
     if usable:
         value = float(np.mean([out[c].value for c in usable]))
-        out["Average"] = _bounded(Score(name, value, unit="%", protocol={"classes": len(usable)}),
+        counts = {"classes": len(usable), "positives": sum(len(p) for p, _ in usable.values()), "negatives": n_neg}
+        out["Average"] = _bounded(Score(name, value, unit="%", protocol=counts),
                                   np.mean(list(draws.values()), axis=0), seed, resamples)  # fmt: skip
     return out
 

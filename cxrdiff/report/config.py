@@ -49,6 +49,9 @@ class ReportConfig:
     # Table 6: a word ranks in a class when it occurs in more than this many phrases
     min_word_count: Annotated[int, Range(ge=0)] = 25
     classifier_positives: ClassifierPositives = "only"  # only: d is the image's only label (the paper's)
+    # the classifier check on its own prompt set: K prompts per class and K No Finding ones drawn from the test
+    # rows (report/classifier_set.py); None: on the p19 samples, as many per class as the test set holds
+    classifier_prompts_per_class: Annotated[int | None, Range(ge=1)] = None
     checkpoints: bool = False  # also evaluate each run's kept checkpoints: CNR and fidelity over training steps
     # with checkpoints: every Nth kept checkpoint, counted back from the newest
     checkpoint_every: Annotated[int, Range(ge=1)] = 1

@@ -114,7 +114,6 @@ def measure_run(
     """Fidelity of one run: Fréchet distances, MS-SSIM, classifier AUC; each a `Score` as a dict, with its
     bootstrap interval. The real set has as many images as were generated (FD depends on the counts), at
     most --n-fid. `keep`: a folder for the Fréchet distances' features (see `features_file`)."""
-    from cxrdiff.metrics import classifier as clf
     from cxrdiff.metrics import diversity, fid
 
     table = read_table(samples / "samples.parquet")
@@ -150,27 +149,19 @@ def measure_run(
         "n_generated": len(fake),
         "n_real": len(real_paths),
     }
-    if classifier is not None:
-        by_class, no_finding = label_groups(table, fake, config.classifier_positives)
-        if no_finding:
-            result["classifier"] = scores_as_dicts(
-                clf.classifier_check(
-                    classifier, {c: grey_images(p, size) for c, p in by_class.items()}, grey_images(no_finding, size),
-                    seed=config.seed, resamples=config.resamples,
-                )
-            )  # fmt: skip
+    if classifier is not None and not config.classifier_prompts_per_class:  # else: on its own prompt set
+        result.update(classifier_on_images(config, table, fake, size, classifier))
     return result
 
 
-def measure_real(config: ReportConfig, real: Path, classifier: Any, size: int) -> dict[str, Any]:
-    """The reference row: the classifier check on the real p19 test images."""
+def classifier_on_images(
+    config: ReportConfig, table: Any, paths: list[Path], size: int, classifier: Any
+) -> dict[str, Any]:
+    """{"classifier": AUC per class} on images labelled by `table`'s CheXpert columns (by
+    --classifier-positives); {} without a No-Finding image to compare against."""
     from cxrdiff.metrics import classifier as clf
 
-    if classifier is None:
-        return {}
-    test = read_table(real / "test.parquet").head(config.n_fid)
-    paths = [image_path(p, real) for p in test["image_path"]]
-    by_class, no_finding = label_groups(test, paths, config.classifier_positives)
+    by_class, no_finding = label_groups(table, paths, config.classifier_positives)
     if not no_finding:
         return {}
     aucs = clf.classifier_check(
@@ -178,6 +169,14 @@ def measure_real(config: ReportConfig, real: Path, classifier: Any, size: int) -
         seed=config.seed, resamples=config.resamples,
     )  # fmt: skip
     return {"classifier": scores_as_dicts(aucs)}
+
+
+def measure_real(config: ReportConfig, real: Path, classifier: Any, size: int) -> dict[str, Any]:
+    """The reference row: the classifier check on the real p19 test images."""
+    if classifier is None:
+        return {}
+    test = read_table(real / "test.parquet").head(config.n_fid)
+    return classifier_on_images(config, test, [image_path(p, real) for p in test["image_path"]], size, classifier)
 
 
 def metric_settings(config: ReportConfig, classifier: str | None) -> dict[str, Any]:
@@ -192,6 +191,7 @@ def metric_settings(config: ReportConfig, classifier: str | None) -> dict[str, A
                 "fid_xrv",
                 "diversity_prompts",
                 "classifier_positives",
+                "classifier_prompts_per_class",
                 "seed",
                 "resamples",
                 "fd_resamples",

@@ -4,11 +4,12 @@ what is on disk is reused.
 For each run folder the report calls the sample step twice (test prompts; the diversity set, 4 images per
 prompt) and the ground step once (MS-CXR), each into a sub-folder of its own `--out`; a run trained on
 another text than impressions (labels, a `file:` set) is only grounded, as the paper measures it (Table 7),
-unless `--other-sources full`. Reuse is the steps' own: a step folder finished with the same settings makes
-the step return at once; one made with other settings (a changed option, or a retrained model / re-prepared
-data, whose manifest hash is part of the settings) makes the step raise `OtherSettings`, and the report
-removes that sub-folder and runs the step again. Fidelity (FID, FID_XRV, MS-SSIM, classifier AUC) is cached
-beside them, keyed by the metric settings and the identity of the folders it was measured on.
+unless `--other-sources full`; with `--classifier-prompts-per-class`, a third time on the classifier
+check's own prompt set (report/classifier_set.py). Reuse is the steps' own: a step folder finished with the
+same settings makes the step return at once; one made with other settings (a changed option, or a retrained
+model / re-prepared data, whose manifest hash is part of the settings) makes the step raise `OtherSettings`,
+and the report removes that sub-folder and runs the step again. Fidelity (FID, FID_XRV, MS-SSIM, classifier
+AUC) is cached beside them, keyed by the metric settings and the identity of the folders it was measured on.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from cxrdiff.config import check_ranges, settings, to_dict
 from cxrdiff.errors import InputError
 from cxrdiff.report.benchmark import measure_benchmark_once
 from cxrdiff.report.checkpoints import checkpoint_curve
+from cxrdiff.report.classifier_set import measure_classifier_set, write_classifier_prompts
 from cxrdiff.report.config import STEP, ReportConfig, Steps
 from cxrdiff.report.features import check_options
 from cxrdiff.report.laterality import measure_laterality
@@ -155,6 +157,8 @@ def _report_run(
         measured, fresh = measured_once(config, folder / "metrics.json", metric, samples, diversity, real, classifier)
         if fresh:
             done.append("metrics")
+        if config.classifier_prompts_per_class and classifier is not None:
+            measured.update(measure_classifier_set(config, run, folder, steps, classifier, metric, done))
         measured["benchmark"] = measure_benchmark_once(config, folder, samples, real, classifier, done)
         measured["privacy"] = measure_privacy_once(config, run, folder, samples, real, classifier, done)
         if not config.table4_p19_only:
@@ -212,6 +216,8 @@ def report_mimic(config: ReportConfig, classifier: Any = None, steps: Steps | No
     if classifier is None:
         classifier = load_classifier(config)
     metric = metric_settings(config, checked.classifier)
+    if config.classifier_prompts_per_class and classifier is not None:
+        write_classifier_prompts(config, real)
     named = zip(checked.names, config.runs, strict=True)
     jobs = [(config, name, Path(run), real, steps, classifier, metric) for name, run in named]
     if config.workers > 1 and not given_steps:

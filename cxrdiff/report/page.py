@@ -399,6 +399,7 @@ def settings_tables(metrics: Mapping[str, Any]) -> list[Table]:
         ("grounded phrases (limit)", "ground_limit"),
         ("word analysis: more than N phrases", "min_word_count"),
         ("classifier positives", "classifier_positives"),
+        ("classifier prompts per class", "classifier_prompts_per_class"),
     )
     measured = [[label, "—" if c.get(k) is None else str(c.get(k))] for label, k in keys if k in c]
     how = Table("How it was measured", ["setting", "value"], measured, kind="settings")

@@ -215,10 +215,13 @@ def _classifier_cell(entry: Mapping[str, Any] | None) -> str:
 
 
 def _classifier_counts(name: str, aucs: Mapping[str, Any]) -> str:
+    """What each cell of a row rests on: positives per class, the No-Finding negatives they share, the
+    Average's classes (from each score's protocol in metrics.json)."""
     counts = [f"{c} {aucs[c]['protocol']['positives']}" for c in CLASSIFIER_ORDER
-              if "positives" in (aucs.get(c) or {}).get("protocol", {})]  # fmt: skip
+              if c != "Average" and "positives" in (aucs.get(c) or {}).get("protocol", {})]  # fmt: skip
     negatives = next((a["protocol"]["negatives"] for a in aucs.values() if "negatives" in a.get("protocol", {})), 0)
-    return f"{name}: {', '.join(counts)}; No Finding {negatives}"
+    average = (aucs.get("Average") or {}).get("protocol", {}).get("classes")
+    return f"{name}: {', '.join(counts)}; No Finding {negatives}; Average over {average or 0} classes"
 
 
 def _classifier_table(metrics: Mapping[str, Any]) -> Table:
@@ -235,15 +238,22 @@ def _classifier_table(metrics: Mapping[str, Any]) -> Table:
         if rule == "only"
         else "every image labelled d, against every image labelled No Finding (`--classifier-positives any`)"
     )
-    counts = "; ".join(_classifier_counts(n, aucs) for n, aucs in measured)
+    per_class = (metrics.get("settings") or {}).get("classifier_prompts_per_class")
+    if per_class:
+        positives += (
+            f". Generated rows: the check's own prompt set, {per_class} prompts per class and {per_class} No Finding "
+            "ones drawn from the p19 test rows counted for the class (repeated when it has fewer, each image its "
+            "own seed; `--classifier-prompts-per-class`); the real row: the p19 test images themselves"
+        )
+    counts = " | ".join(_classifier_counts(n, aucs) for n, aucs in measured)
     return Table(
         "Classifier AUC %: class d vs No Finding",
         headers,
         rows,
         f"Classifier here: {metrics.get('classifier') or 'none'}; positives: {positives}. [ ] a 95% bootstrap "
         f"interval over the images; an AUC from fewer than {MIN_POSITIVES} positive images is shown as 'too few "
-        f"(n)' and left out of the Average. Images per class (positives): {counts or 'none'}. Published: Table 5 "
-        f"of {PAPER}, torchxrayvision.",
+        f"(n)' and left out of the Average. Images each cell rests on (positives per class, negatives): "
+        f"{counts or 'none'}. Published: Table 5 of {PAPER}, torchxrayvision.",
     )
 
 
