@@ -9,6 +9,8 @@ import sys
 import pandas as pd
 import pytest
 
+from cxrdiff.data import MS_CXR_CATEGORIES
+
 
 @pytest.mark.slow
 def test_quick_demo_runs_the_whole_chain_and_reruns_nothing(tmp_path):
@@ -25,6 +27,10 @@ def test_quick_demo_runs_the_whole_chain_and_reruns_nothing(tmp_path):
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     assert len(metrics["runs"]) == 6
     held_out = len(pd.read_parquet(out / "prepared" / "test.parquet"))  # every p19 row calibrates the copy rate
+    # Table 5's generated rows: the check's own prompt set, 5 prompts for every class the p19 rows hold (--quick)
+    balanced = pd.read_parquet(out / "report" / "classifier-prompts" / "prompts.parquet")
+    per_class = balanced["classifier_class"].value_counts().to_dict()
+    assert set(per_class.values()) == {5} and "No Finding" in per_class
     for name, run in metrics["runs"].items():
         assert run["training"]["frozen_text"] is name.startswith("Finetune_F")
         average = run["grounding"]["average"]
@@ -44,6 +50,14 @@ def test_quick_demo_runs_the_whole_chain_and_reruns_nothing(tmp_path):
         assert run["privacy"]["copy_rate_pixels"]["held_out_images"] == held_out and run["privacy"]["pairs"]["pixels"]
         assert run["privacy"]["memorization"]["training"]["n"] == 4
         assert all(p["copy_rate"]["n"] == held_out for p in run["checkpoints"])  # the privacy side of the curve
+        classes = [c for c in per_class if c != "No Finding"]  # each with 5 positives, so each in the Average
+        assert run["classifier"]["Average"]["protocol"] == {
+            "classes": len(classes),
+            "positives": 5 * len(classes),
+            "negatives": 5,
+        }
+        for cls in MS_CXR_CATEGORIES:
+            assert run["classifier"][cls]["protocol"] == {"positives": per_class.get(cls, 0), "negatives": 5}, cls
     groups = metrics["groups"]
     assert set(groups) == {"Finetune_F", "Finetune_L", "Finetune_F (labels)", "Finetune_L (labels)"}
     for name in ("Finetune_F", "Finetune_L"):
