@@ -26,7 +26,7 @@ PublishedModel = Literal["sd2-base", "sd2-768", "sd15"]  # `cxrdiff model random
 PublishedTextEncoder = Literal["bert-base"]  # `cxrdiff model random --text-encoder-like`
 TextInit = Literal["pretrained", "token-local", "both"]  # `cxrdiff demo --text-init`: the tiny text encoder's start
 PhantomKind = Literal["mimic", "coco"]  # `cxrdiff phantom --kind`: a MIMIC-CXR-shaped tree or a COCO-layout set
-DataFormat = Literal["mimic", "coco"]  # `cxrdiff prepare --format`
+DataFormat = Literal["mimic", "coco", "nih", "openi", "csv"]  # `cxrdiff prepare --format` (docs/public-sets.md)
 DicomContrast = Literal["mimic-jpg", "window"]  # mimic-jpg: MIMIC-CXR-JPG's own conversion; window: the file's window
 # finetune: MIMIC's de-identification markers ("___") in the training text: kept (as the paper trained) or stripped
 DeidMarkers = Literal["keep", "strip"]

@@ -205,7 +205,9 @@ def phantom(
 @app.command()
 def prepare(
     mimic: Annotated[Path | None, typer.Option(help="MIMIC-CXR-JPG (or DICOM) root with files/ and CSVs.")] = None,
-    reports: Annotated[Path | None, typer.Option(help="Report root (files/pXX/...); default: --mimic.")] = None,
+    reports: Annotated[
+        Path | None, typer.Option(help="Report root (files/pXX/...); default: --mimic. openi: your NLMCXR_reports.tgz.")
+    ] = None,
     ms_cxr: Annotated[Path | None, typer.Option("--ms-cxr", help="MS_CXR_Local_Alignment CSV.")] = None,
     base_model: Annotated[Path | None, typer.Option(help="Local diffusers SD folder whose VAE encodes.")] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder.")] = None,
@@ -230,7 +232,18 @@ def prepare(
         typer.Option(help="DICOM → 8 bit: mimic-jpg (MIMIC-CXR-JPG's conversion, default) or window (the file's)."),
     ] = None,
     format: Annotated[
-        DataFormat | None, typer.Option(help="Input data set: mimic (default) or coco (COCO's layout, with --coco).")
+        DataFormat | None,
+        typer.Option(
+            help="Input data set: mimic (default), coco (--coco), nih, openi or csv (--images; docs/public-sets.md)."
+        ),
+    ] = None,
+    images: Annotated[Path | None, typer.Option(help="nih/openi/csv: the image folder.")] = None,
+    table: Annotated[
+        Path | None, typer.Option(help="nih/openi: your copy of the label/metadata table; csv: the table.")
+    ] = None,
+    boxes: Annotated[Path | None, typer.Option(help="nih: your BBox list; csv: image, phrase, x, y, w, h.")] = None,
+    test_fraction: Annotated[
+        float | None, typer.Option(help="nih/openi/csv: share of patients drawn for test.")
     ] = None,
     coco: Annotated[
         Path | None, typer.Option(help="COCO root: annotations/{captions,instances}_{split}.json and {split}/.")
@@ -244,7 +257,7 @@ def prepare(
     ] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Turn MIMIC-CXR + reports + MS-CXR (or, --format coco, a COCO-layout set) into latent Parquet shards."""
+    """Turn MIMIC-CXR + reports + MS-CXR (or COCO, NIH ChestX-ray14, Open-i, any image-text CSV) into latent shards."""
     options = dict(locals())  # the flags, before the imports below add names
     from cxrdiff.prepare import PrepareConfig
     from cxrdiff.prepare import prepare as step

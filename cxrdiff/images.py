@@ -16,13 +16,14 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from cxrdiff.choices import DicomContrast
 from cxrdiff.errors import InputError
 
 RADIOGRAPH_MODALITIES = ("CR", "DX", "DR")  # computed and digital radiography (DR: an old code some PACS still write)
 _GREY = ("MONOCHROME1", "MONOCHROME2")
+EXIF_ORIENTATION = 0x0112
 
 
 class ImageRefused(InputError):
@@ -58,7 +59,7 @@ def load_grayscale(path: str | os.PathLike, dicom_contrast: DicomContrast = "mim
             img.load()
             if getattr(img, "n_frames", 1) > 1:
                 raise ImageRefused(path, "multi-frame image", f"{img.n_frames} frames")
-            grey = _pil_grey(img, path)
+            grey = _pil_grey(upright(img), path)
     except FileNotFoundError:
         raise InputError(f"{path}: image not found") from None
     except (OSError, SyntaxError, ValueError) as exc:
@@ -66,6 +67,13 @@ def load_grayscale(path: str | os.PathLike, dicom_contrast: DicomContrast = "mim
     if min(grey.shape) == 0:
         raise ImageRefused(path, "empty image", f"{grey.shape[1]}x{grey.shape[0]} pixels")
     return grey
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """The image as it is meant to be seen: its EXIF orientation applied (phone photos of films carry one)."""
+    if img.getexif().get(EXIF_ORIENTATION, 1) == 1:
+        return img
+    return ImageOps.exif_transpose(img)
 
 
 def load_rgb(path: str | os.PathLike) -> np.ndarray:

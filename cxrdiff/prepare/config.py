@@ -22,11 +22,15 @@ class PrepareConfig:
 
     NOT_SETTINGS: ClassVar[tuple[str, ...]] = (
         "out", "batch_size", "workers", "mimic", "reports", "ms_cxr", "base_model", "coco", "coco_words",
+        "images", "table", "boxes",
     )  # fmt: skip
     FORMAT_FIELD: ClassVar[str] = "format"
     FORMAT_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
         "mimic": ("test_size", "exclude_ms_cxr_patients", "test_no_finding_max", "dicom_contrast", "text_fallback"),
         "coco": ("coco_splits", "coco_val_fraction"),
+        "nih": ("test_size", "test_fraction"),
+        "openi": ("test_size", "test_fraction", "text_fallback"),
+        "csv": ("test_size", "test_fraction"),
     }
 
     mimic: Path | None = None
@@ -53,6 +57,12 @@ class PrepareConfig:
     coco_words: Path | None = None  # CSV (category, word): synonyms that also name a category in a test caption
     # share of the train split held out for validation (10,702 of 108,871)
     coco_val_fraction: Annotated[float, Range(ge=0.0, lt=1.0)] = 0.0983
+    # --format nih | openi | csv (cxrdiff.prepare.public, docs/public-sets.md)
+    images: Path | None = None  # the image folder (NIH's PNGs, Open-i's PNGs, or the root of a CSV's `image` paths)
+    table: Path | None = None  # nih: Data_Entry_2017 (default: torchxrayvision's); openi: DICOM metadata; csv: the CSV
+    boxes: Path | None = None  # nih: BBox_List_2017 (default: torchxrayvision's); csv: image, phrase, x, y, w, h
+    # share of the patients (not boxed) drawn, seeded, for the test set where the table gives no split
+    test_fraction: Annotated[float, Range(gt=0.0, lt=1.0)] = 0.2
 
 
 def text_fallbacks(choice: str) -> tuple[str, ...]:

@@ -285,7 +285,7 @@ def _ms_cxr_rows(ms, meta, inputs: MimicInputs, counts: dict, skipped: list):
     return frame.drop(columns=["path"], errors="ignore")
 
 
-def _mark_truncated(train, test, tokenizer: Any):
+def mark_truncated(train, test, tokenizer: Any):
     """A `truncated` column on both parts: the prompt has more tokens (start and end included) than the text
     encoder's context, so the tokenizer keeps only its first ones, as finetune and sample tokenize it.
     Counted in the manifest (`prompts_over_context`) and logged, never silent."""
@@ -398,7 +398,7 @@ def build_plan(config: PrepareConfig, inputs: MimicInputs, tokenizer: Any = None
         part: {s: int((frame["impression_source"] == s).sum()) for s in SOURCES}
         for part, frame in (("train", train), ("test", test))
     }
-    train, test, over = _mark_truncated(train, test, tokenizer)
+    train, test, over = mark_truncated(train, test, tokenizer)
 
     units = [("test", test), ("ms_cxr", ms_rows)]
     n_shards = (len(train) + config.shard_size - 1) // config.shard_size

@@ -16,6 +16,7 @@ from cxrdiff.report.steps import recorded_real
 REPORTS: dict[str, Callable[[ReportConfig, Any, Steps | None], dict[str, Any]]] = {
     "mimic": report_mimic,
     "coco": report_coco,
+    **{name: report_mimic for name in ("nih", "openi", "csv")},  # the public sets are prepared in MIMIC's layout
 }
 
 

@@ -142,6 +142,16 @@ def real_folder(config: ReportConfig) -> Path:
 MIN_TEST_IMAGES = 2  # a Fréchet distance's covariance needs two images on each side
 
 
+def data_set_of(real: Path) -> dict[str, Any]:
+    """The data set the prepared folder holds and where its text came from, as `prepare` recorded them (a MIMIC
+    folder records none: MIMIC-CXR's impressions)."""
+    manifest = read_manifest(real, "prepare")
+    recorded = manifest.get("data_set") or {"name": "MIMIC-CXR", "text_source": "impressions"}
+    counts = manifest.get("counts") or {}
+    rows = counts.get("rows") or {part: (counts.get(part) or {}).get("rows") for part in ("train", "test", "ms_cxr")}
+    return {**recorded, "rows": rows}
+
+
 def _report_run(
     config: ReportConfig, run: Path, folder: Path, real: Path, steps: Steps, classifier: Any, metric: dict
 ) -> tuple[dict[str, Any], list[str]]:
@@ -244,6 +254,7 @@ def report_mimic(config: ReportConfig, classifier: Any = None, steps: Steps | No
         "trainings": {"ddof": TRAININGS_DDOF, "grouped_by": GROUPED_BY},
         "real": real_metrics,
         "real_folder": str(real.resolve()),
+        "data_set": data_set_of(real),
         "settings": to_dict(config),
         "classifier": checked.classifier,
         "uncertainty": {

@@ -312,11 +312,26 @@ def verdict_lines(metrics: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def data_set_lines(metrics: Mapping[str, Any]) -> list[str]:
+    """Which data set the runs were measured on, and where its text came from (labels, impressions, notes)."""
+    data = metrics.get("data_set")
+    if not data:
+        return []
+    rows = data.get("rows") or {}
+    sizes = ", ".join(f"{rows[k]:,} {w}" for k, w in (("train", "train"), ("test", "test"), ("ms_cxr", "grounding"))
+                      if isinstance(rows.get(k), int))  # fmt: skip
+    text = data.get("text") or data.get("text_source", "—")
+    grounding = f"; grounding: {data['grounding']}" if data.get("grounding") else ""
+    return [
+        f"**Data: {data.get('name', '—')}**" + (f" ({sizes} rows)" if sizes else "") + f"; text: {text}{grounding}."
+    ]
+
+
 def headline(metrics: Mapping[str, Any]) -> tuple[list[str], Table]:
     """The report's first lines: per model CNR, AUC and fidelity against the paper's, the trade-off verdict;
     and the same numbers as one small table with the paper's rows."""
     found = models(metrics)
-    lines = [_model_line(m) for m in found] + verdict_lines(metrics)
+    lines = data_set_lines(metrics) + [_model_line(m) for m in found] + verdict_lines(metrics)
     rows = []
     for paper, (fid_value, fid_xrv, _) in PUBLISHED_FIDELITY.items():
         auc, _, cnr = PUBLISHED_LOCALIZATION[paper]["Average"]

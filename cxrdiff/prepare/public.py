@@ -1,0 +1,322 @@
+"""The shared part of `cxrdiff prepare` for the public sets (`--format nih | openi | csv`).
+
+Each set's module (`nih`, `openi`, `csv`) reads its own tables into `Candidates`: rows in MIMIC's layout
+(ids, view, prompt text, CheXpert's 14 label columns, image file) and, where the set has boxes, the grounding
+rows (phrase, boxes in the pixels of a stated image size). This module applies the rules every set shares
+(docs/public-sets.md): exact duplicate rows dropped, rows without text skipped, a patient-disjoint seeded
+train/test split with every boxed patient out of training, prompts longer than the text encoder's context
+marked, then encodes the units in MIMIC's layout (`test`, `ms_cxr`, `train-NNNNN`), so finetune, sample,
+ground and report read the folder as they read a MIMIC one. The manifest names the data set and where its
+text came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxrdiff.artifacts import MANIFEST, StepFolder, atomic_path, write_json, write_text
+from cxrdiff.config import settings, to_dict
+from cxrdiff.console import log
+from cxrdiff.data import LABELS
+from cxrdiff.errors import InputError
+from cxrdiff.models import check_model_folder, model_geometry, vae_fingerprint
+from cxrdiff.prepare.config import STEP, PrepareConfig, check_out
+from cxrdiff.prepare.encode import (
+    SKIPPED_COLUMNS,
+    STATE,
+    encode_unit,
+    latent_record,
+    load_base_tokenizer,
+    load_vae,
+    loader_workers,
+    skipped_row,
+)
+from cxrdiff.prepare.mimic import LAYOUT, mark_truncated
+from cxrdiff.speed import limit_cpu_threads
+
+ROW_COLUMNS = ("dicom_id", "subject_id", "study_id", "view", "impression", "impression_source", "image_path", *LABELS)
+BOX_COLUMNS = (
+    "dicom_id",
+    "subject_id",
+    "study_id",
+    "category_name",
+    "label_text",
+    "boxes_original",
+    "image_width",
+    "image_height",
+    "image_path",
+)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".tif", ".tiff", ".bmp")
+
+
+@dataclasses.dataclass(frozen=True)
+class PublicInputs:
+    data_set: str  # nih | openi | csv
+    images: Path
+    tables: dict[str, Path]  # role (table, boxes, reports) → file
+    base_model: Path
+    out: Path
+    resolution: int
+    latent_shape: tuple[int, int, int]
+    scaling_factor: float
+
+
+@dataclasses.dataclass
+class Candidates:
+    """What a set's module hands over: the image rows (ROW_COLUMNS, and `split` where the table gives one),
+    the grounding rows (BOX_COLUMNS; None where the set has no boxes), counts and plan-time skips."""
+
+    rows: Any
+    boxes: Any
+    counts: dict[str, Any]
+    skipped: list[dict[str, Any]]
+    data_set: dict[str, Any]  # name, text_source (labels | impressions | text), notes
+
+
+@dataclasses.dataclass(frozen=True)
+class PublicFormat:
+    """One public set: its tables by role (each a default file or None) and the reader of its rows."""
+
+    name: str
+    tables: Callable[[PrepareConfig], dict[str, Path | None]]
+    read: Callable[[PrepareConfig, PublicInputs], Candidates]
+
+
+# --- checks -------------------------------------------------------------------------------------
+
+
+def check_public_inputs(config: PrepareConfig, fmt: PublicFormat) -> PublicInputs:
+    """Every structural fault of a public-set run (flags, folders, table headers), before any image is read."""
+    if config.mimic is not None or config.ms_cxr is not None or config.coco is not None:
+        raise InputError(f"--mimic/--ms-cxr/--coco: not with --format {fmt.name} (give --images DIR)")
+    for name in ("images", "base_model", "out"):
+        if getattr(config, name) is None:
+            raise InputError(f"--{name.replace('_', '-')} is required with --format {fmt.name}")
+    images = Path(config.images)
+    if not images.is_dir():
+        raise InputError(f"--images {images}: {'a file, not a folder' if images.exists() else 'no such folder'}")
+    tables = {}
+    for role, path in fmt.tables(config).items():
+        if path is None:
+            continue
+        if not Path(path).is_file():
+            raise InputError(f"--{role} {path}: file not found")
+        tables[role] = Path(path).absolute()
+    base_model = check_model_folder(config.base_model)
+    resolution, latent_shape, scaling_factor = model_geometry(base_model, config.resolution)
+    inputs = PublicInputs(
+        fmt.name, images.absolute(), tables, base_model, Path(config.out), resolution, latent_shape, scaling_factor
+    )
+    check_out(inputs.out, public_settings(config, inputs))
+    return inputs
+
+
+def public_settings(config: PrepareConfig, inputs: PublicInputs) -> dict[str, Any]:
+    """Settings, the tables by identity (path, size, mtime), the image folder and the VAE."""
+    tables = {}
+    for role, path in inputs.tables.items():
+        stat = path.stat()
+        tables[role] = [str(path), stat.st_size, stat.st_mtime_ns]
+    return settings(
+        config,
+        resolution=inputs.resolution,
+        vae=vae_fingerprint(inputs.base_model),
+        tables=tables,
+        images=str(inputs.images),
+    )
+
+
+def image_index(folder: Path) -> dict[str, Path]:
+    """Every image file under `folder` (subfolders too, as NIH's images_001/images/... release) by file name."""
+    found: dict[str, Path] = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            if Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                found.setdefault(name, Path(root) / name)
+    return found
+
+
+# --- the shared rules ---------------------------------------------------------------------------
+
+
+def drop_duplicates(table, id_column: str, source: Path, skipped: list):
+    """A table's exact duplicate rows (every cell equal) kept once; the others listed in skipped.csv, counted."""
+    repeated = table.duplicated(keep="first").to_numpy()
+    for value in table.loc[repeated, id_column]:
+        skipped.append(
+            skipped_row("table", {"dicom_id": value}, "duplicate row", "an earlier row is identical", str(source))
+        )
+    return table[~repeated].reset_index(drop=True), int(repeated.sum())
+
+
+def split_patients(rows, boxed_patients: set, config: PrepareConfig, counts: dict[str, Any]):
+    """(train, test): the table's own split where it gives one; the other patients drawn, seeded, whole
+    (test_fraction of them to test), every boxed patient out of training, the test capped at test_size."""
+    given = rows["split"] if "split" in rows.columns else None
+    boxed = rows["subject_id"].isin(boxed_patients).to_numpy()
+    to_draw = ~boxed if given is None else ~boxed & given.isna().to_numpy()
+    patients = np.array(sorted(set(rows.loc[to_draw, "subject_id"])))
+    n_test = int(round(config.test_fraction * len(patients)))
+    if len(patients) >= 2:
+        n_test = min(max(n_test, 1), len(patients) - 1)  # both parts get a patient
+    drawn = set(np.random.default_rng(config.seed).choice(patients, n_test, replace=False).tolist())
+    in_test = to_draw & rows["subject_id"].isin(drawn).to_numpy()
+    in_train = to_draw & ~in_test
+    if given is not None:
+        in_test |= (given == "test").to_numpy()
+        in_train |= (given == "train").to_numpy() & ~boxed
+    train, test = rows[in_train], rows[in_test]
+    if len(test) > config.test_size:
+        keep = np.sort(np.random.default_rng(config.seed).choice(len(test), config.test_size, replace=False))
+        test = test.iloc[keep]
+    both = set(train["subject_id"]) & set(test["subject_id"])
+    if both:
+        log.warning("%d patients are in both the table's train and test splits", len(both))
+    counts["split"] = {
+        "patients": int(rows["subject_id"].nunique()),
+        "boxed_patients_held_out": len(boxed_patients),
+        "held_out_boxed_patient_images": int(boxed.sum()),
+        "patients_drawn_for_test": n_test,
+        "patients_in_both_splits": len(both),
+        "rule": "patients drawn (seeded) for test: round(test_fraction × patients not boxed, without a given "
+        "split), at least one each side; every boxed patient is in neither part; the test set capped at "
+        "test_size rows by a seeded sample",
+    }
+    return train.drop(columns=["split"], errors="ignore"), test.drop(columns=["split"], errors="ignore")
+
+
+def build_public_plan(config: PrepareConfig, inputs: PublicInputs, fmt: PublicFormat, tokenizer: Any = None):
+    """Every row to encode, in units, with the counts at every rule and the plan-time skips."""
+    import pandas as pd
+
+    found = fmt.read(config, inputs)
+    rows, counts, skipped = found.rows, found.counts, found.skipped
+    empty = rows["impression"].fillna("").str.strip().eq("").to_numpy()
+    for _, row in rows[empty].iterrows():
+        skipped.append(skipped_row("table", row, "no text", path=str(row["image_path"])))
+    rows, counts["no_text"] = rows[~empty], int(empty.sum())
+    boxes = found.boxes if found.boxes is not None else pd.DataFrame(columns=list(BOX_COLUMNS))
+    train, test = split_patients(rows, set(boxes["subject_id"]), config, counts)
+    train, test, over = mark_truncated(train.reset_index(drop=True), test.reset_index(drop=True), tokenizer)
+    counts["planned"] = {"train": len(train), "test": len(test), "ms_cxr": len(boxes)}
+    units = [("test", test), ("ms_cxr", boxes)]
+    for k in range((len(train) + config.shard_size - 1) // config.shard_size):
+        units.append((f"train-{k:05d}", train.iloc[k * config.shard_size : (k + 1) * config.shard_size]))
+    items = pd.concat([frame.assign(unit=name) for name, frame in units], ignore_index=True)
+    if found.boxes is None:
+        log.info(
+            "%s has no finding boxes: ms_cxr.parquet is empty, so there is nothing to ground", found.data_set["name"]
+        )
+    plan = {
+        "units": [name for name, _ in units],
+        "counts": counts,
+        "skipped": skipped,
+        "data_set": found.data_set,
+        "prompts_over_context": over,
+    }
+    return items, plan
+
+
+# --- the step -----------------------------------------------------------------------------------
+
+
+def prepare_public(config: PrepareConfig, fmt: PublicFormat) -> dict[str, Any]:
+    """Run `prepare` on a public set (or resume it); return the counts and paths."""
+    import pandas as pd
+    from accelerate import Accelerator
+
+    start = time.perf_counter()
+    inputs = check_public_inputs(config, fmt)
+    acc = Accelerator()
+    limit_cpu_threads(acc.device)
+    folder = StepFolder.claim(inputs.out, STEP, public_settings(config, inputs), create=acc.is_main_process)
+    if folder.finished:
+        log.info("%s: already prepared; nothing to do", inputs.out)
+        return json.loads((inputs.out / MANIFEST).read_text())["result"] if acc.is_main_process else {}
+    state = inputs.out / STATE
+    if acc.is_main_process and not (state / "plan.json").is_file():
+        items, plan = build_public_plan(config, inputs, fmt, load_base_tokenizer(inputs.base_model))
+        with atomic_path(state / "plan.parquet") as tmp:
+            items.to_parquet(tmp, index=False)
+        write_json(state / "plan.json", plan)
+    acc.wait_for_everyone()
+    plan = json.loads((state / "plan.json").read_text())
+    items = pd.read_parquet(state / "plan.parquet")
+    todo = [unit for unit in plan["units"] if not (inputs.out / f"{unit}.parquet").is_file()]
+    if todo:
+        vae = load_vae(inputs.base_model, acc.device)
+        workers = loader_workers(config, acc.num_processes)
+        for unit in todo:
+            rows = items[items["unit"] == unit]
+            encode_unit(acc, vae, rows, unit, inputs.out, inputs.resolution, config.batch_size, workers, LAYOUT)
+    if not acc.is_main_process:
+        return {}
+    return finish_public(folder, config, inputs, plan, time.perf_counter() - start)
+
+
+def finish_public(
+    folder: StepFolder, config: PrepareConfig, inputs: PublicInputs, plan: dict[str, Any], seconds: float
+) -> dict[str, Any]:
+    """skipped.csv and the manifest (the data set, its text source, the counts), from the plan and the units."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    out, state = inputs.out, inputs.out / STATE
+    skipped, counts = list(plan["skipped"]), plan["counts"]
+    rows, reasons = {"train": 0, "test": 0, "ms_cxr": 0}, {"train": Counter(), "test": Counter(), "ms_cxr": Counter()}
+    for unit in plan["units"]:
+        part = "ms_cxr" if unit == "ms_cxr" else unit.split("-")[0]
+        rows[part] += pq.read_metadata(out / f"{unit}.parquet").num_rows
+        unit_skips = json.loads((state / f"{unit}.skipped.json").read_text())
+        reasons[part].update(skip["reason"] for skip in unit_skips)
+        skipped.extend(unit_skips)
+    counts["rows"] = rows
+    counts["image_skip_reasons"] = {part: dict(sorted(r.items())) for part, r in reasons.items()}
+    write_text(out / "skipped.csv", pd.DataFrame(skipped, columns=list(SKIPPED_COLUMNS)).to_csv(index=False))
+    shards = [f"{unit}.parquet" for unit in plan["units"] if unit.startswith("train-")]
+    result = {
+        "out": str(out),
+        "format": inputs.data_set,
+        "train_rows": rows["train"],
+        "train_shards": len(shards),
+        "test_rows": rows["test"],
+        "ms_cxr_rows": rows["ms_cxr"],
+        "skipped": len(skipped),
+        "resolution": inputs.resolution,
+        "latent_shape": list(inputs.latent_shape),
+        "seconds": round(seconds, 1),
+    }
+    folder.finish(
+        config=to_dict(dataclasses.replace(config, resolution=inputs.resolution)),
+        inputs={"images": inputs.images, "base_model": inputs.base_model, **inputs.tables},
+        seed=config.seed,
+        files=[*shards, "test.parquet", "ms_cxr.parquet", "skipped.csv"],
+        extra={
+            **latent_record(inputs.base_model, inputs.resolution, inputs.latent_shape, inputs.scaling_factor),
+            "format": inputs.data_set,
+            "data_set": plan["data_set"],
+            "shards": shards,
+            "counts": counts,
+            "prompts_over_context": plan["prompts_over_context"],
+            "skipped": len(skipped),
+            "result": result,
+        },
+    )
+    log.info(
+        "%s: %d train, %d test, %d grounding rows; %d skipped (skipped.csv)",
+        plan["data_set"]["name"],
+        rows["train"],
+        rows["test"],
+        rows["ms_cxr"],
+        len(skipped),
+    )
+    return result
