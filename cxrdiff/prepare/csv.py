@@ -77,13 +77,13 @@ def read_table(config: PrepareConfig, inputs: PublicInputs) -> Candidates:
             "study_id": int(number) + 1,
         }
         view = row.get("view")
-        if not image.is_file():
-            counts["image_not_found"] += 1
-            skipped.append(skipped_row("table", ids, "image not found", str(path), str(image)))
-            continue
         if isinstance(view, str) and view.strip().upper() not in FRONTAL:
             counts["not_frontal"] += 1
             skipped.append(skipped_row("table", ids, "not a frontal view", f"view {view}", str(image)))
+            continue
+        if not image.is_file():
+            counts["image_not_found"] += 1
+            skipped.append(skipped_row("table", ids, "image not found", str(path), str(image)))
             continue
         split = row.get("split")
         records.append(

@@ -238,13 +238,16 @@ def prepare_public(config: PrepareConfig, fmt: PublicFormat) -> dict[str, Any]:
     inputs = check_public_inputs(config, fmt)
     acc = Accelerator()
     limit_cpu_threads(acc.device)
+    state = inputs.out / STATE
+    fresh = None
+    if acc.is_main_process and not (state / "plan.json").is_file():  # a fault of the tables stops before the claim
+        fresh = build_public_plan(config, inputs, fmt, load_base_tokenizer(inputs.base_model))
     folder = StepFolder.claim(inputs.out, STEP, public_settings(config, inputs), create=acc.is_main_process)
     if folder.finished:
         log.info("%s: already prepared; nothing to do", inputs.out)
         return json.loads((inputs.out / MANIFEST).read_text())["result"] if acc.is_main_process else {}
-    state = inputs.out / STATE
-    if acc.is_main_process and not (state / "plan.json").is_file():
-        items, plan = build_public_plan(config, inputs, fmt, load_base_tokenizer(inputs.base_model))
+    if fresh is not None:
+        items, plan = fresh
         with atomic_path(state / "plan.parquet") as tmp:
             items.to_parquet(tmp, index=False)
         write_json(state / "plan.json", plan)
