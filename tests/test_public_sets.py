@@ -182,11 +182,15 @@ OPENI_FILES = {  # the release's names → what the shipped reports and metadata
 }
 
 
-def test_openi_impressions_and_frontal_views_from_the_shipped_tables(tiny_model, tmp_path):
-    images = tmp_path / "NLMCXR_png"
-    images.mkdir()
+def openi_images(folder: Path) -> Path:
+    folder.mkdir()
     for k, name in enumerate(OPENI_FILES):
-        Image.fromarray(grey((96, 110), k)).save(images / f"{name}.png")
+        Image.fromarray(grey((96, 110), k)).save(folder / f"{name}.png")
+    return folder
+
+
+def test_openi_impressions_and_frontal_views_from_the_shipped_tables(tiny_model, tmp_path):
+    images = openi_images(tmp_path / "NLMCXR_png")
     out = tmp_path / "prepared"
     prepare(PrepareConfig(format="openi", images=images, base_model=tiny_model, out=out))
     rows = pd.concat([read(out, "test"), read(out, "train-00000")]).set_index("dicom_id")
@@ -204,6 +208,29 @@ def test_openi_impressions_and_frontal_views_from_the_shipped_tables(tiny_model,
     recorded = manifest(out)
     assert recorded["format"] == "openi" and recorded["data_set"]["text_source"] == "impressions"
     assert "no finding boxes" in recorded["data_set"]["grounding"]
+
+
+@pytest.mark.slow
+def test_openi_without_boxes_goes_through_finetune_and_report(tiny_model, tmp_path):
+    """No grounding set: the report samples and scores fidelity, says why there is no CNR, and grounds nothing."""
+    from test_report import Brightness
+
+    from cxrdiff.finetune import FinetuneConfig, finetune
+    from cxrdiff.report import ReportConfig, report
+
+    real = tmp_path / "prepared"
+    images = openi_images(tmp_path / "png")
+    prepare(PrepareConfig(format="openi", images=images, base_model=tiny_model, out=real, test_fraction=0.5))
+    run = tmp_path / "run"
+    finetune(FinetuneConfig(data=real, base_model=tiny_model, out=run, frozen_text=True, steps=2, batch_size=2))
+    small = dict(
+        fid=False, fid_xrv=False, n_fid=4, diversity_prompts=1, sample_steps=2, ground_steps=4, ground_window=3
+    )
+    report(ReportConfig(runs=(run,), real=real, out=tmp_path / "report", **small), classifier=Brightness())
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "**Data: Open-i (IU X-ray)** (3 train, 3 test, 0 grounding rows)" in text
+    assert "grounding: none: Open-i has no finding boxes" in text and "CNR not measured" in text
+    assert not list((tmp_path / "report" / "runs").glob("*/ground*"))
 
 
 def test_openi_user_reports_archive(tiny_model, tmp_path):

@@ -142,6 +142,13 @@ def real_folder(config: ReportConfig) -> Path:
 MIN_TEST_IMAGES = 2  # a Fréchet distance's covariance needs two images on each side
 
 
+def grounding_rows(real: Path) -> int:
+    """The prepared folder's grounding rows (ms_cxr.parquet), from the Parquet footer."""
+    import pyarrow.parquet as pq
+
+    return pq.read_metadata(real / "ms_cxr.parquet").num_rows
+
+
 def data_set_of(real: Path) -> dict[str, Any]:
     """The data set the prepared folder holds and where its text came from, as `prepare` recorded them (a MIMIC
     folder records none: MIMIC-CXR's impressions)."""
@@ -160,8 +167,9 @@ def _report_run(
     done: list[str] = []
     sampled = not grounding_only(config, setting)
     samples, diversity = sample_folders(config, run, folder, real, steps, done) if sampled else (None, None)
-    ground_dirs = ground_folders(config, run, folder, real, steps, done)
-    ground_dir = ground_dirs["union"]
+    grounded = grounding_rows(real) > 0  # Open-i, or a CSV without --boxes: no grounding set
+    ground_dirs = ground_folders(config, run, folder, real, steps, done) if grounded else {}
+    ground_dir = ground_dirs.get("union", folder / "no-grounding-set")
     measured: dict[str, Any] = {}
     if sampled:
         measured, fresh = measured_once(config, folder / "metrics.json", metric, samples, diversity, real, classifier)
@@ -171,7 +179,7 @@ def _report_run(
             measured.update(measure_classifier_set(config, run, folder, steps, classifier, metric, done))
         measured["benchmark"] = measure_benchmark_once(config, folder, samples, real, classifier, done)
         measured["privacy"] = measure_privacy_once(config, run, folder, samples, real, classifier, done)
-        if not config.table4_p19_only:
+        if not config.table4_p19_only and grounded:
             ms_cxr, ms_done = measure_ms_cxr(config, run, folder, real, steps, classifier, metric)
             measured.update(ms_cxr)
             done += ms_done
@@ -190,8 +198,8 @@ def _report_run(
         }
         if sampled
         else {"skipped": "grounding only: trained on another text than impressions (--other-sources)"},
-        "grounding": _grounding_summary(ground_dir),
-        "grounding_per_phrase": _per_phrase(ground_dirs, config),
+        "grounding": _grounding_summary(ground_dir) if grounded else {},
+        "grounding_per_phrase": _per_phrase(ground_dirs, config) if grounded else {"same_as_union": True},
         "overlays": _overlays(ground_dir),
         **measured,
     }
