@@ -1,8 +1,9 @@
-"""The data format of a prepared folder (MIMIC-CXR or COCO's layout), chosen once by `prepare --format` and
-recorded in its manifest. Every later step reads it once (`format_record`) and asks the record what it needs
-to know (its UCG rule, the prompt sources it trains on, whether its grounding set holds boxes or masks);
-what a step does per format sits in that step's registry (prepare's `FORMATS`, ground's `READERS`, report's
-`REPORTS`), keyed by the format's name. No step compares a format's name or sniffs columns to guess it.
+"""The data format of a prepared folder (MIMIC-CXR, COCO's layout, or a public set in MIMIC's: NIH, Open-i, CSV),
+chosen once by `prepare --format` and recorded in its manifest. Every later step reads it once
+(`format_record`) and asks the record what it needs to know (its UCG rule, the prompt sources it trains on,
+whether its grounding set holds boxes or masks); what a step does per format sits in that step's registry
+(prepare's `FORMATS`, ground's `READERS`, report's `REPORTS`), keyed by the format's name. No step compares a
+format's name or sniffs columns to guess it.
 
 A new format: `choices.DataFormat` gains a name, `FORMATS` here gains its record, and each step's registry
 gains one entry (one new module per step); `tests/test_formats.py` fails while one is missing.
@@ -52,6 +53,27 @@ FORMATS: dict[str, FormatRecord] = {
         prompt_rule="COCO data trains on its captions (impression)",
         regions="masks",
         label="COCO",
+    ),
+    # The public sets (docs/public-sets.md), prepared in MIMIC's layout with CheXpert's label columns.
+    "nih": FormatRecord(
+        name="nih",
+        ucg_field="ucg_no_finding",
+        prompt_sources=("impression",),
+        prompt_rule="NIH ChestX-ray14's prepared text is already its labels (the paper's label prompts), "
+        "of which CheXpert's columns hold only eight",
+        regions="boxes",
+        label="NIH ChestX-ray14",
+    ),
+    "openi": FormatRecord(
+        name="openi",
+        ucg_field="ucg_no_finding",
+        prompt_sources=("impression",),
+        prompt_rule="Open-i has no labels: it trains on its impressions",
+        regions="boxes",
+        label="Open-i",
+    ),
+    "csv": FormatRecord(
+        name="csv", ucg_field="ucg_no_finding", prompt_sources=None, prompt_rule="", regions="boxes", label="CSV table"
     ),
 }
 

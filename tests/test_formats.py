@@ -45,7 +45,7 @@ def test_the_record_is_the_one_the_manifest_names(tmp_path):
     assert format_record(None) is FORMATS["mimic"]  # --image: no prepared folder
     with pytest.raises(InputError) as caught:
         format_record(odd)
-    assert str(caught.value) == f"{odd}: format 'dicom-sr' in its manifest.json is not one of mimic, coco"
+    assert str(caught.value) == f"{odd}: format 'dicom-sr' in its manifest.json is not one of {', '.join(FORMATS)}"
 
 
 def test_ground_reads_by_the_recorded_format_not_by_the_columns(tmp_path):

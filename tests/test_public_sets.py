@@ -289,6 +289,16 @@ def test_nih_boxes_scale_from_1024_px_to_each_file_and_infiltrate_is_infiltratio
     assert rows.loc["00000001_001", "impression"] == "Cardiomegaly Emphysema"  # the table's "Cardiomegaly|Emphysema"
     assert rows.loc["00000001_001", "study_id"] == 1001 and rows.loc["00000001_000", "study_id"] == 1000
     assert skipped(out)["reason"].tolist() == ["not in the table"]
+    from cxrdiff.errors import InputError
+    from cxrdiff.finetune import FinetuneConfig, check_inputs
+
+    labels = FinetuneConfig(
+        data=out, base_model=tiny_model, out=tmp_path / "run", frozen_text=True, prompt_source="labels"
+    )
+    with pytest.raises(
+        InputError, match="--prompt-source labels: NIH ChestX-ray14's prepared text is already its labels"
+    ):
+        check_inputs(labels)
 
 
 @needs_real_nih

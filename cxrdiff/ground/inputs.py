@@ -21,6 +21,7 @@ from cxrdiff.ground.single import image_samples
 READERS: dict[str, Callable[[Any, GroundConfig, Path], list[GroundingInput]]] = {
     "mimic": read_mscxr,
     "coco": read_coco,
+    **{name: read_mscxr for name in ("nih", "openi", "csv")},  # the public sets' grounding rows: MS-CXR's columns
 }
 
 
