@@ -359,3 +359,44 @@ def test_real_nih_through_finetune_sample_ground_and_report(tiny_model, tmp_path
     text = (tmp_path / "report" / "report.md").read_text()
     assert "**Data: NIH ChestX-ray14** (45 train, 11 test, 5 grounding rows); text: the image's finding labels" in text
     assert json.loads((tmp_path / "report" / "metrics.json").read_text())["data_set"]["text_source"] == "labels"
+
+
+def test_a_killed_public_prepare_resumes_to_the_same_output(tiny_model, tmp_path, monkeypatch):
+    import cxrdiff.prepare.encode as module
+
+    images, table, boxes = write_csv_set(tmp_path / "set")
+    config = dict(format="csv", images=images, table=table, boxes=boxes, base_model=tiny_model, shard_size=2)
+    prepare(PrepareConfig(**config, out=tmp_path / "whole"))
+    real, calls = module.encode_batch, {"n": 0}
+
+    def failing(vae, pixels):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise RuntimeError("injected fault")
+        return real(vae, pixels)
+
+    out = tmp_path / "killed"
+    monkeypatch.setattr(module, "encode_batch", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        prepare(PrepareConfig(**config, out=out))
+    assert not (out / "manifest.json").exists() and 0 < len(list(out.glob("*.parquet"))) < 6
+    monkeypatch.setattr(module, "encode_batch", real)
+    prepare(PrepareConfig(**config, out=out))
+    names = sorted(p.name for p in (tmp_path / "whole").glob("*.parquet"))
+    assert names == sorted(p.name for p in out.glob("*.parquet")) and len(names) == 6  # test, ms_cxr, 4 shards of 2
+    for name in names:
+        pd.testing.assert_frame_equal(pd.read_parquet(out / name), pd.read_parquet(tmp_path / "whole" / name))
+    assert manifest(out)["counts"] == manifest(tmp_path / "whole")["counts"]
+    assert (out / "skipped.csv").read_text() == (tmp_path / "whole" / "skipped.csv").read_text()
+
+
+def test_a_split_that_is_not_train_or_test_is_one_line_before_out_is_touched(tiny_model, tmp_path, capsys, monkeypatch):
+    (tmp_path / "images").mkdir()
+    Image.fromarray(grey((96, 96))).save(tmp_path / "images" / "a.png")
+    table = tmp_path / "t.csv"
+    table.write_text("image,text,split\na.png,Clear lungs.,val\n")
+    argv = ["prepare", "--format", "csv", "--images", tmp_path / "images", "--table", table,
+            "--base-model", tiny_model, "--out", tmp_path / "out"]  # fmt: skip
+    code, err, _ = run_main(argv, capsys, monkeypatch)
+    assert code == 2 and err == [f"error: {table}: column 'split' has 'val'; expected train, test or blank"]
+    assert not (tmp_path / "out").exists()
