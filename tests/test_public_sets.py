@@ -154,6 +154,11 @@ def test_csv_missing_column_is_one_line_and_exit_2(tiny_model, tmp_path, capsys,
     table.write_text("image,text\na.png,hello\n")
     code, err, _ = run_main([*argv, "--boxes", boxes], capsys, monkeypatch)
     assert code == 2 and len(err) == 1 and str(boxes) in err[0] and "'h'" in err[0], err
+    Image.fromarray(grey((96, 96))).save(tmp_path / "images" / "a.png")
+    boxes.write_text("image,phrase,x,y,w,h\na.png,effusion,1,2,3,4\na.png,effusion,1,two,3,4\n")
+    code, err, _ = run_main([*argv, "--boxes", boxes], capsys, monkeypatch)
+    assert code == 2 and err == [f"error: {boxes}: column 'y' has a value that is not a number (line 3)"], err
+    assert not (tmp_path / "out").exists()
 
 
 def test_exif_orientation_is_applied(tmp_path):

@@ -20,7 +20,15 @@ from cxrdiff.data import LABELS, check_columns
 from cxrdiff.errors import InputError
 from cxrdiff.prepare.config import PrepareConfig
 from cxrdiff.prepare.encode import skipped_row
-from cxrdiff.prepare.public import BOX_COLUMNS, ROW_COLUMNS, Candidates, PublicFormat, PublicInputs, drop_duplicates
+from cxrdiff.prepare.public import (
+    BOX_COLUMNS,
+    ROW_COLUMNS,
+    Candidates,
+    PublicFormat,
+    PublicInputs,
+    drop_duplicates,
+    numeric_columns,
+)
 
 TABLE_COLUMNS = ("image", "text")
 BOXES_COLUMNS = ("image", "phrase", "x", "y", "w", "h")
@@ -117,13 +125,7 @@ def read_boxes(path: Path, rows, counts: dict[str, Any], skipped: list):
 
     columns = check_columns(path, BOXES_COLUMNS)
     table = pd.read_csv(path, dtype={"image": str, "phrase": str})
-    for name in ("x", "y", "w", "h"):
-        values = pd.to_numeric(table[name], errors="coerce")
-        if values.isna().any():
-            raise InputError(
-                f"{path}: column {name!r} has a value that is not a number (row {int(values.isna().argmax()) + 2})"
-            )
-        table[name] = values
+    table = numeric_columns(table, ("x", "y", "w", "h"), path)
     kept = rows.drop_duplicates("dicom_id").set_index("dicom_id")
     counts["boxes"] = {"table_boxes": len(table), "image_not_in_table": 0, "box_outside_image": 0}
     pairs = []

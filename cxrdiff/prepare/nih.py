@@ -30,6 +30,7 @@ from cxrdiff.prepare.public import (
     PublicInputs,
     drop_duplicates,
     image_index,
+    numeric_columns,
 )
 
 ENTRY_TABLE = "Data_Entry_2017_v2020.csv.gz"
@@ -139,11 +140,13 @@ def read_boxes(path: Path, rows, counts: dict[str, Any], skipped: list):
         )
     table = pd.read_csv(path, usecols=list(range(6)))
     table.columns = ["image", "finding", "x", "y", "w", "h"]
+    table = numeric_columns(table, ("x", "y", "w", "h"), path)
     table["dicom_id"] = table["image"].map(lambda name: Path(str(name)).stem)
     kept = rows.set_index("dicom_id")
+    everywhere = len(table)
     table = table[table["dicom_id"].isin(kept.index)]
     counts["boxes"] = {
-        "table_boxes": int(pd.read_csv(path, usecols=[0]).shape[0]),
+        "table_boxes": everywhere,
         "boxes_of_kept_images": len(table),
         "box_outside_frame": 0,
     }

@@ -158,6 +158,19 @@ def drop_duplicates(table, id_column: str, source: Path, skipped: list):
     return table[~repeated].reset_index(drop=True), int(repeated.sum())
 
 
+def numeric_columns(table, names: tuple[str, ...], path: Path):
+    """The table with `names` as numbers; a cell that is not one is a one-line error naming file, column and row."""
+    import pandas as pd
+
+    for name in names:
+        values = pd.to_numeric(table[name], errors="coerce")
+        if values.isna().any():
+            row = int(values.isna().to_numpy().argmax()) + 2  # the header is line 1
+            raise InputError(f"{path}: column {name!r} has a value that is not a number (line {row})")
+        table[name] = values
+    return table
+
+
 def split_patients(rows, boxed_patients: set, config: PrepareConfig, counts: dict[str, Any]):
     """(train, test): the table's own split where it gives one; the other patients drawn, seeded, whole
     (test_fraction of them to test), every boxed patient out of training, the test capped at test_size."""
