@@ -213,7 +213,8 @@ def settings(config: Any, data_format: str | None = None, **derived: Any) -> dic
         skip.add(field)
         data_format = getattr(config, field)
     if formats:
-        skip |= {name for fmt, names in formats.items() if fmt != data_format for name in names}
+        own = set(formats.get(data_format, ()))  # a field several formats share stays in for each of them
+        skip |= {name for fmt, names in formats.items() if fmt != data_format for name in names} - own
     chosen = {k: v for k, v in to_dict(config).items() if k not in skip}
     if formats and data_format is not None and data_format != next(iter(formats)):
         chosen[field or "format"] = data_format

@@ -405,3 +405,12 @@ def test_a_split_that_is_not_train_or_test_is_one_line_before_out_is_touched(tin
     code, err, _ = run_main(argv, capsys, monkeypatch)
     assert code == 2 and err == [f"error: {table}: column 'split' has 'val'; expected train, test or blank"]
     assert not (tmp_path / "out").exists()
+
+
+def test_settings_keep_each_formats_own_fields_even_when_formats_share_them():
+    from cxrdiff.config import settings
+
+    nih, openi, mimic = (settings(PrepareConfig(format=name)) for name in ("nih", "openi", "mimic"))
+    assert {"test_size", "test_fraction"} <= nih.keys() and not {"text_fallback", "coco_splits"} & nih.keys()
+    assert {"test_size", "test_fraction", "text_fallback"} <= openi.keys()
+    assert {"test_size", "text_fallback"} <= mimic.keys() and "test_fraction" not in mimic
