@@ -66,7 +66,7 @@ def write_csv_set(root: Path) -> tuple[Path, Path, Path]:
     (images / "broken.png").write_bytes(b"not a png at all")
     long_text = " ".join(["bilateral"] * 100)
     rows = [
-        ("wide_L.png", "Left pleural effusion.", "p1", "", "PA", "Pleural Effusion|Mass"),
+        ("wide_L.png", "Left pleural effusion.", "p1", "test", "PA", "Pleural Effusion|Mass"),  # boxed: in neither
         ("mode_1.png", "Clear lungs.", "p2", "", "PA", "No Finding"),
         ("mode_1.png", "Clear lungs.", "p2", "", "PA", "No Finding"),  # an exact duplicate
         ("mode_I16.png", "Cardiomegaly.", "p3", "test", "AP", "Cardiomegaly"),

@@ -185,7 +185,7 @@ def split_patients(rows, boxed_patients: set, config: PrepareConfig, counts: dic
     in_test = to_draw & rows["subject_id"].isin(drawn).to_numpy()
     in_train = to_draw & ~in_test
     if given is not None:
-        in_test |= (given == "test").to_numpy()
+        in_test |= (given == "test").to_numpy() & ~boxed
         in_train |= (given == "train").to_numpy() & ~boxed
     train, test = rows[in_train], rows[in_test]
     if len(test) > config.test_size:
