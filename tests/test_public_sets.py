@@ -414,3 +414,16 @@ def test_settings_keep_each_formats_own_fields_even_when_formats_share_them():
     assert {"test_size", "test_fraction"} <= nih.keys() and not {"text_fallback", "coco_splits"} & nih.keys()
     assert {"test_size", "test_fraction", "text_fallback"} <= openi.keys()
     assert {"test_size", "text_fallback"} <= mimic.keys() and "test_fraction" not in mimic
+
+
+def test_a_folder_that_records_no_data_set_is_named_by_its_layout(tmp_path):
+    """MIMIC's prepare (and the phantom's) record no `data_set`: the report says MIMIC-CXR's layout and impressions."""
+    from cxrdiff.artifacts import write_manifest
+    from cxrdiff.report.orchestrate import data_set_of
+    from cxrdiff.report.page import data_set_lines
+
+    counts = {"train": {"rows": 1200}, "test": {"rows": 3}, "ms_cxr": {"rows": 2}}
+    write_manifest(tmp_path, "prepare", extra={"counts": counts})
+    assert data_set_lines({"data_set": data_set_of(tmp_path)}) == [
+        "**Data: MIMIC-CXR layout** (1,200 train, 3 test, 2 grounding rows); text: the impressions."
+    ]

@@ -153,7 +153,11 @@ def data_set_of(real: Path) -> dict[str, Any]:
     """The data set the prepared folder holds and where its text came from, as `prepare` recorded them (a MIMIC
     folder records none: MIMIC-CXR's impressions)."""
     manifest = read_manifest(real, "prepare")
-    recorded = manifest.get("data_set") or {"name": "MIMIC-CXR", "text_source": "impressions"}
+    recorded = manifest.get("data_set") or {
+        "name": "MIMIC-CXR layout",
+        "text_source": "impressions",
+        "text": "the impressions",
+    }
     counts = manifest.get("counts") or {}
     rows = counts.get("rows") or {part: (counts.get(part) or {}).get("rows") for part in ("train", "test", "ms_cxr")}
     return {**recorded, "rows": rows}
