@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from cxrdiff import __version__
-from cxrdiff.errors import InputError
+from cxrdiff.errors import TEMPFAIL, InputError
 
 try:
     import fcntl
@@ -284,6 +284,8 @@ def _claimed_step(folder: Path) -> str | None:
 # --- the one way a step owns its --out folder ---------------------------------------------------
 
 CLAIM = ".cxrdiff-claim.json"  # hidden: written when a step starts a folder, replaced by the manifest's key
+PART = CLAIM + ".part-{index}-of-{count}"  # one shard's lock, beside the shared claim (see `StepFolder`)
+FINALIZE = CLAIM + ".finalize"  # held by whoever writes the table and manifest of a sharded folder
 
 
 class OtherSettings(InputError):
@@ -361,7 +363,10 @@ def _jsonable(settings: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class InUse(InputError):
-    """The folder is claimed by a process that is still running (never removed or taken over)."""
+    """The folder is claimed by a process that is still running (never removed or taken over). Exit code 75
+    (EX_TEMPFAIL): not a fault of the command, which succeeds once the other process is done."""
+
+    exit_code = TEMPFAIL
 
 
 class StepFolder:
@@ -378,6 +383,12 @@ class StepFolder:
     so a locked claim is a live run and an unlocked one a leftover that the next run of the same settings
     resumes. Where the file system has no locks, the claim's pid and host decide (a claim from another
     host then counts as live).
+
+    Shards (`claim(part=(i, n))`, `cxrdiff.shards`) share a folder: the claim then records the settings
+    only (created exclusively, held by nobody, marked `shared`) and each shard locks its own part file
+    beside it, so the same shard twice is refused while different shards run side by side, and a run of the
+    whole folder is refused while any shard runs (and the other way round). Whoever completes the last part
+    writes the table and the manifest inside `finalizing()`, which one process at a time holds.
     """
 
     def __init__(self, out: Path, step: str, settings: dict[str, Any], state: str, manifest: dict | None) -> None:
@@ -385,6 +396,7 @@ class StepFolder:
         self.key = settings_key(settings)
         self.state = state  # "new" | "resume" | "finished"
         self.manifest = manifest
+        self.part: tuple[int, int] | None = None
 
     @property
     def finished(self) -> bool:
@@ -398,6 +410,7 @@ class StepFolder:
         settings: Mapping[str, Any],
         create: bool = True,
         take_over: bool = False,
+        part: tuple[int, int] | None = None,
     ) -> StepFolder:
         """Claim `out` for `step` with these settings (see the class docstring); `create=False` only checks
         what the folder holds (not whether its claim is live: the other processes of an `accelerate` run
@@ -406,9 +419,13 @@ class StepFolder:
         `take_over=True`: this step's folder made with other settings is not refused but restarted as an
         unfinished run with these settings (its manifest removed, its files left for the step to reuse or
         replace) — for a step whose outputs are all re-derived on every run, such as the report. A folder
-        in use by a running process is refused all the same."""
+        in use by a running process is refused all the same.
+
+        `part=(i, n)`: claim shard i of n of a shared folder (see the class docstring)."""
         out, settings = Path(out), _jsonable(settings)
         key = settings_key(settings)
+        if part is not None and create:
+            return cls._claim_part(out, step, settings, part)
         if take_over:
             try:
                 return cls.claim(out, step, settings, create=create)
@@ -445,8 +462,79 @@ class StepFolder:
             if not create or (found is not None and found.owner == "this process" and found.data.get("key") == key):
                 return folder
             if _take(out, _claim_record(step, key, settings), found):
+                running = _live_parts(out)
+                if running:  # a shard started between our look and our claim: it keeps the folder
+                    _release(_path_ident(out / CLAIM))
+                    raise InUse(f"--out {out}: in use by shard(s) {', '.join(running)} of a sharded '{step}' run")
                 return folder
         raise InputError(f"--out {out}: other processes keep claiming and releasing it; try again")
+
+    @classmethod
+    def _claim_part(cls, out: Path, step: str, settings: dict[str, Any], part: tuple[int, int]) -> StepFolder:
+        """Join (or start) the shared run of these settings in `out`, then lock shard `part`."""
+        key = settings_key(settings)
+        if out.exists() and not out.is_dir():
+            raise InputError(f"--out {out}: exists and is not a folder")
+        shared = {**_claim_record(step, key, settings), "shared": True}
+        for _ in range(_CLAIM_TRIES):
+            found = _inspect_claim(out) if out.is_dir() else None
+            joins = found is not None and found.data.get("shared") and found.data.get("key") == key
+            if found is not None and found.owner == "live" and not joins:
+                _refuse_in_use(out, step, found, settings, key)
+            if (out / MANIFEST).is_file():
+                manifest = read_manifest(out, step)
+                _refuse_other(
+                    out, step, "a finished", manifest.get("settings"), manifest.get("settings_key"), settings, key
+                )
+                return cls(out, step, settings, "finished", manifest)
+            entries = sorted(p.name for p in out.iterdir() if not p.name.startswith(CLAIM)) if out.is_dir() else []
+            if found is not None and entries and not joins:
+                if found.data.get("step") != step:
+                    raise InputError(
+                        f"--out {out}: holds an unfinished '{found.data.get('step')}' run; choose a new folder"
+                    )
+                _refuse_other(
+                    out, step, "an unfinished", found.data.get("settings"), found.data.get("key"), settings, key
+                )
+            elif found is None and entries:
+                shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+                raise InputError(f"--out {out}: not empty and not a '{step}' folder (has {shown}); choose a new folder")
+            if not joins:
+                if not _take(out, shared, found):
+                    continue
+                _release(_path_ident(out / CLAIM))  # the shared claim is held by nobody: the parts are
+            held = _take_part(out, part)
+            again = _inspect_claim(out)
+            if again is None or not again.data.get("shared") or again.data.get("key") != key:
+                _release_part(out, part, held)  # a run of the whole folder came between: look again
+                continue
+            folder = cls(out, step, settings, "resume" if entries else "new", None)
+            folder.part = part
+            return folder
+        raise InputError(f"--out {out}: other processes keep claiming and releasing it; try again")
+
+    def release_part(self) -> None:
+        """This shard is done (its part file removed and its lock dropped); the folder stays unfinished."""
+        if self.part is not None:
+            path = self.out / PART.format(index=self.part[0], count=self.part[1])
+            _release_part(self.out, self.part, _path_ident(path))
+
+    @contextlib.contextmanager
+    def finalizing(self) -> Iterator[bool]:
+        """Held by one process at a time (the others wait): yields True when this process is to write the
+        table and the manifest, False when another already did (the folder is then finished)."""
+        fd = os.open(self.out / FINALIZE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if fcntl is not None:
+                with contextlib.suppress(OSError):
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+            if (self.out / MANIFEST).is_file():
+                self.manifest, self.state = read_manifest(self.out, self.step), "finished"
+                yield False
+            else:
+                yield True
+        finally:
+            os.close(fd)
 
     def reopen(self) -> None:
         """Make this folder an unfinished run again (a finished run extended, a report re-rendered): the
@@ -485,6 +573,10 @@ class StepFolder:
             (self.out / CLAIM).unlink()
         if found is not None:
             _release(found.ident)
+        for path in [*self.out.glob(PART.format(index="*", count="*")), self.out / FINALIZE]:
+            ident = _path_ident(path)
+            path.unlink(missing_ok=True)
+            _release(ident)
         self.state, self.manifest = "finished", manifest
         return manifest
 
@@ -527,6 +619,8 @@ def _inspect_claim(out: Path) -> _Found | None:
             raise InputError(f"{path}: unreadable; delete it if the folder is yours")
         if ident in _HELD:
             return _Found(data, "this process", ident)
+        if data.get("shared"):  # held by nobody: live while one of its shards runs
+            return _Found(data, "live" if _live_parts(out) else "none", ident)
         return _Found(data, "live" if _locked_elsewhere(fd, data) else "none", ident)
     finally:
         os.close(fd)
@@ -629,7 +723,65 @@ def _take(out: Path, record: dict[str, Any], found: _Found | None) -> bool:
             os.close(old_fd)
 
 
-def _release(ident: tuple[int, int]) -> None:
+def _live_parts(out: Path) -> list[str]:
+    """The shards (`i/n`) another process is running in `out`."""
+    live = []
+    for path in sorted(out.glob(PART.format(index="*", count="*"))):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            if _ident(fd) not in _HELD and _locked_elsewhere(fd, _read_record(fd)):
+                live.append(path.name.rsplit(".part-", 1)[1].replace("-of-", "/"))
+        finally:
+            os.close(fd)
+    return live
+
+
+def _read_record(fd: int) -> dict[str, Any]:
+    try:
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            data = json.loads(handle.read() or b"{}")
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _take_part(out: Path, part: tuple[int, int]) -> tuple[int, int]:
+    """Lock shard `part`'s file in `out` (created if missing) for this process; InUse when another holds it."""
+    path = out / PART.format(index=part[0], count=part[1])
+    for _ in range(_CLAIM_TRIES):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        ident = _ident(fd)
+        if ident in _HELD:
+            os.close(fd)
+            return ident
+        record = _read_record(fd)
+        if not _lock(fd) or (fcntl is None and record and _pid_running(record)):
+            os.close(fd)
+            who = f"process {record.get('pid', '?')} on {record.get('host', '?')}"
+            raise InUse(f"--out {out}: shard {part[0]}/{part[1]} is already running ({who}); each shard runs once")
+        if _path_ident(path) != ident:  # removed by its finished owner since we opened it
+            os.close(fd)
+            continue
+        os.ftruncate(fd, 0)
+        started = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": _HOST, "started": started}).encode(), 0)
+        _HELD[ident] = fd
+        return ident
+    raise InputError(f"--out {out}: shard {part[0]}/{part[1]}: other processes keep taking it; try again")
+
+
+def _release_part(out: Path, part: tuple[int, int], ident: tuple[int, int] | None) -> None:
+    path = out / PART.format(index=part[0], count=part[1])
+    if ident is not None and ident in _HELD and _path_ident(path) == ident:
+        path.unlink(missing_ok=True)
+    if ident is not None:
+        _release(ident)
+
+
+def _release(ident: tuple[int, int] | None) -> None:
     fd = _HELD.pop(ident, None)
     if fd is not None:
         os.close(fd)
@@ -651,6 +803,8 @@ def _path_ident(path: Path) -> tuple[int, int] | None:
 def _refuse_in_use(out: Path, step: str, found: _Found, settings: dict, key: str) -> None:
     claim = found.data
     who = f"process {claim.get('pid', '?')} on {claim.get('host', '?')}"
+    if claim.get("shared"):
+        who = f"shard(s) {', '.join(_live_parts(out)) or '?'} of a sharded run"
     if claim.get("host") not in (None, _HOST) and fcntl is None:
         who += f" (delete {out / CLAIM} if that run is gone)"
     if claim.get("step") != step:

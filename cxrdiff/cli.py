@@ -356,6 +356,19 @@ def finetune(
     run_step(step, FinetuneConfig, options)
 
 
+ShardOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="This job's share: I/N (0-based), or 'slurm' for an array task (SLURM_ARRAY_TASK_ID − "
+        "SLURM_ARRAY_TASK_MIN of SLURM_ARRAY_TASK_COUNT). Shards share --out; see docs/slurm.md."
+    ),
+]
+FinalizeOpt = Annotated[
+    bool | None,
+    typer.Option("--finalize", help="Only write the table and manifest of a sharded --out (every shard done)."),
+]
+
+
 @app.command()
 def sample(
     model: Annotated[Path | None, typer.Option(help="Model folder (finetune output or base model).")] = None,
@@ -379,6 +392,8 @@ def sample(
     channels_last: Annotated[
         bool | None, typer.Option("--channels-last", help="NHWC memory format for the UNet.")
     ] = None,
+    shard: ShardOpt = None,
+    finalize: FinalizeOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Generate images with classifier-free guidance, reproducible per prompt."""

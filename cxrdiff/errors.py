@@ -1,4 +1,5 @@
-"""One exception family, mapped to exit codes by the CLI (0 ok, 1 run failed, 2 bad usage or input)."""
+"""One exception family, mapped to exit codes by the CLI (0 ok, 1 run failed, 2 bad usage or input, 75 try again:
+stopped by a signal and resumable, or the folder is busy with another process)."""
 
 from __future__ import annotations
 
@@ -17,10 +18,20 @@ class InputError(CxrdiffError):
     exit_code = 2
 
 
+TEMPFAIL = 75  # sysexits.h EX_TEMPFAIL: what a scheduler requeues on (`scripts/*.sbatch`)
+
+
 class RunError(CxrdiffError):
     """The run itself failed: NaN loss, a crashed worker (exit code 1)."""
 
     exit_code = 1
+
+
+class Stopped(CxrdiffError):
+    """Stopped at a clean point by SIGTERM / SIGUSR1 (SLURM preemption or time limit): re-running the same
+    command resumes, so the exit code (75) tells a scheduler to requeue."""
+
+    exit_code = TEMPFAIL
 
 
 def unsafe_pickle(folder: Path) -> InputError:

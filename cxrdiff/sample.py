@@ -32,7 +32,9 @@ from cxrdiff.data import LABELS
 from cxrdiff.errors import InputError, RunError
 from cxrdiff.images import grey_from_pipeline
 from cxrdiff.models import check_model_folder, check_sampling_steps
+from cxrdiff.shards import Shard, label, parse_shard, share
 from cxrdiff.speed import limit_cpu_threads, set_tf32, speed_up_unet
+from cxrdiff.stopping import StopFlag, stop_signals
 
 # diffusers scheduler class and the overrides of the folder's scheduler config that make the named sampler
 # (the paper: PLMS). DDIM must not clip x0 in latent space: StableDiffusionPipeline.__init__ forces
@@ -56,7 +58,7 @@ class SampleConfig:
     # its identity, the precision by the dtype it resolves to (see `sample_settings`).
     NOT_SETTINGS: ClassVar[tuple[str, ...]] = (
         "out", "model", "prompts", "prompts_file", "prompt", "prompt_column", "batch_size", "limit",
-        "mixed_precision", "device", "compile", "tf32", "channels_last",
+        "mixed_precision", "device", "compile", "tf32", "channels_last", "shard", "finalize",
     )  # fmt: skip
 
     model: Path | None = None
@@ -77,6 +79,8 @@ class SampleConfig:
     compile: bool = False  # speed levers (cxrdiff.speed): torch.compile the UNet,
     tf32: bool = False  # TF32 matmuls (NVIDIA GPUs),
     channels_last: bool = False  # NHWC UNet
+    shard: str | None = None  # I/N or slurm (cxrdiff.shards): this job's share of the images
+    finalize: bool = False  # only write the table and manifest once every shard's images exist
 
 
 SEED_RULE = 'int.from_bytes(sha256(f"cxrdiff-sample:{seed}:{prompt_index}:{repeat}".encode()).digest()[:8], "big") >> 1'
@@ -204,11 +208,16 @@ def sample(config: SampleConfig, shard: tuple[int, int] | None = None) -> dict[s
     """Generate this process's share of the images, skip those already written, and (once all exist)
     write `samples.parquet` and the manifest.
 
-    `shard=(index, count)` takes images index, index + count, ...; by default the share comes from
-    accelerate (process index / number of processes), so `accelerate launch` splits the work; then only
-    the main process returns the result (the others return None).
+    The share comes from accelerate (process p of P takes images p, p + P, ...) composed with `--shard`
+    (`shard=(i, n)` here, or `config.shard`): shard i of n takes share i·P + p of n·P (`cxrdiff.shards`).
+    Shards share `--out`; whichever completes the last images writes the table and manifest, or
+    `config.finalize` does once all exist. Only the main process returns the result (the others None).
+    SIGTERM / SIGUSR1 stop it after the current batch (`Stopped`, exit 75); the same command resumes.
     """
     prompts = check_inputs(config)
+    part = Shard(*shard) if shard is not None else parse_shard(config.shard)
+    if part is not None and not 0 <= part.index < part.count:
+        raise InputError(f"shard {tuple(part)!r}: expected (index, count) with 0 <= index < count")
     import torch
     from accelerate import PartialState
 
@@ -217,12 +226,9 @@ def sample(config: SampleConfig, shard: tuple[int, int] | None = None) -> dict[s
         int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     )
     state = PartialState(cpu=on_cpu)
-    if shard is None:
-        shard, distributed = (state.process_index, state.num_processes), state.num_processes > 1
-    else:
-        distributed = False
-        if not (len(shard) == 2 and 0 <= shard[0] < shard[1]):
-            raise InputError(f"shard {shard!r}: expected (index, count) with 0 <= index < count")
+    distributed, main = state.num_processes > 1, state.is_main_process
+    mine_of = share(part, state.process_index, state.num_processes)
+    who = label(part, state.process_index, state.num_processes)
     device = torch.device(config.device) if config.device else state.device
     limit_cpu_threads(device)
     dtype_name = _resolve_dtype(config.mixed_precision, device)
@@ -230,45 +236,63 @@ def sample(config: SampleConfig, shard: tuple[int, int] | None = None) -> dict[s
 
     out = Path(config.out)
     wanted = sample_settings(config, prompts, dtype_name)
-    if state.is_main_process or not distributed:
-        folder = StepFolder.claim(out, STEP, wanted)
-    if distributed:  # the other processes check what the main one claimed
+    if main and not config.finalize:
+        folder = StepFolder.claim(out, STEP, wanted, part=tuple(part) if part is not None else None)
+    if distributed or config.finalize:  # the other processes check what the main one claimed
         state.wait_for_everyone()
-        folder = StepFolder.claim(out, STEP, wanted, create=False)
+        folder = StepFolder.claim(out, STEP, wanted, create=False) if not main or config.finalize else folder
     n_prompts = len(prompts.texts) if config.limit is None else min(config.limit, len(prompts.texts))
     total = n_prompts * config.n_per_prompt
-    mine = range(shard[0], total, shard[1])
+    mine = range(mine_of.index, total, mine_of.count)
     if folder.finished and folder.manifest.get("images") == total:
         log.info("%s: already complete; nothing to do", out)
-        return None if distributed and not state.is_main_process else _result(folder.manifest, out, shard[1])
-    todo = [i for i in mine if not (out / image_file(i)).is_file()]
-    log.info("sample: %d images in %s, %d of this share's %d to make", total, out, len(todo), len(mine))
+        return None if not main else _result(folder.manifest, out, mine_of.count)
+    if config.finalize and folder.state == "new":
+        raise InputError(f"--out {out}: no sample run with these settings to finalize")
+    todo = [] if config.finalize else [i for i in mine if not (out / image_file(i)).is_file()]
+    log.info("sample%s: %d images in %s, %d of this share's %d to make", f" [{who}]" if who else "", total, out,
+             len(todo), len(mine))  # fmt: skip
 
     start = time.perf_counter()
     if todo:
-        _generate(config, prompts, todo, out, device, dtype)
+        with stop_signals("sample") as stop:
+            _generate(config, prompts, todo, out, device, dtype, stop, who)
     seconds = time.perf_counter() - start
     if distributed:
         state.wait_for_everyone()
     result: dict[str, Any] = {
         "out": os.fspath(out),
         "images": total,
-        "processes": shard[1],
+        "processes": mine_of.count,
         "generated": len(todo),  # by this process
         "skipped": len(mine) - len(todo),
         "seconds": round(seconds, 3),
         "images_per_s": round(len(todo) / seconds, 3) if todo and seconds > 0 else None,
     }
-    if distributed and not state.is_main_process:
+    if not main:
         return None  # the main process reports (and the CLI prints one result, not one per process)
     missing = [i for i in range(total) if not (out / image_file(i)).is_file()]
     result["missing"] = len(missing)
     result["complete"] = not missing
     if missing:
+        if config.finalize:
+            raise RunError(f"--out {out}: {len(missing)} of {total} images missing; run the missing shards first")
+        folder.release_part()
         log.info("sample: %d images still missing (other shards); the table is written when all exist", len(missing))
         return result
+    with folder.finalizing() as writer:
+        if writer:
+            _finish(folder, config, prompts, n_prompts, dtype_name, total)
+    return {**result, "table": os.fspath(out / TABLE)}
+
+
+def _finish(
+    folder: StepFolder, config: SampleConfig, prompts: SamplePrompts, n_prompts: int, dtype_name: str, total: int
+) -> None:
+    """The table and the manifest, once every image exists (by one process: see `StepFolder.finalizing`)."""
+    out = folder.out
     over = _prompts_over_context(config.model, prompts.texts[:n_prompts])
-    table = _write_table(config, prompts, n_prompts, out, dtype_name, over)
+    _write_table(config, prompts, n_prompts, out, dtype_name, over)
     _cleanup_temporaries(out)
     folder.finish(
         config=to_dict(config),
@@ -285,7 +309,6 @@ def sample(config: SampleConfig, shard: tuple[int, int] | None = None) -> dict[s
             "seed_rule": SEED_RULE,
         },
     )
-    return {**result, "table": os.fspath(table)}
 
 
 def _result(manifest: dict[str, Any], out: Path, processes: int) -> dict[str, Any]:
@@ -306,7 +329,14 @@ def _result(manifest: dict[str, Any], out: Path, processes: int) -> dict[str, An
 
 
 def _generate(
-    config: SampleConfig, prompts: SamplePrompts, todo: list[int], out: Path, device: Any, dtype: Any
+    config: SampleConfig,
+    prompts: SamplePrompts,
+    todo: list[int],
+    out: Path,
+    device: Any,
+    dtype: Any,
+    stop: StopFlag,
+    who: str = "",
 ) -> None:
     """Run the pipeline on batches of (prompt, generator) and write each image as it is done."""
     import torch
@@ -324,7 +354,9 @@ def _generate(
     set_tf32(config.tf32)
     speed_up_unet(pipe.unet, compile=config.compile, channels_last=config.channels_last)
     batches = [todo[i : i + config.batch_size] for i in range(0, len(todo), config.batch_size)]
-    for batch in progress(batches, description="sample: batches"):
+    done = 0
+    for batch in progress(batches, description=f"sample [{who}]: batches" if who else "sample: batches"):
+        stop.check(f"{done} of this share's {len(todo)} images")
         texts = [prompts.texts[i // config.n_per_prompt] for i in batch]
         generators = [
             torch.Generator().manual_seed(image_seed(config.seed, i // config.n_per_prompt, i % config.n_per_prompt))
@@ -348,6 +380,7 @@ def _generate(
             raise RunError(f"non-finite pixels in images {batch[0]}..{batch[-1]} (try --mixed-precision no)")
         for index, grey in zip(batch, grey_from_pipeline(images), strict=True):
             write_png(out / image_file(index), grey)
+        done += len(batch)
 
 
 def write_png(path: Path, grey: np.ndarray) -> None:

@@ -201,12 +201,13 @@ def test_two_sample_commands_on_one_folder_one_runs_the_other_is_refused(tiny_mo
 
     procs = {40: start(40), 5: start(5)}
     results = {steps: (p.wait(timeout=300), *p.communicate()) for steps, p in procs.items()}
-    assert sorted(code for code, _, _ in results.values()) == [0, 2], results
+    assert sorted(code for code, _, _ in results.values()) in ([0, 2], [0, 75]), results
     winner = next(steps for steps, (code, _, _) in results.items() if code == 0)
-    _, _, err = results[5 if winner == 40 else 40]
+    code, _, err = results[5 if winner == 40 else 40]
     line = err.strip()
     assert len(line.splitlines()) == 1 and line.startswith("error: --out "), err
-    assert "in use by process" in line or "made with other settings" in line, line
+    # busy (75: a scheduler retries later) while the winner runs; other settings (2) once it has finished
+    assert ("in use by process" in line and code == 75) or ("made with other settings" in line and code == 2), line
     manifest = json.loads((out / MANIFEST).read_text())
     table = pd.read_parquet(out / "samples.parquet")
     assert manifest["settings"]["steps"] == winner and table["steps"].tolist() == [winner] * 4

@@ -1,0 +1,56 @@
+"""Stopping a step at a clean point on SLURM's signals, so that a requeued job resumes instead of redoing.
+
+SLURM sends SIGTERM on preemption or `scancel`, and SIGUSR1 before the time limit when a job asks for it
+(`#SBATCH --signal=USR1@90`). Under `stop_signals()` either only sets a flag; the step calls `check()` where
+everything written so far is complete (between batches, between units), which raises `Stopped` (exit 75,
+EX_TEMPFAIL: the scripts requeue on it). Every write is atomic, so stopping between two checks loses at most
+the work since the last one. Ctrl-C keeps its own meaning (KeyboardInterrupt, exit 130).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Iterator
+from typing import Any
+
+from cxrdiff.console import log
+from cxrdiff.errors import Stopped
+
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopFlag:
+    """The signal that asked this process to stop (None while none has)."""
+
+    def __init__(self, step: str) -> None:
+        self.step = step
+        self.raised: int | None = None
+
+    def handle(self, signum: int, frame: Any) -> None:
+        if self.raised is None:
+            log.warning("%s: %s received; stopping at the next clean point", self.step, signal.Signals(signum).name)
+        self.raised = self.raised or signum
+
+    def check(self, done: str = "") -> None:
+        """Raise `Stopped` if a stop signal arrived; `done` says what is complete (for the message)."""
+        if self.raised is not None:
+            name = signal.Signals(self.raised).name
+            what = f" after {done}" if done else ""
+            raise Stopped(f"{self.step}: stopped by {name}{what}; re-run the same command to resume")
+
+
+@contextlib.contextmanager
+def stop_signals(step: str) -> Iterator[StopFlag]:
+    """SIGTERM and SIGUSR1 set the flag for the block's duration (the old handlers come back after it).
+    Outside the main thread signals cannot be caught: the flag then never rises."""
+    flag = StopFlag(step)
+    old: dict[int, Any] = {}
+    for sig in SIGNALS:
+        with contextlib.suppress(ValueError):
+            old[sig] = signal.signal(sig, flag.handle)
+    try:
+        yield flag
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
