@@ -520,21 +520,28 @@ class StepFolder:
             _release_part(self.out, self.part, _path_ident(path))
 
     @contextlib.contextmanager
-    def finalizing(self) -> Iterator[bool]:
-        """Held by one process at a time (the others wait): yields True when this process is to write the
-        table and the manifest, False when another already did (the folder is then finished)."""
+    def exclusive(self) -> Iterator[None]:
+        """A block that one process at a time runs in this folder (the others wait): the shards of one run
+        build its plan once, and write its table and manifest once."""
         fd = os.open(self.out / FINALIZE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             if fcntl is not None:
                 with contextlib.suppress(OSError):
                     fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def finalizing(self) -> Iterator[bool]:
+        """`exclusive()`, yielding True when this process is to write the table and the manifest, False when
+        another already did (the folder is then finished)."""
+        with self.exclusive():
             if (self.out / MANIFEST).is_file():
                 self.manifest, self.state = read_manifest(self.out, self.step), "finished"
                 yield False
             else:
                 yield True
-        finally:
-            os.close(fd)
 
     def reopen(self) -> None:
         """Make this folder an unfinished run again (a finished run extended, a report re-rendered): the

@@ -93,6 +93,18 @@ ConfigOpt = Annotated[
     Path | None, typer.Option("--config", help="TOML file of options (flags given here win over it).")
 ]
 
+ShardOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="This job's share: I/N (0-based), or 'slurm' for an array task (SLURM_ARRAY_TASK_ID − "
+        "SLURM_ARRAY_TASK_MIN of SLURM_ARRAY_TASK_COUNT). Shards share --out; see docs/slurm.md."
+    ),
+]
+FinalizeOpt = Annotated[
+    bool | None,
+    typer.Option("--finalize", help="Only write the table and manifest of a sharded --out (every shard done)."),
+]
+
 
 def _version(value: bool) -> None:
     if value:
@@ -255,6 +267,8 @@ def prepare(
     coco_val_fraction: Annotated[
         float | None, typer.Option(help="Share of TRAIN held out as validation, seeded (the paper's).")
     ] = None,
+    shard: ShardOpt = None,
+    finalize: FinalizeOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Turn MIMIC-CXR + reports + MS-CXR (or COCO, NIH ChestX-ray14, Open-i, any image-text CSV) into latent shards."""
@@ -354,19 +368,6 @@ def finetune(
     from cxrdiff.finetune import finetune as step
 
     run_step(step, FinetuneConfig, options)
-
-
-ShardOpt = Annotated[
-    str | None,
-    typer.Option(
-        help="This job's share: I/N (0-based), or 'slurm' for an array task (SLURM_ARRAY_TASK_ID − "
-        "SLURM_ARRAY_TASK_MIN of SLURM_ARRAY_TASK_COUNT). Shards share --out; see docs/slurm.md."
-    ),
-]
-FinalizeOpt = Annotated[
-    bool | None,
-    typer.Option("--finalize", help="Only write the table and manifest of a sharded --out (every shard done)."),
-]
 
 
 @app.command()
@@ -745,11 +746,12 @@ def completion_script(shell: str) -> str:
 def main() -> None:
     """Entry point: every expected failure is one line on stderr and an exit code; -v adds the traceback.
 
-    Exit codes: 0 done; 1 the run failed (RunError, or an unexpected error); 2 bad usage or input: an unknown
-    option or a bad value (`error: MESSAGE (see cxrdiff CMD --help)`), an InputError, or a path the step cannot
-    read or write (`error: PATH: reason`: no permission, a read-only or full disk, a file where a folder
+    Exit codes: 0 done; 75 try again (stopped by SIGTERM/SIGUSR1 at a clean point, or --out busy with another
+    process: a scheduler requeues); 1 the run failed (RunError, or an unexpected error); 2 bad usage or input: an
+    unknown option or a bad value (`error: MESSAGE (see cxrdiff CMD --help)`), an InputError, or a path the step
+    cannot read or write (`error: PATH: reason`: no permission, a read-only or full disk, a file where a folder
     belongs); 130 Ctrl-C. In `finetune` the first Ctrl-C finishes the current step, saves its checkpoint and
-    stops with a message (exit 130; SIGTERM/SIGUSR1 do the same with exit 1), and a second Ctrl-C aborts at
+    stops with a message (exit 130; SIGTERM/SIGUSR1 do the same with exit 75), and a second Ctrl-C aborts at
     once; elsewhere Ctrl-C stops at once. A stopped or killed step resumes when the same command is re-run.
     """
     from cxrdiff.console import verbosity

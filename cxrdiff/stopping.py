@@ -39,6 +39,17 @@ class StopFlag:
             what = f" after {done}" if done else ""
             raise Stopped(f"{self.step}: stopped by {name}{what}; re-run the same command to resume")
 
+    def check_all(self, accelerator: Any, done: str = "") -> None:
+        """`check()` agreed by every rank of an accelerate run (a collective: every rank calls it at the same
+        point), so that all stop together and none waits on the others in the next collective."""
+        if accelerator.num_processes > 1:
+            import torch
+
+            mine = torch.tensor([float(self.raised is not None)], device=accelerator.device)
+            if accelerator.reduce(mine, "sum").item() > 0 and self.raised is None:
+                self.raised = signal.SIGTERM  # another rank's signal
+        self.check(done)
+
 
 @contextlib.contextmanager
 def stop_signals(step: str) -> Iterator[StopFlag]:

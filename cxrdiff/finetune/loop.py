@@ -21,7 +21,7 @@ from cxrdiff.artifacts import (
     atomic_path,
 )
 from cxrdiff.console import interactive, log, progress
-from cxrdiff.errors import RunError
+from cxrdiff.errors import RunError, Stopped
 from cxrdiff.finetune.checkpoints import Checkpoints, rng_state
 from cxrdiff.finetune.config import STEP, TRAIN_LOG
 from cxrdiff.finetune.training import TrainingRun
@@ -91,7 +91,7 @@ def train_step(run: TrainingRun, checkpoints: Checkpoints, train_log: TrainLog, 
     if config.validation_prompts and config.validate_every and done % config.validate_every == 0:
         validate(run, done)
     if preempted:
-        by, error = ("Ctrl-C", Interrupted) if stop.raised == signal.SIGINT else ("a signal", RunError)
+        by, error = ("Ctrl-C", Interrupted) if stop.raised == signal.SIGINT else ("a signal", Stopped)
         saved = checkpoints.path(done)
         raise error(f"stopped by {by} after step {done}, saved in {saved}; re-run the same command to resume")
     return stats.loss

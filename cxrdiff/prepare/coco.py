@@ -34,7 +34,8 @@ from cxrdiff.config import settings, to_dict
 from cxrdiff.console import log
 from cxrdiff.errors import InputError
 from cxrdiff.models import check_model_folder, model_geometry, vae_fingerprint
-from cxrdiff.prepare.config import STEP, PrepareConfig, check_out
+from cxrdiff.prepare import jobs
+from cxrdiff.prepare.config import PrepareConfig, check_out
 from cxrdiff.prepare.encode import (
     SKIPPED_COLUMNS,
     STATE,
@@ -45,6 +46,7 @@ from cxrdiff.prepare.encode import (
     loader_workers,
     warn_empty_parts,
 )
+from cxrdiff.shards import label
 from cxrdiff.speed import limit_cpu_threads
 
 SPLIT_FILE = "coco_split.csv"  # image_id, part (train / val / test): the seeded division, recorded
@@ -238,29 +240,35 @@ def prepare_coco(config: PrepareConfig) -> dict[str, Any]:
     inputs = check_coco_inputs(config)
     acc = Accelerator()
     limit_cpu_threads(acc.device)
-    folder = StepFolder.claim(inputs.out, STEP, coco_settings(config, inputs), create=acc.is_main_process)
+    folder, part = jobs.claim(config, inputs.out, coco_settings(config, inputs), acc)
     if folder.finished:
         log.info("%s: already prepared; nothing to do", inputs.out)
         return _summary(inputs.out) if acc.is_main_process else {}
-    if acc.is_main_process:
-        _plan(config, inputs)
-    acc.wait_for_everyone()
+    jobs.plan_once(folder, acc, lambda: _plan(config, inputs))
     state = inputs.out / STATE
     plan = json.loads((state / "plan.json").read_text())
-    todo = [unit for unit in plan["units"] if not (inputs.out / f"{unit}.parquet").is_file()]
+    todo = jobs.units_to_do(plan["units"], inputs.out, part, config.finalize)
     if todo:
         vae = load_vae(inputs.base_model, acc.device)
-        for unit in todo:
+
+        def encode(unit: str) -> None:
             rows = pd.read_parquet(state / f"plan-{unit}.parquet")
             if "captions_json" in rows.columns:
                 rows = rows.assign(captions=rows["captions_json"].map(json.loads))
             encode_unit(acc, vae, rows, unit, inputs.out, inputs.resolution, config.batch_size,
                         loader_workers(config, acc.num_processes), LAYOUT)  # fmt: skip
+
+        jobs.encode_units(acc, todo, encode, label(part, acc.process_index, acc.num_processes))
     if not acc.is_main_process:
         return {}
-    result = _finish(folder, config, inputs, plan)
-    warn_empty_parts(inputs.out, {part: result[f"{part}_rows"] for part in ("train", "test", "coco_test")})
-    return result | {"seconds": round(time.perf_counter() - start, 1)}
+    seconds = {"seconds": round(time.perf_counter() - start, 1)}
+
+    def finish() -> dict[str, Any]:
+        result = _finish(folder, config, inputs, plan)
+        warn_empty_parts(inputs.out, {part: result[f"{part}_rows"] for part in ("train", "test", "coco_test")})
+        return result
+
+    return jobs.complete(folder, plan["units"], inputs.out, config.finalize, finish) | seconds
 
 
 def _finish(folder: StepFolder, config: Any, inputs: CocoInputs, plan: dict[str, Any]) -> dict[str, Any]:

@@ -22,7 +22,7 @@ class PrepareConfig:
 
     NOT_SETTINGS: ClassVar[tuple[str, ...]] = (
         "out", "batch_size", "workers", "mimic", "reports", "ms_cxr", "base_model", "coco", "coco_words",
-        "images", "table", "boxes",
+        "images", "table", "boxes", "shard", "finalize",
     )  # fmt: skip
     FORMAT_FIELD: ClassVar[str] = "format"
     FORMAT_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
@@ -63,6 +63,8 @@ class PrepareConfig:
     boxes: Path | None = None  # nih: BBox_List_2017 (default: torchxrayvision's); csv: image, phrase, x, y, w, h
     # share of the patients (not boxed) drawn, seeded, for the test set where the table gives no split
     test_fraction: Annotated[float, Range(gt=0.0, lt=1.0)] = 0.2
+    shard: str | None = None  # I/N or slurm (cxrdiff.shards): this job's units of the plan
+    finalize: bool = False  # only write skipped.csv and the manifest once every shard's units exist
 
 
 def text_fallbacks(choice: str) -> tuple[str, ...]:

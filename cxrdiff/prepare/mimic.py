@@ -43,7 +43,8 @@ from cxrdiff.errors import InputError
 from cxrdiff.images import box_to_frame
 from cxrdiff.impressions import MIN_IMPRESSION_CHARS, SOURCES, read_report, report_path
 from cxrdiff.models import check_model_folder, model_geometry, vae_fingerprint
-from cxrdiff.prepare.config import STEP, PrepareConfig, check_out, text_fallbacks
+from cxrdiff.prepare import jobs
+from cxrdiff.prepare.config import PrepareConfig, check_out, text_fallbacks
 from cxrdiff.prepare.encode import (
     SKIPPED_COLUMNS,
     STATE,
@@ -56,6 +57,7 @@ from cxrdiff.prepare.encode import (
     skipped_row,
     warn_empty_parts,
 )
+from cxrdiff.shards import label
 from cxrdiff.speed import limit_cpu_threads
 
 # --- checks ---------------------------------------------------------------------------------
@@ -509,38 +511,40 @@ def prepare_mimic(config: PrepareConfig) -> dict[str, Any]:
     inputs = check_mimic_inputs(config)
     acc = Accelerator()
     limit_cpu_threads(acc.device)  # several processes on one CPU box: processes × threads ≤ cores
-    folder = StepFolder.claim(inputs.out, STEP, prepare_settings(config, inputs), create=acc.is_main_process)
+    folder, part = jobs.claim(config, inputs.out, prepare_settings(config, inputs), acc)
     if folder.finished:
         # Finished before with the same settings and inputs: leave the manifest (and with it the hash
         # that later steps recorded) untouched, so nothing downstream is recomputed.
         log.info("%s: already prepared; nothing to do", inputs.out)
         return {} if not acc.is_main_process else _summary(inputs.out)
-    if acc.is_main_process:
-        _plan(config, inputs)
-    acc.wait_for_everyone()
+    jobs.plan_once(folder, acc, lambda: _plan(config, inputs))
     state = inputs.out / STATE
     plan = json.loads((state / "plan.json").read_text())
     items = pd.read_parquet(state / "plan.parquet")
-    todo = [unit for unit in plan["units"] if not (inputs.out / f"{unit}.parquet").is_file()]
+    todo = jobs.units_to_do(plan["units"], inputs.out, part, config.finalize)
     encode_start = time.perf_counter()
     if todo:
         vae = load_vae(inputs.base_model, acc.device)
         workers = loader_workers(config, acc.num_processes)
-        for number, unit in enumerate(todo, 1):
-            if acc.is_main_process:
-                log.info("unit %s (%d of %d to do)", unit, number, len(todo))
+
+        def encode(unit: str) -> None:
             rows = items[items["unit"] == unit]
             encode_unit(acc, vae, rows, unit, inputs.out, inputs.resolution, config.batch_size, workers, LAYOUT,
                         config.dicom_contrast)  # fmt: skip
-            if acc.is_main_process:
-                elapsed = time.perf_counter() - encode_start
-                log.info("%s done; about %.0f s left", unit, elapsed / number * (len(todo) - number))
+
+        jobs.encode_units(acc, todo, encode, label(part, acc.process_index, acc.num_processes))
     if not acc.is_main_process:
         return {}
-    now = time.perf_counter()
-    result = _finish(folder, config, inputs, plan, now - start)
-    warn_empty_parts(inputs.out, {part: result[f"{part}_rows"] for part in ("train", "test", "ms_cxr")})
-    return result | {"encode_seconds": round(now - encode_start, 2)}
+    encode_seconds = round(time.perf_counter() - encode_start, 2)
+
+    def finish() -> dict[str, Any]:
+        result = _finish(folder, config, inputs, plan, time.perf_counter() - start)
+        warn_empty_parts(inputs.out, {part: result[f"{part}_rows"] for part in ("train", "test", "ms_cxr")})
+        return result
+
+    return jobs.complete(folder, plan["units"], inputs.out, config.finalize, finish) | {
+        "encode_seconds": encode_seconds
+    }
 
 
 def _summary(out: Path) -> dict[str, Any]:
