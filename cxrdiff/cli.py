@@ -823,4 +823,7 @@ def fail(message: str, code: int, traceback_too: bool = True) -> NoReturn:
 
         traceback.print_exc()
     print(f"error: {message}", file=sys.stderr)
+    from cxrdiff.stopping import record_exit_code
+
+    record_exit_code(code)
     sys.exit(code)

@@ -10,6 +10,7 @@ the work since the last one. Ctrl-C keeps its own meaning (KeyboardInterrupt, ex
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 from collections.abc import Iterator
 from typing import Any
@@ -18,6 +19,22 @@ from cxrdiff.console import log
 from cxrdiff.errors import Stopped
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+EXIT_FILE = "CXRDIFF_EXIT_FILE"  # environment variable: a file each process appends its exit code to
+
+
+def record_exit_code(code: int) -> None:
+    """Append this process's exit code to $CXRDIFF_EXIT_FILE, if set: `torchrun` and `accelerate launch` exit 1
+    whenever a worker fails, so a batch script learns from this file that every rank stopped with 75 and the
+    job can be requeued (`scripts/run-step.sh`, `scripts/finetune.sbatch`). One short O_APPEND write: lines of
+    several processes do not mix."""
+    path = os.environ.get(EXIT_FILE)
+    if path:
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, f"{code}\n".encode())
+            finally:
+                os.close(fd)
 
 
 class StopFlag:

@@ -8,6 +8,7 @@ wrote it, so any split makes the same files as one job. The plan is built once (
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,9 +33,9 @@ def claim(config: PrepareConfig, out: Path, settings: dict[str, Any], acc: Any) 
 
 def plan_once(folder: StepFolder, acc: Any, make_plan: Callable[[], Any]) -> None:
     """Build and save the plan in the main process, one shard at a time (the first builds it, the others
-    find it saved); every process then reads it from disk."""
+    find it saved; without shards no lock file is made); every process then reads it from disk."""
     if acc.is_main_process:
-        with folder.exclusive():
+        with folder.exclusive() if folder.part is not None else contextlib.nullcontext():
             make_plan()
     acc.wait_for_everyone()
 

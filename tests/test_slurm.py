@@ -1,0 +1,146 @@
+"""The SLURM pipeline (`scripts/pipeline.sh`) under a real SLURM on this machine (`.ci/slurm-up` starts one):
+prepare and sample as 2-task arrays, ground, report; one sample task stopped by `scancel --batch --signal=TERM`
+exits 75 and is requeued, resumes, and every output equals one process's."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from cxrdiff.artifacts import MANIFEST, read_manifest
+from cxrdiff.ground import GroundConfig, ground
+from cxrdiff.sample import SampleConfig, sample
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
+PREPARE_ARGS = "--test-size 8 --test-no-finding-max 0.25 --batch-size 8 --shard-size 16 --workers 0"  # = conftest's
+SAMPLE = dict(limit=3, n_per_prompt=3, steps=4, batch_size=1)
+GROUND = dict(steps=2, window=1, limit=3, batch_size=4)
+
+
+def _slurm_ready() -> str | None:
+    """Why the test cannot run here (None when it can)."""
+    if shutil.which("sbatch") is None:
+        return "sbatch not installed (`.ci/slurm-up` installs and starts a one-node SLURM as root)"
+    try:
+        state = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"sinfo failed: {exc}"
+    if state.returncode != 0 or state.stdout.strip() not in ("idle", "mixed", "allocated"):
+        return f"no SLURM node up (sinfo: {state.stdout.strip() or state.stderr.strip()}); run .ci/slurm-up"
+    return None
+
+
+def _flags(options: dict) -> str:
+    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in options.items())
+
+
+def _squeue(job: str) -> list[tuple[str, str, str]]:
+    """(task id, state, restarts) of an array's tasks still known to SLURM."""
+    out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%i %T"], capture_output=True, text=True).stdout
+    return [tuple(line.split()) for line in out.splitlines() if line.strip()]
+
+
+def _stop_and_requeue(work: Path, ids: dict, log: list) -> None:
+    """When sample task 1 has made its first image: SIGTERM to its batch shell, then, once run-step.sh has
+    requeued it (exit 75) and it is PENDING, start it now (SLURM otherwise waits 120 s after a requeue)."""
+    deadline = time.monotonic() + 400
+    while "sample" not in ids and time.monotonic() < deadline:
+        time.sleep(0.2)
+    task = f"{ids['sample']}_1"
+    while not (work / "samples" / "000001.png").is_file() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--batch", "--signal=TERM", task], check=True)
+    log.append(("signalled", len(list((work / "samples").glob("*.png")))))
+    while time.monotonic() < deadline:
+        states = dict(_squeue(task))
+        state = next(iter(states.values()), None)
+        if state == "PENDING":
+            subprocess.run(["scontrol", "update", f"JobId={task}", "StartTime=now"], check=True)
+            log.append(("restarted", time.monotonic()))
+            return
+        time.sleep(0.3)
+
+
+@pytest.mark.slow
+def test_pipeline_under_slurm_equals_one_process(phantom_tree, phantom_prepared, tiny_model, tmp_path):
+    why = _slurm_ready()
+    if why:
+        pytest.skip(why)
+    work = tmp_path / "work"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "CI": "1",
+        "CXRDIFF": f"{sys.executable} -m cxrdiff",
+        "MIMIC": str(phantom_tree),
+        "BASE_MODEL": str(tiny_model),
+        "MODEL": str(tiny_model),
+        "WORK": str(work),
+        "TASKS": "2",
+        "WAIT": "1",
+        "PREPARE_ARGS": f"--ms-cxr {phantom_tree / 'MS_CXR_Local_Alignment_v1.0.0.csv'} {PREPARE_ARGS}",
+        "SAMPLE_ARGS": _flags(SAMPLE),
+        "GROUND_ARGS": _flags(GROUND),
+        "REPORT_ARGS": "--n-fid 4 --diversity-prompts 1 --random-features --no-privacy --memorization-prompts 0",
+        "SBATCH_ARGS": "--cpus-per-task=1 --time=00:15:00",
+    }
+    start = time.monotonic()
+    pipeline = subprocess.Popen(
+        [str(SCRIPTS / "pipeline.sh")], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    ids: dict[str, str] = {}
+    events: list = []
+    stopper = threading.Thread(target=_stop_and_requeue, args=(work, ids, events), daemon=True)
+    stopper.start()
+    for line in pipeline.stdout:  # "NAME ID" per job, as each is submitted (the report's when it has ended)
+        name, job = line.split()
+        ids[name] = job
+    code = pipeline.wait(timeout=900)
+    stopper.join(timeout=60)
+    logs = {p.name: p.read_text() for p in (tmp_path / "logs").glob("*.out")}
+    assert code == 0, (pipeline.stderr.read(), logs)
+    print(f"pipeline under SLURM: {time.monotonic() - start:.0f} s; {events}")
+
+    # `sbatch --wait` says 0 for a job cancelled before it ran: the outputs themselves are the evidence
+    for step, folder in [("prepare", "prepared"), ("sample", "samples"), ("ground", "ground"), ("report", "report")]:
+        assert read_manifest(work / folder, step)["step"] == step
+    task_1 = logs[f"cxrdiff-sample-{ids['sample']}_1.out"]  # --open-mode=append: both runs of the task
+    assert "cxrdiff step exit 75" in task_1 and "restart 0)" in task_1, task_1
+    assert "cxrdiff step exit 0" in task_1 and "restart 1)" in task_1, task_1
+    assert events[0][0] == "signalled" and events[0][1] < 9 and events[1][0] == "restarted"
+
+    # prepare: two array tasks wrote the units of one process's run
+    ours, theirs = work / "prepared", phantom_prepared
+    units = sorted(p.name for p in theirs.glob("*.parquet"))
+    assert sorted(p.name for p in ours.glob("*.parquet")) == units
+    for name in units:
+        pd.testing.assert_frame_equal(pd.read_parquet(ours / name), pd.read_parquet(theirs / name))
+    assert (ours / "skipped.csv").read_text() == (theirs / "skipped.csv").read_text()
+    manifests = [json.loads((f / MANIFEST).read_text()) for f in (ours, theirs)]
+    assert manifests[0]["counts"] == manifests[1]["counts"] and manifests[0]["shards"] == manifests[1]["shards"]
+
+    # sample: 2 tasks (one stopped and requeued) = one process, byte for byte
+    one = tmp_path / "one-sample"
+    sample(SampleConfig(model=tiny_model, out=one, prompts=ours / "test.parquet", **SAMPLE))
+    names = sorted(p.name for p in one.glob("*.png"))
+    assert sorted(p.name for p in (work / "samples").glob("*.png")) == names and len(names) == 9
+    assert all((work / "samples" / n).read_bytes() == (one / n).read_bytes() for n in names)
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(work / "samples" / "samples.parquet"), pd.read_parquet(one / "samples.parquet")
+    )
+
+    # ground: the job's table = one process's
+    one_ground = tmp_path / "one-ground"
+    ground(GroundConfig(model=tiny_model, out=one_ground, data=ours / "ms_cxr.parquet", **GROUND))
+    for table in sorted(p.name for p in one_ground.glob("*.parquet")):
+        pd.testing.assert_frame_equal(pd.read_parquet(work / "ground" / table), pd.read_parquet(one_ground / table))
+    assert (work / "report" / "report.md").is_file()
