@@ -100,6 +100,9 @@ ShardOpt = Annotated[
         "SLURM_ARRAY_TASK_MIN of SLURM_ARRAY_TASK_COUNT). Shards share --out; see docs/slurm.md."
     ),
 ]
+DistTimeoutOpt = Annotated[
+    int | None, typer.Option(help="Seconds a process waits for the others in a collective before failing.")
+]
 FinalizeOpt = Annotated[
     bool | None,
     typer.Option("--finalize", help="Only write the table and manifest of a sharded --out (every shard done)."),
@@ -269,6 +272,7 @@ def prepare(
     ] = None,
     shard: ShardOpt = None,
     finalize: FinalizeOpt = None,
+    dist_timeout: DistTimeoutOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Turn MIMIC-CXR + reports + MS-CXR (or COCO, NIH ChestX-ray14, Open-i, any image-text CSV) into latent shards."""
@@ -395,6 +399,7 @@ def sample(
     ] = None,
     shard: ShardOpt = None,
     finalize: FinalizeOpt = None,
+    dist_timeout: DistTimeoutOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Generate images with classifier-free guidance, reproducible per prompt."""
@@ -596,11 +601,20 @@ def doctor(
     base_model: Annotated[Path | None, typer.Option(help="Base model folder to check.")] = None,
     inception_weights: Annotated[Path | None, typer.Option(help="InceptionV3 FID weights file.")] = None,
     xrv_weights: Annotated[Path | None, typer.Option(help="torchxrayvision weights file.")] = None,
+    distributed: Annotated[
+        bool,
+        typer.Option("--distributed", help="Under accelerate launch: all-reduce, barrier, and --out's locks."),
+    ] = False,
+    out: Annotated[Path | None, typer.Option(help="With --distributed: the folder whose locks to check.")] = None,
+    dist_timeout: DistTimeoutOpt = 1800,
 ) -> None:
     """Check offline what each step needs and say what is missing and where it goes (exit 1 if so)."""
     from cxrdiff.doctor import doctor as check
 
-    result = check(base_model=base_model, inception_weights=inception_weights, xrv_weights=xrv_weights)
+    result = check(base_model=base_model, inception_weights=inception_weights, xrv_weights=xrv_weights,
+                   distributed=distributed, out=out, dist_timeout=dist_timeout)  # fmt: skip
+    if result is None:  # another rank than the main one
+        return
     print_result(result)
     if not result["ok"]:
         raise typer.Exit(1)

@@ -64,14 +64,30 @@ def _accelerate() -> tuple[str, str]:
 
 
 def doctor(
-    base_model: Path | None = None, inception_weights: Path | None = None, xrv_weights: Path | None = None
-) -> dict[str, Any]:
+    base_model: Path | None = None,
+    inception_weights: Path | None = None,
+    xrv_weights: Path | None = None,
+    distributed: bool = False,
+    out: Path | None = None,
+    dist_timeout: float | None = None,
+) -> dict[str, Any] | None:
     """One line per check ("ok: ...", "MISSING: ... where it goes", "note: ..."), `ok` and `missing`.
 
     `ok` is False when a required item (base model when given, Inception and torchxrayvision weights)
-    is missing; the CLI then exits 1.
+    is missing; the CLI then exits 1. `distributed`: under `accelerate launch`, also the process group, a
+    barrier and `out`'s locks across the processes (`cxrdiff.distributed.check_group`; a failed one is
+    MISSING); only the main process returns the checks (the others None).
     """
+    group: dict[str, tuple[str, str]] = {}
+    if distributed:
+        from cxrdiff.distributed import check_group
+
+        found = check_group(out, dist_timeout)
+        if found is None:
+            return None
+        group = {f"distributed_{name}": (OK if good else MISSING, detail) for name, (good, detail) in found.items()}
     checks: dict[str, tuple[str, str]] = {
+        **group,
         "base_model": _base_model(base_model),
         "inception_weights": _weights(inception_weights, "inception"),
         "xrv_weights": _weights(xrv_weights, "xrv"),

@@ -29,6 +29,7 @@ from cxrdiff.choices import SamplePrecision, Scheduler
 from cxrdiff.config import Range, check_ranges, settings, to_dict
 from cxrdiff.console import log, progress
 from cxrdiff.data import LABELS
+from cxrdiff.distributed import process_state
 from cxrdiff.errors import InputError, RunError
 from cxrdiff.images import grey_from_pipeline
 from cxrdiff.models import check_model_folder, check_sampling_steps
@@ -59,6 +60,7 @@ class SampleConfig:
     NOT_SETTINGS: ClassVar[tuple[str, ...]] = (
         "out", "model", "prompts", "prompts_file", "prompt", "prompt_column", "batch_size", "limit",
         "mixed_precision", "device", "compile", "tf32", "channels_last", "shard", "finalize",
+        "dist_timeout",
     )  # fmt: skip
 
     model: Path | None = None
@@ -81,6 +83,7 @@ class SampleConfig:
     channels_last: bool = False  # NHWC UNet
     shard: str | None = None  # I/N or slurm (cxrdiff.shards): this job's share of the images
     finalize: bool = False  # only write the table and manifest once every shard's images exist
+    dist_timeout: Annotated[int, Range(ge=1)] = 1800  # seconds a rank waits for the others in a collective
 
 
 SEED_RULE = 'int.from_bytes(sha256(f"cxrdiff-sample:{seed}:{prompt_index}:{repeat}".encode()).digest()[:8], "big") >> 1'
@@ -219,13 +222,8 @@ def sample(config: SampleConfig, shard: tuple[int, int] | None = None) -> dict[s
     if part is not None and not 0 <= part.index < part.count:
         raise InputError(f"shard {tuple(part)!r}: expected (index, count) with 0 <= index < count")
     import torch
-    from accelerate import PartialState
 
-    # Without CUDA, accelerate only forms a (gloo) process group when told the run is on CPU.
-    on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or (
-        int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    )
-    state = PartialState(cpu=on_cpu)
+    state = process_state(config.dist_timeout)
     distributed, main = state.num_processes > 1, state.is_main_process
     mine_of = share(part, state.process_index, state.num_processes)
     who = label(part, state.process_index, state.num_processes)

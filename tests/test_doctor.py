@@ -72,3 +72,21 @@ def test_cli_exit_codes(empty_home, tmp_path):
     ok = _cli("doctor", "--inception-weights", str(inc), "--xrv-weights", str(xrv), env=empty_home)
     assert ok.returncode == 0, ok.stderr
     assert f"inception_weights: ok: {inc}" in ok.stdout
+
+
+@pytest.mark.slow
+def test_distributed_checks_under_accelerate_two_cpu_processes(tmp_path):
+    """All-reduce of ranks 1 + 2 = 3, a barrier, and rank 1 refused the folder rank 0 claimed in --out (gloo)."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HOME": str(tmp_path / "home")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    # two real processes (`accelerate launch --cpu` starts one, whatever --num_processes says)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cxrdiff"]
+    args = ["--json", "doctor", "--distributed", "--out", str(tmp_path), "--dist-timeout", "60"]
+    proc = subprocess.run([*launch, *args], capture_output=True, text=True, timeout=300, env=env)
+    printed = json.loads(proc.stdout[proc.stdout.index("{") :])  # one result: the main process's
+    assert proc.stdout.count('"distributed_locks"') == 1
+    assert printed["distributed_processes"].startswith("ok: 2 processes, backend gloo")
+    assert printed["distributed_all_reduce"] == "ok: sum of ranks 1..2 = 3 (expected 3)"
+    assert printed["distributed_barrier"].startswith("ok: ") and "timeout 60 s" in printed["distributed_barrier"]
+    assert printed["distributed_locks"] == f"ok: {tmp_path}: 1 of 1 other ranks refused the main's claim"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home"] or not list(tmp_path.glob(".cxrdiff-doctor*"))

@@ -18,7 +18,6 @@ from cxrdiff.sample import SampleConfig, sample
 from cxrdiff.shards import Shard, label, parse_shard, share
 
 ROOT = Path(__file__).resolve().parents[1]
-ACCELERATE = Path(sys.executable).with_name("accelerate")
 PROMPTS = ["small left pleural effusion", "cardiomegaly without edema"]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CI": "1"}
 for _name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_COUNT"):
@@ -167,10 +166,11 @@ def test_a_duplicate_shard_is_refused_with_75_then_finalize(run, tmp_path):
 
 
 def _launch(args: list[str], out: Path, *extra: str) -> subprocess.Popen:
+    """Two gloo processes under torch's launcher, as `accelerate launch --multi_gpu` starts them (`accelerate
+    launch --cpu` starts one process, whatever --num_processes says); each finds its rank through accelerate."""
     env = {**ENV, "ACCELERATE_USE_CPU": "true"}
-    command = [str(ACCELERATE), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "cxrdiff",
-               "sample", *args, "--out", str(out), *extra]  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "cxrdiff", "sample", *args, "--out", str(out), *extra]  # fmt: skip
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 

@@ -32,6 +32,7 @@ from cxrdiff.coco import (
 )
 from cxrdiff.config import settings, to_dict
 from cxrdiff.console import log
+from cxrdiff.distributed import accelerator
 from cxrdiff.errors import InputError
 from cxrdiff.models import check_model_folder, model_geometry, vae_fingerprint
 from cxrdiff.prepare import jobs
@@ -234,11 +235,10 @@ def _plan(config: Any, inputs: CocoInputs) -> dict[str, Any]:
 def prepare_coco(config: PrepareConfig) -> dict[str, Any]:
     """Run `prepare --format coco` (or resume it); return the counts and paths."""
     import pandas as pd
-    from accelerate import Accelerator
 
     start = time.perf_counter()
     inputs = check_coco_inputs(config)
-    acc = Accelerator()
+    acc = accelerator(config.dist_timeout)
     limit_cpu_threads(acc.device)
     folder, part = jobs.claim(config, inputs.out, coco_settings(config, inputs), acc)
     if folder.finished:

@@ -22,7 +22,7 @@ class PrepareConfig:
 
     NOT_SETTINGS: ClassVar[tuple[str, ...]] = (
         "out", "batch_size", "workers", "mimic", "reports", "ms_cxr", "base_model", "coco", "coco_words",
-        "images", "table", "boxes", "shard", "finalize",
+        "images", "table", "boxes", "shard", "finalize", "dist_timeout",
     )  # fmt: skip
     FORMAT_FIELD: ClassVar[str] = "format"
     FORMAT_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
@@ -65,6 +65,7 @@ class PrepareConfig:
     test_fraction: Annotated[float, Range(gt=0.0, lt=1.0)] = 0.2
     shard: str | None = None  # I/N or slurm (cxrdiff.shards): this job's units of the plan
     finalize: bool = False  # only write skipped.csv and the manifest once every shard's units exist
+    dist_timeout: Annotated[int, Range(ge=1)] = 1800  # seconds a rank waits for the others in a collective
 
 
 def text_fallbacks(choice: str) -> tuple[str, ...]:

@@ -39,6 +39,7 @@ from cxrdiff.data import (
     read_ms_cxr,
     read_split,
 )
+from cxrdiff.distributed import accelerator
 from cxrdiff.errors import InputError
 from cxrdiff.images import box_to_frame
 from cxrdiff.impressions import MIN_IMPRESSION_CHARS, SOURCES, read_report, report_path
@@ -505,11 +506,10 @@ def _plan(config: PrepareConfig, inputs: MimicInputs) -> None:
 def prepare_mimic(config: PrepareConfig) -> dict[str, Any]:
     """Run `prepare` on MIMIC-CXR (or resume it); return the counts and paths."""
     import pandas as pd
-    from accelerate import Accelerator
 
     start = time.perf_counter()
     inputs = check_mimic_inputs(config)
-    acc = Accelerator()
+    acc = accelerator(config.dist_timeout)
     limit_cpu_threads(acc.device)  # several processes on one CPU box: processes × threads ≤ cores
     folder, part = jobs.claim(config, inputs.out, prepare_settings(config, inputs), acc)
     if folder.finished:
