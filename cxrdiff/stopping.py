@@ -2,9 +2,11 @@
 
 SLURM sends SIGTERM on preemption or `scancel`, and SIGUSR1 before the time limit when a job asks for it
 (`#SBATCH --signal=USR1@90`). Under `stop_signals()` either only sets a flag; the step calls `check()` where
-everything written so far is complete (between batches, between units), which raises `Stopped` (exit 75,
-EX_TEMPFAIL: the scripts requeue on it). Every write is atomic, so stopping between two checks loses at most
-the work since the last one. Ctrl-C keeps its own meaning (KeyboardInterrupt, exit 130).
+everything written so far is complete (between batches), which raises `Stopped` (exit 75, EX_TEMPFAIL: the
+scripts requeue on it). A step whose clean points are far apart (`prepare`: a unit of thousands of images
+is written whole or not at all) stops at once instead (`immediate=True`): it would lose the same work if it
+waited, and SLURM kills a job 30 s after SIGTERM. Every write is atomic, so nothing half-written stays.
+Ctrl-C keeps its own meaning (KeyboardInterrupt, exit 130).
 """
 
 from __future__ import annotations
@@ -40,14 +42,17 @@ def record_exit_code(code: int) -> None:
 class StopFlag:
     """The signal that asked this process to stop (None while none has)."""
 
-    def __init__(self, step: str) -> None:
-        self.step = step
+    def __init__(self, step: str, immediate: bool = False) -> None:
+        self.step, self.immediate = step, immediate
         self.raised: int | None = None
 
     def handle(self, signum: int, frame: Any) -> None:
-        if self.raised is None:
-            log.warning("%s: %s received; stopping at the next clean point", self.step, signal.Signals(signum).name)
+        first = self.raised is None
         self.raised = self.raised or signum
+        if first and self.immediate:
+            self.check()
+        if first:
+            log.warning("%s: %s received; stopping at the next clean point", self.step, signal.Signals(signum).name)
 
     def check(self, done: str = "") -> None:
         """Raise `Stopped` if a stop signal arrived; `done` says what is complete (for the message)."""
@@ -56,23 +61,13 @@ class StopFlag:
             what = f" after {done}" if done else ""
             raise Stopped(f"{self.step}: stopped by {name}{what}; re-run the same command to resume")
 
-    def check_all(self, accelerator: Any, done: str = "") -> None:
-        """`check()` agreed by every rank of an accelerate run (a collective: every rank calls it at the same
-        point), so that all stop together and none waits on the others in the next collective."""
-        if accelerator.num_processes > 1:
-            import torch
-
-            mine = torch.tensor([float(self.raised is not None)], device=accelerator.device)
-            if accelerator.reduce(mine, "sum").item() > 0 and self.raised is None:
-                self.raised = signal.SIGTERM  # another rank's signal
-        self.check(done)
-
 
 @contextlib.contextmanager
-def stop_signals(step: str) -> Iterator[StopFlag]:
-    """SIGTERM and SIGUSR1 set the flag for the block's duration (the old handlers come back after it).
-    Outside the main thread signals cannot be caught: the flag then never rises."""
-    flag = StopFlag(step)
+def stop_signals(step: str, immediate: bool = False) -> Iterator[StopFlag]:
+    """SIGTERM and SIGUSR1 set the flag for the block's duration (the old handlers come back after it), or
+    with `immediate` raise `Stopped` where the process is. Outside the main thread signals cannot be caught:
+    the flag then never rises."""
+    flag = StopFlag(step, immediate)
     old: dict[int, Any] = {}
     for sig in SIGNALS:
         with contextlib.suppress(ValueError):

@@ -11,7 +11,8 @@
 set -uo pipefail
 
 # Under `accelerate launch` (CXRDIFF="accelerate launch -m cxrdiff") the launcher exits 1 when a rank fails;
-# each rank appends its own exit code here, and 75 from every rank that wrote one counts as 75.
+# each rank appends its own exit code here: a 75 (a rank stopped by the signal; the others may fail on
+# the missing peer) and no 2 (bad input) counts as 75.
 export CXRDIFF_EXIT_FILE=${CXRDIFF_EXIT_FILE:-$(mktemp "${TMPDIR:-/tmp}/cxrdiff-exit.XXXXXX")}
 : >"$CXRDIFF_EXIT_FILE"
 
@@ -27,7 +28,7 @@ while kill -0 "$child" 2>/dev/null; do  # `wait` returns early (code > 128) when
   status=$?
 done
 trap - TERM USR1
-if [ "$status" -ne 0 ] && [ -s "$CXRDIFF_EXIT_FILE" ] && ! grep -qvx 75 "$CXRDIFF_EXIT_FILE"; then
+if [ "$status" -ne 0 ] && grep -qx 75 "$CXRDIFF_EXIT_FILE" && ! grep -qx 2 "$CXRDIFF_EXIT_FILE"; then
   status=75
 fi
 rm -f "$CXRDIFF_EXIT_FILE"

@@ -18,7 +18,7 @@ from PIL import Image
 
 from cxrdiff.artifacts import CLAIM
 from cxrdiff.data import LABELS, latent_from_bytes, patient_folder
-from cxrdiff.errors import InputError
+from cxrdiff.errors import InputError, RunError
 from cxrdiff.images import boxes_mask, equalize_histogram, load_grayscale, resize_center_crop, to_model_input
 from cxrdiff.prepare import PrepareConfig, prepare
 
@@ -978,7 +978,8 @@ def test_a_killed_prepare_leaves_no_loader_worker_running(phantom_tree, tiny_mod
         assert marker.exists() and len(workers) == 2, (workers, proc.poll(), (tmp_path / "stderr").read_text())
         time.sleep(1.0)  # the workers decode ahead and fill the pipe the stalled parent no longer reads
         os.kill(proc.pid, signum)
-        assert proc.wait(timeout=30) == -signum
+        # SIGTERM (SLURM's preemption): a clean stop at once, exit 75 (a scheduler requeues); SIGKILL: dead
+        assert proc.wait(timeout=30) == (75 if signum == signal.SIGTERM else -signum)
         deadline = time.monotonic() + 10
         while any(_state(w) for w in workers) and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -989,3 +990,25 @@ def test_a_killed_prepare_leaves_no_loader_worker_running(phantom_tree, tiny_mod
                 os.kill(pid, signal.SIGKILL)
         proc.wait()
         log.close()
+
+
+def test_shards_encode_their_units_and_the_last_writes_the_manifest(prepared, tree, tiny_model, tmp_path):
+    """Shard 1/3 then 0/3 leave the folder unfinished; --finalize refuses; 2/3 completes it: equal to one run."""
+    out = tmp_path / "sharded"
+    units = json.loads((prepared[0] / ".prepare" / "plan.json").read_text())["units"]
+    first = prepare(_config(tree, tiny_model, out, shard="1/3"))
+    assert first == {"out": str(out), "complete": False, "missing_units": len(units) - len(units[1::3])} | {
+        "encode_seconds": first["encode_seconds"]
+    }
+    assert sorted(p.stem for p in out.glob("*.parquet")) == sorted(units[1::3])
+    prepare(_config(tree, tiny_model, out, shard="0/3"))
+    with pytest.raises(RunError, match=rf"{len(units[2::3])} of {len(units)} units missing"):
+        prepare(_config(tree, tiny_model, out, finalize=True))
+    assert not (out / "manifest.json").exists()
+    last = prepare(_config(tree, tiny_model, out, shard="2/3"))
+    assert last["train_rows"] == prepared[1]["train_rows"] and (out / "manifest.json").is_file()
+    expected, got = _tables(prepared[0]), _tables(out)
+    assert expected.keys() == got.keys()
+    for name, table in expected.items():
+        pd.testing.assert_frame_equal(got[name], table)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".cxrdiff")) == []

@@ -47,10 +47,10 @@ def units_to_do(units: list[str], out: Path, part: Shard | None, finalize: bool)
 
 
 def encode_units(acc: Any, todo: list[str], encode: Callable[[str], None], who: str) -> None:
-    """`encode(unit)` for each unit to do; SIGTERM / SIGUSR1 stop every rank between two units (exit 75)."""
-    with stop_signals("prepare") as stop:
+    """`encode(unit)` for each unit to do; SIGTERM / SIGUSR1 stop at once with exit 75 (a unit is written
+    whole or not at all, so waiting for its end would save nothing), and the same command resumes."""
+    with stop_signals("prepare", immediate=True):
         for number, unit in enumerate(todo, 1):
-            stop.check_all(acc, f"{number - 1} of this job's {len(todo)} units")
             if acc.is_main_process:
                 log.info("prepare%s: unit %s (%d of %d to do)", f" [{who}]" if who else "", unit, number, len(todo))
             encode(unit)
