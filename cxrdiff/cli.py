@@ -450,6 +450,9 @@ def ground(
     channels_last: Annotated[
         bool | None, typer.Option("--channels-last", help="NHWC memory format for the UNet.")
     ] = None,
+    shard: ShardOpt = None,
+    finalize: FinalizeOpt = None,
+    dist_timeout: DistTimeoutOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Ground words of a phrase in an image from the UNet's cross-attention; score against boxes."""

@@ -1,13 +1,13 @@
 #!/bin/bash
 # The evaluation as SLURM jobs, each started when the ones before it succeeded (--dependency=afterok):
 #
-#   prepare (array) → finetune → sample (array) and ground → report
+#   prepare (array) → finetune → sample (array) and ground (array) → report
 #
 # Every step resumes when requeued (exit 75: a signal or a busy folder; see run-step.sh), and a failed step
 # cancels the jobs after it. Environment (the *.sbatch scripts read theirs from it):
 #   MIMIC, BASE_MODEL    the MIMIC-CXR tree and the Stable Diffusion folder to start from
 #   WORK=work            the folder of every step's output (prepared/, frozen/, samples/, ground/, report/)
-#   TASKS=8              array tasks of prepare and sample
+#   TASKS=8              array tasks of prepare, sample and ground
 #   MODEL                an existing model folder: no finetune job, sample/ground/report use it
 #   PREPARE_ARGS, SAMPLE_ARGS, GROUND_ARGS, REPORT_ARGS, SBATCH_ARGS (given to every sbatch)
 #   WAIT=1               block until the report ends and exit with its code (sbatch --wait)
@@ -41,7 +41,8 @@ export MODEL
 PROMPTS=$WORK/prepared/test.parquet OUT=$WORK/samples \
   submit sample --dependency=afterok:$after --array=0-$((TASKS - 1)) "$S/sample.sbatch"
 sample=$ID
-DATA=$WORK/prepared/ms_cxr.parquet OUT=$WORK/ground submit ground --dependency=afterok:$after "$S/ground.sbatch"
+DATA=$WORK/prepared/ms_cxr.parquet OUT=$WORK/ground \
+  submit ground --dependency=afterok:$after --array=0-$((TASKS - 1)) "$S/ground.sbatch"
 ground=$ID
 if [ -n "${WAIT:-}" ]; then
   RUNS=$MODEL REAL=$WORK/prepared OUT=$WORK/report submit report --dependency=afterok:$sample:$ground --wait \

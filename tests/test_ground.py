@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 import torch
 
-from cxrdiff.artifacts import OtherSettings, write_manifest
-from cxrdiff.errors import InputError
+from cxrdiff.artifacts import OtherSettings, read_manifest, write_manifest
+from cxrdiff.errors import InputError, RunError
 from cxrdiff.ground import GroundConfig, capture_maps, choose_tokens, ground
 from cxrdiff.metrics.localization import auc_roc, cnr
 from cxrdiff.text_encoders import encode_text
@@ -633,3 +633,33 @@ def test_a_long_images_overlay_is_bounded(tmp_path):
     config = GroundConfig(image=tmp_path / "long.png", prompt="left effusion")
     with Image.open(io.BytesIO(image_overlay(config, np.ones((16, 16), np.float32), 64))) as png:
         assert MAX_FIGURE_PIXELS * 0.9 < max(png.size) <= MAX_FIGURE_PIXELS + 100, png.size  # + the title's margin
+
+
+@pytest.mark.slow
+def test_shards_and_two_ranks_equal_one_process(tiny_model, ms_cxr, tmp_path):
+    """Shard 1/2 then 0/2 (the last merges), and 2 gloo ranks × 2 shards at once, give one process's tables."""
+    config = _config(tiny_model, tmp_path / "one", data=ms_cxr, steps=2, window=1, batch_size=1, noise_seeds=2)
+    ground(config)
+    first = ground(dataclasses.replace(config, out=tmp_path / "shards", shard="1/2"))
+    n_batches = 2 * len(ROWS)
+    assert first == {"out": str(tmp_path / "shards"), "complete": False, "missing_batches": n_batches - n_batches // 2}
+    with pytest.raises(RunError, match=f"{n_batches - n_batches // 2} batches missing"):
+        ground(dataclasses.replace(config, out=tmp_path / "shards", finalize=True))
+    ground(dataclasses.replace(config, out=tmp_path / "shards", shard="0/2"))
+
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    args = ["ground", "--model", str(tiny_model), "--data", str(ms_cxr), "--out", str(tmp_path / "grid"),
+            "--steps", "2", "--window", "1", "--batch-size", "1", "--noise-seeds", "2"]  # fmt: skip
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cxrdiff"]
+    procs = [subprocess.Popen([*launch, *args, "--shard", f"{i}/2"], env=env, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]  # fmt: skip
+    assert [p.wait(timeout=400) for p in procs] == [0, 0], [p.communicate()[1][-2000:] for p in procs]
+    for folder in ("shards", "grid"):
+        for table in ("scores.parquet", "words.parquet"):
+            got = pd.read_parquet(tmp_path / folder / table)
+            pd.testing.assert_frame_equal(got, pd.read_parquet(tmp_path / "one" / table))
+        with np.load(tmp_path / folder / "heatmaps.npz") as got, np.load(tmp_path / "one" / "heatmaps.npz") as want:
+            assert sorted(got.files) == sorted(want.files)
+            assert all(np.array_equal(got[k], want[k]) for k in want.files)
+        assert read_manifest(tmp_path / folder, "ground") and not (tmp_path / folder / ".parts").exists()

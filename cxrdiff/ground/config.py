@@ -22,6 +22,7 @@ class GroundConfig:
     # The batch size stays in the settings: the resume points (parts) are numbered by batch.
     NOT_SETTINGS: ClassVar[tuple[str, ...]] = (
         "out", "overlays", "model", "data", "image", "allow_scaling_mismatch", "compile", "tf32", "channels_last",
+        "shard", "finalize", "dist_timeout",
     )  # fmt: skip
 
     model: Path | None = None
@@ -52,6 +53,9 @@ class GroundConfig:
     tf32: bool = False  # TF32 matmuls (NVIDIA GPUs),
     channels_last: bool = False  # NHWC UNet
     allow_scaling_mismatch: bool = False  # ground latents prepared with another VAE scaling factor anyway
+    shard: str | None = None  # I/N or slurm (cxrdiff.shards): this job's share of the (run, batch) pairs
+    finalize: bool = False  # only merge the parts once every shard's batches exist
+    dist_timeout: Annotated[int, Range(ge=1)] = 1800  # seconds a rank waits for the others in a collective
 
 
 @dataclasses.dataclass

@@ -9,6 +9,8 @@ from typing import Any
 
 from cxrdiff.artifacts import StepFolder
 from cxrdiff.console import log, progress
+from cxrdiff.distributed import process_state
+from cxrdiff.errors import InputError, RunError
 from cxrdiff.ground.capture import capture_batch, load_model
 from cxrdiff.ground.config import STEP, GroundConfig, ground_settings
 from cxrdiff.ground.inputs import check_inputs, check_words, load_samples
@@ -16,21 +18,30 @@ from cxrdiff.ground.overlays import write_overlays
 from cxrdiff.ground.parts import merge, pending, save_part
 from cxrdiff.ground.score import score_chunk
 from cxrdiff.ground.tables import step_result
+from cxrdiff.shards import label, parse_shard, share
+from cxrdiff.stopping import stop_signals
 
 
 def ground(config: GroundConfig) -> dict[str, Any]:
-    """Ground the phrases, score them, and write heatmaps, overlays, scores, summary and manifest."""
-    from accelerate import PartialState
+    """Ground the phrases, score them, and write heatmaps, overlays, scores, summary and manifest.
 
+    The (run, batch) pairs are shared like `sample`'s images: rank p of P in shard i of N (`--shard`) takes
+    every (i·P + p)-th of N·P. Whoever completes the last pair merges (or `--finalize` does). SIGTERM /
+    SIGUSR1 stop after the current batch (exit 75); the same command resumes."""
     check_inputs(config)
     out = Path(config.out)
     samples = load_samples(config)
     check_words(config, samples)
-    state = PartialState()
-    folder = StepFolder.claim(out, STEP, ground_settings(config), create=state.is_main_process)
+    part = parse_shard(config.shard)
+    state = process_state(config.dist_timeout)
+    create = state.is_main_process and not config.finalize
+    claim = tuple(part) if part is not None and create else None
+    folder = StepFolder.claim(out, STEP, ground_settings(config), create=create, part=claim)
     if folder.finished:
         log.info("%s: already complete; nothing to do", out)
         return step_result(out, json.loads((out / "summary.json").read_text()))
+    if config.finalize and folder.state == "new":
+        raise InputError(f"--out {out}: no ground run with these settings to finalize")
     parts = out / ".parts"
     if state.is_main_process:
         parts.mkdir(parents=True, exist_ok=True)
@@ -39,14 +50,28 @@ def ground(config: GroundConfig) -> dict[str, Any]:
     model = load_model(config, samples, state.device)
     tokenizer = model.comps.tokenizer
     chunks = [samples[i : i + config.batch_size] for i in range(0, len(samples), config.batch_size)]
-    todo = pending(parts, config.noise_seeds, len(chunks), state.process_index, state.num_processes)
-    for run, c in progress(todo, description="grounding"):
-        maps, latents = capture_batch(chunks[c], run, model, config)  # (b, tokens, H, W), (b, C, H, W)
-        result = score_chunk(chunks[c], maps, config, tokenizer, model.frame_size, run)
-        if run == 0 and config.overlays:
-            write_overlays(out, config, chunks[c], result["heatmaps"], latents, model.comps, model.frame_size)
-        save_part(parts, run, c, result)
+    mine = share(part, state.process_index, state.num_processes)
+    todo = [] if config.finalize else pending(parts, config.noise_seeds, len(chunks), mine.index, mine.count)
+    who = label(part, state.process_index, state.num_processes)
+    with stop_signals("ground") as stop:
+        for done, (run, c) in enumerate(progress(todo, description=f"grounding [{who}]" if who else "grounding")):
+            stop.check(f"{done} of this share's {len(todo)} batches")
+            maps, latents = capture_batch(chunks[c], run, model, config)  # (b, tokens, H, W), (b, C, H, W)
+            result = score_chunk(chunks[c], maps, config, tokenizer, model.frame_size, run)
+            if run == 0 and config.overlays:
+                write_overlays(out, config, chunks[c], result["heatmaps"], latents, model.comps, model.frame_size)
+            save_part(parts, run, c, result)
     state.wait_for_everyone()
     if not state.is_main_process:
         return {}
-    return step_result(out, merge(folder, parts, config, len(chunks), samples, model.frame_size))
+    missing = pending(parts, config.noise_seeds, len(chunks), 0, 1)
+    if missing:
+        if config.finalize:
+            raise RunError(f"--out {out}: {len(missing)} batches missing; run the missing shards first")
+        folder.release_part()
+        log.info("ground: %d batches still missing (other shards); merged when all exist", len(missing))
+        return {"out": str(out), "complete": False, "missing_batches": len(missing)}
+    with folder.finalizing() as writer:
+        if writer:
+            return step_result(out, merge(folder, parts, config, len(chunks), samples, model.frame_size))
+    return step_result(out, json.loads((out / "summary.json").read_text()))
