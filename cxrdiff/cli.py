@@ -539,6 +539,10 @@ def report(
     ] = None,
     memorization_noise: Annotated[int | None, typer.Option(help="Memorization score: noise draws per prompt.")] = None,
     memorization_steps: Annotated[int | None, typer.Option(help="Memorization score: DDIM steps averaged.")] = None,
+    emit_jobs: Annotated[
+        Path | None,
+        typer.Option(help="Write the sample/ground command of every sub-folder here (one a line) and run nothing."),
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Measure both sides of the trade-off and write report.md / report.html / metrics.json."""

@@ -26,7 +26,7 @@ class ReportConfig:
     """Settings of `cxrdiff report` (sampling and grounding defaults follow the paper). Plain data: the
     classifier, an object, is passed to `report` beside it."""
 
-    NOT_SETTINGS: ClassVar[tuple[str, ...]] = ("out", "batch_size", "device", "workers")
+    NOT_SETTINGS: ClassVar[tuple[str, ...]] = ("out", "batch_size", "device", "workers", "emit_jobs")
 
     runs: tuple[Path, ...] = ()
     out: Path | None = None
@@ -66,6 +66,7 @@ class ReportConfig:
     device: str = "cpu"  # for the fidelity feature networks
     # runs measured side by side on a multi-core CPU (one process each; ignored with CUDA)
     workers: Annotated[int, Range(ge=1)] = 1
+    emit_jobs: Path | None = None  # write the sample/ground commands of every sub-folder here, run nothing
 
     # Today's benchmarks (report/benchmark.py, docs/method.md "Feature networks"): FD, KID and precision / recall /
     # density / coverage on each feature network, overall and per class. Networks: inception, xrv, classifier,

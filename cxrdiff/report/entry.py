@@ -4,12 +4,14 @@ of its data format (`formats.data_format`): MIMIC-CXR's tables (`orchestrate`) o
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from cxrdiff.config import check_ranges
 from cxrdiff.formats import data_format
 from cxrdiff.report.coco import report_coco
 from cxrdiff.report.config import ReportConfig, Steps
+from cxrdiff.report.jobs import emit_jobs
 from cxrdiff.report.orchestrate import report_mimic
 from cxrdiff.report.steps import recorded_real
 
@@ -28,5 +30,7 @@ def report(config: ReportConfig, classifier: Any = None, steps: Steps | None = N
     `cxrdiff.sample` and `cxrdiff.ground` (tests pass stand-ins).
     """
     check_ranges(config)
+    if config.emit_jobs is not None:
+        return emit_jobs(config, Path(config.emit_jobs))
     real = recorded_real(config)
     return REPORTS[data_format(real)](config, classifier, steps)

@@ -26,6 +26,10 @@ from cxrdiff.errors import InputError
 from cxrdiff.report.config import ReportConfig, StepFn, Steps, check_name
 
 
+class Deferred(Exception):  # noqa: N818 (not an error: a step written down instead of run)
+    """Raised by a stand-in step that wrote its command down (`report --emit-jobs`): `run_step` returns its folder."""
+
+
 def default_steps() -> dict[str, tuple[StepFn, type]]:
     from cxrdiff import ground, sample
 
@@ -40,6 +44,8 @@ def run_step(name: str, fn: StepFn, config: Any, done: list[str]) -> Path:
     before = manifest_hash(out)
     try:
         fn(config)
+    except Deferred:
+        return out
     except OtherSettings:
         log.info("report: %s in %s was made with other settings or inputs; recomputing it", name, out)
         shutil.rmtree(out)
