@@ -655,11 +655,14 @@ def test_shards_and_two_ranks_equal_one_process(tiny_model, ms_cxr, tmp_path):
     procs = [subprocess.Popen([*launch, *args, "--shard", f"{i}/2"], env=env, stderr=subprocess.PIPE, text=True)
              for i in range(2)]  # fmt: skip
     assert [p.wait(timeout=400) for p in procs] == [0, 0], [p.communicate()[1][-2000:] for p in procs]
-    for folder in ("shards", "grid"):
+    # in this process: exactly one process's numbers; in other processes, float32 rounding (oneDNN picks its
+    # kernels per process) moves the maps' last bits, so those are compared to 1e-5
+    for folder, exact in (("shards", True), ("grid", False)):
         for table in ("scores.parquet", "words.parquet"):
-            got = pd.read_parquet(tmp_path / folder / table)
-            pd.testing.assert_frame_equal(got, pd.read_parquet(tmp_path / "one" / table))
+            got, want = pd.read_parquet(tmp_path / folder / table), pd.read_parquet(tmp_path / "one" / table)
+            pd.testing.assert_frame_equal(got, want, check_exact=exact, rtol=1e-4, atol=1e-5)
         with np.load(tmp_path / folder / "heatmaps.npz") as got, np.load(tmp_path / "one" / "heatmaps.npz") as want:
             assert sorted(got.files) == sorted(want.files)
-            assert all(np.array_equal(got[k], want[k]) for k in want.files)
+            for k in want.files:
+                assert np.array_equal(got[k], want[k]) if exact else np.allclose(got[k], want[k], atol=1e-5), k
         assert read_manifest(tmp_path / folder, "ground") and not (tmp_path / folder / ".parts").exists()
