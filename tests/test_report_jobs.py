@@ -55,3 +55,58 @@ def test_a_later_report_reuses_what_the_emitted_commands_made(tiny_model, phanto
     sample_folders(config, tiny_model, runs, phantom_prepared, default_steps(), done)
     ground_folders(config, tiny_model, runs, phantom_prepared, default_steps(), done)
     assert done == [] and {p: manifest_hash(p) for p in runs.iterdir()} == made
+
+
+SMALL_TOML = """
+n_fid = 3
+diversity_prompts = 1
+sample_steps = 2
+ground_steps = 2
+ground_window = 1
+ground_limit = 3
+random_features = true
+no_privacy = true
+memorization_prompts = 0
+table4_p19_only = true
+resamples = 20
+fd_resamples = 5
+"""
+
+
+@pytest.mark.slow
+def test_report_under_a_launcher_two_ranks_equals_one_process(tiny_model, phantom_prepared, tmp_path):
+    """torchrun with 2 gloo processes: rank 0 claims --out and measures, both share the sub-steps; the images
+    are one process's, byte for byte, and so are the numbers (grounding to float rounding)."""
+    import json
+
+    (tmp_path / "small.toml").write_text(SMALL_TOML)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    args = ["report", str(tiny_model), "--real", str(phantom_prepared), "--config", str(tmp_path / "small.toml")]
+    one = subprocess.run([sys.executable, "-m", "cxrdiff", *args, "--out", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cxrdiff"]
+    two = subprocess.run([*launch, *args, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("report: ") == 1  # one result, the main process's
+    assert "[rank 1/2]" in two.stderr  # the other rank made its share of the images, and says so
+    name = tiny_model.name
+    for folder in ("samples", "diversity"):
+        ours, theirs = tmp_path / "two" / "runs" / name / folder, tmp_path / "one" / "runs" / name / folder
+        pngs = sorted(p.name for p in theirs.glob("*.png"))
+        assert pngs and all((ours / p).read_bytes() == (theirs / p).read_bytes() for p in pngs)
+    got, want = (json.loads((tmp_path / d / "metrics.json").read_text())["runs"][name] for d in ("two", "one"))
+    assert _close(got["fidelity"], want["fidelity"]) and _close(got["diversity"], want["diversity"])
+    for metric, value in want["grounding"]["average"].items():
+        assert got["grounding"]["average"][metric]["mean"] == pytest.approx(value["mean"], abs=1e-5)
+
+
+def _close(got, want) -> bool:
+    """Equal, numbers to 1e-4 relative (another process may round a float32 sum differently)."""
+    if isinstance(want, dict):
+        return isinstance(got, dict) and got.keys() == want.keys() and all(_close(got[k], want[k]) for k in want)
+    if isinstance(want, list):
+        return isinstance(got, list) and len(got) == len(want) and all(map(_close, got, want))
+    if isinstance(want, float) and isinstance(got, float):
+        return got == pytest.approx(want, rel=1e-4, abs=1e-6, nan_ok=True)
+    return got == want

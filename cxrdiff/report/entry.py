@@ -12,7 +12,7 @@ from cxrdiff.formats import data_format
 from cxrdiff.report.coco import report_coco
 from cxrdiff.report.config import ReportConfig, Steps
 from cxrdiff.report.jobs import emit_jobs
-from cxrdiff.report.orchestrate import report_mimic
+from cxrdiff.report.orchestrate import real_folder, report_mimic
 from cxrdiff.report.steps import recorded_real
 
 REPORTS: dict[str, Callable[[ReportConfig, Any, Steps | None], dict[str, Any]]] = {
@@ -31,6 +31,6 @@ def report(config: ReportConfig, classifier: Any = None, steps: Steps | None = N
     """
     check_ranges(config)
     if config.emit_jobs is not None:
-        return emit_jobs(config, Path(config.emit_jobs))
+        return emit_jobs(config, Path(config.emit_jobs), real_folder(config))
     real = recorded_real(config)
     return REPORTS[data_format(real)](config, classifier, steps)

@@ -1,9 +1,15 @@
-"""`report --emit-jobs FILE`: the exact `sample` and `ground` commands of every sub-folder the report needs, one a
-line, for a SLURM array (one task a line, or `--shard slurm` appended to each). A later `report` with the same
-options finds those folders finished with its own settings and measures at once.
+"""The report's sub-steps outside its main process: as commands, or as the other ranks of a launcher.
 
-The commands come from the report's own sub-step code (`sample_folders`, `ground_folders`) run with steps that
-write each config down instead of running it, so they cannot drift from what the report would run.
+`report --emit-jobs FILE` writes the exact `sample` and `ground` commands of every sub-folder the report needs,
+one a line, for a SLURM array (one task a line, or `--shard slurm` appended to each). A later `report` with
+the same options finds those folders finished with its own settings and measures at once. The commands come
+from the report's own sub-step code (`sample_folders`, `ground_folders`) run with steps that write each config
+down instead of running it, so they cannot drift from what the report would run.
+
+Under `accelerate launch` (or torchrun) the main process claims `--out`, runs the report and measures; every
+other rank runs the same sub-steps in the same order (`run_sub_steps`), so each `sample` and `ground` is
+shared by all ranks as when launched alone. Measuring stays in the main process (the features are gathered
+there and each Fréchet distance computed once); the others wait in the next sub-step (`--dist-timeout`).
 """
 
 from __future__ import annotations
@@ -11,13 +17,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import shlex
+import time
 from pathlib import Path
 from typing import Any
 
-from cxrdiff.artifacts import write_text
-from cxrdiff.errors import InputError
+from cxrdiff.artifacts import OtherSettings, manifest_hash, write_text
+from cxrdiff.distributed import DEFAULT_TIMEOUT_S
+from cxrdiff.errors import InputError, RunError
 from cxrdiff.report.config import ReportConfig, Steps
-from cxrdiff.report.orchestrate import real_folder
 from cxrdiff.report.steps import Deferred, ground_folders, grounding_only, run_names, sample_folders
 from cxrdiff.report.trainings import run_summary
 
@@ -58,14 +65,9 @@ def recording_steps(lines: list[str]) -> Steps:
     return {"sample": (recorder("sample"), SampleConfig), "ground": (recorder("ground"), GroundConfig)}
 
 
-def emit_jobs(config: ReportConfig, file: Path) -> dict[str, Any]:
-    """Write the commands of every run's samples, diversity set, MS-CXR-phrase samples and groundings to `file`
-    (the curves over checkpoints, `--checkpoints`, are not included: they run inside the report)."""
-    if not config.runs or config.out is None:
-        raise InputError("report --emit-jobs: give the RUN folders and --out, as for the report itself")
-    real = real_folder(config)
-    lines: list[str] = []
-    steps = recording_steps(lines)
+def run_sub_steps(config: ReportConfig, real: Path, steps: Steps) -> None:
+    """Every run's samples, diversity set, groundings and MS-CXR-phrase samples, in the order the report's main
+    process runs them (`orchestrate._report_run`); the curves over checkpoints are not included."""
     for name, run in zip(run_names(config), config.runs, strict=True):
         run, folder, done = Path(run), Path(config.out) / "runs" / name, []
         sampled = not grounding_only(config, run_summary(run))
@@ -74,5 +76,52 @@ def emit_jobs(config: ReportConfig, file: Path) -> dict[str, Any]:
         ground_folders(config, run, folder, real, steps, done)
         if sampled and not config.table4_p19_only:
             sample_folders(config, run, folder, real, steps, done, prompts="ms-cxr")
+
+
+def emit_jobs(config: ReportConfig, file: Path, real: Path) -> dict[str, Any]:
+    """Write the commands of `run_sub_steps` to `file` (`--checkpoints`' curves run inside the report)."""
+    if not config.runs or config.out is None:
+        raise InputError("report --emit-jobs: give the RUN folders and --out, as for the report itself")
+    lines: list[str] = []
+    run_sub_steps(config, real, recording_steps(lines))
     write_text(file, "".join(line + "\n" for line in lines))
     return {"jobs": len(lines), "file": os.fspath(file)}
+
+
+def follower_steps(steps: Steps, timeout_s: float = DEFAULT_TIMEOUT_S) -> Steps:
+    """The steps as another rank than the main one runs them: its share, then a wait until the main process
+    has written the sub-folder's manifest (the step returns before it: only the main writes tables). A folder
+    made with other settings is removed by the main process, which runs the step again; so does this rank."""
+
+    def follow(fn):
+        def run(config: Any) -> None:
+            out = Path(config.out)
+            old = manifest_hash(out)
+            try:
+                fn(config)
+            except OtherSettings:
+                _wait_for(lambda: manifest_hash(out) != old, out, timeout_s)
+                fn(config)
+            _wait_for(lambda: manifest_hash(out) is not None, out, timeout_s)
+
+        return run
+
+    return {name: (follow(fn), cls) for name, (fn, cls) in steps.items()}
+
+
+def _wait_for(ready: Any, out: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if time.monotonic() > deadline:
+            raise RunError(f"{out}: the main process did not finish it within {timeout_s:g} s")
+        time.sleep(0.2)
+
+
+def check_ranks(config: ReportConfig, processes: int) -> None:
+    """Under a launcher the ranks follow the main process's sub-steps one by one: not side by side
+    (`--workers`), and not the checkpoints' curves, which the other ranks do not know."""
+    if processes > 1 and (config.workers > 1 or config.checkpoints):
+        raise InputError(
+            f"report under a launcher ({processes} processes): use --workers 1 and no --checkpoints "
+            "(or run the sub-steps as an array: --emit-jobs)"
+        )

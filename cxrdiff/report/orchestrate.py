@@ -28,12 +28,14 @@ from cxrdiff.artifacts import (
     settings_key,
 )
 from cxrdiff.config import check_ranges, settings, to_dict
+from cxrdiff.distributed import process_state
 from cxrdiff.errors import InputError
 from cxrdiff.report.benchmark import measure_benchmark_once
 from cxrdiff.report.checkpoints import checkpoint_curve
 from cxrdiff.report.classifier_set import measure_classifier_set, write_classifier_prompts
 from cxrdiff.report.config import STEP, ReportConfig, Steps
 from cxrdiff.report.features import check_options
+from cxrdiff.report.jobs import check_ranks, follower_steps, run_sub_steps
 from cxrdiff.report.laterality import measure_laterality
 from cxrdiff.report.measure import (
     classifier_key,
@@ -229,8 +231,14 @@ def measure_one_run(
     return entry, recomputed
 
 
-def report_mimic(config: ReportConfig, classifier: Any = None, steps: Steps | None = None) -> dict[str, Any]:
-    """Run what is missing for each run, measure, and write metrics.json, report.md, report.html."""
+def report_mimic(config: ReportConfig, classifier: Any = None, steps: Steps | None = None) -> dict[str, Any] | None:
+    """Run what is missing for each run, measure, and write metrics.json, report.md, report.html. Under a
+    launcher the other ranks only take part in the sub-steps and return None (`report.jobs`)."""
+    state = process_state()
+    check_ranks(config, state.num_processes)
+    if not state.is_main_process:
+        run_sub_steps(config, real_folder(config), follower_steps(dict(steps or default_steps())))
+        return None
     checked = check_inputs(config, classifier)
     out, real = Path(config.out), checked.real
     given_steps = steps is not None  # stand-ins (tests) are closures: they run here, never side by side
