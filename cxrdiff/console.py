@@ -60,6 +60,15 @@ def verbosity() -> int:
     return _verbosity
 
 
+_label = ""  # names this process in every plain progress line: several processes write to one log
+
+
+def set_label(label: str) -> None:
+    """Prefix this process's plain progress lines with `[label]` (a side-by-side worker: `worker 2`)."""
+    global _label
+    _label = label
+
+
 def interactive() -> bool:
     """A live progress bar only on a terminal; batch jobs (SLURM logs) get plain lines."""
     return err.is_terminal and not os.environ.get("CI") and _verbosity >= 0
@@ -80,7 +89,8 @@ def progress(items: Iterable[T], total: int | None = None, description: str = ""
         if _verbosity >= 0 and total and (i % step == 0):
             elapsed = time.monotonic() - start
             eta = f", about {elapsed / i * (total - i):.0f} s left" if i else ""
-            print(f"{description} {i}/{total}{eta}", file=sys.stderr, flush=True)
+            who = f"[{_label}] " if _label else ""
+            print(f"{who}{description} {i}/{total}{eta}", file=sys.stderr, flush=True)
         yield item
 
 

@@ -85,12 +85,16 @@ def limit_cpu_threads(device: Any, processes: int | None = None) -> int | None:
 
 def start_worker(threads: int) -> None:
     """A `side_by_side` worker: dies with its parent (a killed run leaves none), uses `threads` threads."""
+    import multiprocessing
+
     import torch
 
+    from cxrdiff.console import set_label
     from cxrdiff.processes import die_with_parent
 
     die_with_parent()
     torch.set_num_threads(threads)
+    set_label(f"worker {multiprocessing.current_process().name.rsplit('-', 1)[-1]}")  # SpawnProcess-N
 
 
 def side_by_side(fn: Any, jobs: list[tuple[Any, ...]], workers: int | None = None) -> list[Any]:

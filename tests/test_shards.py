@@ -205,3 +205,19 @@ def test_sigterm_stops_with_75_and_the_same_command_resumes(run, tmp_path):
     assert code == 0, err
     assert json.loads(stdout[stdout.index("{") :])["skipped"] == made
     _same_as_one_process(run, out)
+
+
+def test_progress_lines_name_their_process(capsys, monkeypatch):
+    from cxrdiff import console
+
+    monkeypatch.setenv("CI", "1")  # plain lines, as in a batch job's log
+    monkeypatch.setattr(console, "_label", "")
+    list(console.progress(range(2), description="grounding"))
+    console.set_label("worker 2")
+    list(console.progress(range(2), description="grounding"))
+    assert capsys.readouterr().err.splitlines() == [
+        "grounding 0/2",
+        "grounding 1/2, about 0 s left",
+        "[worker 2] grounding 0/2",
+        "[worker 2] grounding 1/2, about 0 s left",
+    ]
