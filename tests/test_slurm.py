@@ -22,7 +22,21 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
 PREPARE_ARGS = "--test-size 8 --test-no-finding-max 0.25 --batch-size 8 --shard-size 16 --workers 0"  # = conftest's
 SAMPLE = dict(limit=3, n_per_prompt=3, steps=4, batch_size=1)
-GROUND = dict(steps=2, window=1, limit=3, batch_size=4)
+GROUND = dict(steps=2, window=1, limit=3, batch_size=2)  # 2 batches: one per array task
+REPORT_TOML = """
+n_fid = 4
+diversity_prompts = 1
+sample_steps = 2
+ground_steps = 2
+ground_window = 1
+ground_limit = 3
+random_features = true
+no_privacy = true
+memorization_prompts = 0
+table4_p19_only = true
+resamples = 20
+fd_resamples = 5
+"""
 
 
 def _slurm_ready() -> str | None:
@@ -75,6 +89,8 @@ def test_pipeline_under_slurm_equals_one_process(phantom_tree, phantom_prepared,
     if why:
         pytest.skip(why)
     work = tmp_path / "work"
+    report_toml = tmp_path / "report.toml"  # a small report: what matters here is that it runs as a job
+    report_toml.write_text(REPORT_TOML)
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
@@ -90,7 +106,7 @@ def test_pipeline_under_slurm_equals_one_process(phantom_tree, phantom_prepared,
         "PREPARE_ARGS": f"--ms-cxr {phantom_tree / 'MS_CXR_Local_Alignment_v1.0.0.csv'} {PREPARE_ARGS}",
         "SAMPLE_ARGS": _flags(SAMPLE),
         "GROUND_ARGS": _flags(GROUND),
-        "REPORT_ARGS": "--n-fid 4 --diversity-prompts 1 --random-features --no-privacy --memorization-prompts 0",
+        "REPORT_ARGS": f"--config {report_toml}",
         "SBATCH_ARGS": "--cpus-per-task=1 --time=00:15:00",
     }
     start = time.monotonic()
