@@ -34,7 +34,7 @@ random_features = true
 no_privacy = true
 memorization_prompts = 0
 table4_p19_only = true
-resamples = 20
+resamples = 200
 fd_resamples = 5
 """
 
