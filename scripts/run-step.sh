@@ -36,6 +36,12 @@ rm -f "$CXRDIFF_EXIT_FILE"
 echo "cxrdiff step exit $status (job ${SLURM_JOB_ID:-none}, task ${SLURM_ARRAY_TASK_ID:-none}," \
   "restart ${SLURM_RESTART_COUNT:-0})" >&2
 if [ "$status" -eq 75 ] && [ -n "${SLURM_JOB_ID:-}" ] && [ "${SLURM_RESTART_COUNT:-0}" -lt "${MAX_REQUEUES:-10}" ]; then
-  scontrol requeue "$SLURM_JOB_ID"  # the same command then resumes where this one stopped
+  # This task only: one task of an array runs under the array's own id (SLURM_JOB_ID = SLURM_ARRAY_JOB_ID),
+  # and requeueing that id requeues every task of the array, running ones included.
+  if [ -n "${SLURM_ARRAY_TASK_ID:-}" ]; then
+    scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
+  else
+    scontrol requeue "$SLURM_JOB_ID"
+  fi  # the same command then resumes where this one stopped
 fi
 exit "$status"

@@ -133,6 +133,8 @@ def test_pipeline_under_slurm_equals_one_process(phantom_tree, phantom_prepared,
     assert "cxrdiff step exit 75" in task_1 and "restart 0)" in task_1, task_1
     assert "cxrdiff step exit 0" in task_1 and "restart 1)" in task_1, task_1
     assert events[0][0] == "signalled" and events[0][1] < 9 and events[1][0] == "restarted"
+    task_0 = logs[f"cxrdiff-sample-{ids['sample']}_0.out"]  # requeueing task 1 left task 0 alone
+    assert "DUE TO JOB REQUEUE" not in task_0 and task_0.count("cxrdiff step exit 0") == 1, task_0
 
     # prepare: two array tasks wrote the units of one process's run
     ours, theirs = work / "prepared", phantom_prepared
