@@ -167,8 +167,9 @@ def test_a_duplicate_shard_is_refused_with_75_then_finalize(run, tmp_path):
 
 def _launch(args: list[str], out: Path, *extra: str) -> subprocess.Popen:
     """Two gloo processes under torch's launcher, as `accelerate launch --multi_gpu` starts them (`accelerate
-    launch --cpu` starts one process, whatever --num_processes says); each finds its rank through accelerate."""
-    env = {**ENV, "ACCELERATE_USE_CPU": "true"}
+    launch --cpu` starts one process, whatever --num_processes says); each finds its rank through accelerate.
+    Each rank appends its exit code to OUT's sibling `exit-codes`."""
+    env = {**ENV, "ACCELERATE_USE_CPU": "true", "CXRDIFF_EXIT_FILE": str(out.parent / "exit-codes")}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "cxrdiff", "sample", *args, "--out", str(out), *extra]  # fmt: skip
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -221,3 +222,25 @@ def test_progress_lines_name_their_process(capsys, monkeypatch):
         "[worker 2] grounding 0/2",
         "[worker 2] grounding 1/2, about 0 s left",
     ]
+
+
+@pytest.mark.slow
+def test_two_ranks_stopped_by_sigterm_then_one_process_resumes(run, tmp_path):
+    """SIGTERM to torch's launcher reaches both ranks: each stops after its batch and writes 75 to the exit
+    file (the launcher itself exits 1); one process then finishes the same folder: one process's files."""
+    _, args = run
+    out = tmp_path / "stopped"
+    env_file = tmp_path / "exit-codes"
+    launcher = _launch(args, out)
+    deadline = time.monotonic() + 300
+    first = [out / "000000.png", out / "000001.png"]  # one of each rank's: both are past their start-up
+    while not all(p.is_file() for p in first) and time.monotonic() < deadline and launcher.poll() is None:
+        time.sleep(0.05)
+    launcher.send_signal(signal.SIGTERM)
+    assert launcher.wait(timeout=120) != 0
+    assert env_file.read_text().split() == ["75", "75"]
+    made = len(list(out.glob("*.png")))
+    assert 2 <= made < 6 and not (out / MANIFEST).exists()
+    resumed = _cli("sample", *args, "--out", str(out))
+    assert resumed.wait(timeout=300) == 0, resumed.communicate()
+    _same_as_one_process(run, out)
