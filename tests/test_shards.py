@@ -226,8 +226,9 @@ def test_progress_lines_name_their_process(capsys, monkeypatch):
 
 @pytest.mark.slow
 def test_two_ranks_stopped_by_sigterm_then_one_process_resumes(run, tmp_path):
-    """SIGTERM to torch's launcher reaches both ranks: each stops after its batch and writes 75 to the exit
-    file (the launcher itself exits 1); one process then finishes the same folder: one process's files."""
+    """SIGTERM to torch's launcher reaches both ranks: a rank in its batch loop stops after the batch and writes
+    75 to the exit file (one already waiting in a barrier cannot run Python until it is killed); the launcher
+    itself exits 1, and the exit file says 75, as run-step.sh reads it. One process then finishes the folder."""
     _, args = run
     out = tmp_path / "stopped"
     env_file = tmp_path / "exit-codes"
@@ -238,7 +239,8 @@ def test_two_ranks_stopped_by_sigterm_then_one_process_resumes(run, tmp_path):
         time.sleep(0.05)
     launcher.send_signal(signal.SIGTERM)
     assert launcher.wait(timeout=120) != 0
-    assert env_file.read_text().split() == ["75", "75"]
+    codes = env_file.read_text().split()
+    assert "75" in codes and set(codes) <= {"75", "1"}, codes  # what run-step.sh turns into 75 (requeue)
     made = len(list(out.glob("*.png")))
     assert 2 <= made < 6 and not (out / MANIFEST).exists()
     resumed = _cli("sample", *args, "--out", str(out))
