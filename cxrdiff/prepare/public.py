@@ -27,9 +27,11 @@ from cxrdiff.artifacts import MANIFEST, StepFolder, atomic_path, write_json, wri
 from cxrdiff.config import settings, to_dict
 from cxrdiff.console import log
 from cxrdiff.data import LABELS
+from cxrdiff.distributed import accelerator
 from cxrdiff.errors import InputError
 from cxrdiff.models import check_model_folder, model_geometry, vae_fingerprint
-from cxrdiff.prepare.config import STEP, PrepareConfig, check_out
+from cxrdiff.prepare import jobs
+from cxrdiff.prepare.config import PrepareConfig, check_out
 from cxrdiff.prepare.encode import (
     SKIPPED_COLUMNS,
     STATE,
@@ -41,6 +43,7 @@ from cxrdiff.prepare.encode import (
     skipped_row,
 )
 from cxrdiff.prepare.mimic import LAYOUT, mark_truncated
+from cxrdiff.shards import label
 from cxrdiff.speed import limit_cpu_threads
 
 ROW_COLUMNS = ("dicom_id", "subject_id", "study_id", "view", "impression", "impression_source", "image_path", *LABELS)
@@ -245,38 +248,44 @@ def build_public_plan(config: PrepareConfig, inputs: PublicInputs, fmt: PublicFo
 def prepare_public(config: PrepareConfig, fmt: PublicFormat) -> dict[str, Any]:
     """Run `prepare` on a public set (or resume it); return the counts and paths."""
     import pandas as pd
-    from accelerate import Accelerator
 
     start = time.perf_counter()
     inputs = check_public_inputs(config, fmt)
-    acc = Accelerator()
+    acc = accelerator(config.dist_timeout)
     limit_cpu_threads(acc.device)
     state = inputs.out / STATE
     fresh = None
     if acc.is_main_process and not (state / "plan.json").is_file():  # a fault of the tables stops before the claim
         fresh = build_public_plan(config, inputs, fmt, load_base_tokenizer(inputs.base_model))
-    folder = StepFolder.claim(inputs.out, STEP, public_settings(config, inputs), create=acc.is_main_process)
+    folder, part = jobs.claim(config, inputs.out, public_settings(config, inputs), acc)
     if folder.finished:
         log.info("%s: already prepared; nothing to do", inputs.out)
         return json.loads((inputs.out / MANIFEST).read_text())["result"] if acc.is_main_process else {}
-    if fresh is not None:
-        items, plan = fresh
-        with atomic_path(state / "plan.parquet") as tmp:
-            items.to_parquet(tmp, index=False)
-        write_json(state / "plan.json", plan)
-    acc.wait_for_everyone()
+
+    def save_plan() -> None:
+        if fresh is not None and not (state / "plan.json").is_file():  # another shard may have saved it
+            items, plan = fresh
+            with atomic_path(state / "plan.parquet") as tmp:
+                items.to_parquet(tmp, index=False)
+            write_json(state / "plan.json", plan)
+
+    jobs.plan_once(folder, acc, save_plan)
     plan = json.loads((state / "plan.json").read_text())
     items = pd.read_parquet(state / "plan.parquet")
-    todo = [unit for unit in plan["units"] if not (inputs.out / f"{unit}.parquet").is_file()]
+    todo = jobs.units_to_do(plan["units"], inputs.out, part, config.finalize)
     if todo:
         vae = load_vae(inputs.base_model, acc.device)
         workers = loader_workers(config, acc.num_processes)
-        for unit in todo:
+
+        def encode(unit: str) -> None:
             rows = items[items["unit"] == unit]
             encode_unit(acc, vae, rows, unit, inputs.out, inputs.resolution, config.batch_size, workers, LAYOUT)
+
+        jobs.encode_units(acc, todo, encode, label(part, acc.process_index, acc.num_processes))
     if not acc.is_main_process:
         return {}
-    return finish_public(folder, config, inputs, plan, time.perf_counter() - start)
+    finish = lambda: finish_public(folder, config, inputs, plan, time.perf_counter() - start)  # noqa: E731
+    return jobs.complete(folder, plan["units"], inputs.out, config.finalize, finish)
 
 
 def finish_public(
