@@ -427,3 +427,37 @@ def test_a_folder_that_records_no_data_set_is_named_by_its_layout(tmp_path):
     assert data_set_lines({"data_set": data_set_of(tmp_path)}) == [
         "**Data: MIMIC-CXR layout** (1,200 train, 3 test, 2 grounding rows); text: the impressions."
     ]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "option", "readers"),
+    [
+        ("nih", ["--text-fallback", "findings"], "--text-fallback is for --format mimic or openi"),
+        ("csv", ["--text-fallback", "findings"], "--text-fallback is for --format mimic or openi"),
+        ("csv", ["--dicom-contrast", "window"], "--dicom-contrast is for --format mimic"),
+        ("openi", ["--boxes", "b.csv"], "--boxes is for --format nih or csv"),
+        ("nih", ["--coco-splits", "a,b"], "--coco-splits is for --format coco"),
+        ("nih", ["--mimic", "m"], "--mimic is for --format mimic"),
+    ],
+)
+def test_an_option_the_format_does_not_read_is_one_line_and_exit_2(
+    fmt, option, readers, tiny_model, tmp_path, capsys, monkeypatch
+):
+    (tmp_path / "images").mkdir()
+    table = tmp_path / "t.csv"
+    table.write_text("image,text\na.png,hello\n")
+    argv = ["prepare", "--format", fmt, "--images", tmp_path / "images", "--table", table,
+            "--base-model", tiny_model, "--out", tmp_path / "out", *option]  # fmt: skip
+    code, err, _ = run_main(argv, capsys, monkeypatch)
+    assert code == 2 and err == [f"error: {readers}, not --format {fmt}"], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_option_a_format_does_not_read_is_refused_from_python_too(tmp_path):
+    from cxrdiff.errors import InputError
+    from cxrdiff.prepare import check_inputs
+
+    with pytest.raises(
+        InputError, match="^--test-size is for --format mimic or nih or openi or csv, not --format coco$"
+    ):
+        check_inputs(PrepareConfig(format="coco", coco=tmp_path, base_model=tmp_path, out=tmp_path / "o", test_size=9))

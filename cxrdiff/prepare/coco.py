@@ -69,8 +69,6 @@ def check_coco_inputs(config: PrepareConfig) -> CocoInputs:
     for name in ("coco", "base_model", "out"):
         if getattr(config, name) is None:
             raise InputError(f"--{name.replace('_', '-')} is required with --format coco")
-    if config.mimic is not None or config.ms_cxr is not None:
-        raise InputError("--mimic/--ms-cxr: not with --format coco (give --coco ROOT)")
     root = Path(config.coco)
     if not root.is_dir():
         raise InputError(f"--coco {root}: {'a file, not a folder' if root.exists() else 'no such folder'}")

@@ -10,6 +10,7 @@ from typing import Annotated, Any, ClassVar
 from cxrdiff.artifacts import CLAIM, MANIFEST, OtherSettings, StepFolder
 from cxrdiff.choices import DataFormat, DicomContrast, TextFallback
 from cxrdiff.config import Range
+from cxrdiff.errors import InputError
 from cxrdiff.models import fingerprint_covers_weights
 
 STEP = "prepare"
@@ -31,6 +32,15 @@ class PrepareConfig:
         "nih": ("test_size", "test_fraction"),
         "openi": ("test_size", "test_fraction", "text_fallback"),
         "csv": ("test_size", "test_fraction"),
+    }
+    # the input paths each format reads (not settings: their identity joins the key); with FORMAT_FIELDS, what
+    # `check_format_options` refuses for any other format
+    FORMAT_INPUTS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "mimic": ("mimic", "reports", "ms_cxr"),
+        "coco": ("coco", "coco_words"),
+        "nih": ("images", "table", "boxes"),
+        "openi": ("images", "table", "reports"),
+        "csv": ("images", "table", "boxes"),
     }
 
     mimic: Path | None = None
@@ -66,6 +76,22 @@ class PrepareConfig:
     shard: str | None = None  # I/N or slurm (cxrdiff.shards): this job's units of the plan
     finalize: bool = False  # only write skipped.csv and the manifest once every shard's units exist
     dist_timeout: Annotated[int, Range(ge=1)] = 1800  # seconds a rank waits for the others in a collective
+
+
+def check_format_options(config: PrepareConfig) -> None:
+    """An option that the chosen format does not read, given a value other than its default, is refused (one
+    line naming the option and the formats that read it) rather than silently ignored."""
+    chosen = config.format
+    readers: dict[str, list[str]] = {}
+    for table in (config.FORMAT_FIELDS, config.FORMAT_INPUTS):
+        for fmt, names in table.items():
+            for name in names:
+                readers.setdefault(name, []).append(fmt)
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    for name, formats in readers.items():
+        if chosen not in formats and getattr(config, name) != defaults[name]:
+            flag = "--" + name.replace("_", "-")
+            raise InputError(f"{flag} is for --format {' or '.join(dict.fromkeys(formats))}, not --format {chosen}")
 
 
 def text_fallbacks(choice: str) -> tuple[str, ...]:

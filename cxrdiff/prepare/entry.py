@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 from cxrdiff.config import check_ranges
 from cxrdiff.prepare.coco import check_coco_inputs, prepare_coco
-from cxrdiff.prepare.config import PrepareConfig
+from cxrdiff.prepare.config import PrepareConfig, check_format_options
 from cxrdiff.prepare.csv import CSV
 from cxrdiff.prepare.mimic import check_mimic_inputs, prepare_mimic
 from cxrdiff.prepare.nih import NIH
@@ -37,10 +37,12 @@ FORMATS: dict[str, Format] = {
 def check_inputs(config: PrepareConfig) -> Any:
     """Every structural fault of the inputs, before any image, report or weight is read."""
     check_ranges(config)
+    check_format_options(config)
     return FORMATS[config.format].check_inputs(config)
 
 
 def prepare(config: PrepareConfig) -> dict[str, Any]:
     """Run the step (or resume it); return the counts and paths."""
     check_ranges(config)
+    check_format_options(config)
     return FORMATS[config.format].prepare(config)

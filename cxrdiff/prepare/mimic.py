@@ -81,8 +81,6 @@ class MimicInputs:
 
 def check_mimic_inputs(config: PrepareConfig) -> MimicInputs:
     """Every structural fault, before any image, report or weight is read."""
-    if config.coco is not None or config.coco_words is not None:
-        raise InputError("--coco/--coco-words: only with --format coco")
     for name in ("mimic", "ms_cxr", "base_model", "out"):
         if getattr(config, name) is None:
             raise InputError(f"--{name.replace('_', '-')} is required")

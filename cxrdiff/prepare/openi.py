@@ -32,8 +32,6 @@ SECTIONS = ("FINDINGS", "IMPRESSION")  # the sections the parser reads (COMPARIS
 
 
 def openi_tables(config: PrepareConfig) -> dict[str, Path | None]:
-    if config.boxes is not None:
-        raise InputError("--boxes: not with --format openi (Open-i has no finding boxes)")
     return {
         "table": config.table or shipped_table(METADATA_TABLE),
         "reports": config.reports or shipped_table(REPORTS_FILE),

@@ -99,8 +99,6 @@ class PublicFormat:
 
 def check_public_inputs(config: PrepareConfig, fmt: PublicFormat) -> PublicInputs:
     """Every structural fault of a public-set run (flags, folders, table headers), before any image is read."""
-    if config.mimic is not None or config.ms_cxr is not None or config.coco is not None:
-        raise InputError(f"--mimic/--ms-cxr/--coco: not with --format {fmt.name} (give --images DIR)")
     for name in ("images", "base_model", "out"):
         if getattr(config, name) is None:
             raise InputError(f"--{name.replace('_', '-')} is required with --format {fmt.name}")
