@@ -461,3 +461,32 @@ def test_an_option_a_format_does_not_read_is_refused_from_python_too(tmp_path):
         InputError, match="^--test-size is for --format mimic or nih or openi or csv, not --format coco$"
     ):
         check_inputs(PrepareConfig(format="coco", coco=tmp_path, base_model=tmp_path, out=tmp_path / "o", test_size=9))
+
+
+def test_a_repeated_row_is_dropped_and_a_clashing_one_refused_in_every_public_table(tiny_model, tmp_path, capsys,
+                                                                                   monkeypatch):  # fmt: skip
+    """cxrdiff.data.drop_duplicate_rows on the CSV table and the boxes: a row repeated whole is listed in
+    skipped.csv with both file lines; two rows of one image that differ are one line, exit 2."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for k, name in enumerate(("a.png", "b.png", "c.png")):
+        Image.fromarray(grey((96, 96), k)).save(images / name)
+    table, boxes = tmp_path / "t.csv", tmp_path / "b.csv"
+    table.write_text("image,text\na.png,Clear.\nb.png,Effusion.\na.png,Clear.\nc.png,Edema.\n")
+    boxes.write_text("image,phrase,x,y,w,h\nb.png,effusion,1,2,30,40\nb.png,effusion,1,2,30,40\n")
+    out = tmp_path / "out"
+    prepare(PrepareConfig(format="csv", images=images, table=table, boxes=boxes, base_model=tiny_model, out=out))
+    why = skipped(out)
+    assert why[["part", "dicom_id", "reason", "detail"]].values.tolist() == [
+        ["table", "a.png", "duplicate row", "line 4 repeats line 2"],
+        ["ms_cxr", "b.png", "duplicate row", "line 3 repeats line 2"],
+    ]
+    assert len(read(out, "ms_cxr")["boxes"][0]) == 1 and manifest(out)["counts"]["duplicate_rows"] == 1
+    table.write_text("image,text\na.png,Clear.\nb.png,Effusion.\na.png,Cardiomegaly.\n")
+    argv = ["prepare", "--format", "csv", "--images", images, "--table", table,
+            "--base-model", tiny_model, "--out", tmp_path / "other"]  # fmt: skip
+    code, err, _ = run_main(argv, capsys, monkeypatch)
+    assert (
+        code == 2 and len(err) == 1 and str(table) in err[0] and "lines 2 and 4 share image a.png but differ" in err[0]
+    ), err
+    assert not (tmp_path / "other").exists()

@@ -26,7 +26,7 @@ from cxrdiff.prepare.public import (
     Candidates,
     PublicFormat,
     PublicInputs,
-    drop_duplicates,
+    drop_repeated_rows,
     numeric_columns,
 )
 
@@ -60,7 +60,7 @@ def read_table(config: PrepareConfig, inputs: PublicInputs) -> Candidates:
     columns = check_columns(path, TABLE_COLUMNS)
     skipped: list[dict[str, Any]] = []
     table = pd.read_csv(path, dtype=str, keep_default_na=False).replace("", np.nan)
-    table, duplicates = drop_duplicates(table, "image", path, skipped)
+    table, duplicates = drop_repeated_rows(table, "image", path, skipped)
     if "split" in columns:
         bad = sorted(set(table["split"].dropna().str.lower()) - set(SPLITS))
         if bad:
@@ -123,6 +123,7 @@ def read_boxes(path: Path, rows, counts: dict[str, Any], skipped: list):
 
     columns = check_columns(path, BOXES_COLUMNS)
     table = pd.read_csv(path, dtype={"image": str, "phrase": str})
+    table, counts["box_duplicate_rows"] = drop_repeated_rows(table, "image", path, skipped, unique=False, part="ms_cxr")
     table = numeric_columns(table, ("x", "y", "w", "h"), path)
     kept = rows.drop_duplicates("dicom_id").set_index("dicom_id")
     counts["boxes"] = {"table_boxes": len(table), "image_not_in_table": 0, "box_outside_image": 0}

@@ -28,7 +28,7 @@ from cxrdiff.prepare.public import (
     Candidates,
     PublicFormat,
     PublicInputs,
-    drop_duplicates,
+    drop_repeated_rows,
     image_index,
     numeric_columns,
 )
@@ -80,7 +80,9 @@ def read_nih(config: PrepareConfig, inputs: PublicInputs) -> Candidates:
     table = inputs.tables["table"]
     check_columns(table, ENTRY_COLUMNS)
     skipped: list[dict[str, Any]] = []
-    entry, duplicates = drop_duplicates(pd.read_csv(table, usecols=list(ENTRY_COLUMNS)), "Image Index", table, skipped)
+    entry, duplicates = drop_repeated_rows(
+        pd.read_csv(table, usecols=list(ENTRY_COLUMNS)), "Image Index", table, skipped
+    )
     files = image_index(inputs.images)
     present = entry["Image Index"].isin(files).to_numpy()
     unknown = sorted(set(files) - set(entry["Image Index"]))
@@ -138,6 +140,7 @@ def read_boxes(path: Path, rows, counts: dict[str, Any], skipped: list):
         )
     table = pd.read_csv(path, usecols=list(range(6)))
     table.columns = ["image", "finding", "x", "y", "w", "h"]
+    table, counts["box_duplicate_rows"] = drop_repeated_rows(table, "image", path, skipped, unique=False, part="ms_cxr")
     table = numeric_columns(table, ("x", "y", "w", "h"), path)
     table["dicom_id"] = table["image"].map(lambda name: Path(str(name)).stem)
     kept = rows.set_index("dicom_id")

@@ -22,7 +22,14 @@ from cxrdiff.impressions import MIN_IMPRESSION_CHARS, SOURCES, extract_impressio
 from cxrdiff.prepare.config import PrepareConfig, text_fallbacks
 from cxrdiff.prepare.encode import skipped_row
 from cxrdiff.prepare.nih import shipped_table
-from cxrdiff.prepare.public import ROW_COLUMNS, Candidates, PublicFormat, PublicInputs, image_index
+from cxrdiff.prepare.public import (
+    ROW_COLUMNS,
+    Candidates,
+    PublicFormat,
+    PublicInputs,
+    drop_repeated_rows,
+    image_index,
+)
 
 REPORTS_FILE = "NLMCXR_reports.tgz"
 METADATA_TABLE = "nlmcxr_dicom_metadata.csv.gz"
@@ -66,7 +73,9 @@ def read_openi(config: PrepareConfig, inputs: PublicInputs) -> Candidates:
 
     table = inputs.tables["table"]
     check_columns(table, METADATA_COLUMNS)
-    views = pd.read_csv(table, usecols=list(METADATA_COLUMNS)).drop_duplicates("imageid").set_index("imageid")
+    skipped: list[dict[str, Any]] = []
+    views, _ = drop_repeated_rows(pd.read_csv(table, usecols=list(METADATA_COLUMNS)), "imageid", table, skipped)
+    views = views.set_index("imageid")
     reports = read_reports(inputs.tables["reports"])
     files = {Path(name).stem: path for name, path in image_index(inputs.images).items()}
     fallbacks = text_fallbacks(config.text_fallback)
@@ -76,7 +85,6 @@ def read_openi(config: PrepareConfig, inputs: PublicInputs) -> Candidates:
         "images_in_folder": len(files),
     }
     reasons: dict[str, int] = {}
-    skipped: list[dict[str, Any]] = []
     records = []
     for image_id, path in sorted(files.items()):
         number, text = reports.get(image_id, (-1, ""))

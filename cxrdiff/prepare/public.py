@@ -26,7 +26,7 @@ import numpy as np
 from cxrdiff.artifacts import MANIFEST, StepFolder, atomic_path, write_json, write_text
 from cxrdiff.config import settings, to_dict
 from cxrdiff.console import log
-from cxrdiff.data import LABELS
+from cxrdiff.data import LABELS, drop_duplicate_rows
 from cxrdiff.distributed import accelerator
 from cxrdiff.errors import InputError
 from cxrdiff.models import check_model_folder, model_geometry, vae_fingerprint
@@ -149,14 +149,17 @@ def image_index(folder: Path) -> dict[str, Path]:
 # --- the shared rules ---------------------------------------------------------------------------
 
 
-def drop_duplicates(table, id_column: str, source: Path, skipped: list):
-    """A table's exact duplicate rows (every cell equal) kept once; the others listed in skipped.csv, counted."""
-    repeated = table.duplicated(keep="first").to_numpy()
-    for value in table.loc[repeated, id_column]:
-        skipped.append(
-            skipped_row("table", {"dicom_id": value}, "duplicate row", "an earlier row is identical", str(source))
-        )
-    return table[~repeated].reset_index(drop=True), int(repeated.sum())
+def drop_repeated_rows(table, id_column: str, source: Path, skipped: list, unique: bool = True, part: str = "table"):
+    """`cxrdiff.data.drop_duplicate_rows` on a public set's table: rows repeated whole kept once (the others
+    listed in skipped.csv under their `id_column` value, with both file lines), rows that share `id_column`
+    (with `unique`) but differ refused. Returns the table, indexed afresh, and the number dropped."""
+    kept = drop_duplicate_rows(table, source, unique=(id_column,) if unique else (), part=part)
+    ids = table.loc[table.duplicated(keep="first"), id_column]  # the same rows, in the same order
+    repeated = [{**row, "dicom_id": str(value)} for row, value in zip(kept.attrs["duplicates"], ids, strict=True)]
+    skipped.extend(repeated)
+    if repeated:
+        log.warning("%s: %d duplicate row(s) dropped (listed in skipped.csv)", source, len(repeated))
+    return kept.reset_index(drop=True), len(repeated)
 
 
 def numeric_columns(table, names: tuple[str, ...], path: Path):
