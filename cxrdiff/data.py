@@ -45,7 +45,8 @@ MS_CXR_CATEGORIES: tuple[str, ...] = (
     "Pneumothorax",
 )
 
-# The words whose tokens ground each category (the paper's code, matched by substring).
+# The words whose tokens ground each category (the paper's code, matched by substring): MS-CXR's 8, then the
+# other box classes of the public sets (NIH ChestX-ray14's Infiltration, Mass, Nodule).
 CLASS_WORDS: dict[str, tuple[str, ...]] = {
     "Atelectasis": ("atelectasis", "atelectatic"),
     "Cardiomegaly": ("cardiomegaly", "cardiac"),
@@ -55,6 +56,9 @@ CLASS_WORDS: dict[str, tuple[str, ...]] = {
     "Pleural Effusion": ("pleural", "effusion", "effusions"),
     "Pneumonia": ("pneumonia",),
     "Pneumothorax": ("pneumothorax", "pneumothoraces"),
+    "Infiltration": ("infiltrate", "infiltrates", "infiltration", "infiltrative"),
+    "Mass": ("mass", "masses"),
+    "Nodule": ("nodule", "nodules", "nodular"),
 }
 
 VIEWS_KEPT: tuple[str, ...] = ("PA", "AP")

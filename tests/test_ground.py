@@ -255,6 +255,25 @@ def test_token_choice_rules(tokenizer):
 
 
 @pytest.mark.parametrize(
+    ("category", "phrase", "words"),
+    [
+        ("Mass", "Large mass in the left upper lobe", ("mass",)),
+        ("Nodule", "Two nodules at the right base", ("nodules",)),
+        ("Infiltration", "Patchy infiltrates at both bases", ("infiltrates",)),
+        ("Pleural Effusion", "Effusion", ("Effusion",)),  # NIH's name, shown under the paper's class
+    ],
+)
+def test_nih_box_classes_ground_on_their_class_words(tokenizer, category, phrase, words):
+    """NIH ChestX-ray14's box classes have class words (cxrdiff.data.CLASS_WORDS), so a phrase is grounded on
+    them, not on every word token."""
+    from cxrdiff.ground import GroundingInput
+
+    s = GroundingInput(sample="000000", phrase=phrase, latent=None, category=category)
+    expected = sorted(p for w in words for p in _spans(tokenizer, phrase, w)[0])
+    assert choose_tokens(tokenizer, s, None) == (expected, "class")
+
+
+@pytest.mark.parametrize(
     ("change", "message"),
     [
         ({"window": 5}, "--window 5"),
