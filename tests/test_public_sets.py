@@ -268,7 +268,7 @@ def test_nih_boxes_scale_from_1024_px_to_each_file_and_infiltrate_is_infiltratio
     """Synthetic files named as NIH's, at 1024, 512 and 300 px, with the shipped label table and a user BBox list."""
     images = tmp_path / "images"
     images.mkdir()
-    sizes = {"00004296_000": 512, "00013125_000": 300, "00000001_000": 1024, "00000001_001": 256}
+    sizes = {"00004296_000": 512, "00013125_000": 300, "00000001_000": 1024, "00000001_001": 256, "00000003_000": 256}
     for k, (name, size) in enumerate(sizes.items()):
         Image.fromarray(grey((size, size), k)).save(images / f"{name}.png")
     Image.fromarray(grey((64, 64))).save(images / "not_nih.png")
@@ -276,6 +276,7 @@ def test_nih_boxes_scale_from_1024_px_to_each_file_and_infiltrate_is_infiltratio
     boxes.write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\n"
                      "00004296_000.png,Atelectasis,731.428571428571,753.100529100529,119.195767195767,93.189417989418\n"
                      "00013125_000.png,Infiltrate,100,200,300,400\n"
+                     "00000003_000.png,Effusion,10,20,30,40\n"
                      "00099999_000.png,Mass,1,2,3,4\n")  # fmt: skip
     out = tmp_path / "prepared"
     prepare(PrepareConfig(format="nih", images=images, boxes=boxes, base_model=tiny_model, out=out))
@@ -284,6 +285,12 @@ def test_nih_boxes_scale_from_1024_px_to_each_file_and_infiltrate_is_infiltratio
         ms.loc["00013125_000", "category_name"] == "Infiltration"
         and ms.loc["00013125_000", "label_text"] == "Infiltration"
     )
+    # NIH's "Effusion" is the paper's (and CheXpert's) class "Pleural Effusion"; the phrase keeps NIH's word
+    assert ms.loc["00000003_000", ["category_name", "label_text"]].tolist() == ["Pleural Effusion", "Effusion"]
+    assert manifest(out)["data_set"]["category_names"] == {"Effusion": "Pleural Effusion"}
+    from cxrdiff.report.orchestrate import data_set_of
+
+    assert data_set_of(out)["grounding_classes"] == {"Atelectasis": 1, "Infiltration": 1, "Pleural Effusion": 1}
     # 1024 px box → the file's pixels (× size / 1024) → the 64 px frame (× 64 / size): × 64 / 1024 in all
     assert ms.loc["00004296_000", "boxes"][0].tolist() == pytest.approx(
         [731.428571 / 16, 753.100529 / 16, 119.195767 / 16, 93.189418 / 16]
@@ -490,3 +497,57 @@ def test_a_repeated_row_is_dropped_and_a_clashing_one_refused_in_every_public_ta
         code == 2 and len(err) == 1 and str(table) in err[0] and "lines 2 and 4 share image a.png but differ" in err[0]
     ), err
     assert not (tmp_path / "other").exists()
+
+
+def nih_metrics() -> dict:
+    """A report's metrics on an NIH grounding set: Atelectasis, Pleural Effusion (NIH's "Effusion"), Mass."""
+
+    def cell(cnr: float) -> dict:
+        return {"auc_roc": {"mean": 0.6}, "top1": {"mean": 0.2}, "cnr": {"mean": cnr}}
+
+    classes = {"Atelectasis": cell(0.5), "Pleural Effusion": cell(0.25), "Mass": cell(1.5)}
+    grounding = {"classes": classes, "average": cell(0.75)}
+    aucs = {"Cardiomegaly": {"name": "AUC", "value": 0.7, "protocol": {"positives": 5, "negatives": 6}}}
+    return {
+        "runs": {"frozen": {"grounding": grounding, "classifier": aucs}},
+        "data_set": {
+            "name": "NIH ChestX-ray14",
+            "format": "nih",
+            "grounding_classes": {"Atelectasis": 1, "Mass": 2, "Pleural Effusion": 2},
+            "category_names": {"Effusion": "Pleural Effusion"},
+        },
+    }
+
+
+def test_the_report_shows_the_grounding_sets_classes_with_the_papers_cells_only_where_it_has_them():
+    from cxrdiff.report.render import cnr_by_class_figure, tables
+
+    found = {t.title.split(":")[0]: t for t in tables(nih_metrics())}
+    table1 = found["Localization on NIH ChestX-ray14 boxes"]
+    assert [row[0] for row in table1.rows] == ["Atelectasis", "Pleural Effusion", "Mass", "Average"]
+    assert table1.rows[0][1:4] == ["58.5 / 0 / 0.23", "45 ± 4.9 / 2 ± 1.6 / -0.15 ± 0.13", "86 ± 0.9 / 80 ± 3.3 / 1.25 ± 0.06"]
+    assert table1.rows[2][1:4] == ["—", "—", "—"] and table1.rows[2][4] == "60.0 / 20.0 / 1.50"
+    assert 'NIH ChestX-ray14\'s "Effusion" as the paper\'s "Pleural Effusion"' in table1.note
+    assert "Mass are not MS-CXR classes" in table1.note
+    table3 = found["CNR against published phrase-grounding methods"]
+    assert [row[0] for row in table3.rows] == ["Atelectasis", "Pleural Effusion", "Mass", "Average"]
+    assert set(table3.rows[2][1:-1]) == {"—"} and table3.rows[2][-1] == "1.50"
+    words = found["Word analysis (Table 6 and this report)"]
+    assert {row[1] for row in words.rows} >= {"Atelectasis", "Pleural Effusion"} and "Cardiomegaly" not in {
+        row[1] for row in words.rows
+    }
+    classifier = found["Classifier AUC %"]
+    assert "Not in this check: Mass (NIH ChestX-ray14 boxes)" in classifier.note
+    assert "No test image counts for Atelectasis, Consolidation, Lung Opacity" in classifier.note
+    _, caption = cnr_by_class_figure(nih_metrics())
+    assert "Mass are not MS-CXR classes" in caption
+
+
+def test_a_report_without_a_recorded_grounding_set_keeps_ms_cxrs_eight_classes():
+    from cxrdiff.data import MS_CXR_CATEGORIES
+    from cxrdiff.report.render import tables
+
+    metrics = nih_metrics()
+    del metrics["data_set"]
+    table1 = next(t for t in tables(metrics) if t.title.startswith("Localization on MS-CXR"))
+    assert [row[0] for row in table1.rows] == [*MS_CXR_CATEGORIES, "Average"] and "Classes:" not in table1.note

@@ -5,7 +5,8 @@ by spaces in the table's order ("Cardiomegaly Effusion"; "Pleural_Thickening" wr
 "No Finding" as it is, which the UCG rule empties 30% of the time as for MIMIC). The labels that NIH shares
 with CheXpert fill CheXpert's columns (`NIH_TO_CHEXPERT`); the others are in the text only. The BBox list is
 the grounding set: one row per image–finding pair, phrase = the finding's name as the label table spells
-it (NIH's "Infiltrate" is "Infiltration"), boxes given in the 1024 px frame of NIH's PNGs and rescaled to
+it (NIH's "Infiltrate" is "Infiltration"), class = the paper's name where it has the finding ("Effusion" is
+"Pleural Effusion", as in the labels), boxes given in the 1024 px frame of NIH's PNGs and rescaled to
 each file's actual size at encoding. Only the images found under --images are used.
 """
 
@@ -124,6 +125,7 @@ def read_nih(config: PrepareConfig, inputs: PublicInputs) -> Candidates:
         "text": "the image's finding labels, space-joined (the paper's Table 7 label prompts)",
         "labels_in_chexpert_columns": NIH_TO_CHEXPERT,
         "box_frame": f"{BOX_FRAME} px",
+        "category_names": {nih: paper for nih, paper in NIH_TO_CHEXPERT.items() if nih != paper},
     }
     return Candidates(rows, boxes, counts, skipped, data_set)
 
@@ -168,7 +170,7 @@ def read_boxes(path: Path, rows, counts: dict[str, Any], skipped: list):
         pairs.append(
             {
                 **ids,
-                "category_name": name,
+                "category_name": NIH_TO_CHEXPERT.get(name, name),  # the paper's class where it has one
                 "label_text": name.replace("_", " "),
                 "boxes_original": json.dumps(xywh.tolist()),
                 "image_width": BOX_FRAME,

@@ -162,7 +162,19 @@ def data_set_of(real: Path) -> dict[str, Any]:
     }
     counts = manifest.get("counts") or {}
     rows = counts.get("rows") or {part: (counts.get(part) or {}).get("rows") for part in ("train", "test", "ms_cxr")}
-    return {**recorded, "rows": rows}
+    return {**recorded, "rows": rows, "grounding_classes": grounding_classes(real)}
+
+
+def grounding_classes(real: Path) -> dict[str, int]:
+    """The grounding set's classes (ms_cxr.parquet's `category_name`) and their rows: the classes the report's
+    per-class tables show."""
+    import pyarrow.parquet as pq
+
+    path = real / "ms_cxr.parquet"
+    if not path.is_file():
+        return {}
+    names = pq.read_table(path, columns=["category_name"]).column("category_name").to_pylist()
+    return {str(c): names.count(c) for c in sorted(set(names))}
 
 
 def _report_run(

@@ -16,12 +16,12 @@ from typing import Any
 import numpy as np
 
 from cxrdiff.artifacts import write_bytes, write_json, write_text
-from cxrdiff.data import MS_CXR_CATEGORIES
 from cxrdiff.figures import bounded_dpi
 from cxrdiff.metrics.intervals import MIN_POSITIVES, classifier_auc_cell
 from cxrdiff.metrics.score import UNTRAINED_LABEL, Score
 from cxrdiff.report import page
 from cxrdiff.report.benchmark import benchmark_tables
+from cxrdiff.report.classes import class_note, grounding_set_name, shown_classes
 from cxrdiff.report.document import Page, Table, html, markdown
 from cxrdiff.report.laterality import laterality_table
 from cxrdiff.report.page import interval_text
@@ -74,16 +74,16 @@ def tables(metrics: Mapping[str, Any]) -> list[Table]:
     """The paper's tables (published numbers labelled with their source) beside this report's runs."""
     runs = metrics.get("runs", {})
     listed = [
-        _localization_table(runs),
+        _localization_table(runs, metrics),
         laterality_table(runs),
         _trainings_table(metrics),
-        _cnr_table(runs),
+        _cnr_table(runs, metrics),
         _fidelity_table(runs),
         _fidelity_sources_table(metrics),
         _classifier_table(metrics),
         *benchmark_tables(metrics),
         *privacy_tables(metrics),
-        _word_table(runs),
+        _word_table(runs, shown_classes(metrics)),
         _eos_table(metrics),
         _text_source_table(),
         _text_source_measured_table(metrics),
@@ -97,12 +97,12 @@ def _grounding_entry(run: Mapping[str, Any], category: str) -> Mapping[str, Any]
     return g.get("average") if category == "Average" else g.get("classes", {}).get(category)
 
 
-def _localization_table(runs: Mapping[str, Any]) -> Table:
+def _localization_table(runs: Mapping[str, Any], metrics: Mapping[str, Any]) -> Table:
     headers = (
         ["class"] + [f"{m} (published, Table 1)" for m in PUBLISHED_LOCALIZATION] + [f"{n} (this report)" for n in runs]
     )
     rows = []
-    for c in [*MS_CXR_CATEGORIES, "Average"]:
+    for c in [*shown_classes(metrics), "Average"]:
         row = [c] + [_published_localization(m, c) for m in PUBLISHED_LOCALIZATION]
         for r in runs.values():
             e, iv = _grounding_entry(r, c), _grounding_interval(r, c)
@@ -116,12 +116,12 @@ def _localization_table(runs: Mapping[str, Any]) -> Table:
             )
         rows.append(row)
     return Table(
-        "Localization on MS-CXR: AUC-ROC % / Top-1 % / CNR",
+        f"Localization on {grounding_set_name(metrics)}: AUC-ROC % / Top-1 % / CNR",
         headers,
         rows,
         f"Published: {PAPER}, Table 1 (± over three trainings; SDv2 has none). {SDV2_CNR_NOTE} Measured: [ ] a 95% "
         "bootstrap interval over the phrases (class-stratified for the Average); ± (if any) is over grounding "
-        "noise seeds, not trainings. Boxes: the union of an image's boxes of the class.",
+        "noise seeds, not trainings. Boxes: the union of an image's boxes of the class." + class_note(metrics),
     )
 
 
@@ -132,7 +132,10 @@ def _grounding_interval(run: Mapping[str, Any], category: str) -> Mapping[str, A
 
 
 def _published_localization(method: str, category: str) -> str:
-    """Table 1's cell as printed: mean ± std of each metric when the paper gives a std."""
+    """Table 1's cell as printed: mean ± std of each metric when the paper gives a std; — for a class the
+    paper does not have."""
+    if category not in PUBLISHED_LOCALIZATION[method]:
+        return "—"
     means = PUBLISHED_LOCALIZATION[method][category]
     stds = PUBLISHED_LOCALIZATION_STD.get(method, {}).get(category)
     if stds is None:
@@ -140,13 +143,13 @@ def _published_localization(method: str, category: str) -> str:
     return " / ".join(f"{_pub(m)} ± {_pub(s)}" for m, s in zip(means, stds, strict=True))
 
 
-def _cnr_table(runs: Mapping[str, Any]) -> Table:
+def _cnr_table(runs: Mapping[str, Any], metrics: Mapping[str, Any]) -> Table:
     """Table 3: phrase grounding, so each phrase is scored against its own boxes (`--boxes per-phrase`)."""
     headers = ["class"] + [f"{m} (published, Table 3)" for m in PUBLISHED_CNR_METHODS] + [f"{n} CNR" for n in runs]
     rows = []
-    for c in [*MS_CXR_CATEGORIES, "Average"]:
+    for c in [*shown_classes(metrics), "Average"]:
         row = [c] + [_pub(PUBLISHED_CNR_METHODS[m][c]) + (" (computed)" if (m, c) in COMPUTED_CELLS else "")
-                     for m in PUBLISHED_CNR_METHODS]  # fmt: skip
+                     if c in PUBLISHED_CNR_METHODS[m] else "—" for m in PUBLISHED_CNR_METHODS]  # fmt: skip
         for r in runs.values():
             per_phrase = r.get("grounding_per_phrase") or {"same_as_union": True}
             same = per_phrase.get("same_as_union")
@@ -163,7 +166,7 @@ def _cnr_table(runs: Mapping[str, Any]) -> Table:
         headers,
         rows,
         f"Published: Table 3 of {PAPER}; BioViL-T reports 1.33 ± 0.04 average. {boxes} {TABLE3_AVERAGE_NOTE} "
-        "Measured: [ ] a 95% bootstrap interval over the phrases.",
+        "Measured: [ ] a 95% bootstrap interval over the phrases." + class_note(metrics),
     )
 
 
@@ -253,11 +256,28 @@ def _classifier_table(metrics: Mapping[str, Any]) -> Table:
         f"Classifier here: {metrics.get('classifier') or 'none'}; positives: {positives}. [ ] a 95% bootstrap "
         f"interval over the images; an AUC from fewer than {MIN_POSITIVES} positive images is shown as 'too few "
         f"(n)' and left out of the Average. Images each cell rests on (positives per class, negatives): "
-        f"{counts or 'none'}. Published: Table 5 of {PAPER}, torchxrayvision.",
+        f"{counts or 'none'}. Published: Table 5 of {PAPER}, torchxrayvision."
+        + _classifier_classes_note(metrics, measured),
     )
 
 
-def _word_table(runs: Mapping[str, Any]) -> Table:
+def _classifier_classes_note(metrics: Mapping[str, Any], measured: list) -> str:
+    """Which of Table 5's classes no measured row has (no test image counts for them), and which classes of
+    the grounding set the check does not score (its classes are CheXpert's, from the test set's labels)."""
+    note = ""
+    unscored = [c for c in CLASSIFIER_ORDER if c != "Average" and measured and not any(a.get(c) for _, a in measured)]
+    if unscored:
+        note += f" No test image counts for {', '.join(unscored)} (—)."
+    outside = [c for c in shown_classes(metrics) if c not in CLASSIFIER_ORDER]
+    if outside:
+        note += (
+            f" Not in this check: {', '.join(outside)} ({grounding_set_name(metrics)}), not among CheXpert's "
+            "labels that the check reads."
+        )
+    return note
+
+
+def _word_table(runs: Mapping[str, Any], classes: list[str]) -> Table:
     """Table 6 beside this report's runs: per class, the paper's top words (published rows), then each run's
     3 words with the highest mean CNR and the class's own words among the ranked; the EOS rows last."""
     rows, thresholds = [], set()
@@ -276,7 +296,7 @@ def _word_table(runs: Mapping[str, Any]) -> Table:
             measured.setdefault(c, []).append([n, c, top, listed])
         if analysis.get("eos_cnr") is not None:
             eos_rows.append([n, "EOS over all classes", f"<EOS> ({analysis['eos_cnr']:.2f})", ""])
-    for c in dict.fromkeys([*MS_CXR_CATEGORIES, *measured]):
+    for c in dict.fromkeys([*classes, *measured]):
         for m, table in PUBLISHED_WORDS.items():
             if c in table:
                 words = ", ".join(f"{w} ({k}, {_pub(cnr)})" for w, k, cnr in table[c])
@@ -336,7 +356,7 @@ def _trainings_table(metrics: Mapping[str, Any]) -> Table | None:
     headers = ["class"] + [f"{m} (published, Table 1)" for m in published]
     headers += [f"{_group_label(g, v)} (this report)" for g, v in groups.items()]
     rows = []
-    for c in [*MS_CXR_CATEGORIES, "Average"]:
+    for c in [*shown_classes(metrics), "Average"]:
         row = [c] + [_published_localization(m, c) for m in published]
         for g in groups.values():
             grounding = g.get("grounding", {})
@@ -353,6 +373,7 @@ def _trainings_table(metrics: Mapping[str, Any]) -> Table | None:
         if (v.get("noise_seed_std") or {}).get("average", {}).get("cnr")
     )
     note = _trainings_note(metrics) + (f" Mean std of the average CNR over noise seeds: {noise}." if noise else "")
+    note += class_note(metrics)
     return Table("Localization over trainings: AUC-ROC % / Top-1 % / CNR, mean ± std", headers, rows, note)
 
 
@@ -631,17 +652,18 @@ def cnr_by_class_figure(metrics: Mapping[str, Any]) -> tuple[bytes, str] | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    shown = shown_classes(metrics)
     bars: dict[str, tuple[list[float], list[float], str | None]] = {}
     for m, kind in (("Finetune_F", "frozen"), ("Finetune_L", "learnable")):
-        stds = PUBLISHED_LOCALIZATION_STD[m]
-        bars[f"{m} (published)"] = (
-            [PUBLISHED_LOCALIZATION[m][c][2] for c in MS_CXR_CATEGORIES],
-            [stds[c][2] for c in MS_CXR_CATEGORIES],
+        published, stds = PUBLISHED_LOCALIZATION[m], PUBLISHED_LOCALIZATION_STD[m]
+        bars[f"{m} (published)"] = (  # no bar for a class the paper does not have
+            [published[c][2] if c in published else np.nan for c in shown],
+            [stds[c][2] if c in stds else 0 for c in shown],
             KIND_COLOURS[kind],
         )
     for n, v in source.items():
         classes = (v.get("grounding") or {}).get("classes", {})
-        cells = [(classes.get(c) or {}).get("cnr") or {} for c in MS_CXR_CATEGORIES]
+        cells = [(classes.get(c) or {}).get("cnr") or {} for c in shown]
         label = f"{n} ({v['trainings']} trainings)" if groups else n
         bars[label] = (
             [np.nan if e.get("mean") is None else e["mean"] for e in cells],
@@ -650,15 +672,15 @@ def cnr_by_class_figure(metrics: Mapping[str, Any]) -> tuple[bytes, str] | None:
         )
     fig, ax = plt.subplots(figsize=(11, 3.8))
     width = 0.8 / len(bars)
-    x = np.arange(len(MS_CXR_CATEGORIES))
-    shown: dict[str | None, int] = {}
+    x = np.arange(len(shown))
+    lighter: dict[str | None, int] = {}
     for i, (label, (means, stds, colour)) in enumerate(bars.items()):
         published = "published" in label
-        alpha = 0.9 if published else max(0.9 - 0.25 * shown.get(colour, 0), 0.3)  # one kind: lighter each
-        shown[colour] = shown.get(colour, 0) + (not published)
+        alpha = 0.9 if published else max(0.9 - 0.25 * lighter.get(colour, 0), 0.3)  # one kind: lighter each
+        lighter[colour] = lighter.get(colour, 0) + (not published)
         style = {"hatch": "//", "facecolor": "white", "edgecolor": colour} if published else {"color": colour}
         ax.bar(x + i * width, means, width, yerr=stds, capsize=2, label=label, alpha=alpha, **style)
-    ax.set_xticks(x + 0.4 - width / 2, [c.replace(" ", "\n") for c in MS_CXR_CATEGORIES], fontsize=8)
+    ax.set_xticks(x + 0.4 - width / 2, [c.replace(" ", "\n") for c in shown], fontsize=8)
     ax.axhline(0, color="black", linewidth=0.6)
     ax.set(ylabel="CNR", title="CNR per class")
     ax.legend(fontsize=7, ncol=2)
@@ -670,7 +692,7 @@ def cnr_by_class_figure(metrics: Mapping[str, Any]) -> tuple[bytes, str] | None:
     caption = (
         "Per-class CNR, this report's models beside the paper's (hatched, Table 1, ± over three trainings; frozen "
         "text encoders in blue, learnable in orange). "
-        f"Error bars of this report: ± over {over}."
+        f"Error bars of this report: ± over {over}.{class_note(metrics)}"
     )
     return _png(fig), caption
 
@@ -712,7 +734,7 @@ def grounding_figure(metrics: Mapping[str, Any]) -> bytes | None:
     from PIL import Image
 
     runs = {n: r.get("overlays", {}) for n, r in metrics.get("runs", {}).items()}
-    classes = [c for c in MS_CXR_CATEGORIES if any(o.get(c) for o in runs.values())]
+    classes = [c for c in shown_classes(metrics) if any(o.get(c) for o in runs.values())]
     if not classes:
         return None
     fig, axes = plt.subplots(len(runs), len(classes), figsize=(2.6 * len(classes), 2.8 * len(runs)), squeeze=False)
