@@ -370,7 +370,13 @@ def test_real_nih_through_finetune_sample_ground_and_report(tiny_model, tmp_path
     report(ReportConfig(runs=(run,), real=real, out=tmp_path / "report", **small), classifier=Brightness())
     text = (tmp_path / "report" / "report.md").read_text()
     assert "**Data: NIH ChestX-ray14** (45 train, 11 test, 5 grounding rows); text: the image's finding labels" in text
-    assert json.loads((tmp_path / "report" / "metrics.json").read_text())["data_set"]["text_source"] == "labels"
+    data_set = json.loads((tmp_path / "report" / "metrics.json").read_text())["data_set"]
+    assert data_set["text_source"] == "labels"
+    assert data_set["grounding_classes"] == {"Atelectasis": 1, "Cardiomegaly": 2, "Mass": 1, "Nodule": 1}
+    table1 = text.split("### Localization on NIH ChestX-ray14 boxes")[1].split("###")[0]
+    rows = [line.split(" | ")[0].strip("| ") for line in table1.splitlines() if line.startswith("| ")][1:]
+    assert rows == ["Atelectasis", "Cardiomegaly", "Mass", "Nodule", "Average"], table1
+    assert "| Mass | — | — | — |" in table1 and '"Effusion" is shown' not in table1  # no Effusion box here
 
 
 def test_a_killed_public_prepare_resumes_to_the_same_output(tiny_model, tmp_path, monkeypatch):
@@ -525,9 +531,13 @@ def test_the_report_shows_the_grounding_sets_classes_with_the_papers_cells_only_
     found = {t.title.split(":")[0]: t for t in tables(nih_metrics())}
     table1 = found["Localization on NIH ChestX-ray14 boxes"]
     assert [row[0] for row in table1.rows] == ["Atelectasis", "Pleural Effusion", "Mass", "Average"]
-    assert table1.rows[0][1:4] == ["58.5 / 0 / 0.23", "45 ± 4.9 / 2 ± 1.6 / -0.15 ± 0.13", "86 ± 0.9 / 80 ± 3.3 / 1.25 ± 0.06"]
+    assert table1.rows[0][1:4] == [
+        "58.5 / 0 / 0.23",
+        "45 ± 4.9 / 2 ± 1.6 / -0.15 ± 0.13",
+        "86 ± 0.9 / 80 ± 3.3 / 1.25 ± 0.06",
+    ]
     assert table1.rows[2][1:4] == ["—", "—", "—"] and table1.rows[2][4] == "60.0 / 20.0 / 1.50"
-    assert 'NIH ChestX-ray14\'s "Effusion" as the paper\'s "Pleural Effusion"' in table1.note
+    assert 'NIH ChestX-ray14\'s "Effusion" is shown as the paper\'s "Pleural Effusion".' in table1.note
     assert "Mass are not MS-CXR classes" in table1.note
     table3 = found["CNR against published phrase-grounding methods"]
     assert [row[0] for row in table3.rows] == ["Atelectasis", "Pleural Effusion", "Mass", "Average"]

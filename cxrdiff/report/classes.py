@@ -37,8 +37,8 @@ def class_note(metrics: Mapping[str, Any]) -> str:
     note = f" Classes: those of the grounding set ({grounding_set_name(metrics)})"
     note += f"; {', '.join(own)} are not MS-CXR classes, so the paper has no cell for them (—)" if own else ""
     note += "; the paper's Average is over MS-CXR's 8 classes, this report's over the classes shown."
-    renamed = data.get("category_names") or {}
+    renamed = {a: b for a, b in (data.get("category_names") or {}).items() if b in classes}
     if renamed:
-        names = ", ".join(f'"{a}" as the paper\'s "{b}"' for a, b in renamed.items())
+        names = ", ".join(f'"{a}" is shown as the paper\'s "{b}"' for a, b in renamed.items())
         note += f" {data.get('name', 'The set')}'s {names}."
     return note
