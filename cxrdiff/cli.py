@@ -363,6 +363,14 @@ def finetune(
         DeidMarkers | None,
         typer.Option(help='MIMIC\'s "___" de-identification markers in the training text: keep (paper) or strip.'),
     ] = None,
+    allow_world_change: Annotated[
+        bool | None,
+        typer.Option("--allow-world-change", help="Resume a checkpoint saved by another number of processes."),
+    ] = None,
+    report_to: Annotated[
+        str | None,
+        typer.Option(help="auto (tensorboard if installed, else none) | tensorboard | wandb (offline) | none."),
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Fine-tune the UNet (and, with --learnable-text, the text encoder) on prepared latents; with --lora-rank,

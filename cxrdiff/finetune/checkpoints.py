@@ -24,7 +24,7 @@ from cxrdiff.console import log
 from cxrdiff.errors import InputError
 from cxrdiff.finetune.config import CHECKPOINTS, STEP
 from cxrdiff.finetune.lora import TrainingMode, add_adapters, export_adapters
-from cxrdiff.finetune.training import TrainingRun
+from cxrdiff.finetune.training import TrainingRun, seeded_generators
 
 
 class Checkpoints:
@@ -56,10 +56,11 @@ class Checkpoints:
             saved.pop()
         return saved[-1] if saved else None
 
-    def check(self, steps: int, processes: int | None = None) -> None:
-        """Refuse resuming a run already past `steps`, or one saved by another number of processes; a newest
-        checkpoint with a damaged file is named and the one before it taken (said), or, with none before
-        it, refused, all before the run's manifest is touched."""
+    def check(self, steps: int, processes: int | None = None, world_change: int | None = None) -> int | None:
+        """Refuse resuming a run already past `steps`, or one saved by another number of processes unless
+        `world_change` (the global batch) is given and the checkpoint's data position is step × that batch; a
+        newest checkpoint with a damaged file is named and the one before it taken (said), or, with none before
+        it, refused, all before the run's manifest is touched. Returns the processes of a world change, else None."""
         saved = self.saved()
         while saved and (fault := checkpoint_fault(saved[-1][1])) is not None:
             damaged = saved.pop()[1]
@@ -70,17 +71,23 @@ class Checkpoints:
                         f"(it replaces {damaged.name} when training reaches that step)")  # fmt: skip
         latest = saved[-1] if saved else None
         if latest is None:
-            return
+            return None
         step, path = latest
         if step > steps:
             raise InputError(f"--out {self.out}: holds a run already at step {step}, past --steps {steps}")
         if processes is None:
-            return
-        saved_by = json.loads((path / "state.json").read_text())["processes"]
-        if saved_by != processes:
-            raise InputError(
-                f"--out {self.out}: checkpoints from {saved_by} processes, now {processes}; resume with as many"
-            )
+            return None
+        state = json.loads((path / "state.json").read_text())
+        saved_by = state["processes"]
+        if saved_by == processes:
+            return None
+        if world_change is None:
+            raise InputError(f"--out {self.out}: checkpoints from {saved_by} processes, now {processes}; resume "
+                             "with as many, or pass --allow-world-change (docs/slurm.md: what differs)")  # fmt: skip
+        if state["samples_seen"] != step * world_change:
+            raise InputError(f"{path / 'state.json'}: samples_seen {state['samples_seen']} is not step {step} × "
+                             f"the global batch {world_change}; a world change keeps the global batch")  # fmt: skip
+        return saved_by
 
     def save(self, run: TrainingRun, step: int, rng: dict[str, Any]) -> Path:
         """Every rank writes its part (`rng` is its generators' state) into one folder; prune old ones."""
@@ -111,14 +118,19 @@ class Checkpoints:
         import torch
 
         run.accelerator.load_state(path)
-        own = torch.load(path / f"rng-{run.rank}.pt", weights_only=True)
+        mine = path / f"rng-{run.rank}.pt"
+        own = torch.load(mine if mine.is_file() else path / "rng-0.pt", weights_only=True)  # the EMA's state: alike
         if run.ema is not None:
             from safetensors.torch import load_file
 
             shadow = load_file(path / "ema.safetensors")
             run.ema.load_state_dict({**own["ema"], "shadow_params": [shadow[n] for n in run.unet_names()]})
             run.ema.to(run.device)
-        set_rng_state(own, run.gen, run.np_gen)
+        if mine.is_file():
+            set_rng_state(own, run.gen, run.np_gen)
+        else:  # saved by fewer processes (--allow-world-change): no draws of its own to continue
+            step = json.loads((path / "state.json").read_text())["step"]
+            run.gen, run.np_gen = seeded_generators(run.config.seed, run.rank, run.device, step=step)
 
 
 def checkpoint_fault(path: Path) -> str | None:

@@ -47,6 +47,8 @@ class FinetuneConfig:
         "channels_last",
         "text_encoder",  # by identity (the hash of its files), see inputs.run_settings
         "trust_remote_code",  # permission to run the encoder's own code, not a change of what is trained
+        "allow_world_change",
+        "report_to",
     )
 
     data: Path | None = None
@@ -99,3 +101,9 @@ class FinetuneConfig:
     # "___" (MIMIC's de-identification marker) in the training text: keep (the paper's; then not part of the
     # settings key, so earlier run folders keep theirs) or strip it and the spaces around it (its effect measured)
     deid_markers: DeidMarkers = "keep"
+    # resume a checkpoint saved by another number of processes: the data continues at `samples_seen`; ranks
+    # without their own saved generators get ones seeded from (seed, step, rank) (docs/slurm.md)
+    allow_world_change: bool = False
+    # where loss, lr, images/s, memory and validation images go besides train_log.jsonl: "auto" is TensorBoard
+    # when it is installed, else none (accelerate's trackers; W&B runs offline unless WANDB_MODE is set)
+    report_to: Literal["auto", "tensorboard", "wandb", "none"] = "auto"

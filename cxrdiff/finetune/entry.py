@@ -42,7 +42,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     limit_cpu_threads(accelerator.device)
     per_device, accum = plan_batch(accelerator, config)
     checkpoints = Checkpoints(folder.out, config.keep_checkpoints)
-    own_folder(accelerator, folder, checkpoints, config.steps)
+    own_folder(accelerator, folder, checkpoints, config)
     run = load_run(config, inputs.model_dir, accelerator, per_device, accum)
     start = resume(run, checkpoints)
     if accelerator.is_main_process and trackers:
@@ -93,10 +93,17 @@ def plan_batch(accelerator: Any, config: FinetuneConfig) -> tuple[int, int]:
     return per_device, accum
 
 
-def own_folder(accelerator: Any, folder: StepFolder, checkpoints: Checkpoints, steps: int) -> None:
+def own_folder(accelerator: Any, folder: StepFolder, checkpoints: Checkpoints, config: FinetuneConfig) -> None:
     """Write the claim (main process) once the run is accepted for this process count; a finished run
     given more steps becomes unfinished again (claim first, then no manifest) and resumes."""
-    checkpoints.check(steps, processes=accelerator.num_processes)
+    world_change = config.batch_size if config.allow_world_change else None
+    world = accelerator.num_processes
+    saved_by = checkpoints.check(config.steps, processes=world, world_change=world_change)
+    if saved_by is not None and accelerator.is_main_process:
+        seeded = ", ".join(str(r) for r in range(saved_by, world)) or "none"
+        log.warning(f"resuming a checkpoint of {saved_by} processes with {world} (--allow-world-change): the data "
+                    f"continues at the next sample; ranks without saved generators ({seeded}) draw noise and "
+                    "timesteps from ones seeded by (seed, step, rank)")  # fmt: skip
     if accelerator.is_main_process:
         if folder.finished:
             folder.reopen()

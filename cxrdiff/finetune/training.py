@@ -191,11 +191,13 @@ def log_parameters(counts: dict[str, Any]) -> None:
     )
 
 
-def seeded_generators(seed: int, rank: int, device: Any) -> tuple[Any, np.random.Generator]:
-    """This rank's generators for every draw of the run; the global RNGs are seeded alike for libraries."""
+def seeded_generators(seed: int, rank: int, device: Any, step: int | None = None) -> tuple[Any, np.random.Generator]:
+    """This rank's generators for every draw of the run; the global RNGs are seeded alike for libraries.
+    With `step`: those of a rank that resumes a checkpoint saved by fewer processes (no saved state of its own)."""
     import torch
 
-    seeds = np.random.SeedSequence([seed, rank]).generate_state(2)
+    key = [seed, rank] if step is None else [seed, step, rank]
+    seeds = np.random.SeedSequence(key).generate_state(2)
     gen = torch.Generator(device=device).manual_seed(int(seeds[0]))
     np_gen = np.random.default_rng(int(seeds[1]))
     random.seed(int(seeds[0]))
