@@ -365,11 +365,11 @@ def finetune(
     ] = None,
     allow_world_change: Annotated[
         bool | None,
-        typer.Option("--allow-world-change", help="Resume a checkpoint saved by another number of processes."),
+        typer.Option("--allow-world-change", help="Resume a checkpoint of another process count (default: refused)."),
     ] = None,
     report_to: Annotated[
         str | None,
-        typer.Option(help="auto (tensorboard if installed, else none) | tensorboard | wandb (offline) | none."),
+        typer.Option(help="auto (default: tensorboard if installed) | tensorboard | wandb (offline) | none."),
     ] = None,
     config: ConfigOpt = None,
 ) -> None:

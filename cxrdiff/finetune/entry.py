@@ -26,6 +26,7 @@ from cxrdiff.finetune.config import STEP, FinetuneConfig
 from cxrdiff.finetune.export import export_run, run_result
 from cxrdiff.finetune.inputs import batch_plan, check_inputs
 from cxrdiff.finetune.loop import resume, train
+from cxrdiff.finetune.tracking import chosen_tracker
 from cxrdiff.finetune.training import load_run
 from cxrdiff.finetune.validation import validate
 from cxrdiff.speed import limit_cpu_threads
@@ -57,23 +58,17 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
 
 
 def start_accelerator(config: FinetuneConfig) -> tuple[Any, str | None]:
-    """The accelerate state of this process (and the trackers it logs to, if tensorboard is installed)."""
+    """The accelerate state of this process and the tracker it logs to (`--report-to`), if any."""
     from accelerate import Accelerator
 
-    trackers = "tensorboard" if has_tensorboard() else None
+    tracker = chosen_tracker(config.report_to, Path(config.out))
     try:
         accelerator = Accelerator(
-            mixed_precision=config.mixed_precision, log_with=trackers, project_dir=Path(config.out) / "logs"
+            mixed_precision=config.mixed_precision, log_with=tracker, project_dir=Path(config.out) / "logs"
         )
     except (ValueError, RuntimeError) as exc:
         raise InputError(f"--mixed-precision {config.mixed_precision}: {str(exc).splitlines()[0]}") from None
-    return accelerator, trackers
-
-
-def has_tensorboard() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
+    return accelerator, tracker
 
 
 def flat_config(config: FinetuneConfig) -> dict[str, Any]:

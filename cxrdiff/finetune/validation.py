@@ -1,10 +1,12 @@
-"""Validation images rendered with the current weights during training (`--validation-prompts`)."""
+"""Validation images rendered with the current weights during training (`--validation-prompts`), saved and
+sent to the run's trackers."""
 
 from __future__ import annotations
 
 from cxrdiff.artifacts import (
     atomic_path,
 )
+from cxrdiff.finetune.tracking import track_images
 from cxrdiff.finetune.training import TrainingRun
 from cxrdiff.text_encoders import TextParts, encode
 
@@ -33,6 +35,7 @@ def validate(run: TrainingRun, step: int) -> None:
         folder = run.out / "validation" / f"step-{step:07d}"
         folder.mkdir(parents=True, exist_ok=True)
         inner.eval()
+        images = []
         with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
             for i, prompt in enumerate(config.validation_prompts):
                 generator = torch.Generator(accelerator.device).manual_seed(config.seed + i)
@@ -45,6 +48,8 @@ def validate(run: TrainingRun, step: int) -> None:
                 ).images[0]
                 with atomic_path(folder / f"{i:02d}.png") as tmp:
                     image.save(tmp, format="PNG")
+                images.append(image)
+        track_images(accelerator, images, step)
         inner.unet.train()
         inner.text_encoder.train(not config.frozen_text)
         comps.vae.to("cpu")
