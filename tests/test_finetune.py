@@ -17,7 +17,7 @@ from fixtures_prepared import build_prepared
 from cxrdiff.artifacts import OtherSettings, StepFolder, manifest_hash
 from cxrdiff.config import load_config
 from cxrdiff.data import LABELS
-from cxrdiff.errors import InputError, RunError
+from cxrdiff.errors import InputError, RunError, Stopped
 from cxrdiff.finetune import (
     FinetuneConfig,
     TrainData,
@@ -270,7 +270,7 @@ def test_preempted_and_resumed_equals_uninterrupted(tmp_path, prepared, tiny_mod
     reference, _ = learnable_run
     out = tmp_path / "run"
     config = _config(prepared, tiny_model, out, frozen_text=False, steps=4, ema=True, checkpoint_every=3)
-    with pytest.raises(RunError, match="stopped by a signal after step 2"):
+    with pytest.raises(Stopped, match="stopped by a signal after step 2"):
         finetune(FinetuneConfig(**{**config.__dict__, "stop_after_step": 2}))
     assert [r["step"] for r in _log(out)] == [1, 2]
     assert (out / "checkpoints" / "step-0000002" / "state.json").is_file()
@@ -404,7 +404,7 @@ def test_resuming_with_other_settings_is_refused_before_loading_weights(frozen_r
 def test_a_stopped_run_resumes_and_a_finished_one_extends_with_more_steps(tmp_path, prepared, tiny_model, frozen_run):
     out = tmp_path / "run"
     config = _config(prepared, tiny_model, out, steps=2)
-    with pytest.raises(RunError, match="stopped by a signal after step 1"):
+    with pytest.raises(Stopped, match="stopped by a signal after step 1"):
         finetune(dataclasses.replace(config, stop_after_step=1))
     assert check_inputs(config).folder.state == "resume" and not (out / "manifest.json").exists()
     with pytest.raises(

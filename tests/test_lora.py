@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from fixtures_prepared import build_prepared
 
-from cxrdiff.errors import InputError, RunError
+from cxrdiff.errors import InputError, Stopped
 from cxrdiff.finetune import FinetuneConfig, check_inputs, export_checkpoint, finetune, run_settings
 from cxrdiff.finetune.lora import ADAPTERS_FILE, TrainingMode
 
@@ -145,7 +145,7 @@ def test_preempted_and_resumed_equals_uninterrupted(tmp_path, prepared, tiny_mod
     reference, _ = lora_run
     out = tmp_path / "run"
     config = _config(prepared, tiny_model, out, checkpoint_every=3)
-    with pytest.raises(RunError, match="stopped by a signal after step 2"):
+    with pytest.raises(Stopped, match="stopped by a signal after step 2"):
         finetune(dataclasses.replace(config, stop_after_step=2))
     assert [r["step"] for r in _log(out)] == [1, 2] and not (out / "manifest.json").exists()
     finetune(config)
