@@ -33,6 +33,7 @@ from cxrdiff.distributed import process_state
 from cxrdiff.errors import InputError, RunError
 from cxrdiff.images import grey_from_pipeline
 from cxrdiff.models import check_model_folder, check_sampling_steps
+from cxrdiff.seeds import SEED_RULE, image_seed
 from cxrdiff.shards import Shard, label, parse_shard, share
 from cxrdiff.speed import limit_cpu_threads, set_tf32, speed_up_unet
 from cxrdiff.stopping import StopFlag, stop_signals
@@ -84,16 +85,6 @@ class SampleConfig:
     shard: str | None = None  # I/N or slurm (cxrdiff.shards): this job's share of the images
     finalize: bool = False  # only write the table and manifest once every shard's images exist
     dist_timeout: Annotated[int, Range(ge=1)] = 1800  # seconds a rank waits for the others in a collective
-
-
-SEED_RULE = 'int.from_bytes(sha256(f"cxrdiff-sample:{seed}:{prompt_index}:{repeat}".encode()).digest()[:8], "big") >> 1'
-
-
-def image_seed(seed: int, prompt_index: int, repeat: int) -> int:
-    """The generator seed of one image (`SEED_RULE`): a 63-bit integer from sha256, so it is stable across
-    Python versions and platforms (unlike `hash`) and independent of batching and sharding."""
-    digest = hashlib.sha256(f"cxrdiff-sample:{seed}:{prompt_index}:{repeat}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
 
 
 def image_file(index: int) -> str:

@@ -9,12 +9,13 @@ LoRA adapters: `TrainingMode`) and the adapters themselves.
 
 from cxrdiff.finetune.checkpoints import CHECKPOINT_STEP, Checkpoints, checkpoint_identity, export_checkpoint
 from cxrdiff.finetune.config import CHECKPOINTS, DEFAULT_STEPS, STEP, TRAIN_LOG, FinetuneConfig
-from cxrdiff.finetune.data import NO_FINDING, TrainData, TrainingText, check_prompt_source
+from cxrdiff.finetune.data import TrainData
 from cxrdiff.finetune.entry import finetune, plan_batch, start_accelerator
 from cxrdiff.finetune.inputs import Inputs, batch_plan, check_inputs, check_prepared, run_settings
 from cxrdiff.finetune.loop import StopFlag, accumulate, optimizer_step
 from cxrdiff.finetune.lora import TrainingMode
 from cxrdiff.finetune.training import TrainingRun, load_run
+from cxrdiff.training_text import NO_FINDING, TrainingText, check_prompt_source
 
 __all__ = [
     "CHECKPOINTS",

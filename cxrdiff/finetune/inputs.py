@@ -19,7 +19,6 @@ from cxrdiff.console import log
 from cxrdiff.errors import InputError
 from cxrdiff.finetune.checkpoints import Checkpoints
 from cxrdiff.finetune.config import DEFAULT_STEPS, STEP, FinetuneConfig
-from cxrdiff.finetune.data import check_prompt_source
 from cxrdiff.finetune.lora import LORA_FIELDS, TrainingMode, check_targets, check_values
 from cxrdiff.formats import FORMATS, format_record
 from cxrdiff.models import (
@@ -29,6 +28,7 @@ from cxrdiff.models import (
     names_and_sizes_fingerprint,
     vae_fingerprint,
 )
+from cxrdiff.training_text import check_prompt_source
 
 
 def batch_plan(batch_size: int, per_device: int | None, processes: int) -> tuple[int, int]:

@@ -14,9 +14,10 @@ import numpy as np
 from cxrdiff.console import log
 from cxrdiff.errors import InputError
 from cxrdiff.finetune.config import FinetuneConfig
-from cxrdiff.finetune.data import TrainData, TrainingText
+from cxrdiff.finetune.data import TrainData
 from cxrdiff.finetune.lora import TrainingMode, parameter_counts, set_trainable, trainable
 from cxrdiff.models import Components
+from cxrdiff.training_text import TrainingText
 
 
 def text_to_noise_class() -> type:
