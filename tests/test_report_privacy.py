@@ -327,7 +327,7 @@ def test_default_networks_are_the_frechet_distances_own(tiny_model):
 
 
 def test_nearest_in_blocks_is_the_search_over_the_whole_set(monkeypatch):
-    import cxrdiff.report.privacy as P
+    import cxrdiff.report.privacy.measure as P
     from cxrdiff.metrics.privacy import nearest_training, pixel_correlation
 
     monkeypatch.setattr(P, "TRAIN_CHUNK", 7)

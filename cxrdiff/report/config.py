@@ -78,7 +78,7 @@ class ReportConfig:
     kid_subset_size: Annotated[int, Range(ge=2)] = 1000  # torch-fidelity's default, clipped to the smaller set
     # neighbourhood of precision / recall / density / coverage (CheXGenBench: 5)
     prdc_k: Annotated[int, Range(ge=1)] = 5
-    # Privacy (report/privacy.py, docs/method.md "Privacy"): each generated image's nearest training image, a copy
+    # Privacy (report/privacy/, docs/method.md "Privacy"): each generated image's nearest training image, a copy
     # rate calibrated on the held-out test images, the closest pairs, Dutt et al.'s memorization score per prompt.
     no_privacy: bool = False
     privacy_features: str = ""  # the network for the nearest-training search; "" = the first of `features`
