@@ -20,11 +20,13 @@ import numpy as np
 from cxrdiff.artifacts import MANIFEST, StepFolder, input_identity, read_manifest, settings_key, write_json, write_text
 from cxrdiff.config import settings, to_dict
 from cxrdiff.errors import InputError
+from cxrdiff.metrics.score import Score
 from cxrdiff.report.checkpoints import selected
 from cxrdiff.report.config import STEP, ReportConfig, Steps
 from cxrdiff.report.document import Page, Table, html, markdown
 from cxrdiff.report.page import interval_text
 from cxrdiff.report.published import PUBLISHED_TABLE2
+from cxrdiff.report.records import Grounding, Localization, Measure
 from cxrdiff.report.steps import cached, default_steps, recorded_real, run_kind, run_names, run_step
 from cxrdiff.report.verdicts import grounding_intervals
 
@@ -150,6 +152,15 @@ def report_coco(config: ReportConfig, classifier: Any = None, steps: Steps | Non
     return {"out": str(out), "report": str(out / "report.html"), "recomputed": recomputed}
 
 
+def _grounding(row: Mapping[str, Any]) -> Grounding:
+    """A Table 2 row's grounding: its average, per category and the average's intervals."""
+    return Grounding.read({"average": row["grounding"], "classes": row.get("classes")}, row.get("grounding_intervals"))
+
+
+def _mean(measure: Measure | None) -> float | None:
+    return measure.mean if measure else None
+
+
 def _percent(value: Any) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
@@ -166,15 +177,15 @@ PROTOCOL_COCO = (
 def table2_page(rows: list[dict[str, Any]]) -> Page:
     """Table 2 (measured, then the paper's) and the per-category AUC-ROC, as one page."""
     measured = []
-    for r in rows:
-        f, g = r["fidelity"] or {}, r["grounding"] or {}
-        iv = (r.get("grounding_intervals") or {}).get("average") or {}
-        mean = {m: (g.get(m) or {}).get("mean") for m in ("auc_roc", "top1", "cnr")}
-        cnr = "–" if mean["cnr"] is None else f"{mean['cnr']:.2f}" + interval_text(iv.get("cnr"))
-        value = "–" if f.get("value") is None else f"{f['value']:.2f}" + interval_text(f.get("interval"))
-        auc = _percent(mean["auc_roc"]) + interval_text(iv.get("auc_roc"), 1, 100)
-        measured.append([str(r["run"]), str(r["text_encoder"]), str(r["step"]), str(f.get("name", "–")), value,
-                         auc, _percent(mean["top1"]), cnr, str(g.get("n", 0))])  # fmt: skip
+    read = [(r, _grounding(r), Score.from_dict(r["fidelity"]) if r["fidelity"] else None) for r in rows]
+    for r, g, f in read:
+        average = g.average or Localization(None, None, None)
+        mean = {m: _mean(average.measure(m)) for m in ("auc_roc", "top1", "cnr")}
+        cnr = "–" if mean["cnr"] is None else f"{mean['cnr']:.2f}" + interval_text(g.interval("Average", "cnr"))
+        value = "–" if f is None else f"{f.value:.2f}" + interval_text(f.interval)
+        auc = _percent(mean["auc_roc"]) + interval_text(g.interval("Average", "auc_roc"), 1, 100)
+        measured.append([str(r["run"]), str(r["text_encoder"]), str(r["step"]), f.name if f else "–", value,
+                         auc, _percent(mean["top1"]), cnr, str(average.n or 0)])  # fmt: skip
     headers = ["run", "text encoder", "step", "fidelity", "value", "AUC-ROC %", "Top-1 %", "CNR", "pairs"]
     tables = [
         Table("Measured", headers, measured),
@@ -185,12 +196,12 @@ def table2_page(rows: list[dict[str, Any]]) -> Page:
         ),
     ]
     sections = [("Table 2: fidelity and object segmentation AUC-ROC (%), per checkpoint", [], tables)]
-    categories = sorted({c for r in rows for c in (r.get("classes") or {})})
+    categories = sorted({c for _, g, _ in read for c in g.classes})
     if categories:
         cells = [
             [str(r["run"]), str(r["step"])]
-            + [_percent(((r.get("classes") or {}).get(c) or {}).get("auc_roc", {}).get("mean")) for c in categories]
-            for r in rows
+            + [_percent(_mean(loc.auc_roc) if (loc := g.at(c)) else None) for c in categories]
+            for r, g, _ in read
         ]
         sections.append(("AUC-ROC % per category", [], [Table("By category", ["run", "step", *categories], cells)]))
     return Page(title="cxrdiff report: MS-COCO-style in-domain fine-tuning", sections=sections,

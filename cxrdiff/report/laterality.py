@@ -11,6 +11,7 @@ from cxrdiff.metrics.intervals import RESAMPLES
 from cxrdiff.metrics.laterality import laterality_intervals
 from cxrdiff.report.document import Table
 from cxrdiff.report.page import interval_text
+from cxrdiff.report.records import RunResult
 from cxrdiff.report.steps import read_table
 
 
@@ -27,14 +28,14 @@ def _cell(interval: Mapping[str, Any] | None, scale: float = 1.0, digits: int = 
     return f"{interval['value'] * scale:.{digits}f}" + interval_text(interval, digits, scale)
 
 
-def laterality_table(runs: Mapping[str, Any]) -> Table | None:
+def laterality_table(runs: Mapping[str, RunResult]) -> Table | None:
     """One row per run with a `laterality` entry; None when no run has one (metrics from before it)."""
     rows = []
     for name, run in runs.items():
-        found = run.get("laterality")
+        found = run.laterality
         if not found:
             continue
-        cnr = (run.get("grounding_intervals") or {}).get("average", {}).get("cnr")
+        cnr = run.grounding.interval("Average", "cnr")
         if not found.get("measured"):
             rows.append([name, "not measured", "—", "—", _cell(cnr)])
             continue

@@ -2,18 +2,28 @@
 it summarises, the run settings as small tables and every convention named once.
 
 `render.py` builds the paper's tables and the figures; this module decides what is said first and where
-each piece goes. Pure functions of the metrics dict, like the rest of the rendering.
+each piece goes. Pure functions of the report's records (`records.read_metrics`), like the rest of the rendering.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cxrdiff.metrics.score import Score
 from cxrdiff.report.document import Table, literal
 from cxrdiff.report.published import PAPER, PUBLISHED_FIDELITY, PUBLISHED_LOCALIZATION, PUBLISHED_TEXT_SOURCE
+from cxrdiff.report.records import (
+    GroupScore,
+    Localization,
+    Measure,
+    ReportRecords,
+    RunResult,
+    TrainingGroup,
+    read_metrics,
+)
 from cxrdiff.report.text_source import source_name
 
 PUBLISHED_OF = {"frozen": "Finetune_F", "learnable": "Finetune_L", "base model": "SDv2"}
@@ -47,94 +57,139 @@ CAPTIONS = {
 # --- the models the headline speaks of -------------------------------------------------------------
 
 
-def _kind(entry: Mapping[str, Any], group: bool) -> str:
+def _kind(entry: RunResult | TrainingGroup) -> str:
     """frozen / learnable / base model, from a group's setting or a run's training record (a group records
     no text encoder only for base models); a LoRA run is its own kind ('frozen + LoRA r16'), which the paper
     has no counterpart of and the trade-off verdict does not take for the paper's models."""
-    setting = entry.get("setting") or {}
-    encoder = setting.get("text_encoder")
-    if encoder and setting.get("training") not in (None, "full"):
-        return f"{encoder} + {setting['training']}"
-    if encoder:
-        return str(encoder)
-    frozen = (entry.get("training") or {}).get("frozen_text")
-    if frozen is not None:
-        return "frozen" if frozen else "learnable"
-    return "base model" if group or entry.get("kind") == "base model" else "fine-tuned"
+    setting = entry.setting
+    if setting.text_encoder and setting.lora:
+        return f"{setting.text_encoder} + {setting.training}"
+    if setting.text_encoder:
+        return str(setting.text_encoder)
+    if isinstance(entry, TrainingGroup):
+        return "base model"
+    if entry.training.frozen_text is not None:
+        return "frozen" if entry.training.frozen_text else "learnable"
+    return "base model" if entry.kind == "base model" else "fine-tuned"
 
 
-def _value(cell: Any) -> tuple[float | None, float | None]:
+def _value(cell: Measure | None) -> tuple[float | None, float | None]:
     """(mean, std) of a measured cell: a run's {mean, std} (std over noise seeds) or a group's {mean, std, n}
     (std over trainings, only with n > 1)."""
-    if not cell or cell.get("mean") is None:
+    if not cell or cell.mean is None:
         return None, None
-    std = cell.get("std") if cell.get("n", 2) > 1 else None
-    return float(cell["mean"]), (float(std) if std else None)
+    std = cell.std if (2 if cell.n is None else cell.n) > 1 else None
+    return float(cell.mean), (float(std) if std else None)
 
 
-def models(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class Fidelity:
+    """The fidelity number a model is judged by: a run's first score, or a group's mean of it over trainings
+    (`n` of them; None for a run) with the interval over trainings."""
+
+    name: str
+    title: str
+    value: float | None
+    label: str | None = None
+    std: float | None = None
+    n: int | None = None
+    interval: Mapping[str, Any] | None = None
+    protocol: Mapping[str, Any] = field(default_factory=dict)  # a run's: how the score was made (n images)
+
+    @classmethod
+    def of_run(cls, score: Score | None) -> Fidelity | None:
+        if score is None:
+            return None
+        return cls(score.name, score.title, score.value, score.label, score.std, None, score.interval, score.protocol)
+
+    @classmethod
+    def of_group(cls, score: GroupScore | None, interval: Mapping[str, Any] | None) -> Fidelity | None:
+        if score is None:
+            return None
+        return cls(score.name, score.title, score.mean, score.label, score.std, score.n, interval)
+
+
+@dataclass(frozen=True)
+class Model:
+    """One model as the headline speaks of it: a setting group (means over trainings) or a run."""
+
+    name: str
+    uncertainty: Mapping[str, Any]  # metric -> Interval dict (CNR, AUC-ROC, fidelity)
+    kind: str
+    encoder: str | None  # None: the base model's own CLIP
+    trainings: int
+    source: str | None
+    base: str | None
+    cnr: tuple[float | None, float | None]
+    auc: tuple[float | None, float | None]
+    fidelity: Fidelity | None
+    text_cnr: float | None  # Table 7: CNR on the phrases that contain their label
+
+
+def models(metrics: Mapping[str, Any] | ReportRecords) -> list[Model]:
     """Each model the report measured, as the headline needs it: setting groups when there are any (means over
     trainings), else the runs. Fidelity is the first measure of the run (the one drawn in the trade-off)."""
-    groups = metrics.get("groups") or {}
+    records = read_metrics(metrics)
     out = []
-    for name, entry in (groups or metrics.get("runs", {})).items():
-        average = (entry.get("grounding") or {}).get("average") or {}
-        if groups:
-            first = next(iter((entry.get("fidelity") or {}).items()), None)
-            spread = _uncertainty(metrics, name, entry, True).get("fidelity")
-            fidelity = None if first is None else {"name": first[0], **first[1], "value": first[1].get("mean"),
-                                                   "interval": spread}  # fmt: skip
-            trainings = entry.get("trainings", 1)
-            source = (entry.get("setting") or {}).get("prompt_source")
-            text_cnr = ((entry.get("text_source") or {}).get("cnr") or {}).get("mean")
+    entries: Mapping[str, RunResult | TrainingGroup] = records.groups or records.runs
+    for name, entry in entries.items():
+        average = entry.grounding.average or Localization(None, None, None)
+        uncertainty = _uncertainty(records, name, entry)
+        if isinstance(entry, TrainingGroup):
+            fidelity = Fidelity.of_group(entry.first_fidelity, uncertainty.get("fidelity"))
+            text_cnr = entry.text_cnr.mean if entry.text_cnr else None
+            cnr = _value(average.cnr)
         else:
-            fidelity = (entry.get("fidelity") or [None])[0]
-            fidelity = None if fidelity is None else {**fidelity, "title": Score.from_dict(fidelity).title}
-            trainings = 1
-            source = (entry.get("setting") or {}).get("prompt_source")
-            text_cnr = (entry.get("text_source") or {}).get("cnr")
+            fidelity = Fidelity.of_run(entry.first_fidelity)
+            text_cnr = entry.text_source_cnr
+            cnr = (_value(average.cnr)[0], None)
         out.append(
-            {
-                "name": name,
-                "uncertainty": _uncertainty(metrics, name, entry, bool(groups)),
-                "kind": _kind(entry, bool(groups)),
-                "encoder": (entry.get("setting") or {}).get("encoder"),  # None: the base model's own CLIP
-                "trainings": trainings,
-                "source": source,
-                "base": (entry.get("setting") or {}).get("base_model"),
-                "cnr": _value(average.get("cnr")) if groups else (_value(average.get("cnr"))[0], None),
-                "auc": _value(average.get("auc_roc")),
-                "fidelity": fidelity,
-                "text_cnr": text_cnr,  # Table 7: CNR on the phrases that contain their label
-            }
+            Model(
+                name=name,
+                uncertainty=uncertainty,
+                kind=_kind(entry),
+                encoder=entry.setting.encoder,
+                trainings=entry.trainings if isinstance(entry, TrainingGroup) else 1,
+                source=entry.setting.prompt_source,
+                base=entry.setting.base_model,
+                cnr=cnr,
+                auc=_value(average.auc_roc),
+                fidelity=fidelity,
+                text_cnr=text_cnr,
+            )
         )
     return out
 
 
-def _uncertainty(metrics: Mapping[str, Any], name: str, entry: Mapping[str, Any], group: bool) -> dict[str, Any]:
+def _average_mean(run: RunResult, metric: str) -> float | None:
+    cell = run.grounding.average.measure(metric) if run.grounding.average else None
+    return cell.mean if cell else None
+
+
+def _uncertainty(records: ReportRecords, name: str, entry: RunResult | TrainingGroup) -> dict[str, Any]:
     """CNR's, AUC-ROC's and the first fidelity number's interval (Interval dicts): over trainings (t) for a group
     of two or more, else the run's bootstrap over phrases."""
     from cxrdiff.metrics.intervals import trainings_interval
 
-    runs = metrics.get("runs", {})
-    members = list(entry.get("runs", [name])) if group else [name]
+    runs = records.runs
+    members = list(entry.runs) if isinstance(entry, TrainingGroup) else [name]
     if len(members) >= 2:
         out = {}
         for m in ("cnr", "auc_roc"):
-            values = [
-                (((runs[r].get("grounding") or {}).get("average") or {}).get(m) or {}).get("mean") for r in members
-            ]
+            values = [_average_mean(runs[r], m) for r in members]
             out[m] = trainings_interval([v for v in values if v is not None]).as_dict()
-        first = next(iter(entry.get("fidelity") or {}), None)
+        first = next(iter(entry.fidelity or {}), None) if isinstance(entry, TrainingGroup) else None
         if first is not None:
-            values = [f.get("value") for r in members for f in runs[r].get("fidelity") or [] if f.get("name") == first]
+            values = [f.value for r in members for f in runs[r].fidelity or () if f.name == first]
             out["fidelity"] = trainings_interval([v for v in values if v is not None]).as_dict()
         return out
-    run = runs.get(members[0]) or {}
-    out = dict(((run.get("grounding_intervals") or {}).get("average")) or {})
-    first = (run.get("fidelity") or [None])[0]
-    if first is not None and first.get("interval"):
-        out["fidelity"] = first["interval"]  # the one training's bootstrap over its generated images
+    run = runs.get(members[0])
+    if run is None:
+        return {}
+    out = dict(run.grounding.intervals.get("Average", {}))
+    score = run.first_fidelity
+    if score is not None and score.interval:
+        out["fidelity"] = score.interval  # the one training's bootstrap over its generated images
     return out
 
 
@@ -167,64 +222,64 @@ def _against(
     return f"{text} (paper {published:g}, {value * scale - published:+.{digits}f})"
 
 
-def _fidelity_words(model: Mapping[str, Any], paper: str | None) -> str:
+def _fidelity_words(model: Model, paper: str | None) -> str:
     """The fidelity number and whether the paper has one to set beside it (FID_XRV: yes; FID: computed
     differently, so not comparable; any other feature distance: no published counterpart)."""
-    f = model.get("fidelity")
-    if not f or f.get("value") is None:
+    f = model.fidelity
+    if not f or f.value is None:
         return "fidelity not measured"
-    spread = f" ± {f['std']:.1f}" if f.get("std") and (f.get("n") or 1) > 1 else ""
-    text = f"{f.get('title', f['name'])} {f['value']:.1f}{spread}" + interval_text(f.get("interval"), 1)
+    spread = f" ± {f.std:.1f}" if f.std and (f.n or 1) > 1 else ""
+    text = f"{f.title} {f.value:.1f}{spread}" + interval_text(f.interval, 1)
     published = PUBLISHED_FIDELITY.get(paper or "")
-    if published and f["name"] == "FID_XRV" and not f.get("label"):
-        n = ((f.get("protocol") or {}).get("n") or [None, None])[1]  # FD at n sits above FD at 5,000 by O(d/n)
+    if published and f.name == "FID_XRV" and not f.label:
+        n = (f.protocol.get("n") or [None, None])[1]  # FD at n sits above FD at 5,000 by O(d/n)
         here = f"; here {n} images, the paper's 5,000" if n and n != 5000 else ""
-        return f"{text} (paper {published[1]:g}, {f['value'] - published[1]:+.1f}{here})"
-    if published and f["name"] == "FID" and not f.get("label"):
+        return f"{text} (paper {published[1]:g}, {f.value - published[1]:+.1f}{here})"
+    if published and f.name == "FID" and not f.label:
         return f"{text} (paper {published[0]:g}, not comparable: computed differently)"
     return f"{text} (no published counterpart)"
 
 
-def _other_text_line(model: Mapping[str, Any]) -> str:
+def _other_text_line(model: Model) -> str:
     """A model trained on another text than impressions, set against the paper's Table 7: its CNR on the
     phrases that contain their label, the measure the paper gives for such models."""
-    source = model["source"]
+    source = str(model.source)
     name = "synthetic impressions" if source.startswith("file:") else source_name(source)
     published = PUBLISHED_TEXT_SOURCE.get(name)
-    paper = None if published is None else published[0 if model["kind"] == "learnable" else 1]
-    if model.get("encoder"):  # the paper's Table 7 is of SD2's own CLIP
+    paper = None if published is None else published[0 if model.kind == "learnable" else 1]
+    if model.encoder:  # the paper's Table 7 is of SD2's own CLIP
         paper = None
-    trainings = f", {model['trainings']} trainings" if model["trainings"] > 1 else ""
+    trainings = f", {model.trainings} trainings" if model.trainings > 1 else ""
     trained_on = literal(source_name(source))
-    who = f"**{literal(model['name'])}** (text encoder {_encoder_words(model)}, trained on {trained_on}{trainings}"
+    who = f"**{literal(model.name)}** (text encoder {_encoder_words(model)}, trained on {trained_on}{trainings}"
     who += "; the paper's Table 7)" if paper is not None else ")"
     return (
-        f"{who}: CNR on the phrases that contain their label {_against(model.get('text_cnr'), paper, 2)}; "
-        f"average CNR {_num(model['cnr'][0])}; AUC-ROC % {_num(model['auc'][0], 1, 100)}; "
-        + (_fidelity_words(model, None) if model.get("fidelity") else "grounded only, as the paper measures it")
+        f"{who}: CNR on the phrases that contain their label {_against(model.text_cnr, paper, 2)}; "
+        f"average CNR {_num(model.cnr[0])}; AUC-ROC % {_num(model.auc[0], 1, 100)}; "
+        + (_fidelity_words(model, None) if model.fidelity else "grounded only, as the paper measures it")
         + "."
     )
 
 
-def _encoder_words(model: Mapping[str, Any]) -> str:
+def _encoder_words(model: Model) -> str:
     """'frozen', or with another encoder than the base model's: 'tiny-bert, frozen'."""
-    return f"{model['encoder']}, {model['kind']}" if model.get("encoder") else str(model["kind"])
+    return f"{model.encoder}, {model.kind}" if model.encoder else str(model.kind)
 
 
-def _model_line(model: Mapping[str, Any]) -> str:
-    if model.get("source") not in (None, "impression") and model["kind"] in ("frozen", "learnable"):
+def _model_line(model: Model) -> str:
+    if model.source not in (None, "impression") and model.kind in ("frozen", "learnable"):
         return _other_text_line(model)
-    paper = None if model.get("encoder") else PUBLISHED_OF.get(model["kind"])  # the paper's: SD2's own CLIP
+    paper = None if model.encoder else PUBLISHED_OF.get(model.kind)  # the paper's: SD2's own CLIP
     average = PUBLISHED_LOCALIZATION.get(paper or "", {}).get("Average")
-    trainings = f", {model['trainings']} trainings" if model["trainings"] > 1 else ""
-    kind = model["kind"] if model["kind"] in ("base model", "fine-tuned") else f"text encoder {_encoder_words(model)}"
-    if model.get("encoder") and model["kind"] in ("base model", "fine-tuned"):
-        kind += f", text encoder {model['encoder']}"
-    who = f"**{literal(model['name'])}** ({kind}{trainings}"
+    trainings = f", {model.trainings} trainings" if model.trainings > 1 else ""
+    kind = model.kind if model.kind in ("base model", "fine-tuned") else f"text encoder {_encoder_words(model)}"
+    if model.encoder and model.kind in ("base model", "fine-tuned"):
+        kind += f", text encoder {model.encoder}"
+    who = f"**{literal(model.name)}** ({kind}{trainings}"
     who += f"; the paper's {paper})" if paper else ")"
-    u = model.get("uncertainty") or {}
-    cnr = _against(model["cnr"][0], average[2] if average else None, 2, interval=u.get("cnr"))
-    auc = _against(model["auc"][0], average[0] if average else None, 1, 100, interval=u.get("auc_roc"))
+    u = model.uncertainty
+    cnr = _against(model.cnr[0], average[2] if average else None, 2, interval=u.get("cnr"))
+    auc = _against(model.auc[0], average[0] if average else None, 1, 100, interval=u.get("auc_roc"))
     return f"{who}: CNR {cnr}; AUC-ROC % {auc}; {_fidelity_words(model, paper)}."
 
 
@@ -265,36 +320,31 @@ def _n_images(side: Mapping[str, Any]) -> str:
     return f"; here {n[0]} images frozen vs {n[1]} learnable" if n[0] != n[1] else f"; here {n[0]} images each"
 
 
-def lora_lines(
-    found: Sequence[Mapping[str, Any]], frozen: Mapping[str, Any], learnable: Mapping[str, Any]
-) -> list[str]:
+def lora_lines(found: Sequence[Model], frozen: Model, learnable: Model) -> list[str]:
     """Where each LoRA model sits on the trade-off, beside the full fine-tunes (a third point: weights, and with a
     learnable text encoder the text encoder, that may move only a little)."""
     lines = []
     for m in found:
-        if "LoRA" not in m["kind"]:
+        if "LoRA" not in m.kind:
             continue
-        cnr, f_cnr, l_cnr = m["cnr"][0], frozen["cnr"][0], learnable["cnr"][0]
-        text = f"LoRA, **{m['name']}**: CNR {_num(cnr)} (full frozen {_num(f_cnr)}, full learnable {_num(l_cnr)})"
-        fid, ff, lf = m.get("fidelity"), frozen.get("fidelity"), learnable.get("fidelity")
-        if (
-            all(f and f.get("value") is not None for f in (fid, ff, lf))
-            and len({fid["name"], ff["name"], lf["name"]}) == 1
-        ):
-            title = fid.get("title", fid["name"])
-            text += f"; {title} {fid['value']:.1f} (frozen {ff['value']:.1f}, learnable {lf['value']:.1f})"
+        cnr, f_cnr, l_cnr = m.cnr[0], frozen.cnr[0], learnable.cnr[0]
+        text = f"LoRA, **{m.name}**: CNR {_num(cnr)} (full frozen {_num(f_cnr)}, full learnable {_num(l_cnr)})"
+        fid, ff, lf = m.fidelity, frozen.fidelity, learnable.fidelity
+        if fid and ff and lf and all(f.value is not None for f in (fid, ff, lf)) and fid.name == ff.name == lf.name:
+            text += f"; {fid.title} {fid.value:.1f} (frozen {ff.value:.1f}, learnable {lf.value:.1f})"
         lines.append(text + ".")
     return lines
 
 
-def verdict_lines(metrics: Mapping[str, Any]) -> list[str]:
+def verdict_lines(metrics: Mapping[str, Any] | ReportRecords) -> list[str]:
     """The trade-off's verdicts (metrics.json's `verdicts`): one block per base model when the runs were
     fine-tuned from several (e.g. the demo's pretrained and token-local text encoders)."""
     from cxrdiff.report.verdicts import trade_off_words
 
-    found = metrics.get("verdicts")
+    records = read_metrics(metrics)
+    found = records.verdicts
     if not found:
-        kinds = sorted({m["kind"] for m in models(metrics)})
+        kinds = sorted({m.kind for m in models(records)})
         return ["The trade-off needs one run with a frozen and one with a learnable text encoder fine-tuned from the "
                 f"same base model; this report has {', '.join(kinds) or 'none'}."]  # fmt: skip
     lines = []
@@ -306,15 +356,15 @@ def verdict_lines(metrics: Mapping[str, Any]) -> list[str]:
             lines.append(f"**Fine-tuned from {start} ({names}):**")
         lines += [side_line(side) for side in v["sides"]]
         lines.append(trade_off_words(v))
-        by_name = {m["name"]: m for m in models(metrics)}
+        by_name = {m.name: m for m in models(records)}
         if v["frozen"] in by_name and v["learnable"] in by_name:
             lines += lora_lines(list(by_name.values()), by_name[v["frozen"]], by_name[v["learnable"]])
     return lines
 
 
-def data_set_lines(metrics: Mapping[str, Any]) -> list[str]:
+def data_set_lines(metrics: Mapping[str, Any] | ReportRecords) -> list[str]:
     """Which data set the runs were measured on, and where its text came from (labels, impressions, notes)."""
-    data = metrics.get("data_set")
+    data = read_metrics(metrics).data_set
     if not data:
         return []
     rows = data.get("rows") or {}
@@ -327,11 +377,12 @@ def data_set_lines(metrics: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def headline(metrics: Mapping[str, Any]) -> tuple[list[str], Table]:
+def headline(metrics: Mapping[str, Any] | ReportRecords) -> tuple[list[str], Table]:
     """The report's first lines: per model CNR, AUC and fidelity against the paper's, the trade-off verdict;
     and the same numbers as one small table with the paper's rows."""
-    found = models(metrics)
-    lines = data_set_lines(metrics) + [_model_line(m) for m in found] + verdict_lines(metrics)
+    records = read_metrics(metrics)
+    found = models(records)
+    lines = data_set_lines(records) + [_model_line(m) for m in found] + verdict_lines(records)
     rows = []
     for paper, (fid_value, fid_xrv, _) in PUBLISHED_FIDELITY.items():
         auc, _, cnr = PUBLISHED_LOCALIZATION[paper]["Average"]
@@ -339,15 +390,15 @@ def headline(metrics: Mapping[str, Any]) -> tuple[list[str], Table]:
             [paper, "published (Tables 1, 4)", f"{cnr:g}", f"{auc:g}", f"FID {fid_value:g} / FID_XRV {fid_xrv:g}"]
         )
     for m in found:
-        (cnr, std), u = m["cnr"], m.get("uncertainty") or {}
+        (cnr, std), u = m.cnr, m.uncertainty
         cell = _num(cnr) + (f" ± {std:.2f}" if std else "") + interval_text(u.get("cnr"))
-        auc = _num(m["auc"][0], 1, 100) + interval_text(u.get("auc_roc"), 1, 100)
-        f = m.get("fidelity")
+        auc = _num(m.auc[0], 1, 100) + interval_text(u.get("auc_roc"), 1, 100)
+        f = m.fidelity
         fidelity = "—"
-        if f and f.get("value") is not None:
-            spread = f" ± {f['std']:.1f}" if f.get("std") and m["trainings"] > 1 else ""
-            fidelity = f"{f.get('title', f['name'])} {f['value']:.1f}{spread}{interval_text(f.get('interval'), 1)}"
-        rows.append([m["name"], f"this report ({_encoder_words(m)})", cell, auc, fidelity])
+        if f and f.value is not None:
+            spread = f" ± {f.std:.1f}" if f.std and m.trainings > 1 else ""
+            fidelity = f"{f.title} {f.value:.1f}{spread}{interval_text(f.interval, 1)}"
+        rows.append([m.name, f"this report ({_encoder_words(m)})", cell, auc, fidelity])
     table = Table(
         "The trade-off in numbers: average CNR, AUC-ROC % and fidelity",
         ["model", "source", "CNR", "AUC-ROC %", "fidelity (lower is closer to real)"],
@@ -362,26 +413,30 @@ def headline(metrics: Mapping[str, Any]) -> tuple[list[str], Table]:
 # --- settings as small tables ------------------------------------------------------------------------
 
 
-def settings_tables(metrics: Mapping[str, Any]) -> list[Table]:
+def _or_dash(value: Any) -> str:
+    return "—" if value is None else str(value)
+
+
+def settings_tables(metrics: Mapping[str, Any] | ReportRecords) -> list[Table]:
     """What was measured and how, as two small tables: the runs, and the sampling / grounding settings."""
+    records = read_metrics(metrics)
     rows = []
-    for name, r in metrics.get("runs", {}).items():
-        t = r.get("training") or {}
-        s = r.get("setting") or {}
-        frozen = t.get("frozen_text")
-        encoder = s.get("text_encoder") or ("—" if frozen is None else "frozen" if frozen else "learnable")
+    for name, r in records.runs.items():
+        t, s = r.training, r.setting
+        frozen = t.frozen_text
+        encoder = s.text_encoder or ("—" if frozen is None else "frozen" if frozen else "learnable")
         rows.append(
             [
                 name,
-                str(r.get("kind", "—")),
-                encoder + (f" + {s['training']}" if s.get("training") not in (None, "full") else ""),  # LoRA
-                s.get("encoder") or ("CLIP (base model's)" if frozen is not None else "—"),
-                str(s.get("trained") or "—"),
-                str(s.get("prompt_source") or "—"),
-                str(t.get("steps") if t.get("steps") is not None else "—"),
-                str(t.get("lr") if t.get("lr") is not None else "—"),
-                str(t.get("seed") if t.get("seed") is not None else "—"),
-                Path(str(r.get("path", "—"))).name,
+                _or_dash(r.kind),
+                encoder + (f" + {s.training}" if s.lora else ""),  # LoRA
+                s.encoder or ("CLIP (base model's)" if frozen is not None else "—"),
+                str(s.trained or "—"),
+                str(s.prompt_source or "—"),
+                _or_dash(t.steps),
+                _or_dash(t.lr),
+                _or_dash(t.seed),
+                Path(_or_dash(r.path)).name,
             ]
         )
     runs = Table(
@@ -401,7 +456,7 @@ def settings_tables(metrics: Mapping[str, Any]) -> list[Table]:
         rows,
         kind="settings",
     )
-    c = metrics.get("settings") or {}
+    c = records.settings
     keys = (
         ("sampler", "scheduler"),
         ("sampling steps", "sample_steps"),
@@ -421,22 +476,23 @@ def settings_tables(metrics: Mapping[str, Any]) -> list[Table]:
     return [t for t in (runs, how) if t.rows]
 
 
-def conventions(metrics: Mapping[str, Any]) -> list[str]:
+def conventions(metrics: Mapping[str, Any] | ReportRecords) -> list[str]:
     """The grounding conventions, named once for all runs (a run that differs is named with its own)."""
+    runs = read_metrics(metrics).runs
     seen: dict[str, list[str]] = {}
-    for name, r in metrics.get("runs", {}).items():
-        conv = (r.get("grounding") or {}).get("conventions") or {}
+    for name, r in runs.items():
+        conv = r.grounding.conventions
         for key in ("cnr", "boxes_rule", "latent", "map", "frame_size", "mode", "guidance"):
             if key in conv:
                 seen.setdefault(f"{key}: {conv[key]}", []).append(name)
-    every = len(metrics.get("runs", {}))
+    every = len(runs)
     return [f"Grounding {k}" + ("" if len(v) == every else f" (runs {', '.join(v)})") for k, v in seen.items()]
 
 
 # --- the checkpoints' table ---------------------------------------------------------------------------
 
 
-def checkpoint_table(metrics: Mapping[str, Any]) -> Table | None:
+def checkpoint_table(metrics: Mapping[str, Any] | ReportRecords) -> Table | None:
     """The curves' numbers, with the paper's two end points (Finetune_F at 30k steps, Finetune_L at 60k)."""
     rows = []
     for paper, steps in PUBLISHED_STEPS.items():
@@ -444,17 +500,16 @@ def checkpoint_table(metrics: Mapping[str, Any]) -> Table | None:
         rows.append(
             [f"{paper} (published)", f"{steps:,}", f"{cnr:g}", f"{auc:g}", f"FID {PUBLISHED_FIDELITY[paper][0]:g}"]
         )
-    for name, r in metrics.get("runs", {}).items():
-        for p in r.get("checkpoints") or []:
-            g = p.get("grounding") or {}
-            f = p.get("fidelity")
+    for name, r in read_metrics(metrics).runs.items():
+        for p in r.checkpoints:
+            f = p.fidelity
             rows.append(
                 [
-                    name + (" (final model)" if p.get("source") != "checkpoint" else ""),
-                    f"{p['step']:,}",
-                    _num((g.get("cnr") or {}).get("mean")),
-                    _num((g.get("auc_roc") or {}).get("mean"), 1, 100),
-                    f"{f['name']} {Score.from_dict(f).text(1)}" if f else "—",
+                    name + (" (final model)" if p.source != "checkpoint" else ""),
+                    f"{p.step:,}",
+                    _num(p.cnr.mean if p.cnr else None),
+                    _num(p.auc_roc.mean if p.auc_roc else None, 1, 100),
+                    f"{f.name} {f.text(1)}" if f else "—",
                 ]
             )
     if len(rows) == len(PUBLISHED_STEPS):

@@ -7,9 +7,9 @@ Pure so that it can be tested (and re-run on a saved metrics.json) without any m
 from __future__ import annotations
 
 import io
-import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,15 @@ from cxrdiff.report.published import (
     TABLE3_AVERAGE_NOTE,
     WORDS_MIN_COUNT,
 )
+from cxrdiff.report.records import (
+    GroupScore,
+    Localization,
+    Measure,
+    ReportRecords,
+    RunResult,
+    TrainingGroup,
+    read_metrics,
+)
 from cxrdiff.report.text_source import source_name
 
 
@@ -58,46 +67,41 @@ def _pub(value: float) -> str:
     return f"{value:g}"
 
 
-def _mean(entry: Any, scale: float = 1.0, digits: int = 1) -> str:
+def _mean(entry: Measure | None, scale: float = 1.0, digits: int = 1) -> str:
     if not entry:
         return "—"
-    mean, std = entry.get("mean"), entry.get("std")
-    text = _fmt(None if mean is None else mean * scale, digits)
-    return text + (f" ± {std * scale:.{digits}f}" if std else "")
+    text = _fmt(None if entry.mean is None else entry.mean * scale, digits)
+    return text + (f" ± {entry.std * scale:.{digits}f}" if entry.std else "")
 
 
-def _score_cell(entry: Mapping[str, Any] | None, digits: int = 1) -> str:
-    return Score.from_dict(dict(entry)).text(digits) if entry else "—"
+def _score_cell(entry: Score | None, digits: int = 1) -> str:
+    return entry.text(digits) if entry else "—"
 
 
-def tables(metrics: Mapping[str, Any]) -> list[Table]:
+def tables(metrics: Mapping[str, Any] | ReportRecords) -> list[Table]:
     """The paper's tables (published numbers labelled with their source) beside this report's runs."""
-    runs = metrics.get("runs", {})
+    records = read_metrics(metrics)
+    runs, metrics = records.runs, records.metrics
     listed = [
         _localization_table(runs, metrics),
         laterality_table(runs),
-        _trainings_table(metrics),
+        _trainings_table(records),
         _cnr_table(runs, metrics),
         _fidelity_table(runs),
-        _fidelity_sources_table(metrics),
-        _classifier_table(metrics),
-        *benchmark_tables(metrics),
+        _fidelity_sources_table(records),
+        _classifier_table(records),
+        *benchmark_tables(records),
         *privacy_tables(metrics),
         _word_table(runs, shown_classes(metrics)),
-        _eos_table(metrics),
+        _eos_table(records),
         _text_source_table(),
-        _text_source_measured_table(metrics),
-        _encoder_table(metrics),
+        _text_source_measured_table(records),
+        _encoder_table(records),
     ]
     return [t for t in listed if t is not None]
 
 
-def _grounding_entry(run: Mapping[str, Any], category: str) -> Mapping[str, Any] | None:
-    g = run.get("grounding", {})
-    return g.get("average") if category == "Average" else g.get("classes", {}).get(category)
-
-
-def _localization_table(runs: Mapping[str, Any], metrics: Mapping[str, Any]) -> Table:
+def _localization_table(runs: Mapping[str, RunResult], metrics: Mapping[str, Any]) -> Table:
     headers = (
         ["class"] + [f"{m} (published, Table 1)" for m in PUBLISHED_LOCALIZATION] + [f"{n} (this report)" for n in runs]
     )
@@ -105,10 +109,10 @@ def _localization_table(runs: Mapping[str, Any], metrics: Mapping[str, Any]) -> 
     for c in [*shown_classes(metrics), "Average"]:
         row = [c] + [_published_localization(m, c) for m in PUBLISHED_LOCALIZATION]
         for r in runs.values():
-            e, iv = _grounding_entry(r, c), _grounding_interval(r, c)
+            e = r.grounding.at(c)
             row.append(
                 " / ".join(
-                    _mean(e.get(m), scale, digits) + interval_text(iv.get(m), digits, scale)
+                    _mean(e.measure(m), scale, digits) + interval_text(r.grounding.interval(c, m), digits, scale)
                     for m, scale, digits in (("auc_roc", 100, 1), ("top1", 100, 1), ("cnr", 1, 2))
                 )
                 if e
@@ -125,12 +129,6 @@ def _localization_table(runs: Mapping[str, Any], metrics: Mapping[str, Any]) -> 
     )
 
 
-def _grounding_interval(run: Mapping[str, Any], category: str) -> Mapping[str, Any]:
-    """A run's bootstrap intervals for one class (or the Average), by metric."""
-    found = run.get("grounding_intervals") or {}
-    return (found.get("average") if category == "Average" else (found.get("classes") or {}).get(category)) or {}
-
-
 def _published_localization(method: str, category: str) -> str:
     """Table 1's cell as printed: mean ± std of each metric when the paper gives a std; — for a class the
     paper does not have."""
@@ -143,7 +141,7 @@ def _published_localization(method: str, category: str) -> str:
     return " / ".join(f"{_pub(m)} ± {_pub(s)}" for m, s in zip(means, stds, strict=True))
 
 
-def _cnr_table(runs: Mapping[str, Any], metrics: Mapping[str, Any]) -> Table:
+def _cnr_table(runs: Mapping[str, RunResult], metrics: Mapping[str, Any]) -> Table:
     """Table 3: phrase grounding, so each phrase is scored against its own boxes (`--boxes per-phrase`)."""
     headers = ["class"] + [f"{m} (published, Table 3)" for m in PUBLISHED_CNR_METHODS] + [f"{n} CNR" for n in runs]
     rows = []
@@ -151,13 +149,11 @@ def _cnr_table(runs: Mapping[str, Any], metrics: Mapping[str, Any]) -> Table:
         row = [c] + [_pub(PUBLISHED_CNR_METHODS[m][c]) + (" (computed)" if (m, c) in COMPUTED_CELLS else "")
                      if c in PUBLISHED_CNR_METHODS[m] else "—" for m in PUBLISHED_CNR_METHODS]  # fmt: skip
         for r in runs.values():
-            per_phrase = r.get("grounding_per_phrase") or {"same_as_union": True}
-            same = per_phrase.get("same_as_union")
-            e = _grounding_entry(r if same else {"grounding": per_phrase}, c)
-            iv = _grounding_interval(r if same else {"grounding_intervals": per_phrase.get("intervals")}, c)
-            row.append(_mean(e.get("cnr"), 1, 2) + interval_text(iv.get("cnr")) if e else "—")
+            grounding = r.per_phrase or r.grounding
+            e = grounding.at(c)
+            row.append(_mean(e.cnr, 1, 2) + interval_text(grounding.interval(c, "cnr")) if e else "—")
         rows.append(row)
-    same = all((r.get("grounding_per_phrase") or {"same_as_union": True}).get("same_as_union") for r in runs.values())
+    same = all(r.per_phrase is None for r in runs.values())
     boxes = "Measured per phrase (each phrase against its own boxes, `--boxes per-phrase`)" + (
         "; on these data no image and class has two phrases, so it equals Table 1's union scoring." if same else "."
     )
@@ -170,11 +166,11 @@ def _cnr_table(runs: Mapping[str, Any], metrics: Mapping[str, Any]) -> Table:
     )
 
 
-def _fidelity_table(runs: Mapping[str, Any]) -> Table:
+def _fidelity_table(runs: Mapping[str, RunResult]) -> Table:
     titles: dict[str, str] = {}
     for r in runs.values():
-        for s in r.get("fidelity", []):
-            titles.setdefault(s["name"], Score.from_dict(s).title)
+        for s in r.fidelity or ():
+            titles.setdefault(s.name, s.title)
     names = ["FID", "FID_XRV"] + [n for n in titles if n not in ("FID", "FID_XRV")]
     headers = ["model", "source"] + [titles.get(n, n) for n in names] + ["MS-SSIM %"]
     headers[2] += ": published values not comparable, see note"
@@ -184,13 +180,11 @@ def _fidelity_table(runs: Mapping[str, Any]) -> Table:
             row = [m, f"published, Table 4 ({source})", _pub(f1), _pub(f2)]
             rows.append(row + ["—"] * (len(names) - 2) + [_pub(ms)])
     for n, r in runs.items():
-        if "fidelity" not in r:  # grounded only (a Table 7 run)
+        if r.fidelity is None:  # grounded only (a Table 7 run)
             continue
-        by_name = {s["name"]: s for s in r.get("fidelity", [])}
-        rows.append(
-            [n, "this report"] + [_score_cell(by_name.get(k)) for k in names] + [_score_cell(r.get("diversity"))]
-        )
-    div = next((r["diversity"]["protocol"] for r in runs.values() if r.get("diversity")), None)
+        by_name = {s.name: s for s in r.fidelity}
+        rows.append([n, "this report"] + [_score_cell(by_name.get(k)) for k in names] + [_score_cell(r.diversity)])
+    div = next((r.diversity.protocol for r in runs.values() if r.diversity), None)
     note = (
         f"Published: Table 4 of {PAPER} (512 px, 5,000 images). {FID_NOT_COMPARABLE} This report's images "
         "come from the MIMIC p19 prompts. [ ] a 95% interval: Fréchet distances ± 1.96 bootstrap s.d. over the "
@@ -204,44 +198,43 @@ def _fidelity_table(runs: Mapping[str, Any]) -> Table:
     return Table("Fidelity and diversity", headers, rows, note)
 
 
-def _classifier_cell(entry: Mapping[str, Any] | None) -> str:
+def _classifier_cell(entry: Score | None) -> str:
     """An AUC with its interval, or "too few (n)" when fewer than 5 positive images stand behind it."""
     if not entry:
         return "—"
-    positives = (entry.get("protocol") or {}).get("positives")
+    positives = entry.protocol.get("positives")
     if positives is not None:
-        negatives = (entry.get("protocol") or {}).get("negatives", 0)
-        shown = classifier_auc_cell(positives, negatives, entry.get("value", float("nan")))
+        shown = classifier_auc_cell(positives, entry.protocol.get("negatives", 0), entry.value)
         if not shown[:1].isdigit():
             return shown
     return _score_cell(entry)
 
 
-def _classifier_counts(name: str, aucs: Mapping[str, Any]) -> str:
+def _classifier_counts(name: str, aucs: Mapping[str, Score]) -> str:
     """What each cell of a row rests on: positives per class, the No-Finding negatives they share, the
     Average's classes (from each score's protocol in metrics.json)."""
-    counts = [f"{c} {aucs[c]['protocol']['positives']}" for c in CLASSIFIER_ORDER
-              if c != "Average" and "positives" in (aucs.get(c) or {}).get("protocol", {})]  # fmt: skip
-    negatives = next((a["protocol"]["negatives"] for a in aucs.values() if "negatives" in a.get("protocol", {})), 0)
-    average = (aucs.get("Average") or {}).get("protocol", {}).get("classes")
+    counts = [f"{c} {aucs[c].protocol['positives']}" for c in CLASSIFIER_ORDER
+              if c != "Average" and c in aucs and "positives" in aucs[c].protocol]  # fmt: skip
+    negatives = next((a.protocol["negatives"] for a in aucs.values() if "negatives" in a.protocol), 0)
+    average = aucs["Average"].protocol.get("classes") if "Average" in aucs else None
     return f"{name}: {', '.join(counts)}; No Finding {negatives}; Average over {average or 0} classes"
 
 
-def _classifier_table(metrics: Mapping[str, Any]) -> Table:
+def _classifier_table(records: ReportRecords) -> Table:
     headers = ["images", "source", *CLASSIFIER_ORDER]
     rows = [[m, "published, Table 5"] + [_pub(v[c]) for c in CLASSIFIER_ORDER] for m, v in PUBLISHED_CLASSIFIER.items()]
     measured = []
-    if metrics.get("real", {}).get("classifier"):
-        measured.append(("real p19 (reference)", metrics["real"]["classifier"]))
-    measured += [(n, r["classifier"]) for n, r in metrics.get("runs", {}).items() if r.get("classifier")]
+    if records.real_classifier:
+        measured.append(("real p19 (reference)", records.real_classifier))
+    measured += [(n, r.classifier) for n, r in records.runs.items() if r.classifier]
     rows += [[n, "this report"] + [_classifier_cell(aucs.get(c)) for c in CLASSIFIER_ORDER] for n, aucs in measured]
-    rule = (metrics.get("settings") or {}).get("classifier_positives", "only")
+    rule = records.settings.get("classifier_positives", "only")
     positives = (
         "images whose only label is d, against images whose only label is No Finding (the paper's protocol)"
         if rule == "only"
         else "every image labelled d, against every image labelled No Finding (`--classifier-positives any`)"
     )
-    per_class = (metrics.get("settings") or {}).get("classifier_prompts_per_class")
+    per_class = records.settings.get("classifier_prompts_per_class")
     if per_class:
         positives += (
             f". Generated rows: the check's own prompt set, {per_class} prompts per class and {per_class} No Finding "
@@ -253,11 +246,11 @@ def _classifier_table(metrics: Mapping[str, Any]) -> Table:
         "Classifier AUC %: class d vs No Finding",
         headers,
         rows,
-        f"Classifier here: {metrics.get('classifier') or 'none'}; positives: {positives}. [ ] a 95% bootstrap "
+        f"Classifier here: {records.classifier or 'none'}; positives: {positives}. [ ] a 95% bootstrap "
         f"interval over the images; an AUC from fewer than {MIN_POSITIVES} positive images is shown as 'too few "
         f"(n)' and left out of the Average. Images each cell rests on (positives per class, negatives): "
         f"{counts or 'none'}. Published: Table 5 of {PAPER}, torchxrayvision."
-        + _classifier_classes_note(metrics, measured),
+        + _classifier_classes_note(records.metrics, measured),
     )
 
 
@@ -277,7 +270,7 @@ def _classifier_classes_note(metrics: Mapping[str, Any], measured: list) -> str:
     return note
 
 
-def _word_table(runs: Mapping[str, Any], classes: list[str]) -> Table:
+def _word_table(runs: Mapping[str, RunResult], classes: list[str]) -> Table:
     """Table 6 beside this report's runs: per class, the paper's top words (published rows), then each run's
     3 words with the highest mean CNR and the class's own words among the ranked; the EOS rows last."""
     rows, thresholds = [], set()
@@ -286,16 +279,15 @@ def _word_table(runs: Mapping[str, Any], classes: list[str]) -> Table:
         [f"{m} (published)", "EOS over all classes", f"<EOS> ({_pub(v)})", ""] for m, v in PUBLISHED_EOS_CNR.items()
     ]
     for n, r in runs.items():
-        analysis = r.get("grounding", {}).get("word_analysis", {})
-        if "min_count" in analysis:
-            thresholds.add(analysis["min_count"])
-        own = analysis.get("class_words", {})
-        for c, words in analysis.get("top3", {}).items():
-            listed = ", ".join(f"{w['word']} ({w['n']}, {w['cnr']:.2f})" for w in own.get(c, [])) or "—"
-            top = ", ".join(f"{w['word']} ({w['n']}, {w['cnr']:.2f})" for w in words)
+        analysis = r.grounding.words
+        if analysis.min_count is not None:
+            thresholds.add(analysis.min_count)
+        for c, words in analysis.top3.items():
+            listed = ", ".join(f"{w.word} ({w.n}, {w.cnr:.2f})" for w in analysis.class_words.get(c, ())) or "—"
+            top = ", ".join(f"{w.word} ({w.n}, {w.cnr:.2f})" for w in words)
             measured.setdefault(c, []).append([n, c, top, listed])
-        if analysis.get("eos_cnr") is not None:
-            eos_rows.append([n, "EOS over all classes", f"<EOS> ({analysis['eos_cnr']:.2f})", ""])
+        if analysis.eos_cnr is not None:
+            eos_rows.append([n, "EOS over all classes", f"<EOS> ({analysis.eos_cnr:.2f})", ""])
     for c in dict.fromkeys([*classes, *measured]):
         for m, table in PUBLISHED_WORDS.items():
             if c in table:
@@ -325,16 +317,16 @@ def _text_source_table() -> Table:
 # --- over trainings (metrics["groups"]): Table 1's ±, Table 4's two prompt sources, Table 7, EOS ----------
 
 
-def _over(entry: Mapping[str, Any] | None, scale: float = 1.0, digits: int = 2) -> str:
+def _over(entry: Measure | None, scale: float = 1.0, digits: int = 2) -> str:
     """A {mean, std, n} over trainings: 'mean ± std' (the ± only when there are two trainings or more)."""
-    if not entry or entry.get("mean") is None:
+    if not entry or entry.mean is None:
         return "—"
-    text = f"{entry['mean'] * scale:.{digits}f}"
-    return text + (f" ± {entry['std'] * scale:.{digits}f}" if entry.get("n", 0) > 1 else "")
+    text = f"{entry.mean * scale:.{digits}f}"
+    return text + (f" ± {entry.std * scale:.{digits}f}" if (entry.n or 0) > 1 else "")
 
 
-def _trainings_note(metrics: Mapping[str, Any]) -> str:
-    ddof = (metrics.get("trainings") or {}).get("ddof", 1)
+def _trainings_note(records: ReportRecords) -> str:
+    ddof = records.ddof
     return (
         f"± = standard deviation over trainings of one setting (ddof = {ddof}; runs grouped by their manifests' "
         "settings, all but the seed), as the paper's Table 1; no ± with one training. Grounding noise seeds "
@@ -342,158 +334,168 @@ def _trainings_note(metrics: Mapping[str, Any]) -> str:
     )
 
 
-def _group_label(name: str, group: Mapping[str, Any]) -> str:
-    n = group.get("trainings", 0)
+def _group_label(name: str, trainings: int) -> str:
+    n = trainings
     return f"{name} ({n} training{'s' if n != 1 else ''})"
 
 
-def _trainings_table(metrics: Mapping[str, Any]) -> Table | None:
+def _trainings_table(records: ReportRecords) -> Table | None:
     """Table 1 over trainings: each setting group's mean ± std of AUC-ROC %, Top-1 % and CNR."""
-    groups = metrics.get("groups") or {}
-    if not any(g.get("trainings", 1) >= 2 for g in groups.values()):
+    groups = records.groups
+    if not any(g.trainings >= 2 for g in groups.values()):
         return None  # one training per setting: the table would repeat Table 1's runs
     published = [m for m in PUBLISHED_LOCALIZATION_STD]
     headers = ["class"] + [f"{m} (published, Table 1)" for m in published]
-    headers += [f"{_group_label(g, v)} (this report)" for g, v in groups.items()]
+    headers += [f"{_group_label(g, v.trainings)} (this report)" for g, v in groups.items()]
     rows = []
-    for c in [*shown_classes(metrics), "Average"]:
+    for c in [*shown_classes(records.metrics), "Average"]:
         row = [c] + [_published_localization(m, c) for m in published]
         for g in groups.values():
-            grounding = g.get("grounding", {})
-            e = grounding.get("average") if c == "Average" else grounding.get("classes", {}).get(c)
-            row.append(
-                " / ".join((_over(e.get("auc_roc"), 100, 1), _over(e.get("top1"), 100, 1), _over(e.get("cnr"))))
-                if e
-                else "—"
-            )
+            e = g.grounding.at(c)
+            row.append(" / ".join((_over(e.auc_roc, 100, 1), _over(e.top1, 100, 1), _over(e.cnr))) if e else "—")
         rows.append(row)
-    noise = "; ".join(
-        f"{g}: {v['noise_seed_std']['average']['cnr']:.3f}"
-        for g, v in groups.items()
-        if (v.get("noise_seed_std") or {}).get("average", {}).get("cnr")
-    )
-    note = _trainings_note(metrics) + (f" Mean std of the average CNR over noise seeds: {noise}." if noise else "")
-    note += class_note(metrics)
+    noise = "; ".join(f"{g}: {v.noise_cnr:.3f}" for g, v in groups.items() if v.noise_cnr)
+    note = _trainings_note(records) + (f" Mean std of the average CNR over noise seeds: {noise}." if noise else "")
+    note += class_note(records.metrics)
     return Table("Localization over trainings: AUC-ROC % / Top-1 % / CNR, mean ± std", headers, rows, note)
 
 
-def _fidelity_sources_table(metrics: Mapping[str, Any]) -> Table | None:
+def _by_source(group: TrainingGroup, ms_cxr: bool) -> tuple[Mapping[str, GroupScore], Measure | None]:
+    """A group's fidelity scores and diversity from the p19 prompts, or from the MS-CXR phrases."""
+    if ms_cxr:
+        return group.fidelity_ms_cxr, group.diversity_ms_cxr
+    return group.fidelity, group.diversity
+
+
+def _fidelity_sources_table(records: ReportRecords) -> Table | None:
     """Table 4 in full: fidelity and diversity from the p19 prompts and from the MS-CXR phrases, per group."""
-    groups = metrics.get("groups") or {}
+    groups = records.groups
     if not groups:
         return None
     titles: dict[str, str] = {}
     for g in groups.values():
-        for key in ("fidelity", "fidelity_ms_cxr"):
-            for name, e in (g.get(key) or {}).items():
-                titles.setdefault(name, e.get("title", name))
+        for scores in (g.fidelity, g.fidelity_ms_cxr):
+            for name, e in scores.items():
+                titles.setdefault(name, e.title)
     names = ["FID", "FID_XRV"] + [n for n in titles if n not in ("FID", "FID_XRV")]
     headers = ["model", "prompts", "source"] + [titles.get(n, n) for n in names] + ["MS-SSIM %"]
     rows = []
-    sources = (("MIMIC p19", "", PUBLISHED_FIDELITY), ("MS-CXR phrases", "_ms_cxr", PUBLISHED_FIDELITY_MS_CXR))
+    sources = (("MIMIC p19", False, PUBLISHED_FIDELITY), ("MS-CXR phrases", True, PUBLISHED_FIDELITY_MS_CXR))
     for prompts, _, table in sources:
         for m, (f1, f2, ms) in table.items():
             rows.append([m, prompts, "published, Table 4", _pub(f1), _pub(f2)] + ["—"] * (len(names) - 2) + [_pub(ms)])
     for g, v in groups.items():
-        for prompts, suffix, _ in sources:
-            scores = v.get(f"fidelity{suffix}") or {}
-            if not scores and not v.get(f"diversity{suffix}", {}).get("n"):
+        for prompts, ms_cxr, _ in sources:
+            scores, diversity = _by_source(v, ms_cxr)
+            if not scores and not (diversity and diversity.n):
                 continue  # not sampled (report --table4-p19-only, or a Table 7 run grounded only)
             cells = [_over(scores.get(n), 1, 1) for n in names]
-            rows.append([_group_label(g, v), prompts, "this report", *cells, _over(v.get(f"diversity{suffix}"), 1, 1)])
+            rows.append([_group_label(g, v.trainings), prompts, "this report", *cells, _over(diversity, 1, 1)])
     counts = "; ".join(
-        f"{_group_label(g, v)}: {v.get('n_generated') or '?'} p19, {v.get('n_generated_ms_cxr') or '?'} MS-CXR"
+        f"{_group_label(g, v.trainings)}: {v.n_generated or '?'} p19, {v.n_generated_ms_cxr or '?'} MS-CXR"
         for g, v in groups.items()
-        if v.get("n_generated")
+        if v.n_generated
     )
     note = (
         "Both prompt sources sampled and scored the same way (sampler, seeds), each against as many real p19 "
         "images as it has generated ones (a Fréchet distance depends on the counts; the paper compared 1,162 "
         f"MS-CXR images with its 5,000 real ones). Generated images: {counts or 'see metrics.json'}. "
-        f"{FID_NOT_COMPARABLE} " + _trainings_note(metrics)
+        f"{FID_NOT_COMPARABLE} " + _trainings_note(records)
     )
     return Table("Fidelity and diversity by prompt source (Table 4, both columns)", headers, rows, note)
 
 
-def _text_source_measured_table(metrics: Mapping[str, Any]) -> Table | None:
+def _text_source_measured_table(records: ReportRecords) -> Table | None:
     """Table 7 measured: CNR on the phrases that contain their label, per training text and text encoder."""
-    groups = {g: v for g, v in (metrics.get("groups") or {}).items() if v.get("setting", {}).get("text_encoder")}
+    groups = {g: v for g, v in records.groups.items() if v.setting.text_encoder}
     if not groups:
         return None
     cells: dict[str, dict[str, list[str]]] = {}
     for g, v in groups.items():
-        t = v.get("text_source") or {}
-        source, encoder = source_name(t.get("source")), v["setting"]["text_encoder"]
-        text = f"{_over(t.get('cnr'))} ({_group_label(g, v)}, {t.get('phrases') or 0} phrases)"
+        source, encoder = source_name(v.text_source), v.setting.text_encoder
+        text = f"{_over(v.text_cnr)} ({_group_label(g, v.trainings)}, {v.text_phrases or 0} phrases)"
         cells.setdefault(source, {}).setdefault(encoder, []).append(text)
     rows = [[s, "; ".join(c.get("learnable", ["—"])), "; ".join(c.get("frozen", ["—"]))] for s, c in cells.items()]
     rows += [[f"{s} (published)", _pub(a), _pub(b)] for s, (a, b) in PUBLISHED_TEXT_SOURCE.items()]
     note = (
         "Measured CNR on the MS-CXR phrases that contain their image's label (the class name, case-insensitive), "
         f"as the paper's Table 7 ({PAPER}). Labels runs train on the class names in random order, space-joined. "
-        + _other_sources_note(metrics)
-        + _trainings_note(metrics)
+        + _other_sources_note(records)
+        + _trainings_note(records)
     )
     return Table("CNR by training text (Table 7, measured)", ["text", "learnable", "frozen"], rows, note)
 
 
-def encoder_rows(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class EncoderRow:
+    """One setting group by text encoder × frozen/learnable: what was trained and its CNR, AUC-ROC and first
+    fidelity score over trainings."""
+
+    encoder: str
+    kind: str
+    group: str
+    trainings: int
+    trained: str
+    source: str | None
+    cnr: Measure | None
+    auc_roc: Measure | None
+    fidelity: GroupScore | None
+
+
+def encoder_rows(metrics: Mapping[str, Any] | ReportRecords) -> list[EncoderRow]:
     """The setting groups by text encoder × frozen/learnable, when some run was conditioned on another text
-    encoder than its base model's (`finetune --text-encoder`); else none. Each: encoder, kind, the group's
-    name, trainings, what was trained and its CNR, AUC-ROC and first fidelity score over trainings."""
-    groups = metrics.get("groups") or {}
-    if not any((v.get("setting") or {}).get("encoder") for v in groups.values()):
+    encoder than its base model's (`finetune --text-encoder`); else none."""
+    groups = read_metrics(metrics).groups
+    if not any(v.setting.encoder for v in groups.values()):
         return []
     from cxrdiff.text_encoders import label
 
     rows = []
     for g, v in groups.items():
-        setting = v.get("setting") or {}
-        average = (v.get("grounding") or {}).get("average") or {}
-        fidelity = next(iter((v.get("fidelity") or {}).items()), None)
+        average = v.grounding.average or Localization(None, None, None)
         rows.append(
-            {
-                "encoder": setting.get("encoder") or label(None),
-                "kind": setting.get("text_encoder") or "base model",
-                "group": g,
-                "trainings": v.get("trainings", 1),
-                "trained": setting.get("trained") or "—",
-                "source": setting.get("prompt_source"),
-                "cnr": average.get("cnr"),
-                "auc_roc": average.get("auc_roc"),
-                "fidelity": None if fidelity is None else {"name": fidelity[0], **fidelity[1]},
-            }
+            EncoderRow(
+                encoder=v.setting.encoder or label(None),
+                kind=v.setting.text_encoder or "base model",
+                group=g,
+                trainings=v.trainings,
+                trained=v.setting.trained or "—",
+                source=v.setting.prompt_source,
+                cnr=average.cnr,
+                auc_roc=average.auc_roc,
+                fidelity=v.first_fidelity,
+            )
         )
     order = {"frozen": 0, "learnable": 1, "base model": 2}
-    return sorted(rows, key=lambda r: (r["encoder"], order.get(r["kind"], 3), r["group"]))
+    return sorted(rows, key=lambda r: (r.encoder, order.get(r.kind, 3), r.group))
 
 
-def _encoder_table(metrics: Mapping[str, Any]) -> Table | None:
+def _encoder_table(records: ReportRecords) -> Table | None:
     """CNR, AUC-ROC and fidelity by text encoder × frozen/learnable (runs conditioned on other encoders)."""
-    rows = encoder_rows(metrics)
+    rows = encoder_rows(records)
     if not rows:
         return None
     body = []
     for r in rows:
-        f = r["fidelity"]
-        fidelity = f"{f.get('title', f['name'])} {_over(f, 1, 1)}" if f and f.get("mean") is not None else "—"
-        text = "" if r["source"] in (None, "impression") else f", {source_name(r['source'])}"
-        body.append([r["encoder"], r["kind"] + text, _group_label(r["group"], r), r["trained"],
-                     _over(r["cnr"]), _over(r["auc_roc"], 100, 1), fidelity])  # fmt: skip
+        f = r.fidelity
+        fidelity = f"{f.title} {_over(f, 1, 1)}" if f and f.mean is not None else "—"
+        text = "" if r.source in (None, "impression") else f", {source_name(r.source)}"
+        body.append([r.encoder, r.kind + text, _group_label(r.group, r.trainings), r.trained,
+                     _over(r.cnr), _over(r.auc_roc, 100, 1), fidelity])  # fmt: skip
     return Table(
         "By text encoder: average CNR, AUC-ROC % and fidelity, frozen and learnable",
         ["text encoder", "kind", "model", "trained", "CNR", "AUC-ROC %", "fidelity (lower is closer to real)"],
         body,
         "Each row a setting group (its runs differ only in seed). The base model's CLIP is SD's own text encoder; "
         "another encoder's hidden states reach the UNet through a learned linear map where its width differs "
-        '(docs/method.md, "Text encoders"). ' + _trainings_note(metrics),
+        '(docs/method.md, "Text encoders"). ' + _trainings_note(records),
     )
 
 
-def text_encoder_figure(metrics: Mapping[str, Any]) -> bytes | None:
+def text_encoder_figure(metrics: Mapping[str, Any] | ReportRecords) -> bytes | None:
     """Three panels (CNR, AUC-ROC %, fidelity): per text encoder, a bar for frozen and one for learnable
     (impression-trained groups), error bars over trainings."""
-    rows = [r for r in encoder_rows(metrics) if r["kind"] in KIND_COLOURS and r["source"] in (None, "impression")]
+    rows = [r for r in encoder_rows(metrics) if r.kind in KIND_COLOURS and r.source in (None, "impression")]
     if not rows:
         return None
     import matplotlib
@@ -501,20 +503,20 @@ def text_encoder_figure(metrics: Mapping[str, Any]) -> bytes | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    encoders = list(dict.fromkeys(r["encoder"] for r in rows))
-    fidelity_title = next((r["fidelity"].get("title", r["fidelity"]["name"]) for r in rows if r["fidelity"]), None)
-    panels = (
-        ("CNR (average)", lambda r: r["cnr"], 1.0),
-        ("AUC-ROC % (average)", lambda r: r["auc_roc"], 100.0),
-        (f"{fidelity_title or 'fidelity'} (lower is closer to real)", lambda r: r["fidelity"], 1.0),
+    encoders = list(dict.fromkeys(r.encoder for r in rows))
+    fidelity_title = next((r.fidelity.title for r in rows if r.fidelity), None)
+    panels: tuple[tuple[str, Callable[[EncoderRow], Measure | None], float], ...] = (
+        ("CNR (average)", lambda r: r.cnr, 1.0),
+        ("AUC-ROC % (average)", lambda r: r.auc_roc, 100.0),
+        (f"{fidelity_title or 'fidelity'} (lower is closer to real)", lambda r: r.fidelity, 1.0),
     )
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), layout="constrained")
     x = np.arange(len(encoders))
     for ax, (title, pick, scale) in zip(axes, panels, strict=True):
         for i, kind in enumerate(KIND_COLOURS):
-            cells = [next((pick(r) for r in rows if r["encoder"] == e and r["kind"] == kind), None) for e in encoders]
-            means = [np.nan if not c or c.get("mean") is None else c["mean"] * scale for c in cells]
-            stds = [0.0 if not c or not c.get("std") else c["std"] * scale for c in cells]
+            cells = [next((pick(r) for r in rows if r.encoder == e and r.kind == kind), None) for e in encoders]
+            means = [np.nan if not c or c.mean is None else c.mean * scale for c in cells]
+            stds = [0.0 if not c or not c.std else c.std * scale for c in cells]
             ax.bar(x + (i - 0.5) * 0.38, means, 0.38, yerr=stds, capsize=3, color=KIND_COLOURS[kind], label=kind)
         ax.set_xticks(x, encoders, fontsize=8)
         ax.set_title(title, fontsize=9)
@@ -523,9 +525,9 @@ def text_encoder_figure(metrics: Mapping[str, Any]) -> bytes | None:
     return _png(fig)
 
 
-def _other_sources_note(metrics: Mapping[str, Any]) -> str:
+def _other_sources_note(records: ReportRecords) -> str:
     """How runs trained on another text than impressions were measured (`report --other-sources`)."""
-    if (metrics.get("settings") or {}).get("other_sources", "grounding") == "full":
+    if records.settings.get("other_sources", "grounding") == "full":
         return "Runs trained on other texts were also sampled and scored for fidelity (--other-sources full). "
     return (
         "Runs trained on other texts than impressions are grounded only, as the paper measures them; "
@@ -533,25 +535,23 @@ def _other_sources_note(metrics: Mapping[str, Any]) -> str:
     )
 
 
-def _eos_table(metrics: Mapping[str, Any]) -> Table | None:
+def _eos_table(records: ReportRecords) -> Table | None:
     """The end-of-text token's CNR over all classes beside the class words' CNR, per group."""
-    groups = metrics.get("groups") or {}
+    groups = records.groups
     if not groups:
         return None
     published = {"learnable": PUBLISHED_EOS_CNR.get("Finetune_L"), "frozen": PUBLISHED_EOS_CNR.get("Finetune_F")}
     rows = []
     for g, v in groups.items():
-        eos = v.get("eos") or {}
-        encoder = (v.get("setting") or {}).get("text_encoder")
-        setting = v.get("setting") or {}  # the paper's models: every weight trained, on impressions
-        paper_model = setting.get("prompt_source") == "impression" and setting.get("training", "full") == "full"
+        encoder = v.setting.text_encoder
+        paper_model = v.setting.prompt_source == "impression" and v.setting.training in (None, "full")  # the paper's
         paper = published.get(encoder or "") if paper_model else None
         rows.append(
             [
-                _group_label(g, v),
+                _group_label(g, v.trainings),
                 encoder or "base model",
-                _over(eos.get("eos_cnr")),
-                _over(eos.get("class_word_cnr")),
+                _over(v.eos_cnr),
+                _over(v.class_word_cnr),
                 _pub(paper) if paper is not None else "—",
             ]
         )
@@ -559,8 +559,12 @@ def _eos_table(metrics: Mapping[str, Any]) -> Table | None:
         "EOS token vs class words: CNR over all classes",
         ["model", "text encoder", "<EOS> CNR (this report)", "class words CNR (this report)", "<EOS> CNR (published)"],
         rows,
-        f"Published: the text of {PAPER} (Finetune_L 0.68, Finetune_F 0.72). " + _trainings_note(metrics),
+        f"Published: the text of {PAPER} (Finetune_L 0.68, Finetune_F 0.72). " + _trainings_note(records),
     )
+
+
+def _class_cnr(entry: Localization | None) -> Measure:
+    return (entry.cnr if entry else None) or Measure(None)
 
 
 def _png(fig: Any) -> bytes:
@@ -575,7 +579,7 @@ def _png(fig: Any) -> bytes:
 _LABEL = {"textcoords": "offset points", "fontsize": 7}
 
 
-def tradeoff_figure(metrics: Mapping[str, Any]) -> bytes:
+def tradeoff_figure(metrics: Mapping[str, Any] | ReportRecords) -> bytes:
     """Fidelity against CNR: the paper's three models (Tables 1, 4) on the left; on the right every run of
     this report (small, with its 95% bootstrap intervals) and every setting group (large, ± over trainings),
     the paper's CNRs as dotted lines.
@@ -585,41 +589,52 @@ def tradeoff_figure(metrics: Mapping[str, Any]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    records = read_metrics(metrics)
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
     for m, (fid_value, _, _) in PUBLISHED_FIDELITY.items():
         left.scatter(PUBLISHED_LOCALIZATION[m]["Average"][2], fid_value, marker="s", color="black")
         left.annotate(m, (PUBLISHED_LOCALIZATION[m]["Average"][2], fid_value), xytext=(-10, 6), **_LABEL)
     left.set(xlabel="CNR (average)", ylabel="FID", title="published (Tables 1 and 4)")
     ylabel = None
-    for n, r in metrics.get("runs", {}).items():
-        cnr = (r.get("grounding", {}).get("average") or {}).get("cnr", {}).get("mean")
-        fid_entry = (r.get("fidelity") or [None])[0]
-        if cnr is None or fid_entry is None:
+    for n, r in records.runs.items():
+        cnr, fid_entry = _average_cnr(r.grounding.average), r.first_fidelity
+        if cnr.mean is None or fid_entry is None:
             continue
-        ylabel = Score.from_dict(fid_entry).title
-        lora = (r.get("setting") or {}).get("training") not in (None, "full")  # LoRA runs: triangles
-        xerr = _half_widths(cnr, ((r.get("grounding_intervals") or {}).get("average") or {}).get("cnr"))
-        yerr = _half_widths(fid_entry["value"], fid_entry.get("interval"))
-        right.errorbar(cnr, fid_entry["value"], xerr=xerr, yerr=yerr, fmt="^" if lora else "o", ms=4, alpha=0.7,
-                       capsize=2, elinewidth=0.8)  # fmt: skip
-        right.annotate(n, (cnr, fid_entry["value"]), xytext=(4, 4), **_LABEL)
-    for g, v in (metrics.get("groups") or {}).items():
-        if v.get("trainings", 0) < 2:  # a group of one training is its run, drawn above
+        ylabel = fid_entry.title
+        xerr = _half_widths(cnr.mean, r.grounding.interval("Average", "cnr"))
+        yerr = _half_widths(fid_entry.value, fid_entry.interval)
+        right.errorbar(
+            cnr.mean,
+            fid_entry.value,
+            xerr=xerr,
+            yerr=yerr,
+            fmt="^" if r.setting.lora else "o",
+            ms=4,
+            alpha=0.7,
+            capsize=2,
+            elinewidth=0.8,
+        )  # fmt: skip  (LoRA runs: triangles)
+        right.annotate(n, (cnr.mean, fid_entry.value), xytext=(4, 4), **_LABEL)
+    for g, v in records.groups.items():
+        if v.trainings < 2:  # a group of one training is its run, drawn above
             continue
-        cnr = ((v.get("grounding") or {}).get("average") or {}).get("cnr") or {}
-        first = next(iter((v.get("fidelity") or {}).values()), None)
-        if cnr.get("mean") is None or first is None or first.get("mean") is None:
+        cnr, first = _average_cnr(v.grounding.average), v.first_fidelity
+        if cnr.mean is None or first is None or first.mean is None:
             continue
-        lora = (v.get("setting") or {}).get("training") not in (None, "full")
-        right.errorbar(cnr["mean"], first["mean"], xerr=cnr.get("std") or 0, yerr=first.get("std") or 0,
-                       fmt="^" if lora else "o", ms=9, capsize=3)  # fmt: skip
-        right.annotate(f"{g} (mean)", (cnr["mean"], first["mean"]), xytext=(4, -12), fontweight="bold", **_LABEL)
+        right.errorbar(cnr.mean, first.mean, xerr=cnr.std or 0, yerr=first.std or 0,
+                       fmt="^" if v.setting.lora else "o", ms=9, capsize=3)  # fmt: skip
+        right.annotate(f"{g} (mean)", (cnr.mean, first.mean), xytext=(4, -12), fontweight="bold", **_LABEL)
     for m, style in (("Finetune_F", ":"), ("Finetune_L", "-.")):
         x = PUBLISHED_LOCALIZATION[m]["Average"][2]
         right.axvline(x, color="grey", linestyle=style, linewidth=1, label=f"{m} CNR (published)")
     right.legend(fontsize=7, loc="best")
     right.set(xlabel="CNR (average)", ylabel=ylabel or "fidelity", title="this report (lower is closer to real)")
     return _png(fig)
+
+
+def _average_cnr(average: Localization | None) -> Measure:
+    """The average CNR of a run or group, its mean None where it was not measured."""
+    return (average.cnr if average else None) or Measure(None)
 
 
 def _half_widths(value: float, interval: Mapping[str, Any] | None) -> Any:
@@ -632,19 +647,19 @@ def _half_widths(value: float, interval: Mapping[str, Any] | None) -> Any:
 KIND_COLOURS = {"frozen": "tab:blue", "learnable": "tab:orange"}  # the paper's model of that kind alike
 
 
-def _text_encoder(entry: Mapping[str, Any]) -> str | None:
+def _text_encoder(entry: RunResult | TrainingGroup) -> str | None:
     """frozen / learnable for a run or a setting group, None for a base model (its bars take the next colour)."""
-    encoder = (entry.get("setting") or {}).get("text_encoder")
-    frozen = (entry.get("training") or {}).get("frozen_text")
-    return encoder or (None if frozen is None else "frozen" if frozen else "learnable")
+    frozen = entry.training.frozen_text if isinstance(entry, RunResult) else None
+    return entry.setting.text_encoder or (None if frozen is None else "frozen" if frozen else "learnable")
 
 
-def cnr_by_class_figure(metrics: Mapping[str, Any]) -> tuple[bytes, str] | None:
+def cnr_by_class_figure(metrics: Mapping[str, Any] | ReportRecords) -> tuple[bytes, str] | None:
     """Per-class CNR bars for each model with error bars, and the paper's Finetune_F / Finetune_L (with their
     ± over trainings). Error bars: over trainings for setting groups of two or more trainings, else over
     grounding noise seeds (a run's std); the caption says which. None when nothing was grounded."""
-    groups = {g: v for g, v in (metrics.get("groups") or {}).items() if v.get("trainings", 0) > 1}
-    source = groups or {n: r for n, r in metrics.get("runs", {}).items() if r.get("grounding")}
+    records = read_metrics(metrics)
+    groups = {g: v for g, v in records.groups.items() if v.trainings > 1}
+    source: Mapping[str, RunResult | TrainingGroup] = groups or {n: r for n, r in records.runs.items() if r.grounded}
     if not source:
         return None
     import matplotlib
@@ -652,7 +667,7 @@ def cnr_by_class_figure(metrics: Mapping[str, Any]) -> tuple[bytes, str] | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = shown_classes(metrics)
+    shown = shown_classes(records.metrics)
     bars: dict[str, tuple[list[float], list[float], str | None]] = {}
     for m, kind in (("Finetune_F", "frozen"), ("Finetune_L", "learnable")):
         published, stds = PUBLISHED_LOCALIZATION[m], PUBLISHED_LOCALIZATION_STD[m]
@@ -662,13 +677,12 @@ def cnr_by_class_figure(metrics: Mapping[str, Any]) -> tuple[bytes, str] | None:
             KIND_COLOURS[kind],
         )
     for n, v in source.items():
-        classes = (v.get("grounding") or {}).get("classes", {})
-        cells = [(classes.get(c) or {}).get("cnr") or {} for c in shown]
-        label = f"{n} ({v['trainings']} trainings)" if groups else n
+        cells = [_class_cnr(v.grounding.at(c)) for c in shown]
+        label = f"{n} ({v.trainings} trainings)" if isinstance(v, TrainingGroup) else n
         bars[label] = (
-            [np.nan if e.get("mean") is None else e["mean"] for e in cells],
-            [e.get("std") or 0 for e in cells],
-            KIND_COLOURS.get(_text_encoder(v)),
+            [np.nan if e.mean is None else e.mean for e in cells],
+            [e.std or 0 for e in cells],
+            KIND_COLOURS.get(_text_encoder(v)),  # type: ignore[arg-type]
         )
     fig, ax = plt.subplots(figsize=(11, 3.8))
     width = 0.8 / len(bars)
@@ -692,15 +706,15 @@ def cnr_by_class_figure(metrics: Mapping[str, Any]) -> tuple[bytes, str] | None:
     caption = (
         "Per-class CNR, this report's models beside the paper's (hatched, Table 1, ± over three trainings; frozen "
         "text encoders in blue, learnable in orange). "
-        f"Error bars of this report: ± over {over}.{class_note(metrics)}"
+        f"Error bars of this report: ± over {over}.{class_note(records.metrics)}"
     )
     return _png(fig), caption
 
 
-def checkpoint_figure(metrics: Mapping[str, Any]) -> bytes | None:
+def checkpoint_figure(metrics: Mapping[str, Any] | ReportRecords) -> bytes | None:
     """CNR and fidelity against training steps, one line per run (frozen and learnable side by side), from
     `report --checkpoints`; None when no run has a curve."""
-    curves = {n: r["checkpoints"] for n, r in metrics.get("runs", {}).items() if r.get("checkpoints")}
+    curves = {n: r.checkpoints for n, r in read_metrics(metrics).runs.items() if r.checkpoints}
     if not curves:
         return None
     import matplotlib
@@ -711,12 +725,12 @@ def checkpoint_figure(metrics: Mapping[str, Any]) -> bytes | None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
     ylabel = "fidelity"
     for n, points in curves.items():
-        cnr = [(p["step"], p["grounding"]["cnr"]["mean"]) for p in points if (p.get("grounding") or {}).get("cnr")]
-        fidelity = [(p["step"], p["fidelity"]["value"]) for p in points if p.get("fidelity")]
+        cnr = [(p.step, p.cnr.mean) for p in points if p.cnr]
+        fidelity = [(p.step, p.fidelity.value) for p in points if p.fidelity]
         if cnr:
             left.plot(*zip(*cnr, strict=True), marker="o", label=n)
         if fidelity:
-            ylabel = Score.from_dict(next(p["fidelity"] for p in points if p.get("fidelity"))).title
+            ylabel = next(p.fidelity.title for p in points if p.fidelity)
             right.plot(*zip(*fidelity, strict=True), marker="o", label=n)
     left.set(xlabel="training step", ylabel="CNR (average)", title="interpretability over training")
     right.set(xlabel="training step", ylabel=ylabel, title="fidelity over training (lower is closer to real)")
@@ -724,7 +738,7 @@ def checkpoint_figure(metrics: Mapping[str, Any]) -> bytes | None:
     return _png(fig)
 
 
-def grounding_figure(metrics: Mapping[str, Any]) -> bytes | None:
+def grounding_figure(metrics: Mapping[str, Any] | ReportRecords) -> bytes | None:
     """One overlay per class (columns) for each run (rows): e.g. frozen vs learnable; 2.6 inches a cell at
     110 dpi (about 290 px), pixels kept sharp, so a 64 px overlay's box lines stay visible."""
     import matplotlib
@@ -733,8 +747,9 @@ def grounding_figure(metrics: Mapping[str, Any]) -> bytes | None:
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    runs = {n: r.get("overlays", {}) for n, r in metrics.get("runs", {}).items()}
-    classes = [c for c in shown_classes(metrics) if any(o.get(c) for o in runs.values())]
+    records = read_metrics(metrics)
+    runs = {n: r.overlays for n, r in records.runs.items()}
+    classes = [c for c in shown_classes(records.metrics) if any(o.get(c) for o in runs.values())]
     if not classes:
         return None
     fig, axes = plt.subplots(len(runs), len(classes), figsize=(2.6 * len(classes), 2.8 * len(runs)), squeeze=False)
@@ -751,46 +766,43 @@ def grounding_figure(metrics: Mapping[str, Any]) -> bytes | None:
     return _png(fig)
 
 
-def _untrained(metrics: Mapping[str, Any]) -> bool:
-    return UNTRAINED_LABEL in json.dumps(metrics, default=str)
-
-
 def render(metrics: Mapping[str, Any], out: str | os.PathLike) -> list[Path]:
     """Write metrics.json, report.md and a self-contained report.html (and the figures' PNGs) from the
     metrics dict; returns the files written."""
     out = Path(out)
-    tabs = tables(metrics)
-    over_training = page.checkpoint_table(metrics)
+    records = read_metrics(metrics)
+    tabs = tables(records)
+    over_training = page.checkpoint_table(records)
     if over_training is not None:
         tabs.append(over_training)
-    by_class = cnr_by_class_figure(metrics)
+    by_class = cnr_by_class_figure(records)
     made = {
-        "trade-off": (tradeoff_figure(metrics), page.CAPTIONS["trade-off"]),
+        "trade-off": (tradeoff_figure(records), page.CAPTIONS["trade-off"]),
         "cnr-by-class": by_class,
-        "checkpoints": (checkpoint_figure(metrics), page.CAPTIONS["checkpoints"]),
-        "grounding": (grounding_figure(metrics), page.CAPTIONS["grounding"]),
-        "text-encoders": (text_encoder_figure(metrics), page.CAPTIONS["text-encoders"]),
+        "checkpoints": (checkpoint_figure(records), page.CAPTIONS["checkpoints"]),
+        "grounding": (grounding_figure(records), page.CAPTIONS["grounding"]),
+        "text-encoders": (text_encoder_figure(records), page.CAPTIONS["text-encoders"]),
     }
     made.update(privacy_figures(metrics))
     figures = {name: fig for name, fig in made.items() if fig is not None and fig[0] is not None}
     write_json(out / "metrics.json", metrics)
     for name, (png, _) in figures.items():
         write_bytes(out / f"{name}.png", png)
-    lines, summary = page.headline(metrics)
+    lines, summary = page.headline(records)
     doc = Page(
         title=TITLE,
         sources=SOURCES,
         banner=(
             f"**Warning: some Fréchet distances use randomly initialised networks ({UNTRAINED_LABEL}).**"
-            if _untrained(metrics)
+            if records.untrained
             else ""
         ),
         headline=lines,
         summary=summary,
         figures=figures,
         sections=page.sections(tabs, list(figures)),
-        settings=page.settings_tables(metrics),
-        protocol=[*PROTOCOL, *page.conventions(metrics)],
+        settings=page.settings_tables(records),
+        protocol=[*PROTOCOL, *page.conventions(records)],
     )
     write_text(out / "report.md", markdown(doc))
     write_text(out / "report.html", html(doc))
