@@ -18,7 +18,7 @@ GROUND_METRICS = ("auc_roc", "top1", "cnr")
 Interval = Mapping[str, Any]  # metrics.intervals.Interval.as_dict(): its bounds and how it was made
 
 
-def _dict(data: Any) -> Mapping[str, Any]:
+def read_dict(data: Any) -> Mapping[str, Any]:
     """An absent or null object of metrics.json read as an empty one."""
     return data if isinstance(data, Mapping) else {}
 
@@ -62,7 +62,7 @@ class Localization:
 
     @classmethod
     def read(cls, data: Any) -> Localization | None:
-        d = _dict(data)
+        d = read_dict(data)
         return cls(*(Measure.read(d.get(m)) for m in GROUND_METRICS), d.get("n")) if data else None
 
     def measure(self, metric: str) -> Measure | None:
@@ -88,10 +88,10 @@ class WordAnalysis:
 
     @classmethod
     def read(cls, data: Any) -> WordAnalysis:
-        d = _dict(data)
+        d = read_dict(data)
 
         def words(by_class: Any) -> dict[str, tuple[Word, ...]]:
-            return {c: tuple(Word(w["word"], w["n"], w["cnr"]) for w in ws) for c, ws in _dict(by_class).items()}
+            return {c: tuple(Word(w["word"], w["n"], w["cnr"]) for w in ws) for c, ws in read_dict(by_class).items()}
 
         return cls(d.get("min_count"), words(d.get("top3")), words(d.get("class_words")), d.get("eos_cnr"))
 
@@ -109,15 +109,15 @@ class Grounding:
 
     @classmethod
     def read(cls, data: Any, intervals: Any = None) -> Grounding:
-        d, iv = _dict(data), _dict(intervals)
-        by_class = {c: _dict(v) for c, v in _dict(iv.get("classes")).items()}
-        classes = {c: Localization.read(v) for c, v in _dict(d.get("classes")).items()}
+        d, iv = read_dict(data), read_dict(intervals)
+        by_class = {c: read_dict(v) for c, v in read_dict(iv.get("classes")).items()}
+        classes = {c: Localization.read(v) for c, v in read_dict(d.get("classes")).items()}
         return cls(
             classes,
             Localization.read(d.get("average")),
-            {**by_class, "Average": _dict(iv.get("average"))},
+            {**by_class, "Average": read_dict(iv.get("average"))},
             WordAnalysis.read(d.get("word_analysis")),
-            _dict(d.get("conventions")),
+            read_dict(d.get("conventions")),
         )
 
     def at(self, category: str) -> Localization | None:
@@ -144,7 +144,7 @@ class Setting:
 
     @classmethod
     def read(cls, data: Any) -> Setting:
-        d = _dict(data)
+        d = read_dict(data)
         return cls(*(d.get(k) for k in cls.__dataclass_fields__))
 
     @property
@@ -163,7 +163,7 @@ class Training:
 
     @classmethod
     def read(cls, data: Any) -> Training:
-        d = _dict(data)
+        d = read_dict(data)
         return cls(*(d.get(k) for k in cls.__dataclass_fields__))
 
 
@@ -179,7 +179,7 @@ class CheckpointPoint:
 
     @classmethod
     def read(cls, data: Mapping[str, Any]) -> CheckpointPoint:
-        g, f = _dict(data.get("grounding")), data.get("fidelity")
+        g, f = read_dict(data.get("grounding")), data.get("fidelity")
         fidelity = Score.from_dict(f) if f else None
         return cls(
             data["step"], data.get("source"), Measure.read(g.get("cnr")), Measure.read(g.get("auc_roc")), fidelity
@@ -208,16 +208,24 @@ class RunResult:
     per_phrase: Grounding | None  # Table 3's scoring, None where it equals the union's
     fidelity: tuple[Score, ...] | None
     diversity: Score | None
+    fidelity_ms_cxr: tuple[Score, ...]  # Table 4's second column: from the MS-CXR phrases
+    diversity_ms_cxr: Score | None
+    n_generated: int | None
+    n_generated_ms_cxr: int | None
     classifier: Mapping[str, Score]
     checkpoints: tuple[CheckpointPoint, ...]
     overlays: Mapping[str, list[str]]
     laterality: Mapping[str, Any]  # metrics.laterality's entry as measured (empty: metrics from before it)
-    text_source_cnr: float | None
+    text_source_cnr: float | None  # Table 7: CNR on the phrases that contain their label
+    text_phrases: int | None
+    eos_cnr: float | None  # the end-of-text token's CNR over all classes
+    class_word_cnr: float | None
     raw: Mapping[str, Any]  # the entry as written, for the privacy and benchmark readers
 
     @classmethod
     def read(cls, name: str, data: Mapping[str, Any]) -> RunResult:
-        phrase = _dict(data.get("grounding_per_phrase")) or {"same_as_union": True}
+        phrase = read_dict(data.get("grounding_per_phrase")) or {"same_as_union": True}
+        text, eos = read_dict(data.get("text_source")), read_dict(data.get("eos"))
         per_phrase = None if phrase.get("same_as_union") else Grounding.read(phrase, phrase.get("intervals"))
         return cls(
             name=name,
@@ -230,11 +238,18 @@ class RunResult:
             per_phrase=per_phrase,
             fidelity=_scores(data["fidelity"]) if "fidelity" in data else None,
             diversity=_score(data.get("diversity")),
-            classifier={c: Score.from_dict(s) for c, s in _dict(data.get("classifier")).items() if s},
+            fidelity_ms_cxr=_scores(data.get("fidelity_ms_cxr")),
+            diversity_ms_cxr=_score(data.get("diversity_ms_cxr")),
+            n_generated=data.get("n_generated"),
+            n_generated_ms_cxr=data.get("n_generated_ms_cxr"),
+            classifier={c: Score.from_dict(s) for c, s in read_dict(data.get("classifier")).items() if s},
             checkpoints=tuple(CheckpointPoint.read(p) for p in data.get("checkpoints") or []),
-            overlays=_dict(data.get("overlays")),
-            laterality=_dict(data.get("laterality")),
-            text_source_cnr=_dict(data.get("text_source")).get("cnr"),
+            overlays=read_dict(data.get("overlays")),
+            laterality=read_dict(data.get("laterality")),
+            text_source_cnr=text.get("cnr"),
+            text_phrases=text.get("n"),
+            eos_cnr=eos.get("eos_cnr"),
+            class_word_cnr=eos.get("class_word_cnr"),
             raw=data,
         )
 
@@ -268,11 +283,11 @@ class TrainingGroup:
 
     @classmethod
     def read(cls, name: str, data: Mapping[str, Any]) -> TrainingGroup:
-        text, eos = _dict(data.get("text_source")), _dict(data.get("eos"))
-        noise = _dict(_dict(data.get("noise_seed_std")).get("average")).get("cnr")
+        text, eos = read_dict(data.get("text_source")), read_dict(data.get("eos"))
+        noise = read_dict(read_dict(data.get("noise_seed_std")).get("average")).get("cnr")
 
         def named(key: str) -> dict[str, GroupScore]:
-            return {n: GroupScore.read_named(n, s) for n, s in _dict(data.get(key)).items()}
+            return {n: GroupScore.read_named(n, s) for n, s in read_dict(data.get(key)).items()}
 
         return cls(
             name=name,
@@ -324,12 +339,12 @@ def read_metrics(metrics: Mapping[str, Any] | ReportRecords) -> ReportRecords:
 
     from cxrdiff.metrics.score import UNTRAINED_LABEL
 
-    real = _dict(_dict(metrics.get("real")).get("classifier"))
+    real = read_dict(read_dict(metrics.get("real")).get("classifier"))
     return ReportRecords(
-        runs={n: RunResult.read(n, r) for n, r in _dict(metrics.get("runs")).items()},
-        groups={g: TrainingGroup.read(g, v) for g, v in _dict(metrics.get("groups")).items()},
-        settings=_dict(metrics.get("settings")),
-        ddof=_dict(metrics.get("trainings")).get("ddof", 1),
+        runs={n: RunResult.read(n, r) for n, r in read_dict(metrics.get("runs")).items()},
+        groups={g: TrainingGroup.read(g, v) for g, v in read_dict(metrics.get("groups")).items()},
+        settings=read_dict(metrics.get("settings")),
+        ddof=read_dict(metrics.get("trainings")).get("ddof", 1),
         classifier=metrics.get("classifier"),
         real_classifier={c: Score.from_dict(s) for c, s in real.items() if s},
         verdicts=tuple(metrics.get("verdicts") or ()),

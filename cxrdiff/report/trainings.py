@@ -22,7 +22,9 @@ import numpy as np
 
 from cxrdiff.artifacts import MANIFEST, input_identity, read_manifest
 from cxrdiff.errors import InputError
+from cxrdiff.metrics.score import Score
 from cxrdiff.report.config import check_name
+from cxrdiff.report.records import Localization, RunResult, read_dict
 
 TRAININGS_DDOF = 1
 GROUND_METRICS = ("auc_roc", "top1", "cnr")
@@ -179,59 +181,66 @@ def _default_names(summaries: Sequence[Mapping[str, Any]], taken: set[str]) -> l
 # --- aggregation over trainings -------------------------------------------------------------------
 
 
-def _grounding_cell(entries: Sequence[Mapping[str, Any]], pick: Any) -> dict[str, Any]:
-    cells = [c for e in entries if (c := pick(e.get("grounding", {})))]
-    if not cells:
+def _grounding_cell(cells: Sequence[Localization | None]) -> dict[str, Any]:
+    """One class (or the average) over trainings: each metric's mean ± std, the phrases of the first."""
+    found = [c for c in cells if c]
+    if not found:
         return {}
-    out: dict[str, Any] = {"n": cells[0].get("n")}
+    out: dict[str, Any] = {"n": found[0].n}
     for m in GROUND_METRICS:
-        out[m] = mean_std([(c.get(m) or {}).get("mean") for c in cells])
+        out[m] = mean_std([cell.mean if (cell := c.measure(m)) else None for c in found])
     return out
+
+
+def _value(score: Score | None) -> float | None:
+    return score.value if score else None
 
 
 def aggregate(entries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """One group's numbers over its trainings (each entry one run of metrics.json's `runs`)."""
-    classes = sorted({c for e in entries for c in e.get("grounding", {}).get("classes", {})})
+    runs = [RunResult.read("", e) for e in entries]
+    classes = sorted({c for r in runs for c in r.grounding.classes})
     grounding = {
-        "classes": {c: _grounding_cell(entries, lambda g, c=c: g.get("classes", {}).get(c)) for c in classes},
-        "average": _grounding_cell(entries, lambda g: g.get("average")),
+        "classes": {c: _grounding_cell([r.grounding.at(c) for r in runs]) for c in classes},
+        "average": _grounding_cell([r.grounding.average for r in runs]),
     }
-    noise = {
-        m: mean_std([((e.get("grounding", {}).get("average") or {}).get(m) or {}).get("std") for e in entries])["mean"]
-        for m in GROUND_METRICS
-    }
-    text = [e.get("text_source") or {} for e in entries]
-    first = entries[0].get("setting", {})
+    averages = [r.grounding.average for r in runs]
+    noise = {m: mean_std([cell.std if a and (cell := a.measure(m)) else None for a in averages])["mean"]
+             for m in GROUND_METRICS}  # fmt: skip
+    first = read_dict(entries[0].get("setting"))  # written back whole: every key the run recorded
     return {
-        "trainings": len(entries),
-        "seeds": [e.get("setting", {}).get("seed") for e in entries],
+        "trainings": len(runs),
+        "seeds": [r.setting.seed for r in runs],
         "setting": {k: v for k, v in first.items() if k != "seed"},
         "grounding": grounding,
         "noise_seed_std": {"average": noise},
         "fidelity": _scores(entries, "fidelity"),
         "fidelity_ms_cxr": _scores(entries, "fidelity_ms_cxr"),
-        "diversity": mean_std([(e.get("diversity") or {}).get("value") for e in entries]),
-        "diversity_ms_cxr": mean_std([(e.get("diversity_ms_cxr") or {}).get("value") for e in entries]),
-        "n_generated": entries[0].get("n_generated"),
-        "n_generated_ms_cxr": entries[0].get("n_generated_ms_cxr"),
+        "diversity": mean_std([_value(r.diversity) for r in runs]),
+        "diversity_ms_cxr": mean_std([_value(r.diversity_ms_cxr) for r in runs]),
+        "n_generated": runs[0].n_generated,
+        "n_generated_ms_cxr": runs[0].n_generated_ms_cxr,
         "text_source": {
             "source": first.get("prompt_source"),
             "text_encoder": first.get("text_encoder"),
-            "cnr": mean_std([t.get("cnr") for t in text]),
-            "phrases": text[0].get("n"),
+            "cnr": mean_std([r.text_source_cnr for r in runs]),
+            "phrases": runs[0].text_phrases,
         },
-        "eos": {k: mean_std([(e.get("eos") or {}).get(k) for e in entries]) for k in ("eos_cnr", "class_word_cnr")},
+        "eos": {
+            "eos_cnr": mean_std([r.eos_cnr for r in runs]),
+            "class_word_cnr": mean_std([r.class_word_cnr for r in runs]),
+        },
     }
 
 
 def _scores(entries: Sequence[Mapping[str, Any]], key: str) -> dict[str, Any]:
-    """Each named score (a Fréchet distance) as mean ± std over trainings, with its title and label."""
-    from cxrdiff.metrics.score import Score
-
+    """Each named score (a Fréchet distance) as mean ± std over trainings, with its title and label (as the run
+    recorded it: absent stays null)."""
     out: dict[str, Any] = {}
-    names = list(dict.fromkeys(s["name"] for e in entries for s in e.get(key) or []))
+    lists = [e.get(key) or [] for e in entries]
+    names = list(dict.fromkeys(s["name"] for scores in lists for s in scores))
     for name in names:
-        found = [s for e in entries for s in e.get(key) or [] if s["name"] == name]
+        found = [s for scores in lists for s in scores if s["name"] == name]
         out[name] = {
             **mean_std([s.get("value") for s in found]),
             "title": Score.from_dict(found[0]).title,
