@@ -32,6 +32,7 @@ from cxrdiff.report.features import (
     spec_identity,
 )
 from cxrdiff.report.measure import classifier_key, label_groups
+from cxrdiff.report.records import NetworkScores, ReportRecords, read_metrics
 from cxrdiff.report.steps import cached, identity, image_path, image_size, read_table
 
 NO_FINDING = "No Finding"
@@ -168,13 +169,13 @@ def measure_benchmark_once(
 # --- tables -------------------------------------------------------------------------------------
 
 
-def _cell(scores: Mapping[str, Mapping[str, Any]], metric: str, network: str, fid_family: bool) -> str:
+def _cell(scores: Mapping[str, Score], metric: str, network: str, fid_family: bool) -> str:
     name = ("FID" if metric == "FD" else "KID") if fid_family and metric in ("FD", "KID") else f"{metric} ({network})"
     entry = scores.get(name)
     if not entry:
         return "—"
-    places = digits(entry.get("value"), DIGITS[metric]) if metric in ("FD", "KID") else DIGITS[metric]
-    return Score.from_dict(dict(entry)).text(places)
+    places = digits(entry.value, DIGITS[metric]) if metric in ("FD", "KID") else DIGITS[metric]
+    return entry.text(places)
 
 
 def digits(value: float | None, base: int) -> int:
@@ -185,23 +186,22 @@ def digits(value: float | None, base: int) -> int:
     return min(6, base + max(0, -math.floor(math.log10(abs(value)))))
 
 
-def _rows(name: str, source: str, networks: Sequence[Mapping[str, Any]]) -> list[list[str]]:
+def _rows(name: str, source: str, networks: Sequence[NetworkScores]) -> list[list[str]]:
     rows = []
     for item in networks:
-        scores = {s["name"]: s for s in item.get("scores", [])}
-        fid_family = "FID" in scores
-        cells = [_cell(scores, m, item["network"], fid_family) for m in DIGITS]
-        rows.append([name, source, item["network"], *cells])
+        fid_family = "FID" in item.scores
+        cells = [_cell(item.scores, m, item.network, fid_family) for m in DIGITS]
+        rows.append([name, source, item.network, *cells])
     return rows
 
 
 HEADERS = ["model", "source", "network", "FD", "KID", "precision", "recall", "density", "coverage"]
 
 
-def benchmark_tables(metrics: Mapping[str, Any]) -> list[Table]:
+def benchmark_tables(metrics: Mapping[str, Any] | ReportRecords) -> list[Table]:
     """The overall table (CheXGenBench's published FD (RadDino) beside every run) and the per-class table; none
     when no run has a benchmark."""
-    runs = {n: r["benchmark"] for n, r in metrics.get("runs", {}).items() if (r.get("benchmark") or {}).get("networks")}
+    runs = {n: r.benchmark for n, r in read_metrics(metrics).runs.items() if r.benchmark}
     if not runs:
         return []
     rows = [
@@ -209,10 +209,10 @@ def benchmark_tables(metrics: Mapping[str, Any]) -> list[Table]:
         for model, value in PUBLISHED_RADDINO_FD.items()
     ]
     for name, bench in runs.items():
-        rows += _rows(name, "this report", bench["networks"])
-    k = next((s.get("protocol", {}).get("k") for b in runs.values() for n in b["networks"] for s in n["scores"]
-              if s.get("protocol", {}).get("k")), 5)  # fmt: skip
-    n_real, n_fake = next(iter(runs.values())).get("n", ["?", "?"])
+        rows += _rows(name, "this report", bench.networks)
+    k = next((s.protocol["k"] for b in runs.values() for n in b.networks for s in n.scores.values()
+              if s.protocol.get("k")), 5)  # fmt: skip
+    n_real, n_fake = next(iter(runs.values())).n
     overall = Table(
         "Fidelity on feature networks: FD, KID and precision / recall / density / coverage",
         HEADERS,
@@ -229,15 +229,15 @@ def benchmark_tables(metrics: Mapping[str, Any]) -> list[Table]:
     class_rows = []
     minimum = None
     for name, bench in runs.items():
-        minimum = bench.get("min_class_images", minimum)
-        for c, entry in (bench.get("per_class") or {}).items():
-            if not entry.get("n_real") and not entry.get("n_generated"):
+        minimum = bench.min_class_images if bench.min_class_images is not None else minimum
+        for c, entry in bench.per_class.items():
+            if not entry.n_real and not entry.n_generated:
                 continue
-            counts = f"{entry.get('n_real', 0)} / {entry.get('n_generated', 0)}"
-            if not entry.get("networks"):
+            counts = f"{entry.n_real} / {entry.n_generated}"
+            if not entry.networks:
                 class_rows.append([name, c, counts, "—", "too few images"] + ["—"] * 5)
                 continue
-            for row in _rows(name, counts, entry["networks"]):
+            for row in _rows(name, counts, entry.networks):
                 class_rows.append([row[0], c, *row[1:]])
     if class_rows:
         tables.append(

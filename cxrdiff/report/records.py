@@ -186,6 +186,54 @@ class CheckpointPoint:
         )
 
 
+@dataclass(frozen=True)
+class NetworkScores:
+    """One feature network's scores of a benchmark (FD, KID, precision / recall / density / coverage), by name."""
+
+    network: str
+    scores: Mapping[str, Score]
+
+    @classmethod
+    def read(cls, data: Mapping[str, Any]) -> NetworkScores:
+        return cls(data["network"], {s["name"]: Score.from_dict(dict(s)) for s in data.get("scores", [])})
+
+
+@dataclass(frozen=True)
+class ClassBenchmark:
+    """One class's benchmark: its real and generated image counts, and its networks' scores (none: too few)."""
+
+    n_real: int
+    n_generated: int
+    networks: tuple[NetworkScores, ...]
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """A run's benchmark on feature networks (`report --features`): overall and per class."""
+
+    networks: tuple[NetworkScores, ...]
+    n: tuple[Any, Any]  # real test images, generated images
+    per_class: Mapping[str, ClassBenchmark]
+    min_class_images: int | None
+
+    @classmethod
+    def read(cls, data: Any) -> Benchmark | None:
+        d = read_dict(data)
+        if not d.get("networks"):
+            return None
+        per_class = {
+            c: ClassBenchmark(
+                e.get("n_real", 0),
+                e.get("n_generated", 0),
+                tuple(NetworkScores.read(n) for n in e.get("networks") or []),
+            )
+            for c, e in read_dict(d.get("per_class")).items()
+        }
+        n_real, n_fake = d.get("n", ["?", "?"])
+        networks = tuple(NetworkScores.read(n) for n in d["networks"])
+        return cls(networks, (n_real, n_fake), per_class, d.get("min_class_images"))
+
+
 def _score(data: Any) -> Score | None:
     return Score.from_dict(dict(data)) if data else None
 
@@ -214,13 +262,14 @@ class RunResult:
     n_generated_ms_cxr: int | None
     classifier: Mapping[str, Score]
     checkpoints: tuple[CheckpointPoint, ...]
+    benchmark: Benchmark | None  # None: not measured
     overlays: Mapping[str, list[str]]
     laterality: Mapping[str, Any]  # metrics.laterality's entry as measured (empty: metrics from before it)
     text_source_cnr: float | None  # Table 7: CNR on the phrases that contain their label
     text_phrases: int | None
     eos_cnr: float | None  # the end-of-text token's CNR over all classes
     class_word_cnr: float | None
-    raw: Mapping[str, Any]  # the entry as written, for the privacy and benchmark readers
+    raw: Mapping[str, Any]  # the entry as written, for the privacy section's readers
 
     @classmethod
     def read(cls, name: str, data: Mapping[str, Any]) -> RunResult:
@@ -244,6 +293,7 @@ class RunResult:
             n_generated_ms_cxr=data.get("n_generated_ms_cxr"),
             classifier={c: Score.from_dict(s) for c, s in read_dict(data.get("classifier")).items() if s},
             checkpoints=tuple(CheckpointPoint.read(p) for p in data.get("checkpoints") or []),
+            benchmark=Benchmark.read(data.get("benchmark")),
             overlays=read_dict(data.get("overlays")),
             laterality=read_dict(data.get("laterality")),
             text_source_cnr=text.get("cnr"),
@@ -327,7 +377,7 @@ class ReportRecords:
     verdicts: tuple[Mapping[str, Any], ...]  # report.verdicts' records, as written
     untrained: bool  # some score came from randomly initialised features
     data_set: Mapping[str, Any]  # the data set measured on and its text, as the report recorded it
-    metrics: Mapping[str, Any]  # the dict read, for the readers that take it whole (privacy, benchmark)
+    metrics: Mapping[str, Any]  # the dict read, for the readers that take it whole (privacy)
 
 
 def read_metrics(metrics: Mapping[str, Any] | ReportRecords) -> ReportRecords:
@@ -349,6 +399,6 @@ def read_metrics(metrics: Mapping[str, Any] | ReportRecords) -> ReportRecords:
         real_classifier={c: Score.from_dict(s) for c, s in real.items() if s},
         verdicts=tuple(metrics.get("verdicts") or ()),
         untrained=UNTRAINED_LABEL in json.dumps(metrics, default=str),
-        data_set=_dict(metrics.get("data_set")),
+        data_set=read_dict(metrics.get("data_set")),
         metrics=metrics,
     )
