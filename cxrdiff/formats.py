@@ -35,6 +35,13 @@ class FormatRecord:
     prompt_rule: str  # why the others are refused, for the error message
     regions: Literal["boxes", "masks"]  # what its grounding set scores a map against
     label: str  # its name in messages
+    text_column: str = "impression"  # the train shards' text column (COCO: "captions", a list per image)
+    labelled: bool = True  # the train shards hold CheXpert's label columns (the UCG rule reads them)
+
+    @property
+    def ucg_eligible(self) -> str:
+        """Which training rows may get the empty prompt, in the finetune manifest's words."""
+        return "samples whose only positive label is No Finding" if self.labelled else "any caption"
 
 
 FORMATS: dict[str, FormatRecord] = {
@@ -53,6 +60,8 @@ FORMATS: dict[str, FormatRecord] = {
         prompt_rule="COCO data trains on its captions (impression)",
         regions="masks",
         label="COCO",
+        text_column="captions",
+        labelled=False,
     ),
     # The public sets (docs/public-sets.md), prepared in MIMIC's layout with CheXpert's label columns.
     "nih": FormatRecord(

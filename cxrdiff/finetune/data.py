@@ -12,6 +12,7 @@ import numpy as np
 
 from cxrdiff.data import LABELS
 from cxrdiff.errors import InputError
+from cxrdiff.formats import format_record
 from cxrdiff.training_text import (
     NO_FINDING,
     TrainingText,
@@ -58,11 +59,8 @@ class TrainData:
         self.shape, self.seed, self.rank, self.world = tuple(shape), seed, rank, world
         self.columns = ["latent_mean", "latent_logvar"] if with_logvar else ["latent_mean"]
         counts, impressions, labels = [], [], []
-        try:
-            self.captions = "captions" in pq.read_schema(self.shards[0]).names  # COCO: every caption, no labels
-        except Exception as exc:  # pyarrow raises several types for a bad file
-            raise unreadable_shard(self.shards[0], exc) from None
-        text_column, label_columns = ("captions", []) if self.captions else ("impression", list(LABELS))
+        self.format = format_record(folder)
+        text_column, label_columns = self.format.text_column, list(LABELS) if self.format.labelled else []
         for shard in self.shards:
             try:
                 table = pq.read_table(shard, columns=[text_column, "latent_shape", *label_columns])
@@ -72,7 +70,7 @@ class TrainData:
                 raise InputError(f"{shard}: latent_shape {table.column('latent_shape')[0]} != {list(self.shape)}")
             counts.append(table.num_rows)
             impressions += table.column(text_column).to_pylist()
-            if self.captions:
+            if not self.format.labelled:
                 labels.append(np.full((table.num_rows, len(LABELS)), np.nan, dtype=np.float32))
             else:
                 labels.append(np.stack([table.column(n).to_numpy(zero_copy_only=False) for n in LABELS], axis=1))

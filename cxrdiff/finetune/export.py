@@ -69,9 +69,7 @@ def export_run(run: TrainingRun, folder: StepFolder, last_loss: float) -> dict[s
         "final_loss": last_loss,
         "training_mode": run.mode.record(text_targets(run.comps.text_encoder) if run.mode.text_rank else ()),
         "parameters": run.accelerator.unwrap_model(run.model).parameter_counts,
-        "ucg_rule": {"eligible": "any caption", "p": config.ucg_caption}
-        if run.data.captions
-        else {"eligible": "samples whose only positive label is No Finding", "p": config.ucg_no_finding},
+        "ucg_rule": {"eligible": run.data.format.ucg_eligible, "p": getattr(config, run.data.format.ucg_field)},
     }
     if run.main:
         write_pipeline(run, state)

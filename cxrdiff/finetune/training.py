@@ -111,13 +111,13 @@ def load_run(config: FinetuneConfig, model_dir: Path, accelerator: Any, per_devi
         comps.use_text(open_text_encoder(config.text_encoder, cross, config.trust_remote_code, seed=config.seed))
     with_logvar = config.latent_sampling == "sample"
     data = TrainData(Path(config.data), comps.latent_shape, config.seed, rank, world, with_logvar=with_logvar)
-    ucg = config.ucg_caption if data.captions else config.ucg_no_finding
+    ucg = getattr(config, data.format.ucg_field)
     text = TrainingText(
         config.prompt_source,
         data.impressions,
         data.labels,
         ucg,
-        any_row=data.captions,
+        any_row=not data.format.labelled,
         deid_markers=config.deid_markers,
     )
     model, optimizer, lr_scheduler, ema = build_model(config, comps, accelerator)
