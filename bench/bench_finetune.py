@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from cxrdiff.finetune import FinetuneConfig, finetune
-from cxrdiff.models import load_components, write_tiny_model
+from cxrdiff.model.tiny import write_tiny_model
+from cxrdiff.models import load_components
 
 
 def bare_loop(model: Path, data: Path, steps: int, warmup: int, batch: int, learnable: bool, precision: str) -> float:

@@ -124,7 +124,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None:
-            from cxrdiff.models import write_tiny_model
+            from cxrdiff.model.tiny import write_tiny_model
 
             model = write_tiny_model(Path(tmp) / "tiny")
         if args.probe is not None:

@@ -22,7 +22,7 @@ from PIL import Image
 
 from cxrdiff.data import LABELS
 from cxrdiff.images import load_grayscale, resize_center_crop
-from cxrdiff.models import write_tiny_model
+from cxrdiff.model.tiny import write_tiny_model
 from cxrdiff.prepare import PrepareConfig, prepare
 
 

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from cxrdiff.images import grey_from_pipeline
-from cxrdiff.models import write_tiny_model
+from cxrdiff.model.tiny import write_tiny_model
 from cxrdiff.sample import SampleConfig, image_file, image_seed, make_scheduler, sample, write_png
 
 PROMPTS = [

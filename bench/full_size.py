@@ -40,7 +40,7 @@ from pathlib import Path
 
 
 def stage_model(work: Path, args: argparse.Namespace) -> dict:
-    from cxrdiff.models import write_random_model
+    from cxrdiff.model.published import write_random_model
 
     return write_random_model(work / "sd2-base", "sd2-base", seed=0, text_encoder_like=args.text_encoder_like)
 
@@ -188,7 +188,7 @@ def training_counts(like: str = "sd2-base") -> list[dict]:
     """Every `TRAINING` variant's trainable and total parameters, from the architecture on the meta device."""
     from cxrdiff.finetune import FinetuneConfig
     from cxrdiff.finetune.lora import TrainingMode, parameter_counts, set_trainable
-    from cxrdiff.models import published_modules
+    from cxrdiff.model.published import published_modules
 
     rows = []
     for name, (rank, text) in TRAINING.items():

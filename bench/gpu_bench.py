@@ -79,7 +79,8 @@ def _sync() -> None:
 
 def make_inputs(work: Path, args: argparse.Namespace) -> tuple[Path, dict]:
     """The model, the phantom and its prepared latents; returns the model and the VAE-encoding row."""
-    from cxrdiff.models import write_random_model, write_tiny_model
+    from cxrdiff.model.published import write_random_model
+    from cxrdiff.model.tiny import write_tiny_model
     from cxrdiff.phantom import PhantomConfig, make_phantom
     from cxrdiff.prepare import PrepareConfig, prepare
 

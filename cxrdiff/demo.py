@@ -117,7 +117,7 @@ def _fitted_vae(out: Path, phantom: Path, plan: DemoPlan) -> Path:
     """The tiny VAE fitted to the phantom images, once, in `out/vae` (every base model shares it, so one
     prepared folder serves them all: its latents' VAE fingerprint matches each)."""
     from cxrdiff.artifacts import atomic_dir
-    from cxrdiff.models import TinySpec, tiny_components
+    from cxrdiff.model.tiny import TinySpec, tiny_components
 
     path = out / "vae"
     if (path / "config.json").is_file():
@@ -147,7 +147,7 @@ def _pretrain_phantom(out: Path, plan: DemoPlan) -> Path:
 def _pretrained_bert(out: Path, plan: DemoPlan) -> Path:
     """`cxrdiff model pretrain-bert` on the pretraining phantom: a tiny BERT (masked language modelling, the
     objective chosen before any run) for the `--text-encoders bert` runs."""
-    from cxrdiff.pretrain_bert import PretrainBertConfig, pretrain_bert
+    from cxrdiff.model.pretrain_bert import PretrainBertConfig, pretrain_bert
 
     folder = out / "tiny-bert"
     result = pretrain_bert(
@@ -169,7 +169,7 @@ def _pretrained_bert(out: Path, plan: DemoPlan) -> Path:
 
 def _pretrained_text(out: Path, plan: DemoPlan) -> Path:
     """`cxrdiff model pretrain-text` on the pretraining phantom."""
-    from cxrdiff.pretrain_text import PretrainTextConfig, pretrain_text
+    from cxrdiff.model.pretrain_text import PretrainTextConfig, pretrain_text
 
     pairs = _pretrain_phantom(out, plan)
     folder = out / "text-encoder"
@@ -196,7 +196,8 @@ def _base_model(out: Path, init: str, vae: Path, text_encoder: Path | None, plan
     and the pretrained text encoder or a token-local random one (skipped when already written)."""
     from diffusers import AutoencoderKL
 
-    from cxrdiff.models import TinySpec, save_components, tiny_components
+    from cxrdiff.model.tiny import TinySpec, tiny_components
+    from cxrdiff.models import save_components
     from cxrdiff.text_encoders import load_text_encoder
 
     base = out / f"base-model-{init}"

@@ -39,7 +39,8 @@ QUICK = CocoDemoPlan(images=80, vae_steps=100, steps=100, sample_steps=10, groun
 def _base_model(out: Path, phantom: Path, plan: CocoDemoPlan) -> Path:
     """A tiny SD2-shaped model (token-local text encoder) whose VAE is fitted to the phantom's train images."""
     from cxrdiff.images import load_rgb, resize_center_crop
-    from cxrdiff.models import TinySpec, save_components, tiny_components
+    from cxrdiff.model.tiny import TinySpec, tiny_components
+    from cxrdiff.models import save_components
     from cxrdiff.vae_fit import fit_vae, scale_to_unit_variance
 
     base = out / "base-model"

@@ -629,7 +629,8 @@ PUBLISHED_TEXT_ENCODERS: dict[str, dict[str, Any]] = {
 
 
 def published_text_encoder(like: str) -> Any:
-    """A BertModel of a published shape on the meta device (nothing allocated; `models.fill_random` fills it)."""
+    """A BertModel of a published shape on the meta device (nothing allocated; `fill_random` of model.published
+    fills it)."""
     from accelerate import init_empty_weights
     from transformers import BertConfig, BertModel
 

@@ -14,7 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """A tiny random SD2-shaped diffusers folder (64 px images, 16×16×4 latents, real CLIP vocabulary)."""
-    from cxrdiff.models import write_tiny_model
+    from cxrdiff.model.tiny import write_tiny_model
 
     path = tmp_path_factory.mktemp("models") / "tiny"
     write_tiny_model(path, seed=0)
@@ -23,7 +23,7 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from cxrdiff.models import clip_tokenizer
+    from cxrdiff.model.tiny import clip_tokenizer
 
     return clip_tokenizer()
 

@@ -298,7 +298,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_state(tmp_path, ti
 
 @pytest.mark.slow
 def test_cli_run_with_v_prediction_ema_export_min_snr_and_validation(tmp_path, prepared):
-    from cxrdiff.models import TinySpec, write_tiny_model
+    from cxrdiff.model.tiny import TinySpec, write_tiny_model
 
     model = write_tiny_model(tmp_path / "vpred", TinySpec(prediction_type="v_prediction"))
     data = build_prepared(tmp_path / "prep", n=8, vae_fingerprint=_fingerprint(model))

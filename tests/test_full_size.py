@@ -19,7 +19,7 @@ RESOLUTION = 64  # latents 8×8: the UNet's cross-attention runs on 8×8, 4×4, 
 
 @pytest.fixture(scope="module")
 def sd2(tmp_path_factory):
-    from cxrdiff.models import write_random_model
+    from cxrdiff.model.published import write_random_model
 
     out = tmp_path_factory.mktemp("full") / "sd2-base"
     result = write_random_model(out, "sd2-base", seed=0)

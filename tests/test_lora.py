@@ -239,7 +239,7 @@ def test_sd2_base_adapter_counts_are_the_hand_computed_ones():
     2 · r · (1024 + d): 14rd + 2048r. Blocks: 5 at 320, 5 at 640, 6 at 1280 (16): 14r · 12480 + 16 · 2048r =
     207,488r. The text encoder: 23 layers × 4 projections × r × 2048 = 188,416r."""
     from cxrdiff.finetune.lora import parameter_counts, set_trainable
-    from cxrdiff.models import PUBLISHED, published_modules
+    from cxrdiff.model.published import PUBLISHED, published_modules
 
     modules = published_modules("sd2-base")
     mode = TrainingMode("lora", 4, 4.0, 0.0, ("to_q", "to_k", "to_v", "to_out.0"), 4, 4.0)

@@ -8,13 +8,8 @@ import pytest
 import torch
 
 from cxrdiff.errors import InputError
-from cxrdiff.models import (
-    TinySpec,
-    check_model_folder,
-    load_components,
-    save_components,
-    tiny_components,
-)
+from cxrdiff.model.tiny import TinySpec, tiny_components
+from cxrdiff.models import check_model_folder, load_components, save_components
 
 
 def _generate(folder, seed=0):
@@ -103,7 +98,7 @@ def test_missing_folder(tmp_path):
 def test_model_tiny_refuses_a_step_folder(tmp_path):
     """`cxrdiff model tiny` over a finetune output would silently swap its weights under its manifest."""
     from cxrdiff.artifacts import write_manifest
-    from cxrdiff.models import write_tiny_model_cli
+    from cxrdiff.model.tiny import write_tiny_model_cli
 
     run = tmp_path / "run"
     run.mkdir()
@@ -243,7 +238,8 @@ def _check_fields(config, expected, part):
 
 @pytest.mark.parametrize("like", sorted(RELEASED_PARAMETERS))
 def test_published_architectures_have_the_released_parameter_counts(like):
-    from cxrdiff.models import parameter_counts, published_modules
+    from cxrdiff.model.published import published_modules
+    from cxrdiff.models import parameter_counts
 
     counts = parameter_counts(published_modules(like))  # on the meta device: nothing allocated
     for part, released in zip(("unet", "text_encoder", "vae"), RELEASED_PARAMETERS[like], strict=True):
@@ -251,7 +247,7 @@ def test_published_architectures_have_the_released_parameter_counts(like):
 
 
 def test_sd2_base_configs_field_by_field():
-    from cxrdiff.models import published_modules
+    from cxrdiff.model.published import published_modules
 
     modules = published_modules("sd2-base")
     _check_fields(modules["unet"].config, SD2_BASE_UNET, "unet")
@@ -262,7 +258,7 @@ def test_sd2_base_configs_field_by_field():
 
 
 def test_sd2_768_and_sd15_differ_from_sd2_base_where_released():
-    from cxrdiff.models import PUBLISHED
+    from cxrdiff.model.published import PUBLISHED
 
     v = PUBLISHED["sd2-768"]
     assert v["unet"]["sample_size"] == 96 and v["vae"]["sample_size"] == 768
@@ -279,7 +275,7 @@ def test_fill_random_is_seeded_and_scaled():
     import torch
     from diffusers import UNet2DConditionModel
 
-    from cxrdiff.models import fill_random
+    from cxrdiff.model.published import fill_random
 
     def build(seed):
         with torch.device("meta"):
@@ -304,7 +300,7 @@ def test_fill_random_is_seeded_and_scaled():
 
 
 def test_model_random_refuses_a_non_empty_folder_and_an_unknown_architecture(tmp_path):
-    from cxrdiff.models import write_random_model
+    from cxrdiff.model.published import write_random_model
 
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
@@ -319,6 +315,6 @@ def test_published_choices_match_the_cli():
     from typing import get_args
 
     from cxrdiff.choices import PublishedModel
-    from cxrdiff.models import PUBLISHED
+    from cxrdiff.model.published import PUBLISHED
 
     assert set(get_args(PublishedModel)) == set(PUBLISHED)

@@ -383,7 +383,7 @@ def test_a_base_model_with_other_vae_weights_is_not_already_prepared(prepared, t
 
     from cxrdiff.artifacts import OtherSettings
     from cxrdiff.finetune.inputs import check_prepared
-    from cxrdiff.models import tiny_components
+    from cxrdiff.model.tiny import tiny_components
     from cxrdiff.prepare.mimic import check_mimic_inputs
 
     out, _ = prepared

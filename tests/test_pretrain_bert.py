@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cxrdiff.errors import InputError
-from cxrdiff.pretrain_bert import OBJECTIVE, PretrainBertConfig, masked_batch, pretrain_bert
+from cxrdiff.model.pretrain_bert import OBJECTIVE, PretrainBertConfig, masked_batch, pretrain_bert
 
 
 def test_masking_is_bert_s_and_depends_on_the_seed_only(tiny_bert):

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from cxrdiff.errors import InputError
-from cxrdiff.pretrain_text import PretrainTextConfig, batch_index, pretrain_text, retrieval_accuracy
+from cxrdiff.model.pretrain import batch_index
+from cxrdiff.model.pretrain_text import PretrainTextConfig, pretrain_text, retrieval_accuracy
 
 
 def test_retrieval_accuracy_counts_identical_reports_and_exact_chance():
@@ -69,7 +70,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(phantom, tmp_path, monke
     import torch
     from safetensors.torch import load_file
 
-    from cxrdiff import pretrain_text as module
+    from cxrdiff.model import pretrain_text as module
 
     def config(out: Path) -> PretrainTextConfig:
         return PretrainTextConfig(
@@ -139,7 +140,7 @@ def test_pairs_are_prepares_training_rows(phantom_tree, phantom_prepared):
     test set), impressions only, longer than 7 characters."""
     import pandas as pd
 
-    from cxrdiff.pretrain_text import read_pairs
+    from cxrdiff.model.pretrain_text import read_pairs
 
     pairs = read_pairs(phantom_tree, 64, phantom_tree / "MS_CXR_Local_Alignment_v1.0.0.csv")
     trained = pd.concat([pd.read_parquet(p, columns=["dicom_id", "impression"])

@@ -69,7 +69,7 @@ def _prepared(folder, model):
 @pytest.mark.slow  # two fine-tunes (one of 200 steps) and two sample sets of a 32 px model: about 25 s
 def test_an_overfit_fine_tune_copies_its_training_images_and_a_normal_one_does_not(tmp_path):
     from cxrdiff.finetune import FinetuneConfig, finetune
-    from cxrdiff.models import TinySpec, write_tiny_model
+    from cxrdiff.model.tiny import TinySpec, write_tiny_model
     from cxrdiff.report import ReportConfig
     from cxrdiff.report.privacy import measure_privacy, pairs_figure
     from cxrdiff.sample import SampleConfig, sample

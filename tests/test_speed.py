@@ -84,7 +84,7 @@ def _maps(comps, **levers):
 
 @pytest.mark.slow
 def test_compiled_grounding_gives_the_plain_maps(traced_compile):
-    from cxrdiff.models import tiny_components
+    from cxrdiff.model.tiny import tiny_components
 
     plain = _maps(tiny_components(seed=0))
     compiled = _maps(tiny_components(seed=0), compile=True, channels_last=True)
@@ -93,7 +93,7 @@ def test_compiled_grounding_gives_the_plain_maps(traced_compile):
 
 def test_the_capture_does_not_break_the_compiled_graph():
     from cxrdiff.attention import AttentionCapture
-    from cxrdiff.models import tiny_components
+    from cxrdiff.model.tiny import tiny_components
 
     unet = tiny_components(seed=0).unet.eval()
     latents = torch.randn(4, 4, 16, 16)  # a guidance batch: [uncond, uncond, cond, cond]

@@ -278,7 +278,7 @@ def test_a_remote_code_encoder_is_saved_with_its_code_and_loads_back(tiny_model,
 
 
 def test_bert_base_shape_for_full_size_checks():
-    from cxrdiff.models import bert_base_tokenizer
+    from cxrdiff.model.published import bert_base_tokenizer
     from cxrdiff.text_encoders import PUBLISHED_TEXT_ENCODERS, published_text_encoder
 
     encoder = published_text_encoder("bert-base")  # meta device: nothing allocated

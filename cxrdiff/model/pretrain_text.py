@@ -21,14 +21,14 @@ from typing import Annotated, Any, ClassVar
 
 import numpy as np
 
-from cxrdiff.artifacts import StepFolder, atomic_dir, atomic_path, write_text
+from cxrdiff.artifacts import StepFolder, atomic_dir, write_text
 from cxrdiff.choices import TextFallback
 from cxrdiff.config import Range, check_ranges, settings, to_dict
-from cxrdiff.console import log, progress
+from cxrdiff.console import log
 from cxrdiff.errors import InputError
+from cxrdiff.model.pretrain import CHECKPOINT, batch_index, pretrain_loop
 
 STEP = "pretrain-text"
-CHECKPOINT = "checkpoint.pt"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,8 +154,8 @@ def split_held_out(pairs: Pairs, held_out: int, seed: int) -> tuple[Pairs, Pairs
 
 
 def text_tower(config: PretrainTextConfig, tokenizer: Any) -> Any:
-    """A randomly initialised CLIP text encoder of the tiny SD model's shape (see `models.TinySpec`)."""
-    from cxrdiff.models import tiny_text_encoder
+    """A randomly initialised CLIP text encoder of the tiny SD model's shape (see `model.tiny.TinySpec`)."""
+    from cxrdiff.model.tiny import tiny_text_encoder
 
     return tiny_text_encoder(tokenizer, config.text_width, config.text_layers, config.text_heads)
 
@@ -273,53 +273,15 @@ def evaluate(towers: Towers, tokenizer: Any, pairs: Pairs, batch_size: int = 256
 # --- the run -----------------------------------------------------------------------------------
 
 
-def batch_index(n: int, batch_size: int, seed: int, number: int) -> Any:
-    """Batch `number`'s pair indices: shuffled epochs (no pair twice in a batch), each epoch's order a
-    function of (seed, epoch) alone, so a resumed run draws exactly the batches it would have drawn."""
-    import torch
-
-    size = min(batch_size, n)
-    epoch, position = divmod(number, n // size)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    return order[position * size : (position + 1) * size]
-
-
-def _save_checkpoint(out: Path, towers: Towers, optimizer: Any, step: int, losses: list[float]) -> None:
-    import torch
-
-    with atomic_path(out / CHECKPOINT) as tmp:
-        torch.save({"towers": towers.state(), "optimizer": optimizer.state_dict(), "step": step, "losses": losses}, tmp)
-
-
-def _load_checkpoint(out: Path, towers: Towers, optimizer: Any) -> tuple[int, list[float]]:
-    import torch
-
-    path = out / CHECKPOINT
-    if not path.is_file():
-        return 0, []
-    state = torch.load(path, weights_only=True)  # tensors and plain containers only
-    towers.load(state["towers"])
-    optimizer.load_state_dict(state["optimizer"])
-    log.info("resuming pretraining at step %d of %s", state["step"], out)
-    return int(state["step"]), list(state["losses"])
-
-
 def _train(config: PretrainTextConfig, towers: Towers, tokenizer: Any, train: Pairs, out: Path) -> list[float]:
-    import torch
-
-    optimizer = torch.optim.AdamW(towers.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    start, losses = _load_checkpoint(out, towers, optimizer)
+    """CLIP's contrastive loss on each step's batch of pairs, in the shared pretraining loop."""
     pixels, ids = _pixels(train.images), _ids(tokenizer, train.texts)
-    for step in progress(range(start, config.steps), description="pretrain-text step"):
+
+    def loss(step: int) -> Any:
         index = batch_index(len(train.texts), config.batch_size, config.seed, step)
-        loss = contrastive_loss(towers.embed_images(pixels[index]), towers.embed_text(ids[index]), towers.logit_scale)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
-            _save_checkpoint(out, towers, optimizer, step + 1, losses)
-    return losses
+        return contrastive_loss(towers.embed_images(pixels[index]), towers.embed_text(ids[index]), towers.logit_scale)
+
+    return pretrain_loop(config, towers.parameters(), towers.state, towers.load, loss, out, STEP)
 
 
 def pretrain_text(config: PretrainTextConfig) -> dict[str, Any]:
@@ -327,7 +289,7 @@ def pretrain_text(config: PretrainTextConfig) -> dict[str, Any]:
     import torch
 
     from cxrdiff.artifacts import input_identity
-    from cxrdiff.models import clip_tokenizer
+    from cxrdiff.model.tiny import clip_tokenizer
 
     check_ranges(config)
     if config.text_width % config.text_heads:

@@ -20,14 +20,14 @@ from typing import Annotated, Any, ClassVar
 
 import numpy as np
 
-from cxrdiff.artifacts import StepFolder, atomic_dir, atomic_path, input_identity, write_text
+from cxrdiff.artifacts import StepFolder, atomic_dir, input_identity, write_text
 from cxrdiff.choices import TextFallback
 from cxrdiff.config import Range, check_ranges, settings, to_dict
-from cxrdiff.console import log, progress
+from cxrdiff.console import log
 from cxrdiff.errors import InputError
+from cxrdiff.model.pretrain import CHECKPOINT, batch_index, pretrain_loop
 
 STEP = "pretrain-bert"
-CHECKPOINT = "checkpoint.pt"
 OBJECTIVE = "masked language modelling (BERT's: 15 % of word tokens; 80 % [MASK], 10 % random, 10 % kept)"
 
 
@@ -104,7 +104,7 @@ def pretrain_bert(config: PretrainBertConfig) -> dict[str, Any]:
     from transformers import BertForMaskedLM, BertModel
 
     from cxrdiff.data import find_table
-    from cxrdiff.pretrain_text import ms_cxr_file, read_pairs, split_held_out
+    from cxrdiff.model.pretrain_text import ms_cxr_file, read_pairs, split_held_out
     from cxrdiff.text_encoders import tiny_bert_config, wordpiece_tokenizer
 
     check_config(config)
@@ -154,35 +154,15 @@ def pretrain_bert(config: PretrainBertConfig) -> dict[str, Any]:
 
 
 def _train(config: PretrainBertConfig, model: Any, tokenizer: Any, texts: list[str], out: Path) -> list[float]:
-    """AdamW on the masked-token loss; batches and masks from (seed, step) alone, a state every N steps."""
-    import torch
+    """The masked-token loss on each step's batch, its masks drawn from (seed, step), in the shared loop."""
 
-    from cxrdiff.pretrain_text import batch_index
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    start, losses = 0, []
-    if (out / CHECKPOINT).is_file():
-        state = torch.load(out / CHECKPOINT, weights_only=True)  # tensors and plain containers only
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start, losses = int(state["step"]), list(state["losses"])
-        log.info("resuming pretraining at step %d of %s", start, out)
-    model.train(True)
-    for step in progress(range(start, config.steps), description="pretrain-bert step"):
+    def loss(step: int) -> Any:
         index = batch_index(len(texts), config.batch_size, config.seed, step)
-        batch = masked_batch(
-            tokenizer, [texts[i] for i in index], config.mask_probability, config.seed * 1_000_003 + step
-        )
-        loss = model(**batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
-            with atomic_path(out / CHECKPOINT) as tmp:
-                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1}
-                torch.save({**state, "losses": losses}, tmp)
-    return losses
+        seed = config.seed * 1_000_003 + step
+        return model(**masked_batch(tokenizer, [texts[i] for i in index], config.mask_probability, seed)).loss
+
+    model.train(True)
+    return pretrain_loop(config, model.parameters(), model.state_dict, model.load_state_dict, loss, out, STEP)
 
 
 def _result(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:

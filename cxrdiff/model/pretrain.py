@@ -1,0 +1,66 @@
+"""The loop that `model pretrain-text` and `model pretrain-bert` share: AdamW for `steps` steps on a loss that
+the step's number alone decides (batches and masks drawn from (seed, step)), so that a run stopped anywhere and
+resumed from its last state trains to the same weights."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from cxrdiff.artifacts import atomic_path
+from cxrdiff.console import log, progress
+
+CHECKPOINT = "checkpoint.pt"  # the resumable state, removed once the folder is finished
+
+
+class LoopConfig(Protocol):
+    steps: int
+    lr: float
+    weight_decay: float
+    checkpoint_every: int
+
+
+def batch_index(n: int, batch_size: int, seed: int, number: int) -> Any:
+    """Batch `number`'s pair indices: shuffled epochs (no pair twice in a batch), each epoch's order a
+    function of (seed, epoch) alone, so a resumed run draws exactly the batches it would have drawn."""
+    import torch
+
+    size = min(batch_size, n)
+    epoch, position = divmod(number, n // size)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return order[position * size : (position + 1) * size]
+
+
+def pretrain_loop(
+    config: LoopConfig,
+    parameters: Any,
+    state: Callable[[], dict[str, Any]],
+    load: Callable[[dict[str, Any]], None],
+    loss: Callable[[int], Any],
+    out: Path,
+    step_name: str,
+) -> list[float]:
+    """Train `parameters` on `loss(step)`; every `checkpoint_every` steps, `state()` (the model's tensors), the
+    optimizer and the losses so far go to `out/checkpoint.pt`, which a re-run `load`s. Returns every step's loss."""
+    import torch
+
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    start, losses = 0, []
+    if (out / CHECKPOINT).is_file():
+        saved = torch.load(out / CHECKPOINT, weights_only=True)  # tensors and plain containers only
+        load(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        start, losses = int(saved["step"]), list(saved["losses"])
+        log.info("resuming pretraining at step %d of %s", start, out)
+    for step in progress(range(start, config.steps), description=f"{step_name} step"):
+        value = loss(step)
+        optimizer.zero_grad(set_to_none=True)
+        value.backward()
+        optimizer.step()
+        losses.append(float(value.detach()))
+        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+            with atomic_path(out / CHECKPOINT) as tmp:
+                saved = {"model": state(), "optimizer": optimizer.state_dict(), "step": step + 1, "losses": losses}
+                torch.save(saved, tmp)
+    return losses
