@@ -4,7 +4,8 @@ its `--option` choices (and shell completion) from them, so the two cannot drift
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Literal, get_args
+from types import SimpleNamespace
+from typing import Literal, get_args, get_origin
 
 Precision = Literal["no", "fp16", "bf16"]
 SamplePrecision = Literal["auto", "no", "fp16", "bf16"]  # auto: bf16 on CUDA, fp32 on CPU
@@ -35,3 +36,10 @@ DeidMarkers = Literal["keep", "strip"]
 def enum(name: str, choices: object) -> type[StrEnum]:
     """A StrEnum of a Literal's values, for Typer (which shows and completes enum choices)."""
     return StrEnum(name, {value: value for value in get_args(choices)})  # type: ignore[return-value]
+
+
+def enums() -> SimpleNamespace:
+    """Every choice above as a StrEnum of the same name (`enums().Scheduler`), for the CLI's options."""
+    return SimpleNamespace(
+        **{name: enum(name, value) for name, value in globals().items() if get_origin(value) is Literal}
+    )

@@ -7,7 +7,8 @@ is one line on stderr and an exit code, Ctrl-C included (see `main`).
 
 from __future__ import annotations
 
-import errno
+import functools
+import importlib
 import json
 import sys
 from collections.abc import Callable
@@ -16,63 +17,29 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
-from typer.core import TyperGroup, TyperOption
 
-from cxrdiff import __version__, choices
-from cxrdiff.errors import CxrdiffError
-
-STEP_CONFIGS = {  # command → the file and class of its config, whose field defaults `--help` shows
-    "phantom": ("phantom/config.py", "PhantomConfig"),
-    "prepare": ("prepare/config.py", "PrepareConfig"),
-    "finetune": ("finetune/config.py", "FinetuneConfig"),
-    "sample": ("sample.py", "SampleConfig"),
-    "ground": ("ground/config.py", "GroundConfig"),
-    "report": ("report/config.py", "ReportConfig"),
-    "pretrain-text": ("pretrain_text.py", "PretrainTextConfig"),
-    "pretrain-bert": ("pretrain_bert.py", "PretrainBertConfig"),
-}
-
-
-def config_defaults(file: str, class_name: str) -> dict[str, Any]:
-    """A config's literal field defaults, read from its source: importing the step would import numpy and
-    more, and `--help` and completion must stay instant. A test checks them against the dataclass."""
-    import ast
-
-    tree = ast.parse((Path(__file__).parent / file).read_text())
-    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name)
-    defaults: dict[str, Any] = {}
-    for node in cls.body:
-        if (
-            isinstance(node, ast.AnnAssign)
-            and node.value is not None
-            and "ClassVar" not in ast.unparse(node.annotation)
-        ):
-            try:
-                defaults[node.target.id] = ast.literal_eval(node.value)  # type: ignore[union-attr]
-            except ValueError:  # not a literal (a factory): nothing to show
-                continue
-    return {name: value for name, value in defaults.items() if value is not None}
-
-
-def show_config_defaults(command: Any, defaults: dict[str, Any]) -> None:
-    """Let `--help` show each option's default from its config. The options themselves default to None so that
-    a `--config` TOML value is not overridden by a flag that was never given; the config holds the real
-    defaults (the paper's where they are the paper's), and this shows them. On/off flags are left as they are."""
-    for param in command.params:
-        if isinstance(param, TyperOption) and not param.is_flag and param.default is None and param.name in defaults:
-            value = defaults[param.name]
-            param.show_default = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-
-
-class StepGroup(TyperGroup):
-    """Typer's group, with each step command's config defaults shown in its `--help`."""
-
-    def get_command(self, ctx: Any, name: str) -> Any:
-        command = super().get_command(ctx, name)
-        if command is not None and name in STEP_CONFIGS:
-            show_config_defaults(command, config_defaults(*STEP_CONFIGS[name]))
-        return command
-
+from cxrdiff import __version__
+from cxrdiff.cli_options import (
+    STEP_CONFIGS,
+    ChannelsLast,
+    CheckpointEvery,
+    Choice,
+    Compile,
+    ConfigOpt,
+    DistTimeoutOpt,
+    FinalizeOpt,
+    MinWordCount,
+    PretrainLr,
+    PretrainMsCxr,
+    PretrainSteps,
+    PretrainWeightDecay,
+    ReportTextFallback,
+    ShardOpt,
+    StepGroup,
+    Tf32,
+    opt,
+)
+from cxrdiff.errors import INTERRUPTED, failure
 
 app = typer.Typer(
     cls=StepGroup,
@@ -88,25 +55,6 @@ model_app = typer.Typer(cls=StepGroup, help="Build and inspect base-model folder
 app.add_typer(model_app, name="model")
 
 _state = {"json": False}
-
-ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", help="TOML file of options (flags given here win over it).")
-]
-
-ShardOpt = Annotated[
-    str | None,
-    typer.Option(
-        help="This job's share: I/N (0-based), or 'slurm' for an array task (SLURM_ARRAY_TASK_ID − "
-        "SLURM_ARRAY_TASK_MIN of SLURM_ARRAY_TASK_COUNT). Shards share --out; see docs/slurm.md."
-    ),
-]
-DistTimeoutOpt = Annotated[
-    int | None, typer.Option(help="Seconds a process waits for the others in a collective before failing.")
-]
-FinalizeOpt = Annotated[
-    bool | None,
-    typer.Option("--finalize", help="Only write the table and manifest of a sharded --out (every shard done)."),
-]
 
 
 def _version(value: bool) -> None:
@@ -167,398 +115,305 @@ def print_result(result: Any) -> None:
 
 
 # --- commands -------------------------------------------------------------------------------
-# Each command: typed options named after its config's fields → `run_step(step, Config, options)`.
-# Choices are enums of the Literals in `cxrdiff.choices`, which the configs use too.
-
-Precision = choices.enum("Precision", choices.Precision)
-SamplePrecision = choices.enum("SamplePrecision", choices.SamplePrecision)
-Scheduler = choices.enum("Scheduler", choices.Scheduler)
-ExportWeights = choices.enum("ExportWeights", choices.ExportWeights)
-LatentSampling = choices.enum("LatentSampling", choices.LatentSampling)
-GroundMode = choices.enum("GroundMode", choices.GroundMode)
-CnrKind = choices.enum("CnrKind", choices.CnrKind)
-BoxMode = choices.enum("BoxMode", choices.BoxMode)
-TextFallback = choices.enum("TextFallback", choices.TextFallback)
-DicomContrast = choices.enum("DicomContrast", choices.DicomContrast)
-ClassifierPositives = choices.enum("ClassifierPositives", choices.ClassifierPositives)
-OtherSources = choices.enum("OtherSources", choices.OtherSources)
-Frame = choices.enum("Frame", choices.Frame)
-PredictionType = choices.enum("PredictionType", choices.PredictionType)
-PublishedModel = choices.enum("PublishedModel", choices.PublishedModel)
-PublishedTextEncoder = choices.enum("PublishedTextEncoder", choices.PublishedTextEncoder)
-TextInit = choices.enum("TextInit", choices.TextInit)
-PhantomKind = choices.enum("PhantomKind", choices.PhantomKind)
-DataFormat = choices.enum("DataFormat", choices.DataFormat)
-DeidMarkers = choices.enum("DeidMarkers", choices.DeidMarkers)
+# A step command is a signature of options named after its config's fields, registered by `step_command`. Adding an
+# option is one line, `name: int | None = opt("What it does.")`: it defaults to None, so that a `--config` TOML value
+# is kept unless the flag is given, and `--help` shows the config's default. Options that several commands share are
+# declared once below. Choices are enums of the Literals in `cxrdiff.choices`, which the configs use too.
 
 
-@app.command()
+def step_command(group: typer.Typer, name: str, target: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Register `options` (a signature and a docstring) as command `name` of `group`: the flags given, with
+    `--config`, build the config class that STEP_CONFIGS names and go to `target` ("module:function")."""
+    module_name, function = target.split(":")
+
+    def register(options: Callable[..., None]) -> Callable[..., None]:
+        @functools.wraps(options)
+        def command(**flags: Any) -> None:
+            module = importlib.import_module(module_name)
+            run_step(getattr(module, function), getattr(module, STEP_CONFIGS[name][1]), flags)
+
+        group.command(name)(command)
+        return command
+
+    return register
+
+
+@step_command(app, "phantom", "cxrdiff.phantom:make_phantom")
 def phantom(
     out: Annotated[Path, typer.Argument(help="Folder to write the MIMIC-CXR-shaped tree to.")],
-    patients: Annotated[int | None, typer.Option(help="Number of patients (spread over p10..p19).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Same seed, byte-identical tree.")] = None,
-    size: Annotated[int | None, typer.Option(help="Image size in pixels (short side).")] = None,
-    dicom_fraction: Annotated[float | None, typer.Option(help="Fraction of images also written as DICOM.")] = None,
-    preview: Annotated[
-        bool | None, typer.Option("--preview", help="Also write preview.png: one example per finding, with boxes.")
-    ] = None,
-    workers: Annotated[int | None, typer.Option(help="Image-rendering processes (default: from the CPUs).")] = None,
-    kind: Annotated[
-        PhantomKind | None,
-        typer.Option(help="mimic: a MIMIC-CXR-shaped tree; coco: a COCO-layout set (--patients = train images)."),
-    ] = None,
+    patients: int | None = opt("Number of patients (spread over p10..p19)."),
+    seed: int | None = opt("Same seed, byte-identical tree."),
+    size: int | None = opt("Image size in pixels (short side)."),
+    dicom_fraction: float | None = opt("Fraction of images also written as DICOM."),
+    preview: bool | None = opt("Also write preview.png: one example per finding, with boxes.", "--preview"),
+    workers: int | None = opt("Image-rendering processes (default: from the CPUs)."),
+    kind: Choice.PhantomKind | None = opt(
+        "mimic: a MIMIC-CXR-shaped tree; coco: a COCO-layout set (--patients = train images)."
+    ),
     config: ConfigOpt = None,
 ) -> None:
     """Write a synthetic, MIMIC-CXR-shaped data set with reports and MS-CXR-style boxes (or, --kind coco, a
     captioned, segmented set in COCO's layout)."""
-    options = dict(locals())  # the flags, before the imports below add names
-    from cxrdiff.phantom import PhantomConfig, make_phantom
-
-    run_step(make_phantom, PhantomConfig, options)
 
 
-@app.command()
+@step_command(app, "prepare", "cxrdiff.prepare:prepare")
 def prepare(
-    mimic: Annotated[Path | None, typer.Option(help="MIMIC-CXR-JPG (or DICOM) root with files/ and CSVs.")] = None,
-    reports: Annotated[
-        Path | None, typer.Option(help="Report root (files/pXX/...); default: --mimic. openi: your NLMCXR_reports.tgz.")
-    ] = None,
-    ms_cxr: Annotated[Path | None, typer.Option("--ms-cxr", help="MS_CXR_Local_Alignment CSV.")] = None,
-    base_model: Annotated[Path | None, typer.Option(help="Local diffusers SD folder whose VAE encodes.")] = None,
-    out: Annotated[Path | None, typer.Option(help="Output folder.")] = None,
-    resolution: Annotated[int | None, typer.Option(help="Image size; default: the model's.")] = None,
-    test_size: Annotated[int | None, typer.Option(help="Studies in the p19 test prompt set.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed for the test sample.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Images per VAE batch.")] = None,
-    shard_size: Annotated[int | None, typer.Option(help="Rows per train shard.")] = None,
-    exclude_ms_cxr_patients: Annotated[
-        bool | None, typer.Option("--exclude-ms-cxr-patients", help="Drop every patient with an MS-CXR image.")
-    ] = None,
-    test_no_finding_max: Annotated[
-        float | None, typer.Option(help="At most this fraction of the test prompts are 'No Finding' .")
-    ] = None,
-    workers: Annotated[int | None, typer.Option(help="Image-decoding processes per GPU (default: from CPUs).")] = None,
-    text_fallback: Annotated[
-        TextFallback | None,
-        typer.Option(help="Text for reports without IMPRESSION (default none: dropped, as the paper)."),
-    ] = None,
-    dicom_contrast: Annotated[
-        DicomContrast | None,
-        typer.Option(help="DICOM → 8 bit: mimic-jpg (MIMIC-CXR-JPG's conversion, default) or window (the file's)."),
-    ] = None,
-    format: Annotated[
-        DataFormat | None,
-        typer.Option(
-            help="Input data set: mimic (default), coco (--coco), nih, openi or csv (--images; docs/public-sets.md)."
-        ),
-    ] = None,
-    images: Annotated[Path | None, typer.Option(help="nih/openi/csv: the image folder.")] = None,
-    table: Annotated[
-        Path | None, typer.Option(help="nih/openi: your copy of the label/metadata table; csv: the table.")
-    ] = None,
-    boxes: Annotated[Path | None, typer.Option(help="nih: your BBox list; csv: image, phrase, x, y, w, h.")] = None,
-    test_fraction: Annotated[
-        float | None, typer.Option(help="nih/openi/csv: share of patients drawn for test.")
-    ] = None,
-    coco: Annotated[
-        Path | None, typer.Option(help="COCO root: annotations/{captions,instances}_{split}.json and {split}/.")
-    ] = None,
-    coco_splits: Annotated[str | None, typer.Option(help="TRAIN,TEST split names (TEST = the test set).")] = None,
-    coco_words: Annotated[
-        Path | None, typer.Option(help="CSV (category, word): synonyms that also name a category in a caption.")
-    ] = None,
-    coco_val_fraction: Annotated[
-        float | None, typer.Option(help="Share of TRAIN held out as validation, seeded (the paper's).")
-    ] = None,
+    mimic: Path | None = opt("MIMIC-CXR-JPG (or DICOM) root with files/ and CSVs."),
+    reports: Path | None = opt("Report root (files/pXX/...); default: --mimic. openi: your NLMCXR_reports.tgz."),
+    ms_cxr: Path | None = opt("MS_CXR_Local_Alignment CSV.", "--ms-cxr"),
+    base_model: Path | None = opt("Local diffusers SD folder whose VAE encodes."),
+    out: Path | None = opt("Output folder."),
+    resolution: int | None = opt("Image size; default: the model's."),
+    test_size: int | None = opt("Studies in the p19 test prompt set."),
+    seed: int | None = opt("Seed for the test sample."),
+    batch_size: int | None = opt("Images per VAE batch."),
+    shard_size: int | None = opt("Rows per train shard."),
+    exclude_ms_cxr_patients: bool | None = opt("Drop every patient with an MS-CXR image.", "--exclude-ms-cxr-patients"),
+    test_no_finding_max: float | None = opt("At most this fraction of the test prompts are 'No Finding' ."),
+    workers: int | None = opt("Image-decoding processes per GPU (default: from CPUs)."),
+    text_fallback: Choice.TextFallback | None = opt(
+        "Text for reports without IMPRESSION (default none: dropped, as the paper)."
+    ),
+    dicom_contrast: Choice.DicomContrast | None = opt(
+        "DICOM → 8 bit: mimic-jpg (MIMIC-CXR-JPG's conversion, default) or window (the file's)."
+    ),
+    format: Choice.DataFormat | None = opt(
+        "Input data set: mimic (default), coco (--coco), nih, openi or csv (--images; docs/public-sets.md)."
+    ),
+    images: Path | None = opt("nih/openi/csv: the image folder."),
+    table: Path | None = opt("nih/openi: your copy of the label/metadata table; csv: the table."),
+    boxes: Path | None = opt("nih: your BBox list; csv: image, phrase, x, y, w, h."),
+    test_fraction: float | None = opt("nih/openi/csv: share of patients drawn for test."),
+    coco: Path | None = opt("COCO root: annotations/{captions,instances}_{split}.json and {split}/."),
+    coco_splits: str | None = opt("TRAIN,TEST split names (TEST = the test set)."),
+    coco_words: Path | None = opt("CSV (category, word): synonyms that also name a category in a caption."),
+    coco_val_fraction: float | None = opt("Share of TRAIN held out as validation, seeded (the paper's)."),
     shard: ShardOpt = None,
     finalize: FinalizeOpt = None,
     dist_timeout: DistTimeoutOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Turn MIMIC-CXR + reports + MS-CXR (or COCO, NIH ChestX-ray14, Open-i, any image-text CSV) into latent shards."""
-    options = dict(locals())  # the flags, before the imports below add names
-    from cxrdiff.prepare import PrepareConfig
-    from cxrdiff.prepare import prepare as step
-
-    run_step(step, PrepareConfig, options)
 
 
-@app.command()
+@step_command(app, "finetune", "cxrdiff.finetune:finetune")
 def finetune(
-    data: Annotated[Path | None, typer.Option(help="A `cxrdiff prepare` output folder.")] = None,
-    base_model: Annotated[Path | None, typer.Option(help="Local diffusers SD folder to start from.")] = None,
-    out: Annotated[Path | None, typer.Option(help="Run folder (re-run the same command to resume).")] = None,
-    frozen_text: Annotated[
-        bool | None,
-        typer.Option("--frozen-text/--learnable-text", help="Freeze the text encoder (Finetune_F) or train it (_L)."),
-    ] = None,
-    text_encoder: Annotated[
-        Path | None,
-        typer.Option(
-            help="Condition on this local Hugging Face text model folder (CXR-BERT, RadBERT, BiomedCLIP, ...) "
-            "instead of the base model's CLIP; a linear map to the UNet's width is learnt where widths differ."
-        ),
-    ] = None,
-    trust_remote_code: Annotated[
-        bool | None,
-        typer.Option("--trust-remote-code", help="Let --text-encoder run the model code shipped in its folder."),
-    ] = None,
-    steps: Annotated[
-        int | None, typer.Option(help="Optimizer steps; default 30,000 frozen / 60,000 learnable.")
-    ] = None,
-    batch_size: Annotated[
-        int | None, typer.Option(help="Global batch (per device × processes × accumulation).")
-    ] = None,
-    per_device_batch_size: Annotated[
-        int | None, typer.Option(help="Batch per device per micro-step; default: the largest up to 16 that divides.")
-    ] = None,
-    lr: Annotated[float | None, typer.Option(help="Learning rate (constant).")] = None,
-    text_lr: Annotated[float | None, typer.Option(help="Text encoder learning rate; default: --lr.")] = None,
-    ucg_no_finding: Annotated[
-        float | None, typer.Option(help="P(empty prompt) for samples whose only label is No Finding.")
-    ] = None,
-    ucg_caption: Annotated[float | None, typer.Option(help="COCO data: P(empty prompt) for any caption.")] = None,
-    prompt_source: Annotated[str | None, typer.Option(help="impression | labels | file:PATH")] = None,
-    mixed_precision: Annotated[Precision | None, typer.Option(help="Mixed precision of training.")] = None,
-    gradient_checkpointing: Annotated[bool | None, typer.Option("--gradient-checkpointing")] = None,
-    checkpoint_every: Annotated[int | None, typer.Option(help="Save a resumable checkpoint every N steps.")] = None,
-    keep_checkpoints: Annotated[int | None, typer.Option(help="Keep the last K checkpoints.")] = None,
-    ema: Annotated[bool | None, typer.Option("--ema", help="Keep an EMA of the UNet.")] = None,
-    export_weights: Annotated[
-        ExportWeights | None, typer.Option(help="Which UNet weights the output folder holds (raw: the paper).")
-    ] = None,
-    max_grad_norm: Annotated[float | None, typer.Option(help="Clip gradients to this norm (0: off).")] = None,
-    snr_gamma: Annotated[float | None, typer.Option(help="Min-SNR loss weighting gamma (default off).")] = None,
-    latent_sampling: Annotated[
-        LatentSampling | None, typer.Option(help="sample (paper: fresh latent from the posterior) or its mean.")
-    ] = None,
-    log_every: Annotated[int | None, typer.Option(help="Log loss, lr, images/s and memory every N steps.")] = None,
-    validation_prompts: Annotated[
-        list[str] | None,
-        typer.Option("--validation-prompt", help="Prompt to render during training; repeat for several."),
-    ] = None,
-    validate_every: Annotated[int | None, typer.Option(help="Render the validation prompts every N steps.")] = None,
-    seed: Annotated[int | None, typer.Option()] = None,
-    compile: Annotated[
-        bool | None, typer.Option("--compile", help="torch.compile the UNet (GPUs; compiling takes minutes first).")
-    ] = None,
-    tf32: Annotated[bool | None, typer.Option("--tf32", help="TF32 matmuls and convolutions (NVIDIA GPUs).")] = None,
-    channels_last: Annotated[
-        bool | None, typer.Option("--channels-last", help="NHWC memory format for the UNet.")
-    ] = None,
-    fused_adamw: Annotated[bool | None, typer.Option("--fused-adamw", help="The fused AdamW kernel.")] = None,
-    lora_rank: Annotated[
-        int | None, typer.Option(help="Train rank-R LoRA adapters instead of every weight (default: full).")
-    ] = None,
-    lora_alpha: Annotated[float | None, typer.Option(help="LoRA scale alpha / rank; default: the rank.")] = None,
-    lora_dropout: Annotated[float | None, typer.Option(help="Dropout on the LoRA adapters' input.")] = None,
-    lora_targets: Annotated[
-        list[str] | None,
-        typer.Option("--lora-target", help="UNet module (name or name suffix) to adapt; repeat for several."),
-    ] = None,
-    text_lora_rank: Annotated[
-        int | None, typer.Option(help="With --learnable-text: the text encoder's LoRA rank; default: --lora-rank.")
-    ] = None,
-    deid_markers: Annotated[
-        DeidMarkers | None,
-        typer.Option(help='MIMIC\'s "___" de-identification markers in the training text: keep (paper) or strip.'),
-    ] = None,
-    allow_world_change: Annotated[
-        bool | None,
-        typer.Option("--allow-world-change", help="Resume a checkpoint of another process count (default: refused)."),
-    ] = None,
-    report_to: Annotated[
-        str | None,
-        typer.Option(help="auto (default: tensorboard if installed) | tensorboard | wandb (offline) | none."),
-    ] = None,
+    data: Path | None = opt("A `cxrdiff prepare` output folder."),
+    base_model: Path | None = opt("Local diffusers SD folder to start from."),
+    out: Path | None = opt("Run folder (re-run the same command to resume)."),
+    frozen_text: bool | None = opt("Freeze the text encoder (_F) or train it (_L).", "--frozen-text/--learnable-text"),
+    text_encoder: Path | None = opt(
+        "Condition on this local Hugging Face text model folder (CXR-BERT, RadBERT, BiomedCLIP, ...) "
+        "instead of the base model's CLIP; a linear map to the UNet's width is learnt where widths differ."
+    ),
+    trust_remote_code: bool | None = opt("Let --text-encoder run its folder's own model code.", "--trust-remote-code"),
+    steps: int | None = opt("Optimizer steps; default 30,000 frozen / 60,000 learnable."),
+    batch_size: int | None = opt("Global batch (per device × processes × accumulation)."),
+    per_device_batch_size: int | None = opt("Batch per device per micro-step; default: the largest ≤ 16 that divides."),
+    lr: float | None = opt("Learning rate (constant)."),
+    text_lr: float | None = opt("Text encoder learning rate; default: --lr."),
+    ucg_no_finding: float | None = opt("P(empty prompt) for samples whose only label is No Finding."),
+    ucg_caption: float | None = opt("COCO data: P(empty prompt) for any caption."),
+    prompt_source: str | None = opt("impression | labels | file:PATH"),
+    mixed_precision: Choice.Precision | None = opt("Mixed precision of training."),
+    gradient_checkpointing: bool | None = opt("Recompute activations in backward.", "--gradient-checkpointing"),
+    checkpoint_every: CheckpointEvery = None,
+    keep_checkpoints: int | None = opt("Keep the last K checkpoints."),
+    ema: bool | None = opt("Keep an EMA of the UNet.", "--ema"),
+    export_weights: Choice.ExportWeights | None = opt("Which UNet weights the output folder holds (raw: the paper)."),
+    max_grad_norm: float | None = opt("Clip gradients to this norm (0: off)."),
+    snr_gamma: float | None = opt("Min-SNR loss weighting gamma (default off)."),
+    latent_sampling: Choice.LatentSampling | None = opt("sample (paper: fresh latent from the posterior) or its mean."),
+    log_every: int | None = opt("Log loss, lr, images/s and memory every N steps."),
+    validation_prompts: list[str] | None = opt("Prompt rendered during training (repeatable).", "--validation-prompt"),
+    validate_every: int | None = opt("Render the validation prompts every N steps."),
+    seed: int | None = opt("Initialisation, batch order and noise."),
+    compile: Compile = None,
+    tf32: Tf32 = None,
+    channels_last: ChannelsLast = None,
+    fused_adamw: bool | None = opt("The fused AdamW kernel.", "--fused-adamw"),
+    lora_rank: int | None = opt("Train rank-R LoRA adapters instead of every weight (default: full)."),
+    lora_alpha: float | None = opt("LoRA scale alpha / rank; default: the rank."),
+    lora_dropout: float | None = opt("Dropout on the LoRA adapters' input."),
+    lora_targets: list[str] | None = opt("UNet module (name or suffix) to adapt; repeat for several.", "--lora-target"),
+    text_lora_rank: int | None = opt("With --learnable-text: the text encoder's LoRA rank; default: --lora-rank."),
+    deid_markers: Choice.DeidMarkers | None = opt(
+        'MIMIC\'s "___" de-identification markers in the training text: keep (paper) or strip.'
+    ),
+    allow_world_change: bool | None = opt(
+        "Resume a checkpoint of another process count (default: refused).", "--allow-world-change"
+    ),
+    report_to: str | None = opt("auto (default: tensorboard if installed) | tensorboard | wandb (offline) | none."),
     config: ConfigOpt = None,
 ) -> None:
     """Fine-tune the UNet (and, with --learnable-text, the text encoder) on prepared latents; with --lora-rank,
     LoRA adapters of them."""
-    options = dict(locals())  # the flags, before the imports below add names
-    from cxrdiff.finetune import FinetuneConfig
-    from cxrdiff.finetune import finetune as step
-
-    run_step(step, FinetuneConfig, options)
 
 
-@app.command()
+@step_command(app, "sample", "cxrdiff.sample:sample")
 def sample(
-    model: Annotated[Path | None, typer.Option(help="Model folder (finetune output or base model).")] = None,
-    out: Annotated[Path | None, typer.Option(help="Output folder (re-run to complete).")] = None,
-    prompts: Annotated[Path | None, typer.Option(help="test.parquet from `cxrdiff prepare`.")] = None,
-    prompts_file: Annotated[Path | None, typer.Option(help="Text file, one prompt per line.")] = None,
-    prompt: Annotated[str | None, typer.Option(help="A single prompt.")] = None,
-    n_per_prompt: Annotated[int | None, typer.Option(help="Images per prompt (4 for MS-SSIM diversity).")] = None,
-    steps: Annotated[int | None, typer.Option(help="Denoising steps.")] = None,
-    guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale.")] = None,
-    scheduler: Annotated[Scheduler | None, typer.Option(help="Sampler (pndm: PLMS, the paper's).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Base seed; each image's seed derives from it.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Images per batch.")] = None,
-    limit: Annotated[int | None, typer.Option(help="Only the first N prompts (default: all).")] = None,
-    prompt_column: Annotated[str | None, typer.Option(help="Column of --prompts holding the text.")] = None,
-    mixed_precision: Annotated[SamplePrecision | None, typer.Option(help="auto: bf16 on CUDA, fp32 on CPU.")] = None,
-    compile: Annotated[
-        bool | None, typer.Option("--compile", help="torch.compile the UNet (GPUs; compiling takes minutes first).")
-    ] = None,
-    tf32: Annotated[bool | None, typer.Option("--tf32", help="TF32 matmuls and convolutions (NVIDIA GPUs).")] = None,
-    channels_last: Annotated[
-        bool | None, typer.Option("--channels-last", help="NHWC memory format for the UNet.")
-    ] = None,
+    model: Path | None = opt("Model folder (finetune output or base model)."),
+    out: Path | None = opt("Output folder (re-run to complete)."),
+    prompts: Path | None = opt("test.parquet from `cxrdiff prepare`."),
+    prompts_file: Path | None = opt("Text file, one prompt per line."),
+    prompt: str | None = opt("A single prompt."),
+    n_per_prompt: int | None = opt("Images per prompt (4 for MS-SSIM diversity)."),
+    steps: int | None = opt("Denoising steps."),
+    guidance: float | None = opt("Classifier-free guidance scale (the paper's images: 4)."),
+    scheduler: Choice.Scheduler | None = opt("Sampler (pndm: PLMS, the paper's)."),
+    seed: int | None = opt("Base seed; each image's seed derives from it."),
+    batch_size: int | None = opt("Images per batch."),
+    limit: int | None = opt("Only the first N prompts (default: all)."),
+    prompt_column: str | None = opt("Column of --prompts holding the text."),
+    mixed_precision: Choice.SamplePrecision | None = opt("auto: bf16 on CUDA, fp32 on CPU."),
+    compile: Compile = None,
+    tf32: Tf32 = None,
+    channels_last: ChannelsLast = None,
     shard: ShardOpt = None,
     finalize: FinalizeOpt = None,
     dist_timeout: DistTimeoutOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Generate images with classifier-free guidance, reproducible per prompt."""
-    options = dict(locals())  # the flags, before the imports below add names
-    from cxrdiff.sample import SampleConfig
-    from cxrdiff.sample import sample as step
-
-    run_step(step, SampleConfig, options)
 
 
-@app.command()
+@step_command(app, "ground", "cxrdiff.ground:ground")
 def ground(
-    model: Annotated[Path | None, typer.Option(help="Model folder.")] = None,
-    out: Annotated[Path | None, typer.Option(help="Output folder.")] = None,
-    data: Annotated[Path | None, typer.Option(help="ms_cxr.parquet from `cxrdiff prepare`.")] = None,
-    image: Annotated[Path | None, typer.Option(help="A single image (PNG/JPG, or DICOM).")] = None,
-    prompt: Annotated[str | None, typer.Option(help="The phrase for --image.")] = None,
-    word: Annotated[list[str] | None, typer.Option(help="Word(s) to ground; repeat for several.")] = None,
-    steps: Annotated[int | None, typer.Option(help="DDIM steps.")] = None,
-    window: Annotated[int | None, typer.Option(help="Average the last N steps.")] = None,
-    mode: Annotated[GroundMode | None, typer.Option(help="noise (paper) or invert (DDIM inversion).")] = None,
-    guidance: Annotated[float | None, typer.Option(help="Guidance scale (1 = conditional only).")] = None,
-    seed: Annotated[int | None, typer.Option()] = None,
-    noise_seeds: Annotated[
-        int | None, typer.Option(help="Repeat the grounding with this many noise seeds; mean ± std over them.")
-    ] = None,
-    cnr: Annotated[CnrKind | None, typer.Option(help="signed (paper) or abs (BioViL).")] = None,
-    boxes: Annotated[
-        BoxMode | None, typer.Option(help="union (an image's boxes of the class, paper), per-box, or per-phrase.")
-    ] = None,
-    frame: Annotated[Frame | None, typer.Option(help="prepared (paper, 512 crop) or the original image frame.")] = None,
-    limit: Annotated[int | None, typer.Option(help="Only the first N samples (default: all).")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Images per UNet batch.")] = None,
-    min_word_count: Annotated[
-        int | None, typer.Option(help="Word analysis: words in more than N phrases of a class (paper: 25).")
-    ] = None,
-    latent: Annotated[
-        LatentSampling | None, typer.Option(help="sample (a seeded posterior draw, paper) or mean.")
-    ] = None,
-    allow_scaling_mismatch: Annotated[
-        bool | None,
-        typer.Option("--allow-scaling-mismatch", help="Ground latents prepared with another VAE scaling factor."),
-    ] = None,
-    compile: Annotated[
-        bool | None, typer.Option("--compile", help="torch.compile the UNet (GPUs; compiling takes minutes first).")
-    ] = None,
-    tf32: Annotated[bool | None, typer.Option("--tf32", help="TF32 matmuls and convolutions (NVIDIA GPUs).")] = None,
-    channels_last: Annotated[
-        bool | None, typer.Option("--channels-last", help="NHWC memory format for the UNet.")
-    ] = None,
+    model: Path | None = opt("Model folder."),
+    out: Path | None = opt("Output folder."),
+    data: Path | None = opt("ms_cxr.parquet from `cxrdiff prepare`."),
+    image: Path | None = opt("A single image (PNG/JPG, or DICOM)."),
+    prompt: str | None = opt("The phrase for --image."),
+    word: list[str] | None = opt("Word(s) to ground; repeat for several."),
+    steps: int | None = opt("DDIM steps."),
+    window: int | None = opt("Average the last N steps."),
+    mode: Choice.GroundMode | None = opt("noise (paper) or invert (DDIM inversion)."),
+    guidance: float | None = opt("Guidance scale; 1 (paper): the conditional pass's attention alone, not mixed."),
+    seed: int | None = opt("Noise and latent draws."),
+    noise_seeds: int | None = opt("Repeat the grounding with this many noise seeds; mean ± std over them."),
+    cnr: Choice.CnrKind | None = opt("signed (paper) or abs (BioViL)."),
+    boxes: Choice.BoxMode | None = opt("union (an image's boxes of the class, paper), per-box, or per-phrase."),
+    frame: Choice.Frame | None = opt("prepared (paper, 512 crop) or the original image frame."),
+    limit: int | None = opt("Only the first N samples (default: all)."),
+    batch_size: int | None = opt("Images per UNet batch."),
+    min_word_count: MinWordCount = None,
+    latent: Choice.LatentSampling | None = opt("sample (a seeded posterior draw, paper) or mean."),
+    allow_scaling_mismatch: bool | None = opt(
+        "Ground latents prepared with another VAE scaling factor.", "--allow-scaling-mismatch"
+    ),
+    compile: Compile = None,
+    tf32: Tf32 = None,
+    channels_last: ChannelsLast = None,
     shard: ShardOpt = None,
     finalize: FinalizeOpt = None,
     dist_timeout: DistTimeoutOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Ground words of a phrase in an image from the UNet's cross-attention; score against boxes."""
-    options = dict(locals())  # the flags, before the imports below add names
-    from cxrdiff.ground import GroundConfig
-    from cxrdiff.ground import ground as step
-
-    run_step(step, GroundConfig, options)
 
 
-@app.command()
+@step_command(app, "report", "cxrdiff.report:report")
 def report(
     runs: Annotated[list[Path] | None, typer.Argument(help="Run folders (finetune outputs or base models).")] = None,
-    out: Annotated[Path | None, typer.Option(help="Report folder.")] = None,
-    real: Annotated[Path | None, typer.Option(help="Prepared folder with the real p19 test images.")] = None,
-    inception_weights: Annotated[Path | None, typer.Option(help="InceptionV3 FID weights file.")] = None,
-    xrv_weights: Annotated[Path | None, typer.Option(help="torchxrayvision densenet121-res224-all file.")] = None,
-    n_fid: Annotated[int | None, typer.Option(help="Images per side for FID.")] = None,
-    diversity_prompts: Annotated[int | None, typer.Option(help="Prompts × 4 images for MS-SSIM.")] = None,
-    random_features: Annotated[
-        bool | None, typer.Option("--random-features", help="Allow untrained feature nets (labelled, not FID).")
-    ] = None,
-    classifier_positives: Annotated[
-        ClassifierPositives | None,
-        typer.Option(help="only: images whose only label is d (paper); any: every image labelled d."),
-    ] = None,
-    classifier_prompts_per_class: Annotated[
-        int | None,
-        typer.Option(help="Classifier check on its own set: K prompts per class and K No Finding (default: p19)."),
-    ] = None,
-    min_word_count: Annotated[
-        int | None, typer.Option(help="Word analysis: words in more than N phrases of a class (paper: 25).")
-    ] = None,
-    checkpoints: Annotated[
-        bool | None, typer.Option("--checkpoints", help="Also measure each run's kept checkpoints (curves).")
-    ] = None,
-    table4_p19_only: Annotated[
-        bool | None,
-        typer.Option("--table4-p19-only", help="Fidelity from the p19 prompts only (no MS-CXR phrase samples)."),
-    ] = None,
-    other_sources: Annotated[
-        OtherSources | None,
-        typer.Option(help="Runs trained on labels / file: texts: grounding (Table 7 only, paper) or full."),
-    ] = None,
-    checkpoint_every: Annotated[
-        int | None, typer.Option(help="With --checkpoints: every Nth kept checkpoint, the newest always in.")
-    ] = None,
-    label: Annotated[
-        list[str] | None,
-        typer.Option(help="NAME=DIR: name the group of runs trained like DIR (repeatable; groups: all but the seed)."),
-    ] = None,
-    workers: Annotated[
-        int | None, typer.Option(help="Runs measured side by side on a multi-core CPU (one process each).")
-    ] = None,
-    features: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="Feature network for FD, KID, precision/recall/density/coverage: inception, xrv, classifier, hf:DIR "
-            "or hf:NAME=DIR (a local Hugging Face model, e.g. RadDino; CLS token). Repeatable; default: the FDs' own."
-        ),
-    ] = None,
-    min_class_images: Annotated[
-        int | None, typer.Option(help="Per-class metrics where real and generated images each number this many.")
-    ] = None,
-    kid_subsets: Annotated[int | None, typer.Option(help="KID: random subsets averaged.")] = None,
-    kid_subset_size: Annotated[int | None, typer.Option(help="KID: images per subset (clipped to the sets).")] = None,
-    prdc_k: Annotated[int | None, typer.Option(help="Precision/recall/density/coverage neighbourhood k.")] = None,
-    no_privacy: Annotated[
-        bool | None, typer.Option("--no-privacy", help="Skip the privacy section (nearest training images).")
-    ] = None,
-    privacy_features: Annotated[
-        str | None, typer.Option(help="Network of the nearest-training search (a --features value; default: first).")
-    ] = None,
-    privacy_max_train: Annotated[
-        int | None, typer.Option(help="Search a seeded sample of N training images (default: all).")
-    ] = None,
-    privacy_quantile: Annotated[
-        float | None, typer.Option(help="Copy threshold: this quantile of held-out test images' similarities.")
-    ] = None,
-    privacy_pixels: Annotated[int | None, typer.Option(help="Pixel correlation at this image size.")] = None,
-    privacy_pairs: Annotated[int | None, typer.Option(help="Closest pairs shown per run and measure.")] = None,
-    memorization_prompts: Annotated[
-        int | None, typer.Option(help="Memorization score: training prompts (and as many held-out; 0: off).")
-    ] = None,
-    memorization_noise: Annotated[int | None, typer.Option(help="Memorization score: noise draws per prompt.")] = None,
-    memorization_steps: Annotated[int | None, typer.Option(help="Memorization score: DDIM steps averaged.")] = None,
-    emit_jobs: Annotated[
-        Path | None,
-        typer.Option(help="Write the sample/ground command of every sub-folder here (one a line) and run nothing."),
-    ] = None,
+    out: Path | None = opt("Report folder."),
+    real: Path | None = opt("Prepared folder with the real p19 test images."),
+    inception_weights: Path | None = opt("InceptionV3 FID weights file."),
+    xrv_weights: Path | None = opt("torchxrayvision densenet121-res224-all file."),
+    n_fid: int | None = opt("Images per side for FID."),
+    diversity_prompts: int | None = opt("Prompts × 4 images for MS-SSIM."),
+    random_features: bool | None = opt("Allow untrained feature nets (labelled, not FID).", "--random-features"),
+    classifier_positives: Choice.ClassifierPositives | None = opt(
+        "only: images whose only label is d (paper); any: every image labelled d."
+    ),
+    classifier_prompts_per_class: int | None = opt(
+        "Classifier check on its own set: K prompts per class and K No Finding (default: p19)."
+    ),
+    min_word_count: MinWordCount = None,
+    checkpoints: bool | None = opt("Also measure each run's kept checkpoints (curves).", "--checkpoints"),
+    table4_p19_only: bool | None = opt("Fidelity from p19 prompts only (not MS-CXR phrases).", "--table4-p19-only"),
+    other_sources: Choice.OtherSources | None = opt(
+        "Runs trained on labels / file: texts: grounding (Table 7 only, paper) or full."
+    ),
+    checkpoint_every: int | None = opt("With --checkpoints: every Nth kept checkpoint, the newest always in."),
+    label: list[str] | None = opt(
+        "NAME=DIR: name the group of runs trained like DIR (repeatable; groups: all but the seed)."
+    ),
+    workers: int | None = opt("Runs measured side by side on a multi-core CPU (one process each)."),
+    features: list[str] | None = opt(
+        "Feature network for FD, KID, precision/recall/density/coverage: inception, xrv, classifier, hf:DIR "
+        "or hf:NAME=DIR (a local Hugging Face model, e.g. RadDino; CLS token). Repeatable; default: the FDs' own."
+    ),
+    min_class_images: int | None = opt("Per-class metrics where real and generated images each number this many."),
+    kid_subsets: int | None = opt("KID: random subsets averaged."),
+    kid_subset_size: int | None = opt("KID: images per subset (clipped to the sets)."),
+    prdc_k: int | None = opt("Precision/recall/density/coverage neighbourhood k."),
+    no_privacy: bool | None = opt("Skip the privacy section (nearest training images).", "--no-privacy"),
+    privacy_features: str | None = opt("Network of the nearest-training search (a --features value; default: first)."),
+    privacy_max_train: int | None = opt("Search a seeded sample of N training images (default: all)."),
+    privacy_quantile: float | None = opt("Copy threshold: this quantile of held-out test images' similarities."),
+    privacy_pixels: int | None = opt("Pixel correlation at this image size."),
+    privacy_pairs: int | None = opt("Closest pairs shown per run and measure."),
+    memorization_prompts: int | None = opt("Memorization score: training prompts (and as many held-out; 0: off)."),
+    memorization_noise: int | None = opt("Memorization score: noise draws per prompt."),
+    memorization_steps: int | None = opt("Memorization score: DDIM steps averaged."),
+    emit_jobs: Path | None = opt(
+        "Write the sample/ground command of every sub-folder here (one a line) and run nothing."
+    ),
     config: ConfigOpt = None,
 ) -> None:
     """Measure both sides of the trade-off and write report.md / report.html / metrics.json."""
-    options = dict(locals())  # the flags, before the imports below add names
-    from cxrdiff.report import ReportConfig
-    from cxrdiff.report import report as step
 
-    run_step(step, ReportConfig, options)
+
+@step_command(model_app, "pretrain-text", "cxrdiff.model.pretrain_text:pretrain_text")
+def model_pretrain_text(
+    data: Annotated[
+        Path, typer.Argument(help="MIMIC-CXR-shaped folder (metadata CSV, files/ with images and reports).")
+    ],
+    out: Annotated[Path, typer.Argument(help="New folder for text_encoder/ + tokenizer/.")],
+    ms_cxr: PretrainMsCxr = None,
+    text_fallback: ReportTextFallback = None,
+    resolution: int | None = opt("Image size the image tower sees."),
+    text_width: int | None = opt("Text encoder width."),
+    text_layers: int | None = opt("Text encoder layers."),
+    text_heads: int | None = opt("Text encoder attention heads."),
+    steps: PretrainSteps = None,
+    batch_size: int | None = opt("Image–text pairs per batch."),
+    lr: PretrainLr = None,
+    weight_decay: PretrainWeightDecay = None,
+    held_out: int | None = opt("Pairs (whole patients) kept out for the retrieval check."),
+    max_pairs: int | None = opt("Use at most this many pairs (default: all)."),
+    checkpoint_every: CheckpointEvery = None,
+    seed: int | None = opt("Initialisation, split and batch order."),
+    config: ConfigOpt = None,
+) -> None:
+    """CLIP-style contrastive pretraining of a tiny text encoder (and a throw-away image tower) on image–report
+    pairs; prints held-out retrieval accuracy beside chance."""
+
+
+@step_command(model_app, "pretrain-bert", "cxrdiff.model.pretrain_bert:pretrain_bert")
+def model_pretrain_bert(
+    data: Annotated[Path, typer.Argument(help="MIMIC-CXR-shaped folder (metadata CSV, files/ with reports).")],
+    out: Annotated[Path, typer.Argument(help="New folder for the Hugging Face text model (and its tokenizer).")],
+    ms_cxr: PretrainMsCxr = None,
+    text_fallback: ReportTextFallback = None,
+    width: int | None = opt("Hidden size."),
+    layers: int | None = opt("Transformer layers."),
+    heads: int | None = opt("Attention heads."),
+    vocab_size: int | None = opt("WordPiece vocabulary size (trained on the texts)."),
+    context_length: int | None = opt("Token positions (the encoder's context)."),
+    steps: PretrainSteps = None,
+    batch_size: int | None = opt("Texts per batch."),
+    lr: PretrainLr = None,
+    weight_decay: PretrainWeightDecay = None,
+    mask_probability: float | None = opt("Share of word tokens masked (BERT: 0.15)."),
+    held_out: int | None = opt("Texts (whole patients) kept out for the check."),
+    max_pairs: int | None = opt("Use at most this many reports (default: all)."),
+    checkpoint_every: CheckpointEvery = None,
+    seed: int | None = opt("Initialisation, split, batch order and masks."),
+    config: ConfigOpt = None,
+) -> None:
+    """Masked-language-model pretraining of a tiny BERT (WordPiece vocabulary trained too) on report texts, for
+    `finetune --text-encoder`; prints held-out masked-token accuracy beside the most-frequent-token guess."""
 
 
 @app.command()
@@ -566,9 +421,9 @@ def demo(
     out: Annotated[Path, typer.Option(help="Folder for every artifact of the demo.")] = Path("cxrdiff-demo"),
     quick: Annotated[bool, typer.Option("--quick", help="A smaller run (about 2 minutes on 2 CPU cores).")] = False,
     text_init: Annotated[
-        TextInit,
+        Choice.TextInit,
         typer.Option(help="The tiny text encoder: contrastively pretrained, token-local by construction, or both."),
-    ] = TextInit.pretrained,
+    ] = Choice.TextInit.pretrained,
     trainings: Annotated[
         int,
         typer.Option(
@@ -591,8 +446,10 @@ def demo(
     ] = False,
 ) -> None:
     """Run the whole chain on phantom data and a tiny model, and write the report."""
-    if coco:
-        _demo_coco(out, quick)
+    if coco:  # its own chain (cxrdiff.demo_coco) and folder
+        from cxrdiff.demo_coco import demo_coco
+
+        print_result(demo_coco(out=Path("cxrdiff-demo-coco") if out == Path("cxrdiff-demo") else out, quick=quick))
         return
     from cxrdiff.demo import demo as run_demo
 
@@ -602,13 +459,6 @@ def demo(
             out=out, quick=quick, text_init=text_init.value, trainings=trainings, text_encoders=encoders, lora=lora
         )
     )
-
-
-def _demo_coco(out: Path, quick: bool) -> None:
-    """`demo --coco`: its own chain and folder (cxrdiff.demo_coco); the default demo is untouched."""
-    from cxrdiff.demo_coco import demo_coco
-
-    print_result(demo_coco(out=Path("cxrdiff-demo-coco") if out == Path("cxrdiff-demo") else out, quick=quick))
 
 
 @app.command()
@@ -642,113 +492,41 @@ def model_tiny(
     unet_channels: Annotated[str, typer.Option(help="UNet block widths, comma-separated.")] = "32,64",
     text_width: Annotated[int, typer.Option(help="Text encoder width (= cross-attention dim).")] = 32,
     prediction_type: Annotated[
-        PredictionType, typer.Option(help="epsilon (SD2-base) or v_prediction (SD2-768).")
-    ] = PredictionType.epsilon,
+        Choice.PredictionType, typer.Option(help="epsilon (SD2-base) or v_prediction (SD2-768).")
+    ] = Choice.PredictionType.epsilon,
     seed: Annotated[int, typer.Option(help="Weight initialisation seed.")] = 0,
     text_encoder: Annotated[
         Path | None, typer.Option(help="A `model pretrain-text` folder: its text encoder instead of a random one.")
     ] = None,
 ) -> None:
     """Write a tiny, randomly initialised SD2-shaped model (real CLIP vocabulary) for tests and the demo."""
-    from cxrdiff.models import write_tiny_model_cli
+    from cxrdiff.model import write_tiny
 
-    print_result(
-        write_tiny_model_cli(out, resolution, unet_channels, text_width, prediction_type.value, seed, text_encoder)
-    )
-
-
-@model_app.command("pretrain-text")
-def model_pretrain_text(
-    data: Annotated[
-        Path, typer.Argument(help="MIMIC-CXR-shaped folder (metadata CSV, files/ with images and reports).")
-    ],
-    out: Annotated[Path, typer.Argument(help="New folder for text_encoder/ + tokenizer/.")],
-    ms_cxr: Annotated[
-        Path | None, typer.Option(help="MS-CXR box CSV: its images are left out (default: the one in DATA).")
-    ] = None,
-    text_fallback: Annotated[
-        TextFallback | None, typer.Option(help="Text for reports without IMPRESSION (none: left out, as prepare).")
-    ] = None,
-    resolution: Annotated[int | None, typer.Option(help="Image size the image tower sees.")] = None,
-    text_width: Annotated[int | None, typer.Option(help="Text encoder width.")] = None,
-    text_layers: Annotated[int | None, typer.Option(help="Text encoder layers.")] = None,
-    text_heads: Annotated[int | None, typer.Option(help="Text encoder attention heads.")] = None,
-    steps: Annotated[int | None, typer.Option(help="Optimiser steps.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Image–text pairs per batch.")] = None,
-    lr: Annotated[float | None, typer.Option(help="AdamW learning rate.")] = None,
-    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay.")] = None,
-    held_out: Annotated[
-        int | None, typer.Option(help="Pairs (whole patients) kept out for the retrieval check.")
-    ] = None,
-    max_pairs: Annotated[int | None, typer.Option(help="Use at most this many pairs (default: all).")] = None,
-    checkpoint_every: Annotated[int | None, typer.Option(help="Save a resumable state every N steps.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Initialisation, split and batch order.")] = None,
-    config: ConfigOpt = None,
-) -> None:
-    """CLIP-style contrastive pretraining of a tiny text encoder (and a throw-away image tower) on image–report
-    pairs; prints held-out retrieval accuracy beside chance."""
-    options = dict(locals())
-    from cxrdiff.pretrain_text import PretrainTextConfig, pretrain_text
-
-    run_step(pretrain_text, PretrainTextConfig, options)
-
-
-@model_app.command("pretrain-bert")
-def model_pretrain_bert(
-    data: Annotated[Path, typer.Argument(help="MIMIC-CXR-shaped folder (metadata CSV, files/ with reports).")],
-    out: Annotated[Path, typer.Argument(help="New folder for the Hugging Face text model (and its tokenizer).")],
-    ms_cxr: Annotated[
-        Path | None, typer.Option(help="MS-CXR box CSV: its images' reports are left out (default: the one in DATA).")
-    ] = None,
-    text_fallback: Annotated[
-        TextFallback | None, typer.Option(help="Text for reports without IMPRESSION (none: left out, as prepare).")
-    ] = None,
-    width: Annotated[int | None, typer.Option(help="Hidden size.")] = None,
-    layers: Annotated[int | None, typer.Option(help="Transformer layers.")] = None,
-    heads: Annotated[int | None, typer.Option(help="Attention heads.")] = None,
-    vocab_size: Annotated[int | None, typer.Option(help="WordPiece vocabulary size (trained on the texts).")] = None,
-    context_length: Annotated[int | None, typer.Option(help="Token positions (the encoder's context).")] = None,
-    steps: Annotated[int | None, typer.Option(help="Optimiser steps.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Texts per batch.")] = None,
-    lr: Annotated[float | None, typer.Option(help="AdamW learning rate.")] = None,
-    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay.")] = None,
-    mask_probability: Annotated[float | None, typer.Option(help="Share of word tokens masked (BERT: 0.15).")] = None,
-    held_out: Annotated[int | None, typer.Option(help="Texts (whole patients) kept out for the check.")] = None,
-    max_pairs: Annotated[int | None, typer.Option(help="Use at most this many reports (default: all).")] = None,
-    checkpoint_every: Annotated[int | None, typer.Option(help="Save a resumable state every N steps.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Initialisation, split, batch order and masks.")] = None,
-    config: ConfigOpt = None,
-) -> None:
-    """Masked-language-model pretraining of a tiny BERT (WordPiece vocabulary trained too) on report texts, for
-    `finetune --text-encoder`; prints held-out masked-token accuracy beside the most-frequent-token guess."""
-    options = dict(locals())
-    from cxrdiff.pretrain_bert import PretrainBertConfig, pretrain_bert
-
-    run_step(pretrain_bert, PretrainBertConfig, options)
+    print_result(write_tiny(out, resolution, unet_channels, text_width, prediction_type.value, seed, text_encoder))
 
 
 @model_app.command("random")
 def model_random(
     out: Annotated[Path, typer.Argument(help="New folder for the diffusers pipeline.")],
-    like: Annotated[PublishedModel, typer.Option(help="Published architecture and configs to copy.")],
+    like: Annotated[Choice.PublishedModel, typer.Option(help="Published architecture and configs to copy.")],
     seed: Annotated[int, typer.Option(help="Weight initialisation seed.")] = 0,
     text_encoder_like: Annotated[
-        PublishedTextEncoder | None,
+        Choice.PublishedTextEncoder | None,
         typer.Option(help="Condition on a random text encoder of this shape instead (with a linear width map)."),
     ] = None,
 ) -> None:
     """Write a released model's exact architecture and configs with seeded random weights (no download)."""
-    from cxrdiff.models import write_random_model
+    from cxrdiff.model import write_random
 
-    print_result(write_random_model(out, like.value, seed, text_encoder_like and text_encoder_like.value))
+    print_result(write_random(out, like.value, seed, text_encoder_like and text_encoder_like.value))
 
 
 @model_app.command("info")
 def model_info(path: Annotated[Path, typer.Argument(help="Model folder.")]) -> None:
     """Print a model folder's resolution, latent shape, prediction type and sizes."""
-    from cxrdiff.models import describe
+    from cxrdiff.model import info
 
-    print_result(describe(path))
+    print_result(info(path))
 
 
 @model_app.command("checkpoint")
@@ -758,7 +536,7 @@ def model_checkpoint(
     step: Annotated[int, typer.Option(help="The kept checkpoint's step (checkpoints/step-NNNNNNN).")],
 ) -> None:
     """Export a run's kept checkpoint as a model folder that `sample`, `ground` and `report` read."""
-    from cxrdiff.finetune import export_checkpoint
+    from cxrdiff.model import export_checkpoint
 
     print_result(export_checkpoint(run, step, out))
 
@@ -773,86 +551,34 @@ def completion_script(shell: str) -> str:
 
 
 def main() -> None:
-    """Entry point: every expected failure is one line on stderr and an exit code; -v adds the traceback.
+    """Entry point: every expected failure is one line on stderr and an exit code (`errors.failure` maps them:
+    0 done, 75 try again (stopped by SIGTERM/SIGUSR1 at a clean point, or --out busy: a scheduler requeues), 1 the
+    run failed, 2 bad usage or input, 130 Ctrl-C); -v adds the traceback.
 
-    Exit codes: 0 done; 75 try again (stopped by SIGTERM/SIGUSR1 at a clean point, or --out busy with another
-    process: a scheduler requeues); 1 the run failed (RunError, or an unexpected error); 2 bad usage or input: an
-    unknown option or a bad value (`error: MESSAGE (see cxrdiff CMD --help)`), an InputError, or a path the step
-    cannot read or write (`error: PATH: reason`: no permission, a read-only or full disk, a file where a folder
-    belongs); 130 Ctrl-C. In `finetune` the first Ctrl-C finishes the current step, saves its checkpoint and
-    stops with a message (exit 130; SIGTERM/SIGUSR1 do the same with exit 75), and a second Ctrl-C aborts at
-    once; elsewhere Ctrl-C stops at once. A stopped or killed step resumes when the same command is re-run.
+    In `finetune` the first Ctrl-C finishes the current step, saves its checkpoint and stops with a message (exit
+    130; SIGTERM/SIGUSR1 do the same with exit 75), and a second Ctrl-C aborts at once; elsewhere Ctrl-C stops at
+    once. A stopped or killed step resumes when the same command is re-run.
     """
-    from cxrdiff.console import verbosity
-
     try:
         code = app(prog_name="cxrdiff", standalone_mode=False)
-    except CxrdiffError as exc:
-        fail(str(exc), exc.exit_code)
-    except OSError as exc:
-        if exc.errno not in PATH_ERRNOS:
-            fail(f"{type(exc).__name__}: {first_line(exc)} (run with -v for the traceback)", 1)
-        fail(path_error(exc), 2)
-    except (KeyboardInterrupt, typer.Abort) as exc:  # Ctrl-C (older Typer: an Abort from it) or end of input
-        interrupted = isinstance(exc, KeyboardInterrupt) or isinstance(exc.__context__, KeyboardInterrupt)
-        fail(INTERRUPTED, 130) if interrupted else fail("aborted", 1)
-    except Exception as exc:
-        if click_error(exc):
-            usage_error(exc)
-        if verbosity() > 0:
-            raise
-        fail(f"{type(exc).__name__}: {first_line(exc)} (run with -v for the traceback)", 1)
+    except (Exception, KeyboardInterrupt) as exc:
+        message, code, traceback_too = failure(exc)
+        fail(message, code, traceback_too) if message is not None else sys.exit(code)
     if code == 130:  # Typer turns a KeyboardInterrupt outside a step's own handling into Exit(130)
         fail(INTERRUPTED, 130)
     sys.exit(code if isinstance(code, int) else 0)
 
 
-INTERRUPTED = "interrupted (Ctrl-C); re-run the same command to resume where the step left off"
-
-
-def click_error(exc: BaseException) -> bool:
-    """Click's exception for bad usage (Typer raises its own copy of Click's), told by its class name so that
-    neither's private modules are imported."""
-    return any(kind.__name__ == "ClickException" for kind in type(exc).__mro__)
-
-
-def usage_error(exc: Any) -> NoReturn:
-    """A usage error in one line that names the command's help (Click and Typer print a box of 4–6 lines)."""
-    if type(exc).__name__ == "NoArgsIsHelpError":  # `cxrdiff` or `cxrdiff model` alone: the help, shown
-        sys.exit(2)
-    ctx = getattr(exc, "ctx", None)
-    where = f" (see {ctx.command_path} --help)" if ctx is not None else ""
-    fail(exc.format_message() + where, exc.exit_code, traceback_too=False)
-
-
-PATH_ERRNOS = {
-    errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST,
-    errno.ENOENT, errno.ENAMETOOLONG, errno.ELOOP,
-}  # fmt: skip
-
-
-def path_error(exc: OSError) -> str:
-    """`PATH: reason` of an operating-system error on a path (the reason in words, e.g. "Read-only file system")."""
-    where = " → ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
-    reason = exc.strerror or first_line(exc)
-    return f"{where}: {reason}" if where else reason
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def fail(message: str, code: int, traceback_too: bool = True) -> NoReturn:
-    """Print `error: MESSAGE` (after the traceback with -v) and exit with `code`."""
+    """Print `error: MESSAGE` (after the traceback with -v), record the code for a batch script under torchrun /
+    accelerate launch (`stopping.record_exit_code`) and exit with it."""
     from cxrdiff.console import verbosity
+    from cxrdiff.stopping import record_exit_code
 
     if traceback_too and verbosity() > 0 and sys.exc_info()[0] is not None:
         import traceback
 
         traceback.print_exc()
     print(f"error: {message}", file=sys.stderr)
-    from cxrdiff.stopping import record_exit_code
-
     record_exit_code(code)
     sys.exit(code)

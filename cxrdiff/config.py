@@ -219,3 +219,25 @@ def settings(config: Any, data_format: str | None = None, **derived: Any) -> dic
     if formats and data_format is not None and data_format != next(iter(formats)):
         chosen[field or "format"] = data_format
     return chosen | derived
+
+
+def config_defaults(source: Path, class_name: str) -> dict[str, Any]:
+    """A config class's literal field defaults, read from its source file: the CLI's `--help` shows them without
+    importing the step (numpy and more), so that help and completion stay instant. A test checks them against the
+    dataclass."""
+    import ast
+
+    tree = ast.parse(source.read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name)
+    defaults: dict[str, Any] = {}
+    for node in cls.body:
+        if (
+            isinstance(node, ast.AnnAssign)
+            and node.value is not None
+            and "ClassVar" not in ast.unparse(node.annotation)
+        ):
+            try:
+                defaults[node.target.id] = ast.literal_eval(node.value)  # type: ignore[union-attr]
+            except ValueError:  # not a literal (a factory): nothing to show
+                continue
+    return {name: value for name, value in defaults.items() if value is not None}

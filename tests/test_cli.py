@@ -72,8 +72,8 @@ STEPS = {  # command → (module, step function, config class)
     "sample": ("cxrdiff.sample", "sample", "SampleConfig"),
     "ground": ("cxrdiff.ground", "ground", "GroundConfig"),
     "report": ("cxrdiff.report", "report", "ReportConfig"),
-    "model pretrain-text": ("cxrdiff.pretrain_text", "pretrain_text", "PretrainTextConfig"),
-    "model pretrain-bert": ("cxrdiff.pretrain_bert", "pretrain_bert", "PretrainBertConfig"),
+    "model pretrain-text": ("cxrdiff.model.pretrain_text", "pretrain_text", "PretrainTextConfig"),
+    "model pretrain-bert": ("cxrdiff.model.pretrain_bert", "pretrain_bert", "PretrainBertConfig"),
 }
 
 
@@ -87,10 +87,13 @@ def _options(command_function, tmp_path, config_class=None):
 
     import typer
 
+    defaults = inspect.signature(command_function).parameters
     for name, hint in typing.get_type_hints(command_function, include_extras=True).items():
         if name in ("config", "return"):
             continue
-        base, info = typing.get_args(hint)[0], typing.get_args(hint)[1]
+        # an option declared in Annotated[type, typer.Option(...)], or as `type = opt(...)` (its default)
+        annotated = typing.get_origin(hint) is typing.Annotated
+        base, info = (typing.get_args(hint)[:2]) if annotated else (hint, defaults[name].default)
         if typing.get_origin(base) in (typing.Union, types.UnionType):
             base = next(a for a in typing.get_args(base) if a is not type(None))
         many = typing.get_origin(base) is list
@@ -259,11 +262,13 @@ def test_help_defaults_are_the_configs(command):
     import dataclasses
     import importlib
 
-    from cxrdiff.cli import STEP_CONFIGS, config_defaults
+    from cxrdiff.cli import STEP_CONFIGS
+    from cxrdiff.config import config_defaults
 
     module_name, _, class_name = STEPS[command]
     config_class = getattr(importlib.import_module(module_name), class_name)
     fields = {
         f.name: f.default for f in dataclasses.fields(config_class) if f.default not in (None, dataclasses.MISSING)
     }
-    assert config_defaults(*STEP_CONFIGS[command.split()[-1]]) == fields
+    file, name = STEP_CONFIGS[command.split()[-1]]
+    assert config_defaults(ROOT / "cxrdiff" / file, name) == fields
