@@ -9,6 +9,7 @@ the input images, the preprocessing and the weights, so a changed input is never
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -338,7 +339,6 @@ def _with_interval(score: Score, real: np.ndarray, fake: np.ndarray, resamples: 
                    keep: str | os.PathLike | None) -> Score:  # fmt: skip
     """The score with its bootstrap interval over the generated images (metrics.intervals.frechet_bootstrap),
     and the features saved to `keep` (NPZ: real, fake) for a later comparison of two models."""
-    import dataclasses
 
     from cxrdiff.metrics.intervals import frechet_bootstrap
 
@@ -358,129 +358,95 @@ def _check_sets(real: ImageSet, fake: ImageSet) -> None:
             raise InputError(f"Fréchet distance needs at least 2 {name} images, got {len(images)}")
 
 
-def fid(
-    real: ImageSet,
-    fake: ImageSet,
-    weights: str | os.PathLike | None = None,
-    random_features: bool = False,
-    size: int | None = None,
-    cache_root: str | os.PathLike | None = None,
-    device: str = "cpu",
-    batch_size: int = 32,
-    resamples: int = FRECHET_RESAMPLES,
-    seed: int = 0,
-    keep_features: str | os.PathLike | None = None,
-) -> Score:
-    """FID on torch-fidelity's InceptionV3 (2048-d pool features; it resizes to 299 itself), with a bootstrap
-    interval over the generated images (`resamples`, 0: none) and the features kept in `keep_features`.
+@dataclasses.dataclass(frozen=True)
+class FeatureNet:
+    """What a torch-fidelity Fréchet distance needs to know of its network: the registered extractors (trained,
+    and seeded random for `random_features`), the layer, how the images reach it, and the score's names."""
 
-    Grey images are repeated to 3 channels and normalised once, inside torch-fidelity (the reference
-    code normalised twice; we do not). Without weights and with `random_features`, the same network
-    randomly initialised: the result is named "FD (random InceptionV3)" and labelled untrained.
-    """
-    _check_sets(real, fake)
-    preprocessing = {"grey": "repeated to 3 channels", "inception": "torch-fidelity 299 px, (x-128)/128"}
-    if weights is None and random_features and not default_inception_path().is_file():
-        value, r, f = _torch_fidelity_fd(
-            real, fake, RANDOM_INCEPTION_EXTRACTOR, "2048", None, preprocessing, size, cache_root, device, batch_size
-        )
-        score = Score(
-            "FD (random InceptionV3)",
-            value,
-            label=UNTRAINED_LABEL,
-            protocol={**preprocessing, "random_features": True, "seed": RANDOM_SEED, "n": [len(real), len(fake)]},
-        )
-        return _with_interval(score, r, f, resamples, seed, keep_features)
-    path = resolve_weights(weights, "inception")
-    value, r, f = _torch_fidelity_fd(
-        real, fake, "inception-v3-compat", "2048", path, preprocessing, size, cache_root, device, batch_size
-    )
-    score = Score("FID", value, protocol={**preprocessing, "weights": str(path), "n": [len(real), len(fake)]})
-    return _with_interval(score, r, f, resamples, seed, keep_features)
+    name: str  # with trained weights
+    random_name: str  # with `random_features` and no weights: never called FID
+    weights: str  # `resolve_weights`' kind
+    extractor: str
+    random_extractor: str
+    layer: str
+    preprocessing: dict[str, str]
+    note: dict[str, str] = dataclasses.field(default_factory=dict)  # protocol entries of the trained network
+    random_extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # extractor kwargs of the random one
 
 
-def fid_normalised_twice(
-    real: ImageSet,
-    fake: ImageSet,
-    weights: str | os.PathLike | None = None,
-    random_features: bool = False,
-    size: int | None = None,
-    device: str = "cpu",
-    batch_size: int = 32,
-) -> Score:
-    """A measuring aid, never a reported metric: `fid` with the reference code's double normalisation of
-    the Inception input (see `_normalised_twice`), to size how far the published FIDs are from a standard
-    FID on the same images (docs/method.md, "FID comparability"). Not cached."""
-    _check_sets(real, fake)
-    preprocessing = {"grey": "repeated to 3 channels", "inception": "(x-128)/128, then 2v-1 again (twice)"}
-    untrained = weights is None and random_features and not default_inception_path().is_file()
-    path = None if untrained else resolve_weights(weights, "inception")
-    extractor = TWICE_RANDOM_EXTRACTOR if untrained else TWICE_EXTRACTOR
-    value, _, _ = _torch_fidelity_fd(real, fake, extractor, "2048", path, preprocessing, size, None, device, batch_size)
-    name = "FD (random InceptionV3, input normalised twice)" if untrained else "FID (input normalised twice)"
-    protocol = {**preprocessing, "n": [len(real), len(fake)], "weights": str(path) if path else None}
-    return Score(
-        name, value, label=UNTRAINED_LABEL if untrained else "", protocol={**protocol, "random_features": untrained}
-    )
-
-
-def fid_xrv(
-    real: ImageSet,
-    fake: ImageSet,
-    weights: str | os.PathLike | None = None,
-    random_features: bool = False,
-    size: int | None = None,
-    cache_root: str | os.PathLike | None = None,
-    device: str = "cpu",
-    batch_size: int = 32,
-    resamples: int = FRECHET_RESAMPLES,
-    seed: int = 0,
-    keep_features: str | os.PathLike | None = None,
-) -> Score:
-    """FID_XRV: Fréchet distance on torchxrayvision DenseNet121 `features2` (1024-d), grey in
-    [-1024, 1024] at 224 px (resized by us); interval and kept features as `fid`."""
-    _check_sets(real, fake)
-    preprocessing = {
-        "grey": "channel mean",
-        "xrv": f"bilinear antialiased resize to {XRV_RESOLUTION}, scaled to [-{XRV_RANGE:g}, {XRV_RANGE:g}]",
-        "layer": "features2",
-    }
-    if weights is None and random_features and not default_xrv_path().is_file():
-        value, r, f = _torch_fidelity_fd(
-            real,
-            fake,
-            XRV_EXTRACTOR,
-            "features2",
-            None,
-            preprocessing,
-            size,
-            cache_root,
-            device,
-            batch_size,
-            cxrdiff_random_features=True,
-        )
-        score = Score(
-            "FD (random DenseNet121)",
-            value,
-            label=UNTRAINED_LABEL,
-            protocol={**preprocessing, "random_features": True, "seed": RANDOM_SEED, "n": [len(real), len(fake)]},
-        )
-        return _with_interval(score, r, f, resamples, seed, keep_features)
-    path = resolve_weights(weights, "xrv")
-    value, r, f = _torch_fidelity_fd(
-        real, fake, XRV_EXTRACTOR, "features2", path, preprocessing, size, cache_root, device, batch_size
-    )
-    score = Score(
-        "FID_XRV",
-        value,
-        protocol={
-            **preprocessing,
-            "weights": str(path),
-            "note": "the 'all' weights saw MIMIC-CXR",
-            "n": [len(real), len(fake)],
+INCEPTION_INPUT = {"grey": "repeated to 3 channels", "inception": "torch-fidelity 299 px, (x-128)/128"}
+FEATURE_NETS = {
+    "inception": FeatureNet(
+        "FID", "FD (random InceptionV3)", "inception", "inception-v3-compat", RANDOM_INCEPTION_EXTRACTOR, "2048",
+        INCEPTION_INPUT,
+    ),
+    "xrv": FeatureNet(
+        "FID_XRV", "FD (random DenseNet121)", "xrv", XRV_EXTRACTOR, XRV_EXTRACTOR, "features2",
+        {
+            "grey": "channel mean",
+            "xrv": f"bilinear antialiased resize to {XRV_RESOLUTION}, scaled to [-{XRV_RANGE:g}, {XRV_RANGE:g}]",
+            "layer": "features2",
         },
+        note={"note": "the 'all' weights saw MIMIC-CXR"},
+        random_extra={"cxrdiff_random_features": True},
+    ),
+    # A measuring aid, never a reported metric: the reference code's double normalisation of the Inception input
+    # (see `_normalised_twice`), to size how far the published FIDs are from a standard FID on the same images
+    # (docs/method.md, "FID comparability").
+    "inception-twice": FeatureNet(
+        "FID (input normalised twice)", "FD (random InceptionV3, input normalised twice)", "inception",
+        TWICE_EXTRACTOR, TWICE_RANDOM_EXTRACTOR, "2048",
+        {"grey": "repeated to 3 channels", "inception": "(x-128)/128, then 2v-1 again (twice)"},
+    ),
+}  # fmt: skip
+DEFAULT_WEIGHTS = {"inception": default_inception_path, "xrv": default_xrv_path}
+
+
+def frechet(
+    network: str,
+    real: ImageSet,
+    fake: ImageSet,
+    weights: str | os.PathLike | None = None,
+    random_features: bool = False,
+    size: int | None = None,
+    cache_root: str | os.PathLike | None = None,
+    device: str = "cpu",
+    batch_size: int = 32,
+    resamples: int = FRECHET_RESAMPLES,
+    seed: int = 0,
+    keep_features: str | os.PathLike | None = None,
+) -> Score:
+    """The Fréchet distance on `network` (a FEATURE_NETS key), with a bootstrap interval over the generated images
+    (`resamples`, 0: none) and the features kept in `keep_features`. Without weights and with `random_features`,
+    the same network randomly initialised: the score is named "FD (random ...)" and labelled untrained."""
+    net = FEATURE_NETS[network]
+    _check_sets(real, fake)
+    untrained = weights is None and random_features and not DEFAULT_WEIGHTS[net.weights]().is_file()
+    path = None if untrained else resolve_weights(weights, net.weights)
+    extractor, extra = (net.random_extractor, net.random_extra) if untrained else (net.extractor, {})
+    value, r, f = _torch_fidelity_fd(
+        real, fake, extractor, net.layer, path, net.preprocessing, size, cache_root, device, batch_size, **extra
     )
+    n = {"n": [len(real), len(fake)]}
+    if untrained:
+        protocol = {**net.preprocessing, "random_features": True, "seed": RANDOM_SEED, **n}
+        score = Score(net.random_name, value, label=UNTRAINED_LABEL, protocol=protocol)
+    else:
+        score = Score(net.name, value, protocol={**net.preprocessing, "weights": str(path), **net.note, **n})
     return _with_interval(score, r, f, resamples, seed, keep_features)
+
+
+def fid(real: ImageSet, fake: ImageSet, **options: Any) -> Score:
+    """FID on torch-fidelity's InceptionV3 (2048-d pool features; it resizes to 299 itself). Grey images are
+    repeated to 3 channels and normalised once, inside torch-fidelity (the reference code normalised twice; we do
+    not: `frechet("inception-twice", ...)` measures the difference). Options: `frechet`'s."""
+    return frechet("inception", real, fake, **options)
+
+
+def fid_xrv(real: ImageSet, fake: ImageSet, **options: Any) -> Score:
+    """FID_XRV: Fréchet distance on torchxrayvision DenseNet121 `features2` (1024-d), grey in [-1024, 1024] at
+    224 px (resized by us). Options: `frechet`'s."""
+    return frechet("xrv", real, fake, **options)
 
 
 def fd_features(
