@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from cxrdiff.artifacts import atomic_path, file_sha256
+from cxrdiff.artifacts import atomic_path, content_hash
 from cxrdiff.errors import InputError
 from cxrdiff.metrics.score import UNTRAINED_LABEL
 from cxrdiff.report.config import ReportConfig
@@ -151,23 +151,11 @@ def check_options(config: ReportConfig, classifier: Any = None) -> None:
 # --- the networks --------------------------------------------------------------------------------
 
 
-_FILE_DIGESTS: dict[tuple[str, float, int], str] = {}  # (path, mtime, size) → sha256, once per process
-
-
-def weights_digest(path: Path) -> str:
-    """A weights file's sha256, hashed once per process per file version (a 100 MB file takes a second)."""
-    stat = path.stat()
-    key = (os.fspath(path.resolve()), stat.st_mtime, stat.st_size)
-    if key not in _FILE_DIGESTS:
-        _FILE_DIGESTS[key] = file_sha256(path)
-    return _FILE_DIGESTS[key]
-
-
 def folder_digest(folder: Path) -> str:
     """A model folder's contents by file name and sha256 (each file hashed once per process)."""
     digest = hashlib.sha256()
     for file in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        digest.update(file.relative_to(folder).as_posix().encode() + b"\0" + weights_digest(file).encode())
+        digest.update(file.relative_to(folder).as_posix().encode() + b"\0" + content_hash(file).encode())
     return digest.hexdigest()
 
 
@@ -251,7 +239,7 @@ def load_network(spec: NetworkSpec, config: ReportConfig, classifier: Any = None
     if untrained and not inception:
         kwargs["cxrdiff_random_features"] = True
     model = create_feature_extractor(extractor, [layer], cuda=config.device.startswith("cuda"), **kwargs)
-    weights = f"random-seed-{fid.RANDOM_SEED}" if untrained else weights_digest(Path(path))
+    weights = f"random-seed-{fid.RANDOM_SEED}" if untrained else content_hash(Path(path))
     protocol: dict[str, Any] = {"features": f"{extractor} {layer}", "weights": None if path is None else str(path)}
     if untrained:
         protocol["random_features"] = True
