@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from cxrdiff.data import read_keyed_csv
 from cxrdiff.errors import InputError
 
 DEFAULT_SPLITS = ("train2017", "val2017")  # (training, test): the paper's test set is the official val split
@@ -109,22 +110,9 @@ def read_words(path: str | os.PathLike | None, categories: Iterable[str]) -> dic
     """`--coco-words FILE`: a CSV with columns category and word, one synonym a row (e.g. `bird,seagull`)."""
     if path is None:
         return {}
-    import pandas as pd
-
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"--coco-words {path}: file not found")
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise InputError(f"--coco-words {path}: not a readable CSV ({exc})") from None
-    if not {"category", "word"} <= set(table.columns):
-        raise InputError(f"--coco-words {path}: expected the columns category and word")
-    unknown = sorted(set(table["category"]) - set(categories))
-    if unknown:
-        raise InputError(f"--coco-words {path}: unknown category {unknown[0]!r}")
     words: dict[str, list[str]] = {}
-    for category, word in zip(table["category"], table["word"], strict=True):
+    rows = read_keyed_csv(Path(path), "--coco-words ", "category", "word", tuple(categories))
+    for category, word in rows:
         if word.strip():
             words.setdefault(category, []).append(word.strip())
     return {c: tuple(w) for c, w in words.items()}

@@ -295,3 +295,23 @@ def read_ms_cxr(path: str | os.PathLike):
             raise InputError(f"{path}: line {csv_line(index)}: column '{column}' {what}")
         frame[column] = numbers
     return frame
+
+
+def read_keyed_csv(path: Path, flag: str, key: str, value: str, keys: Sequence[str]) -> list[tuple[str, str]]:
+    """The (key, value) rows of a small CSV that a user gives with `flag` (`--prompt-source file:`,
+    `--coco-words`), each key one of `keys`: a fault is one line naming the flag and the file."""
+    import pandas as pd
+
+    if not path.is_file():
+        raise InputError(f"{flag}{path}: file not found")
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise InputError(f"{flag}{path}: not a readable CSV ({exc})") from None
+    missing = {key, value} - set(table.columns)
+    if missing:
+        raise InputError(f"{flag}{path}: missing column(s) {', '.join(sorted(missing))}")
+    unknown = sorted(set(table[key]) - set(keys))
+    if unknown:
+        raise InputError(f"{flag}{path}: unknown {key}(s) {', '.join(map(repr, unknown[:3]))}")
+    return list(zip(table[key], table[value], strict=True))

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from cxrdiff.data import LABELS
+from cxrdiff.data import LABELS, read_keyed_csv
 from cxrdiff.errors import InputError
 
 NO_FINDING = "No Finding"
@@ -82,26 +82,12 @@ class TrainingText:
 
 def check_prompt_source(source: str) -> dict[int, list[str]]:
     """Validate `--prompt-source`; for `file:PATH` read its CSV (columns label, a CheXpert name, and text)."""
-    import pandas as pd
-
     if not source.startswith("file:"):
         if source not in ("impression", "labels"):
             raise InputError(f"--prompt-source {source!r}: expected impression, labels or file:PATH")
         return {}
-    path = Path(source[5:])
-    if not path.is_file():
-        raise InputError(f"--prompt-source file:{path}: file not found")
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise InputError(f"--prompt-source file:{path}: not a readable CSV ({exc})") from None
-    missing = {"label", "text"} - set(table.columns)
-    if missing:
-        raise InputError(f"--prompt-source file:{path}: missing column(s) {', '.join(sorted(missing))}")
-    unknown = sorted(set(table["label"]) - set(LABELS))
-    if unknown:
-        raise InputError(f"--prompt-source file:{path}: unknown label(s) {', '.join(unknown[:3])}")
+    rows = read_keyed_csv(Path(source[5:]), "--prompt-source file:", "label", "text", LABELS)
     out: dict[int, list[str]] = {}
-    for label, text in zip(table["label"], table["text"], strict=True):
+    for label, text in rows:
         out.setdefault(LABELS.index(label), []).append(text)
     return out
