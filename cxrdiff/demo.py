@@ -144,51 +144,32 @@ def _pretrain_phantom(out: Path, plan: DemoPlan) -> Path:
     return pairs
 
 
+def _pretraining(out: Path, plan: DemoPlan) -> dict[str, Any]:
+    """The options both pretraining commands get in the demo: the pretraining phantom, the plan's steps and seed."""
+    data = _pretrain_phantom(out, plan)
+    return {"data": data, "steps": plan.pretrain_steps, "batch_size": plan.pretrain_batch_size, "seed": plan.seed}
+
+
 def _pretrained_bert(out: Path, plan: DemoPlan) -> Path:
     """`cxrdiff model pretrain-bert` on the pretraining phantom: a tiny BERT (masked language modelling, the
     objective chosen before any run) for the `--text-encoders bert` runs."""
     from cxrdiff.model.pretrain_bert import PretrainBertConfig, pretrain_bert
 
-    folder = out / "tiny-bert"
-    result = pretrain_bert(
-        PretrainBertConfig(
-            data=_pretrain_phantom(out, plan),
-            out=folder,
-            steps=plan.pretrain_steps,
-            batch_size=plan.pretrain_batch_size,
-            seed=plan.seed,
-        )
-    )
-    log.info(
-        "BERT pretrained: held-out masked-token top-1 %.3f (most frequent token %.3f)",
-        result["masked_top1"],
-        result["majority"],
-    )
-    return folder
+    result = pretrain_bert(PretrainBertConfig(out=out / "tiny-bert", **_pretraining(out, plan)))
+    top1, majority = result["masked_top1"], result["majority"]
+    log.info("BERT pretrained: held-out masked-token top-1 %.3f (most frequent token %.3f)", top1, majority)
+    return out / "tiny-bert"
 
 
 def _pretrained_text(out: Path, plan: DemoPlan) -> Path:
     """`cxrdiff model pretrain-text` on the pretraining phantom."""
     from cxrdiff.model.pretrain_text import PretrainTextConfig, pretrain_text
 
-    pairs = _pretrain_phantom(out, plan)
-    folder = out / "text-encoder"
-    result = pretrain_text(
-        PretrainTextConfig(
-            data=pairs,
-            out=folder,
-            resolution=plan.resolution,
-            steps=plan.pretrain_steps,
-            batch_size=plan.pretrain_batch_size,
-            seed=plan.seed,
-        )
-    )
-    log.info(
-        "text encoder pretrained: held-out retrieval top-1 %.3f (chance %.3f)",
-        result["retrieval_top1"],
-        result["chance"],
-    )
-    return folder
+    config = PretrainTextConfig(out=out / "text-encoder", resolution=plan.resolution, **_pretraining(out, plan))
+    result = pretrain_text(config)
+    log.info("text encoder pretrained: held-out retrieval top-1 %.3f (chance %.3f)", result["retrieval_top1"],
+             result["chance"])  # fmt: skip
+    return out / "text-encoder"
 
 
 def _base_model(out: Path, init: str, vae: Path, text_encoder: Path | None, plan: DemoPlan) -> Path:

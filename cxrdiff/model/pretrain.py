@@ -8,7 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from cxrdiff.artifacts import atomic_path
+import numpy as np
+
+from cxrdiff.artifacts import atomic_path, write_text
 from cxrdiff.console import log, progress
 
 CHECKPOINT = "checkpoint.pt"  # the resumable state, removed once the folder is finished
@@ -64,3 +66,23 @@ def pretrain_loop(
                 saved = {"model": state(), "optimizer": optimizer.state_dict(), "step": step + 1, "losses": losses}
                 torch.save(saved, tmp)
     return losses
+
+
+def write_losses(out: Path, losses: list[float]) -> dict[str, float]:
+    """Every step's loss to `out/losses.csv`; returns the manifest's summary of them."""
+    write_text(out / "losses.csv", "step,loss\n" + "".join(f"{i + 1},{v:.6f}\n" for i, v in enumerate(losses)))
+    return {"first": losses[0], "last": losses[-1], "last_50_mean": float(np.mean(losses[-50:]))}
+
+
+def pretrain_result(out: Path, manifest: dict[str, Any], **fields: str) -> dict[str, Any]:
+    """What the step prints: the folder, each `name="section.key"` of its manifest, the first and last loss."""
+
+    def at(path: str) -> Any:
+        value: Any = manifest
+        for part in path.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        return value
+
+    return {"out": str(out), **{name: at(path) for name, path in fields.items()}} | {
+        "loss_first": at("loss.first"), "loss_last": at("loss.last"),
+    }  # fmt: skip

@@ -20,12 +20,12 @@ from typing import Annotated, Any, ClassVar
 
 import numpy as np
 
-from cxrdiff.artifacts import StepFolder, atomic_dir, input_identity, write_text
+from cxrdiff.artifacts import StepFolder, atomic_dir, input_identity
 from cxrdiff.choices import TextFallback
 from cxrdiff.config import Range, check_ranges, settings, to_dict
 from cxrdiff.console import log
 from cxrdiff.errors import InputError
-from cxrdiff.model.pretrain import CHECKPOINT, batch_index, pretrain_loop
+from cxrdiff.model.pretrain import CHECKPOINT, batch_index, pretrain_loop, pretrain_result, write_losses
 
 STEP = "pretrain-bert"
 OBJECTIVE = "masked language modelling (BERT's: 15 % of word tokens; 80 % [MASK], 10 % random, 10 % kept)"
@@ -138,14 +138,14 @@ def pretrain_bert(config: PretrainBertConfig) -> dict[str, Any]:
         item.replace(out / item.name)
         files.append(item.name)
     (out / ".encoder").rmdir()
-    write_text(out / "losses.csv", "step,loss\n" + "".join(f"{i + 1},{v:.6f}\n" for i, v in enumerate(losses)))
+    loss = write_losses(out, losses)
     extra = {
         "objective": OBJECTIVE,
         "texts": {"train": len(train.texts), "held_out": len(held_out.texts)},
         "masked_accuracy": {**after, "majority": majority},
         "masked_accuracy_untrained": before,
         "vocabulary": len(tokenizer),
-        "loss": {"first": losses[0], "last": losses[-1], "last_50_mean": float(np.mean(losses[-50:]))},
+        "loss": loss,
     }
     manifest = folder.finish(to_dict(config), inputs={"data": config.data, "ms_cxr": ms_cxr}, seed=config.seed,
                              files=[*files, "losses.csv"], extra=extra)  # fmt: skip
@@ -166,13 +166,7 @@ def _train(config: PretrainBertConfig, model: Any, tokenizer: Any, texts: list[s
 
 
 def _result(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    accuracy = manifest.get("masked_accuracy", {})
-    return {
-        "out": str(out),
-        "objective": manifest.get("objective"),
-        "masked_top1": accuracy.get("top1"),
-        "majority": accuracy.get("majority"),
-        "masked_top1_untrained": manifest.get("masked_accuracy_untrained", {}).get("top1"),
-        "loss_first": manifest.get("loss", {}).get("first"),
-        "loss_last": manifest.get("loss", {}).get("last"),
-    }
+    return pretrain_result(
+        out, manifest, objective="objective", masked_top1="masked_accuracy.top1", majority="masked_accuracy.majority",
+        masked_top1_untrained="masked_accuracy_untrained.top1",
+    )  # fmt: skip

@@ -21,12 +21,12 @@ from typing import Annotated, Any, ClassVar
 
 import numpy as np
 
-from cxrdiff.artifacts import StepFolder, atomic_dir, write_text
+from cxrdiff.artifacts import StepFolder, atomic_dir
 from cxrdiff.choices import TextFallback
 from cxrdiff.config import Range, check_ranges, settings, to_dict
 from cxrdiff.console import log
 from cxrdiff.errors import InputError
-from cxrdiff.model.pretrain import CHECKPOINT, batch_index, pretrain_loop
+from cxrdiff.model.pretrain import CHECKPOINT, batch_index, pretrain_loop, pretrain_result, write_losses
 
 STEP = "pretrain-text"
 
@@ -319,12 +319,12 @@ def pretrain_text(config: PretrainTextConfig) -> dict[str, Any]:
     for part, save in (("text_encoder", towers.text.save_pretrained), ("tokenizer", tokenizer.save_pretrained)):
         with atomic_dir(out / part) as tmp:
             save(tmp)
-    write_text(out / "losses.csv", "step,loss\n" + "".join(f"{i + 1},{v:.6f}\n" for i, v in enumerate(losses)))
+    loss = write_losses(out, losses)
     extra = {
         "pairs": {"train": len(train.texts), "held_out": len(held_out.texts)},
         "retrieval": after,
         "retrieval_untrained": before,
-        "loss": {"first": losses[0], "last": losses[-1], "last_50_mean": float(np.mean(losses[-50:]))},
+        "loss": loss,
     }
     manifest = folder.finish(
         to_dict(config), inputs={"data": config.data, "ms_cxr": ms_cxr}, seed=config.seed,
@@ -335,12 +335,5 @@ def pretrain_text(config: PretrainTextConfig) -> dict[str, Any]:
 
 
 def _result(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    retrieval = manifest.get("retrieval", {})
-    return {
-        "out": str(out),
-        "retrieval_top1": retrieval.get("image_to_text_top1"),
-        "chance": retrieval.get("chance"),
-        "held_out_pairs": retrieval.get("pairs"),
-        "loss_first": manifest.get("loss", {}).get("first"),
-        "loss_last": manifest.get("loss", {}).get("last"),
-    }
+    fields = {"retrieval_top1": "retrieval.image_to_text_top1", "chance": "retrieval.chance"}
+    return pretrain_result(out, manifest, **fields, held_out_pairs="retrieval.pairs")

@@ -104,23 +104,22 @@ _SD_SCHEDULER = {
     "trained_betas": None,
 }
 
+
+def _sd2(pixels: int, scheduler: str, prediction_type: str) -> dict[str, Any]:
+    """An SD2 release's configs: the two differ in image size, scheduler and prediction type only."""
+    return {
+        "unet": {**_SD2_UNET, "sample_size": pixels // 8},
+        "vae": {**_SD_VAE, "sample_size": pixels},
+        "text_encoder": _SD2_TEXT,
+        "pad_token": "!",
+        "scheduler": (scheduler, {**_SD_SCHEDULER, "prediction_type": prediction_type}),
+        "parameters": {"unet": 865_910_724, "text_encoder": 340_387_840, "vae": 83_653_863},
+    }
+
+
 PUBLISHED: dict[str, dict[str, Any]] = {
-    "sd2-base": {  # stabilityai/stable-diffusion-2-base: 512 px, epsilon
-        "unet": {**_SD2_UNET, "sample_size": 64},
-        "vae": {**_SD_VAE, "sample_size": 512},
-        "text_encoder": _SD2_TEXT,
-        "pad_token": "!",
-        "scheduler": ("PNDMScheduler", {**_SD_SCHEDULER, "prediction_type": "epsilon"}),
-        "parameters": {"unet": 865_910_724, "text_encoder": 340_387_840, "vae": 83_653_863},
-    },
-    "sd2-768": {  # stabilityai/stable-diffusion-2: 768 px, v-prediction
-        "unet": {**_SD2_UNET, "sample_size": 96},
-        "vae": {**_SD_VAE, "sample_size": 768},
-        "text_encoder": _SD2_TEXT,
-        "pad_token": "!",
-        "scheduler": ("DDIMScheduler", {**_SD_SCHEDULER, "prediction_type": "v_prediction"}),
-        "parameters": {"unet": 865_910_724, "text_encoder": 340_387_840, "vae": 83_653_863},
-    },
+    "sd2-base": _sd2(512, "PNDMScheduler", "epsilon"),  # stabilityai/stable-diffusion-2-base
+    "sd2-768": _sd2(768, "DDIMScheduler", "v_prediction"),  # stabilityai/stable-diffusion-2
     "sd15": {  # runwayml/stable-diffusion-v1-5: 512 px, epsilon, pads with the end token
         "unet": _SD15_UNET,
         "vae": {**_SD_VAE, "sample_size": 512},
