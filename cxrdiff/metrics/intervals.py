@@ -187,22 +187,15 @@ def bootstrap(
 
 
 def bootstrap_mean(
-    values: Sequence[float] | np.ndarray,
-    strata: Sequence[Any] | np.ndarray | None = None,
-    resamples: int = RESAMPLES,
-    level: float = LEVEL,
-    seed: int | None = 0,
-    over: str = "items",
-    strata_name: str = "class",
+    values: Sequence[float] | np.ndarray, strata: Sequence[Any] | np.ndarray | None = None, *args: Any, **options: Any
 ) -> Interval:
-    """Bootstrap interval of the mean of per-item `values` (e.g. per-phrase CNRs). With `strata` each class
-    keeps its count, so this is the sample-weighted class average's interval. Values must be finite."""
+    """Bootstrap interval of the mean of per-item `values` (e.g. per-phrase CNRs); the other arguments are
+    `bootstrap`'s. With `strata` each class keeps its count, so this is the sample-weighted class average's
+    interval. Values must be finite."""
     values = np.asarray(values, dtype=np.float64)
     if not np.all(np.isfinite(values)):
         raise ValueError(f"bootstrap_mean: {int(np.sum(~np.isfinite(values)))} non-finite values; drop them first")
-    return bootstrap(
-        len(values), lambda idx: float(values[idx].mean()), strata, resamples, level, seed, over, strata_name
-    )
+    return bootstrap(len(values), lambda idx: float(values[idx].mean()), strata, *args, **options)
 
 
 def bootstrap_difference(
