@@ -199,12 +199,15 @@ def from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
 
 def settings(config: Any, data_format: str | None = None, **derived: Any) -> dict[str, Any]:
     """The config fields that decide a step's outputs, plus derived values (an input's identity, a resolved
-    dtype): what a step folder's settings key is made of.
+    dtype): what a step folder's settings key is made of. This function alone decides how a key is spelled, so
+    that a folder's key stays the same as settings are added:
 
-    Left out: the class's `NOT_SETTINGS` (where the output goes, speed, input paths whose identity joins as a
-    derived value) and the fields of the other data formats (`FORMAT_FIELDS`: format → its own fields). The
-    format itself (`data_format`, or the config's `FORMAT_FIELD`) joins only when it is not the first of
-    `FORMAT_FIELDS`, so folders made before a second format existed keep their key."""
+    - left out: the class's `NOT_SETTINGS` (where the output goes, speed, input paths whose identity joins as a
+      derived value) and the fields of the other data formats (`FORMAT_FIELDS`: format → its own fields);
+    - a setting at its `KEY_NEUTRAL` value (field → value) joins no key, nor does the format (`data_format`, or
+      the config's `FORMAT_FIELD`) when it is the first of `FORMAT_FIELDS`: adding a setting with such a value
+      keeps every key made without it;
+    - `KEY_SPELLING` (field → (name in the key, {value: spelling in the key})) names a setting in the key."""
     cls = type(config)
     skip = set(getattr(cls, "NOT_SETTINGS", ("out",)))
     formats: dict[str, tuple[str, ...]] = getattr(cls, "FORMAT_FIELDS", {})
@@ -215,9 +218,14 @@ def settings(config: Any, data_format: str | None = None, **derived: Any) -> dic
     if formats:
         own = set(formats.get(data_format, ()))  # a field several formats share stays in for each of them
         skip |= {name for fmt, names in formats.items() if fmt != data_format for name in names} - own
-    chosen = {k: v for k, v in to_dict(config).items() if k not in skip}
+    neutral: dict[str, Any] = getattr(cls, "KEY_NEUTRAL", {})
+    chosen = {k: v for k, v in to_dict(config).items() if k not in skip and (k not in neutral or v != neutral[k])}
     if formats and data_format is not None and data_format != next(iter(formats)):
         chosen[field or "format"] = data_format
+    for name, (key, values) in getattr(cls, "KEY_SPELLING", {}).items():
+        if name in chosen:
+            value = chosen.pop(name)
+            chosen[key] = values.get(value, value)
     return chosen | derived
 
 

@@ -412,7 +412,7 @@ def test_a_folder_prepared_before_fingerprints_covered_the_weights(prepared, tre
     manifest["settings"]["vae"] = manifest["vae_fingerprint"] = names_and_sizes_fingerprint(tiny_model)
     manifest["settings_key"] = settings_key(manifest["settings"])
     (old / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(OtherSettings, match=r"prepared by an earlier cxrdiff, whose VAE fingerprint does not cover"):
+    with pytest.raises(OtherSettings, match=r"its VAE fingerprint covers file names and sizes, not the VAE's weights"):
         prepare(_config(tree, tiny_model, old))
     check_prepared(old, tiny_model)
     assert "cannot verify that its latents came from" in caplog.text and "VAE weights" in caplog.text

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from cxrdiff.choices import DeidMarkers
 from cxrdiff.config import Range
@@ -50,6 +50,7 @@ class FinetuneConfig:
         "allow_world_change",
         "report_to",
     )
+    KEY_NEUTRAL: ClassVar[dict[str, Any]] = {"deid_markers": "keep"}  # the paper's text joins no key (config.settings)
 
     data: Path | None = None
     base_model: Path | None = None
@@ -98,8 +99,8 @@ class FinetuneConfig:
     fused_adamw: bool = False  # fused AdamW kernel (GPUs)
     tf32: bool = False  # TF32 matmuls and convolutions (NVIDIA GPUs)
     channels_last: bool = False  # NHWC memory format for the UNet
-    # "___" (MIMIC's de-identification marker) in the training text: keep (the paper's; then not part of the
-    # settings key, so earlier run folders keep theirs) or strip it and the spaces around it (its effect measured)
+    # "___" (MIMIC's de-identification marker) in the training text: keep (the paper's) or strip it and the spaces
+    # around it (its effect measured)
     deid_markers: DeidMarkers = "keep"
     # resume a checkpoint saved by another number of processes: the data continues at `samples_seen`; ranks
     # without their own saved generators get ones seeded from (seed, step, rank) (docs/slurm.md)

@@ -74,16 +74,15 @@ def check_prepared(data: Path, model: Path) -> dict[str, Any]:
     stored = known.get("vae_fingerprint")
     if stored is None:
         log.warning(f"{data / MANIFEST}: cannot verify that its latents came from {model}'s VAE (no fingerprint)")
-    elif not fingerprint_covers_weights(stored):  # an earlier cxrdiff's: what it covers can still be compared
+    elif not fingerprint_covers_weights(stored):  # names and sizes only: compared as far as it goes
         if stored != names_and_sizes_fingerprint(model):
             raise InputError(
                 f"--data {data}: latents were made by a different VAE than --base-model {model}'s "
                 "(vae_fingerprint differs); prepare the data with this base model"
             )
         log.warning(
-            f"{data / MANIFEST}: prepared by an earlier cxrdiff, whose VAE fingerprint covers file names and "
-            f"sizes but not the weights: cannot verify that its latents came from {model}'s VAE weights; "
-            "prepare again to be sure"
+            f"{data / MANIFEST}: its VAE fingerprint covers file names and sizes but not the weights: cannot verify "
+            f"that its latents came from {model}'s VAE weights; prepare again to be sure"
         )
     elif stored != vae_fingerprint(model):
         raise InputError(
@@ -114,19 +113,17 @@ def with_defaults(config: FinetuneConfig) -> FinetuneConfig:
 def run_settings(config: FinetuneConfig) -> dict[str, Any]:
     """What a run folder's settings key is made of: the config less its NOT_SETTINGS, with the data, the
     base model and a prompt file by identity (a re-prepared data folder is another run), the training mode's
-    settings (LoRA's rank, alpha, dropout and targets; nothing for full fine-tuning), and `deid_markers` only
-    when it is not the default "keep"."""
+    settings (LoRA's rank, alpha, dropout and targets; nothing for full fine-tuning), and a --text-encoder by
+    identity where one is given."""
     source = config.prompt_source
     if source.startswith("file:"):
         source = f"file:{input_identity(source[5:])}"
     identities = {"data": input_identity(config.data), "base_model": input_identity(config.base_model)}
-    if config.text_encoder is not None:  # absent otherwise, so that runs on the base model's encoder keep their key
+    if config.text_encoder is not None:
         identities["text_encoder"] = text_encoder_identity(config.text_encoder)
     mine = settings(config, prompt_source=source, **identities)
     own = format_record(config.data).ucg_field
     unused = {f.ucg_field for f in FORMATS.values()} - {own}  # the other formats' UCG rules
-    if mine.get("deid_markers", "keep") == "keep":  # the default joins no key: run folders from before keep theirs
-        unused.add("deid_markers")
     mode = TrainingMode.of_config(config).settings()
     return {k: v for k, v in mine.items() if k not in unused and k not in LORA_FIELDS} | mode
 

@@ -65,7 +65,7 @@ class TrainingMode:
 
     @classmethod
     def of_manifest(cls, manifest: Mapping[str, Any]) -> TrainingMode:
-        """The mode a finished run recorded (`training_mode`); runs from before LoRA trained every weight."""
+        """The mode a finished run recorded (`training_mode`; without one, full fine-tuning)."""
         record = dict(manifest.get("training_mode") or {"kind": "full"})
         if record.get("kind", "full") == "full":
             return cls()
@@ -85,7 +85,7 @@ class TrainingMode:
         return record | ({"text_targets": list(text_targets)} if self.text_rank else {})
 
     def settings(self) -> dict[str, Any]:
-        """What joins the settings key: nothing for full fine-tuning (the keys of earlier runs stay), else the
+        """What joins the settings key: nothing for full fine-tuning (its key holds no LoRA field), else the
         LoRA fields with alpha resolved, so an explicit alpha equal to the default is the same run."""
         if not self.lora:
             return {}

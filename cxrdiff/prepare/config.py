@@ -100,9 +100,9 @@ def text_fallbacks(choice: str) -> tuple[str, ...]:
 
 
 def check_out(out: Path, wanted: dict[str, Any]) -> None:
-    """What `--out` holds, checked before any work (nothing is claimed yet). A folder prepared by an earlier
-    cxrdiff, whose VAE fingerprint did not cover the weights, is named as such rather than as 'other
-    settings' (its recorded `vae` differs from every fingerprint this version makes)."""
+    """What `--out` holds, checked before any work (nothing is claimed yet). A folder whose recorded VAE
+    fingerprint covers names and sizes only ("sha256:") is named as such rather than as 'other settings' (it
+    differs from every fingerprint `vae_fingerprint` makes)."""
     try:
         StepFolder.claim(out, STEP, wanted, create=False)
     except OtherSettings:
@@ -115,7 +115,7 @@ def check_out(out: Path, wanted: dict[str, Any]) -> None:
                 continue
         if isinstance(recorded, str) and not fingerprint_covers_weights(recorded):
             raise OtherSettings(
-                f"--out {out}: prepared by an earlier cxrdiff, whose VAE fingerprint does not cover the VAE's "
-                "weights; prepare into a new folder"
+                f"--out {out}: its VAE fingerprint covers file names and sizes, not the VAE's weights; "
+                "prepare into a new folder"
             ) from None
         raise

@@ -317,7 +317,7 @@ def _eos(grounding: Mapping[str, Any]) -> dict[str, Any]:
 
 def _grounding_summary(ground_dir: Path) -> dict[str, Any]:
     """The ground step's summary; its word analysis redone from words.parquet when it lacks `class_words`
-    (a folder from before they were recorded), with the same threshold."""
+    (a summary that records none), with the same threshold."""
     summary = json.loads((ground_dir / "summary.json").read_text())
     analysis = summary.get("word_analysis")
     if analysis is not None and "class_words" not in analysis and (ground_dir / "words.parquet").is_file():

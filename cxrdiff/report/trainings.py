@@ -52,7 +52,7 @@ def run_setting(run: Path) -> dict[str, Any]:
     manifest = read_manifest(run)
     config = manifest.get("config", {})
     recorded = manifest.get("settings")
-    if recorded is None:  # a folder from before settings were recorded: its config, inputs by their hashes
+    if recorded is None:  # a manifest without `settings`: its config, inputs by their hashes
         from cxrdiff.finetune import FinetuneConfig
 
         recorded = {k: v for k, v in config.items() if k not in FinetuneConfig.NOT_SETTINGS}
@@ -81,7 +81,7 @@ def run_summary(run: Path) -> dict[str, Any]:
     config = manifest.get("config", {})
     frozen = config.get("frozen_text")
     trained = (manifest.get("conditioning") or {}).get("trained")
-    if trained is None and frozen is not None:  # a run from before the record
+    if trained is None and frozen is not None:  # a manifest without `conditioning.trained`: from frozen_text
         trained = trained_parts(record, learnable=not frozen)
     return {
         "text_encoder": None if frozen is None else ("frozen" if frozen else "learnable"),
