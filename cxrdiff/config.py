@@ -230,14 +230,18 @@ def settings(config: Any, data_format: str | None = None, **derived: Any) -> dic
 
 
 def config_defaults(source: Path, class_name: str) -> dict[str, Any]:
-    """A config class's literal field defaults, read from its source file: the CLI's `--help` shows them without
-    importing the step (numpy and more), so that help and completion stay instant. A test checks them against the
-    dataclass."""
+    """A config class's literal field defaults (its base classes' first), read from its source file: the CLI's
+    `--help` shows them without importing the step (numpy and more), so that help and completion stay instant.
+    A test checks them against the dataclass."""
     import ast
 
     tree = ast.parse(source.read_text())
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name)
     defaults: dict[str, Any] = {}
+    for base in (b.id for b in cls.bases if isinstance(b, ast.Name)):  # defined in this file or imported from cxrdiff
+        found = [n.module for n in tree.body if isinstance(n, ast.ImportFrom) and base in (a.name for a in n.names)]
+        root = next(p for p in source.parents if p.name == "cxrdiff").parent
+        defaults |= config_defaults(root.joinpath(*found[0].split(".")).with_suffix(".py") if found else source, base)
     for node in cls.body:
         if (
             isinstance(node, ast.AnnAssign)

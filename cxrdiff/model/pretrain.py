@@ -4,23 +4,40 @@ resumed from its last state trains to the same weights."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Annotated, Any, ClassVar
 
 import numpy as np
 
 from cxrdiff.artifacts import atomic_path, write_text
+from cxrdiff.choices import TextFallback
+from cxrdiff.config import Range
 from cxrdiff.console import log, progress
 
 CHECKPOINT = "checkpoint.pt"  # the resumable state, removed once the folder is finished
 
 
-class LoopConfig(Protocol):
-    steps: int
-    lr: float
-    weight_decay: float
-    checkpoint_every: int
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    """What both pretraining steps are asked for: the reports (and images) to learn from and the training loop's
+    numbers (the defaults are the demo's, chosen before any run). Each step's config adds its architecture."""
+
+    data: Path  # a MIMIC-CXR-shaped folder: metadata CSV, files/pXX/... images and reports
+    out: Path
+    ms_cxr: Path | None = None  # MS-CXR's box CSV, whose images are left out; default: the one in --data (phantoms)
+    text_fallback: TextFallback = "none"  # as prepare: none = impressions only (the paper's training text)
+    steps: Annotated[int, Range(ge=1)] = 600
+    batch_size: Annotated[int, Range(ge=2)] = 64
+    lr: Annotated[float, Range(gt=0.0)] = 1e-3
+    weight_decay: Annotated[float, Range(ge=0.0)] = 0.1
+    held_out: Annotated[int, Range(ge=1)] = 200  # whole patients' texts kept out of training for the check
+    max_pairs: Annotated[int | None, Range(ge=8)] = None
+    checkpoint_every: Annotated[int, Range(ge=1)] = 200
+    seed: Annotated[int, Range(ge=0)] = 0
+
+    NOT_SETTINGS: ClassVar[tuple[str, ...]] = ("out", "checkpoint_every", "ms_cxr")  # ms_cxr: by identity
 
 
 def batch_index(n: int, batch_size: int, seed: int, number: int) -> Any:
@@ -35,7 +52,7 @@ def batch_index(n: int, batch_size: int, seed: int, number: int) -> Any:
 
 
 def pretrain_loop(
-    config: LoopConfig,
+    config: PretrainConfig,
     parameters: Any,
     state: Callable[[], dict[str, Any]],
     load: Callable[[dict[str, Any]], None],

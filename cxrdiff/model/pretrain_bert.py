@@ -16,47 +16,32 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any
 
 import numpy as np
 
 from cxrdiff.artifacts import StepFolder, atomic_dir, input_identity
-from cxrdiff.choices import TextFallback
 from cxrdiff.config import Range, check_ranges, settings, to_dict
 from cxrdiff.console import log
 from cxrdiff.errors import InputError
-from cxrdiff.model.pretrain import CHECKPOINT, batch_index, pretrain_loop, pretrain_result, write_losses
+from cxrdiff.model.pretrain import CHECKPOINT, PretrainConfig, batch_index, pretrain_loop, pretrain_result, write_losses
 
 STEP = "pretrain-bert"
 OBJECTIVE = "masked language modelling (BERT's: 15 % of word tokens; 80 % [MASK], 10 % random, 10 % kept)"
 
 
 @dataclasses.dataclass(frozen=True)
-class PretrainBertConfig:
-    """Settings of one masked-language-model pretraining run (the defaults are the demo's, chosen before any run)."""
+class PretrainBertConfig(PretrainConfig):
+    """Settings of one masked-language-model pretraining run: `PretrainConfig`'s (the reports alone are read, as
+    `model pretrain-text` chooses them), the model's sizes and the masking."""
 
-    data: Path  # a MIMIC-CXR-shaped folder: its training reports (as `model pretrain-text` chooses them)
-    out: Path
-    ms_cxr: Path | None = None  # MS-CXR's box CSV, whose images' reports are left out; default: the one in --data
-    text_fallback: TextFallback = "none"
-    width: Annotated[int, Range(ge=2)] = (
-        48  # differs from the tiny UNet's 32 on purpose: the demo's runs learn the width map
-    )
+    weight_decay: Annotated[float, Range(ge=0.0)] = 0.01
+    width: Annotated[int, Range(ge=2)] = 48  # differs from the tiny UNet's 32 on purpose: the runs learn the width map
     layers: Annotated[int, Range(ge=1)] = 2
     heads: Annotated[int, Range(ge=1)] = 2
     vocab_size: Annotated[int, Range(ge=16)] = 1000
     context_length: Annotated[int, Range(ge=8)] = 128
-    steps: Annotated[int, Range(ge=1)] = 600
-    batch_size: Annotated[int, Range(ge=2)] = 64
-    lr: Annotated[float, Range(gt=0.0)] = 1e-3
-    weight_decay: Annotated[float, Range(ge=0.0)] = 0.01
     mask_probability: Annotated[float, Range(gt=0.0, lt=1.0)] = 0.15
-    held_out: Annotated[int, Range(ge=1)] = 200
-    max_pairs: Annotated[int | None, Range(ge=8)] = None
-    checkpoint_every: Annotated[int, Range(ge=1)] = 200
-    seed: Annotated[int, Range(ge=0)] = 0
-
-    NOT_SETTINGS: ClassVar[tuple[str, ...]] = ("out", "checkpoint_every", "ms_cxr")  # ms_cxr: by identity
 
 
 def check_config(config: PretrainBertConfig) -> None:
@@ -110,7 +95,7 @@ def pretrain_bert(config: PretrainBertConfig) -> dict[str, Any]:
     check_config(config)
     out = Path(config.out)
     find_table(Path(config.data), "metadata")
-    ms_cxr = ms_cxr_file(config)  # type: ignore[arg-type]
+    ms_cxr = ms_cxr_file(config)
     key = settings(config, data=input_identity(config.data), ms_cxr=input_identity(ms_cxr), objective=OBJECTIVE)
     folder = StepFolder.claim(out, STEP, key)
     if folder.finished:

@@ -17,42 +17,27 @@ import dataclasses
 import math
 import os
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any
 
 import numpy as np
 
 from cxrdiff.artifacts import StepFolder, atomic_dir
-from cxrdiff.choices import TextFallback
 from cxrdiff.config import Range, check_ranges, settings, to_dict
 from cxrdiff.console import log
 from cxrdiff.errors import InputError
-from cxrdiff.model.pretrain import CHECKPOINT, batch_index, pretrain_loop, pretrain_result, write_losses
+from cxrdiff.model.pretrain import CHECKPOINT, PretrainConfig, batch_index, pretrain_loop, pretrain_result, write_losses
 
 STEP = "pretrain-text"
 
 
 @dataclasses.dataclass(frozen=True)
-class PretrainTextConfig:
-    """Settings of one contrastive pretraining run (the defaults are the demo's, chosen before any run)."""
+class PretrainTextConfig(PretrainConfig):
+    """Settings of one contrastive pretraining run: `PretrainConfig`'s, and the towers' sizes."""
 
-    data: Path  # a MIMIC-CXR-shaped folder: metadata CSV, files/pXX/... images and reports
-    out: Path
-    ms_cxr: Path | None = None  # MS-CXR's box CSV, whose images are left out; default: the one in --data (phantoms)
-    text_fallback: TextFallback = "none"  # as prepare: none = impressions only (the paper's training text)
     resolution: Annotated[int, Range(ge=16)] = 64
     text_width: Annotated[int, Range(ge=1)] = 32
     text_layers: Annotated[int, Range(ge=1)] = 2
     text_heads: Annotated[int, Range(ge=1)] = 2
-    steps: Annotated[int, Range(ge=1)] = 600
-    batch_size: Annotated[int, Range(ge=2)] = 64
-    lr: Annotated[float, Range(gt=0.0)] = 1e-3
-    weight_decay: Annotated[float, Range(ge=0.0)] = 0.1
-    held_out: Annotated[int, Range(ge=1)] = 200  # pairs (whole patients) kept out of training for the retrieval check
-    max_pairs: Annotated[int | None, Range(ge=8)] = None
-    checkpoint_every: Annotated[int, Range(ge=1)] = 200
-    seed: Annotated[int, Range(ge=0)] = 0
-
-    NOT_SETTINGS: ClassVar[tuple[str, ...]] = ("out", "checkpoint_every", "ms_cxr")  # ms_cxr: by identity
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -72,7 +57,7 @@ class Pairs:
         return Pairs(self.images[index], [self.texts[i] for i in index], self.subjects[index], ids)
 
 
-def ms_cxr_file(config: PretrainTextConfig) -> Path:
+def ms_cxr_file(config: PretrainConfig) -> Path:
     """The MS-CXR box CSV whose images pretraining leaves out: --ms-cxr, else the one a phantom tree holds."""
     from cxrdiff.phantom.config import MS_CXR_FILE
 
