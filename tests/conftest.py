@@ -76,3 +76,19 @@ def tiny_bert(phantom_texts, tmp_path_factory):
     from cxrdiff.text_encoders import write_tiny_bert
 
     return write_tiny_bert(tmp_path_factory.mktemp("bert") / "tiny-bert", phantom_texts, vocab_size=120)
+
+
+@pytest.fixture(scope="session")
+def tiny_dinov2(tmp_path_factory):
+    """A randomly initialised one-layer DINOv2 folder with its image processor (RadDino's kind, no download)."""
+    import torch
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    folder = tmp_path_factory.mktemp("hf") / "tiny-dinov2"
+    torch.manual_seed(0)
+    config = Dinov2Config(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=28, patch_size=14
+    )
+    Dinov2Model(config).save_pretrained(folder)
+    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28}).save_pretrained(folder)
+    return folder

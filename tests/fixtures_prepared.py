@@ -96,9 +96,15 @@ def build_prepared(
     vae_fingerprint: str | None = None,
     seed: int = 0,
     fill: float | None = None,
+    model: str | os.PathLike | None = None,
 ) -> Path:
     """Write train-NNNNN.parquet shards and a 'prepare' manifest (geometry at the top level, as prepare
-    writes it); `vae_fingerprint` is what `cxrdiff.models.vae_fingerprint(base_model)` returns."""
+    writes it); `vae_fingerprint` is what `cxrdiff.models.vae_fingerprint(base_model)` returns, and `model`'s
+    where one is given (as though its VAE had made the latents)."""
+    if model is not None:
+        from cxrdiff.models import vae_fingerprint as fingerprint
+
+        vae_fingerprint = fingerprint(model)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = prepared_rows(n, latent_shape, seed, fill)
@@ -112,3 +118,38 @@ def build_prepared(
         extra["vae_fingerprint"] = vae_fingerprint
     write_manifest(out, "prepare", config={"resolution": resolution, "seed": seed}, seed=seed, extra=extra)
     return out
+
+
+# Losses of `tiny_run`'s frozen run on `build_prepared`'s folder (seed 0, batch 4 = 2 × 2 accumulation, 3 steps),
+# computed once on CPU.
+PINNED_FROZEN_LOSSES = (1.1567013263702393, 1.142768383026123, 1.1265671253204346)
+
+
+def tiny_run(data: Path, base_model: Path, out: Path, **changes):
+    """The tests' fine-tuning config: 3 frozen-text steps of batch 4 (2 × 2 accumulation), a checkpoint at step 2,
+    a log line each step; `changes` override any field."""
+    from cxrdiff.finetune import FinetuneConfig
+
+    base = dict(data=data, base_model=base_model, out=out, frozen_text=True, steps=3, batch_size=4,
+                per_device_batch_size=2, checkpoint_every=2, log_every=1)  # fmt: skip
+    return FinetuneConfig(**{**base, **changes})
+
+
+def train_log(out: Path) -> list[dict]:
+    """A run's train_log.jsonl, a record per logged step."""
+    import json
+
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def logged_losses(out: Path) -> list[float]:
+    """Each logged step's loss."""
+    return [record["loss"] for record in train_log(out)]
+
+
+def weights(folder: Path) -> dict:
+    """The tensors of the one .safetensors file of a model part's folder (unet/, text_encoder/, ...)."""
+    from safetensors.torch import load_file
+
+    (file,) = [p for p in folder.iterdir() if p.suffix == ".safetensors"]
+    return load_file(file)

@@ -6,30 +6,20 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from fixtures_prepared import tiny_run
 
 from cxrdiff.artifacts import manifest_hash, read_manifest
 
 
 @pytest.mark.slow
 def test_phantom_prepare_finetune_sample_ground(phantom_prepared, tiny_model, tmp_path):
-    from cxrdiff.finetune import FinetuneConfig, finetune
+    from cxrdiff.finetune import finetune
     from cxrdiff.ground import GroundConfig, ground
     from cxrdiff.models import load_components
     from cxrdiff.sample import SampleConfig, sample
 
     run = tmp_path / "frozen"
-    finetune(
-        FinetuneConfig(
-            data=phantom_prepared,
-            base_model=tiny_model,
-            out=run,
-            frozen_text=True,
-            steps=3,
-            batch_size=4,
-            lr=1e-3,
-            checkpoint_every=2,
-        )
-    )
+    finetune(tiny_run(phantom_prepared, tiny_model, run, per_device_batch_size=None, lr=1e-3))
     manifest = read_manifest(run, "finetune")
     assert manifest["inputs"]["data"]["manifest_sha256"] == manifest_hash(phantom_prepared)
 

@@ -189,3 +189,34 @@ def test_report_refuses_fewer_than_200_resamples():
     with pytest.raises(InputError, match=r"^--resamples 199: must be at least 200$"):
         load_config(ReportConfig, None, resamples=199)
     assert load_config(ReportConfig, None, resamples=200).resamples == 200
+
+
+# --- settings keys: how a key is spelled ----------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Keyed:
+    NOT_SETTINGS = ("out",)
+    KEY_NEUTRAL = {"markers": "keep"}
+    KEY_SPELLING = {"repeats": ("runs", {}), "precision": ("dtype", {"no": "float32", "bf16": "bfloat16"})}
+    out: str = "folder"
+    lr: float = 0.1
+    markers: str = "keep"
+    repeats: int = 1
+    precision: str = "no"
+
+
+def test_a_setting_at_its_neutral_value_joins_no_key_and_spelled_names_are_used():
+    from cxrdiff.config import settings
+
+    assert settings(Keyed(), model="m") == {"lr": 0.1, "runs": 1, "dtype": "float32", "model": "m"}
+    changed = settings(Keyed(markers="strip", repeats=3, precision="bf16"))
+    assert changed == {"lr": 0.1, "markers": "strip", "runs": 3, "dtype": "bfloat16"}
+
+
+def test_the_finetune_key_holds_deid_markers_only_when_stripped():
+    from cxrdiff.config import settings
+    from cxrdiff.finetune import FinetuneConfig
+
+    assert "deid_markers" not in settings(FinetuneConfig())
+    assert settings(FinetuneConfig(deid_markers="strip"))["deid_markers"] == "strip"

@@ -45,9 +45,8 @@ def test_training_text_strips_only_when_asked():
 
 
 def test_keep_joins_no_settings_key_and_strip_is_another_run(tmp_path, tiny_model):
-    from cxrdiff.models import vae_fingerprint
 
-    data = build_prepared(tmp_path / "prepared", n=4, vae_fingerprint=vae_fingerprint(tiny_model))
+    data = build_prepared(tmp_path / "prepared", n=4, model=tiny_model)
     base = dict(data=data, base_model=tiny_model, frozen_text=True, steps=1, batch_size=2, log_every=1)
     keep = FinetuneConfig(out=tmp_path / "run", **base)
     assert "deid_markers" not in run_settings(keep)

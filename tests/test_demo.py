@@ -12,170 +12,216 @@ import pytest
 from cxrdiff.data import MS_CXR_CATEGORIES
 
 
-@pytest.mark.slow
-def test_quick_demo_runs_the_whole_chain_and_reruns_nothing(tmp_path):
-    """`demo --quick --trainings 2`: two trainings per model (seeds 0 and 1) and a labels-trained run per
-    model, so the report has ± over trainings, both Table 4 columns, Table 7 measured and the EOS row."""
-    out = tmp_path / "demo"
-    argv = [sys.executable, "-m", "cxrdiff", "demo", "--quick", "--trainings", "2", "--out", str(out)]
-    result = subprocess.run(argv, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = out / "report" / "report.html"
-    assert result.stdout.strip().splitlines()[-1] == f"report: {report}"
-    assert report.is_file() and (out / "report" / "report.md").is_file()
+class Demo:
+    """One `demo --quick --trainings 2` (two trainings per model, seeds 0 and 1, and a labels-trained run per
+    model), read back: its output, metrics.json and report.md."""
 
-    metrics = json.loads((out / "report" / "metrics.json").read_text())
-    assert len(metrics["runs"]) == 6
-    held_out = len(pd.read_parquet(out / "prepared" / "test.parquet"))  # every p19 row calibrates the copy rate
-    # Table 5's generated rows: the check's own prompt set, 5 prompts for every class the p19 rows hold (--quick)
-    balanced = pd.read_parquet(out / "report" / "classifier-prompts" / "prompts.parquet")
+    def __init__(self, out):
+        self.out = out
+        self.argv = [sys.executable, "-m", "cxrdiff", "demo", "--quick", "--trainings", "2", "--out", str(out)]
+        self.result = subprocess.run(self.argv, capture_output=True, text=True)
+        assert self.result.returncode == 0, self.result.stderr[-3000:]
+        self.metrics = json.loads((out / "report" / "metrics.json").read_text())
+        self.text = (out / "report" / "report.md").read_text()
+
+    def section(self, heading: str, end: str = "###") -> str:
+        return self.text.split(heading)[1].split(end)[0]
+
+    def sampled_runs(self) -> dict:
+        """The runs trained on impressions (the labels-trained ones are grounded only)."""
+        return {name: run for name, run in self.metrics["runs"].items() if not name.endswith("(labels)")}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return Demo(tmp_path_factory.mktemp("demo") / "demo")
+
+
+@pytest.mark.slow
+def test_demo_prints_the_report_it_wrote(demo):
+    report = demo.out / "report" / "report.html"
+    assert demo.result.stdout.strip().splitlines()[-1] == f"report: {report}"
+    assert report.is_file() and (demo.out / "report" / "report.md").is_file()
+
+
+@pytest.mark.slow
+def test_every_run_is_grounded_with_finite_scores(demo):
+    assert len(demo.metrics["runs"]) == 6
+    for name, run in demo.metrics["runs"].items():
+        assert run["training"]["frozen_text"] is name.startswith("Finetune_F"), name
+        average = run["grounding"]["average"]
+        assert average["n"] > 0 and all(math.isfinite(average[k]["mean"]) for k in ("auc_roc", "top1", "cnr")), name
+
+
+@pytest.mark.slow
+def test_labels_runs_are_grounded_only(demo):
+    """Table 7's runs are grounded only, as the paper measures them."""
+    labels = {name: run for name, run in demo.metrics["runs"].items() if name.endswith("(labels)")}
+    assert len(labels) == 2
+    assert all("fidelity" not in run and "checkpoints" not in run for run in labels.values())
+
+
+@pytest.mark.slow
+def test_fidelity_is_a_distance_on_the_phantom_classifier_never_called_fid(demo):
+    for name, run in demo.sampled_runs().items():
+        (fidelity,) = run["fidelity"]
+        assert fidelity["name"] == "FD (phantom classifier features)", name
+        assert run["fidelity_ms_cxr"][0]["name"] == fidelity["name"], name
+    assert "phantom classifier" in demo.text and "FID (" not in demo.text
+
+
+@pytest.mark.slow
+def test_diversity_is_a_percentage(demo):
+    for name, run in demo.sampled_runs().items():
+        assert 0 < run["diversity"]["value"] <= 100 and 0 < run["diversity_ms_cxr"]["value"] <= 100, name
+
+
+@pytest.mark.slow
+def test_each_run_has_its_curve_over_training(demo):
+    for name, run in demo.sampled_runs().items():
+        assert [p["step"] for p in run["checkpoints"]] == [30, 60], name
+
+
+@pytest.mark.slow
+def test_privacy_is_measured_on_every_held_out_image(demo):
+    held_out = len(pd.read_parquet(demo.out / "prepared" / "test.parquet"))  # every p19 row calibrates the copy rate
+    for name, run in demo.sampled_runs().items():
+        assert run["benchmark"]["networks"][0]["network"] == "phantom classifier features", name
+        copies = run["privacy"]["copy_rate"]
+        assert copies["measure"] == "cosine on phantom classifier features" and 0 <= copies["rate"] <= 1, name
+        assert run["privacy"]["copy_rate_pixels"]["held_out_images"] == held_out and run["privacy"]["pairs"]["pixels"]
+        assert run["privacy"]["memorization"]["training"]["n"] == 4, name
+        assert all(p["copy_rate"]["n"] == held_out for p in run["checkpoints"]), name  # the curve's privacy side
+
+
+@pytest.mark.slow
+def test_table_5_rests_on_five_prompts_per_class(demo):
+    """Table 5's generated rows: the check's own prompt set, 5 prompts for every class the p19 rows hold
+    (--quick), counts read from metrics.json."""
+    balanced = pd.read_parquet(demo.out / "report" / "classifier-prompts" / "prompts.parquet")
     per_class = balanced["classifier_class"].value_counts().to_dict()
     assert set(per_class.values()) == {5} and "No Finding" in per_class
-    for name, run in metrics["runs"].items():
-        assert run["training"]["frozen_text"] is name.startswith("Finetune_F")
-        average = run["grounding"]["average"]
-        assert average["n"] > 0 and all(math.isfinite(average[k]["mean"]) for k in ("auc_roc", "top1", "cnr"))
-        if name.endswith("(labels)"):  # Table 7 runs are grounded only, as the paper measures them
-            assert "fidelity" not in run and "checkpoints" not in run
-            continue
-        (fidelity,) = run["fidelity"]
-        assert fidelity["name"] == "FD (phantom classifier features)"  # never called FID
-        assert 0 < run["diversity"]["value"] <= 100 and 0 < run["diversity_ms_cxr"]["value"] <= 100
-        assert run["fidelity_ms_cxr"][0]["name"] == fidelity["name"]
-        assert [p["step"] for p in run["checkpoints"]] == [30, 60]  # the curve over training
-        # today's benchmarks and the privacy section, on the phantom classifier's features
-        assert run["benchmark"]["networks"][0]["network"] == "phantom classifier features"
-        copies = run["privacy"]["copy_rate"]
-        assert copies["measure"] == "cosine on phantom classifier features" and 0 <= copies["rate"] <= 1
-        assert run["privacy"]["copy_rate_pixels"]["held_out_images"] == held_out and run["privacy"]["pairs"]["pixels"]
-        assert run["privacy"]["memorization"]["training"]["n"] == 4
-        assert all(p["copy_rate"]["n"] == held_out for p in run["checkpoints"])  # the privacy side of the curve
-        classes = [c for c in per_class if c != "No Finding"]  # each with 5 positives, so each in the Average
-        assert run["classifier"]["Average"]["protocol"] == {
-            "classes": len(classes),
-            "positives": 5 * len(classes),
-            "negatives": 5,
-        }
+    classes = [c for c in per_class if c != "No Finding"]  # each with 5 positives, so each in the Average
+    for name, run in demo.sampled_runs().items():
+        average = {"classes": len(classes), "positives": 5 * len(classes), "negatives": 5}
+        assert run["classifier"]["Average"]["protocol"] == average, name
         for cls in MS_CXR_CATEGORIES:
             assert run["classifier"][cls]["protocol"] == {"positives": per_class.get(cls, 0), "negatives": 5}, cls
-    groups = metrics["groups"]
+
+
+@pytest.mark.slow
+def test_groups_hold_two_trainings_each_and_their_text_source(demo):
+    groups = demo.metrics["groups"]
     assert set(groups) == {"Finetune_F", "Finetune_L", "Finetune_F (labels)", "Finetune_L (labels)"}
     for name in ("Finetune_F", "Finetune_L"):
-        assert groups[name]["trainings"] == 2 and groups[name]["seeds"] == [0, 1]
+        assert groups[name]["trainings"] == 2 and groups[name]["seeds"] == [0, 1], name
         cnr = groups[name]["grounding"]["average"]["cnr"]
-        assert cnr["n"] == 2 and math.isfinite(cnr["std"])
+        assert cnr["n"] == 2 and math.isfinite(cnr["std"]), name
         assert groups[name]["text_source"]["source"] == "impression"
         assert groups[f"{name} (labels)"]["text_source"]["source"] == "labels"
-        for group in (groups[name], groups[f"{name} (labels)"]):
-            assert math.isfinite(group["text_source"]["cnr"]["mean"]) and group["text_source"]["phrases"] > 0
-            assert math.isfinite(group["eos"]["eos_cnr"]["mean"])
-    text = (out / "report" / "report.md").read_text()
-    assert "phantom classifier" in text and "FID (" not in text
-    assert not re.search(r"\bnan\b", text, re.IGNORECASE), "a NaN reached the report's tables"
-    over = text.split("### Localization over trainings")[1].split("###")[0]
-    assert "Finetune_F (2 trainings)" in over and " ± " in over.split("Finetune_F (2 trainings)")[1]
-    table_4 = text.split("### Fidelity and diversity by prompt source")[1].split("###")[0]
-    assert "| MIMIC p19 | this report |" in table_4 and "| MS-CXR phrases | this report |" in table_4
-    table_7 = text.split("### CNR by training text (Table 7, measured)")[1].split("###")[0]
-    rows = {line.split(" | ")[0].strip("| "): line for line in table_7.splitlines() if line.startswith("| ")}
-    assert "(Finetune_F (2 trainings)" in rows["impressions"] and "(Finetune_L (labels)" in rows["class labels"]
-    privacy = text.split("## Privacy: does the model copy its training images?")[1].split("\n## ")[0]
-    assert "![privacy-pairs](privacy-pairs.png)" in privacy and "### Privacy over training" in privacy
-    assert "### Fidelity on feature networks" in text and (out / "report" / "privacy-pairs.png").is_file()
-    eos = text.split("### EOS token vs class words")[1].split("###")[0]
-    assert "| Finetune_F (2 trainings) | frozen |" in eos and "| 0.72 |" in eos
 
-    # every number with its uncertainty, verdicts only where the interval says so (issue: trustworthy verdicts)
-    for run in metrics["runs"].values():
+
+@pytest.mark.slow
+def test_text_source_and_eos_cnr_are_measured_for_every_group(demo):
+    for name, group in demo.metrics["groups"].items():
+        assert math.isfinite(group["text_source"]["cnr"]["mean"]) and group["text_source"]["phrases"] > 0, name
+        assert math.isfinite(group["eos"]["eos_cnr"]["mean"]), name
+
+
+@pytest.mark.slow
+def test_no_nan_reaches_the_report(demo):
+    assert not re.search(r"\bnan\b", demo.text, re.IGNORECASE)
+
+
+@pytest.mark.slow
+def test_localization_over_trainings_shows_a_spread(demo):
+    over = demo.section("### Localization over trainings")
+    assert "Finetune_F (2 trainings)" in over and " ± " in over.split("Finetune_F (2 trainings)")[1]
+
+
+@pytest.mark.slow
+def test_table_4_has_both_prompt_sources(demo):
+    rows = _rows(demo.section("### Fidelity and diversity by prompt source"))
+    assert _has_cells(rows, "MIMIC p19", "this report") and _has_cells(rows, "MS-CXR phrases", "this report")
+
+
+@pytest.mark.slow
+def test_table_7_names_the_group_of_each_training_text(demo):
+    rows = {r[0]: r for r in _rows(demo.section("### CNR by training text (Table 7, measured)"))}
+    assert "(Finetune_F (2 trainings)" in " ".join(rows["impressions"])
+    assert "(Finetune_L (labels)" in " ".join(rows["class labels"])
+
+
+@pytest.mark.slow
+def test_privacy_section_has_its_figure_and_its_curve(demo):
+    privacy = demo.section("## Privacy: does the model copy its training images?", "\n## ")
+    assert "![privacy-pairs](privacy-pairs.png)" in privacy and "### Privacy over training" in privacy
+    assert "### Fidelity on feature networks" in demo.text and (demo.out / "report" / "privacy-pairs.png").is_file()
+
+
+@pytest.mark.slow
+def test_eos_table_sets_the_papers_value_beside_ours(demo):
+    rows = _rows(demo.section("### EOS token vs class words"))
+    assert _has_cells(rows, "Finetune_F (2 trainings)", "frozen") and _has_cells(rows, "0.72")
+
+
+@pytest.mark.slow
+def test_every_number_carries_an_interval_around_it(demo):
+    for name, run in demo.metrics["runs"].items():
         cnr = run["grounding_intervals"]["average"]["cnr"]
-        assert cnr["low"] < cnr["value"] < cnr["high"] and "class-stratified" in cnr["method"]
-        if "fidelity" in run:
-            fd = run["fidelity"][0]["interval"]
-            assert fd["low"] < run["fidelity"][0]["value"] < fd["high"]
-            assert (
-                run["diversity"]["interval"]["low"] <= run["diversity"]["value"] <= run["diversity"]["interval"]["high"]
-            )
-    (verdict,) = metrics["verdicts"]  # Finetune_F against Finetune_L, two trainings each
+        assert cnr["low"] < cnr["value"] < cnr["high"] and "class-stratified" in cnr["method"], name
+    for name, run in demo.sampled_runs().items():
+        fd = run["fidelity"][0]
+        assert fd["interval"]["low"] < fd["value"] < fd["interval"]["high"], name
+        diversity = run["diversity"]
+        assert diversity["interval"]["low"] <= diversity["value"] <= diversity["interval"]["high"], name
+
+
+@pytest.mark.slow
+def test_a_verdict_only_where_the_interval_over_trainings_excludes_zero(demo):
+    (verdict,) = demo.metrics["verdicts"]  # Finetune_F against Finetune_L, two trainings each
     assert [s["side"] for s in verdict["sides"]] == ["interpretability", "fidelity"]
     for side in verdict["sides"]:
         assert side["over"] == "trainings" and side["difference"]["method"].startswith("Welch t over trainings")
         low, high = side["difference"]["low"], side["difference"]["high"]
         if low is None:  # every training gave the same number: no bounds, no verdict
-            assert side["verdict"] == "no verdict (no spread observed)"
+            assert side["verdict"] == "no verdict (no spread observed)", side
             continue
-        expected = "not distinguishable here" if low <= 0 <= high else None
-        assert side["verdict"] == expected or (expected is None and side["verdict"] in ("reproduced", "opposite"))
-    headline = text.split("## Headline")[1].split("\n## ")[0]
-    assert "a half counts as reproduced or opposite only when its 95% interval over trainings excludes zero" in headline
-    assert "± 0.00" not in result.stderr and "verdict: Finetune_F vs Finetune_L" in result.stderr
+        allowed = {"not distinguishable here"} if low <= 0 <= high else {"reproduced", "opposite"}
+        assert side["verdict"] in allowed, side
+    assert "± 0.00" not in demo.result.stderr and "verdict: Finetune_F vs Finetune_L" in demo.result.stderr
 
-    # the manifests chain: finetune records the prepared folder, which records the base model
-    frozen = json.loads((out / "runs" / "pretrained-frozen-seed0" / "manifest.json").read_text())
-    assert frozen["inputs"]["data"]["path"] == str((out / "prepared").resolve())
 
-    again = subprocess.run(
-        [sys.executable, "-m", "cxrdiff", "--json", *argv[3:]],
-        capture_output=True,
-        text=True,
-    )
+@pytest.mark.slow
+def test_the_headline_states_when_a_half_counts(demo):
+    assert "only when its 95% interval over trainings excludes zero" in demo.section("## Headline", "\n## ")
+
+
+@pytest.mark.slow
+def test_the_manifests_chain_finetune_to_its_prepared_folder(demo):
+    frozen = json.loads((demo.out / "runs" / "pretrained-frozen-seed0" / "manifest.json").read_text())
+    assert frozen["inputs"]["data"]["path"] == str((demo.out / "prepared").resolve())
+
+
+@pytest.mark.slow
+def test_a_second_demo_recomputes_nothing(demo):
+    again = subprocess.run([sys.executable, "-m", "cxrdiff", "--json", *demo.argv[3:]], capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
     recomputed = json.loads(again.stdout)["recomputed"]
-    assert set(recomputed) == set(metrics["runs"])
+    assert set(recomputed) == set(demo.metrics["runs"])
     assert all(re.fullmatch(r"nothing(; checkpoints: nothing)?", done) for done in recomputed.values()), recomputed
 
 
-def test_demo_refuses_another_steps_folder(tmp_path):
-    from cxrdiff.artifacts import write_manifest
-    from cxrdiff.demo import demo
-    from cxrdiff.errors import InputError
-
-    write_manifest(tmp_path, "finetune")
-    with pytest.raises(InputError, match="is a 'finetune' folder"):
-        demo(tmp_path, quick=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]
-
-
-def test_demo_text_encoders_plan_the_bert_pair_beside_clip(tmp_path):
-    """`--text-encoders clip,bert`: the BERT pair (frozen, learnable) from the first base model, conditioned
-    through `finetune --text-encoder`, beside the CLIP runs; an unknown encoder is refused before any work."""
-    from cxrdiff.demo import DemoPlan, demo, planned_runs
-    from cxrdiff.errors import InputError
-
-    bases = {"pretrained": tmp_path / "base-model-pretrained"}
-    runs, jobs = planned_runs(tmp_path, tmp_path / "prepared", bases, ("pretrained",), 1, DemoPlan.quick(),
-                               bert=tmp_path / "tiny-bert")  # fmt: skip
-    assert list(runs) == ["Finetune_F", "Finetune_L", "Finetune_F (BERT)", "Finetune_L (BERT)"]
-    by_out = {job.out.name: job for job in jobs}
-    assert (
-        by_out["bert-frozen-seed0"].text_encoder == tmp_path / "tiny-bert" and by_out["bert-frozen-seed0"].frozen_text
-    )
-    assert not by_out["bert-learnable-seed0"].frozen_text and by_out["pretrained-frozen-seed0"].text_encoder is None
-    assert {job.base_model for job in jobs} == {bases["pretrained"]}
-    with pytest.raises(InputError, match="--text-encoders clip,gpt: expected some of clip, bert"):
-        demo(tmp_path / "demo", quick=True, text_encoders=("clip", "gpt"))
-    assert not (tmp_path / "demo").exists()
-
-
-def test_demo_lora_adds_lora_runs_and_leaves_the_default_plan_alone(tmp_path):
-    from cxrdiff.demo import DemoPlan, planned_runs
-
-    base = {"pretrained": tmp_path / "base"}
-    runs, jobs = planned_runs(tmp_path, tmp_path / "prepared", base, ("pretrained",), 2, DemoPlan.quick())
-    assert list(runs) == ["Finetune_F", "Finetune_L", "Finetune_F (labels)", "Finetune_L (labels)"]
-    assert all(job.lora_rank is None for job in jobs)
-    with_lora, lora_jobs = planned_runs(
-        tmp_path, tmp_path / "prepared", base, ("pretrained",), 2, DemoPlan.quick(), lora=True
-    )
-    assert lora_jobs[: len(jobs)] == jobs  # the full fine-tunes are the default demo's, untouched
-    assert list(with_lora) == [
-        "Finetune_F", "Finetune_L", "Finetune_F + LoRA r16", "Finetune_L + LoRA r16",
-        "Finetune_F (labels)", "Finetune_L (labels)",
-    ]  # fmt: skip
-    lora = [job for job in lora_jobs if job.lora_rank is not None]
-    assert [(j.out.name, j.frozen_text, j.lora_rank, j.seed) for j in lora] == [
-        ("pretrained-frozen-lora16-seed0", True, 16, 0),
-        ("pretrained-frozen-lora16-seed1", True, 16, 1),
-        ("pretrained-learnable-lora16-seed0", False, 16, 0),
-        ("pretrained-learnable-lora16-seed1", False, 16, 1),
+def _rows(table: str) -> list[list[str]]:
+    """A markdown table's rows (header and rule included) as lists of cell texts."""
+    return [
+        [cell.strip() for cell in line.strip().strip("|").split("|")]
+        for line in table.splitlines()
+        if line.startswith("| ")
     ]
-    assert all(j.lr == DemoPlan.quick().lr and j.steps == DemoPlan.quick().finetune_steps for j in lora)
+
+
+def _has_cells(rows: list[list[str]], *cells: str) -> bool:
+    """Whether a row holds `cells` side by side."""
+    n = len(cells)
+    return any(tuple(row[i : i + n]) == cells for row in rows for i in range(len(row) - n + 1))

@@ -26,9 +26,7 @@ def test_a_damaged_training_shard_is_named(tmp_path, tiny_model, capsys, monkeyp
     """Latent pages overwritten, the footer intact: pyarrow fails only when the latents are read, in training."""
     import pyarrow.parquet as pq
 
-    from cxrdiff.models import vae_fingerprint
-
-    data = build_prepared(tmp_path / "prepared", n=8, shard_size=4, vae_fingerprint=vae_fingerprint(tiny_model))
+    data = build_prepared(tmp_path / "prepared", n=8, shard_size=4, model=tiny_model)
     shard = data / "train-00001.parquet"
     group = pq.ParquetFile(shard).metadata.row_group(0)
     column = next(group.column(i) for i in range(group.num_columns) if group.column(i).path_in_schema == "latent_mean")

@@ -128,22 +128,6 @@ def test_prdc_separates_fidelity_from_diversity():
 
 
 @pytest.fixture(scope="module")
-def tiny_dinov2(tmp_path_factory):
-    """A randomly initialised two-head DINOv2 with a saved BitImageProcessor config (no downloads)."""
-    import torch
-    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
-
-    folder = tmp_path_factory.mktemp("hf") / "tiny-dinov2"
-    torch.manual_seed(0)
-    config = Dinov2Config(
-        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=28, patch_size=14
-    )
-    Dinov2Model(config).save_pretrained(folder)
-    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28}).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def tiny_vit(tmp_path_factory):
     import torch
     from transformers import ViTConfig, ViTImageProcessor, ViTModel

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fixtures_prepared import build_prepared
+from fixtures_prepared import PINNED_FROZEN_LOSSES, build_prepared, tiny_run, train_log, weights
 
 from cxrdiff.artifacts import OtherSettings, StepFolder, manifest_hash
 from cxrdiff.config import load_config
@@ -28,9 +28,6 @@ from cxrdiff.finetune import (
     run_settings,
 )
 
-# Losses of the frozen run below (seed 0, batch 4 = 2 × 2 accumulation), computed once on CPU.
-PINNED_FROZEN_LOSSES = (1.1567013263702393, 1.142768383026123, 1.1265671253204346)
-
 
 def _fingerprint(model: Path) -> str:
     from cxrdiff.models import vae_fingerprint
@@ -38,47 +35,21 @@ def _fingerprint(model: Path) -> str:
     return vae_fingerprint(model)
 
 
-def _weights(folder: Path) -> dict:
-    from safetensors.torch import load_file
-
-    (file,) = [p for p in folder.iterdir() if p.suffix == ".safetensors"]
-    return load_file(file)
-
-
-def _config(prepared: Path, model: Path, out: Path, **kw) -> FinetuneConfig:
-    base = dict(
-        data=prepared,
-        base_model=model,
-        out=out,
-        frozen_text=True,
-        steps=3,
-        batch_size=4,
-        per_device_batch_size=2,
-        checkpoint_every=2,
-        log_every=1,
-    )
-    return FinetuneConfig(**{**base, **kw})
-
-
-def _log(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, tiny_model):
-    return build_prepared(tmp_path_factory.mktemp("prep") / "prepared", vae_fingerprint=_fingerprint(tiny_model))
+    return build_prepared(tmp_path_factory.mktemp("prep") / "prepared", model=tiny_model)
 
 
 @pytest.fixture(scope="module")
 def frozen_run(tmp_path_factory, prepared, tiny_model):
     out = tmp_path_factory.mktemp("frozen") / "run"
-    return out, finetune(_config(prepared, tiny_model, out))
+    return out, finetune(tiny_run(prepared, tiny_model, out))
 
 
 @pytest.fixture(scope="module")
 def learnable_run(tmp_path_factory, prepared, tiny_model):
     out = tmp_path_factory.mktemp("learnable") / "run"
-    return out, finetune(_config(prepared, tiny_model, out, frozen_text=False, steps=4, ema=True))
+    return out, finetune(tiny_run(prepared, tiny_model, out, frozen_text=False, steps=4, ema=True))
 
 
 # --- batch arithmetic and data order ---------------------------------------------------------
@@ -173,21 +144,21 @@ def test_prompt_sources(tmp_path):
 
 def test_mismatched_or_incomplete_inputs_are_refused_before_training(tmp_path, tiny_model, prepared):
     with pytest.raises(InputError, match="--frozen-text .* or --learnable-text"):
-        finetune(_config(prepared, tiny_model, tmp_path / "a", frozen_text=None))
+        finetune(tiny_run(prepared, tiny_model, tmp_path / "a", frozen_text=None))
     small = build_prepared(tmp_path / "small", n=3, latent_shape=(4, 8, 8), resolution=32)
     with pytest.raises(InputError, match=r"latents \[4, 8, 8\] at 32 px do not fit"):
-        finetune(_config(small, tiny_model, tmp_path / "b"))
+        finetune(tiny_run(small, tiny_model, tmp_path / "b"))
     other = build_prepared(tmp_path / "other", n=3, scaling_factor=0.13025)
     with pytest.raises(InputError, match="scaling factor 0.13025 differs"):
-        finetune(_config(other, tiny_model, tmp_path / "c"))
+        finetune(tiny_run(other, tiny_model, tmp_path / "c"))
     if _fingerprint(tiny_model) is not None:
         foreign = build_prepared(tmp_path / "foreign", n=3, vae_fingerprint="sha256:another-vae")
         with pytest.raises(InputError, match="different VAE"):
-            finetune(_config(foreign, tiny_model, tmp_path / "d"))
+            finetune(tiny_run(foreign, tiny_model, tmp_path / "d"))
     with pytest.raises(InputError, match="this is a 'prepare' folder, expected 'finetune'"):
-        finetune(_config(prepared, tiny_model, prepared))
+        finetune(tiny_run(prepared, tiny_model, prepared))
     with pytest.raises(InputError, match="not per-device 2 × 1 processes × an integer"):
-        finetune(_config(prepared, tiny_model, tmp_path / "e", batch_size=3))
+        finetune(tiny_run(prepared, tiny_model, tmp_path / "e", batch_size=3))
     assert not any((tmp_path / n).exists() for n in "abcde")
 
 
@@ -206,9 +177,9 @@ def test_frozen_keeps_the_text_encoder_bit_identical_and_trains_the_unet(frozen_
 
     out, result = frozen_run
     assert result["text_encoder"] == "frozen" and result["weights"] == "raw" and result["steps"] == 3
-    base_text, text = _weights(tiny_model / "text_encoder"), _weights(out / "text_encoder")
+    base_text, text = weights(tiny_model / "text_encoder"), weights(out / "text_encoder")
     assert base_text.keys() == text.keys() and all(torch.equal(base_text[k], text[k]) for k in text)
-    base_unet, unet = _weights(tiny_model / "unet"), _weights(out / "unet")
+    base_unet, unet = weights(tiny_model / "unet"), weights(out / "unet")
     assert any(not torch.equal(base_unet[k], unet[k]) for k in unet)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["step"] == "finetune" and manifest["text_encoder"] == "frozen" and manifest["weights"] == "raw"
@@ -218,7 +189,7 @@ def test_frozen_keeps_the_text_encoder_bit_identical_and_trains_the_unet(frozen_
 
 def test_losses_are_pinned_for_a_fixed_seed(frozen_run):
     out, result = frozen_run
-    log = _log(out)
+    log = train_log(out)
     assert [r["step"] for r in log] == [1, 2, 3]
     assert [r["loss"] for r in log] == pytest.approx(PINNED_FROZEN_LOSSES, rel=1e-4)
     assert result["final_loss"] == pytest.approx(PINNED_FROZEN_LOSSES[-1], rel=1e-4)
@@ -244,7 +215,7 @@ def test_rerunning_a_finished_run_does_nothing(frozen_run, prepared, tiny_model,
     monkeypatch.setattr("cxrdiff.models.load_components", _no_load)
     out, result = frozen_run
     before = (out / "train_log.jsonl").read_text()
-    assert finetune(_config(prepared, tiny_model, out)) == {
+    assert finetune(tiny_run(prepared, tiny_model, out)) == {
         "out": str(out),
         **{k: result[k] for k in result if k != "out"},
     }
@@ -257,7 +228,7 @@ def test_learnable_trains_both(learnable_run, tiny_model):
     out, result = learnable_run
     assert result["text_encoder"] == "learnable"
     for part in ("unet", "text_encoder"):
-        base, new = _weights(tiny_model / part), _weights(out / part)
+        base, new = weights(tiny_model / part), weights(out / part)
         assert any(not torch.equal(base[k], new[k]) for k in new), part
     assert (out / "unet_ema").is_dir()  # the EMA weights beside the raw ones the folder holds
     assert json.loads((out / "manifest.json").read_text())["weights"] == "raw"
@@ -269,27 +240,27 @@ def test_preempted_and_resumed_equals_uninterrupted(tmp_path, prepared, tiny_mod
 
     reference, _ = learnable_run
     out = tmp_path / "run"
-    config = _config(prepared, tiny_model, out, frozen_text=False, steps=4, ema=True, checkpoint_every=3)
+    config = tiny_run(prepared, tiny_model, out, frozen_text=False, steps=4, ema=True, checkpoint_every=3)
     with pytest.raises(Stopped, match="stopped by a signal after step 2"):
         finetune(FinetuneConfig(**{**config.__dict__, "stop_after_step": 2}))
-    assert [r["step"] for r in _log(out)] == [1, 2]
+    assert [r["step"] for r in train_log(out)] == [1, 2]
     assert (out / "checkpoints" / "step-0000002" / "state.json").is_file()
     assert not (out / "manifest.json").exists()
     finetune(config)
     for part in ("unet", "text_encoder", "unet_ema"):
-        a, b = _weights(reference / part), _weights(out / part)
+        a, b = weights(reference / part), weights(out / part)
         assert all(torch.equal(a[k], b[k]) for k in a), part
-    assert [r["loss"] for r in _log(out)] == [r["loss"] for r in _log(reference)]
+    assert [r["loss"] for r in train_log(out)] == [r["loss"] for r in train_log(reference)]
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_state(tmp_path, tiny_model):
     import signal
 
     handler = signal.getsignal(signal.SIGTERM)
-    bad = build_prepared(tmp_path / "bad", n=4, fill=float("nan"), vae_fingerprint=_fingerprint(tiny_model))
+    bad = build_prepared(tmp_path / "bad", n=4, fill=float("nan"), model=tiny_model)
     out = tmp_path / "run"
     with pytest.raises(RunError, match=r"loss is nan at step 1; the last good state \(step 0\)"):
-        finetune(_config(bad, tiny_model, out, steps=2, batch_size=2))
+        finetune(tiny_run(bad, tiny_model, out, steps=2, batch_size=2))
     state = json.loads((out / "checkpoints" / "step-0000000" / "state.json").read_text())
     assert state["step"] == 0 and state["samples_seen"] == 0
     assert not (out / "manifest.json").exists()
@@ -301,7 +272,7 @@ def test_cli_run_with_v_prediction_ema_export_min_snr_and_validation(tmp_path, p
     from cxrdiff.model.tiny import TinySpec, write_tiny_model
 
     model = write_tiny_model(tmp_path / "vpred", TinySpec(prediction_type="v_prediction"))
-    data = build_prepared(tmp_path / "prep", n=8, vae_fingerprint=_fingerprint(model))
+    data = build_prepared(tmp_path / "prep", n=8, model=model)
     out = tmp_path / "run"
     args = ["--data", str(data), "--base-model", str(model), "--out", str(out), "--learnable-text"]
     args += ["--steps", "2", "--batch-size", "2", "--ema", "--export-weights", "ema", "--snr-gamma", "5"]
@@ -347,17 +318,17 @@ def test_two_processes_split_the_batch_save_every_rank_and_resume(tmp_path, prep
     second = subprocess.run([*launch, *args], capture_output=True, text=True, timeout=300, env=env)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "2 per device × 2 processes × 1 accumulation" in first.stderr
-    log = _log(out)
+    log = train_log(out)
     assert [r["step"] for r in log] == [1, 2, 3]
     # the same global batches as the single-process run, split over the ranks
-    assert [r["ucg_eligible"] for r in log] == [r["ucg_eligible"] for r in _log(frozen_run[0])]
+    assert [r["ucg_eligible"] for r in log] == [r["ucg_eligible"] for r in train_log(frozen_run[0])]
     assert json.loads((out / "manifest.json").read_text())["processes"] == 2
 
 
 def test_gradient_checkpointing_changes_memory_not_numbers(tmp_path, prepared, tiny_model):
     out = tmp_path / "run"
-    finetune(_config(prepared, tiny_model, out, steps=1, gradient_checkpointing=True))
-    assert [r["loss"] for r in _log(out)] == pytest.approx(PINNED_FROZEN_LOSSES[:1], rel=1e-6)
+    finetune(tiny_run(prepared, tiny_model, out, steps=1, gradient_checkpointing=True))
+    assert [r["loss"] for r in train_log(out)] == pytest.approx(PINNED_FROZEN_LOSSES[:1], rel=1e-6)
 
 
 # --- the run folder: claimed through StepFolder, refused or resumed before any weight is read ----
@@ -373,13 +344,13 @@ def test_a_strangers_folder_or_another_steps_folder_is_refused(tmp_path, prepare
     stranger.mkdir()
     (stranger / "notes.txt").write_text("mine")
     with pytest.raises(InputError, match=r"not empty and not a 'finetune' folder \(has notes.txt\)"):
-        finetune(_config(prepared, tiny_model, stranger))
+        finetune(tiny_run(prepared, tiny_model, stranger))
     assert sorted(p.name for p in stranger.iterdir()) == ["notes.txt"]
     sampling = tmp_path / "sampling"
     StepFolder.claim(sampling, "sample", {"steps": 5})
     (sampling / "images").mkdir()
     with pytest.raises(InputError, match="holds an unfinished 'sample' run"):
-        finetune(_config(prepared, tiny_model, sampling))
+        finetune(tiny_run(prepared, tiny_model, sampling))
 
 
 def test_resuming_with_other_settings_is_refused_before_loading_weights(frozen_run, prepared, tiny_model, monkeypatch):
@@ -389,21 +360,21 @@ def test_resuming_with_other_settings_is_refused_before_loading_weights(frozen_r
     with pytest.raises(
         OtherSettings, match=r"finished 'finetune' run made with other settings \(frozen_text True → False; text_lr"
     ):
-        finetune(_config(prepared, tiny_model, out, frozen_text=False, text_lr=1e-4))
+        finetune(tiny_run(prepared, tiny_model, out, frozen_text=False, text_lr=1e-4))
     with pytest.raises(OtherSettings, match=r"other settings \(seed 0 → 1\)"):
-        finetune(_config(prepared, tiny_model, out, seed=1))
-    again = build_prepared(out.parent / "again", seed=1, vae_fingerprint=_fingerprint(tiny_model))
+        finetune(tiny_run(prepared, tiny_model, out, seed=1))
+    again = build_prepared(out.parent / "again", seed=1, model=tiny_model)
     with pytest.raises(OtherSettings, match=r"other settings \(data '[0-9a-f]{12}"):
-        finetune(_config(again, tiny_model, out))
+        finetune(tiny_run(again, tiny_model, out))
     with pytest.raises(InputError, match="holds a run already at step 3, past --steps 2"):
-        finetune(_config(prepared, tiny_model, out, steps=2))
+        finetune(tiny_run(prepared, tiny_model, out, steps=2))
     assert (out / "manifest.json").read_bytes() == before
-    assert run_settings(check_inputs(_config(prepared, tiny_model, out)).config)["data"] == manifest_hash(prepared)
+    assert run_settings(check_inputs(tiny_run(prepared, tiny_model, out)).config)["data"] == manifest_hash(prepared)
 
 
 def test_a_stopped_run_resumes_and_a_finished_one_extends_with_more_steps(tmp_path, prepared, tiny_model, frozen_run):
     out = tmp_path / "run"
-    config = _config(prepared, tiny_model, out, steps=2)
+    config = tiny_run(prepared, tiny_model, out, steps=2)
     with pytest.raises(Stopped, match="stopped by a signal after step 1"):
         finetune(dataclasses.replace(config, stop_after_step=1))
     assert check_inputs(config).folder.state == "resume" and not (out / "manifest.json").exists()
@@ -412,11 +383,11 @@ def test_a_stopped_run_resumes_and_a_finished_one_extends_with_more_steps(tmp_pa
     ):
         finetune(dataclasses.replace(config, lr=1e-4))
     assert finetune(dataclasses.replace(config, log_every=2))["steps"] == 2  # not a setting: resumes
-    reference = [r["loss"] for r in _log(frozen_run[0])]
-    assert [r["step"] for r in _log(out)] == [1, 2] and [r["loss"] for r in _log(out)] == reference[:2]
+    reference = [r["loss"] for r in train_log(frozen_run[0])]
+    assert [r["step"] for r in train_log(out)] == [1, 2] and [r["loss"] for r in train_log(out)] == reference[:2]
     assert check_inputs(config).folder.state == "finished"
     assert finetune(dataclasses.replace(config, steps=3))["steps"] == 3  # more steps: on from step 2
-    assert [r["loss"] for r in _log(out)] == reference
+    assert [r["loss"] for r in train_log(out)] == reference
     assert json.loads((out / "manifest.json").read_text())["steps"] == 3
     assert not (out / ".cxrdiff-claim.json").exists()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002", "step-0000003"]
@@ -492,12 +463,12 @@ def test_ctrl_c_saves_the_current_step_says_so_and_a_rerun_resumes_there(tmp_pat
     step = int(match[1])
     assert Path(match[2]) == out / "checkpoints" / f"step-{step:07d}" and (Path(match[2]) / "state.json").is_file()
     assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step-{step:07d}"]  # the stop's own save
-    assert [r["step"] for r in _log(out)] == list(range(1, step + 1)) and not (out / "manifest.json").exists()
+    assert [r["step"] for r in train_log(out)] == list(range(1, step + 1)) and not (out / "manifest.json").exists()
 
     ran = []
     monkeypatch.setattr(loop, "train_step", lambda *a, real=loop.train_step: ran.append(a[-1]) or real(*a))
-    config = _config(prepared, tiny_model, out, steps=step + 1, checkpoint_every=1000)  # steps: not a setting
+    config = tiny_run(prepared, tiny_model, out, steps=step + 1, checkpoint_every=1000)  # steps: not a setting
     assert finetune(config)["steps"] == step + 1
     assert ran == [step]  # resumed at the saved step: only the one step left was trained
     if step + 1 <= len(PINNED_FROZEN_LOSSES):  # exact resume: the same losses as an uninterrupted run
-        assert [r["loss"] for r in _log(out)] == pytest.approx(PINNED_FROZEN_LOSSES[: step + 1], rel=1e-4)
+        assert [r["loss"] for r in train_log(out)] == pytest.approx(PINNED_FROZEN_LOSSES[: step + 1], rel=1e-4)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fixtures_prepared import build_prepared
+from fixtures_prepared import build_prepared, tiny_run, train_log, weights
 
 from cxrdiff.errors import InputError, Stopped
 from cxrdiff.finetune import FinetuneConfig, check_inputs, export_checkpoint, finetune, run_settings
@@ -22,40 +22,16 @@ RANK, ALPHA = 4, 8.0  # scale 2: an adapter file that dropped alpha would give a
 
 
 def _config(prepared: Path, model: Path, out: Path, **kw) -> FinetuneConfig:
-    base = dict(
-        data=prepared,
-        base_model=model,
-        out=out,
-        frozen_text=False,
-        steps=3,
-        batch_size=4,
-        per_device_batch_size=2,
-        checkpoint_every=2,
-        log_every=1,
-        lr=1e-2,  # large, so that three steps move the adapters visibly
-        lora_rank=RANK,
-        lora_alpha=ALPHA,
-        ema=True,
-    )
-    return FinetuneConfig(**{**base, **kw})
-
-
-def _weights(folder: Path) -> dict:
-    from safetensors.torch import load_file
-
-    (file,) = [p for p in folder.iterdir() if p.suffix == ".safetensors"]
-    return load_file(file)
-
-
-def _log(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    """LoRA adapters of rank 4 on both the UNet and the learnable text encoder; lr 1e-2, large, so that three
+    steps move the adapters visibly."""
+    lora = dict(frozen_text=False, lr=1e-2, lora_rank=RANK, lora_alpha=ALPHA, ema=True)
+    return tiny_run(prepared, model, out, **{**lora, **kw})
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, tiny_model):
-    from cxrdiff.models import vae_fingerprint
 
-    return build_prepared(tmp_path_factory.mktemp("prep") / "prepared", vae_fingerprint=vae_fingerprint(tiny_model))
+    return build_prepared(tmp_path_factory.mktemp("prep") / "prepared", model=tiny_model)
 
 
 @pytest.fixture(scope="module")
@@ -100,12 +76,12 @@ def test_only_the_adapters_train_and_the_manifest_counts_them(lora_run, tiny_mod
     settings = manifest["settings"]
     assert (settings["lora_rank"], settings["lora_alpha"], settings["text_lora_rank"]) == (4, 8.0, 4)
     # the merged folder is the base architecture (no LoRA layers), with every projection moved
-    merged, base_unet = _weights(out / "unet"), _weights(tiny_model / "unet")
+    merged, base_unet = weights(out / "unet"), weights(tiny_model / "unet")
     assert merged.keys() == base_unet.keys()
     moved = {k for k in merged if not torch.equal(merged[k], base_unet[k])}
     assert moved and all(any(f".{t}.weight" in k for t in ("to_q", "to_k", "to_v", "to_out.0")) for k in moved)
-    text_base = _weights(tiny_model / "text_encoder")
-    moved_text = {k for k, v in _weights(out / "text_encoder").items() if not torch.equal(v, text_base[k])}
+    text_base = weights(tiny_model / "text_encoder")
+    moved_text = {k for k, v in weights(out / "text_encoder").items() if not torch.equal(v, text_base[k])}
     assert moved_text and all(k.endswith("_proj.weight") for k in moved_text)
     assert (out / "unet_ema").is_dir()
 
@@ -147,11 +123,11 @@ def test_preempted_and_resumed_equals_uninterrupted(tmp_path, prepared, tiny_mod
     config = _config(prepared, tiny_model, out, checkpoint_every=3)
     with pytest.raises(Stopped, match="stopped by a signal after step 2"):
         finetune(dataclasses.replace(config, stop_after_step=2))
-    assert [r["step"] for r in _log(out)] == [1, 2] and not (out / "manifest.json").exists()
+    assert [r["step"] for r in train_log(out)] == [1, 2] and not (out / "manifest.json").exists()
     finetune(config)
-    assert [r["loss"] for r in _log(out)] == [r["loss"] for r in _log(reference)]
+    assert [r["loss"] for r in train_log(out)] == [r["loss"] for r in train_log(reference)]
     for part in ("unet", "text_encoder", "unet_ema"):
-        a, b = _weights(reference / part), _weights(out / part)
+        a, b = weights(reference / part), weights(out / part)
         assert all(torch.equal(a[k], b[k]) for k in a), part
     a, b = _weights_file(reference / ADAPTERS_FILE), _weights_file(out / ADAPTERS_FILE)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -163,7 +139,7 @@ def test_a_kept_checkpoint_exports_as_the_run_does(lora_run, tmp_path):
     out, _ = lora_run
     exported = Path(export_checkpoint(out, 3, tmp_path / "step3")["out"])
     for part in ("unet", "text_encoder"):
-        a, b = _weights(out / part), _weights(exported / part)
+        a, b = weights(out / part), weights(exported / part)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
     a, b = _weights_file(out / ADAPTERS_FILE), _weights_file(exported / ADAPTERS_FILE)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -225,7 +201,7 @@ def test_frozen_text_keeps_the_text_encoder_and_trains_the_unet_adapters_only(pr
 
     out = tmp_path / "run"
     finetune(_config(prepared, tiny_model, out, frozen_text=True, steps=1, ema=False))
-    base, text = _weights(tiny_model / "text_encoder"), _weights(out / "text_encoder")
+    base, text = weights(tiny_model / "text_encoder"), weights(out / "text_encoder")
     assert all(torch.equal(base[k], text[k]) for k in text)
     assert {k.split(".")[0] for k in _weights_file(out / ADAPTERS_FILE)} == {"unet"}
     manifest = json.loads((out / "manifest.json").read_text())
@@ -255,5 +231,5 @@ def test_gradient_checkpointing_changes_memory_not_numbers(prepared, tiny_model,
     losses after a step equal the plain run's."""
     out = tmp_path / "run"
     finetune(_config(prepared, tiny_model, out, steps=2, gradient_checkpointing=True))
-    reference = [r["loss"] for r in _log(lora_run[0])][:2]
-    assert [r["loss"] for r in _log(out)] == pytest.approx(reference, rel=1e-5)
+    reference = [r["loss"] for r in train_log(lora_run[0])][:2]
+    assert [r["loss"] for r in train_log(out)] == pytest.approx(reference, rel=1e-5)

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import stand_ins
 from PIL import Image
+from stand_ins import Brightness
 
 from cxrdiff.artifacts import write_manifest
 from cxrdiff.data import LABELS, MS_CXR_CATEGORIES
@@ -189,51 +191,15 @@ class Calls:
 
 
 def _stub_steps(calls: Calls):
-    """Stand-ins for cxrdiff.sample / cxrdiff.ground that write folders of the same shape and own them
-    with StepFolder as the real steps do: a finished folder with the same settings returns at once, one
-    made with other settings raises OtherSettings."""
-
+    """Stand-in sample and ground steps: sampled images brighter where the prompt's row has Edema, groundings
+    whose CNR rises with the steps (and with per-phrase boxes)."""
     import pandas as pd
-    from stand_in_configs import GroundConfig, SampleConfig
 
-    from cxrdiff.artifacts import StepFolder, input_identity
-    from cxrdiff.config import settings, to_dict
+    def image(cfg, rng, p, i, row):
+        edema = row.get("Edema", 0.0)  # MS-CXR phrases carry no labels
+        return np.clip(rng.normal(120 + 40 * edema, 30, (32, 32)), 0, 255).astype(np.uint8)
 
-    def claim(cfg, step, **inputs):
-        identities = {k: input_identity(v) for k, v in inputs.items()}
-        return StepFolder.claim(cfg.out, step, settings(cfg, model=input_identity(cfg.model), **identities))
-
-    def sample(cfg):
-        folder = claim(cfg, "sample", prompts=cfg.prompts)
-        if folder.finished:
-            return {}
-        calls.sample.append(cfg.out.name)
-        test = pd.read_parquet(cfg.prompts).head(cfg.limit)
-        rng = np.random.default_rng(cfg.seed + cfg.n_per_prompt)
-        rows = []
-        for p, (_, row) in enumerate(test.iterrows()):
-            for r in range(cfg.n_per_prompt):
-                i = p * cfg.n_per_prompt + r
-                edema = row.get("Edema", 0.0)  # MS-CXR phrases carry no labels
-                img = np.clip(rng.normal(120 + 40 * edema, 30, (32, 32)), 0, 255).astype(np.uint8)
-                Image.fromarray(img).save(cfg.out / f"{i:06d}.png")
-                rows.append(
-                    {
-                        "index": i,
-                        "file": f"{i:06d}.png",
-                        "prompt_index": p,
-                        "repeat": r,
-                        **{c: row[c] for c in LABELS if c in row},
-                    }
-                )
-        pd.DataFrame(rows).to_parquet(cfg.out / "samples.parquet")
-        folder.finish(config=to_dict(cfg), inputs={"model": cfg.model}, seed=cfg.seed)
-        return {}
-
-    def ground(cfg):
-        folder = claim(cfg, "ground", data=cfg.data)
-        if folder.finished:
-            return {}
+    def write_grounding(cfg):
         calls.ground.append(cfg.out.name)
         (cfg.out / "overlays").mkdir()
         Image.fromarray(np.full((32, 32, 3), 99, np.uint8)).save(cfg.out / "overlays" / "s0.png")
@@ -242,26 +208,9 @@ def _stub_steps(calls: Calls):
                     "cnr": 0.5 + shift + 0.1 * i} for i, c in enumerate(("Edema", "Edema", "Pneumonia"))]  # fmt: skip
         pd.DataFrame(phrases).to_parquet(cfg.out / "scores.parquet")
         (cfg.out / "summary.json").write_text(json.dumps(_grounding(shift)))
-        folder.finish(config=to_dict(cfg), inputs={"model": cfg.model}, seed=cfg.seed)
-        return {}
 
-    return {"sample": (sample, SampleConfig), "ground": (ground, GroundConfig)}
-
-
-class Brightness:
-    """A hand-made classifier and feature network: the mean grey value."""
-
-    name = "brightness"
-    classes = ("Edema",)
-    cache_key = "v1"
-
-    def scores(self, images):
-        return images.reshape(len(images), -1).mean(1, keepdims=True)
-
-    def features(self, x):
-        import torch
-
-        return torch.stack([x.mean(dim=(1, 2, 3)), x.std(dim=(1, 2, 3))], 1)
+    sample = stand_ins.sample_step(image, on_call=lambda cfg: calls.sample.append(cfg.out.name))
+    return stand_ins.steps(sample, stand_ins.ground_step(write_grounding))
 
 
 def _prepared(folder, n: int = 12):

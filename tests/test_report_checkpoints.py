@@ -7,18 +7,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from fixtures_prepared import tiny_run, weights
+from stand_ins import Brightness
 
 from cxrdiff.artifacts import manifest_hash, read_manifest
 from cxrdiff.errors import InputError
-from cxrdiff.finetune import FinetuneConfig, export_checkpoint, finetune
+from cxrdiff.finetune import export_checkpoint, finetune
 from cxrdiff.report import ReportConfig, report
-
-
-def _weights(folder):
-    from safetensors.torch import load_file
-
-    (file,) = [p for p in folder.iterdir() if p.suffix == ".safetensors"]
-    return load_file(file)
 
 
 def _same(a, b) -> bool:
@@ -27,37 +22,12 @@ def _same(a, b) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-class Brightness:
-    """A hand-made feature network (the mean and spread of the grey values): a fidelity number without weights."""
-
-    name = "brightness"
-    classes = ("Edema",)
-    cache_key = "v1"
-
-    def scores(self, images):
-        return images.reshape(len(images), -1).mean(1, keepdims=True)
-
-    def features(self, x):
-        import torch
-
-        return torch.stack([x.mean(dim=(1, 2, 3)), x.std(dim=(1, 2, 3))], 1)
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, phantom_prepared, tiny_model):
     """A learnable-text run of 3 steps keeping a checkpoint at each step."""
     out = tmp_path_factory.mktemp("ckpt") / "learnable"
-    config = FinetuneConfig(
-        data=phantom_prepared,
-        base_model=tiny_model,
-        out=out,
-        frozen_text=False,
-        steps=3,
-        batch_size=2,
-        checkpoint_every=1,
-        keep_checkpoints=3,
-        log_every=1,
-    )
+    config = tiny_run(phantom_prepared, tiny_model, out, frozen_text=False, per_device_batch_size=None, batch_size=2,
+                      checkpoint_every=1, keep_checkpoints=3)  # fmt: skip
     finetune(config)
     return out
 
@@ -67,11 +37,11 @@ def test_exported_checkpoint_is_the_run_at_that_step(tmp_path, run, tiny_model):
     export_checkpoint(run, 3, last)
     assert read_manifest(last)["step"] == "checkpoint" and read_manifest(last)["steps"] == 3
     for part in ("unet", "text_encoder"):  # the newest checkpoint is what the run exported
-        assert _same(_weights(last / part), _weights(run / part)), part
+        assert _same(weights(last / part), weights(run / part)), part
     first = tmp_path / "step1"
     export_checkpoint(run, 1, first)
-    assert not _same(_weights(first / "unet"), _weights(run / "unet"))
-    assert not _same(_weights(first / "text_encoder"), _weights(tiny_model / "text_encoder"))  # trained at step 1
+    assert not _same(weights(first / "unet"), weights(run / "unet"))
+    assert not _same(weights(first / "text_encoder"), weights(tiny_model / "text_encoder"))  # trained at step 1
     before = manifest_hash(first)
     export_checkpoint(run, 1, first)  # done: returns at once
     assert manifest_hash(first) == before
@@ -160,26 +130,11 @@ def test_model_checkpoint_command(tmp_path, run):
 def test_export_of_a_run_that_exported_ema_weights_holds_the_ema(tmp_path, tiny_model):
     from fixtures_prepared import build_prepared
 
-    from cxrdiff.models import vae_fingerprint
-
-    data = build_prepared(tmp_path / "prepared", n=8, vae_fingerprint=vae_fingerprint(tiny_model))
+    data = build_prepared(tmp_path / "prepared", n=8, model=tiny_model)
     out = tmp_path / "ema-run"
-    finetune(
-        FinetuneConfig(
-            data=data,
-            base_model=tiny_model,
-            out=out,
-            frozen_text=True,
-            steps=2,
-            batch_size=2,
-            checkpoint_every=1,
-            keep_checkpoints=2,
-            ema=True,
-            ema_decay=0.5,
-            export_weights="ema",
-        )
-    )
+    options = dict(steps=2, batch_size=2, per_device_batch_size=None, checkpoint_every=1, keep_checkpoints=2)
+    finetune(tiny_run(data, tiny_model, out, **options, ema=True, ema_decay=0.5, export_weights="ema"))
     export_checkpoint(out, 2, tmp_path / "two")
     assert read_manifest(tmp_path / "two")["weights"] == "ema"
-    assert _same(_weights(tmp_path / "two" / "unet"), _weights(out / "unet"))  # the run's exported (EMA) UNet
-    assert not _same(_weights(tmp_path / "two" / "unet"), _weights(out / "unet_raw"))
+    assert _same(weights(tmp_path / "two" / "unet"), weights(out / "unet"))  # the run's exported (EMA) UNet
+    assert not _same(weights(tmp_path / "two" / "unet"), weights(out / "unet_raw"))

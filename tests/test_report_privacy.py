@@ -9,10 +9,10 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+import stand_ins
 from PIL import Image
 
-from cxrdiff.artifacts import StepFolder, input_identity, write_manifest
-from cxrdiff.config import settings, to_dict
+from cxrdiff.artifacts import write_manifest
 from cxrdiff.data import LABELS
 from cxrdiff.report import ReportConfig, report
 
@@ -62,58 +62,25 @@ def copied_index(prompt_index: int) -> int:
 
 def stub_steps(calls: list[str]):
     """sample: a run whose folder is named 'copier' returns training images (resized, slightly noisy), any other
-    fresh textures; ground: a fixed summary. Both own their folders as the real steps do."""
+    fresh textures; ground: a fixed summary."""
 
-    from stand_in_configs import GroundConfig, SampleConfig
-
-    def claim(cfg, step):
-        keys = settings(
-            cfg, model=input_identity(cfg.model), data=input_identity(getattr(cfg, "prompts", None) or cfg.data)
-        )
-        return StepFolder.claim(cfg.out, step, keys)
-
-    def sample(cfg):
-        folder = claim(cfg, "sample")
-        if folder.finished:
-            return {}
-        calls.append(f"{cfg.model.name}/{cfg.out.name}")
-        test = pd.read_parquet(cfg.prompts).head(cfg.limit)
+    def image(cfg, rng, p, i, row):
+        if cfg.model.name != "copier":
+            return texture(5000 + i, (SIZE, SIZE))
         train = pd.read_parquet(cfg.prompts.parent / "train-00000.parquet")
-        rng = np.random.default_rng(7)
-        rows = []
-        for p, (_, row) in enumerate(test.iterrows()):
-            for r in range(cfg.n_per_prompt):
-                i = p * cfg.n_per_prompt + r
-                if cfg.model.name == "copier":
-                    source = Image.open(train["image_path"][copied_index(p)]).convert("L")
-                    grey = np.asarray(source.resize((SIZE, SIZE), Image.BILINEAR), np.float64)
-                    grey = np.clip(grey + rng.normal(0, 3, grey.shape), 0, 255).astype(np.uint8)
-                else:
-                    grey = texture(5000 + i, (SIZE, SIZE))
-                Image.fromarray(grey).save(cfg.out / f"{i:06d}.png")
-                rows.append(
-                    {
-                        "file": f"{i:06d}.png",
-                        "prompt": str(row[cfg.prompt_column]),
-                        "prompt_index": p,
-                        "repeat": r,
-                        **{c: row[c] for c in LABELS if c in row},
-                    }
-                )
-        pd.DataFrame(rows).to_parquet(cfg.out / "samples.parquet")
-        folder.finish(config=to_dict(cfg), inputs={"model": cfg.model}, seed=cfg.seed)
-        return {}
+        source = Image.open(train["image_path"][copied_index(p)]).convert("L")
+        grey = np.asarray(source.resize((SIZE, SIZE), Image.BILINEAR), np.float64)
+        return np.clip(grey + rng.normal(0, 3, grey.shape), 0, 255).astype(np.uint8)
 
-    def ground(cfg):
-        folder = claim(cfg, "ground")
-        if folder.finished:
-            return {}
+    def write_grounding(cfg):
         cell = {"n": 1, "auc_roc": {"mean": 0.6}, "top1": {"mean": 0.5}, "cnr": {"mean": 0.4, "std": 0.0}}
         (cfg.out / "summary.json").write_text(json.dumps({"classes": {"Edema": cell}, "average": cell}))
-        folder.finish(config=to_dict(cfg), inputs={"model": cfg.model}, seed=cfg.seed)
-        return {}
 
-    return {"sample": (sample, SampleConfig), "ground": (ground, GroundConfig)}
+    def on_call(cfg):
+        calls.append(f"{cfg.model.name}/{cfg.out.name}")
+
+    sample = stand_ins.sample_step(image, seed=lambda cfg: 7, on_call=on_call)
+    return stand_ins.steps(sample, stand_ins.ground_step(write_grounding))
 
 
 class PooledPixels:
@@ -134,23 +101,7 @@ class PooledPixels:
 
 
 @pytest.fixture(scope="module")
-def tiny_dino(tmp_path_factory):
-    """A randomly initialised one-layer DINOv2 folder with its image processor (RadDino's kind, no download)."""
-    import torch
-    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
-
-    folder = tmp_path_factory.mktemp("hf") / "dinov2"
-    torch.manual_seed(0)
-    config = Dinov2Config(
-        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=28, patch_size=14
-    )
-    Dinov2Model(config).save_pretrained(folder)
-    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28}).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def reported(prepared, tiny_model, tiny_dino, tmp_path_factory):
+def reported(prepared, tiny_model, tiny_dinov2, tmp_path_factory):
     root = tmp_path_factory.mktemp("report-privacy")
     copier = shutil.copytree(tiny_model, root / "copier")
     calls: list[str] = []
@@ -163,7 +114,7 @@ def reported(prepared, tiny_model, tiny_dino, tmp_path_factory):
         n_fid=N_TEST,
         diversity_prompts=2,
         table4_p19_only=True,
-        features=("classifier", f"hf:RadDino={tiny_dino}"),
+        features=("classifier", f"hf:RadDino={tiny_dinov2}"),
         min_class_images=5,
         kid_subsets=20,
         privacy_pixels=16,

@@ -8,13 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures_prepared import build_prepared
+from fixtures_prepared import PINNED_FROZEN_LOSSES, build_prepared, logged_losses, tiny_run
 
 from cxrdiff import speed
-from cxrdiff.finetune import FinetuneConfig, finetune
-
-# test_finetune's pinned losses of the same plain run (seed 0, batch 4 = 2 × 2 accumulation, 3 steps)
-PINNED_FROZEN_LOSSES = (1.1567013263702393, 1.142768383026123, 1.1265671253204346)
+from cxrdiff.finetune import finetune
 
 
 @pytest.fixture
@@ -29,29 +26,16 @@ def traced_compile(monkeypatch):
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, tiny_model):
-    from cxrdiff.models import vae_fingerprint
 
-    return build_prepared(tmp_path_factory.mktemp("prep") / "prepared", vae_fingerprint=vae_fingerprint(tiny_model))
+    return build_prepared(tmp_path_factory.mktemp("prep") / "prepared", model=tiny_model)
 
 
 def _run(prepared: Path, model: Path, out: Path, **levers) -> list[float]:
-    config = FinetuneConfig(
-        data=prepared,
-        base_model=model,
-        out=out,
-        frozen_text=True,
-        steps=3,
-        batch_size=4,
-        per_device_batch_size=2,
-        checkpoint_every=2,
-        log_every=1,
-        **levers,
-    )
-    finetune(config)
+    finetune(tiny_run(prepared, model, out, **levers))
     manifest = json.loads((out / "manifest.json").read_text())
     for name, value in levers.items():
         assert manifest["config"][name] == value  # recorded, so a reader knows how the run was made
-    return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    return logged_losses(out)
 
 
 @pytest.mark.slow
@@ -65,8 +49,16 @@ def test_fused_adamw_and_channels_last_give_the_plain_losses(tmp_path, prepared,
     assert losses == pytest.approx(PINNED_FROZEN_LOSSES, rel=1e-5)
 
 
-def test_a_resumed_run_may_change_the_levers():
-    assert {"compile", "fused_adamw", "tf32", "channels_last"} <= set(FinetuneConfig.NOT_SETTINGS)
+def test_a_run_stopped_plain_resumes_with_the_levers_to_the_plain_losses(tmp_path, prepared, tiny_model):
+    """The levers change how fast, not what is trained: a run stopped after step 2 resumes with them on (the
+    folder takes it as the same run) and ends with the uninterrupted plain run's losses."""
+    from cxrdiff.errors import RunError
+
+    out = tmp_path / "resumed"
+    with pytest.raises(RunError, match="stopped by a signal after step 2"):
+        finetune(tiny_run(prepared, tiny_model, out, stop_after_step=2))
+    finetune(tiny_run(prepared, tiny_model, out, fused_adamw=True, channels_last=True, tf32=True))
+    assert logged_losses(out) == pytest.approx(PINNED_FROZEN_LOSSES, rel=1e-5)
 
 
 def _maps(comps, **levers):

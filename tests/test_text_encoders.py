@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from stand_ins import Brightness
 
 from cxrdiff.errors import InputError
 from cxrdiff.text_encoders import (
@@ -293,20 +294,6 @@ def test_bert_base_shape_for_full_size_checks():
 
 
 # --- the chain ----------------------------------------------------------------------------------------
-
-
-class Brightness:
-    """A hand-made classifier and feature network for the report: the mean grey value."""
-
-    name = "brightness"
-    classes = ("Edema",)
-    cache_key = "v1"
-
-    def scores(self, images):
-        return images.reshape(len(images), -1).mean(1, keepdims=True)
-
-    def features(self, x):
-        return torch.stack([x.mean(dim=(1, 2, 3)), x.std(dim=(1, 2, 3))], 1)
 
 
 @pytest.mark.slow

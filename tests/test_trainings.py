@@ -174,7 +174,9 @@ def test_table_7_keeps_only_phrases_that_contain_their_label(tmp_path):
     assert text_source_cnr(none) == {"cnr": None, "n": 0, "n_all": 2}
 
 
-def test_render_shows_trainings_both_table_4_sources_table_7_and_eos(tmp_path):
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    """report.md of two frozen trainings (CNR 0.9 and 1.0, FD 10 and 12) and one learnable labels-trained run."""
     from cxrdiff.report import render
 
     runs = {
@@ -183,21 +185,35 @@ def test_render_shows_trainings_both_table_4_sources_table_7_and_eos(tmp_path):
     runs["L-labels"] = _entry(0.3, 0.6, 20.0, 40.0, 0, 0.5, 0.25)
     runs["L-labels"]["setting"] = {"text_encoder": "learnable", "prompt_source": "labels", "steps": 100, "seed": 0}
     members = {"Finetune_F": ["F0", "F1"], "Finetune_L (labels)": ["L-labels"]}
-    render({"runs": runs, "groups": groups(runs, members), "trainings": {"ddof": 1}}, tmp_path)
-    md = (tmp_path / "report.md").read_text()
-    over = md.split("### Localization over trainings")[1].split("###")[0]
+    out = tmp_path_factory.mktemp("rendered")
+    render({"runs": runs, "groups": groups(runs, members), "trainings": {"ddof": 1}}, out)
+    md = (out / "report.md").read_text()
+    return lambda heading: md.split(heading)[1].split("###")[0]
+
+
+def test_localization_over_trainings_gives_mean_and_sample_std_beside_the_papers(rendered):
+    over = rendered("### Localization over trainings")
     assert "Finetune_F (2 trainings) (this report)" in over and "ddof = 1" in over
     assert "80.0 ± 0.0 / 50.0 ± 0.0 / 0.95 ± 0.07" in over  # CNR 0.9, 1.0: std sqrt(0.005)
     assert "86 ± 0.9 / 80 ± 3.3 / 1.25 ± 0.06" in over  # the paper's ± beside
-    table_4 = md.split("### Fidelity and diversity by prompt source")[1].split("###")[0]
+
+
+def test_table_4_has_a_row_per_prompt_source_and_the_published_one(rendered):
+    table_4 = rendered("### Fidelity and diversity by prompt source")
     assert "| Finetune_F (2 trainings) | MIMIC p19 | this report | — | — | 11.0 ± 1.4 | 50.0 ± 0.0 |" in table_4
     assert "| Finetune_F (2 trainings) | MS-CXR phrases | this report | — | — | 12.0 ± 1.4 | — |" in table_4
     assert "| Finetune_L | MS-CXR phrases | published, Table 4 | 60.5 | 7.3 | — | 11.4 |" in table_4
-    table_7 = md.split("### CNR by training text (Table 7, measured)")[1].split("###")[0]
+
+
+def test_table_7_sets_each_training_text_beside_the_papers(rendered):
+    table_7 = rendered("### CNR by training text (Table 7, measured)")
     assert "| impressions | — | 1.10 ± 0.14 (Finetune_F (2 trainings), 4 phrases) |" in table_7
     assert "| class labels | 0.25 (Finetune_L (labels) (1 training), 4 phrases) | — |" in table_7
     assert "| class labels (published) | 0.29 | 0.8 |" in table_7 and "contain their image's label" in table_7
-    eos = md.split("### EOS token vs class words")[1].split("###")[0]
+
+
+def test_eos_table_has_a_row_per_group(rendered):
+    eos = rendered("### EOS token vs class words")
     assert "| Finetune_F (2 trainings) | frozen | 0.70 ± 0.00 | 0.95 ± 0.07 | 0.72 |" in eos
     assert "| Finetune_L (labels) (1 training) | learnable | 0.50 | 0.30 | — |" in eos  # the paper: impressions
 
