@@ -22,7 +22,7 @@ from cxrdiff.choices import DataFormat
 from cxrdiff.errors import InputError
 
 DATA_FORMATS: tuple[str, ...] = get_args(DataFormat)
-DEFAULT_FORMAT = DATA_FORMATS[0]  # folders made before formats were recorded are MIMIC ones
+DEFAULT_FORMAT = DATA_FORMATS[0]  # the format of a prepared folder whose manifest names none
 
 
 @dataclasses.dataclass(frozen=True)

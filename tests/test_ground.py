@@ -582,9 +582,8 @@ def test_a_single_images_overlay_is_drawn_at_the_images_own_size(tmp_path):
     assert 60 <= len(cold[(cold > hot.max()) & (cold < hot.max() + 80)]) <= 66  # the right 64 cut away: 0
 
 
-def test_renamed_fields_keep_the_settings_key_folders_were_made_with(tiny_model, tmp_path):
-    """`runs` is now `noise_seeds` and `dtype` float32/bfloat16/float16 is `precision` no/bf16/fp16 (sample's
-    spelling); a folder grounded before the renames keeps its key, so it is resumed or reused, never refused."""
+def test_the_settings_key_spells_noise_seeds_as_runs_and_precision_as_dtype(tiny_model, tmp_path):
+    """GroundConfig.KEY_SPELLING: the key holds `runs` and `dtype` (torch's names), not the fields' names."""
     from cxrdiff.ground import GroundConfig, ground_settings
 
     key = ground_settings(GroundConfig(model=tiny_model, out=tmp_path / "g", noise_seeds=3, precision="bf16"))

@@ -24,6 +24,12 @@ class GroundConfig:
         "out", "overlays", "model", "data", "image", "allow_scaling_mismatch", "compile", "tf32", "channels_last",
         "shard", "finalize", "dist_timeout",
     )  # fmt: skip
+    # How the settings key spells two settings (config.settings): the noise seeds as "runs", the precision as
+    # "dtype" in torch's names.
+    KEY_SPELLING: ClassVar[dict[str, tuple[str, dict[str, str]]]] = {
+        "noise_seeds": ("runs", {}),
+        "precision": ("dtype", {"no": "float32", "bf16": "bfloat16", "fp16": "float16"}),
+    }
 
     model: Path | None = None
     out: Path | None = None
@@ -80,14 +86,7 @@ class GroundingInput:
     side: str = ""
 
 
-# The settings key keeps the names and values folders were made with before the fields were renamed
-# (`runs` → `noise_seeds`; `dtype` float32 / bfloat16 / float16 → `precision` no / bf16 / fp16, as sample's).
-KEY_PRECISION = {"auto": "auto", "no": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
 def ground_settings(config: GroundConfig) -> dict[str, Any]:
     """The settings key's content: the config, with the model, data and image by their identity."""
     given = {name: input_identity(getattr(config, name)) for name in ("data", "image") if getattr(config, name)}
-    chosen = settings(config, model=input_identity(config.model), **given)
-    chosen["runs"], chosen["dtype"] = chosen.pop("noise_seeds"), KEY_PRECISION[chosen.pop("precision")]
-    return chosen
+    return settings(config, model=input_identity(config.model), **given)

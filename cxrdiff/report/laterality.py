@@ -29,7 +29,7 @@ def _cell(interval: Mapping[str, Any] | None, scale: float = 1.0, digits: int = 
 
 
 def laterality_table(runs: Mapping[str, RunResult]) -> Table | None:
-    """One row per run with a `laterality` entry; None when no run has one (metrics from before it)."""
+    """One row per run with a `laterality` entry; None when no run has one (metrics.json without laterality)."""
     rows = []
     for name, run in runs.items():
         found = run.laterality
