@@ -230,26 +230,32 @@ def settings(config: Any, data_format: str | None = None, **derived: Any) -> dic
 
 
 def config_defaults(source: Path, class_name: str) -> dict[str, Any]:
-    """A config class's literal field defaults (its base classes' first), read from its source file: the CLI's
-    `--help` shows them without importing the step (numpy and more), so that help and completion stay instant.
-    A test checks them against the dataclass."""
+    """A config class's literal field defaults (its base classes' first, and a default that names another
+    config's, `SampleConfig.guidance`, as that one), read from its source file: the CLI's `--help` shows them
+    without importing the step (numpy and more), so that help and completion stay instant. A test checks them
+    against the dataclass."""
     import ast
 
     tree = ast.parse(source.read_text())
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name)
-    defaults: dict[str, Any] = {}
-    for base in (b.id for b in cls.bases if isinstance(b, ast.Name)):  # defined in this file or imported from cxrdiff
-        found = [n.module for n in tree.body if isinstance(n, ast.ImportFrom) and base in (a.name for a in n.names)]
+
+    def defaults_of(name: str) -> dict[str, Any]:  # a class defined in this file or imported from cxrdiff
+        found = [n.module for n in tree.body if isinstance(n, ast.ImportFrom) and name in (a.name for a in n.names)]
         root = next(p for p in source.parents if p.name == "cxrdiff").parent
-        defaults |= config_defaults(root.joinpath(*found[0].split(".")).with_suffix(".py") if found else source, base)
+        return config_defaults(root.joinpath(*found[0].split(".")).with_suffix(".py") if found else source, name)
+
+    defaults: dict[str, Any] = {}
+    for base in cls.bases:
+        defaults |= defaults_of(base.id) if isinstance(base, ast.Name) else {}
     for node in cls.body:
-        if (
-            isinstance(node, ast.AnnAssign)
-            and node.value is not None
-            and "ClassVar" not in ast.unparse(node.annotation)
-        ):
-            try:
-                defaults[node.target.id] = ast.literal_eval(node.value)  # type: ignore[union-attr]
-            except ValueError:  # not a literal (a factory): nothing to show
-                continue
+        if not isinstance(node, ast.AnnAssign) or node.value is None or "ClassVar" in ast.unparse(node.annotation):
+            continue
+        value = node.value
+        if isinstance(value, ast.Attribute) and isinstance(value.value, ast.Name):
+            defaults[node.target.id] = defaults_of(value.value.id).get(value.attr)  # type: ignore[union-attr]
+            continue
+        try:
+            defaults[node.target.id] = ast.literal_eval(value)  # type: ignore[union-attr]
+        except ValueError:  # not a literal (a factory): nothing to show
+            continue
     return {name: value for name, value in defaults.items() if value is not None}

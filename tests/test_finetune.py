@@ -412,11 +412,11 @@ def test_a_truncated_checkpoint_is_named_and_the_previous_one_taken(tmp_path, pr
     with pytest.raises(InputError, match=rf"^{cut}: damaged, truncated or unreadable .*intact: 2\)$"):
         export_checkpoint(out, 3, tmp_path / "export")
     assert not (tmp_path / "export").exists()
-    reference = [r["loss"] for r in _log(frozen_run[0])]
+    reference = [r["loss"] for r in train_log(frozen_run[0])]
     with caplog.at_level("WARNING"):
-        assert finetune(_config(prepared, tiny_model, out, steps=4))["steps"] == 4
+        assert finetune(tiny_run(prepared, tiny_model, out, steps=4))["steps"] == 4
     assert f"{cut}: damaged, truncated or unreadable" in caplog.text and "step-0000002, instead" in caplog.text
-    assert [r["loss"] for r in _log(out)][:3] == reference  # step 3 trained again from step 2's state
+    assert [r["loss"] for r in train_log(out)][:3] == reference  # step 3 trained again from step 2's state
 
     again = tmp_path / "again"
     shutil.copytree(frozen_run[0], again)
@@ -425,7 +425,7 @@ def test_a_truncated_checkpoint_is_named_and_the_previous_one_taken(tmp_path, pr
     before = (again / "manifest.json").read_bytes()
     first = again / "checkpoints" / "step-0000002" / "optimizer.bin"
     with pytest.raises(InputError, match=rf"^{first}: damaged, .* keeps no earlier checkpoint: delete "):
-        finetune(_config(prepared, tiny_model, again, steps=4))
+        finetune(tiny_run(prepared, tiny_model, again, steps=4))
     assert (again / "manifest.json").read_bytes() == before
 
 

@@ -10,7 +10,9 @@ from typing import Annotated, Any, ClassVar
 from cxrdiff.choices import ClassifierPositives, OtherSources
 from cxrdiff.config import Range
 from cxrdiff.errors import InputError
+from cxrdiff.ground.config import GroundConfig
 from cxrdiff.metrics.intervals import MIN_RESAMPLES
+from cxrdiff.sample import SampleConfig
 
 STEP = "report"
 
@@ -40,11 +42,12 @@ class ReportConfig:
     label: tuple[str, ...] = ()  # NAME=DIR: names the setting group of the run in DIR (groups: trainings.py)
     fid: bool = True  # FID on InceptionV3 (needs weights or random_features)
     fid_xrv: bool = True  # FID_XRV and the torchxrayvision classifier check (needs weights or random_features)
-    sample_steps: Annotated[int, Range(ge=1)] = 75
-    guidance: Annotated[float, Range(ge=1.0)] = 4.0
-    scheduler: str = "pndm"
-    ground_steps: Annotated[int, Range(ge=1)] = 50
-    ground_window: Annotated[int, Range(ge=1)] = 40
+    # sampling and grounding as the steps' own defaults (the paper's), one value per concept
+    sample_steps: Annotated[int, Range(ge=1)] = SampleConfig.steps
+    guidance: Annotated[float, Range(ge=1.0)] = SampleConfig.guidance
+    scheduler: str = SampleConfig.scheduler
+    ground_steps: Annotated[int, Range(ge=1)] = GroundConfig.steps
+    ground_window: Annotated[int, Range(ge=1)] = GroundConfig.window
     ground_limit: Annotated[int | None, Range(ge=1)] = None
     # Table 6: a word ranks in a class when it occurs in more than this many phrases
     min_word_count: Annotated[int, Range(ge=0)] = 25
