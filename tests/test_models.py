@@ -110,7 +110,7 @@ def test_model_tiny_refuses_a_step_folder(tmp_path):
 
 def test_model_tiny_into_a_symlinked_folder_writes_through_the_link(tmp_path):
     """`--out` linked to another disk: the model lands in the target, the link stays, nothing is left beside."""
-    from cxrdiff.models import write_tiny_model_cli
+    from cxrdiff.model.tiny import write_tiny_model_cli
 
     disk = tmp_path / "disk" / "tiny"
     disk.mkdir(parents=True)

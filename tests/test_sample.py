@@ -192,7 +192,7 @@ def test_refuses_to_mix_settings_or_folder_kinds(reference_run, tmp_path, tiny_m
 def test_a_model_rebuilt_in_place_is_another_input(tmp_path):
     """`rm -rf base; cxrdiff model tiny base --seed 7`: same path, same sizes; the unfinished (or finished)
     sample folder of the old model is refused, not resumed with the new one's images."""
-    from cxrdiff.models import write_tiny_model
+    from cxrdiff.model.tiny import write_tiny_model
 
     model = tmp_path / "base"
     write_tiny_model(model, seed=0)
