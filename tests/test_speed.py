@@ -52,10 +52,10 @@ def test_fused_adamw_and_channels_last_give_the_plain_losses(tmp_path, prepared,
 def test_a_run_stopped_plain_resumes_with_the_levers_to_the_plain_losses(tmp_path, prepared, tiny_model):
     """The levers change how fast, not what is trained: a run stopped after step 2 resumes with them on (the
     folder takes it as the same run) and ends with the uninterrupted plain run's losses."""
-    from cxrdiff.errors import RunError
+    from cxrdiff.errors import Stopped
 
     out = tmp_path / "resumed"
-    with pytest.raises(RunError, match="stopped by a signal after step 2"):
+    with pytest.raises(Stopped, match="stopped by a signal after step 2"):
         finetune(tiny_run(prepared, tiny_model, out, stop_after_step=2))
     finetune(tiny_run(prepared, tiny_model, out, fused_adamw=True, channels_last=True, tf32=True))
     assert logged_losses(out) == pytest.approx(PINNED_FROZEN_LOSSES, rel=1e-5)
