@@ -31,6 +31,7 @@ DataFormat = Literal["mimic", "coco", "nih", "openi", "csv"]  # `cxrdiff prepare
 DicomContrast = Literal["mimic-jpg", "window"]  # mimic-jpg: MIMIC-CXR-JPG's own conversion; window: the file's window
 # finetune: MIMIC's de-identification markers ("___") in the training text: kept (as the paper trained) or stripped
 DeidMarkers = Literal["keep", "strip"]
+ReportTo = Literal["auto", "tensorboard", "wandb", "none"]  # `finetune --report-to`: the metrics tracker
 
 
 def enum(name: str, choices: object) -> type[StrEnum]:

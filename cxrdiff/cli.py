@@ -243,7 +243,7 @@ def finetune(
     allow_world_change: bool | None = opt(
         "Resume a checkpoint of another process count (default: refused).", "--allow-world-change"
     ),
-    report_to: str | None = opt("auto (default: tensorboard if installed) | tensorboard | wandb (offline) | none."),
+    report_to: Choice.ReportTo | None = opt("Metrics tracker; auto: tensorboard if installed; wandb runs offline."),
     config: ConfigOpt = None,
 ) -> None:
     """Fine-tune the UNet (and, with --learnable-text, the text encoder) on prepared latents; with --lora-rank,

@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from cxrdiff.choices import DeidMarkers
+from cxrdiff.choices import DeidMarkers, ReportTo
 from cxrdiff.config import Range
 
 STEP = "finetune"
@@ -107,4 +107,4 @@ class FinetuneConfig:
     allow_world_change: bool = False
     # where loss, lr, images/s, memory and validation images go besides train_log.jsonl: "auto" is TensorBoard
     # when it is installed, else none (accelerate's trackers; W&B runs offline unless WANDB_MODE is set)
-    report_to: Literal["auto", "tensorboard", "wandb", "none"] = "auto"
+    report_to: ReportTo = "auto"
