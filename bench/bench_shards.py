@@ -47,7 +47,7 @@ def main() -> None:
         work = Path(tmp)
         model = options.model
         if model is None:
-            from cxrdiff.models import write_tiny_model
+            from cxrdiff.model.tiny import write_tiny_model
 
             model = write_tiny_model(work / "tiny", seed=0)
         args = ["--model", str(model), "--prompt", "small left pleural effusion", "--n-per-prompt",
