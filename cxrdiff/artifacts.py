@@ -650,7 +650,7 @@ def _locked_elsewhere(fd: int, data: Mapping[str, Any]) -> bool:
 def _pid_running(data: Mapping[str, Any]) -> bool:
     pid = data.get("pid")
     if not isinstance(pid, int):
-        return False  # a claim from before pids were recorded: its run is long gone
+        return False  # a claim without a pid: no run to wait for
     if data.get("host") != _HOST:
         return True  # cannot tell: the message says to delete the claim if that run is gone
     try:

@@ -312,7 +312,7 @@ def model_geometry(base_model: Path, resolution: int | None) -> tuple[int, tuple
     return resolution, latent_shape, float(getattr(vae, "scaling_factor", 0.18215))
 
 
-FINGERPRINT_PREFIX = "sha256+weights:"  # earlier versions wrote "sha256:" over names and sizes only
+FINGERPRINT_PREFIX = "sha256+weights:"  # over the weights' contents; a "sha256:" one covers names and sizes only
 
 
 def vae_fingerprint(base_model: str | os.PathLike) -> str:
@@ -327,13 +327,13 @@ def vae_fingerprint(base_model: str | os.PathLike) -> str:
 
 
 def fingerprint_covers_weights(fingerprint: str) -> bool:
-    """False for a fingerprint written by an earlier cxrdiff (config, file names and sizes only)."""
+    """False for a "sha256:" fingerprint (config, file names and sizes only)."""
     return fingerprint.startswith(FINGERPRINT_PREFIX)
 
 
 def names_and_sizes_fingerprint(base_model: str | os.PathLike) -> str:
-    """The fingerprint earlier versions recorded (config, weight file names and sizes): what a folder
-    prepared by them can still be compared with."""
+    """The "sha256:" fingerprint (config, weight file names and sizes): what a folder that recorded one is
+    compared with."""
     vae = Path(base_model) / "vae"
     digest = hashlib.sha256((vae / "config.json").read_bytes())
     for weights in sorted(p for p in vae.iterdir() if p.suffix in (".safetensors", ".bin")):

@@ -264,7 +264,7 @@ class RunResult:
     checkpoints: tuple[CheckpointPoint, ...]
     benchmark: Benchmark | None  # None: not measured
     overlays: Mapping[str, list[str]]
-    laterality: Mapping[str, Any]  # metrics.laterality's entry as measured (empty: metrics from before it)
+    laterality: Mapping[str, Any]  # metrics.laterality's entry as measured (empty: metrics.json without laterality)
     text_source_cnr: float | None  # Table 7: CNR on the phrases that contain their label
     text_phrases: int | None
     eos_cnr: float | None  # the end-of-text token's CNR over all classes
