@@ -102,7 +102,7 @@ def test_what_a_killed_writer_left_is_cleaned_on_the_next_run(tmp_path):
     ],
 )  # the second: pyarrow's
 def test_a_full_disk_names_the_path_being_written(tmp_path, error):
-    from cxrdiff.cli import path_error
+    from cxrdiff.errors import path_error
 
     target = tmp_path / "out" / "train-00000.parquet"
     for writer in (atomic_path, atomic_dir):
