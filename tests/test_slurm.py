@@ -91,10 +91,14 @@ def test_pipeline_under_slurm_equals_one_process(phantom_tree, phantom_prepared,
     work = tmp_path / "work"
     report_toml = tmp_path / "report.toml"  # a small report: what matters here is that it runs as a job
     report_toml.write_text(REPORT_TOML)
+    import torch
+
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
-        "OMP_NUM_THREADS": "1",
+        # the jobs compute at the threads of this process, which makes the one-process references (float
+        # kernels differ between 1 and 2 threads)
+        "OMP_NUM_THREADS": str(torch.get_num_threads()),
         "CI": "1",
         "CXRDIFF": f"{sys.executable} -m cxrdiff",
         "MIMIC": str(phantom_tree),
@@ -162,3 +166,63 @@ def test_pipeline_under_slurm_equals_one_process(phantom_tree, phantom_prepared,
     for table in sorted(p.name for p in one_ground.glob("*.parquet")):
         pd.testing.assert_frame_equal(pd.read_parquet(work / "ground" / table), pd.read_parquet(one_ground / table))
     assert (work / "report" / "report.md").is_file()
+
+
+def _job_state(job: str) -> str | None:
+    out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout.split()
+    return out[0] if out else None
+
+
+@pytest.mark.slow
+def test_finetune_sbatch_is_stopped_by_slurm_requeued_and_resumes_exactly(phantom_prepared, tiny_model, tmp_path):
+    """`scripts/finetune.sbatch` on a GPU-less node: SLURM's SIGTERM reaches the training process through srun
+    and accelerate, it saves a checkpoint and exits 75, the script requeues the job, and the resumed run logs
+    the same losses as an uninterrupted one."""
+    why = _slurm_ready()
+    if why:
+        pytest.skip(why)
+    args = "--steps 60 --batch-size 2 --per-device-batch-size 2 --checkpoint-every 10 --log-every 1"
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",  # accelerate of this interpreter
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "CI": "1",
+        "DATA": str(phantom_prepared),
+        "BASE_MODEL": str(tiny_model),
+        "OUT": str(tmp_path / "run"),
+        "FINETUNE_ARGS": args,
+    }
+    (tmp_path / "logs").mkdir()  # the script's --output folder, as pipeline.sh makes it
+    job = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=00:15:00",
+         "--open-mode=append", str(SCRIPTS / "finetune.sbatch")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    run, deadline = tmp_path / "run", time.monotonic() + 600
+    log = tmp_path / "logs" / f"cxrdiff-finetune-{job}.out"
+    while not (run / "checkpoints" / "step-0000010" / "state.json").is_file() and time.monotonic() < deadline:
+        assert _job_state(job) is not None, log.read_text() if log.is_file() else f"job {job} ended, no log"
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--signal=TERM", job], check=True)  # to the job's step: srun, as preemption does
+    while _job_state(job) != "PENDING" and time.monotonic() < deadline:  # requeued by the script (exit 75)
+        time.sleep(0.3)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)  # not 120 s from now
+    while not (run / MANIFEST).is_file() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    log = log.read_text()
+    assert (run / MANIFEST).is_file(), log
+    assert "stopped by a signal after step" in log and "re-run the same command to resume" in log, log
+    records = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 61))
+    assert read_manifest(run, "finetune")["steps"] == 60
+
+    one = tmp_path / "one"  # the same run in one uninterrupted process, at the same threads
+    done = subprocess.run(
+        [sys.executable, "-m", "cxrdiff", "finetune", "--data", str(phantom_prepared), "--base-model",
+         str(tiny_model), "--out", str(one), "--frozen-text", "--mixed-precision", "no", *args.split()],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    reference = [json.loads(line) for line in (one / "train_log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in records] == [r["loss"] for r in reference]
