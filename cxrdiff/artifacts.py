@@ -20,7 +20,7 @@ import socket
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from cxrdiff import __version__
 from cxrdiff.errors import TEMPFAIL, InputError
@@ -90,14 +90,11 @@ def _naming(exc: OSError, path: Path) -> OSError:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
-    path = _target(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
+def _writing(tmp: Path, path: Path) -> Iterator[None]:
+    """The block that writes `tmp` and renames it onto `path`: an OSError names `path` (`_naming`), and `tmp`
+    (a file or a folder) is gone afterwards whether the block renamed it or failed."""
     try:
-        yield tmp
-        os.replace(tmp, path)
+        yield
     except OSError as exc:
         named = _naming(exc, path)
         if named is exc:
@@ -111,6 +108,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    path = _target(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    with _writing(tmp, path):
+        yield tmp
+        os.replace(tmp, path)
+
+
+@contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder that becomes `path` (replacing an old one) only when complete; what a killed
     earlier writer left beside `path` is cleaned first (`clean_stale`)."""
@@ -121,7 +129,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    try:
+    with _writing(tmp, path):
         yield tmp
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
@@ -130,14 +138,6 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
-    except OSError as exc:
-        named = _naming(exc, path)
-        if named is exc:
-            raise
-        raise named from exc
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -441,22 +441,15 @@ class StepFolder:
             found = _inspect_claim(out) if out.is_dir() else None
             if create and found is not None and found.owner == "live":
                 _refuse_in_use(out, step, found, settings, key)
-            if (out / MANIFEST).is_file():
-                manifest = read_manifest(out, step)
-                _refuse_other(
-                    out, step, "a finished", manifest.get("settings"), manifest.get("settings_key"), settings, key
-                )
+            manifest = _finished_manifest(out, step, settings, key)
+            if manifest is not None:
                 return cls(out, step, settings, "finished", manifest)
-            entries = sorted(p.name for p in out.iterdir() if not p.name.startswith(CLAIM)) if out.is_dir() else []
+            entries = _entries(out)
             if found is not None and entries:  # an unfinished run whose process is gone (or is this one)
-                claim = found.data
-                if claim.get("step") != step:
-                    raise InputError(f"--out {out}: holds an unfinished '{claim.get('step')}' run; choose a new folder")
-                _refuse_other(out, step, "an unfinished", claim.get("settings"), claim.get("key"), settings, key)
+                _refuse_unfinished(out, step, found.data, settings, key)
                 folder = cls(out, step, settings, "resume", None)
             elif entries:
-                shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
-                raise InputError(f"--out {out}: not empty and not a '{step}' folder (has {shown}); choose a new folder")
+                _refuse_foreign(out, step, entries)
             else:  # empty, or only a claim nobody is running: nothing written yet, so nothing to mix
                 folder = cls(out, step, settings, "new", None)
             if not create or (found is not None and found.owner == "this process" and found.data.get("key") == key):
@@ -481,24 +474,14 @@ class StepFolder:
             joins = found is not None and found.data.get("shared") and found.data.get("key") == key
             if found is not None and found.owner == "live" and not joins:
                 _refuse_in_use(out, step, found, settings, key)
-            if (out / MANIFEST).is_file():
-                manifest = read_manifest(out, step)
-                _refuse_other(
-                    out, step, "a finished", manifest.get("settings"), manifest.get("settings_key"), settings, key
-                )
+            manifest = _finished_manifest(out, step, settings, key)
+            if manifest is not None:
                 return cls(out, step, settings, "finished", manifest)
-            entries = sorted(p.name for p in out.iterdir() if not p.name.startswith(CLAIM)) if out.is_dir() else []
+            entries = _entries(out)
             if found is not None and entries and not joins:
-                if found.data.get("step") != step:
-                    raise InputError(
-                        f"--out {out}: holds an unfinished '{found.data.get('step')}' run; choose a new folder"
-                    )
-                _refuse_other(
-                    out, step, "an unfinished", found.data.get("settings"), found.data.get("key"), settings, key
-                )
+                _refuse_unfinished(out, step, found.data, settings, key)
             elif found is None and entries:
-                shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
-                raise InputError(f"--out {out}: not empty and not a '{step}' folder (has {shown}); choose a new folder")
+                _refuse_foreign(out, step, entries)
             if not joins:
                 if not _take(out, shared, found):
                     continue
@@ -823,6 +806,33 @@ def _refuse_in_use(out: Path, step: str, found: _Found, settings: dict, key: str
         f"--out {out}: in use by {who}, a '{step}' run with these settings; let it finish (a re-run then "
         "finds it finished), or stop it and re-run to resume"
     )
+
+
+def _finished_manifest(out: Path, step: str, settings: dict, key: str) -> dict[str, Any] | None:
+    """The manifest of the finished run in `out` (None: none finished there); one of other settings is refused."""
+    if not (out / MANIFEST).is_file():
+        return None
+    manifest = read_manifest(out, step)
+    _refuse_other(out, step, "a finished", manifest.get("settings"), manifest.get("settings_key"), settings, key)
+    return manifest
+
+
+def _entries(out: Path) -> list[str]:
+    """What `out` holds besides its claim files, sorted (none where it is not yet a folder)."""
+    return sorted(p.name for p in out.iterdir() if not p.name.startswith(CLAIM)) if out.is_dir() else []
+
+
+def _refuse_unfinished(out: Path, step: str, claim: Mapping[str, Any], settings: dict, key: str) -> None:
+    """Refuse to resume the unfinished run `claim` records unless it is this step's, with these settings."""
+    if claim.get("step") != step:
+        raise InputError(f"--out {out}: holds an unfinished '{claim.get('step')}' run; choose a new folder")
+    _refuse_other(out, step, "an unfinished", claim.get("settings"), claim.get("key"), settings, key)
+
+
+def _refuse_foreign(out: Path, step: str, entries: list[str]) -> NoReturn:
+    """`out` holds files no cxrdiff run claims: never write among them."""
+    shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+    raise InputError(f"--out {out}: not empty and not a '{step}' folder (has {shown}); choose a new folder")
 
 
 def _refuse_other(
