@@ -30,11 +30,11 @@ class FormatRecord:
     """What the steps after `prepare` need to know of a data format."""
 
     name: str
-    ucg_field: str  # finetune's config field of this format's unconditional-guidance rule
-    prompt_sources: tuple[str, ...] | None  # the `--prompt-source`s its text allows (None: every one)
-    prompt_rule: str  # why the others are refused, for the error message
-    regions: Literal["boxes", "masks"]  # what its grounding set scores a map against
     label: str  # its name in messages
+    ucg_field: str = "ucg_no_finding"  # finetune's config field of this format's unconditional-guidance rule
+    prompt_sources: tuple[str, ...] | None = None  # the `--prompt-source`s its text allows (None: every one)
+    prompt_rule: str = ""  # why the others are refused, for the error message
+    regions: Literal["boxes", "masks"] = "boxes"  # what its grounding set scores a map against
     text_column: str = "impression"  # the train shards' text column (COCO: "captions", a list per image)
     labelled: bool = True  # the train shards hold CheXpert's label columns (the UCG rule reads them)
 
@@ -44,46 +44,33 @@ class FormatRecord:
         return "samples whose only positive label is No Finding" if self.labelled else "any caption"
 
 
-FORMATS: dict[str, FormatRecord] = {
-    "mimic": FormatRecord(
-        name="mimic",
-        ucg_field="ucg_no_finding",
-        prompt_sources=None,
-        prompt_rule="",
-        regions="boxes",
-        label="MIMIC-CXR",
-    ),
+FORMATS: dict[str, FormatRecord] = {  # each record states what differs from FormatRecord's defaults (MIMIC's)
+    "mimic": FormatRecord(name="mimic", label="MIMIC-CXR"),
     "coco": FormatRecord(
         name="coco",
+        label="COCO",
         ucg_field="ucg_caption",
         prompt_sources=("impression",),
         prompt_rule="COCO data trains on its captions (impression)",
         regions="masks",
-        label="COCO",
         text_column="captions",
         labelled=False,
     ),
     # The public sets (docs/public-sets.md), prepared in MIMIC's layout with CheXpert's label columns.
     "nih": FormatRecord(
         name="nih",
-        ucg_field="ucg_no_finding",
+        label="NIH ChestX-ray14",
         prompt_sources=("impression",),
         prompt_rule="NIH ChestX-ray14's prepared text is already its labels (the paper's label prompts), "
         "of which CheXpert's columns hold only eight",
-        regions="boxes",
-        label="NIH ChestX-ray14",
     ),
     "openi": FormatRecord(
         name="openi",
-        ucg_field="ucg_no_finding",
+        label="Open-i",
         prompt_sources=("impression",),
         prompt_rule="Open-i has no labels: it trains on its impressions",
-        regions="boxes",
-        label="Open-i",
     ),
-    "csv": FormatRecord(
-        name="csv", ucg_field="ucg_no_finding", prompt_sources=None, prompt_rule="", regions="boxes", label="CSV table"
-    ),
+    "csv": FormatRecord(name="csv", label="CSV table"),
 }
 
 
