@@ -149,41 +149,51 @@ def _percentile(
     return Interval(float(value), float(low), float(high), level, method, n, seed, len(finite))
 
 
-def _bootstrap_method(over: str, strata: Any, strata_name: str, resamples: int, paired: bool | None = None) -> str:
-    parts = [f"bootstrap over {over}"]
-    if paired is not None:
-        parts.append("paired" if paired else "independent sets")
-    if strata is not None:
-        parts.append(f"{strata_name}-stratified")
-    return ", ".join([*parts, f"{resamples} resamples", "percentile"])
+@dataclasses.dataclass(frozen=True)
+class Resampling:
+    """The options `bootstrap` and `bootstrap_difference` share after the strata: how many resamples, the
+    level, the seed (None: fresh entropy, recorded), and the words for an item and a stratum in the method."""
+
+    resamples: int = RESAMPLES
+    level: float = LEVEL
+    seed: int | None = 0
+    over: str = "items"
+    strata_name: str = "class"
+
+    def method(self, strata: Any, paired: bool | None = None) -> str:
+        parts = [f"bootstrap over {self.over}"]
+        if paired is not None:
+            parts.append("paired" if paired else "independent sets")
+        if strata is not None:
+            parts.append(f"{self.strata_name}-stratified")
+        return ", ".join([*parts, f"{self.resamples} resamples", "percentile"])
 
 
 def bootstrap(
     n_items: int,
     statistic: Statistic,
     strata: Sequence[Any] | np.ndarray | None = None,
-    resamples: int = RESAMPLES,
-    level: float = LEVEL,
-    seed: int | None = 0,
-    over: str = "items",
-    strata_name: str = "class",
+    *args: Any,
+    **options: Any,
 ) -> Interval:
     """Percentile bootstrap of `statistic` over items: the value is `statistic(arange(n))`, the interval the
-    central `level` of `statistic(indices)` over `resamples` resampled index arrays.
+    central `level` of `statistic(indices)` over `resamples` resampled index arrays (`args`/`options`: the
+    fields of `Resampling`, in its order).
 
     The statistic sees indices, not values, so one function serves a mean of per-phrase CNRs, a class
     average, or a Fréchet distance recomputed on resampled feature rows. Resamples where it returns nan
     (e.g. a class it needs is absent) are dropped and the count kept in the method and `resamples`.
     Fewer than 2 items: the value without bounds (every resample would be the same item).
     """
-    seed = _seed(seed)
-    method = _bootstrap_method(over, strata, strata_name, resamples)
+    how = Resampling(*args, **options)
+    seed = _seed(how.seed)
+    method = how.method(strata)
     value = float(statistic(np.arange(n_items))) if n_items > 0 else float("nan")
     if n_items < 2:
-        return _without_bounds(value, method, n_items, f"{n_items} {over}: nothing to resample", seed=seed)
-    indices = resample_indices(n_items, resamples, np.random.default_rng(seed), strata)
+        return _without_bounds(value, method, n_items, f"{n_items} {how.over}: nothing to resample", seed=seed)
+    indices = resample_indices(n_items, how.resamples, np.random.default_rng(seed), strata)
     draws = np.array([statistic(row) for row in indices], dtype=np.float64)
-    return _percentile(value, draws, level, method, n_items, seed, resamples)
+    return _percentile(value, draws, how.level, method, n_items, seed, how.resamples)
 
 
 def bootstrap_mean(
@@ -206,20 +216,17 @@ def bootstrap_difference(
     n_items_b: int | None = None,
     strata: Sequence[Any] | np.ndarray | None = None,
     strata_b: Sequence[Any] | np.ndarray | None = None,
-    resamples: int = RESAMPLES,
-    level: float = LEVEL,
-    seed: int | None = 0,
-    over: str = "items",
-    strata_name: str = "class",
+    **options: Any,
 ) -> Interval:
-    """Bootstrap interval of a − b.
+    """Bootstrap interval of a − b (`options`: the fields of `Resampling`).
 
     Paired (the same phrases grounded by two models): one index array per resample serves both, so the
     items' own difficulty cancels. Independent (two image sets): each side is resampled separately
     (`n_items_b`, `strata_b` for b; default: the same as a's).
     """
-    seed = _seed(seed)
-    method = _bootstrap_method(over, strata, strata_name, resamples, paired)
+    how = Resampling(**options)
+    seed = _seed(how.seed)
+    method = how.method(strata, paired)
     n_b = n_items if (paired or n_items_b is None) else n_items_b
     strata_b = strata if (paired or strata_b is None) else strata_b
     n = n_items if paired else (n_items, n_b)
@@ -227,15 +234,15 @@ def bootstrap_difference(
         return _without_bounds(float("nan"), method, n, "no items", seed=seed)
     value = float(a(np.arange(n_items))) - float(b(np.arange(n_b)))
     if min(n_items, n_b) < 2:
-        return _without_bounds(value, method, n, f"fewer than 2 {over}: nothing to resample", seed=seed)
+        return _without_bounds(value, method, n, f"fewer than 2 {how.over}: nothing to resample", seed=seed)
     rng = np.random.default_rng(seed)
-    idx_a = resample_indices(n_items, resamples, rng, strata)
+    idx_a = resample_indices(n_items, how.resamples, rng, strata)
     if paired:
         draws = np.array([a(row) - b(row) for row in idx_a], dtype=np.float64)
     else:
-        idx_b = resample_indices(n_b, resamples, rng, strata_b)
+        idx_b = resample_indices(n_b, how.resamples, rng, strata_b)
         draws = np.array([a(ra) - b(rb) for ra, rb in zip(idx_a, idx_b, strict=True)], dtype=np.float64)
-    return _percentile(value, draws, level, method, n, seed, resamples)
+    return _percentile(value, draws, how.level, method, n, seed, how.resamples)
 
 
 # --- over trainings --------------------------------------------------------------------------
