@@ -53,20 +53,10 @@ class DemoPlan:
     @classmethod
     def quick(cls) -> DemoPlan:
         """A first look in about two minutes (three with --trainings 2): every stage, few steps."""
-        return cls(
-            patients=80,
-            pretrain_patients=200,
-            pretrain_steps=80,
-            vae_steps=40,
-            finetune_steps=60,
-            sample_steps=6,
-            ground_steps=6,
-            ground_window=4,
-            n_fid=24,
-            diversity_prompts=4,
-            test_size=24,
-            classifier_prompts_per_class=5,
-        )
+        data = {"patients": 80, "pretrain_patients": 200, "test_size": 24}
+        steps = {"pretrain_steps": 80, "vae_steps": 40, "finetune_steps": 60, "sample_steps": 6, "ground_steps": 6}
+        measures = {"ground_window": 4, "n_fid": 24, "diversity_prompts": 4, "classifier_prompts_per_class": 5}
+        return cls(**data, **steps, **measures)
 
 
 TEXT_INITS = ("pretrained", "token-local")  # `demo --text-init`; "both" runs the two side by side
