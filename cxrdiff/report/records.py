@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 from cxrdiff.metrics.score import Score
 
@@ -21,6 +21,15 @@ Interval = Mapping[str, Any]  # metrics.intervals.Interval.as_dict(): its bounds
 def read_dict(data: Any) -> Mapping[str, Any]:
     """An absent or null object of metrics.json read as an empty one."""
     return data if isinstance(data, Mapping) else {}
+
+
+class FlatRecord:
+    """A record that is one flat object of metrics.json, read field by field (an absent key: None)."""
+
+    @classmethod
+    def read(cls, data: Any) -> Self:
+        d = read_dict(data)
+        return cls(*(d.get(k) for k in cls.__dataclass_fields__))  # type: ignore[attr-defined,call-arg]
 
 
 @dataclass(frozen=True)
@@ -129,7 +138,7 @@ class Grounding:
 
 
 @dataclass(frozen=True)
-class Setting:
+class Setting(FlatRecord):
     """What a run was trained as (the finetune manifest in words, `trainings.run_summary`); a group's is its
     runs' less the seed. All None for a base model."""
 
@@ -142,29 +151,19 @@ class Setting:
     seed: int | None = None
     base_model: str | None = None
 
-    @classmethod
-    def read(cls, data: Any) -> Setting:
-        d = read_dict(data)
-        return cls(*(d.get(k) for k in cls.__dataclass_fields__))
-
     @property
     def lora(self) -> bool:
         return self.training not in (None, "full")
 
 
 @dataclass(frozen=True)
-class Training:
+class Training(FlatRecord):
     """A run's recorded training config (empty for a base model)."""
 
     frozen_text: bool | None = None
     steps: int | None = None
     lr: float | None = None
     seed: int | None = None
-
-    @classmethod
-    def read(cls, data: Any) -> Training:
-        d = read_dict(data)
-        return cls(*(d.get(k) for k in cls.__dataclass_fields__))
 
 
 @dataclass(frozen=True)
