@@ -26,7 +26,7 @@ from cxrdiff.report.config import STEP, ReportConfig, Steps
 from cxrdiff.report.document import Page, Table, html, markdown
 from cxrdiff.report.page import interval_text
 from cxrdiff.report.published import PUBLISHED_TABLE2
-from cxrdiff.report.records import Grounding, Localization, Measure
+from cxrdiff.report.records import Grounding, Measure
 from cxrdiff.report.steps import cached, default_steps, recorded_real, run_kind, run_names, run_step
 from cxrdiff.report.verdicts import grounding_intervals
 
@@ -179,7 +179,7 @@ def table2_page(rows: list[dict[str, Any]]) -> Page:
     measured = []
     read = [(r, _grounding(r), Score.from_dict(r["fidelity"]) if r["fidelity"] else None) for r in rows]
     for r, g, f in read:
-        average = g.average or Localization(None, None, None)
+        average = g.average_or_empty
         mean = {m: _mean(average.measure(m)) for m in ("auc_roc", "top1", "cnr")}
         cnr = "–" if mean["cnr"] is None else f"{mean['cnr']:.2f}" + interval_text(g.interval("Average", "cnr"))
         value = "–" if f is None else f"{f.value:.2f}" + interval_text(f.interval)

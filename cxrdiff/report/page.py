@@ -17,8 +17,6 @@ from cxrdiff.report.document import Table, literal
 from cxrdiff.report.published import PAPER, PUBLISHED_FIDELITY, PUBLISHED_LOCALIZATION, PUBLISHED_TEXT_SOURCE
 from cxrdiff.report.records import (
     GroupScore,
-    Localization,
-    Measure,
     ReportRecords,
     RunResult,
     TrainingGroup,
@@ -73,15 +71,6 @@ def _kind(entry: RunResult | TrainingGroup) -> str:
     return "base model" if entry.kind == "base model" else "fine-tuned"
 
 
-def _value(cell: Measure | None) -> tuple[float | None, float | None]:
-    """(mean, std) of a measured cell: a run's {mean, std} (std over noise seeds) or a group's {mean, std, n}
-    (std over trainings, only with n > 1)."""
-    if not cell or cell.mean is None:
-        return None, None
-    std = cell.std if (2 if cell.n is None else cell.n) > 1 else None
-    return float(cell.mean), (float(std) if std else None)
-
-
 @dataclass(frozen=True)
 class Fidelity:
     """The fidelity number a model is judged by: a run's first score, or a group's mean of it over trainings
@@ -133,16 +122,16 @@ def models(metrics: Mapping[str, Any] | ReportRecords) -> list[Model]:
     out = []
     entries: Mapping[str, RunResult | TrainingGroup] = records.groups or records.runs
     for name, entry in entries.items():
-        average = entry.grounding.average or Localization(None, None, None)
+        average = entry.grounding.average_or_empty
         uncertainty = _uncertainty(records, name, entry)
         if isinstance(entry, TrainingGroup):
             fidelity = Fidelity.of_group(entry.first_fidelity, uncertainty.get("fidelity"))
             text_cnr = entry.text_cnr.mean if entry.text_cnr else None
-            cnr = _value(average.cnr)
+            cnr = average.mean_std("cnr")
         else:
             fidelity = Fidelity.of_run(entry.first_fidelity)
             text_cnr = entry.text_source_cnr
-            cnr = (_value(average.cnr)[0], None)
+            cnr = (average.mean_std("cnr")[0], None)
         out.append(
             Model(
                 name=name,
@@ -153,7 +142,7 @@ def models(metrics: Mapping[str, Any] | ReportRecords) -> list[Model]:
                 source=entry.setting.prompt_source,
                 base=entry.setting.base_model,
                 cnr=cnr,
-                auc=_value(average.auc_roc),
+                auc=average.mean_std("auc_roc"),
                 fidelity=fidelity,
                 text_cnr=text_cnr,
             )

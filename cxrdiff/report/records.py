@@ -77,6 +77,15 @@ class Localization:
     def measure(self, metric: str) -> Measure | None:
         return getattr(self, metric)
 
+    def mean_std(self, metric: str) -> tuple[float | None, float | None]:
+        """(mean, std) of one metric: a run's {mean, std} (std over noise seeds) or a group's {mean, std, n}
+        (std over trainings, only with n > 1)."""
+        cell = self.measure(metric)
+        if not cell or cell.mean is None:
+            return None, None
+        std = cell.std if (2 if cell.n is None else cell.n) > 1 else None
+        return float(cell.mean), (float(std) if std else None)
+
 
 @dataclass(frozen=True)
 class Word:
@@ -128,6 +137,12 @@ class Grounding:
             WordAnalysis.read(d.get("word_analysis")),
             read_dict(d.get("conventions")),
         )
+
+    @property
+    def average_or_empty(self) -> Localization:
+        """The class average, or one whose every metric is None where none was measured (a base model's table
+        cells then read as unmeasured)."""
+        return self.average or Localization(None, None, None)
 
     def at(self, category: str) -> Localization | None:
         """One class's localization, or the average's for "Average"."""

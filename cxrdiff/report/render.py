@@ -452,7 +452,7 @@ def encoder_rows(metrics: Mapping[str, Any] | ReportRecords) -> list[EncoderRow]
 
     rows = []
     for g, v in groups.items():
-        average = v.grounding.average or Localization(None, None, None)
+        average = v.grounding.average_or_empty
         rows.append(
             EncoderRow(
                 encoder=v.setting.encoder or label(None),
