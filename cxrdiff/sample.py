@@ -34,7 +34,7 @@ from cxrdiff.errors import InputError, RunError
 from cxrdiff.images import grey_from_pipeline
 from cxrdiff.models import check_model_folder, check_sampling_steps
 from cxrdiff.seeds import SEED_RULE, image_seed
-from cxrdiff.shards import Shard, label, parse_shard, share
+from cxrdiff.shards import Shard, finish_share, label, parse_shard, share
 from cxrdiff.speed import limit_cpu_threads, set_tf32, speed_up_unet
 from cxrdiff.stopping import StopFlag, stop_signals
 
@@ -260,19 +260,13 @@ def sample(config: SampleConfig, shard: tuple[int, int] | None = None) -> dict[s
     }
     if not main:
         return None  # the main process reports (and the CLI prints one result, not one per process)
-    missing = [i for i in range(total) if not (out / image_file(i)).is_file()]
-    result["missing"] = len(missing)
+    missing = sum(not (out / image_file(i)).is_file() for i in range(total))
+    result["missing"] = missing
     result["complete"] = not missing
-    if missing:
-        if config.finalize:
-            raise RunError(f"--out {out}: {len(missing)} of {total} images missing; run the missing shards first")
-        folder.release_part()
-        log.info("sample: %d images still missing (other shards); the table is written when all exist", len(missing))
-        return result
-    with folder.finalizing() as writer:
-        if writer:
-            _finish(folder, config, prompts, n_prompts, dtype_name, total)
-    return {**result, "table": os.fspath(out / TABLE)}
+    write = lambda: _finish(folder, config, prompts, n_prompts, dtype_name, total)  # noqa: E731
+    later = "the table is written when all exist"
+    finish_share(folder, config.finalize, missing, of=total, noun="images", later=later, write=write)
+    return {**result, "table": os.fspath(out / TABLE)} if not missing else result
 
 
 def _finish(

@@ -6,16 +6,23 @@ is that share modulo N·P. Which image goes where never changes an image (every 
 any split gives the same files as one process at the same threads. The folder machinery
 (`artifacts.StepFolder.claim(part=...)`) lets the shards work side by side: one settings key, one lock per
 shard, and the table and manifest written once, by whoever completes the last part or by `--finalize`.
+`claim_share` and `finish_share` are that start and end, the same for every sharded step (prepare, sample,
+ground).
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
-from typing import NamedTuple
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple, TypeVar
 
-from cxrdiff.errors import InputError
+from cxrdiff.artifacts import StepFolder
+from cxrdiff.console import log
+from cxrdiff.errors import InputError, RunError
+
+T = TypeVar("T")
 
 SLURM_VARIABLES = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_COUNT")
 
@@ -77,3 +84,45 @@ def label(shard: Shard | None, rank: int, world: int) -> str:
     """What names this process in progress lines: `shard 1/4 rank 0/2`, or "" for one plain process."""
     parts = ([f"shard {shard}"] if shard is not None else []) + ([f"rank {rank}/{world}"] if world > 1 else [])
     return " ".join(parts)
+
+
+def claim_share(
+    out: Path, step: str, settings: Mapping[str, Any], spec: str | None, main: bool, finalize: bool
+) -> tuple[StepFolder, Shard | None]:
+    """The main process claims `out` (its shard of it, with `--shard` `spec`); the other processes, and
+    `--finalize`, only check what it holds. `--finalize` where no run with these settings exists is refused."""
+    part = parse_shard(spec)
+    create = main and not finalize
+    folder = StepFolder.claim(out, step, settings, create=create, part=tuple(part) if part and create else None)
+    if finalize and folder.state == "new":
+        raise InputError(f"--out {out}: no {step} run with these settings to finalize")
+    return folder, part
+
+
+def finish_share(
+    folder: StepFolder,
+    finalize: bool,
+    missing: int,
+    *,
+    noun: str,
+    later: str,
+    write: Callable[[], T],
+    done: Callable[[], T | None] = lambda: None,
+    of: int | None = None,
+) -> T | None:
+    """The end of a shard's run, in the main process. With `missing` parts (of `of`, if given) not made yet,
+    `--finalize` is refused and otherwise this shard's part is released and None returned: the job that
+    completes the last part (`later` says what it then writes), or `--finalize`, finishes the folder. With
+    none missing, `write()` runs in the one process that takes the folder's finalizing lock first and its
+    value is returned; a process that finds the folder finished by another returns `done()`."""
+    if missing:
+        if finalize:
+            counted = f"{missing} of {of}" if of is not None else str(missing)
+            raise RunError(f"--out {folder.out}: {counted} {noun} missing; run the missing shards first")
+        folder.release_part()
+        log.info("%s: %d %s still missing (other shards); %s", folder.step, missing, noun, later)
+        return None
+    with folder.finalizing() as writer:
+        if writer:
+            return write()
+    return done()

@@ -3,22 +3,19 @@ them, draw the overlays (first run), save a part file (the resume point); rank 0
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from cxrdiff.artifacts import StepFolder
 from cxrdiff.console import log, progress
 from cxrdiff.distributed import process_state
-from cxrdiff.errors import InputError, RunError
 from cxrdiff.ground.capture import capture_batch, load_model
 from cxrdiff.ground.config import STEP, GroundConfig, ground_settings
 from cxrdiff.ground.inputs import check_inputs, check_words, load_samples
 from cxrdiff.ground.overlays import write_overlays
 from cxrdiff.ground.parts import merge, pending, save_part
 from cxrdiff.ground.score import score_chunk
-from cxrdiff.ground.tables import step_result
-from cxrdiff.shards import label, parse_shard, share
+from cxrdiff.ground.tables import read_summary, step_result
+from cxrdiff.shards import claim_share, finish_share, label, share
 from cxrdiff.stopping import stop_signals
 
 
@@ -32,16 +29,12 @@ def ground(config: GroundConfig) -> dict[str, Any]:
     out = Path(config.out)
     samples = load_samples(config)
     check_words(config, samples)
-    part = parse_shard(config.shard)
     state = process_state(config.dist_timeout)
-    create = state.is_main_process and not config.finalize
-    claim = tuple(part) if part is not None and create else None
-    folder = StepFolder.claim(out, STEP, ground_settings(config), create=create, part=claim)
+    settings = ground_settings(config)
+    folder, part = claim_share(out, STEP, settings, config.shard, state.is_main_process, config.finalize)
     if folder.finished:
         log.info("%s: already complete; nothing to do", out)
-        return step_result(out, json.loads((out / "summary.json").read_text()))
-    if config.finalize and folder.state == "new":
-        raise InputError(f"--out {out}: no ground run with these settings to finalize")
+        return step_result(out, read_summary(out))
     parts = out / ".parts"
     if state.is_main_process:
         parts.mkdir(parents=True, exist_ok=True)
@@ -64,14 +57,10 @@ def ground(config: GroundConfig) -> dict[str, Any]:
     state.wait_for_everyone()
     if not state.is_main_process:
         return {}
-    missing = pending(parts, config.noise_seeds, len(chunks), 0, 1)
-    if missing:
-        if config.finalize:
-            raise RunError(f"--out {out}: {len(missing)} batches missing; run the missing shards first")
-        folder.release_part()
-        log.info("ground: %d batches still missing (other shards); merged when all exist", len(missing))
-        return {"out": str(out), "complete": False, "missing_batches": len(missing)}
-    with folder.finalizing() as writer:
-        if writer:
-            return step_result(out, merge(folder, parts, config, len(chunks), samples, model.frame_size))
-    return step_result(out, json.loads((out / "summary.json").read_text()))
+    missing = len(pending(parts, config.noise_seeds, len(chunks), 0, 1))
+    write = lambda: merge(folder, parts, config, len(chunks), samples, model.frame_size)  # noqa: E731
+    later, done = "merged when all exist", lambda: read_summary(out)
+    summary = finish_share(folder, config.finalize, missing, noun="batches", later=later, write=write, done=done)
+    if summary is None:
+        return {"out": str(out), "complete": False, "missing_batches": missing}
+    return step_result(out, summary)

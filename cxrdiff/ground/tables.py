@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +131,11 @@ def word_analysis(words: Any, min_count: int) -> dict[str, Any]:
     eos = words[words["word"] == SPECIAL[1]]["cnr"]
     result["eos_cnr"] = float(eos.mean()) if len(eos) else None
     return result
+
+
+def read_summary(out: Path) -> dict[str, Any]:
+    """The summary.json of a finished ground folder."""
+    return json.loads((out / "summary.json").read_text())
 
 
 def step_result(out: Path, summary: dict[str, Any]) -> dict[str, Any]:

@@ -15,20 +15,14 @@ from typing import Any
 
 from cxrdiff.artifacts import StepFolder
 from cxrdiff.console import log
-from cxrdiff.errors import InputError, RunError
 from cxrdiff.prepare.config import STEP, PrepareConfig
-from cxrdiff.shards import Shard, parse_shard
+from cxrdiff.shards import Shard, claim_share, finish_share
 from cxrdiff.stopping import stop_signals
 
 
 def claim(config: PrepareConfig, out: Path, settings: dict[str, Any], acc: Any) -> tuple[StepFolder, Shard | None]:
     """The main process claims `out` (its shard of it, with `--shard`); the others check what it holds."""
-    part = parse_shard(config.shard)
-    create = acc.is_main_process and not config.finalize
-    folder = StepFolder.claim(out, STEP, settings, create=create, part=tuple(part) if part and create else None)
-    if config.finalize and not folder.finished and folder.state == "new":
-        raise InputError(f"--out {out}: no prepare run with these settings to finalize")
-    return folder, part
+    return claim_share(out, STEP, settings, config.shard, acc.is_main_process, config.finalize)
 
 
 def plan_once(folder: StepFolder, acc: Any, make_plan: Callable[[], Any]) -> None:
@@ -60,14 +54,8 @@ def complete(folder: StepFolder, units: list[str], out: Path, finalize: bool, fi
     """In the main process once this job's units are done: `finish()` (skipped.csv and the manifest) when
     every unit exists, by one process only; otherwise this shard's part is released and a partial result
     returned (the job that completes the last unit, or `--finalize`, finishes the folder)."""
-    missing = [unit for unit in units if not (out / f"{unit}.parquet").is_file()]
-    if missing:
-        if finalize:
-            raise RunError(f"--out {out}: {len(missing)} of {len(units)} units missing; run the missing shards first")
-        folder.release_part()
-        log.info("prepare: %d units still missing (other shards); the manifest is written when all exist", len(missing))
-        return {"out": str(out), "complete": False, "missing_units": len(missing)}
-    with folder.finalizing() as writer:
-        if writer:
-            return finish()
-    return {"out": str(out), "complete": True}
+    missing = sum(not (out / f"{unit}.parquet").is_file() for unit in units)
+    later = "the manifest is written when all exist"
+    done = lambda: {"out": str(out), "complete": True}  # noqa: E731
+    result = finish_share(folder, finalize, missing, of=len(units), noun="units", later=later, write=finish, done=done)
+    return result if result is not None else {"out": str(out), "complete": False, "missing_units": missing}
