@@ -36,17 +36,15 @@ from cxrdiff.distributed import accelerator
 from cxrdiff.errors import InputError
 from cxrdiff.models import check_model_folder, model_geometry, vae_fingerprint
 from cxrdiff.prepare import jobs
-from cxrdiff.prepare.config import PrepareConfig, check_out
+from cxrdiff.prepare.config import PrepareConfig, check_out, input_folder, require_flags
 from cxrdiff.prepare.encode import (
-    SKIPPED_COLUMNS,
     STATE,
     Layout,
     encode_unit,
-    latent_record,
     load_vae,
     loader_workers,
-    warn_empty_parts,
 )
+from cxrdiff.prepare.results import latent_record, warn_empty_parts, write_skipped
 from cxrdiff.shards import label
 from cxrdiff.speed import limit_cpu_threads
 
@@ -66,12 +64,8 @@ class CocoInputs:
 
 def check_coco_inputs(config: PrepareConfig) -> CocoInputs:
     """Every structural fault of a `--format coco` run, before any image or weight is read."""
-    for name in ("coco", "base_model", "out"):
-        if getattr(config, name) is None:
-            raise InputError(f"--{name.replace('_', '-')} is required with --format coco")
-    root = Path(config.coco)
-    if not root.is_dir():
-        raise InputError(f"--coco {root}: {'a file, not a folder' if root.exists() else 'no such folder'}")
+    require_flags(config, ("coco", "base_model", "out"), "coco")
+    root = input_folder("coco", config.coco)
     splits = parse_splits(config.coco_splits)
     for split in splits:
         split_files(root, split)
@@ -271,7 +265,6 @@ def prepare_coco(config: PrepareConfig) -> dict[str, Any]:
 
 def _finish(folder: StepFolder, config: Any, inputs: CocoInputs, plan: dict[str, Any]) -> dict[str, Any]:
     """skipped.csv and the manifest, from the plan and the completed units."""
-    import pandas as pd
     import pyarrow.parquet as pq
 
     out, state = inputs.out, inputs.out / STATE
@@ -282,7 +275,7 @@ def _finish(folder: StepFolder, config: Any, inputs: CocoInputs, plan: dict[str,
     shards = [f"{u}.parquet" for u in plan["units"] if u.startswith("train-")]
     counts = plan["counts"] | {"rows": {"train": sum(rows[s[:-8]] for s in shards), "val": rows["val"],
                                         "test": rows["test"], "coco_test": rows["coco_test"]}}  # fmt: skip
-    write_text(out / "skipped.csv", pd.DataFrame(skipped, columns=list(SKIPPED_COLUMNS)).to_csv(index=False))
+    write_skipped(out, skipped)
     resolved = to_dict(dataclasses.replace(config, resolution=inputs.resolution))
     folder.finish(
         config=resolved,

@@ -99,6 +99,22 @@ def text_fallbacks(choice: str) -> tuple[str, ...]:
     return () if choice == "none" else tuple(part.replace("-", "_") for part in choice.split(","))
 
 
+def require_flags(config: PrepareConfig, names: tuple[str, ...], fmt: str | None = None) -> None:
+    """A one-line error for the first of these options not given (with the `--format` that needs it)."""
+    for name in names:
+        if getattr(config, name) is None:
+            needed = f" with --format {fmt}" if fmt else ""
+            raise InputError(f"--{name.replace('_', '-')} is required{needed}")
+
+
+def input_folder(flag: str, path: str | Path, hint: str = "") -> Path:
+    """`path` (given as `--flag`) as a folder; a file or a missing path is a one-line error (`hint` after it)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise InputError(f"--{flag} {folder}: {'a file, not a folder' if folder.exists() else 'no such folder'}{hint}")
+    return folder
+
+
 def check_out(out: Path, wanted: dict[str, Any]) -> None:
     """What `--out` holds, checked before any work (nothing is claimed yet). A folder whose recorded VAE
     fingerprint covers names and sizes only ("sha256:") is named as such rather than as 'other settings' (it

@@ -9,7 +9,6 @@ pair. Without `patient`, each image is its own patient.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +17,10 @@ from PIL import Image
 
 from cxrdiff.data import LABELS, check_columns
 from cxrdiff.errors import InputError
+from cxrdiff.prepare.boxes import box_row, box_table, boxes_fit, clean_box_table
 from cxrdiff.prepare.config import PrepareConfig
 from cxrdiff.prepare.encode import skipped_row
-from cxrdiff.prepare.public import (
-    BOX_COLUMNS,
-    ROW_COLUMNS,
-    Candidates,
-    PublicFormat,
-    PublicInputs,
-    drop_repeated_rows,
-    numeric_columns,
-)
+from cxrdiff.prepare.public import ROW_COLUMNS, Candidates, PublicFormat, PublicInputs, drop_repeated_rows
 
 TABLE_COLUMNS = ("image", "text")
 BOXES_COLUMNS = ("image", "phrase", "x", "y", "w", "h")
@@ -123,8 +115,7 @@ def read_boxes(path: Path, rows, counts: dict[str, Any], skipped: list):
 
     columns = check_columns(path, BOXES_COLUMNS)
     table = pd.read_csv(path, dtype={"image": str, "phrase": str})
-    table, counts["box_duplicate_rows"] = drop_repeated_rows(table, "image", path, skipped, unique=False, part="ms_cxr")
-    table = numeric_columns(table, ("x", "y", "w", "h"), path)
+    table = clean_box_table(table, path, counts, skipped)
     kept = rows.drop_duplicates("dicom_id").set_index("dicom_id")
     counts["boxes"] = {"table_boxes": len(table), "image_not_in_table": 0, "box_outside_image": 0}
     pairs = []
@@ -142,28 +133,13 @@ def read_boxes(path: Path, rows, counts: dict[str, Any], skipped: list):
             skipped.append(skipped_row("ms_cxr", ids, "unreadable image", str(exc), row["image_path"]))
             continue
         xywh = group[["x", "y", "w", "h"]].to_numpy(dtype=np.float64)
-        outside = (xywh[:, 2] <= 0) | (xywh[:, 3] <= 0) | (xywh[:, :2] < 0).any(axis=1)
-        outside |= (xywh[:, 0] + xywh[:, 2] > width) | (xywh[:, 1] + xywh[:, 3] > height)
-        if outside.any():
+        if not boxes_fit(xywh, width, height, ids, f"{width}x{height}", path, skipped):
             counts["boxes"]["box_outside_image"] += 1
-            skipped.append(
-                skipped_row("ms_cxr", ids, "box outside image", f"{xywh.tolist()} in {width}x{height}", str(path))
-            )
             continue
         category = group["category"].iloc[0] if "category" in columns else phrase
-        pairs.append(
-            {
-                **ids,
-                "category_name": str(category),
-                "label_text": " ".join(str(phrase).split()),
-                "boxes_original": json.dumps(xywh.tolist()),
-                "image_width": width,
-                "image_height": height,
-                "image_path": row["image_path"],
-            }
-        )
-    counts["boxes"]["pairs"] = len(pairs)
-    return pd.DataFrame(pairs, columns=list(BOX_COLUMNS))
+        text = " ".join(str(phrase).split())
+        pairs.append(box_row(ids, str(category), text, xywh, width, height, row["image_path"]))
+    return box_table(pairs, counts)
 
 
 CSV = PublicFormat("csv", csv_tables, read_table)

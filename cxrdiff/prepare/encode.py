@@ -18,7 +18,7 @@ import numpy as np
 
 from cxrdiff.artifacts import atomic_path, write_json
 from cxrdiff.choices import DicomContrast
-from cxrdiff.console import log, progress
+from cxrdiff.console import progress
 from cxrdiff.data import (
     latent_to_bytes,
 )
@@ -165,21 +165,6 @@ def encode_unit(
     acc.wait_for_everyone()
 
 
-def latent_record(base_model: Path, resolution: int, latent_shape: Any, scaling_factor: float) -> dict[str, Any]:
-    """The prepared latents' geometry and provenance, as every format's manifest records them (finetune and
-    ground check them against the base model they are given)."""
-    from cxrdiff.models import vae_fingerprint
-
-    return {
-        "resolution": resolution,
-        "latent_shape": list(latent_shape),
-        "scaling_factor": scaling_factor,
-        "latent_storage": "mean+logvar",
-        "latent_dtype": "float16",
-        "vae_fingerprint": vae_fingerprint(base_model),
-    }
-
-
 def load_vae(base_model: Path, device: Any) -> Any:
     """The base model's VAE in float32, frozen; one line naming the folder when it cannot be loaded."""
     from diffusers import AutoencoderKL
@@ -206,13 +191,3 @@ def loader_workers(config: PrepareConfig, processes: int) -> int:
     if config.workers is not None:
         return max(0, config.workers)
     return max(0, min(8, (os.cpu_count() or 1) // processes - 1))
-
-
-def warn_empty_parts(out: Path, rows: dict[str, int]) -> list[str]:
-    """Say out loud which prepared parts ended with no rows (every candidate skipped or filtered): a later
-    `finetune`, `sample` or `ground` on them would have nothing to read. Returns those parts."""
-    empty = [part for part, n in rows.items() if not n]
-    if empty:
-        log.warning("prepare %s: no rows in %s; every candidate was left out (reasons in %s and the manifest's "
-                    "counts)", out, ", ".join(empty), out / "skipped.csv")  # fmt: skip
-    return empty

@@ -13,14 +13,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cxrdiff.artifacts import MANIFEST, StepFolder, atomic_path, write_json, write_text
+from cxrdiff.artifacts import MANIFEST, StepFolder, atomic_path, write_json
 from cxrdiff.config import settings, to_dict
 from cxrdiff.console import log, progress
 from cxrdiff.data import (
@@ -45,19 +44,17 @@ from cxrdiff.images import box_to_frame
 from cxrdiff.impressions import MIN_IMPRESSION_CHARS, SOURCES, read_report, report_path
 from cxrdiff.models import check_model_folder, model_geometry, vae_fingerprint
 from cxrdiff.prepare import jobs
-from cxrdiff.prepare.config import PrepareConfig, check_out, text_fallbacks
+from cxrdiff.prepare.config import PrepareConfig, check_out, input_folder, require_flags, text_fallbacks
 from cxrdiff.prepare.encode import (
-    SKIPPED_COLUMNS,
     STATE,
     Layout,
     encode_unit,
-    latent_record,
     load_base_tokenizer,
     load_vae,
     loader_workers,
     skipped_row,
-    warn_empty_parts,
 )
+from cxrdiff.prepare.results import gather_units, latent_record, prepared_result, warn_empty_parts, write_skipped
 from cxrdiff.shards import label
 from cxrdiff.speed import limit_cpu_threads
 
@@ -81,20 +78,13 @@ class MimicInputs:
 
 def check_mimic_inputs(config: PrepareConfig) -> MimicInputs:
     """Every structural fault, before any image, report or weight is read."""
-    for name in ("mimic", "ms_cxr", "base_model", "out"):
-        if getattr(config, name) is None:
-            raise InputError(f"--{name.replace('_', '-')} is required")
-    mimic = Path(config.mimic)
-    if not mimic.is_dir():
-        what = "a file, not a folder" if mimic.exists() else "no such folder"
-        raise InputError(f"--mimic {mimic}: {what} (give the MIMIC-CXR-JPG root: files/ and the CSVs)")
+    require_flags(config, ("mimic", "ms_cxr", "base_model", "out"))
+    mimic = input_folder("mimic", config.mimic, " (give the MIMIC-CXR-JPG root: files/ and the CSVs)")
     files = files_root(mimic)
     if not any(files.glob("p1[0-9]")):
         raise InputError(f"--mimic {mimic}: no files/p10..p19 patient folders (is it the MIMIC-CXR-JPG root?)")
-    reports = Path(config.reports) if config.reports is not None else mimic
-    if not reports.is_dir():
-        what = "a file, not a folder" if reports.exists() else "no such folder"
-        raise InputError(f"--reports {reports}: {what} (give the MIMIC-CXR reports root: files/pXX/...)")
+    reports = input_folder("reports", config.reports if config.reports is not None else mimic,
+                           " (give the MIMIC-CXR reports root: files/pXX/...)")  # fmt: skip
     if not any(files_root(reports).glob("p1[0-9]/p*/s*.txt")):
         raise InputError(f"--reports {reports}: no report files (files/pXX/pN/sN.txt); give the MIMIC-CXR reports root")
     tables = {kind: find_table(mimic, kind) for kind in MIMIC_TABLES}
@@ -548,44 +538,22 @@ def prepare_mimic(config: PrepareConfig) -> dict[str, Any]:
 def _summary(out: Path) -> dict[str, Any]:
     """The result of a finished run, from its manifest."""
     manifest = json.loads((out / MANIFEST).read_text())
-    counts = manifest["counts"]
-    return {
-        "out": str(out),
-        "train_rows": counts["train"]["rows"],
-        "train_shards": len(manifest["shards"]),
-        "test_rows": counts["test"]["rows"],
-        "ms_cxr_rows": counts["ms_cxr"]["rows"],
-        "skipped": manifest["skipped"],
-        "resolution": manifest["resolution"],
-        "latent_shape": manifest["latent_shape"],
-        "seconds": 0.0,
-    }
+    rows = {part: manifest["counts"][part]["rows"] for part in ("train", "test", "ms_cxr")}
+    shards, skipped = len(manifest["shards"]), manifest["skipped"]
+    return prepared_result(out, rows, shards, skipped, manifest["resolution"], manifest["latent_shape"], 0.0)
 
 
 def _finish(
     folder: StepFolder, config: PrepareConfig, inputs: MimicInputs, plan: dict[str, Any], seconds: float
 ) -> dict[str, Any]:
     """skipped.csv and the manifest, from the plan and the completed units."""
-    import pandas as pd
-    import pyarrow.parquet as pq
-
-    out, state = inputs.out, inputs.out / STATE
-    counts = plan["counts"]
-    skipped = list(plan["skipped"])
-    rows = {"train": 0, "test": 0, "ms_cxr": 0}
-    reasons: dict[str, Counter] = {part: Counter() for part in rows}  # images skipped at encoding, by reason
-    for unit in plan["units"]:
-        part = "ms_cxr" if unit == "ms_cxr" else unit.split("-")[0]
-        rows[part] += pq.read_metadata(out / f"{unit}.parquet").num_rows
-        unit_skips = json.loads((state / f"{unit}.skipped.json").read_text())
-        reasons[part].update(skip["reason"] for skip in unit_skips)
-        skipped.extend(unit_skips)
+    out, counts, skipped = inputs.out, plan["counts"], list(plan["skipped"])
+    rows, reasons = gather_units(out, plan["units"], skipped)
     for part in rows:  # planned = rows + image_skipped, and image_skipped = the sum of its reasons
         counts[part]["image_skipped"] = sum(reasons[part].values())
         counts[part]["image_skip_reasons"] = dict(sorted(reasons[part].items()))
         counts[part]["rows"] = rows[part]
-    table = pd.DataFrame(skipped, columns=list(SKIPPED_COLUMNS))
-    write_text(out / "skipped.csv", table.to_csv(index=False))
+    write_skipped(out, skipped)
     shards = [f"{unit}.parquet" for unit in plan["units"] if unit.startswith("train-")]
     resolved = to_dict(dataclasses.replace(config, resolution=inputs.resolution))
     folder.finish(
@@ -604,14 +572,4 @@ def _finish(
             "skipped": len(skipped),
         },
     )
-    return {
-        "out": str(out),
-        "train_rows": rows["train"],
-        "train_shards": len(shards),
-        "test_rows": rows["test"],
-        "ms_cxr_rows": rows["ms_cxr"],
-        "skipped": len(skipped),
-        "resolution": inputs.resolution,
-        "latent_shape": list(inputs.latent_shape),
-        "seconds": round(seconds, 1),
-    }
+    return prepared_result(out, rows, len(shards), len(skipped), inputs.resolution, inputs.latent_shape, seconds)

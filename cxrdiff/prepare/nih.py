@@ -13,7 +13,6 @@ each file's actual size at encoding. Only the images found under --images are us
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +20,10 @@ import numpy as np
 
 from cxrdiff.data import LABELS, check_columns
 from cxrdiff.errors import InputError
+from cxrdiff.prepare.boxes import box_row, box_table, boxes_fit, clean_box_table
 from cxrdiff.prepare.config import PrepareConfig
 from cxrdiff.prepare.encode import skipped_row
-from cxrdiff.prepare.public import (
-    BOX_COLUMNS,
-    ROW_COLUMNS,
-    Candidates,
-    PublicFormat,
-    PublicInputs,
-    drop_repeated_rows,
-    image_index,
-    numeric_columns,
-)
+from cxrdiff.prepare.public import ROW_COLUMNS, Candidates, PublicFormat, PublicInputs, image_index, read_keyed_table
 
 ENTRY_TABLE = "Data_Entry_2017_v2020.csv.gz"
 BOX_TABLE = "BBox_List_2017.csv.gz"
@@ -79,11 +70,8 @@ def read_nih(config: PrepareConfig, inputs: PublicInputs) -> Candidates:
     import pandas as pd
 
     table = inputs.tables["table"]
-    check_columns(table, ENTRY_COLUMNS)
     skipped: list[dict[str, Any]] = []
-    entry, duplicates = drop_repeated_rows(
-        pd.read_csv(table, usecols=list(ENTRY_COLUMNS)), "Image Index", table, skipped
-    )
+    entry, duplicates = read_keyed_table(table, ENTRY_COLUMNS, "Image Index", skipped)
     files = image_index(inputs.images)
     present = entry["Image Index"].isin(files).to_numpy()
     unknown = sorted(set(files) - set(entry["Image Index"]))
@@ -142,8 +130,7 @@ def read_boxes(path: Path, rows, counts: dict[str, Any], skipped: list):
         )
     table = pd.read_csv(path, usecols=list(range(6)))
     table.columns = ["image", "finding", "x", "y", "w", "h"]
-    table, counts["box_duplicate_rows"] = drop_repeated_rows(table, "image", path, skipped, unique=False, part="ms_cxr")
-    table = numeric_columns(table, ("x", "y", "w", "h"), path)
+    table = clean_box_table(table, path, counts, skipped)
     table["dicom_id"] = table["image"].map(lambda name: Path(str(name)).stem)
     kept = rows.set_index("dicom_id")
     everywhere = len(table)
@@ -158,28 +145,13 @@ def read_boxes(path: Path, rows, counts: dict[str, Any], skipped: list):
         xywh = group[["x", "y", "w", "h"]].to_numpy(dtype=np.float64)
         row = kept.loc[dicom]
         ids = {"dicom_id": dicom, "subject_id": int(row["subject_id"]), "study_id": int(row["study_id"])}
-        outside = (xywh[:, 2] <= 0) | (xywh[:, 3] <= 0) | (xywh[:, :2] < 0).any(axis=1)
-        outside |= (xywh[:, 0] + xywh[:, 2] > BOX_FRAME) | (xywh[:, 1] + xywh[:, 3] > BOX_FRAME)
-        if outside.any():
+        if not boxes_fit(xywh, BOX_FRAME, BOX_FRAME, ids, f"{BOX_FRAME} px", path, skipped):
             counts["boxes"]["box_outside_frame"] += 1
-            skipped.append(
-                skipped_row("ms_cxr", ids, "box outside image", f"{xywh.tolist()} in {BOX_FRAME} px", str(path))
-            )
             continue
         name = BOX_SPELLING.get(str(finding), str(finding))
-        pairs.append(
-            {
-                **ids,
-                "category_name": NIH_TO_CHEXPERT.get(name, name),  # the paper's class where it has one
-                "label_text": name.replace("_", " "),
-                "boxes_original": json.dumps(xywh.tolist()),
-                "image_width": BOX_FRAME,
-                "image_height": BOX_FRAME,
-                "image_path": row["image_path"],
-            }
-        )
-    counts["boxes"]["pairs"] = len(pairs)
-    return pd.DataFrame(pairs, columns=list(BOX_COLUMNS))
+        category = NIH_TO_CHEXPERT.get(name, name)  # the paper's class where it has one
+        pairs.append(box_row(ids, category, name.replace("_", " "), xywh, BOX_FRAME, BOX_FRAME, row["image_path"]))
+    return box_table(pairs, counts)
 
 
 NIH = PublicFormat("nih", nih_tables, read_nih)

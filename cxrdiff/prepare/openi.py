@@ -16,20 +16,13 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-from cxrdiff.data import LABELS, VIEWS_KEPT, check_columns
+from cxrdiff.data import LABELS, VIEWS_KEPT
 from cxrdiff.errors import InputError
 from cxrdiff.impressions import MIN_IMPRESSION_CHARS, SOURCES, extract_impression
 from cxrdiff.prepare.config import PrepareConfig, text_fallbacks
 from cxrdiff.prepare.encode import skipped_row
 from cxrdiff.prepare.nih import shipped_table
-from cxrdiff.prepare.public import (
-    ROW_COLUMNS,
-    Candidates,
-    PublicFormat,
-    PublicInputs,
-    drop_repeated_rows,
-    image_index,
-)
+from cxrdiff.prepare.public import ROW_COLUMNS, Candidates, PublicFormat, PublicInputs, image_index, read_keyed_table
 
 REPORTS_FILE = "NLMCXR_reports.tgz"
 METADATA_TABLE = "nlmcxr_dicom_metadata.csv.gz"
@@ -72,9 +65,8 @@ def read_openi(config: PrepareConfig, inputs: PublicInputs) -> Candidates:
     import pandas as pd
 
     table = inputs.tables["table"]
-    check_columns(table, METADATA_COLUMNS)
     skipped: list[dict[str, Any]] = []
-    views, _ = drop_repeated_rows(pd.read_csv(table, usecols=list(METADATA_COLUMNS)), "imageid", table, skipped)
+    views, _ = read_keyed_table(table, METADATA_COLUMNS, "imageid", skipped)
     views = views.set_index("imageid")
     reports = read_reports(inputs.tables["reports"])
     files = {Path(name).stem: path for name, path in image_index(inputs.images).items()}

@@ -16,33 +16,31 @@ import dataclasses
 import json
 import os
 import time
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cxrdiff.artifacts import MANIFEST, StepFolder, atomic_path, write_json, write_text
+from cxrdiff.artifacts import MANIFEST, StepFolder, atomic_path, write_json
 from cxrdiff.config import settings, to_dict
 from cxrdiff.console import log
-from cxrdiff.data import LABELS, drop_duplicate_rows
+from cxrdiff.data import LABELS, check_columns, drop_duplicate_rows
 from cxrdiff.distributed import accelerator
 from cxrdiff.errors import InputError
 from cxrdiff.models import check_model_folder, model_geometry, vae_fingerprint
 from cxrdiff.prepare import jobs
-from cxrdiff.prepare.config import PrepareConfig, check_out
+from cxrdiff.prepare.config import PrepareConfig, check_out, input_folder, require_flags
 from cxrdiff.prepare.encode import (
-    SKIPPED_COLUMNS,
     STATE,
     encode_unit,
-    latent_record,
     load_base_tokenizer,
     load_vae,
     loader_workers,
     skipped_row,
 )
 from cxrdiff.prepare.mimic import LAYOUT, mark_truncated
+from cxrdiff.prepare.results import gather_units, latent_record, prepared_result, write_skipped
 from cxrdiff.shards import label
 from cxrdiff.speed import limit_cpu_threads
 
@@ -99,12 +97,8 @@ class PublicFormat:
 
 def check_public_inputs(config: PrepareConfig, fmt: PublicFormat) -> PublicInputs:
     """Every structural fault of a public-set run (flags, folders, table headers), before any image is read."""
-    for name in ("images", "base_model", "out"):
-        if getattr(config, name) is None:
-            raise InputError(f"--{name.replace('_', '-')} is required with --format {fmt.name}")
-    images = Path(config.images)
-    if not images.is_dir():
-        raise InputError(f"--images {images}: {'a file, not a folder' if images.exists() else 'no such folder'}")
+    require_flags(config, ("images", "base_model", "out"), fmt.name)
+    images = input_folder("images", config.images)
     tables = {}
     for role, path in fmt.tables(config).items():
         if path is None:
@@ -160,6 +154,15 @@ def drop_repeated_rows(table, id_column: str, source: Path, skipped: list, uniqu
     if repeated:
         log.warning("%s: %d duplicate row(s) dropped (listed in skipped.csv)", source, len(repeated))
     return kept.reset_index(drop=True), len(repeated)
+
+
+def read_keyed_table(path: Path, columns: tuple[str, ...], key: str, skipped: list):
+    """`columns` of a set's table (their presence checked first), through `drop_repeated_rows` on `key`:
+    returns the table and the number of repeated rows dropped."""
+    import pandas as pd
+
+    check_columns(path, columns)
+    return drop_repeated_rows(pd.read_csv(path, usecols=list(columns)), key, path, skipped)
 
 
 def numeric_columns(table, names: tuple[str, ...], path: Path):
@@ -293,34 +296,15 @@ def finish_public(
     folder: StepFolder, config: PrepareConfig, inputs: PublicInputs, plan: dict[str, Any], seconds: float
 ) -> dict[str, Any]:
     """skipped.csv and the manifest (the data set, its text source, the counts), from the plan and the units."""
-    import pandas as pd
-    import pyarrow.parquet as pq
-
-    out, state = inputs.out, inputs.out / STATE
-    skipped, counts = list(plan["skipped"]), plan["counts"]
-    rows, reasons = {"train": 0, "test": 0, "ms_cxr": 0}, {"train": Counter(), "test": Counter(), "ms_cxr": Counter()}
-    for unit in plan["units"]:
-        part = "ms_cxr" if unit == "ms_cxr" else unit.split("-")[0]
-        rows[part] += pq.read_metadata(out / f"{unit}.parquet").num_rows
-        unit_skips = json.loads((state / f"{unit}.skipped.json").read_text())
-        reasons[part].update(skip["reason"] for skip in unit_skips)
-        skipped.extend(unit_skips)
+    out, skipped, counts = inputs.out, list(plan["skipped"]), plan["counts"]
+    rows, reasons = gather_units(out, plan["units"], skipped)
     counts["rows"] = rows
     counts["image_skip_reasons"] = {part: dict(sorted(r.items())) for part, r in reasons.items()}
-    write_text(out / "skipped.csv", pd.DataFrame(skipped, columns=list(SKIPPED_COLUMNS)).to_csv(index=False))
+    write_skipped(out, skipped)
     shards = [f"{unit}.parquet" for unit in plan["units"] if unit.startswith("train-")]
-    result = {
-        "out": str(out),
-        "format": inputs.data_set,
-        "train_rows": rows["train"],
-        "train_shards": len(shards),
-        "test_rows": rows["test"],
-        "ms_cxr_rows": rows["ms_cxr"],
-        "skipped": len(skipped),
-        "resolution": inputs.resolution,
-        "latent_shape": list(inputs.latent_shape),
-        "seconds": round(seconds, 1),
-    }
+    result = prepared_result(
+        out, rows, len(shards), len(skipped), inputs.resolution, inputs.latent_shape, seconds, inputs.data_set
+    )
     folder.finish(
         config=to_dict(dataclasses.replace(config, resolution=inputs.resolution)),
         inputs={"images": inputs.images, "base_model": inputs.base_model, **inputs.tables},
