@@ -23,6 +23,9 @@ SCRIPTS = ROOT / "scripts"
 PREPARE_ARGS = "--test-size 8 --test-no-finding-max 0.25 --batch-size 8 --shard-size 16 --workers 0"  # = conftest's
 SAMPLE = dict(limit=3, n_per_prompt=3, steps=4, batch_size=1)
 GROUND = dict(steps=2, window=1, limit=3, batch_size=2)  # 2 batches: one per array task
+# slurmd refuses a job credential made in the same second as the revocation of the job's previous run ("Job
+# credential revoked"): a requeued job started at once can be killed so; wait this long first
+REVOKED_CREDENTIAL_S = 3
 REPORT_TOML = """
 n_fid = 4
 diversity_prompts = 1
@@ -77,6 +80,7 @@ def _stop_and_requeue(work: Path, ids: dict, log: list) -> None:
         states = dict(_squeue(task))
         state = next(iter(states.values()), None)
         if state == "PENDING":
+            time.sleep(REVOKED_CREDENTIAL_S)
             subprocess.run(["scontrol", "update", f"JobId={task}", "StartTime=now"], check=True)
             log.append(("restarted", time.monotonic()))
             return
@@ -207,6 +211,7 @@ def test_finetune_sbatch_is_stopped_by_slurm_requeued_and_resumes_exactly(phanto
     subprocess.run(["scancel", "--signal=TERM", job], check=True)  # to the job's step: srun, as preemption does
     while _job_state(job) != "PENDING" and time.monotonic() < deadline:  # requeued by the script (exit 75)
         time.sleep(0.3)
+    time.sleep(REVOKED_CREDENTIAL_S)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)  # not 120 s from now
     while not (run / MANIFEST).is_file() and time.monotonic() < deadline:
         time.sleep(0.5)
